@@ -1,0 +1,98 @@
+"""Sampling parameters of one request: validated at construction, with errors naming the field."""
+
+from __future__ import annotations
+
+import math
+
+from attrs import field, frozen
+
+from servekit.errors import ServekitError
+
+
+class InvalidParameterError(ServekitError, ValueError):
+    """A request parameter is out of range; ``param`` names it (front ends report it as 400)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+def _check(param: str, ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidParameterError(param, message)
+
+
+def _tuple_of_str(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)  # type: ignore[call-overload]
+
+
+def _tuple_of_int(value: object) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(int(v) for v in value)  # type: ignore[attr-defined]
+
+
+@frozen(slots=True)
+class SamplingParams:
+    """How to sample one request's tokens and when to stop.
+
+    ``temperature == 0`` is greedy. ``top_k <= 0`` and ``top_p == 1`` and ``min_p == 0`` disable
+    those filters. ``seed`` makes sampling reproducible per request. ``logprobs`` asks for the
+    sampled token's log-probability plus that many top alternatives (0 = sampled token only).
+    Stop strings are matched on the detokenized text and not emitted.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    logprobs: int | None = None
+    stop: tuple[str, ...] = field(default=(), converter=_tuple_of_str)
+    stop_token_ids: tuple[int, ...] = field(default=(), converter=_tuple_of_int)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        _check("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+               f"must be an integer >= 1, got {self.max_tokens!r}")
+        _check("temperature", _finite(self.temperature) and self.temperature >= 0,
+               f"must be >= 0, got {self.temperature!r}")
+        _check("top_k", isinstance(self.top_k, int), f"must be an integer, got {self.top_k!r}")
+        _check("top_p", _finite(self.top_p) and 0 < self.top_p <= 1,
+               f"must be in (0, 1], got {self.top_p!r}")
+        _check("min_p", _finite(self.min_p) and 0 <= self.min_p <= 1,
+               f"must be in [0, 1], got {self.min_p!r}")
+        _check("repetition_penalty", _finite(self.repetition_penalty) and self.repetition_penalty > 0,
+               f"must be > 0, got {self.repetition_penalty!r}")
+        _check("presence_penalty", _finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+               f"must be in [-2, 2], got {self.presence_penalty!r}")
+        _check("frequency_penalty", _finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+               f"must be in [-2, 2], got {self.frequency_penalty!r}")
+        _check("seed", self.seed is None or isinstance(self.seed, int),
+               f"must be an integer, got {self.seed!r}")
+        _check("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+               f"must be an integer in [0, 20], got {self.logprobs!r}")
+        _check("stop", all(isinstance(s, str) and s for s in self.stop),
+               "must be non-empty strings")
+        _check("stop_token_ids", all(t >= 0 for t in self.stop_token_ids),
+               "must be non-negative token ids")
+        _check("min_tokens", isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+               f"must be an integer in [0, max_tokens], got {self.min_tokens!r}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when sampling is argmax (temperature 0)."""
+        return self.temperature == 0.0
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
