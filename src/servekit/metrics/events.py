@@ -7,7 +7,7 @@ event costs nothing.
 
 from __future__ import annotations
 
-from attrs import frozen
+from attrs import define, frozen
 
 
 @frozen(slots=True)
@@ -50,12 +50,17 @@ class FirstToken:
     time: float
 
 
-@frozen(slots=True)
+@define(slots=True, eq=True)
 class NewTokens:
-    """A request produced ``num_tokens`` output tokens in one step.
+    """A request produced ``num_tokens`` output tokens in one step, after its first token.
 
-    ``previous_time`` is when the request last produced tokens, so inter-token latency is
-    ``(time - previous_time) / num_tokens`` without per-token events.
+    The first token is reported by :class:`FirstToken` alone; every later step reports
+    ``NewTokens``. ``previous_time`` is when the request last produced tokens, so inter-token
+    latency is ``(time - previous_time) / num_tokens`` without per-token events.
+
+    The one event built per request per step, so it is slotted but not frozen: a frozen attrs
+    instance costs three times as much to build (``object.__setattr__`` per field). Treat it as
+    read-only all the same.
     """
 
     request_id: str
@@ -113,6 +118,7 @@ class RateLimitDecision:
     retry_after: float
     shadow: bool
     time: float
+    tenant: str | None = None
 
 
 @frozen(slots=True)
@@ -122,4 +128,23 @@ class RouteDecision:
     key: str
     node: str
     fallback: int
+    time: float
+
+
+#: Well-known :class:`ResourceGauge` names the server sets for leak checks.
+KV_BLOCKS_IN_USE = "kv_blocks_in_use"
+RATE_LIMIT_RESERVATIONS = "rate_limit_reservations"
+OPEN_STREAMS = "open_streams"
+
+
+@frozen(slots=True)
+class ResourceGauge:
+    """The current amount of a held resource (``KV_BLOCKS_IN_USE``, ``OPEN_STREAMS``, ...).
+
+    The server reports these so a soak test or a dashboard can see leaks: after the load
+    stops, every one of them must return to zero.
+    """
+
+    name: str
+    value: float
     time: float
