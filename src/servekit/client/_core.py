@@ -1,0 +1,125 @@
+"""What the sync and async clients share: timeouts, the retry policy, SSE and error parsing."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Mapping
+from typing import Any
+
+from attrs import define, field, frozen
+
+from servekit.client.errors import (
+    APIConnectionError,
+    APIStatusError,
+    ClientError,
+    OverloadedError,
+    RateLimitError,
+    error_for_status,
+)
+
+RETRYABLE = (RateLimitError, OverloadedError, APIConnectionError)
+
+
+@frozen(slots=True)
+class Timeout:
+    """Seconds allowed to connect, to wait for each read, and for the whole call (retries included)."""
+
+    connect: float = 5.0
+    read: float = 60.0
+    total: float | None = None
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """The server's requested wait: ``retry-after-ms`` first, then ``retry-after`` in seconds."""
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            value = float(raw) * scale
+        except ValueError:
+            continue
+        if value >= 0:
+            return value
+    return None
+
+
+@define(slots=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter on 429, 503 and connection errors.
+
+    A ``retry-after`` from the server is honoured exactly (it knows when capacity returns);
+    otherwise attempt ``k`` waits ``uniform(0, min(max_delay, base_delay * 2**k))``.
+    """
+
+    max_retries: int = 2
+    base_delay: float = 0.5
+    max_delay: float = 8.0
+    rng: random.Random = field(factory=random.Random)
+
+    def next_delay(self, attempt: int, error: ClientError, remaining: float | None) -> float | None:
+        """Seconds to wait before retry ``attempt + 1``, or None to give up and raise ``error``."""
+        if attempt >= self.max_retries or not isinstance(error, RETRYABLE):
+            return None
+        delay: float | None = None
+        if isinstance(error, APIStatusError):
+            delay = retry_after_seconds(error.headers)
+        if delay is None:
+            delay = self.rng.uniform(0.0, min(self.max_delay, self.base_delay * (2**attempt)))
+        if remaining is not None and delay >= remaining:
+            return None
+        return delay
+
+
+def error_from_response(status_code: int, headers: Mapping[str, str], content: bytes) -> APIStatusError:
+    """Parse an OpenAI-shaped error body (``{"error": {...}}``) into the right exception."""
+    body: dict[str, Any] | None = None
+    try:
+        parsed = json.loads(content) if content else None
+        if isinstance(parsed, dict):
+            err = parsed.get("error", parsed)
+            body = err if isinstance(err, dict) else {"message": str(err)}
+    except ValueError:
+        body = {"message": content.decode("utf-8", "replace")[:500]}
+    return error_for_status(status_code, body, {k.lower(): v for k, v in headers.items()})
+
+
+class SSEDecoder:
+    """Turns the lines of a server-sent-event stream into JSON payloads.
+
+    ``feed(line)`` returns the decoded ``data:`` object, ``DONE`` for ``data: [DONE]``, or None
+    for comments, blank lines and other fields.
+    """
+
+    DONE: Any = object()
+
+    def feed(self, line: str) -> Any:
+        """Decode one line of the stream."""
+        if not line.startswith("data:"):
+            return None
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return self.DONE
+        if not data:
+            return None
+        payload = json.loads(data)
+        if isinstance(payload, dict) and "error" in payload:
+            err = payload["error"]
+            status = int(err.get("code") or 500) if str(err.get("code", "")).isdigit() else 500
+            raise error_for_status(status, err, {})
+        return payload
+
+
+def request_body(params: dict[str, Any], stream: bool) -> dict[str, Any]:
+    """The JSON body: ``None`` parameters are left out so the server's defaults apply."""
+    body = {k: v for k, v in params.items() if v is not None}
+    if stream:
+        body["stream"] = True
+        body.setdefault("stream_options", {"include_usage": True})
+    return body
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The bearer header, when there is a key."""
+    return {"authorization": f"Bearer {api_key}"} if api_key else {}
