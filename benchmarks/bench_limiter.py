@@ -1,0 +1,287 @@
+"""Limiter benchmark: servekit.limit vs `limits` (3 strategies, memory and Redis) and aiolimiter.
+
+Scenarios (same process, one after the other, several rounds, medians with min-max):
+- checks/s: one key saturated (10/s), one key never limited, 100k keys round-robin;
+- async acquire/s on a never-limited key (vs aiolimiter);
+- accuracy: a greedy client at 100/s for 3 s (1 s with --quick), admitted / (rate * T), and
+  servekit's (burst 100) admitted / its exact bound capacity + rate * T (the bar);
+- Redis decisions/s (RPM+TPM in one EVALSHA) vs limits' Redis storage and a bare PING;
+- memory for 100k keys: servekit with two limits vs limits' fixed window with one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import aiolimiter
+import limits
+from limits import parse, strategies
+from limits.storage import MemoryStorage, RedisStorage
+
+import _common as C
+from servekit.limit import Limit, Limiter, RedisStore
+
+STRATEGIES = {
+    "limits fixed": strategies.FixedWindowRateLimiter,
+    "limits moving": strategies.MovingWindowRateLimiter,
+    "limits sliding": strategies.SlidingWindowCounterRateLimiter,
+}
+BIG = 10**9
+
+
+def servekit_checker(rate: float, capacity: float, two: bool = False, store: Any = None
+                     ) -> Callable[[str], bool]:
+    lims = [Limit("requests", capacity, rate)]
+    if two:
+        lims.append(Limit("tokens", capacity * 100, rate * 100))
+    limiter = Limiter(lims, store=store)
+    try_acquire = limiter.try_acquire
+    return lambda key: try_acquire(key).allowed
+
+
+def limits_checker(name: str, per_second: int, storage: Any = None) -> Callable[[str], bool]:
+    limiter = STRATEGIES[name](storage or MemoryStorage())
+    item = parse(f"{per_second}/second")
+    hit = limiter.hit
+    return lambda key: hit(item, key)
+
+
+def rate_of(check: Callable[[str], bool], keys: list[str], n: int) -> float:
+    nk = len(keys)
+    start = time.perf_counter()
+    if nk == 1:
+        key = keys[0]
+        for _ in range(n):
+            check(key)
+    else:
+        for i in range(n):
+            check(keys[i % nk])
+    return n / (time.perf_counter() - start)
+
+
+def checks(args: Any, rounds: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    n = 20_000 if args.quick else 200_000
+    many = [f"user-{i}" for i in range(100_000)]
+    scenarios = {"1 key saturated": (10, ["k"]), "1 key unlimited": (BIG, ["k"]),
+                 "100k keys": (BIG, many)}
+    rows, best = [], {}
+    for scen, (rate, keys) in scenarios.items():
+        makers: dict[str, Callable[[], Callable[[str], bool]]] = {
+            "servekit": lambda r=rate: servekit_checker(r, r),
+            "servekit rpm+tpm": lambda r=rate: servekit_checker(r, r, two=True),
+            **{name: (lambda nm=name, r=rate: limits_checker(nm, r)) for name in STRATEGIES},
+        }
+        samples: dict[str, list[float]] = {name: [] for name in makers}
+        checkers = {name: make() for name, make in makers.items()}
+        for _ in range(rounds):
+            for name, check in checkers.items():  # interleaved: same machine noise for all
+                samples[name].append(rate_of(check, keys, n if len(keys) == 1 else len(keys)))
+        for name, s in samples.items():
+            row = {"scenario": scen, "impl": name, **{f"checks/s {k}": v
+                                                       for k, v in C.summary(s).items()}}
+            rows.append(row)
+        med = {name: C.summary(s)["median"] for name, s in samples.items()}
+        best_limits = max(med[name] for name in STRATEGIES)
+        best[scen] = med["servekit"] / best_limits
+        for row in rows[-len(samples):]:
+            row["vs best limits"] = row["checks/s median"] / best_limits
+    return rows, best
+
+
+def async_acquire(args: Any, rounds: int) -> tuple[list[dict[str, Any]], float]:
+    n = 20_000 if args.quick else 100_000
+    ours = Limiter([Limit("r", BIG, BIG)])
+
+    async def run_ours() -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            await ours.acquire("k")
+        return n / (time.perf_counter() - start)
+
+    async def run_theirs() -> float:
+        theirs = aiolimiter.AsyncLimiter(BIG, 1)  # one per event loop, as aiolimiter asks
+        start = time.perf_counter()
+        for _ in range(n):
+            await theirs.acquire()
+        return n / (time.perf_counter() - start)
+
+    s_ours, s_theirs = [], []
+    for _ in range(rounds):
+        s_ours.append(asyncio.run(run_ours()))
+        s_theirs.append(asyncio.run(run_theirs()))
+    rows = [{"impl": "servekit acquire", **C.summary(s_ours)},
+            {"impl": "aiolimiter acquire", **C.summary(s_theirs)}]
+    return rows, C.summary(s_ours)["median"] / C.summary(s_theirs)["median"]
+
+
+def accuracy(args: Any) -> tuple[list[dict[str, Any]], float]:
+    duration, rate = (1.0 if args.quick else 3.0), 100
+
+    def greedy(check: Callable[[], bool]) -> int:
+        admitted, end = 0, time.monotonic() + duration
+        while time.monotonic() < end:
+            admitted += check()
+        return admitted
+
+    rows = []
+    pacer = Limiter([Limit("r", 1, rate)])  # 100/s, no burst
+    rows.append({"impl": "servekit (burst 1)", "admitted": greedy(lambda: pacer.try_acquire("k").allowed)})
+    burst = Limiter([Limit.per_second("r", rate)])  # 100/s, burst 100
+    rows.append({"impl": "servekit (burst 100)", "admitted": greedy(lambda: burst.try_acquire("k").allowed)})
+    for name in STRATEGIES:
+        check = limits_checker(name, rate)
+        rows.append({"impl": name, "admitted": greedy(lambda c=check: c("k"))})
+    leaky = aiolimiter.AsyncLimiter(rate, 1)
+
+    async def aio() -> int:
+        admitted, end = 0, time.monotonic() + duration
+        while time.monotonic() < end:
+            if leaky.has_capacity():
+                await leaky.acquire()
+                admitted += 1
+            else:
+                await asyncio.sleep(0)
+        return admitted
+
+    rows.append({"impl": "aiolimiter", "admitted": asyncio.run(aio())})
+    for row in rows:
+        row["ideal rate*T"] = rate * duration
+        row["ratio"] = row["admitted"] / (rate * duration)
+        if row["impl"] == "servekit (burst 100)":
+            row["ratio vs its C+rT"] = row["admitted"] / (rate + rate * duration)
+    return rows, rows[1]["ratio vs its C+rT"]
+
+
+class _Redis:
+    def __init__(self) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit("redis-server is required (apt-get install redis-server)")
+        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no"],
+                                     stdout=subprocess.DEVNULL)
+        import redis
+
+        self.client = redis.Redis(port=self.port)
+        for _ in range(200):
+            try:
+                self.client.ping()
+                return
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def redis_rates(args: Any, rounds: int) -> tuple[list[dict[str, Any]], float, float]:
+    server = _Redis()
+    url = f"redis://127.0.0.1:{server.port}"
+    n = 3_000 if args.quick else 20_000
+    try:
+        store = RedisStore(url, timeout=2.0)
+        two = Limiter([Limit.per_minute("rpm", BIG), Limit.per_minute("tpm", BIG)], store=store)
+        costs = {"rpm": 1, "tpm": 500}
+        makers: dict[str, Callable[[], Any]] = {
+            "redis PING": lambda: store.client.ping,
+            "servekit rpm+tpm": lambda: (lambda: two.try_acquire("k", costs)),
+        }
+        for name in STRATEGIES:
+            check = limits_checker(name, BIG, RedisStorage(url))
+            makers[name] = lambda c=check, k=f"k-{name}": (lambda: c(k))
+        fns = {name: make() for name, make in makers.items()}
+        samples: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                samples[name].append(n / (time.perf_counter() - start))
+        med = {name: C.summary(s)["median"] for name, s in samples.items()}
+        rows = [{"impl": name, **{f"decisions/s {k}": v for k, v in C.summary(s).items()},
+                 "vs PING": med[name] / med["redis PING"]} for name, s in samples.items()]
+        best_limits = max(med[name] for name in STRATEGIES)
+        return rows, med["servekit rpm+tpm"] / med["redis PING"], med["servekit rpm+tpm"] / best_limits
+    finally:
+        server.stop()
+
+
+def memory() -> tuple[list[dict[str, Any]], float]:
+    keys = [f"user-{i}" for i in range(100_000)]
+
+    def measure(fill: Callable[[], Any]) -> float:
+        gc.collect()
+        tracemalloc.start()
+        keep = fill()
+        used = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        del keep
+        return used / 2**20
+
+    def ours() -> Any:
+        limiter = Limiter([Limit.per_minute("rpm", 100), Limit.per_minute("tpm", 10_000)])
+        for key in keys:
+            limiter.try_acquire(key, {"rpm": 1, "tpm": 100})
+        return limiter
+
+    def theirs() -> Any:
+        limiter = strategies.FixedWindowRateLimiter(MemoryStorage())
+        item = parse("100/minute")
+        for key in keys:
+            limiter.hit(item, key)
+        return limiter
+
+    ours_mib, theirs_mib = measure(ours), measure(theirs)
+    rows = [{"impl": "servekit, 2 limits", "MiB for 100k keys": ours_mib},
+            {"impl": "limits fixed, 1 limit", "MiB for 100k keys": theirs_mib}]
+    return rows, ours_mib / theirs_mib
+
+
+def main() -> None:
+    args = C.parse_args(__doc__.splitlines()[0])
+    rounds = args.rounds or (3 if args.quick else 7)
+    check_rows, check_ratio = checks(args, rounds)
+    C.print_table(check_rows, ["scenario", "impl", "checks/s median", "checks/s min",
+                               "checks/s max", "vs best limits"], "in-memory checks/s")
+    acq_rows, acq_ratio = async_acquire(args, rounds)
+    C.print_table(acq_rows, ["impl", "median", "min", "max"], "async acquire/s (never limited)")
+    acc_rows, acc = accuracy(args)
+    C.print_table(acc_rows, ["impl", "admitted", "ideal rate*T", "ratio", "ratio vs its C+rT"],
+                  "greedy client at 100/s")
+    red_rows, vs_ping, vs_limits_redis = redis_rates(args, rounds)
+    C.print_table(red_rows, ["impl", "decisions/s median", "decisions/s min", "decisions/s max",
+                             "vs PING"], "Redis, one connection")
+    mem_rows, mem_ratio = memory()
+    C.print_table(mem_rows, ["impl", "MiB for 100k keys"], "memory (tracemalloc)")
+    bars = {
+        "checks_vs_best_limits_min_over_scenarios": C.bar(min(check_ratio.values()), 2.0),
+        "acquire_vs_aiolimiter": C.bar(acq_ratio, 1.0),
+        "accuracy_vs_bound_C_plus_rT": C.bar(acc, 0.99),
+        "redis_vs_ping": C.bar(vs_ping, 0.9),
+        "redis_vs_best_limits_redis": C.bar(vs_limits_redis, 1.0),
+        "memory_vs_limits_fixed": C.bar(mem_ratio, 1.0, higher_is_better=False),
+    }
+    C.print_bars(bars)
+    C.write_json(args.json, "limiter", check_rows + acq_rows + acc_rows + red_rows + mem_rows,
+                 bars, per_scenario_vs_best_limits=check_ratio, limits_version=limits.__version__,
+                 aiolimiter_version=getattr(aiolimiter, "__version__", "?"))
+
+
+if __name__ == "__main__":
+    main()

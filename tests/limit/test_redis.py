@@ -1,0 +1,108 @@
+"""Redis-only behaviour: one round trip, key layout, script reload, sharing, outages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from servekit.limit import Limit, Limiter, RedisStore, StoreUnavailableError
+
+from .conftest import RedisServer
+
+RPD = Limit.per_day("requests", 5)
+TPD = Limit.per_day("tokens", 1000)
+
+
+def test_one_round_trip_per_decision(
+    redis_store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limiter = Limiter([Limit.per_minute("rpm", 100), Limit.per_minute("tpm", 10_000)],
+                      store=redis_store)
+    limiter.try_acquire("warm")  # loads the script
+    sent: list[object] = []
+    execute = redis_store.client.execute_command
+
+    def counting(*args: object, **options: object) -> object:
+        sent.append(args[0])
+        return execute(*args, **options)
+
+    monkeypatch.setattr(redis_store.client, "execute_command", counting)
+    redis_store.client.config_resetstat()
+    for i in range(20):
+        assert limiter.try_acquire(f"k{i % 3}", {"rpm": 1, "tpm": 250}).allowed
+    assert sent == ["CONFIG RESETSTAT"] + ["EVALSHA"] * 20  # one command per decision
+    stats = redis_store.client.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 20
+    assert stats["cmdstat_time"]["calls"] == 20  # the server's clock, read in the script
+
+
+def test_key_layout_prefix_hash_tag_and_expiry(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url, prefix="acme:rl:")
+    limiter = Limiter([Limit.per_second("rps", 10), Limit.per_minute("rpm", 100)], store=store)
+    limiter.try_acquire("user:7", 4)
+    assert store.client.exists("acme:rl:{user:7}") == 1
+    ttl_ms = store.client.pttl("acme:rl:{user:7}")
+    assert 0 < ttl_ms <= 2402  # the key lives exactly until both buckets are full again
+    assert set(store.client.hgetall("acme:rl:{user:7}")) == {b"rps", b"rpm"}
+    d = limiter.try_acquire("user:7", 0, reserve=True)
+    assert d.reservation is not None
+    limiter.settle(d.reservation, 0)
+    store.close()
+
+
+def test_script_is_reloaded_after_flush(redis_store: RedisStore) -> None:
+    limiter = Limiter([RPD], store=redis_store)
+    assert limiter.try_acquire("k").allowed
+    redis_store.client.script_flush()
+    assert limiter.try_acquire("k").allowed
+    assert limiter.peek("k").status("requests").remaining == pytest.approx(3, abs=1e-3)
+
+
+_WORKER = textwrap.dedent(
+    """
+    import sys, time
+    from servekit.limit import Limit, Limiter, RedisStore
+    url, start = sys.argv[1], float(sys.argv[2])
+    limiter = Limiter([Limit("requests", 10, 50.0)], store=RedisStore(url, timeout=2.0))
+    while time.time() < start:
+        time.sleep(0.001)
+    admitted = 0
+    while time.time() < start + 0.6:
+        admitted += limiter.try_acquire("shared").allowed
+    print(admitted)
+    """
+)
+
+
+def test_two_processes_share_one_limit(redis_store: RedisStore, redis_server: RedisServer) -> None:
+    start = time.time() + 1.5
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _WORKER, redis_server.url, str(start)],
+                         stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    counts = [int(p.communicate(timeout=30)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert all(c > 0 for c in counts)  # both got a share
+    # one bucket: capacity 10 + 50/s over ~0.6 s (+ slack for process start skew), never 2x
+    assert 10 + 50 * 0.5 <= sum(counts) <= 10 + 50 * 0.75
+
+
+@pytest.mark.parametrize("fail_open", [True, False])
+def test_redis_stopped_mid_test(own_redis: RedisServer, fail_open: bool) -> None:
+    store = RedisStore(own_redis.url, timeout=0.2)
+    limiter = Limiter([RPD], store=store, fail_open=fail_open, error_retry_after=2.5)
+    assert limiter.try_acquire("k").allowed and limiter.try_acquire("k").error is None
+    own_redis.stop()
+    d = limiter.try_acquire("k")
+    assert d.allowed is fail_open and d.conforming is fail_open
+    assert d.error is not None and "store unavailable" in d.error
+    assert ("fail-open" if fail_open else "fail-closed") in d.error
+    assert d.retry_after == (0.0 if fail_open else 2.5)
+    with pytest.raises(StoreUnavailableError):
+        store.take("k", limiter.limits, (1.0,), 0.0)
+    store.close()
