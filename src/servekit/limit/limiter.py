@@ -139,7 +139,7 @@ class Limiter:
             return self._report(self._store_error(key, costs, exc))
         decision = self._decision(key, costs, result, reserve)
         hooks = self._hooks
-        if hooks is not None and hooks.wants.rate_limit:  # type: ignore[attr-defined]
+        if hooks is not None and hooks.wants.rate_limit:
             self._report(decision)
         return decision
 
@@ -202,7 +202,7 @@ class Limiter:
                 decision = await self._atake(key, costs, reserve)
             if decision.allowed:
                 hooks = self._hooks
-                if hooks is not None and hooks.wants.rate_limit:  # type: ignore[attr-defined]
+                if hooks is not None and hooks.wants.rate_limit:
                     self._report(decision)
                 return decision
         budget = self.max_wait if max_wait is None else _check_seconds("max_wait", max_wait)
@@ -347,7 +347,7 @@ class Limiter:
 
     def _report(self, decision: Decision) -> Decision:
         hooks = self._hooks
-        if hooks is not None and hooks.wants.rate_limit:  # type: ignore[attr-defined]
+        if hooks is not None and hooks.wants.rate_limit:
             hooks.on_rate_limit(
                 RateLimitDecision(
                     key=decision.key,

@@ -95,6 +95,20 @@ class _Wants:
 
     __slots__ = tuple(name[3:] for name in EVENT_METHODS)
 
+    # Declared so type checkers see them; one per EVENT_METHODS entry (checked below).
+    request_queued: bool
+    request_scheduled: bool
+    request_preempted: bool
+    first_token: bool
+    new_tokens: bool
+    request_finished: bool
+    engine_step: bool
+    cache_stats: bool
+    kv_event: bool
+    rate_limit: bool
+    route: bool
+    resource_gauge: bool
+
     def __init__(self) -> None:
         for name in self.__slots__:
             setattr(self, name, False)
@@ -102,6 +116,9 @@ class _Wants:
     def __repr__(self) -> str:
         on = [name for name in self.__slots__ if getattr(self, name)]
         return f"Wants({', '.join(on)})"
+
+
+assert set(_Wants.__annotations__) == set(_Wants.__slots__), "declare every event on _Wants"
 
 
 def _ignore(event: Any) -> None:

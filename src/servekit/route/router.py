@@ -190,7 +190,7 @@ class Router:
         node = choice.nodes[0]
         self._acquire(node, now)
         hooks = self.hooks
-        if hooks is not None and hooks.wants.route:  # type: ignore[attr-defined]
+        if hooks is not None and hooks.wants.route:
             hooks.on_route(RouteDecision(label or "", node, choice.position, now))
         return Route(node, choice.nodes[1:], label, choice.position)
 
