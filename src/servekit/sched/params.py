@@ -27,7 +27,7 @@ def _tuple_of_str(value: object) -> tuple[str, ...]:
         return ()
     if isinstance(value, str):
         return (value,)
-    return tuple(value)  # type: ignore[call-overload]
+    return tuple(value)  # type: ignore[arg-type]
 
 
 def _tuple_of_int(value: object) -> tuple[int, ...]:
