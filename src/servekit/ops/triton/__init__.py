@@ -1,0 +1,59 @@
+"""Triton kernels behind ``servekit.ops``: store by slot, paged decode (split-K), paged prefill.
+
+These launchers trust their inputs; ``servekit.ops.store_kv`` / ``servekit.ops.paged_attention``
+validate shapes and dtypes on the host and dispatch here for CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from servekit.ops.triton._config import FP8_DTYPE, INTERPRET, num_sms
+from servekit.ops.triton.decode import choose_num_splits, decode_tile_n, paged_decode_attention
+from servekit.ops.triton.prefill import paged_prefill_attention
+from servekit.ops.triton.store_kv import store_kv
+
+__all__ = [
+    "FP8_DTYPE",
+    "INTERPRET",
+    "choose_num_splits",
+    "decode_tile_n",
+    "num_sms",
+    "paged_attention",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "store_kv",
+]
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> torch.Tensor:
+    """Paged attention (contract of ``servekit.ops.paged_attention``) with the Triton kernels.
+
+    Uses the split-K decode kernel when there is one query row per sequence (every sequence in a
+    batch owns at least one row, so ``num_tokens == num_seqs`` means exactly one each), and the
+    prefill/extend kernel otherwise.
+    """
+    if out is None:
+        out = torch.empty_like(query)
+    if query.shape[0] == block_tables.shape[0]:
+        return paged_decode_attention(
+            query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
+            scale=scale, sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale,
+        )  # fmt: skip
+    return paged_prefill_attention(
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
+        scale=scale, sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale,
+    )  # fmt: skip
