@@ -1,0 +1,433 @@
+"""Benchmark of the KV cache core: per-step costs, hashing throughput, memory per block.
+
+Peer (same process): a nano-vllm-style BlockManager (Block objects, a deque free list with
+``remove``, per-block hashing of ``np.array(token_ids).tobytes()`` with xxh64, hashes registered at
+allocation), re-implemented below from nano-vllm's algorithm since nano-vllm itself needs a GPU
+stack to import.
+
+Workload (issue 2): 512 requests x 2,048 prompt tokens, 16-token blocks, with and without a 50 %
+shared prefix. Phases: admit every request (prefix lookup + allocate + commit of the prompt),
+decode steps (append one token to each of the 512, allocate, commit; 16 steps so one block
+boundary is crossed), free every request. Phases are timed in process CPU time (the machine
+running the benchmarks is shared; CPU time is what a step costs). Memory: Python bytes per block at 1,000,000 blocks with
+every block cached, measured with tracemalloc.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+import tracemalloc
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (
+    bar,
+    parse_args,
+    print_bars,
+    print_table,
+    summary,
+    write_json,
+)
+from servekit.kv import BlockPool, KVCacheManager, KVSequence
+from servekit.kv.hashing import extend_block_hashes, get_hash_fn
+
+BLOCK = 16
+DECODE_STEPS = 16
+
+
+# -- the peer: nano-vllm's block manager algorithm ---------------------------------------------
+
+
+class NanoBlock:
+    __slots__ = ("block_id", "hash", "ref_count", "token_ids")
+
+    def __init__(self, block_id: int) -> None:
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash = -1
+        self.token_ids: list[int] = []
+
+    def update(self, h: int, token_ids: list[int]) -> None:
+        self.hash = h
+        self.token_ids = token_ids
+
+    def reset(self) -> None:
+        self.ref_count = 1
+        self.hash = -1
+        self.token_ids = []
+
+
+class NanoSeq:
+    def __init__(self, token_ids: list[int]) -> None:
+        self.token_ids = token_ids
+        self.block_table: list[int] = []
+        self.num_cached_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_blocks(self) -> int:
+        return (len(self.token_ids) + BLOCK - 1) // BLOCK
+
+    def block(self, i: int) -> list[int]:
+        return self.token_ids[i * BLOCK : (i + 1) * BLOCK]
+
+
+class NanoBlockManager:
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.blocks = [NanoBlock(i) for i in range(num_blocks)]
+        self.hash_to_block_id: dict[int, int] = {}
+        self.free_block_ids: deque[int] = deque(range(num_blocks))
+        self.used_block_ids: set[int] = set()
+
+    @classmethod
+    def compute_hash(cls, token_ids: list[int], prefix: int = -1) -> int:
+        h = xxhash.xxh64()
+        if prefix != -1:
+            h.update(prefix.to_bytes(8, "little"))
+        h.update(np.array(token_ids).tobytes())
+        return h.intdigest()
+
+    def _allocate_block(self, block_id: int) -> NanoBlock:
+        block = self.blocks[block_id]
+        block.reset()
+        self.free_block_ids.remove(block_id)
+        self.used_block_ids.add(block_id)
+        return block
+
+    def _deallocate_block(self, block_id: int) -> None:
+        self.used_block_ids.remove(block_id)
+        self.free_block_ids.append(block_id)
+
+    def can_allocate(self, seq: NanoSeq) -> bool:
+        return len(self.free_block_ids) >= seq.num_blocks
+
+    def allocate(self, seq: NanoSeq) -> None:
+        h = -1
+        cache_miss = False
+        for i in range(seq.num_blocks):
+            token_ids = seq.block(i)
+            h = self.compute_hash(token_ids, h) if len(token_ids) == self.block_size else -1
+            block_id = self.hash_to_block_id.get(h, -1)
+            if block_id == -1 or self.blocks[block_id].token_ids != token_ids:
+                cache_miss = True
+            if cache_miss:
+                block_id = self.free_block_ids[0]
+                block = self._allocate_block(block_id)
+            else:
+                seq.num_cached_tokens += self.block_size
+                if block_id in self.used_block_ids:
+                    block = self.blocks[block_id]
+                    block.ref_count += 1
+                else:
+                    block = self._allocate_block(block_id)
+            if h != -1:
+                block.update(h, token_ids)
+                self.hash_to_block_id[h] = block_id
+            seq.block_table.append(block_id)
+
+    def deallocate(self, seq: NanoSeq) -> None:
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._deallocate_block(block_id)
+        seq.num_cached_tokens = 0
+        seq.block_table.clear()
+
+    def can_append(self, seq: NanoSeq) -> bool:
+        return len(self.free_block_ids) >= (len(seq) % self.block_size == 1)
+
+    def may_append(self, seq: NanoSeq) -> None:
+        block_table = seq.block_table
+        last_block = self.blocks[block_table[-1]]
+        if len(seq) % self.block_size == 1:
+            block_id = self.free_block_ids[0]
+            self._allocate_block(block_id)
+            block_table.append(block_id)
+        elif len(seq) % self.block_size == 0:
+            token_ids = seq.block(seq.num_blocks - 1)
+            prefix = self.blocks[block_table[-2]].hash if len(block_table) > 1 else -1
+            h = self.compute_hash(token_ids, prefix)
+            last_block.update(h, token_ids)
+            self.hash_to_block_id[h] = last_block.block_id
+
+
+# -- workload ------------------------------------------------------------------------------------
+
+
+def make_prompts(num_requests: int, prompt_len: int, shared: float, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    n_shared = int(prompt_len * shared)
+    prefix = rng.integers(0, 32000, n_shared).tolist()
+    return [
+        prefix + rng.integers(0, 32000, prompt_len - n_shared).tolist() for _ in range(num_requests)
+    ]
+
+
+def run_servekit(prompts: list[list[int]], new_tokens: list[int]) -> dict[str, float]:
+    """One round; returns seconds per phase."""
+    num_blocks = len(prompts) * (len(prompts[0]) // BLOCK + 2)
+    mgr = KVCacheManager(num_blocks, BLOCK)
+    seqs = [KVSequence(str(i), list(p)) for i, p in enumerate(prompts)]
+    out: dict[str, float] = {}
+    t0 = time.process_time()
+    for seq in seqs:
+        hit = mgr.get_num_cached_tokens(seq)
+        n = len(seq.token_ids)
+        if not mgr.allocate(seq, n, hit):
+            raise RuntimeError("benchmark pool too small")
+        mgr.commit(seq, n)
+    out["admit"] = time.process_time() - t0
+    steps = []
+    for tok in new_tokens:
+        t0 = time.process_time()
+        allocate, commit = mgr.allocate, mgr.commit
+        for seq in seqs:
+            toks = seq.token_ids
+            toks.append(tok)
+            n = len(toks)
+            if not allocate(seq, n):
+                raise RuntimeError("benchmark pool too small")
+            commit(seq, n)
+        steps.append(time.process_time() - t0)
+    out["decode_step"] = float(np.median(steps))
+    t0 = time.process_time()
+    for seq in seqs:
+        mgr.free(seq)
+    out["free"] = time.process_time() - t0
+    out["hit_rate"] = mgr.prefix_hits / max(mgr.prefix_queries, 1)
+    return out
+
+
+def run_nano(prompts: list[list[int]], new_tokens: list[int]) -> dict[str, float]:
+    num_blocks = len(prompts) * (len(prompts[0]) // BLOCK + 2)
+    mgr = NanoBlockManager(num_blocks, BLOCK)
+    seqs = [NanoSeq(list(p)) for p in prompts]
+    out: dict[str, float] = {}
+    t0 = time.process_time()
+    cached = 0
+    for seq in seqs:
+        if not mgr.can_allocate(seq):
+            raise RuntimeError("benchmark pool too small")
+        mgr.allocate(seq)
+        cached += seq.num_cached_tokens
+    out["admit"] = time.process_time() - t0
+    steps = []
+    for tok in new_tokens:
+        t0 = time.process_time()
+        for seq in seqs:
+            seq.token_ids.append(tok)
+            if not mgr.can_append(seq):
+                raise RuntimeError("benchmark pool too small")
+            mgr.may_append(seq)
+        steps.append(time.process_time() - t0)
+    out["decode_step"] = float(np.median(steps))
+    t0 = time.process_time()
+    for seq in seqs:
+        mgr.deallocate(seq)
+    out["free"] = time.process_time() - t0
+    out["hit_rate"] = cached / sum(len(p) for p in prompts)
+    return out
+
+
+def step_rows(num_requests: int, prompt_len: int, rounds: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    new_tokens = list(range(7, 7 + DECODE_STEPS))
+    for shared in (0.0, 0.5):
+        prompts = make_prompts(num_requests, prompt_len, shared, seed=1)
+        results: dict[str, list[dict[str, float]]] = {"servekit": [], "nano-vllm-style": []}
+        for _ in range(rounds):  # interleaved, one after the other
+            for name, fn in (("servekit", run_servekit), ("nano-vllm-style", run_nano)):
+                gc.collect()
+                results[name].append(fn(prompts, new_tokens))
+        for phase, per in (("admit", num_requests), ("decode_step", 1), ("free", num_requests)):
+            stats = {n: summary([r[phase] for r in rs]) for n, rs in results.items()}
+            unit = "us/request" if per > 1 else f"us/step ({num_requests} reqs)"
+            row = {
+                "workload": f"{int(shared * 100)}% shared",
+                "phase": phase,
+                "unit": unit,
+                "servekit": stats["servekit"]["median"] / per * 1e6,
+                "sk_min": stats["servekit"]["min"] / per * 1e6,
+                "sk_max": stats["servekit"]["max"] / per * 1e6,
+                "peer": stats["nano-vllm-style"]["median"] / per * 1e6,
+                "peer_min": stats["nano-vllm-style"]["min"] / per * 1e6,
+                "peer_max": stats["nano-vllm-style"]["max"] / per * 1e6,
+            }
+            row["speedup"] = row["peer"] / row["servekit"]
+            rows.append(row)
+        rows.append(
+            {
+                "workload": f"{int(shared * 100)}% shared",
+                "phase": "prefix hit rate",
+                "unit": "tokens",
+                "servekit": results["servekit"][0]["hit_rate"],
+                "peer": results["nano-vllm-style"][0]["hit_rate"],
+            }
+        )
+    return rows
+
+
+def cpu_measure(fn: Callable[[], None], rounds: int) -> list[float]:
+    """Process CPU seconds of ``fn()`` per round (the harness's ``measure`` is wall-clock)."""
+    out = []
+    for _ in range(rounds):
+        t0 = time.process_time()
+        fn()
+        out.append(time.process_time() - t0)
+    return out
+
+
+def hashing_rows(num_seqs: int, rounds: int) -> list[dict[str, Any]]:
+    prompts = make_prompts(num_seqs, 2048, 0.0, seed=2)
+    n_blocks = num_seqs * 2048 // BLOCK
+
+    def ours(algorithm: str) -> Callable[[], None]:
+        fn = get_hash_fn(algorithm)
+
+        def run() -> None:
+            for p in prompts:
+                extend_block_hashes([], p, BLOCK, len(p) // BLOCK, None, fn)
+
+        return run
+
+    def nano() -> None:
+        for p in prompts:
+            h = -1
+            for i in range(len(p) // BLOCK):
+                h = NanoBlockManager.compute_hash(p[i * BLOCK : (i + 1) * BLOCK], h)
+
+    rows = []
+    for name, fn in (
+        ("servekit xxhash", ours("xxhash")),
+        ("servekit sha256", ours("sha256")),
+        ("nano-vllm-style xxh64", nano),
+    ):
+        s = summary(cpu_measure(fn, rounds))
+        rows.append(
+            {
+                "hasher": name,
+                "Mblocks/s": n_blocks / s["median"] / 1e6,
+                "min": n_blocks / s["max"] / 1e6,
+                "max": n_blocks / s["min"] / 1e6,
+            }
+        )
+    return rows
+
+
+def memory_rows(num_blocks: int) -> list[dict[str, Any]]:
+    """Python bytes per block with every block cached (tracemalloc)."""
+    tokens = np.arange(BLOCK, dtype=np.int32)
+    rows = []
+
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    pool = BlockPool(num_blocks, BLOCK)
+    empty = tracemalloc.get_traced_memory()[0] - base
+    blocks = pool.allocate(num_blocks)
+    link = -1
+    register = pool.register
+    for b in blocks:  # every block cached, chained, as full sequences leave them
+        link = register(b, (b * 0x9E3779B97F4A7C15) & ((1 << 60) - 1), link)
+    pool.set_tokens(blocks, np.broadcast_to(tokens, (num_blocks, BLOCK)))
+    pool.free(blocks)
+    del blocks
+    gc.collect()
+    full = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    assert pool.num_cached == num_blocks
+    rows.append(
+        {
+            "pool": "servekit BlockPool",
+            "empty B/block": empty / num_blocks,
+            "all cached B/block": full / num_blocks,
+        }
+    )
+    del pool
+    gc.collect()
+
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    nano = NanoBlockManager(num_blocks, BLOCK)
+    empty = tracemalloc.get_traced_memory()[0] - base
+    tok_list = tokens.tolist()
+    for blk in nano.blocks:
+        h = (blk.block_id * 0x9E3779B97F4A7C15) & ((1 << 64) - 1)
+        blk.update(h, list(tok_list))  # nano keeps a per-block list of the block's tokens
+        nano.hash_to_block_id[h] = blk.block_id
+    gc.collect()
+    full = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    rows.append(
+        {
+            "pool": "nano-vllm-style",
+            "empty B/block": empty / num_blocks,
+            "all cached B/block": full / num_blocks,
+        }
+    )
+    return rows
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    quick = args.quick
+    rounds = args.rounds or (3 if quick else 5)
+    num_requests, prompt_len = 512, 2048
+
+    rows = step_rows(num_requests, prompt_len, rounds)
+    print_table(
+        rows,
+        [
+            "workload",
+            "phase",
+            "unit",
+            "servekit",
+            "sk_min",
+            "sk_max",
+            "peer",
+            "peer_min",
+            "peer_max",
+            "speedup",
+        ],
+        title=f"per-step costs: {num_requests} requests x {prompt_len} tokens, block {BLOCK} "
+        f"(median of {rounds} rounds; peer = nano-vllm-style BlockManager)",
+    )
+    hrows = hashing_rows(32 if quick else 128, rounds)
+    print_table(
+        hrows,
+        ["hasher", "Mblocks/s", "min", "max"],
+        title="hashing 2,048-token prompts in 16-token blocks",
+    )
+    mrows = memory_rows(1_000_000)
+    print_table(
+        mrows,
+        ["pool", "empty B/block", "all cached B/block"],
+        title="Python memory per block at 1,000,000 blocks (tracemalloc)",
+    )
+
+    sk_mem = mrows[0]["all cached B/block"]
+    decode = {r["workload"]: r for r in rows if r["phase"] == "decode_step"}
+    bars = {
+        "kv_bytes_per_block_at_1M": bar(sk_mem, 200.0, higher_is_better=False),
+        "kv_decode_step_us_512_vs_peer": bar(
+            decode["0% shared"]["peer"] / decode["0% shared"]["servekit"], 1.0
+        ),
+    }
+    print_bars(bars)
+    write_json(args.json, "kv", rows + hrows + mrows, bars, quick=quick, rounds=rounds)
+
+
+if __name__ == "__main__":
+    main()

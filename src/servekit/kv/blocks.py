@@ -1,0 +1,315 @@
+"""BlockPool: the fixed set of KV blocks, their ref counts, the free list and the prefix cache.
+
+Every block lives in flat arrays created once (no per-block Python object):
+
+* ``prev``/``next`` (int32) link the free blocks into an intrusive doubly linked list with a
+  sentinel, so taking the head, appending, and unlinking a block hit in the cache are O(1) and
+  allocate nothing. The head is the next block to reuse: freed blocks that hold no cached KV are
+  pushed at the head, cached ones appended at the tail, so cached KV is evicted lazily, least
+  recently freed first.
+* ``ref`` (int32) counts the sequences holding a block; a free block has ref 0.
+* a cached block keeps its hash (``hashes``), its tokens (``tokens``, int32 ``[n, block_size]``),
+  a unique registration ``serial`` and its ``parent`` link (the serial of the cached block before
+  it, or a root marker). A hit is accepted only when the block's tokens equal the sequence's and
+  its parent link is the block just matched, so by induction the whole prefix is verified and a
+  hash collision can never return wrong KV.
+
+The hash -> block index is an open-addressing table (linear probing, backward-shift deletion) in
+two flat arrays sized once to at least twice the pool, so the whole pool costs a fixed ~125 bytes
+per block (block_size 16) whether its blocks are cached or not, and nothing is allocated per
+block. The pool imports no torch.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Callable, Sequence
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from servekit.errors import ServekitError
+from servekit.kv.events import AllBlocksCleared, BlockRemoved, KVEvent
+
+ROOT_LINK: Final = -1
+"""Parent link of a sequence's first block without a cache salt."""
+SALTED_ROOT_LINK: Final = -3
+"""Parent link of a salted first block (its salt is kept and compared on a hit)."""
+_NO_SERIAL: Final = -2
+NO_HASH: Final = -1
+"""``hashes[b]`` of a block that holds no cached KV (hashes are non-negative)."""
+
+
+class KVCacheError(ServekitError):
+    """Base class of the KV cache's errors."""
+
+
+class InvalidBlockSizeError(KVCacheError, ValueError):
+    """``block_size`` is not a positive power of two (or ``num_blocks`` is not positive)."""
+
+
+class DoubleFreeError(KVCacheError, ValueError):
+    """A block was freed more often than it was taken."""
+
+
+class BlockPool:
+    """Fixed pool of ``num_blocks`` KV blocks of ``block_size`` tokens with a prefix cache.
+
+    The manager (:class:`servekit.kv.manager.KVCacheManager`) drives it; it can also be used on
+    its own. Methods trust their arguments on the hot path (block ids in range, ``n`` no more
+    than :attr:`num_free`); callers check capacity with :attr:`num_free` first.
+    """
+
+    __slots__ = (
+        "_mask",
+        "_next_serial",
+        "_on_event",
+        "_salts",
+        "block_size",
+        "hashes",
+        "keys",
+        "next",
+        "num_blocks",
+        "num_cached",
+        "num_free",
+        "parent",
+        "prev",
+        "ref",
+        "serial",
+        "tokens",
+        "values",
+    )
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        *,
+        on_event: Callable[[KVEvent], None] | None = None,
+    ) -> None:
+        if not isinstance(block_size, int) or block_size <= 0 or block_size & (block_size - 1):
+            raise InvalidBlockSizeError(f"block_size must be a power of two, got {block_size!r}")
+        if not isinstance(num_blocks, int) or num_blocks <= 0:
+            raise InvalidBlockSizeError(f"num_blocks must be a positive int, got {num_blocks!r}")
+        n = num_blocks
+        self.num_blocks: int = n
+        self.block_size: int = block_size
+        self._on_event = on_event
+        # Free list over ids 0..n-1 with sentinel n, initially in id order.
+        self.next: array[int] = array("i", range(1, n + 2))
+        self.next[n] = 0
+        self.prev: array[int] = array("i", range(-1, n))
+        self.prev[0] = n
+        self.num_free: int = n
+        self.ref: array[int] = array("i", bytes(4 * n))
+        self.hashes: array[int] = array("q", [NO_HASH]) * n
+        self.serial: array[int] = array("q", [_NO_SERIAL]) * n
+        self.parent: array[int] = array("q", bytes(8 * n))
+        self.tokens: npt.NDArray[np.int32] = np.zeros((n, block_size), dtype=np.int32)
+        # hash -> block: open addressing over `keys` (NO_HASH = empty) and `values`
+        capacity = 1 << (2 * n - 1).bit_length()
+        self._mask = capacity - 1
+        self.keys: array[int] = array("q", [NO_HASH]) * capacity
+        self.values: array[int] = array("i", bytes(4 * capacity))
+        self.num_cached = 0
+        self._salts: dict[int, str] = {}
+        self._next_serial = 0
+
+    # -- free list -------------------------------------------------------------------------
+
+    def allocate(self, n: int) -> list[int]:
+        """Take ``n`` blocks off the head of the free list (ref 1), evicting cached ones.
+
+        The caller guarantees ``n <= num_free``.
+        """
+        nxt, prv, ref, hashes = self.next, self.prev, self.ref, self.hashes
+        sentinel = self.num_blocks
+        out: list[int] = []
+        removed: list[int] | None = None
+        b = nxt[sentinel]
+        for _ in range(n):
+            h = hashes[b]
+            if h != NO_HASH:
+                self._evict(b, h)
+                if self._on_event is not None:
+                    if removed is None:
+                        removed = []
+                    removed.append(h)
+            ref[b] = 1
+            out.append(b)
+            b = nxt[b]
+        nxt[sentinel] = b
+        prv[b] = sentinel
+        self.num_free -= n
+        if removed:
+            assert self._on_event is not None
+            self._on_event(BlockRemoved(tuple(removed)))
+        return out
+
+    def touch(self, blocks: Sequence[int]) -> None:
+        """Take one more reference on each of ``blocks`` (cache hits), unlinking free ones."""
+        nxt, prv, ref = self.next, self.prev, self.ref
+        for b in blocks:
+            r = ref[b]
+            if r == 0:
+                p, q = prv[b], nxt[b]
+                nxt[p] = q
+                prv[q] = p
+                self.num_free -= 1
+            ref[b] = r + 1
+
+    def free(self, blocks: Sequence[int]) -> None:
+        """Drop one reference on each of ``blocks``; release them tail first.
+
+        A block whose last reference goes joins the free list: at the tail when it holds cached
+        KV (evicted last, least recently freed first), at the head otherwise (reused first).
+        Iterating tail first makes a sequence's head blocks the last of its blocks to be evicted.
+        A block freed once too often raises :class:`DoubleFreeError` after the blocks before it
+        (in that order) were released.
+        """
+        nxt, prv, ref, hashes = self.next, self.prev, self.ref, self.hashes
+        sentinel = self.num_blocks
+        tail = prv[sentinel]
+        uncached: list[int] = []
+        freed = 0
+        error: DoubleFreeError | None = None
+        for b in reversed(blocks):
+            r = ref[b] - 1
+            if r > 0:
+                ref[b] = r
+            elif r == 0:
+                ref[b] = 0
+                freed += 1
+                if hashes[b] != NO_HASH:  # link after the tail
+                    nxt[tail] = b
+                    prv[b] = tail
+                    tail = b
+                else:
+                    uncached.append(b)
+            else:
+                error = DoubleFreeError(f"block {b} freed more often than it was taken")
+                break
+        nxt[tail] = sentinel
+        prv[sentinel] = tail
+        for b in uncached:  # push at the head
+            first = nxt[sentinel]
+            prv[first] = b
+            nxt[b] = first
+            prv[b] = sentinel
+            nxt[sentinel] = b
+        self.num_free += freed
+        if error is not None:
+            raise error
+
+    def free_block_ids(self) -> list[int]:
+        """The free blocks in reuse order (head first). O(num_free); for tests and tools."""
+        nxt, sentinel = self.next, self.num_blocks
+        out = []
+        b = nxt[sentinel]
+        while b != sentinel:
+            out.append(b)
+            b = nxt[b]
+        return out
+
+    # -- prefix cache ----------------------------------------------------------------------
+
+    def lookup(self, block_hash: int) -> int:
+        """The block cached under ``block_hash``, or -1."""
+        keys, mask = self.keys, self._mask
+        i = block_hash & mask
+        while True:
+            k = keys[i]
+            if k == block_hash:
+                return self.values[i]
+            if k == NO_HASH:
+                return -1
+            i = (i + 1) & mask
+
+    def cached_blocks(self) -> dict[int, int]:
+        """``{hash: block}`` of every cached block. O(capacity); for tests and tools."""
+        return {k: v for k, v in zip(self.keys, self.values, strict=True) if k != NO_HASH}
+
+    def _insert(self, block_hash: int, block: int) -> None:
+        keys, mask = self.keys, self._mask
+        i = block_hash & mask
+        while keys[i] != NO_HASH:
+            i = (i + 1) & mask
+        keys[i] = block_hash
+        self.values[i] = block
+        self.num_cached += 1
+
+    def _delete(self, block_hash: int) -> None:
+        keys, values, mask = self.keys, self.values, self._mask
+        i = block_hash & mask
+        while keys[i] != block_hash:
+            i = (i + 1) & mask
+        # backward-shift deletion: pull later entries of the probe run into the hole
+        j = i
+        while True:
+            j = (j + 1) & mask
+            k = keys[j]
+            if k == NO_HASH:
+                break
+            home = k & mask
+            if (home <= i < j) or (i < j < home) or (j < home <= i):
+                keys[i] = k
+                values[i] = values[j]
+                i = j
+        keys[i] = NO_HASH
+        self.num_cached -= 1
+
+    def register(
+        self, block: int, block_hash: int, parent_link: int, salt: str | None = None
+    ) -> int:
+        """Make ``block`` hittable under ``block_hash``; returns its serial (its children's link).
+
+        ``block_hash`` must be non-negative and not cached yet, and ``block`` must hold no hash.
+        ``parent_link`` is the serial of the cached block before it, or :data:`ROOT_LINK` /
+        :data:`SALTED_ROOT_LINK` (with ``salt``) for a sequence's first block. The caller stores
+        the block's tokens in ``tokens[block]`` (see :meth:`set_tokens`) before the next lookup.
+        """
+        s = self._next_serial
+        self._next_serial = s + 1
+        self.hashes[block] = block_hash
+        self.serial[block] = s
+        self.parent[block] = parent_link
+        if salt is not None:
+            self._salts[block] = salt
+        keys, mask = self.keys, self._mask  # inlined _insert
+        i = block_hash & mask
+        while keys[i] != NO_HASH:
+            i = (i + 1) & mask
+        keys[i] = block_hash
+        self.values[i] = block
+        self.num_cached += 1
+        return s
+
+    def set_tokens(self, blocks: Sequence[int], rows: npt.NDArray[np.int32]) -> None:
+        """Store the token ids ``rows`` (``[len(blocks), block_size]``) of registered blocks."""
+        self.tokens[blocks] = rows
+
+    def root_salt_matches(self, block: int, salt: str | None) -> bool:
+        """Whether a first block cached with ``SALTED_ROOT_LINK`` carries ``salt``."""
+        return self._salts.get(block) == salt
+
+    def _evict(self, block: int, block_hash: int) -> None:
+        self._delete(block_hash)
+        self.hashes[block] = NO_HASH
+        self.serial[block] = _NO_SERIAL
+        if self._salts:
+            self._salts.pop(block, None)
+
+    def reset(self) -> bool:
+        """Drop every cached hash (``AllBlocksCleared``); False, changing nothing, if any block
+        is held."""
+        if self.num_free != self.num_blocks:
+            return False
+        self._salts.clear()
+        self.keys = array("q", [NO_HASH]) * len(self.keys)
+        self.num_cached = 0
+        self.hashes = array("q", [NO_HASH]) * self.num_blocks
+        self.serial = array("q", [_NO_SERIAL]) * self.num_blocks
+        if self._on_event is not None:
+            self._on_event(AllBlocksCleared())
+        return True
