@@ -77,6 +77,7 @@ class BlockPool:
         "prev",
         "ref",
         "serial",
+        "token_bytes",
         "tokens",
         "values",
     )
@@ -107,6 +108,11 @@ class BlockPool:
         self.serial: array[int] = array("q", [_NO_SERIAL]) * n
         self.parent: array[int] = array("q", bytes(8 * n))
         self.tokens: npt.NDArray[np.int32] = np.zeros((n, block_size), dtype=np.int32)
+        # the same rows as raw bytes (little-endian hosts): block b is
+        # token_bytes[b * 4 * block_size : (b + 1) * 4 * block_size], the
+        # little-endian int32 layout that is hashed, so a commit stores and compares a block's
+        # tokens with one slice operation and no numpy call
+        self.token_bytes: memoryview = self.tokens.data.cast("B")
         # hash -> block: open addressing over `keys` (NO_HASH = empty) and `values`
         capacity = 1 << (2 * n - 1).bit_length()
         self._mask = capacity - 1
@@ -123,14 +129,14 @@ class BlockPool:
 
         The caller guarantees ``n <= num_free``.
         """
-        nxt, prv, ref, hashes = self.next, self.prev, self.ref, self.hashes
+        nxt, ref, hashes = self.next, self.ref, self.hashes
         sentinel = self.num_blocks
         out: list[int] = []
         removed: list[int] | None = None
         b = nxt[sentinel]
         for _ in range(n):
             h = hashes[b]
-            if h != NO_HASH:
+            if h != NO_HASH:  # steady state: every free block holds cached KV
                 self._evict(b, h)
                 if self._on_event is not None:
                     if removed is None:
@@ -140,7 +146,7 @@ class BlockPool:
             out.append(b)
             b = nxt[b]
         nxt[sentinel] = b
-        prv[b] = sentinel
+        self.prev[b] = sentinel
         self.num_free -= n
         if removed:
             assert self._on_event is not None
@@ -172,15 +178,15 @@ class BlockPool:
         sentinel = self.num_blocks
         tail = prv[sentinel]
         uncached: list[int] = []
-        freed = 0
+        num_free = self.num_free
         error: DoubleFreeError | None = None
         for b in reversed(blocks):
-            r = ref[b] - 1
-            if r > 0:
-                ref[b] = r
-            elif r == 0:
+            r = ref[b]
+            if r > 1:
+                ref[b] = r - 1
+            elif r == 1:
                 ref[b] = 0
-                freed += 1
+                num_free += 1
                 if hashes[b] != NO_HASH:  # link after the tail
                     nxt[tail] = b
                     prv[b] = tail
@@ -198,7 +204,7 @@ class BlockPool:
             nxt[b] = first
             prv[b] = sentinel
             nxt[sentinel] = b
-        self.num_free += freed
+        self.num_free = num_free
         if error is not None:
             raise error
 
@@ -289,12 +295,34 @@ class BlockPool:
         """Store the token ids ``rows`` (``[len(blocks), block_size]``) of registered blocks."""
         self.tokens[blocks] = rows
 
+    def set_root_salt(self, block: int, salt: str | None) -> None:
+        """Record the salt of a first block registered with ``SALTED_ROOT_LINK``."""
+        if salt is not None:
+            self._salts[block] = salt
+
     def root_salt_matches(self, block: int, salt: str | None) -> bool:
         """Whether a first block cached with ``SALTED_ROOT_LINK`` carries ``salt``."""
         return self._salts.get(block) == salt
 
     def _evict(self, block: int, block_hash: int) -> None:
-        self._delete(block_hash)
+        """Drop ``block`` from the index (inlined backward-shift :meth:`_delete`)."""
+        keys, values, mask = self.keys, self.values, self._mask
+        i = block_hash & mask
+        while keys[i] != block_hash:
+            i = (i + 1) & mask
+        j = i
+        while True:
+            j = (j + 1) & mask
+            k = keys[j]
+            if k == NO_HASH:
+                break
+            home = k & mask
+            if (home <= i < j) or (i < j < home) or (j < home <= i):
+                keys[i] = k
+                values[i] = values[j]
+                i = j
+        keys[i] = NO_HASH
+        self.num_cached -= 1
         self.hashes[block] = NO_HASH
         self.serial[block] = _NO_SERIAL
         if self._salts:

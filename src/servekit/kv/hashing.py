@@ -24,6 +24,8 @@ HASH_BITS: Final = 60
 HASH_MASK: Final = (1 << HASH_BITS) - 1
 HASH_ALGORITHMS: Final = ("xxhash", "sha256")
 
+_pack = struct.pack
+
 #: ``fn(data, parent) -> hash``: hashes ``data`` chained onto ``parent``.
 BlockHashFn = Callable[[bytes, int], int]
 
@@ -33,7 +35,7 @@ class UnknownHashAlgorithmError(ServekitError, ValueError):
 
 
 def _xxhash_fn(data: bytes, parent: int) -> int:
-    return xxhash.xxh3_64_intdigest(data, seed=parent) & HASH_MASK
+    return xxhash.xxh3_64_intdigest(data, parent) & HASH_MASK
 
 
 def _sha256_fn(data: bytes, parent: int) -> int:
@@ -54,7 +56,7 @@ def get_hash_fn(algorithm: str) -> BlockHashFn:
 
 def pack_tokens(token_ids: Sequence[int]) -> bytes:
     """Token ids as little-endian int32 bytes (the bytes that are hashed)."""
-    return struct.pack(f"<{len(token_ids)}i", *token_ids)
+    return _pack(f"<{len(token_ids)}i", *token_ids)
 
 
 def salt_bytes(cache_salt: str | None) -> bytes:
@@ -101,6 +103,13 @@ def extend_block_hashes(
         append(parent)
         offset = step
     end = len(data)
+    if fn is _xxhash_fn:  # the default: call the C function directly, no wrapper per block
+        xxh3, mask = xxhash.xxh3_64_intdigest, HASH_MASK
+        while offset < end:
+            parent = xxh3(data[offset : offset + step], parent) & mask
+            append(parent)
+            offset += step
+        return
     while offset < end:
         parent = fn(data[offset : offset + step], parent)
         append(parent)

@@ -10,10 +10,9 @@ sampling). Block hashes are computed once per sequence and kept across ``free``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final
+from typing import Final, NamedTuple
 
 import numpy as np
-import numpy.typing as npt
 
 from servekit.kv.blocks import (
     NO_HASH,
@@ -23,7 +22,7 @@ from servekit.kv.blocks import (
     KVCacheError,
 )
 from servekit.kv.events import BlockStored, KVEvent
-from servekit.kv.hashing import extend_block_hashes, get_hash_fn, pack_tokens
+from servekit.kv.hashing import BlockHashFn, extend_block_hashes, get_hash_fn, pack_tokens
 
 __all__ = [
     "DuplicateSequenceError",
@@ -35,6 +34,17 @@ __all__ = [
 ]
 
 _NO_LINK: Final = -4  # a sequence whose commits stopped at a hash collision
+
+
+class _HitMemo(NamedTuple):
+    """A verified hit: the tokens of its blocks, the blocks, their serials and hashes."""
+
+    tokens: list[int]
+    blocks: list[int]
+    serials: list[int]
+    hashes: list[int]
+    salt: str | None
+    hash_fn: BlockHashFn
 
 
 class UnknownSequenceError(KVCacheError, KeyError):
@@ -101,6 +111,7 @@ class KVCacheManager:
 
     __slots__ = (
         "_hash_fn",
+        "_memo",
         "_on_event",
         "_pending",
         "_seqs",
@@ -130,6 +141,9 @@ class KVCacheManager:
         self._seqs: dict[str, KVSequence] = {}
         # The hit found by the last get_num_cached_tokens: (seq, blocks, their serials).
         self._pending: tuple[KVSequence, list[int], list[int]] | None = None
+        # The last verified hit, to skip re-hashing and re-verifying a prefix shared with the
+        # next lookup (a common system prompt): see _memo_prefix.
+        self._memo: _HitMemo | None = None
         self.prefix_queries = 0
         self.prefix_hits = 0
 
@@ -163,18 +177,23 @@ class KVCacheManager:
     def _find_hit(self, seq: KVSequence) -> tuple[list[int], list[int]]:
         """Longest verified cached prefix (blocks, serials), leaving the last token out."""
         bs = self.block_size
-        max_blocks = (len(seq.token_ids) - 1) // bs
+        token_ids = seq.token_ids
+        max_blocks = (len(token_ids) - 1) // bs
         if max_blocks <= 0:
             return [], []
         pool = self.pool
+        salt = seq.cache_salt
+        memo = self._memo
+        if memo is not None and memo.salt == salt and memo.hash_fn is self._hash_fn:
+            blocks, serials = self._memo_prefix(seq, memo, max_blocks)
+        else:
+            blocks, serials = [], []
+        start = len(blocks)
+        hashes = self._ensure_hashes(seq, max_blocks)
         keys, values, mask = pool.keys, pool.values, len(pool.keys) - 1
         parent, serial = pool.parent, pool.serial
-        hashes = self._ensure_hashes(seq, max_blocks)
-        blocks: list[int] = []
-        serials: list[int] = []
-        salt = seq.cache_salt
-        link = ROOT_LINK if salt is None else SALTED_ROOT_LINK
-        for i in range(max_blocks):
+        link = serials[-1] if serials else ROOT_LINK if salt is None else SALTED_ROOT_LINK
+        for i in range(start, max_blocks):
             h = hashes[i]
             j = h & mask  # inlined pool.lookup(h)
             while (k := keys[j]) != h and k != NO_HASH:
@@ -190,12 +209,51 @@ class KVCacheManager:
             blocks.append(b)
             serials.append(link)
         n = len(blocks)
-        if n:
-            want = np.frombuffer(pack_tokens(seq.token_ids[: n * bs]), dtype="<i4").reshape(n, bs)
-            ok = (pool.tokens[blocks] == want).all(axis=1)
+        if n > start:  # verify the blocks the memo did not vouch for
+            want = np.frombuffer(
+                pack_tokens(token_ids[start * bs : n * bs]), dtype="<i4"
+            ).reshape(n - start, bs)
+            ok = (pool.tokens[blocks[start:]] == want).all(axis=1)
             if not ok.all():
-                n = int(ok.argmin())
+                n = start + int(ok.argmin())
                 del blocks[n:], serials[n:]
+        if n > start:
+            self._memo = _HitMemo(token_ids[: n * bs], blocks[:], serials[:], hashes[:n], salt,
+                                  self._hash_fn)
+        return blocks, serials
+
+    def _memo_prefix(
+        self, seq: KVSequence, memo: _HitMemo, max_blocks: int
+    ) -> tuple[list[int], list[int]]:
+        """The blocks of the last verified hit that ``seq`` shares, still cached.
+
+        Equal tokens (one list comparison in C, then a binary search when they differ) and an
+        unchanged serial (the block was neither evicted nor re-registered) mean the block was
+        verified for exactly these tokens: no hashing, probing or token check is needed. The
+        shared blocks' hashes are copied into ``seq.block_hashes``.
+        """
+        bs = self.block_size
+        tokens, mtokens = seq.token_ids, memo.tokens
+        k = min(max_blocks, len(memo.blocks))
+        if not k or tokens[:bs] != mtokens[:bs]:
+            return [], []
+        if tokens[: k * bs] != mtokens[: k * bs]:
+            lo, hi = 1, k - 1  # the first block is equal, block k - 1 somewhere differs
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if tokens[: mid * bs] == mtokens[: mid * bs]:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            k = lo
+        blocks, serials = memo.blocks[:k], memo.serials[:k]
+        now = list(map(self.pool.serial.__getitem__, blocks))
+        if now != serials:
+            k = next(i for i, (a, b) in enumerate(zip(now, serials, strict=True)) if a != b)
+            del blocks[k:], serials[k:]
+        hashes = seq.block_hashes
+        if len(hashes) < k:
+            hashes.extend(memo.hashes[len(hashes) : k])
         return blocks, serials
 
     def get_num_cached_tokens(self, seq: KVSequence) -> int:
@@ -221,8 +279,7 @@ class KVCacheManager:
         self._pending = None
         if pending is not None and pending[0] is seq and len(pending[1]) >= num_hit_blocks:
             blocks, serials = pending[1][:num_hit_blocks], pending[2][:num_hit_blocks]
-            serial = self.pool.serial
-            if all(serial[b] == s for b, s in zip(blocks, serials, strict=True)):
+            if list(map(self.pool.serial.__getitem__, blocks)) == serials:
                 return blocks
         blocks = self._find_hit(seq)[0][:num_hit_blocks]  # the cache changed since the lookup
         if len(blocks) < num_hit_blocks:
@@ -243,33 +300,47 @@ class KVCacheManager:
         with nothing changed when not enough blocks are free.
         """
         block_ids = seq.block_ids
-        bs = self.block_size
-        need = -(-num_tokens // bs) - len(block_ids)
-        if need <= 0 and not num_cached_tokens:
+        need = -(-num_tokens // self.block_size) - len(block_ids)
+        if not num_cached_tokens:  # growth, or a sequence without a hit: the fast path
+            pool = self.pool
+            if need > pool.num_free:
+                if len(block_ids) + need > self.num_blocks:
+                    raise OutOfBlocksError(
+                        f"sequence {seq.seq_id!r} needs {len(block_ids) + need} blocks for "
+                        f"num_tokens={num_tokens}; the pool has {self.num_blocks}"
+                    )
+                return False
             if self._seqs.get(seq.seq_id) is not seq:
                 self._register_seq(seq)
+            if need > 0:
+                block_ids += pool.allocate(need)
             return True
-        pool = self.pool
-        hit: list[int] = []
-        if num_cached_tokens:
-            if block_ids:
-                raise InvalidAllocationError(
-                    f"num_cached_tokens={num_cached_tokens} given for sequence {seq.seq_id!r}, "
-                    "which already holds blocks"
-                )
-            if num_cached_tokens % bs or not 0 < num_cached_tokens <= num_tokens:
-                raise InvalidAllocationError(
-                    f"num_cached_tokens={num_cached_tokens} must be a positive multiple of "
-                    f"block_size={bs} and at most num_tokens={num_tokens}"
-                )
-            hit = self._take_hit(seq, num_cached_tokens // bs)
-            need -= len(hit)
-        total = len(block_ids) + len(hit) + max(need, 0)
+        return self._allocate_with_hit(seq, num_tokens, num_cached_tokens, need)
+
+    def _allocate_with_hit(
+        self, seq: KVSequence, num_tokens: int, num_cached_tokens: int, need: int
+    ) -> bool:
+        block_ids = seq.block_ids
+        bs = self.block_size
+        if block_ids:
+            raise InvalidAllocationError(
+                f"num_cached_tokens={num_cached_tokens} given for sequence {seq.seq_id!r}, "
+                "which already holds blocks"
+            )
+        if num_cached_tokens % bs or not 0 < num_cached_tokens <= num_tokens:
+            raise InvalidAllocationError(
+                f"num_cached_tokens={num_cached_tokens} must be a positive multiple of "
+                f"block_size={bs} and at most num_tokens={num_tokens}"
+            )
+        hit = self._take_hit(seq, num_cached_tokens // bs)
+        need -= len(hit)
+        total = len(hit) + max(need, 0)
         if total > self.num_blocks:
             raise OutOfBlocksError(
                 f"sequence {seq.seq_id!r} needs {total} blocks for num_tokens={num_tokens}; "
                 f"the pool has {self.num_blocks}"
             )
+        pool = self.pool
         if need > 0:
             ref = pool.ref
             hit_free = sum(1 for b in hit if ref[b] == 0)
@@ -277,11 +348,10 @@ class KVCacheManager:
                 return False
         if self._seqs.get(seq.seq_id) is not seq:
             self._register_seq(seq)
-        if hit:
-            pool.touch(hit)
-            block_ids.extend(hit)
-            seq._kv_committed = len(hit)
-            seq._kv_link = pool.serial[hit[-1]]
+        pool.touch(hit)
+        block_ids.extend(hit)
+        seq._kv_committed = len(hit)
+        seq._kv_link = pool.serial[hit[-1]]
         if need > 0:
             block_ids.extend(pool.allocate(need))
         return True
@@ -295,16 +365,18 @@ class KVCacheManager:
 
     def commit(self, seq: KVSequence, num_computed_tokens: int) -> None:
         """The KV of the first ``num_computed_tokens`` tokens is written: full blocks among them
-        become hittable (``BlockStored``). Cheap when no new block became full."""
+        become hittable (``BlockStored``). Cheap when no new block became full, and about a
+        microsecond per newly full block otherwise."""
         bs = self.block_size
         n_full = num_computed_tokens // bs
         start = seq._kv_committed
         if n_full <= start or not self.enable_prefix_caching:
             return
-        if num_computed_tokens > len(seq.token_ids) or n_full > len(seq.block_ids):
+        token_ids, block_ids = seq.token_ids, seq.block_ids
+        if num_computed_tokens > len(token_ids) or n_full > len(block_ids):
             raise InvalidAllocationError(
                 f"num_computed_tokens={num_computed_tokens} exceeds the tokens "
-                f"({len(seq.token_ids)}) or the allocated slots ({len(seq.block_ids) * bs}) of "
+                f"({len(token_ids)}) or the allocated slots ({len(block_ids) * bs}) of "
                 f"sequence {seq.seq_id!r}"
             )
         seq._kv_committed = n_full
@@ -312,54 +384,53 @@ class KVCacheManager:
         if link == _NO_LINK:
             return
         hashes = self._ensure_hashes(seq, n_full)
+        # One pass per block: look it up, then register it (inlined pool.register) and store its
+        # tokens as raw bytes (the packed data that was hashed), or chain onto an identical
+        # cached block.
+        data = pack_tokens(token_ids[start * bs : n_full * bs])
+        rb = 4 * bs
         pool = self.pool
         keys, values, mask = pool.keys, pool.values, len(pool.keys) - 1
-        parent, serial, tokens = pool.parent, pool.serial, pool.tokens
-        new = np.frombuffer(
-            pack_tokens(seq.token_ids[start * bs : n_full * bs]), dtype="<i4"
-        ).reshape(-1, bs)
-        block_ids = seq.block_ids
-        salt = seq.cache_salt
-        register = pool.register
-        stored: list[int] = []  # indices registered, their tokens not stored yet
+        parent, serial, block_hash, tok = pool.parent, pool.serial, pool.hashes, pool.token_bytes
+        s0 = s = pool._next_serial
+        stored: list[int] | None = [] if self._on_event is not None else None
+        o = -rb
         for i in range(start, n_full):
+            o += rb
             h = hashes[i]
             j = h & mask  # inlined pool.lookup(h)
             while (k := keys[j]) != h and k != NO_HASH:
                 j = (j + 1) & mask
-            if k == NO_HASH:
-                link = register(block_ids[i], h, link, salt if link == SALTED_ROOT_LINK else None)
-                stored.append(i)
+            if k == NO_HASH:  # new: register block_ids[i] in the empty slot j
+                b = block_ids[i]
+                block_hash[b] = h
+                serial[b] = s
+                parent[b] = link
+                if link == SALTED_ROOT_LINK:
+                    pool.set_root_salt(b, seq.cache_salt)
+                keys[j] = h
+                values[j] = b
+                b *= rb
+                tok[b : b + rb] = data[o : o + rb]
+                link = s
+                s += 1
+                if stored is not None:
+                    stored.append(i)
                 continue
-            if stored:  # the hit may be a block registered in this call: store tokens first
-                self._stored(seq, stored, new, start)
-                stored = []
             other = values[j]
             if (
                 parent[other] == link
-                and (link != SALTED_ROOT_LINK or pool.root_salt_matches(other, salt))
-                and bool((tokens[other] == new[i - start]).all())
+                and (link != SALTED_ROOT_LINK or pool.root_salt_matches(other, seq.cache_salt))
+                and tok[other * rb : other * rb + rb] == data[o : o + rb]
             ):
-                link = serial[other]  # same KV already cached in another block: chain onto it
+                link = serial[other]  # same KV already cached in another block: chain on
             else:  # a hash collision: stop caching this sequence's later blocks
                 link = _NO_LINK
                 break
-        if stored:
-            self._stored(seq, stored, new, start)
+        pool._next_serial = s
+        pool.num_cached += s - s0
         seq._kv_link = link
-
-    def _stored(
-        self, seq: KVSequence, stored: list[int], rows: npt.NDArray[np.int32], row0: int
-    ) -> None:
-        """Store the tokens of the blocks just registered (indices ``stored``) and emit events."""
-        block_ids = seq.block_ids
-        if len(stored) == 1:
-            i = stored[0]
-            self.pool.set_tokens([block_ids[i]], rows[i - row0 : i - row0 + 1])
-        else:
-            first, last = stored[0], stored[-1] + 1  # consecutive by construction
-            self.pool.set_tokens(block_ids[first:last], rows[first - row0 : last - row0])
-        if self._on_event is not None:
+        if stored:
             self._emit_stored(seq, stored)
 
     def _emit_stored(self, seq: KVSequence, stored: list[int]) -> None:
@@ -447,4 +518,5 @@ class KVCacheManager:
         if not self.pool.reset():
             return False
         self._pending = None
+        self._memo = None
         return True

@@ -541,8 +541,10 @@ class Scheduler:
         decodes = output.decodes
         for r, t in zip(decodes, sampled_token_ids, strict=False):  # decodes come first
             r.token_ids.append(t)
-            if t in stops:
-                check(r)
+        if stops and not stops.isdisjoint(sampled_token_ids):  # one C pass; exact check below
+            for r, t in zip(decodes, sampled_token_ids, strict=False):
+                if t in stops:
+                    check(r)
         # requests reaching their length limit now were filed under this step in advance
         due = self._length_due.pop(self._step - 1, None)
         if due is not None:
