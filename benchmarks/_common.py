@@ -86,7 +86,7 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: s
     if title:
         print(f"\n{title}")
     for i, r in enumerate(cells):
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
     sys.stdout.flush()
