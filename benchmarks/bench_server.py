@@ -1,0 +1,318 @@
+"""HTTP server benchmark: the reference server in its own process, the client in this one.
+
+1. Fake instant model (``servekit serve --fake``): streamed tokens/s over SSE with C concurrent
+   streams, and requests/s of short non-streamed completions. Bar: >= 20,000 tokens/s.
+2. The demo model (``servekit serve``, the real engine): time until ``/ready`` and peak RSS
+   (bars: < 10 s, < 1 GB), then TTFT and inter-token latency percentiles under Poisson arrivals
+   at three rates, plotted into ``benchmarks/results/``.
+
+    python benchmarks/bench_server.py --quick --json benchmarks/results/server-cpu-2026-11-27.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (
+    bar,
+    parse_args,
+    print_bars,
+    print_table,
+    summary,
+    write_json,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+# -- server process ------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """``servekit serve ...`` in a subprocess; records the time until /ready and peak RSS."""
+
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "servekit.server.cli", "serve", "--port", str(self.port),
+               "--log-level", "warning", *args]
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.ready_s = self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 120.0) -> float:
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {err[-2000:]}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=1.0).status_code == 200:
+                    return time.perf_counter() - self.started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError("server not ready")
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+# -- clients -------------------------------------------------------------------------------
+# A minimal HTTP/1.1 keep-alive client on asyncio streams: httpx's pool, not the server, is the
+# bottleneck at tens of concurrent connections. Each SSE event leaves the server as one HTTP
+# chunk, so chunks are events and their arrival times are the client-side token times.
+
+class Conn:
+    """One keep-alive connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, url: str) -> Conn:
+        host, port = url.removeprefix("http://").split(":")
+        return cls(*await asyncio.open_connection(host, int(port)))
+
+    async def post(self, path: str, body: dict[str, Any]) -> tuple[int, list[tuple[float, bytes]]]:
+        """POST JSON; returns the status and (arrival time, data) per body chunk."""
+        data = json.dumps(body).encode()
+        self.writer.write(b"POST %s HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
+                          b"content-length: %d\r\n\r\n%s" % (path.encode(), len(data), data))
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        lower = head.lower()
+        chunks: list[tuple[float, bytes]] = []
+        if b"transfer-encoding: chunked" in lower:
+            while True:
+                size = int((await self.reader.readline()).strip(), 16)
+                payload = await self.reader.readexactly(size + 2)
+                if size == 0:
+                    break
+                chunks.append((time.perf_counter(), payload[:-2]))
+        else:
+            i = lower.index(b"content-length:") + 15
+            length = int(lower[i:lower.index(b"\r\n", i)])
+            chunks.append((time.perf_counter(), await self.reader.readexactly(length)))
+        return status, chunks
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def stream_tokens(url: str, concurrency: int, max_tokens: int, streams: int) -> tuple[int, float]:
+    """Run ``streams`` streamed completions, ``concurrency`` at a time; (tokens, seconds)."""
+    body = {"model": "fake", "prompt": "hello", "max_tokens": max_tokens, "stream": True}
+    conns = [await Conn.open(url) for _ in range(concurrency)]
+    left, total = streams, 0
+
+    async def worker(conn: Conn) -> None:
+        nonlocal left, total
+        while left > 0:
+            left -= 1
+            status, chunks = await conn.post("/v1/completions", body)
+            assert status == 200, status
+            total += sum(c.count(b"data: {") for _, c in chunks)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(c) for c in conns))
+    secs = time.perf_counter() - start
+    for c in conns:
+        c.close()
+    return total, secs
+
+
+async def short_requests(url: str, concurrency: int, requests: int) -> tuple[int, float]:
+    """``requests`` non-streamed 8-token completions, ``concurrency`` at a time."""
+    body = {"model": "fake", "prompt": "hello", "max_tokens": 8}
+    conns = [await Conn.open(url) for _ in range(concurrency)]
+    left = requests
+
+    async def worker(conn: Conn) -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            status, _ = await conn.post("/v1/completions", body)
+            assert status == 200, status
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(c) for c in conns))
+    secs = time.perf_counter() - start
+    for c in conns:
+        c.close()
+    return requests, secs
+
+
+async def poisson_load(url: str, model: str, rate: float, n: int, max_tokens: int, seed: int
+                       ) -> list[dict[str, Any]]:
+    """``n`` streamed completions arriving as a Poisson process of ``rate``/s; per request the
+    client-side TTFT and the gaps between tokens."""
+    rng = random.Random(seed)
+    prompts = ["ROMEO:", "JULIET:", "First Citizen:", "KING RICHARD III:", "HAMLET:"]
+    results: list[dict[str, Any]] = []
+
+    async def one(prompt: str) -> None:
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+                "temperature": 0.8, "ignore_eos": True}
+        conn = await Conn.open(url)
+        t0 = time.perf_counter()
+        status, chunks = await conn.post("/v1/completions", body)
+        conn.close()
+        assert status == 200, (status, chunks)
+        stamps = [t for t, c in chunks if c.startswith(b"data: {")]
+        gaps = [b - a for a, b in itertools.pairwise(stamps)]
+        results.append({"ttft": stamps[0] - t0, "gaps": gaps})
+
+    tasks = []
+    for _ in range(n):
+        tasks.append(asyncio.create_task(one(rng.choice(prompts))))
+        await asyncio.sleep(rng.expovariate(rate))
+    await asyncio.gather(*tasks)
+    return results
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# -- scenarios -----------------------------------------------------------------------------
+
+def bench_fake(quick: bool, rounds: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    server = ServerProcess("--fake")
+    rows: list[dict[str, Any]] = []
+    try:
+        concurrency, max_tokens = 32, 1000
+        streams = 64 if quick else 256
+        asyncio.run(stream_tokens(server.url, 8, 50, 16))  # warm up
+        tps = []
+        for _ in range(rounds):
+            tokens, secs = asyncio.run(stream_tokens(server.url, concurrency, max_tokens, streams))
+            assert tokens == streams * max_tokens, (tokens, streams * max_tokens)
+            tps.append(tokens / secs)
+        rps = []
+        for _ in range(rounds):
+            n, secs = asyncio.run(short_requests(server.url, 32, 500 if quick else 2000))
+            rps.append(n / secs)
+    finally:
+        server.stop()
+    s_tps, s_rps = summary(tps), summary(rps)
+    rows.append({"scenario": "fake: streamed tokens/s", "setting": f"{concurrency} streams x "
+                 f"{max_tokens} tok", "median": s_tps["median"], "min": s_tps["min"],
+                 "max": s_tps["max"]})
+    rows.append({"scenario": "fake: requests/s", "setting": "32 clients, 8 tok, no stream",
+                 "median": s_rps["median"], "min": s_rps["min"], "max": s_rps["max"]})
+    return rows, {"server_streamed_tokens_per_s": bar(s_tps["median"], 20_000.0)}
+
+
+def bench_demo(quick: bool, model: str | None) -> tuple[list[dict[str, Any]], dict[str, Any],
+                                                        dict[str, Any]]:
+    args = ["--model", model] if model else []
+    server = ServerProcess(*args)
+    served = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
+    rows: list[dict[str, Any]] = []
+    curves: dict[str, Any] = {}
+    try:
+        rows.append({"scenario": "demo: start to /ready (s)", "setting": model or "demo model",
+                     "median": server.ready_s, "min": server.ready_s, "max": server.ready_s})
+        rates = (1.0, 4.0, 8.0) if quick else (2.0, 8.0, 16.0)
+        n = 12 if quick else 60
+        max_tokens = 32 if quick else 64
+        for rate in rates:
+            res = asyncio.run(poisson_load(server.url, served, rate, n, max_tokens, seed=int(rate)))
+            ttft = [r["ttft"] for r in res]
+            gaps = [g for r in res for g in r["gaps"]]
+            curves[str(rate)] = {"ttft": ttft, "itl": gaps}
+            for metric, values in (("TTFT (ms)", ttft), ("ITL (ms)", gaps)):
+                rows.append({"scenario": f"demo: {metric} @ {rate:g} req/s",
+                             "setting": f"{n} req x {max_tokens} tok",
+                             "median": 1e3 * pct(values, 0.5), "min": 1e3 * min(values),
+                             "max": 1e3 * max(values), "p90": 1e3 * pct(values, 0.9),
+                             "p99": 1e3 * pct(values, 0.99)})
+        rss = server.peak_rss_mb()
+    finally:
+        server.stop()
+    rows.append({"scenario": "demo: peak RSS (MB)", "setting": "after the load",
+                 "median": rss, "min": rss, "max": rss})
+    bars = {"demo_start_seconds": bar(server.ready_s, 10.0, higher_is_better=False),
+            "demo_peak_rss_mb": bar(rss, 1024.0, higher_is_better=False)}
+    return rows, bars, curves
+
+
+def plot(curves: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("ttft", "itl"), strict=True):
+        for rate, data in curves.items():
+            values = sorted(1e3 * v for v in data[metric])
+            ax.plot(values, [i / len(values) for i in range(1, len(values) + 1)],
+                    label=f"{float(rate):g} req/s")
+        ax.set_xlabel(f"{metric.upper()} (ms)")
+        ax.set_ylabel("fraction of requests" if metric == "ttft" else "fraction of gaps")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("servekit serve, demo model, Poisson arrivals (CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], lambda p: (
+        p.add_argument("--model", default=None, help="model dir for part 2 (default: demo)"),
+        p.add_argument("--skip-demo", action="store_true", help="only the fake-model part")))
+    rounds = args.rounds or (3 if args.quick else 5)
+    os.environ.setdefault("PYTHONPATH", str(ROOT / "src"))
+    rows, bars = bench_fake(args.quick, rounds)
+    curves: dict[str, Any] = {}
+    if not args.skip_demo:
+        demo_rows, demo_bars, curves = bench_demo(args.quick, args.model)
+        rows += demo_rows
+        bars.update(demo_bars)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        plot(curves, RESULTS / "server-latency-cpu.png")
+    print_table(rows, ["scenario", "setting", "median", "min", "max", "p90", "p99"],
+                title="servekit HTTP server")
+    print_bars(bars)
+    write_json(args.json, "server", rows, bars, latency_samples_ms={
+        rate: {k: [round(1e3 * v, 3) for v in vals] for k, vals in data.items()}
+        for rate, data in curves.items()})
+
+
+if __name__ == "__main__":
+    main()

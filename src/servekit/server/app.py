@@ -1,0 +1,405 @@
+"""The OpenAI-compatible HTTP app: routes, error mapping, streaming, lifespan.
+
+``create_app(engine)`` returns a FastAPI (ASGI) app serving ``/v1/completions``,
+``/v1/chat/completions``, ``/v1/models``, ``/health``, ``/ready`` and ``/metrics``. Pass an
+engine (or a zero-argument factory that builds one, run in a worker thread at startup so the
+server answers ``/health`` while the model loads), and optionally keys, limits and hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from attrs import frozen
+
+from servekit._optional import require
+from servekit.engine.outputs import RequestOutput
+from servekit.metrics.events import KV_BLOCKS_IN_USE, OPEN_STREAMS, RATE_LIMIT_RESERVATIONS
+from servekit.metrics.hooks import HookSet
+from servekit.server.errors import APIError, error_body
+from servekit.server.keys import ApiKey, KeyStore
+from servekit.server.lifecycle import Phase, ServerState
+from servekit.server.ratelimit import KeyLimits
+from servekit.server.responses import ChatEncoder, CompletionEncoder, Encoder, sse_error
+from servekit.server.schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    bad_request_from_validation,
+    build_sampling_params,
+    check_unsupported,
+)
+from servekit.server.service import EngineLike, GenerationService, Job
+
+require("fastapi", "server")
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import JSONResponse, Response  # noqa: E402
+from starlette.exceptions import HTTPException  # noqa: E402
+
+__all__ = ["ServerConfig", "create_app"]
+
+logger = logging.getLogger("servekit.server")
+
+
+@frozen(slots=True, kw_only=True)
+class ServerConfig:
+    """Server settings: served model names (default: the engine's), drain grace period, etc."""
+
+    model_names: tuple[str, ...] = ()
+    grace_period: float = 30.0
+    retry_after: float = 1.0
+    manage_engine: bool = True  # enter/exit the engine's async context in the app's lifespan
+
+
+def create_app(
+    engine: EngineLike | Callable[[], EngineLike],
+    *,
+    keys: KeyStore | None = None,
+    limits: KeyLimits | None = None,
+    hooks: HookSet | None = None,
+    metrics: Any = None,
+    config: ServerConfig | None = None,
+) -> FastAPI:
+    """Assemble the app. ``metrics`` is a :class:`servekit.metrics.prometheus.PrometheusHook`
+    (one is made when prometheus_client is installed and none is given; ``False`` for none)."""
+    config = config or ServerConfig()
+    keys = keys if keys is not None else KeyStore()
+    hooks = hooks if hooks is not None else HookSet()
+    if metrics is None:
+        metrics = _default_metrics(config, engine)
+    if metrics and metrics not in hooks.hooks:
+        hooks.add(metrics)
+    state = ServerState(retry_after=config.retry_after)
+    limits = limits if limits is not None else KeyLimits(hooks=hooks)
+    built = engine if _is_engine(engine) else None
+    service = GenerationService(built, keys=keys, limits=limits, state=state, hooks=hooks,  # type: ignore[arg-type]
+                                model_names=config.model_names)
+    if keys.open:
+        logger.warning("no API keys configured: the server is OPEN to anyone who can reach it")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_run_engine, service, engine, config, stop)
+            try:
+                yield
+            finally:
+                await state.drain(config.grace_period)
+                stop.set()
+
+    app = FastAPI(title="servekit", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible API served by servekit")
+    app.state.servekit = service
+    try:
+        from servekit.server.grpc.rest import rest_router
+    except ImportError:  # servekit[grpc] not installed: no REST mapping of the gRPC API
+        pass
+    else:
+        app.include_router(rest_router(service))
+    _install_error_handlers(app)
+
+    app.add_middleware(_AuthMiddleware, service=service)  # type: ignore[arg-type]
+
+    def caller(request: Request) -> ApiKey | None:
+        return request.scope.get("servekit.key")  # set by _AuthMiddleware
+
+    @app.post("/v1/completions", tags=["openai"])
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        """Text completion (OpenAI ``/v1/completions``), streamed as SSE when ``stream``."""
+        key = caller(request)
+        check_unsupported(body)
+        service.check_model(body.model)
+        prompts = service.encode_prompts(body.prompt)
+        choices = []
+        for p, ids in enumerate(prompts):
+            max_tokens = service.resolve_max_tokens(body.max_tokens, len(ids), "max_tokens")
+            for j in range(body.n):
+                seed = None if body.seed is None else body.seed + j
+                choices.append((p, build_sampling_params(body, max_tokens=max_tokens,
+                                                         logprobs=body.logprobs, seed=seed)))
+        job = Job(service.new_request_id("cmpl"), body.model, key, prompts, choices)
+        echo = None
+        if body.echo:
+            tok = service.engine.tokenizer  # type: ignore[union-attr]
+            echo = [tok.decode(ids, skip_special_tokens=True) for ids in prompts]
+        encoder = CompletionEncoder(job, service.engine.tokenizer,  # type: ignore[union-attr]
+                                    include_usage=_include_usage(body), echo=echo,
+                                    logprobs=body.logprobs is not None)
+        return _generation_response(service, job, encoder, body.stream)
+
+    @app.post("/v1/chat/completions", tags=["openai"])
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        """Chat completion (OpenAI ``/v1/chat/completions``), streamed as SSE when ``stream``."""
+        key = caller(request)
+        check_unsupported(body)
+        service.check_model(body.model)
+        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                    for m in body.messages]
+        ids = service.encode_chat(messages)
+        requested, param = body.max_tokens, "max_tokens"
+        if body.max_completion_tokens is not None:
+            requested, param = body.max_completion_tokens, "max_completion_tokens"
+        max_tokens = service.resolve_max_tokens(requested, len(ids), param)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        choices = [(0, build_sampling_params(
+            body, max_tokens=max_tokens, logprobs=logprobs,
+            seed=None if body.seed is None else body.seed + j)) for j in range(body.n)]
+        job = Job(service.new_request_id("chatcmpl"), body.model, key, [ids], choices)
+        encoder = ChatEncoder(job, service.engine.tokenizer,  # type: ignore[union-attr]
+                              include_usage=_include_usage(body), logprobs=body.logprobs)
+        return _generation_response(service, job, encoder, body.stream)
+
+    @app.get("/v1/models", tags=["openai"])
+    async def models() -> dict[str, Any]:
+        """The models this server serves."""
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "servekit",
+             "max_model_len": service.engine.max_model_len if service.engine else None}
+            for name in service.model_names]}
+
+    @app.get("/health", tags=["ops"])
+    async def health() -> Response:
+        """Liveness: 200 unless startup failed."""
+        if state.phase is Phase.FAILED:
+            return JSONResponse({"status": "failed", "error": state.error}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready", tags=["ops"])
+    async def ready() -> Response:
+        """Readiness: 200 when accepting requests; 503 while starting or draining."""
+        return JSONResponse({"ready": state.ready, "phase": state.phase.value,
+                             "in_flight": state.in_flight},
+                            status_code=200 if state.ready else 503)
+
+    if metrics:
+        @app.get("/metrics", tags=["ops"], include_in_schema=True)
+        async def prometheus() -> Response:
+            """Prometheus metrics (vLLM's names), with the leak gauges refreshed now."""
+            metrics.set_resource(OPEN_STREAMS, state.in_flight)
+            metrics.set_resource(RATE_LIMIT_RESERVATIONS, limits.open_reservations)
+            used = _used_blocks(service.engine)
+            if used is not None:
+                metrics.set_resource(KV_BLOCKS_IN_USE, used)
+            return Response(metrics.render(),
+                            media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+class _AuthMiddleware:
+    """Authenticates ``/v1/*`` before anything else (even before the body is parsed)."""
+
+    def __init__(self, app: Any, service: GenerationService) -> None:
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            authorization = None
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    authorization = value.decode("latin-1")
+                    break
+            try:
+                scope["servekit.key"] = self.service.authenticate(authorization)
+            except APIError as exc:
+                headers = [(b"content-type", b"application/json")]
+                headers += [(k.encode(), v.encode()) for k, v in exc.headers.items()]
+                await send({"type": "http.response.start", "status": exc.status,
+                            "headers": headers})
+                await send({"type": "http.response.body", "body": exc.body()})
+                return
+        await self.app(scope, receive, send)
+
+
+# -- engine lifecycle ----------------------------------------------------------------------
+
+def _is_engine(obj: Any) -> bool:
+    return hasattr(obj, "generate") and hasattr(obj, "abort")
+
+
+async def _run_engine(service: GenerationService, engine: Any, config: ServerConfig,
+                      stop: anyio.Event) -> None:
+    state = service.state
+    try:
+        if not _is_engine(engine):
+            engine = await anyio.to_thread.run_sync(engine)
+            service.engine = engine
+        if config.manage_engine and hasattr(engine, "__aenter__"):
+            async with engine:
+                state.set_ready()
+                logger.info("ready: serving %s", ", ".join(service.model_names))
+                await stop.wait()
+        else:
+            state.set_ready()
+            await stop.wait()
+    except Exception as exc:
+        logger.exception("the engine failed")
+        state.set_failed(f"{type(exc).__name__}: {exc}")
+
+
+def _used_blocks(engine: Any) -> int | None:
+    """KV blocks held by live requests: the fake's counter, or the real engine's KV manager."""
+    value = getattr(engine, "num_used_blocks", None)
+    if value is not None:
+        return int(value)
+    kv = getattr(getattr(engine, "engine", None), "kv", None)  # AsyncEngine -> LLMEngine.kv
+    if kv is not None:
+        return int(kv.num_blocks - kv.num_free_blocks)
+    return None
+
+
+def _default_metrics(config: ServerConfig, engine: Any) -> Any:
+    try:
+        from servekit.metrics.prometheus import PrometheusHook
+    except ImportError:
+        return False
+    name = config.model_names[0] if config.model_names else getattr(engine, "model_name", "model")
+    try:
+        return PrometheusHook(name)
+    except ImportError:
+        return False
+
+
+# -- responses -----------------------------------------------------------------------------
+
+def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
+    return bool(body.stream and body.stream_options and body.stream_options.include_usage)
+
+
+def _generation_response(service: GenerationService, job: Job, encoder: Encoder,
+                         stream: bool) -> Response:
+    headers = service.admit(job).headers  # 429 / 503 raised here, before anything is sent
+    return GenerationResponse(service, job, encoder, stream, headers)
+
+
+class GenerationResponse(Response):
+    """Runs a job while the client is connected; streams SSE or sends one JSON body.
+
+    Headers go out with the first delta, so an error before it (queue full, engine failure)
+    still gets its proper status. A client disconnect cancels the job (aborting its engine
+    requests and settling its rate limit).
+    """
+
+    def __init__(self, service: GenerationService, job: Job, encoder: Encoder, stream: bool,
+                 headers: dict[str, str]) -> None:
+        self.service, self.job, self.encoder, self.stream = service, job, encoder, stream
+        self.extra_headers = headers
+        self.background = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+            await (self._stream(send) if self.stream else self._whole(send))
+            tg.cancel_scope.cancel()
+
+    def _start(self, status: int, content_type: bytes) -> dict[str, Any]:
+        headers = [(b"content-type", content_type), (b"x-request-id", self.job.request_id.encode())]
+        if self.stream and status == 200:
+            headers.append((b"cache-control", b"no-cache"))
+        headers.extend((k.encode(), v.encode()) for k, v in self.extra_headers.items())
+        return {"type": "http.response.start", "status": status, "headers": headers}
+
+    async def _send_whole(self, send: Any, status: int, body: bytes) -> None:
+        start = self._start(status, b"application/json")
+        start["headers"].append((b"content-length", str(len(body)).encode()))
+        await send(start)
+        await send({"type": "http.response.body", "body": body})
+
+    async def _error(self, send: Any, exc: APIError) -> None:
+        self.extra_headers.update(exc.headers)
+        await self._send_whole(send, exc.status, exc.body())
+
+    async def _stream(self, send: Any) -> None:
+        encoder = self.encoder
+        chunk = encoder.chunk
+        started = False
+
+        async def on_output(i: int, out: RequestOutput) -> None:
+            nonlocal started
+            if not started:
+                started = True
+                await send(self._start(200, b"text/event-stream"))
+                first = encoder.start()
+                if first:
+                    await send({"type": "http.response.body", "body": first, "more_body": True})
+            if out.finish_reason == "error":
+                raise APIError(out.error or "the engine failed on this request")
+            data = chunk(i, out)
+            if data:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        try:
+            await self.service.run(self.job, on_output)
+        except Exception as exc:
+            err = _as_api_error(exc)
+            if not started:
+                await self._error(send, err)
+                return
+            await send({"type": "http.response.body", "body": sse_error(err.status, err.body()),
+                        "more_body": True})
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+            return
+        if not started:  # nothing was generated (cannot happen with max_tokens >= 1)
+            await send(self._start(200, b"text/event-stream"))
+        await send({"type": "http.response.body", "body": encoder.end()})
+
+    async def _whole(self, send: Any) -> None:
+        add = self.encoder.add
+
+        async def on_output(i: int, out: RequestOutput) -> None:
+            if out.finish_reason == "error":
+                raise APIError(out.error or "the engine failed on this request")
+            add(i, out)
+
+        try:
+            await self.service.run(self.job, on_output)
+        except Exception as exc:
+            await self._error(send, _as_api_error(exc))
+            return
+        await self._send_whole(send, 200, self.encoder.body())
+
+
+async def _cancel_on_disconnect(receive: Any, scope: anyio.CancelScope) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
+
+
+def _as_api_error(exc: Exception) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    logger.exception("request failed", exc_info=exc)
+    return APIError(f"internal error: {type(exc).__name__}")
+
+
+# -- errors --------------------------------------------------------------------------------
+
+def _install_error_handlers(app: FastAPI) -> None:
+    def api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, APIError)
+        return Response(exc.body(), status_code=exc.status, headers=exc.headers,
+                        media_type="application/json")
+
+    def validation_error(request: Request, exc: Exception) -> Response:
+        return api_error(request, bad_request_from_validation(exc))
+
+    def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return Response(error_body(str(exc.detail), kind), status_code=exc.status_code,
+                        headers=exc.headers, media_type="application/json")
+
+    def internal_error(request: Request, exc: Exception) -> Response:
+        return api_error(request, _as_api_error(exc))
+
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)

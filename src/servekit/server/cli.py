@@ -1,0 +1,160 @@
+"""``servekit serve``: the reference OpenAI-compatible server on one engine.
+
+    servekit serve                          # the bundled demo model on 127.0.0.1:8000
+    servekit serve --model ./my-llama --port 9000 --api-keys keys.json
+
+With no ``--model`` it serves the tiny Shakespeare Llama shipped in ``servekit/demo_model``.
+SIGTERM or Ctrl-C drains: ``/ready`` turns false, no new connections are accepted, in-flight
+requests get ``--grace-period`` seconds to finish, then are cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from importlib.resources import files
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from servekit._optional import require
+from servekit.metrics.hooks import HookSet
+from servekit.server.keys import KeyStore
+
+__all__ = ["DEMO_MODEL", "build_parser", "main"]
+
+logger = logging.getLogger("servekit.server")
+
+#: The bundled demo model directory (a tiny Llama trained on Tiny Shakespeare).
+DEMO_MODEL = Path(str(files("servekit") / "demo_model"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``servekit`` command line."""
+    parser = argparse.ArgumentParser(prog="servekit", description="servekit command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a model over the OpenAI-compatible HTTP API")
+    serve.add_argument("--model", type=Path, default=None,
+                       help="local Hugging Face model directory (default: the bundled demo model)")
+    serve.add_argument("--served-model-name", action="append", default=None,
+                       help="name(s) clients use for the model (default: the directory name)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=None,
+                       help="also serve gRPC (servekit.v1.Generation, health, reflection) on this port")
+    serve.add_argument("--api-keys", type=Path, default=None,
+                       help="JSON file of keys (default: $SERVEKIT_API_KEYS, else open)")
+    serve.add_argument("--grace-period", type=float, default=30.0,
+                       help="seconds in-flight requests get to finish on shutdown")
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--max-num-seqs", type=int, default=128)
+    serve.add_argument("--max-waiting-requests", type=int, default=1024,
+                       help="bound of the waiting queue (over it: 503 + retry-after)")
+    serve.add_argument("--kv-cache-mb", type=int, default=256)
+    serve.add_argument("--device", default="cpu")
+    serve.add_argument("--dtype", default=None)
+    serve.add_argument("--fake", action="store_true",
+                       help="serve an instant fake model (benchmarks, smoke tests)")
+    serve.add_argument("--fake-token-delay", type=float, default=0.0,
+                       help="seconds between the fake model's tokens")
+    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--access-log", action="store_true")
+    return parser
+
+
+def build_engine(args: argparse.Namespace, hooks: Any = None) -> Any:
+    """The engine the arguments ask for (the fake engine, or the real one on a model)."""
+    if args.fake:
+        from servekit.server.fake import FakeEngine
+
+        return FakeEngine(model_name=(args.served_model_name or ["fake"])[0],
+                          token_delay=args.fake_token_delay,
+                          max_waiting=args.max_waiting_requests)
+    from servekit.engine import AsyncEngine, EngineConfig, LLMEngine
+
+    path = args.model or DEMO_MODEL
+    config = EngineConfig(
+        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+        max_waiting_requests=args.max_waiting_requests, kv_cache_bytes=args.kv_cache_mb * 2**20,
+        device=args.device, dtype=args.dtype)
+    return AsyncEngine(LLMEngine(str(path), config=config, hooks=hooks))
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    if args.served_model_name:
+        return str(args.served_model_name[0])
+    if args.model is None:
+        return "servekit-demo"
+    return Path(args.model).resolve().name
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the server until SIGTERM / Ctrl-C; returns the exit status."""
+    require("uvicorn", "server")
+    import uvicorn
+
+    from servekit.server.app import ServerConfig, create_app
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keys = KeyStore.from_file(args.api_keys) if args.api_keys else KeyStore.from_env()
+    if args.model is not None and not args.fake and not Path(args.model).is_dir():
+        print(f"servekit serve: --model {str(args.model)!r} is not a directory", file=sys.stderr)
+        return 2
+    names = tuple(args.served_model_name) if args.served_model_name else (
+        ("fake",) if args.fake else (_model_name(args),))
+    config = ServerConfig(model_names=names, grace_period=args.grace_period)
+    hooks = HookSet()
+    metrics = _metrics(names[0])
+    if metrics is not None:
+        hooks.add(metrics)
+    # the engine is built in a worker thread at startup: /health answers while the model loads
+    app = create_app(lambda: build_engine(args, hooks), keys=keys, hooks=hooks,
+                     metrics=metrics if metrics is not None else False, config=config)
+    state = app.state.servekit.state
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            state.begin_drain()  # /ready turns false before the listener closes
+            super().handle_exit(sig, frame)
+
+    server = _Server(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level,
+        access_log=args.access_log, timeout_graceful_shutdown=int(max(1, args.grace_period)),
+        lifespan="on"))
+    logger.info("servekit serving %s on http://%s:%d/v1 (%s)", ", ".join(names), args.host,
+                args.port, "open: no API keys" if keys.open else f"{len(keys)} API key(s)")
+    if args.grpc_port is None:
+        server.run()
+    else:  # gRPC beside HTTP: one engine, one GenerationService, one drain
+        import asyncio
+
+        from servekit.server.grpc.server import serve_beside
+
+        asyncio.run(serve_beside(server, app.state.servekit, host=args.host,
+                                 port=args.grpc_port, grace_period=args.grace_period))
+    return 1 if state.error else 0
+
+
+def _metrics(model_name: str) -> Any:
+    try:
+        from servekit.metrics.prometheus import PrometheusHook
+
+        return PrometheusHook(model_name)
+    except ImportError:
+        logger.warning("prometheus_client is not installed: /metrics is off")
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``servekit`` script."""
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":
+    sys.exit(main())

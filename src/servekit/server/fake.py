@@ -1,0 +1,166 @@
+"""An instant fake engine that honours the AsyncEngine contract, for tests and benchmarks.
+
+:class:`FakeEngine` needs no model: its tokenizer maps bytes to ids, and it "generates" a fixed
+cycle of words, one token per output, optionally ``token_delay`` seconds apart. It keeps the
+engine's observable bookkeeping — KV blocks held per live request, a bounded waiting queue
+(``QueueFull``), aborts — so the server's accounting can be tested without a model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+from servekit.engine.outputs import RequestOutput, TokenLogprob
+from servekit.sched.errors import DuplicateRequestError, QueueFull
+from servekit.sched.params import SamplingParams
+
+__all__ = ["FakeEngine", "FakeTokenizer"]
+
+_TEXT = b"the quick brown fox jumps over the lazy dog "
+
+
+class FakeTokenizer:
+    """Byte-level: token id = byte value; ids 256 and 257 are bos and eos."""
+
+    bos_token_id = 256
+    eos_token_id = 257
+    bos_token = "<s>"
+    eos_token = "</s>"
+    chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+    def __len__(self) -> int:
+        return 258
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Bytes of ``text`` (after a bos when ``add_special_tokens``)."""
+        ids = list(text.encode())
+        return [self.bos_token_id, *ids] if add_special_tokens else ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of the byte ids (special ids dropped)."""
+        return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *,
+                            add_generation_prompt: bool = True, tokenize: bool = False,
+                            **kwargs: Any) -> str | list[int]:
+        """``role: content`` lines, then ``assistant:`` when asked for a generation prompt."""
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        if add_generation_prompt:
+            text += "assistant:"
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+class FakeEngine:
+    """Streams ``max_tokens`` tokens per request at once (or ``token_delay`` s apart).
+
+    ``max_running`` requests run at a time and ``max_waiting`` more may wait for a slot; one
+    more raises :class:`~servekit.sched.errors.QueueFull`. ``num_used_blocks`` counts the KV
+    blocks the live requests would hold with ``block_size``-token blocks, so leaks show.
+    """
+
+    def __init__(self, *, model_name: str = "fake", max_model_len: int = 4096,
+                 token_delay: float = 0.0, max_running: int = 1024, max_waiting: int = 1024,
+                 block_size: int = 16) -> None:
+        self.tokenizer = FakeTokenizer()
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.token_delay = token_delay
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self.block_size = block_size
+        self._blocks: dict[str, int] = {}
+        self._aborted: set[str] = set()
+        self._waiting = 0
+        self._slots = anyio.Semaphore(max_running)
+        self._ids = itertools.count()
+        self.num_requests = 0
+
+    @property
+    def num_used_blocks(self) -> int:
+        """KV blocks held by live requests."""
+        return sum(self._blocks.values())
+
+    @property
+    def num_live_requests(self) -> int:
+        """Requests waiting or running."""
+        return len(self._blocks) + self._waiting
+
+    async def __aenter__(self) -> FakeEngine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def abort(self, request_id: str) -> None:
+        """Finish ``request_id`` with reason ``abort`` at its next token (no-op when done)."""
+        if request_id in self._blocks:
+            self._aborted.add(request_id)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams, *,
+                       request_id: str | None = None, tenant: str | None = None,
+                       priority: int = 0, cache_salt: str | None = None,
+                       deadline: float | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield one delta per token; closing the iterator early frees the request."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        rid = request_id if request_id is not None else f"fake-{next(self._ids)}"
+        if rid in self._blocks:
+            raise DuplicateRequestError(rid)
+        if self._slots.value == 0 and self._waiting >= self.max_waiting:
+            raise QueueFull("max_waiting_requests",
+                            f"{self._waiting} requests already wait", retry_after=1.0)
+        self.num_requests += 1
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        n_prompt = len(ids)
+        self._blocks[rid] = math.ceil(n_prompt / self.block_size)
+        try:
+            limit = min(params.max_tokens, self.max_model_len - n_prompt)
+            top = params.logprobs
+            text, sent = "", 0  # generated text, and how much of it was emitted
+            for i in range(1, limit + 1):
+                if self.token_delay:
+                    await anyio.sleep(self.token_delay)
+                else:
+                    await anyio.lowlevel.checkpoint()
+                if rid in self._aborted:
+                    yield RequestOutput(rid, [], "", True, "abort", n_prompt, i - 1, 0)
+                    return
+                token = _TEXT[(i - 1) % len(_TEXT)]
+                text += chr(token)
+                self._blocks[rid] = math.ceil((n_prompt + i) / self.block_size)
+                lps = None if top is None else [_logprob(token, top)]
+                done, reason, upto = i == limit, "length", len(text)
+                if params.stop:  # like the engine: stop strings are matched, never emitted
+                    cut = min((text.find(s) for s in params.stop if s in text), default=-1)
+                    if cut >= 0:
+                        done, reason, upto = True, "stop", cut
+                    elif not done:
+                        upto -= _held_back(text, params.stop)
+                yield RequestOutput(rid, [token], text[sent:upto], done, reason if done else None,
+                                    n_prompt, i, 0, lps)
+                sent = max(sent, upto)
+                if done:
+                    return
+        finally:
+            del self._blocks[rid]
+            self._aborted.discard(rid)
+            self._slots.release()
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of ``text`` that may be the start of a stop string."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+def _logprob(token: int, top: int) -> TokenLogprob:
+    alternatives = tuple((token + k, -0.5 * (k + 1)) for k in range(top))
+    return TokenLogprob(token, -0.5, alternatives)

@@ -1,0 +1,107 @@
+"""Per-key RPM/TPM limits on top of :class:`servekit.limit.Limiter`: reserve, then settle.
+
+Each API key carries its own limits, so keys are grouped by their ``(rpm, tpm)`` pair, one
+:class:`~servekit.limit.Limiter` per distinct pair, all sharing one store. A request reserves
+1 request and ``prompt + max_tokens`` tokens (OpenAI's accounting) under the bucket key
+``<key id>:<model>`` (a hash of the API key, never the key itself); when it ends — finished,
+failed, aborted or cancelled — the reservation is settled with the tokens really used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+
+from attrs import frozen
+
+from servekit.limit.bucket import Limit
+from servekit.limit.decision import Reservation
+from servekit.limit.errors import RequestTooLargeError
+from servekit.limit.headers import openai_headers
+from servekit.limit.limiter import Limiter
+from servekit.limit.store import MemoryStore, Store
+from servekit.metrics.hooks import HookSet
+from servekit.server.errors import RateLimitedError
+from servekit.server.keys import ApiKey
+
+__all__ = ["Admission", "KeyLimits"]
+
+
+@frozen(slots=True)
+class Admission:
+    """A granted reservation (None when the key has no limits) and the headers to return."""
+
+    reservation: Reservation | None
+    limiter: Limiter | None
+    headers: dict[str, str]
+
+
+_UNLIMITED = Admission(None, None, {})
+
+
+class KeyLimits:
+    """Reserves and settles each key's RPM and TPM; ``open_reservations`` shows leaks."""
+
+    def __init__(self, *, store: Store | None = None, clock: Callable[[], float] = time.monotonic,
+                 hooks: HookSet | None = None) -> None:
+        self._store: Store = MemoryStore() if store is None else store
+        self._clock = clock
+        self._hooks = hooks
+        self._limiters: dict[tuple[int | None, int | None], Limiter] = {}
+        self._ids: dict[str, str] = {}
+
+    @property
+    def open_reservations(self) -> int:
+        """Reservations taken and not yet settled (nor expired), over all keys."""
+        return sum(lim.open_reservations for lim in self._limiters.values())
+
+    def reserve(self, key: ApiKey | None, model: str, tokens: int) -> Admission:
+        """Reserve 1 request and ``tokens`` tokens, or raise 429 with OpenAI's headers."""
+        if key is None or (key.rpm is None and key.tpm is None):
+            return _UNLIMITED
+        limiter = self._limiter(key.rpm, key.tpm)
+        bucket = f"{self._key_id(key)}:{model}"
+        try:
+            decision = limiter.try_acquire(bucket, {"requests": 1.0, "tokens": float(tokens)}
+                                           if key.tpm is not None else {"requests": 1.0},
+                                           reserve=True)
+        except RequestTooLargeError:
+            raise RateLimitedError(
+                f"Request too large for {model}: {tokens} tokens requested, the limit is "
+                f"{key.tpm} tokens per minute; reduce the prompt or max_tokens",
+                headers={"x-should-retry": "false"}, code="request_too_large") from None
+        headers = openai_headers(decision, requests="requests" if key.rpm is not None else None)
+        if not decision.allowed:
+            kind = "tokens" if "tokens" in decision.denied_by else "requests"
+            per = key.tpm if kind == "tokens" else key.rpm
+            raise RateLimitedError(
+                f"Rate limit reached for {model} on {kind} per minute: limit {per}; "
+                f"retry after {headers.get('retry-after', '1')} s", headers=headers)
+        return Admission(decision.reservation, limiter, headers)
+
+    def settle(self, admission: Admission, used_tokens: int) -> None:
+        """Settle a reservation with the tokens really used (prompt + completion)."""
+        if admission.reservation is None or admission.limiter is None:
+            return
+        names = admission.limiter.limits.names
+        used = {"requests": 1.0, "tokens": float(used_tokens)} if "tokens" in names \
+            else {"requests": 1.0}
+        admission.limiter.settle(admission.reservation, used)
+
+    def _limiter(self, rpm: int | None, tpm: int | None) -> Limiter:
+        limiter = self._limiters.get((rpm, tpm))
+        if limiter is None:
+            # a key without an RPM still counts requests, against a limit it can never reach
+            limits = [Limit.per_period("requests", rpm if rpm is not None else 1e12, 60.0)]
+            if tpm is not None:
+                limits.append(Limit.per_period("tokens", tpm, 60.0))
+            limiter = Limiter(limits, store=self._store, clock=self._clock, hooks=self._hooks)
+            self._limiters[(rpm, tpm)] = limiter
+        return limiter
+
+    def _key_id(self, key: ApiKey) -> str:
+        kid = self._ids.get(key.key)
+        if kid is None:
+            kid = self._ids[key.key] = hashlib.sha256(key.key.encode()).hexdigest()[:16]
+        return kid

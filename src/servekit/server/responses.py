@@ -1,0 +1,194 @@
+"""OpenAI response bodies: streamed chunks (SSE) and whole responses, for both endpoints.
+
+Streaming is the hot path: a chunk is a precomputed prefix, the choice index, the delta text
+quoted by the C JSON string encoder, and a precomputed suffix — no dict, no ``json.dumps`` per
+token. Whole responses are built as dicts once per request.
+"""
+
+from __future__ import annotations
+
+import json
+from json.encoder import encode_basestring_ascii as _quote  # type: ignore[attr-defined]
+from typing import Any
+
+from servekit.engine.outputs import RequestOutput, TokenLogprob
+from servekit.server.service import Job
+
+__all__ = ["ChatEncoder", "CompletionEncoder", "Encoder", "sse_error"]
+
+DONE = b"data: [DONE]\n\n"
+
+
+class _TokenText:
+    """Text of single tokens for logprobs, cached per id."""
+
+    __slots__ = ("_cache", "_tokenizer")
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            text = self._cache[token_id] = str(self._tokenizer.decode([token_id]))
+        return text
+
+
+class Encoder:
+    """Accumulates one job's output and renders chunks and the final body."""
+
+    object_name = ""
+    chunk_object = ""
+
+    def __init__(self, job: Job, tokenizer: Any, *, include_usage: bool = False,
+                 logprobs: bool = False, echo: list[str] | None = None) -> None:
+        self.job = job
+        self.include_usage = include_usage
+        self.want_logprobs = logprobs
+        self.echo = echo
+        self.texts = [""] * len(job.choices)
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in job.choices]
+        self.token_text = _TokenText(tokenizer)
+        head = json.dumps({"id": job.request_id, "object": self.chunk_object,
+                           "created": job.created, "model": job.model})[:-1]
+        self._prefix = f'data: {head},"choices":[{{"index":'
+        self._usage_null = ',"usage":null' if include_usage else ""
+
+    # -- accumulate (whole responses) ------------------------------------------------------
+
+    def add(self, i: int, out: RequestOutput) -> None:
+        """Record a delta for the final body."""
+        self.texts[i] += out.new_text
+        if out.logprobs:
+            self.logprobs[i].extend(out.logprobs)
+
+    # -- streaming -------------------------------------------------------------------------
+
+    def start(self) -> bytes:
+        """Bytes to send before the first delta (chat: the role; completions: any echo)."""
+        return b""
+
+    def chunk(self, i: int, out: RequestOutput) -> bytes:
+        """One SSE event for a delta (empty when it carries nothing to send)."""
+        text = out.new_text
+        if not text and not out.finished and not out.logprobs:
+            return b""
+        finish = "null" if not out.finished else _quote(out.finish_reason or "stop")
+        lp = self._chunk_logprobs(out) if self.want_logprobs and out.logprobs else "null"
+        return (f'{self._prefix}{i},{self._delta(text)},"logprobs":{lp},'
+                f'"finish_reason":{finish}}}]{self._usage_null}}}\n\n').encode()
+
+    def _delta(self, text: str) -> str:
+        raise NotImplementedError
+
+    def _chunk_logprobs(self, out: RequestOutput) -> str:
+        raise NotImplementedError
+
+    def end(self) -> bytes:
+        """The usage chunk (when asked for) and ``[DONE]``."""
+        if not self.include_usage:
+            return DONE
+        body = {"id": self.job.request_id, "object": self.chunk_object,
+                "created": self.job.created, "model": self.job.model, "choices": [],
+                "usage": self.usage()}
+        return b"data: " + json.dumps(body).encode() + b"\n\n" + DONE
+
+    # -- whole ----------------------------------------------------------------------------
+
+    def usage(self) -> dict[str, Any]:
+        """OpenAI's usage object."""
+        u = self.job.usage
+        return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                "total_tokens": u.total_tokens,
+                "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+
+    def body(self) -> bytes:
+        """The whole (non-streamed) response."""
+        job = self.job
+        return json.dumps({
+            "id": job.request_id, "object": self.object_name, "created": job.created,
+            "model": job.model, "choices": [self._choice(i) for i in range(len(job.choices))],
+            "usage": self.usage(),
+        }, ensure_ascii=False).encode()
+
+    def _choice(self, i: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class CompletionEncoder(Encoder):
+    """``/v1/completions``: ``text_completion`` objects."""
+
+    object_name = "text_completion"
+    chunk_object = "text_completion"
+
+    def start(self) -> bytes:
+        if not self.echo:
+            return b""
+        return b"".join(
+            f'{self._prefix}{i},"text":{_quote(self.echo[p])},"logprobs":null,'
+            f'"finish_reason":null}}]{self._usage_null}}}\n\n'.encode()
+            for i, (p, _) in enumerate(self.job.choices))
+
+    def _delta(self, text: str) -> str:
+        return f'"text":{_quote(text)}'
+
+    def _chunk_logprobs(self, out: RequestOutput) -> str:
+        return json.dumps(self._logprobs(out.logprobs or [], 0))
+
+    def _logprobs(self, lps: list[TokenLogprob], offset: int) -> dict[str, Any]:
+        tokens, offsets = [], []
+        for lp in lps:
+            tokens.append(self.token_text(lp.token_id))
+            offsets.append(offset)
+            offset += len(tokens[-1])
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{self.token_text(t): v for t, v in lp.top} for lp in lps],
+            "text_offset": offsets,
+        }
+
+    def _choice(self, i: int) -> dict[str, Any]:
+        prompt_index = self.job.choices[i][0]
+        prefix = self.echo[prompt_index] if self.echo else ""
+        return {"index": i, "text": prefix + self.texts[i],
+                "logprobs": self._logprobs(self.logprobs[i], 0) if self.want_logprobs else None,
+                "finish_reason": self.job.finish_reasons[i]}
+
+
+class ChatEncoder(Encoder):
+    """``/v1/chat/completions``: ``chat.completion`` objects."""
+
+    object_name = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+
+    def start(self) -> bytes:
+        return b"".join(
+            f'{self._prefix}{i},"delta":{{"role":"assistant","content":""}},"logprobs":null,'
+            f'"finish_reason":null}}]{self._usage_null}}}\n\n'.encode()
+            for i in range(len(self.job.choices)))
+
+    def _delta(self, text: str) -> str:
+        return f'"delta":{{"content":{_quote(text)}}}' if text else '"delta":{}'
+
+    def _chunk_logprobs(self, out: RequestOutput) -> str:
+        return json.dumps({"content": [self._entry(lp) for lp in out.logprobs or []]})
+
+    def _entry(self, lp: TokenLogprob) -> dict[str, Any]:
+        text = self.token_text(lp.token_id)
+        return {"token": text, "logprob": lp.logprob, "bytes": list(text.encode()),
+                "top_logprobs": [{"token": (t := self.token_text(tid)), "logprob": v,
+                                  "bytes": list(t.encode())} for tid, v in lp.top]}
+
+    def _choice(self, i: int) -> dict[str, Any]:
+        lps = ({"content": [self._entry(lp) for lp in self.logprobs[i]]}
+               if self.want_logprobs else None)
+        return {"index": i,
+                "message": {"role": "assistant", "content": self.texts[i], "refusal": None},
+                "logprobs": lps, "finish_reason": self.job.finish_reasons[i]}
+
+
+def sse_error(status: int, body: bytes) -> bytes:
+    """An error in the middle of a stream, as vLLM and OpenAI send it: a data event."""
+    return b"data: " + body + b"\n\n"

@@ -1,0 +1,185 @@
+"""OpenAI request bodies (pydantic, strict JSON types) and their translation to SamplingParams.
+
+Validation is strict the way OpenAI's API is: ``"max_tokens": "5"`` is a type error, not 5.
+Unknown fields are ignored. Fields servekit cannot honour (``suffix``, ``logit_bias``, ``tools``,
+``best_of`` != ``n``) are rejected with a 400 naming them rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from servekit.sched.params import InvalidParameterError, SamplingParams
+from servekit.server.errors import BadRequestError
+
+__all__ = [
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "StreamOptions",
+    "TextPart",
+    "bad_request_from_validation",
+    "build_sampling_params",
+]
+
+_STRICT = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(BaseModel):
+    """``stream_options``: ``include_usage`` adds a last chunk with the whole request's usage."""
+
+    model_config = _STRICT
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Fields shared by both endpoints."""
+
+    model_config = _STRICT
+    model: str
+    n: int = Field(default=1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # servekit extensions (vLLM names)
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``: one prompt (text or token ids) or a batch of them."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class TextPart(BaseModel):
+    """One text part of a message's content array."""
+
+    model_config = _STRICT
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One chat message; the model's chat template renders the list."""
+
+    model_config = _STRICT
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The content as one string (text parts joined)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[Any] | None = None
+
+
+def check_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
+    """Reject fields servekit accepts syntactically but cannot honour."""
+    if req.logit_bias:
+        raise BadRequestError("logit_bias is not supported", param="logit_bias")
+    if isinstance(req, CompletionRequest):
+        if req.suffix:
+            raise BadRequestError("suffix is not supported", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise BadRequestError("best_of must equal n (or be omitted)", param="best_of")
+        if req.echo and req.logprobs is not None:
+            raise BadRequestError("echo with logprobs is not supported", param="echo")
+    else:
+        if req.tools:
+            raise BadRequestError("tools are not supported by this model", param="tools")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise BadRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
+    if isinstance(req.stop, list) and len(req.stop) > 16:
+        raise BadRequestError("at most 16 stop sequences", param="stop")
+
+
+def build_sampling_params(req: CompletionRequest | ChatCompletionRequest, *, max_tokens: int,
+                          logprobs: int | None, seed: int | None) -> SamplingParams:
+    """The request's SamplingParams; an out-of-range value is a 400 naming the field."""
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            seed=seed,
+            logprobs=logprobs,
+            stop=req.stop,
+            ignore_eos=req.ignore_eos,
+        )
+    except InvalidParameterError as exc:
+        raise BadRequestError(str(exc), param=exc.param) from exc
+
+
+def bad_request_from_validation(exc: ValidationError | Any) -> BadRequestError:
+    """A 400 for the first pydantic error, naming the field as OpenAI does (``messages.[0].role``)."""
+    errors = exc.errors() if hasattr(exc, "errors") else []
+    if not errors:
+        return BadRequestError("invalid request body")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return BadRequestError("We could not parse the JSON body of your request")
+    if first.get("type") == "model_attributes_type" or tuple(first.get("loc", ())) == ("body",):
+        return BadRequestError("the request body must be a JSON object")
+    param = _param_name(first.get("loc", ()))
+    if first.get("type") == "missing":
+        return BadRequestError(f"Missing required parameter: '{param}'", param=param)
+    value = first.get("input")
+    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    return BadRequestError(f"Invalid value for '{param}': {first.get('msg')} (got {shown})",
+                           param=param)
+
+
+def _param_name(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if item == "body" and not parts:
+            continue
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in _FIELD_NAMES:
+            parts.append(item)
+        # other strings are pydantic's union-member tags ("str", "list[int]"): not fields
+    return ".".join(parts) if parts else "body"
+
+
+_FIELD_NAMES: frozenset[str] = frozenset(
+    name
+    for model in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, StreamOptions)
+    for name in model.model_fields
+)

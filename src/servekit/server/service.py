@@ -1,0 +1,320 @@
+"""The transport-independent core of a front end: keys, models, prompts, limits, generation.
+
+:class:`GenerationService` does everything between a parsed request and the engine's deltas,
+for any front end (the OpenAI HTTP app here; gRPC reuses it): authenticate the key, check the
+model, tokenize and bound the prompt, reserve the rate limit, run one engine request per choice,
+hand every delta to a callback, and — however the run ends — abort what is still running and
+settle the reservation. A :class:`Job` is one API request: several prompts x ``n`` choices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+import anyio
+from attrs import define, field
+
+from servekit.engine.chat import ChatTemplateError, render_chat
+from servekit.engine.outputs import RequestOutput
+from servekit.errors import ServekitError
+from servekit.metrics.events import OPEN_STREAMS, RATE_LIMIT_RESERVATIONS, ResourceGauge
+from servekit.metrics.hooks import HookSet
+from servekit.sched.errors import QueueFull
+from servekit.sched.params import InvalidParameterError, SamplingParams
+from servekit.server.errors import (
+    AuthenticationError,
+    BadRequestError,
+    ModelNotFoundError,
+    OverloadedError,
+)
+from servekit.server.keys import ApiKey, KeyStore
+from servekit.server.lifecycle import ServerState
+from servekit.server.ratelimit import Admission, KeyLimits
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = ["EngineLike", "GenerationService", "Job", "OnOutput", "Usage"]
+
+logger = logging.getLogger("servekit.server")
+
+#: Called with (choice index, delta) for every engine output, in order per choice.
+OnOutput = Callable[[int, RequestOutput], Awaitable[None]]
+
+
+class EngineLike(Protocol):
+    """What the server needs of an engine: the AsyncEngine contract (docs/contracts.md)."""
+
+    tokenizer: Any
+    model_name: str
+    max_model_len: int
+
+    def generate(self, prompt: str | list[int], params: SamplingParams, *,
+                 request_id: str | None = None, tenant: str | None = None, priority: int = 0,
+                 cache_salt: str | None = None, deadline: float | None = None) -> Any:
+        """An async iterator of :class:`RequestOutput` deltas."""
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request (no-op or a KeyError-like error when it is unknown)."""
+        ...
+
+
+@define(slots=True)
+class Usage:
+    """Token counts of a job, summed over prompts (once each) and choices."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus completion tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
+
+@define(slots=True)
+class Job:
+    """One API request: ``prompts`` (token ids) and one ``(prompt index, params)`` per choice."""
+
+    request_id: str
+    model: str
+    key: ApiKey | None
+    prompts: list[list[int]]
+    choices: list[tuple[int, SamplingParams]]
+    created: int = field(factory=lambda: int(time.time()))
+    usage: Usage = field(factory=Usage)
+    finish_reasons: list[str | None] = field(factory=list)
+    admission: Admission | None = None
+
+    @property
+    def reserved_tokens(self) -> int:
+        """What the rate limit reserves: every prompt once plus every choice's max_tokens."""
+        return sum(map(len, self.prompts)) + sum(p.max_tokens for _, p in self.choices)
+
+
+class GenerationService:
+    """Admission and generation for one engine, shared by every front end."""
+
+    def __init__(self, engine: EngineLike | None, *, keys: KeyStore | None = None,
+                 limits: KeyLimits | None = None, state: ServerState | None = None,
+                 hooks: HookSet | None = None, model_names: Sequence[str] = (),
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.engine = engine
+        self.keys = keys if keys is not None else KeyStore()
+        self.limits = limits if limits is not None else KeyLimits(hooks=hooks)
+        self.state = state if state is not None else ServerState()
+        self.hooks = hooks
+        self._names = tuple(model_names)
+        self._clock = clock
+        self._prefix = f"{os.getpid():x}{int(time.time()) & 0xFFFFFF:06x}"
+        self._counter = itertools.count()
+
+    # -- identity --------------------------------------------------------------------------
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Names this server answers to: the configured ones, else the engine's model name."""
+        if self._names:
+            return self._names
+        return (self.engine.model_name,) if self.engine is not None else ()
+
+    def new_request_id(self, kind: str) -> str:
+        """A process-unique request id such as ``cmpl-1a2b...-7``."""
+        return f"{kind}-{self._prefix}{next(self._counter):x}"
+
+    def authenticate(self, authorization: str | None) -> ApiKey | None:
+        """The caller's key from an ``Authorization: Bearer`` header (None when open); else 401."""
+        if self.keys.open:
+            return None
+        if not authorization:
+            raise AuthenticationError("You didn't provide an API key: send "
+                                      "'Authorization: Bearer YOUR_KEY'")
+        scheme, _, token = authorization.partition(" ")
+        key = self.keys.authenticate(token.strip()) if scheme.lower() == "bearer" else None
+        if key is None:
+            raise AuthenticationError("Incorrect API key provided")
+        return key
+
+    def check_model(self, model: str) -> None:
+        """404 unless ``model`` is served here."""
+        if model not in self.model_names:
+            raise ModelNotFoundError(model)
+
+    # -- prompts ---------------------------------------------------------------------------
+
+    def _engine(self) -> EngineLike:
+        self.state.check_accepting()
+        assert self.engine is not None  # ready implies an engine
+        return self.engine
+
+    def encode_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]
+                       ) -> list[list[int]]:
+        """Token ids of a completion prompt (text, ids, or a batch of either); 400 when bad."""
+        engine = self._engine()
+        if isinstance(prompt, str):
+            batch: list[Any] = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            batch = [prompt]
+        else:
+            batch = list(prompt)
+        if not batch:
+            raise BadRequestError("prompt must not be empty", param="prompt")
+        vocab = len(engine.tokenizer)
+        out = []
+        for item in batch:
+            if isinstance(item, str):
+                ids = list(engine.tokenizer.encode(item, add_special_tokens=True))
+            else:
+                ids = list(item)
+                if any(t < 0 or t >= vocab for t in ids):
+                    raise BadRequestError(f"token ids must be in [0, {vocab})", param="prompt")
+            if not ids:
+                raise BadRequestError("prompt must not be empty", param="prompt")
+            self._check_length(len(ids), "prompt")
+            out.append(ids)
+        return out
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of chat messages through the model's chat template; 400 when bad."""
+        engine = self._engine()
+        try:
+            ids = render_chat(engine.tokenizer, messages)
+        except ChatTemplateError as exc:
+            raise BadRequestError(str(exc), param="messages") from exc
+        self._check_length(len(ids), "messages")
+        return ids
+
+    def _check_length(self, n: int, param: str) -> None:
+        limit = self.max_model_len
+        if n >= limit:
+            raise BadRequestError(
+                f"This model's maximum context length is {limit} tokens, and your {param} has "
+                f"{n} tokens: no room is left for the completion", param=param)
+
+    @property
+    def max_model_len(self) -> int:
+        """The engine's context length."""
+        assert self.engine is not None
+        return self.engine.max_model_len
+
+    def resolve_max_tokens(self, requested: int | None, prompt_len: int, param: str) -> int:
+        """``requested`` checked against the context (None = all the room left); 400 if bad."""
+        room = self.max_model_len - prompt_len
+        if requested is None:
+            return room
+        if requested < 1:
+            raise BadRequestError(f"{param} must be at least 1, got {requested}", param=param)
+        if requested > room:
+            raise BadRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
+                f"{requested} for the completion). Reduce the prompt or {param}.", param=param)
+        return requested
+
+    # -- running ---------------------------------------------------------------------------
+
+    def admit(self, job: Job) -> Admission:
+        """Reserve the job's rate limit (429 when over); returns the headers to send."""
+        self.state.check_accepting()
+        job.admission = self.limits.reserve(job.key, job.model, job.reserved_tokens)
+        self._gauge(RATE_LIMIT_RESERVATIONS, self.limits.open_reservations)
+        return job.admission
+
+    async def run(self, job: Job, on_output: OnOutput) -> None:
+        """Run every choice of an admitted job, calling ``on_output`` per delta.
+
+        Returns when all choices finished; ``job.usage`` and ``job.finish_reasons`` are then
+        complete. However it ends (error, cancellation, a client gone), every engine request
+        still running is aborted and the reservation is settled with the real usage.
+        """
+        job.finish_reasons = [None] * len(job.choices)
+        per_choice = [(0, 0, 0)] * len(job.choices)  # (prompt, completion, cached) per choice
+        streams = self.state
+        try:
+            with streams.track():
+                self._gauge(OPEN_STREAMS, streams.in_flight)
+                if len(job.choices) == 1:
+                    await self._drive(job, 0, on_output, per_choice)
+                else:
+                    async with anyio.create_task_group() as tg:
+                        for i in range(len(job.choices)):
+                            tg.start_soon(self._drive, job, i, on_output, per_choice)
+        except BaseExceptionGroup as group:  # one choice failed: surface its error
+            first = group.exceptions[0]
+            raise first if isinstance(first, Exception) else group from None
+        finally:
+            self._account(job, per_choice)
+            if job.admission is not None:
+                self.limits.settle(job.admission, job.usage.total_tokens)
+                self._gauge(RATE_LIMIT_RESERVATIONS, self.limits.open_reservations)
+            self._gauge(OPEN_STREAMS, streams.in_flight)
+
+    async def _drive(self, job: Job, i: int, on_output: OnOutput,
+                     per_choice: list[tuple[int, int, int]]) -> None:
+        engine = self.engine
+        assert engine is not None
+        prompt_index, params = job.choices[i]
+        rid = job.request_id if len(job.choices) == 1 else f"{job.request_id}-{i}"
+        key = job.key
+        stream = engine.generate(
+            job.prompts[prompt_index], params, request_id=rid,
+            tenant=key.tenant if key is not None else None,
+            cache_salt=key.salt if key is not None else None)
+        finished = False
+        out: RequestOutput | None = None
+        try:
+            async for out in stream:
+                if out.finished:
+                    finished = True
+                    job.finish_reasons[i] = out.finish_reason
+                per_choice[i] = (out.num_prompt_tokens, out.num_output_tokens,
+                                 out.num_cached_tokens)
+                await on_output(i, out)
+        except QueueFull as exc:
+            raise OverloadedError(f"The server is overloaded ({exc}); retry later",
+                                  retry_after=exc.retry_after) from exc
+        except InvalidParameterError as exc:  # the engine's own checks, e.g. token ids
+            raise BadRequestError(str(exc), param=exc.param) from exc
+        finally:
+            if not finished:
+                with anyio.CancelScope(shield=True):
+                    await _close(stream)
+                    await _abort(engine, rid)
+
+    def _account(self, job: Job, per_choice: list[tuple[int, int, int]]) -> None:
+        usage = job.usage
+        seen: set[int] = set()
+        for (prompt_index, _), (n_prompt, n_out, n_cached) in zip(job.choices, per_choice, strict=True):
+            usage.completion_tokens += n_out
+            if prompt_index not in seen:
+                seen.add(prompt_index)
+                usage.prompt_tokens += n_prompt or len(job.prompts[prompt_index])
+                usage.cached_tokens += n_cached
+
+    def _gauge(self, name: str, value: float) -> None:
+        hooks = self.hooks
+        if hooks is not None and hooks.wants.resource_gauge:
+            hooks.on_resource_gauge(ResourceGauge(name, float(value), self._clock()))
+
+
+async def _close(stream: Any) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:
+            logger.exception("closing an engine stream failed")
+
+
+async def _abort(engine: EngineLike, request_id: str) -> None:
+    with contextlib.suppress(KeyError, ServekitError):  # already finished and forgotten
+        await engine.abort(request_id)

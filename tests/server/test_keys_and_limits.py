@@ -1,0 +1,123 @@
+"""API keys (file, environment, constant-time lookup) and per-key reserve/settle accounting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from servekit.server import ApiKey, KeyConfigError, KeyLimits, KeyStore, RateLimitedError
+from servekit.server.ratelimit import Admission
+
+
+def test_keys_from_file(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": [
+        {"key": "sk-a", "tenant": "alice", "rpm": 60, "tpm": 1000, "cache_salt": "shared"},
+        {"key": "sk-b", "tenant": "bob"}, "sk-c"]}))
+    store = KeyStore.from_file(path)
+    assert len(store) == 3 and not store.open
+    a = store.authenticate("sk-a")
+    assert a is not None and (a.tenant, a.rpm, a.tpm, a.salt) == ("alice", 60, 1000, "shared")
+    assert store.authenticate("sk-c") == ApiKey("sk-c")
+    assert store.authenticate("sk-") is None and store.authenticate("") is None
+    assert "sk-a" not in repr(a)  # the secret is not printed
+
+
+def test_keys_from_env() -> None:
+    assert KeyStore.from_env(environ={}).open
+    plain = KeyStore.from_env(environ={"SERVEKIT_API_KEYS": "k1, k2"})
+    assert plain.authenticate("k2") == ApiKey("k2")
+    js = KeyStore.from_env(environ={"SERVEKIT_API_KEYS": '[{"key": "k", "tenant": "t"}]'})
+    assert js.authenticate("k") == ApiKey("k", tenant="t")
+
+
+def test_each_key_has_its_own_salt_by_default() -> None:
+    assert ApiKey("a").salt != ApiKey("b").salt and ApiKey("a").salt == ApiKey("a").salt
+
+
+@pytest.mark.parametrize(("data", "field"), [
+    ({"keys": [{"key": ""}]}, "keys[0].key"),
+    ({"keys": [{"key": "k", "rpm": 0}]}, "keys[0].rpm"),
+    ({"keys": [{"key": "k", "tpm": "many"}]}, "keys[0].tpm"),
+    ({"keys": [{"key": "k", "tenant": 3}]}, "keys[0].tenant"),
+    ({"keys": [{"key": "k", "rmp": 3}]}, "unknown field"),
+    ({"keys": ["k", "k"]}, "duplicate"),
+    ({"nope": []}, "expected"),
+])
+def test_bad_key_config_names_the_entry(tmp_path: Path, data: object, field: str) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(KeyConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        KeyStore.from_file(path)
+
+
+def test_unreadable_key_file(tmp_path: Path) -> None:
+    with pytest.raises(KeyConfigError, match="cannot read"):
+        KeyStore.from_file(tmp_path / "missing.json")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ReserveSettle(RuleBasedStateMachine):
+    """Reserve and settle in any order: open reservations are exactly the unsettled ones, and
+    the tokens a key has spent never exceed what its bucket allows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+        self.limits = KeyLimits(clock=self.clock)
+        self.key = ApiKey("k", rpm=5, tpm=500)
+        self.open: list[tuple[Admission, int]] = []
+
+    @rule(prompt=st.integers(1, 200), max_tokens=st.integers(1, 200))
+    def reserve(self, prompt: int, max_tokens: int) -> None:
+        try:
+            admission = self.limits.reserve(self.key, "m", prompt + max_tokens)
+        except RateLimitedError as exc:
+            assert exc.status == 429 and "retry-after" in exc.headers
+            return
+        assert admission.reservation is not None
+        self.open.append((admission, prompt))
+
+    @precondition(lambda self: self.open)
+    @rule(data=st.data())
+    def settle(self, data: st.DataObject) -> None:
+        i = data.draw(st.integers(0, len(self.open) - 1))
+        admission, prompt = self.open.pop(i)
+        used = prompt + data.draw(st.integers(0, 10))
+        self.limits.settle(admission, used)
+
+    @rule(seconds=st.floats(0, 30))
+    def wait(self, seconds: float) -> None:
+        self.clock.now += seconds
+
+    @invariant()
+    def open_reservations_are_the_unsettled_ones(self) -> None:
+        assert self.limits.open_reservations == len(self.open)
+
+    def teardown(self) -> None:
+        for admission, prompt in self.open:
+            self.limits.settle(admission, prompt)
+        assert self.limits.open_reservations == 0
+
+
+TestReserveSettle = ReserveSettle.TestCase
+TestReserveSettle.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
+
+
+def test_unlimited_keys_reserve_nothing() -> None:
+    limits = KeyLimits()
+    assert limits.reserve(None, "m", 10**9).reservation is None
+    assert limits.reserve(ApiKey("k"), "m", 10**9).reservation is None
+    assert limits.open_reservations == 0

@@ -1,0 +1,179 @@
+"""Disconnects, draining and graceful shutdown, against the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import anyio
+import httpx
+import pytest
+
+from servekit.server import ApiKey, FakeEngine, KeyStore, create_app
+from servekit.server.lifecycle import Phase, ServerState
+from tests.server.conftest import free_port, serve, wait_for
+
+AUTH = {"authorization": "Bearer sk-soak"}
+
+
+async def _soak(url: str, n: int, seed: int, model: str = "fake", max_tokens: int = 40
+                ) -> tuple[int, int]:
+    """``n`` concurrent streams; each reads all, nothing, or a few events before hanging up."""
+    rng = random.Random(seed)
+    body = {"model": model, "prompt": "hello there", "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}}
+    done = cut = 0
+    async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=60,
+                                 limits=httpx.Limits(max_connections=n)) as client:
+
+        async def one() -> None:
+            nonlocal done, cut
+            leave_after = rng.choice([None, 0, 1, 5, 20])
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                events = 0
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        events += 1
+                        if leave_after is not None and events > leave_after:
+                            cut += 1
+                            return  # closing the response drops the connection
+                        if line == "data: [DONE]":
+                            done += 1
+
+        await asyncio.gather(*(one() for _ in range(n)))
+    return done, cut
+
+
+def test_100_streams_with_random_disconnects_leak_nothing() -> None:
+    engine = FakeEngine(token_delay=0.004)
+    keys = KeyStore([ApiKey("sk-soak", tenant="soak", rpm=100_000, tpm=10_000_000)])
+    with serve(create_app(engine, keys=keys)) as server:
+        done, cut = asyncio.run(_soak(server.url, 100, seed=7))
+        assert done + cut == 100 and done > 0 and cut > 0
+        wait_for(lambda: server.metric("kv_blocks_in_use") == 0)
+        assert server.metric("rate_limit_reservations") == 0
+        assert server.metric("open_streams") == 0
+        assert engine.num_live_requests == 0 and engine.num_used_blocks == 0
+        assert engine.num_requests == 100
+        # usage of the cut streams was settled (refunded), so the key still has its budget
+        r = httpx.post(server.url + "/v1/completions", headers=AUTH,
+                       json={"model": "fake", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200
+
+
+def test_drain_refuses_new_work_and_finishes_in_flight() -> None:
+    engine = FakeEngine(token_delay=0.01)
+    app = create_app(engine)
+    with serve(app) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        body = {"model": "fake", "prompt": "x", "max_tokens": 30, "stream": True}
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            server.service.state.begin_drain()
+            ready = httpx.get(server.url + "/ready")
+            assert ready.status_code == 503 and ready.json()["phase"] == "draining"
+            refused = httpx.post(server.url + "/v1/completions",
+                                 json={"model": "fake", "prompt": "x", "max_tokens": 2})
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "draining"
+            assert "retry-after" in refused.headers
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"  # the in-flight stream finished
+        assert len([x for x in rest if x.startswith("data: {")]) == 29
+
+
+def test_drain_cancels_after_the_grace_period() -> None:
+    async def main() -> None:
+        state = ServerState()
+        state.set_ready()
+        finished: list[str] = []
+
+        async def job(seconds: float, name: str) -> None:
+            with state.track():
+                await anyio.sleep(seconds)
+                finished.append(name)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(job, 0.05, "short")
+            tg.start_soon(job, 30.0, "long")
+            await anyio.sleep(0.01)
+            assert state.in_flight == 2
+            start = anyio.current_time()
+            assert await state.drain(0.3) == 1
+            assert anyio.current_time() - start < 5
+        assert finished == ["short"] and state.phase is Phase.STOPPED and state.in_flight == 0
+
+    anyio.run(main)
+
+
+def _cli(*args: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("SERVEKIT_API_KEYS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "servekit.server.cli", "serve", "--fake",
+                             "--port", str(port), "--log-level", "warning", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    proc.kill()
+    raise TimeoutError(proc.stdout.read().decode() if proc.stdout else "")
+
+
+async def _streams(url: str, n: int, max_tokens: int, on_first: object) -> list[list[str]]:
+    body = {"model": "fake", "prompt": "x", "max_tokens": max_tokens, "stream": True}
+    first = asyncio.Event()
+    started = 0
+
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        async def one() -> list[str]:
+            nonlocal started
+            out = []
+            try:
+                async with client.stream("POST", "/v1/completions", json=body) as r:
+                    async for line in r.aiter_lines():
+                        if line:
+                            out.append(line)
+                            if len(out) == 1:
+                                started += 1
+                                if started == n:
+                                    first.set()
+            except httpx.HTTPError as exc:
+                out.append(f"error: {type(exc).__name__}")
+            return out
+
+        tasks = [asyncio.create_task(one()) for _ in range(n)]
+        await first.wait()
+        on_first()  # type: ignore[operator]
+        return list(await asyncio.gather(*tasks))
+
+
+@pytest.mark.parametrize("grace", [30, 1])
+def test_sigterm_drains_gracefully(grace: int) -> None:
+    proc, url = _cli("--fake-token-delay", "0.02", "--grace-period", str(grace))
+    try:
+        t0 = time.monotonic()
+        results = asyncio.run(_streams(url, 4, 100, lambda: proc.send_signal(signal.SIGTERM)))
+        # uvicorn re-raises the signal after its graceful shutdown: "terminated by SIGTERM"
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        elapsed = time.monotonic() - t0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health", timeout=1)
+    finally:
+        proc.kill()
+    if grace == 30:  # in-flight streams (~2 s each) finished before the process exited
+        assert all(r[-1] == "data: [DONE]" and len(r) == 101 for r in results), results
+    else:  # cut after ~1 s: none finished, the process did not wait for them
+        assert all(r[-1] != "data: [DONE]" for r in results)
+        assert elapsed < 2.0 + 1.5
