@@ -1,4 +1,10 @@
-"""servekit's client SDK (``servekit[client]``): sync and async, typed, with retries."""
+"""servekit's client SDK (``servekit[client]``): sync and async, typed, with retries.
+
+The gRPC clients (``GrpcClient``, ``AsyncGrpcClient``; ``servekit[grpc]``) load lazily, so the
+HTTP client never imports grpc.
+"""
+
+from typing import Any
 
 from servekit.client._core import RetryPolicy, Timeout
 from servekit.client.errors import (
@@ -29,6 +35,7 @@ __all__ = [
     "APIStatusError",
     "APITimeoutError",
     "AsyncClient",
+    "AsyncGrpcClient",
     "AuthenticationError",
     "BadRequestError",
     "ChatChoice",
@@ -38,6 +45,7 @@ __all__ = [
     "ClientError",
     "Completion",
     "CompletionChoice",
+    "GrpcClient",
     "InternalServerError",
     "NotFoundError",
     "OverloadedError",
@@ -47,3 +55,11 @@ __all__ = [
     "Timeout",
     "Usage",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("GrpcClient", "AsyncGrpcClient"):
+        from servekit.client import grpc
+
+        return getattr(grpc, name)
+    raise AttributeError(f"module 'servekit.client' has no attribute {name!r}")

@@ -1,0 +1,180 @@
+"""The gRPC servicer: ``Generate``, ``GenerateStream`` and ``Session`` on a GenerationService.
+
+Everything between the wire and the engine is the shared :class:`GenerationService` (keys,
+model check, tokenization, rate-limit reservation and settlement, one engine request per
+choice, abort on exit), so a gRPC request is admitted, limited, counted and cleaned up exactly
+as an HTTP one. A call the client cancels is cancelled here too: its engine requests are
+aborted (their KV blocks freed) and its reservation settled with the real usage.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+
+from servekit._optional import require
+from servekit.engine.outputs import RequestOutput
+from servekit.server.errors import APIError, BadRequestError
+from servekit.server.grpc.convert import ChunkEncoder, ResponseBuilder, build_job
+from servekit.server.grpc.outbox import Outbox
+from servekit.server.grpc.status import grpc_code, to_status, trailing_metadata
+from servekit.server.keys import ApiKey
+from servekit.server.service import GenerationService, Job
+
+grpc = require("grpc", "grpc")
+from servekit.server.grpc_gen import servekit_pb2 as pb  # noqa: E402
+from servekit.server.grpc_gen import servekit_pb2_grpc as pb_grpc  # noqa: E402
+
+__all__ = ["GenerationServicer", "as_api_error"]
+
+logger = logging.getLogger("servekit.server.grpc")
+
+def as_api_error(exc: Exception) -> APIError:
+    """``exc`` as an API error: itself, or a logged 500 for anything unexpected."""
+    if isinstance(exc, APIError):
+        return exc
+    logger.exception("gRPC request failed", exc_info=exc)
+    return APIError(f"internal error: {type(exc).__name__}")
+
+
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+async def _abort(context: Any, exc: APIError) -> None:
+    """End the call with the error's status, details and headers (raises)."""
+    await context.abort(_STATUS_CODES[grpc_code(exc)], exc.message, trailing_metadata(exc))
+
+
+def _metadata(headers: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(headers.items())
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
+    """``servekit.v1.Generation`` on a :class:`GenerationService` (add it to a grpc.aio server)."""
+
+    def __init__(self, service: GenerationService) -> None:
+        self.service = service
+
+    def _caller(self, context: Any) -> ApiKey | None:
+        authorization = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                authorization = value
+                break
+        return self.service.authenticate(authorization)
+
+    def _admit(self, request: Any, context: Any) -> tuple[Job, dict[str, str]]:
+        job = build_job(self.service, request, self._caller(context))
+        return job, self.service.admit(job).headers
+
+    async def Generate(self, request: Any, context: Any) -> Any:
+        """Unary: the whole response."""
+        try:
+            job, headers = self._admit(request, context)
+            if headers:
+                await context.send_initial_metadata(_metadata(headers))
+            builder = ResponseBuilder(job)
+            await self.service.run(job, builder.add)
+            return builder.response()
+        except Exception as exc:
+            await _abort(context, as_api_error(exc))
+
+    async def GenerateStream(self, request: Any, context: Any) -> None:
+        """Server streaming: the deltas as chunks, then the final chunk with the usage."""
+        try:
+            job, headers = self._admit(request, context)
+        except Exception as exc:
+            await _abort(context, as_api_error(exc))
+        if headers:
+            await context.send_initial_metadata(_metadata(headers))
+        encoder = ChunkEncoder(job)
+        chunk, outbox = encoder.chunk, Outbox()
+
+        async def on_output(i: int, out: RequestOutput) -> None:
+            await outbox.put_delta(i, chunk(i, out))
+
+        error: APIError | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(outbox.drain, context.write)
+            try:
+                await self.service.run(job, on_output)
+                for msg in encoder.aborted():
+                    await outbox.put(msg)
+                await outbox.put(encoder.final())
+            except Exception as exc:
+                error = as_api_error(exc)
+            finally:
+                outbox.close()  # what was generated is still written, then the status
+        if error is not None:
+            await _abort(context, error)
+
+    async def Session(self, request_iterator: AsyncIterator[Any], context: Any) -> None:
+        """Bidirectional: many requests on one stream, each answered under its request id."""
+        try:
+            key = self._caller(context)
+        except Exception as exc:
+            await _abort(context, as_api_error(exc))
+        outbox = Outbox()
+        scopes: dict[str, anyio.CancelScope] = {}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(outbox.drain, context.write)
+            try:
+                async with anyio.create_task_group() as requests:
+                    async for message in request_iterator:
+                        kind = message.WhichOneof("kind")
+                        if kind == "generate":
+                            rid = message.generate.request_id
+                            if not rid or rid in scopes:
+                                why = "is required" if not rid else f"{rid!r} is already open"
+                                await outbox.put(_error_response(rid, BadRequestError(
+                                    f"request_id {why} on this session", param="request_id")))
+                                continue
+                            scope = scopes[rid] = anyio.CancelScope()
+                            requests.start_soon(self._session_request, key, message.generate,
+                                                outbox, scope, scopes)
+                        elif kind == "cancel":
+                            open_scope = scopes.get(message.cancel.request_id)
+                            if open_scope is not None:
+                                open_scope.cancel()
+            finally:
+                outbox.close()
+
+    async def _session_request(self, key: ApiKey | None, request: Any, outbox: Outbox,
+                               scope: anyio.CancelScope,
+                               scopes: dict[str, anyio.CancelScope]) -> None:
+        rid = request.request_id
+        error: APIError | None = None
+        encoder: ChunkEncoder | None = None
+        try:
+            with scope:  # a Cancel message cancels it: the job is aborted and settled
+                try:
+                    job = build_job(self.service, request, key)
+                    self.service.admit(job)
+                    encoder = ChunkEncoder(job)
+                    chunk = encoder.chunk
+
+                    def wrap(c: Any) -> Any:
+                        return pb.SessionResponse(request_id=rid, chunk=c)
+
+                    async def on_output(i: int, out: RequestOutput) -> None:
+                        # queued before any checkpoint: a counted delta is never lost to a Cancel
+                        await outbox.put_delta((rid, i), chunk(i, out), wrap)
+
+                    await self.service.run(job, on_output)
+                except Exception as exc:
+                    error = as_api_error(exc)
+        finally:
+            scopes.pop(rid, None)
+        if error is not None or encoder is None:
+            await outbox.put(_error_response(rid, error or APIError("request cancelled")))
+            return
+        for msg in encoder.aborted():
+            await outbox.put(pb.SessionResponse(request_id=rid, chunk=msg))
+        await outbox.put(pb.SessionResponse(request_id=rid, final=True, chunk=encoder.final()))
+
+
+def _error_response(request_id: str, exc: APIError) -> Any:
+    return pb.SessionResponse(request_id=request_id, final=True, error=to_status(exc))
