@@ -224,8 +224,21 @@ def test_dropping_full_keys_never_changes_a_decision() -> None:
         (lambda: Limit("x", 0, 1), "Limit.capacity"),
         (lambda: Limit("", 1, 1), "Limit.name"),
         (lambda: Limit.per_period("x", 5, 0), "period"),
+        (lambda: Limit("x", "abc", 1), "Limit.capacity must be a finite number > 0, got 'abc'"),
+        (lambda: Limit("x", 1, "abc"), "Limit.rate"),
+        (lambda: Limit("x", None, 1), "Limit.capacity"),
+        (lambda: Limit("x", True, 1), "Limit.capacity"),
+        (lambda: Limit("x", 1, float("nan")), "Limit.rate"),
+        (lambda: Limit("x", float("inf"), 1), "Limit.capacity"),
+        (lambda: Limit(None, 1, 1), "Limit.name"),  # type: ignore[arg-type]
+        (lambda: Limit.per_minute("x", "abc"), "Limit amount"),
+        (lambda: Limit.per_period("x", 5, None), "Limit period"),
         (lambda: Limiter([Limit("x", 1, 1), Limit("x", 2, 1)]), "unique"),
         (lambda: Limiter([]), "at least one"),
+        (lambda: Limiter([Limit("x", 1, 1)], max_waiters=-1), "max_waiters"),
+        (lambda: Limiter([Limit("x", 1, 1)], max_wait="5"), "max_wait"),
+        (lambda: Limiter([Limit("x", 1, 1)], reservation_ttl=float("nan")), "reservation_ttl"),
+        (lambda: MemoryStore(max_keys=0), "max_keys"),
     ],
 )
 def test_bad_config(make: object, match: str) -> None:

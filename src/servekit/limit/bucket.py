@@ -30,10 +30,22 @@ from servekit.limit.errors import InvalidCostError, LimitConfigError, RequestToo
 REL_SLACK: Final = 1e-9
 
 
-def _positive_finite(instance: object, attribute: object, value: float) -> None:
-    name = getattr(attribute, "name", "value")
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise LimitConfigError(f"Limit.{name} must be a finite number > 0, got {value!r}")
+def _positive_number(field: str, value: object) -> float:
+    """``value`` as a float if it is a finite real number > 0, else a LimitConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LimitConfigError(f"{field} must be a finite number > 0, got {value!r}")
+    number = float(value)
+    if not (math.isfinite(number) and number > 0):
+        raise LimitConfigError(f"{field} must be a finite number > 0, got {value!r}")
+    return number
+
+
+def _capacity(value: object) -> float:
+    return _positive_number("Limit.capacity", value)
+
+
+def _rate(value: object) -> float:
+    return _positive_number("Limit.rate", value)
 
 
 def _valid_name(instance: object, attribute: object, value: str) -> None:
@@ -49,15 +61,15 @@ class Limit:
     """
 
     name: str = field(validator=_valid_name)
-    capacity: float = field(converter=float, validator=_positive_finite)
-    rate: float = field(converter=float, validator=_positive_finite)
+    capacity: float = field(converter=_capacity)
+    rate: float = field(converter=_rate)
 
     @classmethod
     def per_period(cls, name: str, amount: float, period: float) -> Limit:
         """``amount`` tokens per ``period`` seconds, with a burst of ``amount``."""
-        if not (math.isfinite(period) and period > 0):
-            raise LimitConfigError(f"Limit period must be a finite number > 0, got {period!r}")
-        return cls(name, amount, float(amount) / period)
+        amount = _positive_number("Limit amount", amount)
+        period = _positive_number("Limit period", period)
+        return cls(name, amount, amount / period)
 
     @classmethod
     def per_second(cls, name: str, amount: float) -> Limit:

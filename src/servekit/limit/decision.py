@@ -50,20 +50,14 @@ class Decision:
     policy decided instead of the limits. ``reservation`` is set when one was requested and taken.
     """
 
-    __slots__ = (
-        "_retry_after",
-        "allowed",
-        "conforming",
-        "costs",
-        "error",
-        "full_at",
-        "key",
-        "limits",
-        "now",
-        "reservation",
-        "shadow",
-    )
+    #: a store failure decided this instead of the limits (set by the limiter), else None
+    error: str | None = None
+    #: the reservation to settle, when one was requested and taken
+    reservation: Reservation | None = None
+    _retry_after: float | None = None
 
+    # No __slots__: the rarely set fields above are class-level defaults, so the hot path
+    # (one Decision per check) stores only the eight fields every decision has.
     def __init__(
         self,
         key: str,
@@ -73,9 +67,6 @@ class Decision:
         now: float,
         full_at: tuple[float, ...],
         shadow: bool = False,
-        *,
-        error: str | None = None,
-        retry_after: float | None = None,
     ) -> None:
         self.key = key
         self.limits = limits
@@ -85,13 +76,12 @@ class Decision:
         self.now = now
         self.full_at = full_at
         self.shadow = shadow
-        self.error = error
-        self.reservation: Reservation | None = None
-        self._retry_after: float | None = 0.0 if conforming else retry_after
 
     @property
     def retry_after(self) -> float:
         """Seconds until the same cost would be admitted (0 when conforming)."""
+        if self.conforming:
+            return 0.0
         wait = self._retry_after
         if wait is None:
             wait = self._retry_after = _retry_after(self.limits, self.costs, self.now, self.full_at)

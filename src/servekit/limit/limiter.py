@@ -14,6 +14,7 @@ from servekit.limit.bucket import Limit, LimitSet
 from servekit.limit.decision import Decision, Reservation
 from servekit.limit.errors import (
     InvalidCostError,
+    LimitConfigError,
     RateLimitExceeded,
     RequestTooLargeError,
     ReservationError,
@@ -84,8 +85,9 @@ class Limiter:
         _check_seconds("max_wait", max_wait)
         _check_seconds("error_retry_after", error_retry_after)
         _check_seconds("reservation_ttl", reservation_ttl)
-        if max_waiters < 0:
-            raise ValueError(f"max_waiters must be >= 0, got {max_waiters!r}")
+        for name, count in (("max_waiters", max_waiters), ("max_reservations", max_reservations)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise LimitConfigError(f"{name} must be an int >= 0, got {count!r}")
         self.max_wait = max_wait
         self.max_waiters = max_waiters
         self.error_retry_after = error_retry_after
@@ -100,6 +102,7 @@ class Limiter:
         )
         self._queues: dict[str, deque[_Waiter]] = {}
         self._local = type(self.store) is MemoryStore
+        self._take = self.store.take
         self._num_waiters = 0
 
     # -- costs ---------------------------------------------------------------------------------
@@ -107,24 +110,30 @@ class Limiter:
     def costs(self, cost: Cost, *, check_capacity: bool = True) -> tuple[float, ...]:
         """Resolve ``cost`` to one cost per limit, in order; raise on bad input."""
         lim = self.limits
-        if isinstance(cost, Mapping):
+        if type(cost) is dict or isinstance(cost, Mapping):
             out = [0.0] * len(lim)
+            index = lim.index
             for name, value in cost.items():
-                i = lim.index.get(name)
+                i = index.get(name)
                 if i is None:
                     raise InvalidCostError(
                         f"unknown limit {name!r}; this limiter has {list(lim.names)}"
                     )
-                out[i] = _check_cost(name, value)
+                kind = type(value)
+                # plain ints and floats in [0, inf) (NaN fails the comparison) skip the checks
+                out[i] = value if (kind is int or kind is float) and 0 <= value < _INF else (
+                    _check_cost(name, value))
             resolved = tuple(out)
         else:
             value = _check_cost(None, cost)
             resolved = (value,) * len(lim)
         if check_capacity:
-            for name, value, cap in zip(lim.names, resolved, lim.capacities, strict=False):
-                if value > cap:
+            caps = lim.capacities
+            for i, value in enumerate(resolved):
+                if value > caps[i]:
                     raise RequestTooLargeError(
-                        f"cost {value:g} exceeds the capacity {cap:g} of limit {name!r}"
+                        f"cost {value:g} exceeds the capacity {caps[i]:g} "
+                        f"of limit {lim.names[i]!r}"
                     )
         return resolved
 
@@ -194,10 +203,13 @@ class Limiter:
         out. A cancelled waiter takes nothing and leaves the queue.
         """
         costs = self._ones if cost == 1.0 and self._ones is not None else self.costs(cost)
-        if key not in self._queues:
-            if self._local:  # the fast path: no queue, in-process store, no checkpoint
-                result = self.store.take(key, self.limits, costs, self._clock())
-                decision = self._decision(key, costs, result, reserve)
+        queued = key in self._queues
+        if not queued:
+            if self._local:  # the fast path: no line, in-process store, no checkpoint
+                conforming, now, full_at = self._take(key, self.limits, costs, self._clock())
+                decision = Decision(key, self.limits, costs, conforming, now, full_at, self.shadow)
+                if reserve and conforming:
+                    self._reserve(decision)
             else:
                 decision = await self._atake(key, costs, reserve)
             if decision.allowed:
@@ -205,11 +217,24 @@ class Limiter:
                 if hooks is not None and hooks.wants.rate_limit:
                     self._report(decision)
                 return decision
+        return await self._wait(key, costs, None if queued else decision, max_wait, deadline,
+                                reserve)
+
+    async def _wait(
+        self,
+        key: str,
+        costs: tuple[float, ...],
+        denied: Decision | None,
+        max_wait: float | None,
+        deadline: float | None,
+        reserve: bool,
+    ) -> Decision:
+        """Join ``key``'s line (``denied``: the check that failed, None if a line was there)."""
         budget = self.max_wait if max_wait is None else _check_seconds("max_wait", max_wait)
         if deadline is not None:
             budget = min(budget, deadline - self._clock())
-        if key not in self._queues and decision.retry_after > budget:
-            raise self._deny(decision, "limit")
+        if denied is not None and denied.retry_after > budget:
+            raise self._deny(denied, "limit")
         if self._num_waiters >= self.max_waiters:
             raise self._deny(await self._apeek(key, costs), "waiters")
         queue = self._queues.setdefault(key, deque())
@@ -317,10 +342,13 @@ class Limiter:
         conforming, now, full_at = result
         decision = Decision(key, self.limits, costs, conforming, now, full_at, self.shadow)
         if reserve and conforming:
-            res = Reservation(key, costs, self._clock() + self.reservation_ttl)
-            self._open[res] = None
-            decision.reservation = res
+            self._reserve(decision)
         return decision
+
+    def _reserve(self, decision: Decision) -> None:
+        res = Reservation(decision.key, decision.costs, self._clock() + self.reservation_ttl)
+        self._open[res] = None
+        decision.reservation = res
 
     def _settle_deltas(self, reservation: Reservation, used: Cost) -> tuple[float, ...] | None:
         if reservation.settled:
@@ -333,17 +361,13 @@ class Limiter:
 
     def _store_error(self, key: str, costs: tuple[float, ...], exc: Exception) -> Decision:
         now = self._clock()
-        return Decision(
-            key,
-            self.limits,
-            costs,
-            self.fail_open,
-            now,
-            (now,) * len(self.limits),
-            shadow=self.shadow,
-            error=f"store unavailable ({'fail-open' if self.fail_open else 'fail-closed'}): {exc}",
-            retry_after=0.0 if self.fail_open else self.error_retry_after,
+        decision = Decision(
+            key, self.limits, costs, self.fail_open, now, (now,) * len(self.limits), self.shadow
         )
+        policy = "fail-open" if self.fail_open else "fail-closed"
+        decision.error = f"store unavailable ({policy}): {exc}"
+        decision._retry_after = 0.0 if self.fail_open else self.error_retry_after
+        return decision
 
     def _report(self, decision: Decision) -> Decision:
         hooks = self._hooks
@@ -365,6 +389,7 @@ class Limiter:
 
 
 _MISSING = object()
+_INF = math.inf
 
 
 def _check_cost(name: str | None, value: object) -> float:
@@ -379,5 +404,5 @@ def _check_cost(name: str | None, value: object) -> float:
 
 def _check_seconds(name: str, value: float) -> float:
     if not (isinstance(value, (int, float)) and value >= 0 and not math.isnan(value)):
-        raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
+        raise LimitConfigError(f"{name} must be a number of seconds >= 0, got {value!r}")
     return float(value)

@@ -14,13 +14,13 @@ over a network raise :class:`~servekit.limit.errors.StoreUnavailableError` when 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
-from cachetools import LRUCache
+from cachetools import FIFOCache
 
 from servekit.limit.bucket import LimitSet
-from servekit.limit.errors import StoreFullError
+from servekit.limit.errors import LimitConfigError, StoreFullError
 
 #: ``(conforming, now, full_at per limit)``
 TakeResult = tuple[bool, float, tuple[float, ...]]
@@ -61,12 +61,13 @@ class Store(Protocol):
         ...
 
 
-class _Buckets(LRUCache[str, list[float]]):
-    """LRU map of key -> ``full_at`` list that only ever evicts keys whose buckets are all full.
+class _Buckets(FIFOCache[str, list[float]]):
+    """Bounded map of key -> ``full_at`` list that only ever evicts keys whose buckets are full.
 
-    When the map is at ``maxsize`` and a new key arrives, the least recently used keys are
-    examined in turn; the first full one is dropped (no state lost: absent means full). Busy
-    keys met on the way are moved to the recent end (a second chance). If every key holds state,
+    When the map is at ``maxsize`` and a new key arrives, the oldest keys are examined in turn
+    (a CLOCK-style sweep: FIFO order, so a hit costs no reordering); the first full one is
+    dropped (no state lost: absent means full), and busy keys met on the way are moved to the
+    recent end (a second chance). If every key holds state,
     :class:`StoreFullError` is raised, and raised again without another scan until the earliest
     time one of them can be full.
     """
@@ -91,7 +92,7 @@ class _Buckets(LRUCache[str, list[float]]):
                 soonest = min(soonest, full_at)
         finally:
             for key, state in busy:  # popped len(busy) + (0 or 1): re-inserting never evicts
-                LRUCache.__setitem__(self, key, state)
+                FIFOCache.__setitem__(self, key, state)
         self.no_room_until = soonest
         raise self._full_error()
 
@@ -103,46 +104,50 @@ class _Buckets(LRUCache[str, list[float]]):
 
 
 class MemoryStore:
-    """In-process store: per-key state in a bounded LRU map (default) for one process.
+    """In-process store: per-key state in a bounded map (default) for one process.
 
     ``max_keys`` bounds the number of keys held at once; a key is dropped only when all its
     buckets are full, so the bound never changes a decision (see :class:`StoreFullError`).
     The store is not thread-safe: use one per thread or event loop, as with the limiter.
     """
 
-    __slots__ = ("_buckets",)
+    __slots__ = ("_buckets", "_get")
 
     def __init__(self, max_keys: int = 1_000_000) -> None:
-        if not (isinstance(max_keys, int) and max_keys > 0):
-            raise ValueError(f"max_keys must be a positive int, got {max_keys!r}")
+        if isinstance(max_keys, bool) or not (isinstance(max_keys, int) and max_keys > 0):
+            raise LimitConfigError(f"max_keys must be a positive int, got {max_keys!r}")
         self._buckets = _Buckets(max_keys)
+        # A FIFO cache needs no bookkeeping on a hit, so reads may go straight to the dict
+        # cachetools keeps its items in (one Python call less per decision); writes, and
+        # so eviction, always go through the cache.
+        data = getattr(self._buckets, "_Cache__data", None)
+        self._get: Callable[[str], list[float] | None] = (
+            data.get if isinstance(data, dict) else self._buckets.get
+        )
 
     def __len__(self) -> int:
         return len(self._buckets)
 
     def take(self, key: str, limits: LimitSet, costs: Sequence[float], now: float) -> TakeResult:
         """Charge ``costs`` to every limit of ``key`` if all admit them, else nothing."""
-        buckets = self._buckets
-        try:
-            state = buckets[key]
-        except KeyError:
-            state = None
+        state = self._get(key)
+        if state is not None and len(state) == 1:  # the common case, without loop overhead
+            base = state[0]
+            full_at = (base if base > now else now) + costs[0] * limits.inv_rates[0]
+            if full_at - now > limits.taus[0]:
+                return False, now, (base,)
+            state[0] = full_at
+            return True, now, (full_at,)
         inv, taus = limits.inv_rates, limits.taus
         if state is None:
             new = [now + c * r for c, r in zip(costs, inv, strict=False)]
             for i in range(len(new)):
                 if new[i] - now > taus[i]:
                     return False, now, (now,) * len(new)
+            buckets = self._buckets
             buckets.now = now
             buckets[key] = new
             return True, now, tuple(new)
-        if len(state) == 1:  # the common single-limit case, without loop overhead
-            base = state[0]
-            full_at = (base if base > now else now) + costs[0] * inv[0]
-            if full_at - now > taus[0]:
-                return False, now, (base,)
-            state[0] = full_at
-            return True, now, (full_at,)
         new = []
         for i in range(len(state)):
             base = state[i]
@@ -155,7 +160,7 @@ class MemoryStore:
 
     def peek(self, key: str, limits: LimitSet, costs: Sequence[float], now: float) -> TakeResult:
         """The verdict ``take`` would give, charging nothing."""
-        state = self._buckets.get(key)
+        state = self._get(key)
         full_at = tuple(state) if state is not None else (now,) * len(limits)
         inv, taus = limits.inv_rates, limits.taus
         for i, base in enumerate(full_at):
@@ -166,7 +171,7 @@ class MemoryStore:
     def adjust(self, key: str, limits: LimitSet, deltas: Sequence[float], now: float) -> TakeResult:
         """Add ``deltas`` (negative: refund) to ``key``'s limits without a check."""
         buckets = self._buckets
-        state = buckets.get(key)
+        state = self._get(key)
         old = state if state is not None else [now] * len(limits)
         new = [
             (base if base > now else now) + d * r
