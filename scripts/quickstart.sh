@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up .venv if needed, then run servekit's main job.
+# Set up .venv if needed, then start the reference server on the demo model (arguments go to
+# `servekit serve`, e.g. --port 9000 or --model PATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python examples/kv_cache_tour.py "$@"
+exec .venv/bin/servekit serve "$@"
