@@ -1,0 +1,43 @@
+"""Engine settings, validated at construction with errors naming the field."""
+
+from __future__ import annotations
+
+from attrs import frozen
+
+from servekit.sched.params import InvalidParameterError
+
+__all__ = ["EngineConfig"]
+
+
+@frozen(slots=True, kw_only=True)
+class EngineConfig:
+    """How big the engine's batches and KV cache are.
+
+    The KV cache holds ``num_blocks`` blocks of ``block_size`` tokens; without ``num_blocks`` it
+    is sized from ``kv_cache_bytes``. ``max_num_batched_tokens`` bounds the tokens of one step
+    (a smaller value chunks long prefills); ``max_num_seqs`` the sequences of one step.
+    ``max_model_len`` defaults to the model's ``max_position_embeddings``.
+    """
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_bytes: int = 256 * 2**20
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    max_waiting_requests: int | None = None
+    enable_prefix_caching: bool = True
+    device: str = "cpu"
+    dtype: str | None = None
+    policy: str = "fcfs"
+    seed: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InvalidParameterError(name, f"must be an integer >= 1, got {value!r}")
+        for name in ("num_blocks", "max_model_len", "max_waiting_requests"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InvalidParameterError(name, f"must be None or an integer >= 1, got {value!r}")
