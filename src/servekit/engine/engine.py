@@ -122,7 +122,14 @@ class LLMEngine:
         self.max_model_len = cfg.max_model_len or int(
             getattr(model_config, "max_position_embeddings", 2048))
         self.vocab_size = self.runner.vocab_size
-        on_kv_event = self.hooks.on_kv_event if self.hooks.wants.kv_event else None
+        hooks = self.hooks
+
+        def on_kv_event(event: Any) -> None:
+            # Looked up per event, not bound once: a hook added after construction (the
+            # server adds its Prometheus hook later) must still see KV events.
+            if hooks.wants.kv_event:
+                hooks.on_kv_event(event)
+
         self.kv = KVCacheManager(self.runner.num_blocks, cfg.block_size,
                                  enable_prefix_caching=cfg.enable_prefix_caching,
                                  on_event=on_kv_event)
