@@ -191,26 +191,12 @@ def grpc_rows(quick: bool, rounds: int, address: str | None = None
     return rows, {"grpc_streamed_tokens_per_s": bar(rows[0]["median"], 20_000.0)}
 
 
-def http_rows(quick: bool, rounds: int) -> list[dict[str, Any]]:
-    """The same two HTTP measurements, from bench_server (``servekit serve --fake``)."""
-    import bench_server as http
-
-    server = http.ServerProcess("--fake")
-    concurrency, max_tokens = 32, 1000
-    streams = 64 if quick else 256
-    try:
-        asyncio.run(http.stream_tokens(server.url, 8, 50, 16))
-        tps, rps = [], []
-        for _ in range(rounds):
-            tokens, secs = asyncio.run(http.stream_tokens(server.url, concurrency, max_tokens,
-                                                          streams))
-            tps.append(tokens / secs)
-            n, secs = asyncio.run(http.short_requests(server.url, 32, 500 if quick else 2000))
-            rps.append(n / secs)
-    finally:
-        server.stop()
-    return [_row("HTTP: streamed tokens/s", f"{concurrency} SSE streams x {max_tokens} tok", tps),
-            _row("HTTP: requests/s", f"{concurrency} clients, 8 tok, no stream", rps)]
+def ratio_rows(grpc: list[dict[str, Any]], http: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """gRPC / HTTP medians for streamed tokens/s and requests/s (``http`` from bench_server)."""
+    return [{"scenario": f"ratio gRPC/HTTP: {name}", "setting": "medians",
+             "median": g["median"] / h["median"]}
+            for g, h, name in ((grpc[0], http[0], "streamed tokens/s"),
+                               (grpc[2], http[1], "requests/s"))]
 
 
 def main() -> None:
@@ -219,12 +205,10 @@ def main() -> None:
     rounds = args.rounds or 3
     rows, bars = grpc_rows(args.quick, rounds)
     if not args.skip_http:
-        http = http_rows(args.quick, rounds)
-        rows += http
-        for g, h, name in ((rows[0], http[0], "streamed tokens/s"), (rows[2], http[1],
-                                                                     "requests/s")):
-            rows.append({"scenario": f"ratio gRPC/HTTP: {name}", "setting": "medians",
-                         "median": g["median"] / h["median"]})
+        import bench_server
+
+        http, _ = bench_server.bench_fake(args.quick, rounds)
+        rows += http + ratio_rows(rows, http)
     print_table(rows, ["scenario", "setting", "median", "min", "max"],
                 title="servekit gRPC front end (fake instant model, server in its own process)")
     print_bars(bars)

@@ -1,7 +1,8 @@
 """HTTP server benchmark: the reference server in its own process, the client in this one.
 
 1. Fake instant model (``servekit serve --fake``): streamed tokens/s over SSE with C concurrent
-   streams, and requests/s of short non-streamed completions. Bar: >= 20,000 tokens/s.
+   streams, and requests/s of short non-streamed completions. Bar: >= 20,000 tokens/s. The same
+   over gRPC beside it (``bench_grpc.grpc_rows``: GenerateStream, Session, unary), with ratios.
 2. The demo model (``servekit serve``, the real engine): time until ``/ready`` and peak RSS
    (bars: < 10 s, < 1 GB), then TTFT and inter-token latency percentiles under Poisson arrivals
    at three rates, plotted into ``benchmarks/results/``.
@@ -295,10 +296,17 @@ def plot(curves: dict[str, Any], path: Path) -> None:
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], lambda p: (
         p.add_argument("--model", default=None, help="model dir for part 2 (default: demo)"),
-        p.add_argument("--skip-demo", action="store_true", help="only the fake-model part")))
+        p.add_argument("--skip-demo", action="store_true", help="only the fake-model part"),
+        p.add_argument("--skip-grpc", action="store_true", help="no gRPC rows")))
     rounds = args.rounds or (3 if args.quick else 5)
     os.environ.setdefault("PYTHONPATH", str(ROOT / "src"))
     rows, bars = bench_fake(args.quick, rounds)
+    if not args.skip_grpc:  # the same fake model over gRPC, its server in its own process
+        import bench_grpc
+
+        grpc_rows, grpc_bars = bench_grpc.grpc_rows(args.quick, rounds)
+        rows += grpc_rows + bench_grpc.ratio_rows(grpc_rows, rows)
+        bars.update(grpc_bars)
     curves: dict[str, Any] = {}
     if not args.skip_demo:
         demo_rows, demo_bars, curves = bench_demo(args.quick, args.model)
