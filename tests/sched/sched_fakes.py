@@ -75,6 +75,7 @@ class FakeModel:
 def step(scheduler: Scheduler, model: FakeModel) -> tuple[SchedulerOutput, UpdateResult]:
     """One engine step, checking the batch stays within the scheduler's budgets."""
     out = scheduler.schedule()
+    assert out.num_computed_tokens == [r.num_computed_tokens for r in out.requests]
     assert out.total_num_tokens == sum(out.num_new_tokens)
     assert out.total_num_tokens <= scheduler.max_num_batched_tokens
     assert len(out.requests) <= scheduler.max_num_seqs

@@ -130,24 +130,46 @@ class BlockPool:
         The caller guarantees ``n <= num_free``.
         """
         nxt, ref, hashes = self.next, self.ref, self.hashes
+        keys, values, mask = self.keys, self.values, self._mask
         sentinel = self.num_blocks
         out: list[int] = []
-        removed: list[int] | None = None
+        removed: list[int] | None = [] if self._on_event is not None else None
+        evicted = 0
         b = nxt[sentinel]
         for _ in range(n):
-            h = hashes[b]
-            if h != NO_HASH:  # steady state: every free block holds cached KV
-                self._evict(b, h)
-                if self._on_event is not None:
-                    if removed is None:
-                        removed = []
-                    removed.append(h)
             ref[b] = 1
             out.append(b)
+            h = hashes[b]
+            if h != NO_HASH:  # evict its cached KV (backward-shift deletion, as _delete)
+                i = h & mask
+                while keys[i] != h:
+                    i = (i + 1) & mask
+                j = i
+                while True:
+                    j = (j + 1) & mask
+                    k = keys[j]
+                    if k == NO_HASH:
+                        break
+                    home = k & mask
+                    if (home <= i < j) or (i < j < home) or (j < home <= i):
+                        keys[i] = k
+                        values[i] = values[j]
+                        i = j
+                keys[i] = NO_HASH
+                hashes[b] = NO_HASH
+                self.serial[b] = _NO_SERIAL
+                evicted += 1
+                if removed is not None:
+                    removed.append(h)
             b = nxt[b]
         nxt[sentinel] = b
         self.prev[b] = sentinel
         self.num_free -= n
+        if evicted:
+            self.num_cached -= evicted
+            if self._salts:
+                for b in out:
+                    self._salts.pop(b, None)
         if removed:
             assert self._on_event is not None
             self._on_event(BlockRemoved(tuple(removed)))
@@ -178,23 +200,24 @@ class BlockPool:
         sentinel = self.num_blocks
         tail = prv[sentinel]
         uncached: list[int] = []
-        num_free = self.num_free
+        released = len(blocks)  # minus the blocks still shared, and those not reached
         error: DoubleFreeError | None = None
-        for b in reversed(blocks):
+        for i, b in enumerate(reversed(blocks)):
             r = ref[b]
-            if r > 1:
-                ref[b] = r - 1
-            elif r == 1:
+            if r == 1:
                 ref[b] = 0
-                num_free += 1
                 if hashes[b] != NO_HASH:  # link after the tail
                     nxt[tail] = b
                     prv[b] = tail
                     tail = b
                 else:
                     uncached.append(b)
+            elif r > 1:
+                ref[b] = r - 1
+                released -= 1
             else:
                 error = DoubleFreeError(f"block {b} freed more often than it was taken")
+                released -= len(blocks) - i
                 break
         nxt[tail] = sentinel
         prv[sentinel] = tail
@@ -204,7 +227,7 @@ class BlockPool:
             nxt[b] = first
             prv[b] = sentinel
             nxt[sentinel] = b
-        self.num_free = num_free
+        self.num_free += released
         if error is not None:
             raise error
 
@@ -303,30 +326,6 @@ class BlockPool:
     def root_salt_matches(self, block: int, salt: str | None) -> bool:
         """Whether a first block cached with ``SALTED_ROOT_LINK`` carries ``salt``."""
         return self._salts.get(block) == salt
-
-    def _evict(self, block: int, block_hash: int) -> None:
-        """Drop ``block`` from the index (inlined backward-shift :meth:`_delete`)."""
-        keys, values, mask = self.keys, self.values, self._mask
-        i = block_hash & mask
-        while keys[i] != block_hash:
-            i = (i + 1) & mask
-        j = i
-        while True:
-            j = (j + 1) & mask
-            k = keys[j]
-            if k == NO_HASH:
-                break
-            home = k & mask
-            if (home <= i < j) or (i < j < home) or (j < home <= i):
-                keys[i] = k
-                values[i] = values[j]
-                i = j
-        keys[i] = NO_HASH
-        self.num_cached -= 1
-        self.hashes[block] = NO_HASH
-        self.serial[block] = _NO_SERIAL
-        if self._salts:
-            self._salts.pop(block, None)
 
     def reset(self) -> bool:
         """Drop every cached hash (``AllBlocksCleared``); False, changing nothing, if any block

@@ -94,15 +94,32 @@ def extend_block_hashes(
     if num_blocks <= start:
         return
     data = pack_tokens(token_ids[start * block_size : num_blocks * block_size])
+    extend_block_hashes_packed(hashes, data, start, block_size, cache_salt, fn)
+
+
+def extend_block_hashes_packed(
+    hashes: list[int],
+    data: bytes,
+    first_block: int,
+    block_size: int,
+    cache_salt: str | None,
+    fn: BlockHashFn,
+) -> None:
+    """Append hashes up to the last full block of ``data``, the packed tokens of blocks
+    ``first_block ..`` (see :func:`pack_tokens`), so a caller that packed them anyway (a commit
+    stores the same bytes) does not pack twice. Needs ``len(hashes) >= first_block``."""
+    start = len(hashes)
     step = 4 * block_size
+    offset = (start - first_block) * step
+    end = len(data) - len(data) % step
+    if offset >= end:
+        return
     parent = hashes[-1] if hashes else 0
     append = hashes.append
-    offset = 0
     if start == 0:
         parent = fn(salt_bytes(cache_salt) + data[:step], 0)
         append(parent)
         offset = step
-    end = len(data)
     if fn is _xxhash_fn:  # the default: call the C function directly, no wrapper per block
         xxh3, mask = xxhash.xxh3_64_intdigest, HASH_MASK
         while offset < end:

@@ -22,7 +22,13 @@ from servekit.kv.blocks import (
     KVCacheError,
 )
 from servekit.kv.events import BlockStored, KVEvent
-from servekit.kv.hashing import BlockHashFn, extend_block_hashes, get_hash_fn, pack_tokens
+from servekit.kv.hashing import (
+    BlockHashFn,
+    extend_block_hashes,
+    extend_block_hashes_packed,
+    get_hash_fn,
+    pack_tokens,
+)
 
 __all__ = [
     "DuplicateSequenceError",
@@ -383,11 +389,16 @@ class KVCacheManager:
         link = seq._kv_link
         if link == _NO_LINK:
             return
-        hashes = self._ensure_hashes(seq, n_full)
-        # One pass per block: look it up, then register it (inlined pool.register) and store its
-        # tokens as raw bytes (the packed data that was hashed), or chain onto an identical
-        # cached block.
+        # The tokens of the new full blocks, packed once: hashed (when not hashed yet) and
+        # stored as the blocks' raw bytes.
         data = pack_tokens(token_ids[start * bs : n_full * bs])
+        hashes = seq.block_hashes
+        if len(hashes) < n_full:
+            if len(hashes) < start:
+                self._ensure_hashes(seq, start)
+            extend_block_hashes_packed(hashes, data, start, bs, seq.cache_salt, self._hash_fn)
+        # One pass per block: look it up, then register it (inlined pool.register) and store its
+        # tokens, or chain onto an identical cached block.
         rb = 4 * bs
         pool = self.pool
         keys, values, mask = pool.keys, pool.values, len(pool.keys) - 1

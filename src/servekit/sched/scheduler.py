@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from bisect import insort
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from itertools import count
 from operator import attrgetter
@@ -85,10 +85,11 @@ class Scheduler:
             their prompt tokens); over either, :meth:`add_request` raises
             :class:`~servekit.sched.errors.QueueFull` carrying ``retry_after``.
         remember_finished: how many finished request ids :meth:`abort` still recognises.
-        decode_lookahead_blocks: when a decoding request fills its last block and the pool
-            has blocks to spare (``(lookahead + 1)`` per running or waiting request), give it
-            this many more blocks beyond the one it needs (capped at what it can still use),
-            so the manager is called once per ``lookahead + 1`` blocks. 0 disables.
+        decode_lookahead_blocks: when a decoding request fills its last block, give it up to
+            this many more blocks beyond the one it needs (default 15): as many as the pool
+            can spare, ``num_free_blocks // (running + waiting requests) - 1``, and never more
+            than it can still use, so the manager is called about once per ``lookahead + 1``
+            blocks while blocks are plentiful, and once per block under pressure. 0 disables.
         hooks: metrics hooks (events are built only when a hook listens).
         clock: monotonic clock in seconds for arrival times, deadlines and events.
     """
@@ -107,7 +108,7 @@ class Scheduler:
         max_waiting_tokens: int | None = None,
         retry_after: float = 1.0,
         remember_finished: int = 10_000,
-        decode_lookahead_blocks: int = 3,
+        decode_lookahead_blocks: int = 15,
         hooks: HookSet | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -150,6 +151,10 @@ class Scheduler:
 
         self._requests: dict[str, Request] = {}  # every unfinished request
         self._decoding: list[Request] = []  # running, sampled since admission; sorted by rank
+        # len(token_ids) - 1 of each request of _decoding (aligned): its computed tokens. Every
+        # decoding request gains one token per step, so update() advances the whole list at once
+        # and schedule() copies it, with no pass over the requests.
+        self._decoding_comp: list[int] = []
         self._prefilling: list[Request] = []  # running, still prefilling; sorted by rank
         self._recent: dict[str, None] = {}  # recently finished ids, oldest first
         self._deadlines: list[tuple[float, int, Request]] = []
@@ -298,7 +303,7 @@ class Scheduler:
         if due is not None:
             self._grow_decodes(due, step, out)
         decodes = self._decoding[:]
-        comp = [len(r.token_ids) - 1 for r in decodes]
+        comp = self._decoding_comp[:]
         budget = self.max_num_batched_tokens - len(decodes)
 
         # 2. the next chunk of each request still prefilling; 3. admit waiting requests
@@ -345,8 +350,10 @@ class Scheduler:
         # With blocks to spare, take several at once: fewer manager calls, never past what
         # the request can still use. Under pressure, exactly one.
         ahead = self._lookahead
-        if ahead and kv.num_free_blocks < (self.num_running + len(self.policy)) * (ahead + 1):
-            ahead = 0
+        if ahead:  # as many as the pool can spare for every running or waiting request
+            spare = kv.num_free_blocks // (self.num_running + len(self.policy) or 1) - 1
+            if spare < ahead:
+                ahead = spare if spare > 0 else 0
         for i, r in enumerate(due):
             if r.status is not RUNNING or r.prefilling:
                 continue
@@ -480,7 +487,7 @@ class Scheduler:
         if victim.prefilling:
             self._prefilling.remove(victim)
         else:
-            self._decoding.remove(victim)
+            self._remove_decoding(victim)
         victim.status = PREEMPTED
         victim._num_computed = 0
         victim.capacity = 0
@@ -541,6 +548,9 @@ class Scheduler:
         decodes = output.decodes
         for r, t in zip(decodes, sampled_token_ids, strict=False):  # decodes come first
             r.token_ids.append(t)
+        # decodes is _decoding (a finish in flight left both, see _without_finished): each of
+        # its requests has one more computed token for the next step
+        self._decoding_comp = [c + 1 for c in self._decoding_comp]
         if stops and not stops.isdisjoint(sampled_token_ids):  # one C pass; exact check below
             for r, t in zip(decodes, sampled_token_ids, strict=False):
                 if t in stops:
@@ -613,10 +623,15 @@ class Scheduler:
             # length limit fall on known steps
             self._prefilling.remove(r)
             r.prefilling = False
-            _insert(self._decoding, r)
+            self._decoding_comp.insert(_insert(self._decoding, r), n - 1)
             _due_at(self._block_due, step + r.capacity - c, r)
             if n < r.stop_len:
                 _due_at(self._length_due, step + r.stop_len - n - 1, r)
+
+    def _remove_decoding(self, r: Request) -> None:
+        i = self._decoding.index(r)
+        del self._decoding[i]
+        del self._decoding_comp[i]
 
     def _emit_new_tokens(self, requests: list[Request], now: float) -> None:
         hooks = self.hooks
@@ -665,7 +680,7 @@ class Scheduler:
             if r.prefilling:
                 self._prefilling.remove(r)
             else:
-                self._decoding.remove(r)
+                self._remove_decoding(r)
         elif status is WAITING or status is PREEMPTED:
             self.policy.remove(r)
             self._waiting_tokens -= len(r.token_ids)
@@ -701,17 +716,17 @@ class Scheduler:
             self._dead_deadlines = max(0, self._dead_deadlines - 1)
 
 
-def _insert(requests: list[Request], r: Request) -> None:
-    """Insert r into a list sorted by rank; it usually belongs at or near the end."""
+def _insert(requests: list[Request], r: Request) -> int:
+    """Insert r into a list sorted by rank (it usually belongs at or near the end); its index."""
     rank = r.rank
     i = len(requests)
     stop = max(0, i - 8)
     while i > stop and requests[i - 1].rank > rank:
         i -= 1
     if i == stop and stop and requests[i - 1].rank > rank:
-        insort(requests, r, hi=stop, key=_rank)
-    else:
-        requests.insert(i, r)
+        i = bisect_right(requests, rank, hi=stop, key=_rank)
+    requests.insert(i, r)
+    return i
 
 
 def _due_at(table: dict[int, list[Request]], step: int, r: Request) -> None:
