@@ -19,13 +19,11 @@ import gc
 import sys
 import time
 import tracemalloc
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import xxhash
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
@@ -36,134 +34,14 @@ from _common import (
     summary,
     write_json,
 )
+from _nano import BLOCK, NanoBlockManager, NanoSeq
 from servekit.kv import BlockPool, KVCacheManager, KVSequence
 from servekit.kv.hashing import extend_block_hashes, get_hash_fn
 
-BLOCK = 16
 DECODE_STEPS = 16
 
 
 # -- the peer: nano-vllm's block manager algorithm ---------------------------------------------
-
-
-class NanoBlock:
-    __slots__ = ("block_id", "hash", "ref_count", "token_ids")
-
-    def __init__(self, block_id: int) -> None:
-        self.block_id = block_id
-        self.ref_count = 0
-        self.hash = -1
-        self.token_ids: list[int] = []
-
-    def update(self, h: int, token_ids: list[int]) -> None:
-        self.hash = h
-        self.token_ids = token_ids
-
-    def reset(self) -> None:
-        self.ref_count = 1
-        self.hash = -1
-        self.token_ids = []
-
-
-class NanoSeq:
-    def __init__(self, token_ids: list[int]) -> None:
-        self.token_ids = token_ids
-        self.block_table: list[int] = []
-        self.num_cached_tokens = 0
-
-    def __len__(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def num_blocks(self) -> int:
-        return (len(self.token_ids) + BLOCK - 1) // BLOCK
-
-    def block(self, i: int) -> list[int]:
-        return self.token_ids[i * BLOCK : (i + 1) * BLOCK]
-
-
-class NanoBlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
-        self.block_size = block_size
-        self.blocks = [NanoBlock(i) for i in range(num_blocks)]
-        self.hash_to_block_id: dict[int, int] = {}
-        self.free_block_ids: deque[int] = deque(range(num_blocks))
-        self.used_block_ids: set[int] = set()
-
-    @classmethod
-    def compute_hash(cls, token_ids: list[int], prefix: int = -1) -> int:
-        h = xxhash.xxh64()
-        if prefix != -1:
-            h.update(prefix.to_bytes(8, "little"))
-        h.update(np.array(token_ids).tobytes())
-        return h.intdigest()
-
-    def _allocate_block(self, block_id: int) -> NanoBlock:
-        block = self.blocks[block_id]
-        block.reset()
-        self.free_block_ids.remove(block_id)
-        self.used_block_ids.add(block_id)
-        return block
-
-    def _deallocate_block(self, block_id: int) -> None:
-        self.used_block_ids.remove(block_id)
-        self.free_block_ids.append(block_id)
-
-    def can_allocate(self, seq: NanoSeq) -> bool:
-        return len(self.free_block_ids) >= seq.num_blocks
-
-    def allocate(self, seq: NanoSeq) -> None:
-        h = -1
-        cache_miss = False
-        for i in range(seq.num_blocks):
-            token_ids = seq.block(i)
-            h = self.compute_hash(token_ids, h) if len(token_ids) == self.block_size else -1
-            block_id = self.hash_to_block_id.get(h, -1)
-            if block_id == -1 or self.blocks[block_id].token_ids != token_ids:
-                cache_miss = True
-            if cache_miss:
-                block_id = self.free_block_ids[0]
-                block = self._allocate_block(block_id)
-            else:
-                seq.num_cached_tokens += self.block_size
-                if block_id in self.used_block_ids:
-                    block = self.blocks[block_id]
-                    block.ref_count += 1
-                else:
-                    block = self._allocate_block(block_id)
-            if h != -1:
-                block.update(h, token_ids)
-                self.hash_to_block_id[h] = block_id
-            seq.block_table.append(block_id)
-
-    def deallocate(self, seq: NanoSeq) -> None:
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self._deallocate_block(block_id)
-        seq.num_cached_tokens = 0
-        seq.block_table.clear()
-
-    def can_append(self, seq: NanoSeq) -> bool:
-        return len(self.free_block_ids) >= (len(seq) % self.block_size == 1)
-
-    def may_append(self, seq: NanoSeq) -> None:
-        block_table = seq.block_table
-        last_block = self.blocks[block_table[-1]]
-        if len(seq) % self.block_size == 1:
-            block_id = self.free_block_ids[0]
-            self._allocate_block(block_id)
-            block_table.append(block_id)
-        elif len(seq) % self.block_size == 0:
-            token_ids = seq.block(seq.num_blocks - 1)
-            prefix = self.blocks[block_table[-2]].hash if len(block_table) > 1 else -1
-            h = self.compute_hash(token_ids, prefix)
-            last_block.update(h, token_ids)
-            self.hash_to_block_id[h] = last_block.block_id
-
-
-# -- workload ------------------------------------------------------------------------------------
 
 
 def make_prompts(num_requests: int, prompt_len: int, shared: float, seed: int) -> list[list[int]]:
@@ -212,8 +90,8 @@ def run_servekit(prompts: list[list[int]], new_tokens: list[int]) -> dict[str, f
 
 def run_nano(prompts: list[list[int]], new_tokens: list[int]) -> dict[str, float]:
     num_blocks = len(prompts) * (len(prompts[0]) // BLOCK + 2)
-    mgr = NanoBlockManager(num_blocks, BLOCK)
-    seqs = [NanoSeq(list(p)) for p in prompts]
+    mgr = NanoBlockManager(num_blocks)
+    seqs = [NanoSeq(i, p, 0) for i, p in enumerate(prompts)]
     out: dict[str, float] = {}
     t0 = time.process_time()
     cached = 0
@@ -227,7 +105,7 @@ def run_nano(prompts: list[list[int]], new_tokens: list[int]) -> dict[str, float
     for tok in new_tokens:
         t0 = time.process_time()
         for seq in seqs:
-            seq.token_ids.append(tok)
+            seq.append_token(tok)
             if not mgr.can_append(seq):
                 raise RuntimeError("benchmark pool too small")
             mgr.may_append(seq)
@@ -360,7 +238,7 @@ def memory_rows(num_blocks: int) -> list[dict[str, Any]]:
 
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
-    nano = NanoBlockManager(num_blocks, BLOCK)
+    nano = NanoBlockManager(num_blocks)
     empty = tracemalloc.get_traced_memory()[0] - base
     tok_list = tokens.tolist()
     for blk in nano.blocks:
