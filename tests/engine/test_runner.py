@@ -12,16 +12,16 @@ from servekit.engine.runner import ModelRunner
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
-@pytest.mark.parametrize("cpu_attention", [True, False], ids=["cpu-plan", "servekit.ops"])
+@pytest.mark.parametrize("planned", [True, False], ids=["planned", "stateless"])
 def test_packed_chunked_steps_match_a_plain_forward(
-    family: str, cpu_attention: bool, request: pytest.FixtureRequest,
+    family: str, planned: bool, request: pytest.FixtureRequest,
 ) -> None:
     from transformers import AutoModelForCausalLM
 
     path: Path = request.getfixturevalue(f"{family}_dir")
     reference = AutoModelForCausalLM.from_pretrained(path)
-    runner = ModelRunner(path, block_size=4, num_blocks=32, cpu_attention=cpu_attention)
-    assert runner.use_cpu_plan is cpu_attention
+    runner = ModelRunner(path, block_size=4, num_blocks=32, plan_attention=planned)
+    assert runner.use_plan is planned
     g = torch.Generator().manual_seed(0)
     a = torch.randint(1, 300, (14,), generator=g).tolist()
     b = torch.randint(1, 300, (6,), generator=g).tolist()

@@ -169,3 +169,38 @@ def test_group_and_head_dim_need_not_be_powers_of_two(q_lens: list[int]) -> None
     out = poisoned_like(batch.query)
     attend(batch, backend="triton", out=out, sliding_window=30)
     check_close(out, oracle_attention(batch, 30), torch.float16)
+
+
+def test_a_plan_routes_the_triton_launch_and_sizes_its_splits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 3 rows for 3 sequences, but one owns 2 and one none: without a plan this reads as decode
+    batch = make_batch(17, q_lens=[2, 0, 1], seq_lens=[70, 9, 33], num_kv_heads=2, group=2,
+                       head_dim=64, block_size=16, dtype=torch.float32, spare_columns=4)  # fmt: skip
+    tables, lens = batch.block_tables.cpu().numpy(), batch.seq_lens.cpu().numpy()
+    plan = ops.plan_attention(tables, lens, batch.query_start_loc.cpu().numpy(), block_size=16,
+                              device=DEVICE)  # fmt: skip
+    prefill = spy(monkeypatch, kernels, "paged_prefill_attention")
+    out = poisoned_like(batch.query)
+    attend(batch, backend="triton", out=out, plan=plan)
+    assert prefill == ["paged_prefill_attention"]
+    check_close(out, oracle_attention(batch), torch.float32)
+    # decode: the split count comes from the longest context, not the (wider) block table
+    decode = make_batch(18, q_lens=[1, 1], seq_lens=[70, 9], num_kv_heads=2, group=2,
+                        head_dim=64, block_size=16, dtype=torch.float32, spare_columns=8)  # fmt: skip
+    seen: list[int] = []
+    real = kernels.decode.choose_num_splits
+
+    def choose(num_seqs: int, kv_heads: int, max_context: int, **kw: Any) -> int:
+        seen.append(max_context)
+        return real(num_seqs, kv_heads, max_context, **kw)
+
+    monkeypatch.setattr(kernels.decode, "choose_num_splits", choose)
+    plan = ops.plan_attention(decode.block_tables.cpu().numpy(), decode.seq_lens.cpu().numpy(),
+                              decode.query_start_loc.cpu().numpy(), block_size=16,
+                              device=DEVICE)  # fmt: skip
+    out = poisoned_like(decode.query)
+    attend(decode, backend="triton", out=out, plan=plan)
+    attend(decode, backend="triton", out=poisoned_like(decode.query))
+    assert seen == [70, decode.block_tables.shape[1] * 16]
+    check_close(out, oracle_attention(decode), torch.float32)

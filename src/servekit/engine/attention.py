@@ -8,7 +8,9 @@ registered with ``AttentionMaskInterface``: transformers' mask builders then ret
 
 The per-step metadata travels in an :class:`AttentionMetadata` owned by the model runner and
 handed to ``model.forward`` as the ``servekit_attention`` keyword, which transformers forwards
-to each attention call. Nothing is global but the name registration.
+to each attention call. It carries the step's ``servekit.ops`` attention plan (one per sliding
+window, made on first use), so the layers only run ``ops.store_kv`` and
+``ops.paged_attention(..., plan=plan)``. Nothing is global but the name registration.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import torch
 from attrs import define, field
 
 from servekit import ops
-from servekit.engine.cpu_attention import CpuAttentionPlan, cpu_paged_attention
 from servekit.errors import ServekitError
 
 __all__ = ["ATTENTION_NAME", "METADATA_KWARG", "AttentionMetadata", "paged_attention_forward", "register"]
@@ -38,9 +39,10 @@ class AttentionMetadata:
     ``k_caches[i]`` / ``v_caches[i]`` are layer ``i``'s ``[num_blocks, block_size, kv_heads,
     head_dim]`` tensors; ``slot_mapping`` ``[num_tokens]``; ``block_tables`` int32
     ``[num_seqs, max_blocks]``; ``seq_lens`` int32 ``[num_seqs]`` (context incl. this step);
-    ``query_start_loc`` int32 ``[num_seqs + 1]``. On CPU, ``planner`` builds the step's
-    :class:`~servekit.engine.cpu_attention.CpuAttentionPlan` for a sliding window (None: full
-    attention), once per distinct window per step (cached in ``cpu_plans``).
+    ``query_start_loc`` int32 ``[num_seqs + 1]``. ``planner`` makes the step's
+    :class:`servekit.ops.AttentionPlan` for a sliding window (None: full attention) from the
+    host-side metadata; :meth:`plan` calls it once per distinct window per step. Without a
+    planner every layer calls ``ops.paged_attention`` stateless.
     """
 
     k_caches: list[torch.Tensor]
@@ -49,8 +51,17 @@ class AttentionMetadata:
     block_tables: torch.Tensor
     seq_lens: torch.Tensor
     query_start_loc: torch.Tensor
-    planner: Callable[[int | None], CpuAttentionPlan] | None = None
-    cpu_plans: dict[int | None, CpuAttentionPlan] = field(factory=dict)
+    planner: Callable[[int | None], ops.AttentionPlan] | None = None
+    plans: dict[int | None, ops.AttentionPlan] = field(factory=dict)
+
+    def plan(self, sliding_window: int | None) -> ops.AttentionPlan | None:
+        """The step's plan for ``sliding_window`` (made on first use), or None without a planner."""
+        if self.planner is None:
+            return None
+        plan = self.plans.get(sliding_window)
+        if plan is None:
+            plan = self.plans[sliding_window] = self.planner(sliding_window)
+        return plan
 
 
 class AttentionMetadataMissingError(ServekitError, RuntimeError):
@@ -88,14 +99,9 @@ def paged_attention_forward(
     if window is None:
         window = getattr(module, "sliding_window", None)
     window = int(window) if window else None
-    if meta.planner is not None:
-        plan = meta.cpu_plans.get(window)
-        if plan is None:
-            plan = meta.cpu_plans[window] = meta.planner(window)
-        return cpu_paged_attention(plan, q, k, v, k_cache, v_cache, float(scaling)).unsqueeze(0), None
     out = ops.paged_attention(
         q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-        scale=float(scaling), sliding_window=window,
+        scale=float(scaling), sliding_window=window, plan=meta.plan(window),
     )
     return out.unsqueeze(0), None
 

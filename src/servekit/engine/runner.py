@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
+from servekit import ops
 from servekit.engine import attention
 from servekit.engine.batch import PackedBatch
-from servekit.engine.cpu_attention import CpuAttentionPlan
 from servekit.errors import ServekitError
 from servekit.kv.cache import KVCache
 
@@ -39,12 +39,13 @@ class ModelRunner:
         kv_cache_bytes: int | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
-        cpu_attention: bool = True,
+        plan_attention: bool = True,
     ) -> None:
         self.device = torch.device(device)
         self.block_size = block_size
-        #: plan attention once per step on CPU (``cpu_attention``); else ``servekit.ops`` per layer
-        self.use_cpu_plan = cpu_attention and self.device.type == "cpu"
+        #: plan attention once per step (``servekit.ops.plan_attention``); False: every layer
+        #: calls ``ops.paged_attention`` stateless (on CPU, the reference)
+        self.use_plan = plan_attention
         name = attention.register()
         if isinstance(model, torch.nn.Module):
             loaded: Any = model
@@ -89,10 +90,8 @@ class ModelRunner:
             seq_lens=_to(batch.seq_lens, dev),
             query_start_loc=_to(batch.query_start_loc, dev),
         )
-        if self.use_cpu_plan:
-            meta.planner = partial(CpuAttentionPlan.build, batch.block_tables, batch.seq_lens,
-                                   batch.query_start_loc, self.block_size,
-                                   null_block=self.null_block)
+        if self.use_plan:
+            meta.planner = partial(self._plan, batch)
         with torch.inference_mode():
             out = self.model(
                 input_ids=_to(batch.input_ids, dev).unsqueeze(0),
@@ -103,6 +102,14 @@ class ModelRunner:
             )
         logits: torch.Tensor = out.logits[0]
         return logits.float()
+
+    def _plan(self, batch: PackedBatch, sliding_window: int | None) -> ops.AttentionPlan:
+        """The step's attention plan for one sliding window, from the packed host arrays."""
+        return ops.plan_attention(
+            batch.block_tables, batch.seq_lens, batch.query_start_loc,
+            block_size=self.block_size, sliding_window=sliding_window,
+            null_block=self.null_block, device=self.device,
+        )  # fmt: skip
 
 
 

@@ -39,19 +39,26 @@ def paged_attention(
     out: torch.Tensor | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    decode: bool | None = None,
+    max_context: int | None = None,
 ) -> torch.Tensor:
     """Paged attention (contract of ``servekit.ops.paged_attention``) with the Triton kernels.
 
-    Uses the split-K decode kernel when there is one query row per sequence (every sequence in a
-    batch owns at least one row, so ``num_tokens == num_seqs`` means exactly one each), and the
-    prefill/extend kernel otherwise.
+    Uses the split-K decode kernel when every sequence owns at most one query row, the
+    prefill/extend kernel otherwise. A plan tells which (``decode``) and bounds the keys a query
+    sees (``max_context``, for the split count); without them ``num_tokens == num_seqs`` means
+    decode (every sequence then owns exactly one row, by contract) and the block table's width
+    bounds the context, so no device value is read either way.
     """
     if out is None:
         out = torch.empty_like(query)
-    if query.shape[0] == block_tables.shape[0]:
+    if decode is None:
+        decode = query.shape[0] == block_tables.shape[0]
+    if decode:
         return paged_decode_attention(
             query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
             scale=scale, sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale,
+            max_context=max_context,
         )  # fmt: skip
     return paged_prefill_attention(
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,

@@ -189,11 +189,13 @@ def paged_decode_attention(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     num_splits: int | None = None,
+    max_context: int | None = None,
 ) -> torch.Tensor:
-    """Decode attention into ``out`` for sequences that own one query row each (see module doc).
+    """Decode attention into ``out`` for sequences that own at most one query row each.
 
-    ``num_splits`` overrides :func:`choose_num_splits`. Inputs are validated by
-    ``servekit.ops.paged_attention``, not here.
+    ``num_splits`` overrides :func:`choose_num_splits`, which sizes splits by ``max_context``
+    (an upper bound on the keys a query sees, from a plan) or else by the block table's width.
+    Inputs are validated by ``servekit.ops.paged_attention``, not here.
     """
     num_seqs = block_tables.shape[0]
     _, num_q_heads, head_dim = query.shape
@@ -204,7 +206,8 @@ def paged_decode_attention(
     block_n = decode_tile_n()
     if num_splits is None:
         num_splits = choose_num_splits(
-            num_seqs, num_kv_heads, block_tables.shape[1] * block_size,
+            num_seqs, num_kv_heads,
+            block_tables.shape[1] * block_size if max_context is None else max_context,
             block_n=block_n, sm_count=num_sms(query.device),
         )  # fmt: skip
     bd = block_d(head_dim)
