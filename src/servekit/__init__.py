@@ -28,6 +28,8 @@ _EXPORTS: dict[str, str] = {
     "KVCache": "servekit.kv.cache",
     "paged_attention": "servekit.ops",
     "store_kv": "servekit.ops",
+    "plan_attention": "servekit.ops",
+    "AttentionPlan": "servekit.ops",
     "Scheduler": "servekit.sched",
     "SchedulerOutput": "servekit.sched",
     "UpdateResult": "servekit.sched",
