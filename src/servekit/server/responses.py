@@ -8,6 +8,7 @@ token. Whole responses are built as dicts once per request.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from json.encoder import encode_basestring_ascii as _quote  # type: ignore[attr-defined]
 from typing import Any
 
@@ -35,7 +36,7 @@ class _TokenText:
         return text
 
 
-class Encoder:
+class Encoder(ABC):
     """Accumulates one job's output and renders chunks and the final body."""
 
     object_name = ""
@@ -79,11 +80,13 @@ class Encoder:
         return (f'{self._prefix}{i},{self._delta(text)},"logprobs":{lp},'
                 f'"finish_reason":{finish}}}]{self._usage_null}}}\n\n').encode()
 
+    @abstractmethod
     def _delta(self, text: str) -> str:
-        raise NotImplementedError
+        """The delta part of this response kind."""
 
+    @abstractmethod
     def _chunk_logprobs(self, out: RequestOutput) -> str:
-        raise NotImplementedError
+        """The chunk logprobs part of this response kind."""
 
     def end(self) -> bytes:
         """The usage chunk (when asked for) and ``[DONE]``."""
@@ -112,8 +115,9 @@ class Encoder:
             "usage": self.usage(),
         }, ensure_ascii=False).encode()
 
+    @abstractmethod
     def _choice(self, i: int) -> dict[str, Any]:
-        raise NotImplementedError
+        """The choice part of this response kind."""
 
 
 class CompletionEncoder(Encoder):

@@ -147,16 +147,19 @@ def test_bidi_interleaves_and_cancels_one() -> None:
     assert 5 <= got < 40 and got == sum(len(r.chunk.token_ids) for r in b)
 
 
-def test_bidi_bad_request_fails_alone(served: Served) -> None:
+def test_bidi_bad_request_fails_alone() -> None:
     script = [_gen("ok", 3), _gen("ok", 2), _gen("bad", -1), _gen("", 2)]
-    responses = served.run(_session(served.address, script, {}))
+    # A token delay keeps the first "ok" open while its duplicate arrives (an instant engine
+    # could finish it first, and then the duplicate would be a valid new request).
+    with serve(FakeEngine(token_delay=0.05)) as served:
+        responses = served.run(_session(served.address, script, {}))
+        served.wait_idle()
     errors = {r.request_id: r.error for r in responses if r.WhichOneof("kind") == "error"}
     assert set(errors) == {"ok", "bad", ""}
     assert all(e.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] for e in errors.values())
     assert "already open" in errors["ok"].message and "max_tokens" in errors["bad"].message
     ok = [r for r in responses if r.request_id == "ok" and r.WhichOneof("kind") == "chunk"]
     assert "".join(r.chunk.text for r in ok) == TEXT[:3]
-    served.wait_idle()
 
 
 @settings(max_examples=12, deadline=None)
