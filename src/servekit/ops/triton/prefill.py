@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from servekit.ops.triton._config import FP8_DTYPE, INTERPRET, block_d, dot_precision, upcast
+from servekit.ops.triton._tile import load_kv_tile
 
 LOG2E = 1.4426950408889634
 
@@ -92,25 +93,12 @@ def _prefill_kernel(
     for tile in range(kv_start // BLOCK_N, tl.cdiv(kv_end, BLOCK_N)):
         pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         valid = (pos < kv_end) & (pos >= kv_start)
-        block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        offset = pos % BLOCK_SIZE
-        kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(
-            k_cache_ptr + block[:, None] * stride_kb + offset[:, None] * stride_ks
-            + kv_head * stride_kh + d[None, :] * stride_kd,
-            mask=kv_mask, other=0.0,
+        k, v = load_kv_tile(
+            table, k_cache_ptr, v_cache_ptr, pos, valid, d, d_mask, kv_head, q,
+            stride_kb, stride_ks, stride_kh, stride_kd,
+            stride_vb, stride_vs, stride_vh, stride_vd,
+            k_scale, v_scale, BLOCK_SIZE, UPCAST, KV_SCALED,
         )  # fmt: skip
-        v = tl.load(
-            v_cache_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs
-            + kv_head * stride_vh + d[None, :] * stride_vd,
-            mask=kv_mask, other=0.0,
-        )  # fmt: skip
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        if KV_SCALED:
-            k = (k.to(tl.float32) * k_scale).to(q.dtype)
-            v = (v.to(tl.float32) * v_scale).to(q.dtype)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         allowed = valid[None, :] & (pos[None, :] <= q_pos[:, None])
