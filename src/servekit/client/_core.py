@@ -88,21 +88,39 @@ def error_from_response(status_code: int, headers: Mapping[str, str], content: b
 class SSEDecoder:
     """Turns the lines of a server-sent-event stream into JSON payloads.
 
-    ``feed(line)`` returns the decoded ``data:`` object, ``DONE`` for ``data: [DONE]``, or None
-    for comments, blank lines and other fields.
+    ``feed(line)`` returns the decoded payload of an event when ``line`` ends it (a blank line;
+    an event's ``data:`` lines are joined with newlines, as the SSE spec says), ``DONE`` for
+    ``data: [DONE]``, or None otherwise (comments, other fields, an event still open).
+    ``flush()`` ends the last event when the stream closes without a blank line.
     """
 
     DONE: Any = object()
 
+    def __init__(self) -> None:
+        self._data: list[str] = []
+
     def feed(self, line: str) -> Any:
         """Decode one line of the stream."""
+        if not line:
+            return self.flush()
         if not line.startswith("data:"):
             return None
-        data = line[5:].strip()
-        if data == "[DONE]":
+        value = line[5:]
+        if value.startswith(" "):
+            value = value[1:]
+        if not self._data and value.strip() == "[DONE]":
             return self.DONE
+        self._data.append(value)
+        return None
+
+    def flush(self) -> Any:
+        """Decode the event whose data lines were fed (None when there is none)."""
+        data = "\n".join(self._data).strip()
+        self._data.clear()
         if not data:
             return None
+        if data == "[DONE]":
+            return self.DONE
         payload = json.loads(data)
         if isinstance(payload, dict) and "error" in payload:
             err = payload["error"]

@@ -42,8 +42,10 @@ class _Base:
         self._headers = {"content-type": "application/json", **auth_headers(api_key)}
 
     def _httpx_timeout(self, remaining: float | None) -> Any:
-        read = self.timeout.read if remaining is None else min(self.timeout.read, remaining)
-        return httpx.Timeout(read, connect=self.timeout.connect)
+        read, connect = self.timeout.read, self.timeout.connect
+        if remaining is not None:  # no phase may outlast the total
+            read, connect = min(read, remaining), min(connect, remaining)
+        return httpx.Timeout(read, connect=connect)
 
     def _deadline(self) -> float | None:
         return None if self.timeout.total is None else time.monotonic() + self.timeout.total
@@ -152,6 +154,9 @@ class Client(_Base):
                     return
                 if payload is not None:
                     yield cls.from_json(payload)
+            payload = decoder.flush()  # the last event, when no blank line ended it
+            if payload is not None and payload is not SSEDecoder.DONE:
+                yield cls.from_json(payload)
         except httpx.TransportError as exc:
             raise self._transport_error(exc) from exc
         finally:
@@ -238,6 +243,9 @@ class AsyncClient(_Base):
                     return
                 if payload is not None:
                     yield cls.from_json(payload)
+            payload = decoder.flush()  # the last event, when no blank line ended it
+            if payload is not None and payload is not SSEDecoder.DONE:
+                yield cls.from_json(payload)
         except httpx.TransportError as exc:
             raise self._transport_error(exc) from exc
         finally:
