@@ -121,3 +121,17 @@ def test_unlimited_keys_reserve_nothing() -> None:
     assert limits.reserve(None, "m", 10**9).reservation is None
     assert limits.reserve(ApiKey("k"), "m", 10**9).reservation is None
     assert limits.open_reservations == 0
+
+
+def test_auth_is_enforced_behind_a_root_path() -> None:
+    """uvicorn joins ``root_path`` into ``path``: /v1/* must still need a key."""
+    import httpx
+
+    from servekit.server import FakeEngine, create_app
+    from tests.server.conftest import serve
+
+    app = create_app(FakeEngine(), keys=KeyStore([ApiKey("sk-a")]), metrics=False)
+    with serve(app, root_path="/api") as server:
+        assert httpx.get(server.url + "/v1/models").status_code == 401
+        ok = httpx.get(server.url + "/v1/models", headers={"authorization": "Bearer sk-a"})
+        assert ok.status_code == 200

@@ -177,3 +177,41 @@ def test_sigterm_drains_gracefully(grace: int) -> None:
     else:  # cut after ~1 s: none finished, the process did not wait for them
         assert all(r[-1] != "data: [DONE]" for r in results)
         assert elapsed < 2.0 + 1.5
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_drain_past_the_grace_period_reports_an_error_not_a_truncated_success(
+        stream: bool) -> None:
+    from servekit.sched.params import SamplingParams
+    from servekit.server.app import GenerationResponse
+    from servekit.server.responses import CompletionEncoder
+    from servekit.server.service import GenerationService, Job
+
+    async def main() -> list[dict[str, object]]:
+        engine = FakeEngine(token_delay=0.05)
+        service = GenerationService(engine)
+        service.state.set_ready()
+        job = Job("cmpl-1", "fake", None, [[1, 2, 3]], [(0, SamplingParams(max_tokens=200))])
+        response = GenerationResponse(service, job, CompletionEncoder(job, engine.tokenizer),
+                                      stream, service.admit(job).headers)
+        sent: list[dict[str, object]] = []
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        async def receive() -> dict[str, object]:
+            await anyio.sleep_forever()
+            raise AssertionError
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(response, {}, receive, send)
+            await anyio.sleep(0.2)
+            assert await service.state.drain(0.05) == 1
+        return sent
+
+    sent = anyio.run(main)
+    body = b"".join(m.get("body", b"") for m in sent)  # type: ignore[misc]
+    if stream:
+        assert b'"code": "draining"' in body and body.endswith(b"data: [DONE]\n\n")
+    else:
+        assert sent[0]["status"] == 503 and b'"code": "draining"' in body

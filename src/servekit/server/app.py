@@ -198,7 +198,7 @@ class _AuthMiddleware:
         self.app, self.service = app, service
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and _route_path(scope).startswith("/v1/"):
             authorization = None
             for name, value in scope["headers"]:
                 if name == b"authorization":
@@ -214,6 +214,15 @@ class _AuthMiddleware:
                 await send({"type": "http.response.body", "body": exc.body()})
                 return
         await self.app(scope, receive, send)
+
+
+def _route_path(scope: Any) -> str:
+    """The path the router matches: ``path`` less ``root_path`` (uvicorn sends both joined)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] == "/":
+        return path[len(root):]
+    return path
 
 
 # -- engine lifecycle ----------------------------------------------------------------------

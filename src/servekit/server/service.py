@@ -240,7 +240,7 @@ class GenerationService:
         per_choice = [(0, 0, 0)] * len(job.choices)  # (prompt, completion, cached) per choice
         streams = self.state
         try:
-            with streams.track():
+            with streams.track() as scope:
                 self._gauge(OPEN_STREAMS, streams.in_flight)
                 if len(job.choices) == 1:
                     await self._drive(job, 0, on_output, per_choice)
@@ -248,6 +248,10 @@ class GenerationService:
                     async with anyio.create_task_group() as tg:
                         for i in range(len(job.choices)):
                             tg.start_soon(self._drive, job, i, on_output, per_choice)
+            if scope.cancelled_caught:  # drained past the grace period: not a success
+                raise OverloadedError("the server shut down before this request finished; "
+                                      "retry on another replica", retry_after=self.state.retry_after,
+                                      code="draining")
         except BaseExceptionGroup as group:  # one choice failed: surface its error
             first = group.exceptions[0]
             raise first if isinstance(first, Exception) else group from None
