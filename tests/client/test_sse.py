@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 
-from servekit.client import Client
+from servekit.client import APIConnectionError, Client
 
 CHUNK = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
          "choices": [{"index": 0, "text": "hi", "finish_reason": None, "logprobs": None}]}
@@ -29,9 +30,18 @@ def test_a_data_field_split_over_several_lines_is_one_event() -> None:
 
 
 def test_the_last_event_counts_without_a_trailing_blank_line() -> None:
-    body = f"data: {json.dumps(CHUNK)}\n\ndata: {json.dumps(CHUNK)}".encode()
+    body = f"data: {json.dumps(CHUNK)}\n\ndata: {json.dumps(CHUNK)}\n\ndata: [DONE]".encode()
     with _client(body) as client:
         assert len(list(client.stream_complete("m", "x"))) == 2
+
+
+def test_a_stream_cut_off_before_done_raises_after_its_chunks() -> None:
+    body = f"data: {json.dumps(CHUNK)}\n\ndata: {json.dumps(CHUNK)}".encode()
+    got = []
+    with _client(body) as client, pytest.raises(APIConnectionError, match="DONE"):
+        for chunk in client.stream_complete("m", "x"):
+            got.append(chunk)
+    assert len(got) == 2  # what did arrive is still delivered first
 
 
 def test_the_connect_timeout_never_exceeds_what_is_left_of_the_total() -> None:

@@ -29,6 +29,8 @@ httpx = require("httpx", "client")
 T = TypeVar("T", Completion, ChatCompletion)
 Message = dict[str, str]
 DEFAULT_TIMEOUT = Timeout()
+# A stream that ends without its terminator was cut off (proxy, server crash), not finished.
+_CUT_OFF = "the stream ended before 'data: [DONE]': the response is incomplete"
 
 
 class _Base:
@@ -155,8 +157,11 @@ class Client(_Base):
                 if payload is not None:
                     yield cls.from_json(payload)
             payload = decoder.flush()  # the last event, when no blank line ended it
-            if payload is not None and payload is not SSEDecoder.DONE:
+            if payload is SSEDecoder.DONE:
+                return
+            if payload is not None:
                 yield cls.from_json(payload)
+            raise APIConnectionError(_CUT_OFF)
         except httpx.TransportError as exc:
             raise self._transport_error(exc) from exc
         finally:
@@ -244,8 +249,11 @@ class AsyncClient(_Base):
                 if payload is not None:
                     yield cls.from_json(payload)
             payload = decoder.flush()  # the last event, when no blank line ended it
-            if payload is not None and payload is not SSEDecoder.DONE:
+            if payload is SSEDecoder.DONE:
+                return
+            if payload is not None:
                 yield cls.from_json(payload)
+            raise APIConnectionError(_CUT_OFF)
         except httpx.TransportError as exc:
             raise self._transport_error(exc) from exc
         finally:
