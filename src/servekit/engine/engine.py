@@ -176,8 +176,10 @@ class LLMEngine:
         rid = request_id if request_id is not None else uuid.uuid4().hex
         request = Request(rid, ids, params, priority=priority, tenant=tenant,
                           deadline=deadline, cache_salt=cache_salt)
+        # built before queueing: a failure must not leave an untracked request running
+        tracked = _Tracked(request, self.tokenizer, self.runner.device)
         self.scheduler.add_request(request)
-        self._tracked[rid] = _Tracked(request, self.tokenizer, self.runner.device)
+        self._tracked[rid] = tracked
         return rid
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -191,8 +193,11 @@ class LLMEngine:
     def abort(self, request_id: str) -> RequestOutput | None:
         """Abort a request and free its blocks; its final output, or None if already finished."""
         tracked = self._tracked.pop(request_id, None)
-        if tracked is None or not self.scheduler.abort(request_id):
+        if tracked is None:
             return None
+        # False when the scheduler already finished it in the step in flight (its deadline
+        # passed in schedule()): its final output is still owed, and finish() will skip it
+        self.scheduler.abort(request_id)
         return self._final(tracked, [], "", None)
 
     def abort_all(self) -> list[RequestOutput]:
@@ -309,6 +314,8 @@ class LLMEngine:
                 if stopped and not ends:
                     sched.finish(rid, "stop")
                     ends = True
+                elif stopped and request.finish_reason is FinishReason.LENGTH:
+                    request.finish_reason = FinishReason.STOP  # the stop string wins, as in vLLM
             if ends:
                 finished.discard(rid)
                 del tracked_map[rid]

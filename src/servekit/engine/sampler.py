@@ -198,6 +198,8 @@ def _sample_random(
         noise.exponential_(generator=generator)
     for row, gen in batch.generators.items():
         noise[row].exponential_(generator=gen)
+    # a zero draw would turn a filtered token (p = 0) into NaN and a kept one into inf
+    noise.clamp_min_(torch.finfo(noise.dtype).tiny)
     token_ids = probs.div_(noise).argmax(dim=-1)
     if greedy_ids is not None and batch.greedy is not None:
         token_ids = torch.where(batch.greedy, greedy_ids, token_ids)

@@ -77,8 +77,9 @@ class SamplingParams:
                f"must be in [-2, 2], got {self.presence_penalty!r}")
         _check("frequency_penalty", _finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
                f"must be in [-2, 2], got {self.frequency_penalty!r}")
-        _check("seed", self.seed is None or isinstance(self.seed, int),
-               f"must be an integer, got {self.seed!r}")
+        _check("seed", self.seed is None or (isinstance(self.seed, int)
+                                              and -(2**63) <= self.seed < 2**64),
+               f"must be an integer in [-2**63, 2**64), got {self.seed!r}")
         _check("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
                f"must be an integer in [0, 20], got {self.logprobs!r}")
         _check("stop", all(isinstance(s, str) and s for s in self.stop),
