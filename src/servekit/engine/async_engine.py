@@ -108,6 +108,8 @@ class AsyncEngine:
         """
         if self._tg is None:
             raise EngineClosedError("the AsyncEngine is not running: use 'async with'")
+        if self._failure is not None:  # the loop died: nobody would ever serve this stream
+            raise EngineClosedError(f"the engine loop failed: {self._failure!r}")
         rid = self.engine.add_request(prompt, params, request_id=request_id, tenant=tenant,
                                       priority=priority, cache_salt=cache_salt, deadline=deadline)
         send, receive = anyio.create_memory_object_stream[RequestOutput](math.inf)
