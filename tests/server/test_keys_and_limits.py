@@ -135,3 +135,33 @@ def test_auth_is_enforced_behind_a_root_path() -> None:
         assert httpx.get(server.url + "/v1/models").status_code == 401
         ok = httpx.get(server.url + "/v1/models", headers={"authorization": "Bearer sk-a"})
         assert ok.status_code == 200
+
+
+def test_a_store_outage_at_settle_keeps_the_charge_and_raises_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from collections.abc import Sequence
+
+    from servekit.limit import LimitSet, TakeResult
+    from servekit.limit.errors import StoreUnavailableError
+    from servekit.limit.store import MemoryStore
+
+    class FlakyStore(MemoryStore):
+        down = False
+
+        def adjust(self, key: str, limits: LimitSet, deltas: Sequence[float],
+                   now: float) -> TakeResult:
+            if self.down:
+                raise StoreUnavailableError("redis is down")
+            return super().adjust(key, limits, deltas, now)
+
+    store = FlakyStore()
+    limits = KeyLimits(store=store, clock=Clock())
+    key = ApiKey("k", rpm=5, tpm=500)
+    admission = limits.reserve(key, "m", 400)
+    store.down = True
+    limits.settle(admission, 10)  # would refund 390 tokens; the store is down
+    assert limits.open_reservations == 0
+    assert "could not settle" in caplog.text
+    with pytest.raises(RateLimitedError):  # the full 400 stay charged: 200 more do not fit
+        limits.reserve(key, "m", 200)

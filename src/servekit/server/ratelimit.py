@@ -10,6 +10,7 @@ failed, aborted or cancelled — the reservation is settled with the tokens real
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Callable
 
@@ -17,13 +18,15 @@ from attrs import frozen
 
 from servekit.limit.bucket import Limit
 from servekit.limit.decision import Reservation
-from servekit.limit.errors import RequestTooLargeError
+from servekit.limit.errors import RequestTooLargeError, StoreUnavailableError
 from servekit.limit.headers import openai_headers
 from servekit.limit.limiter import Limiter
 from servekit.limit.store import MemoryStore, Store
 from servekit.metrics.hooks import HookSet
 from servekit.server.errors import RateLimitedError
 from servekit.server.keys import ApiKey
+
+logger = logging.getLogger("servekit.server")
 
 __all__ = ["Admission", "KeyLimits"]
 
@@ -87,7 +90,12 @@ class KeyLimits:
         names = admission.limiter.limits.names
         used = {"requests": 1.0, "tokens": float(used_tokens)} if "tokens" in names \
             else {"requests": 1.0}
-        admission.limiter.settle(admission.reservation, used)
+        try:
+            admission.limiter.settle(admission.reservation, used)
+        except StoreUnavailableError as exc:
+            # The request is over: keep its whole reservation charged (the conservative side)
+            # rather than turn its response into an error or mask the error it already has.
+            logger.warning("could not settle a rate-limit reservation: %s", exc)
 
     def _limiter(self, rpm: int | None, tpm: int | None) -> Limiter:
         limiter = self._limiters.get((rpm, tpm))
