@@ -108,3 +108,19 @@ def test_rate_limit_headers(http: tuple[str, FakeEngine, Any]) -> None:
     assert limited.status_code == 429 and limited.json()["code"] == 8
     assert int(limited.headers["retry-after"]) >= 1 and "retry-after-ms" in limited.headers
     assert service.limits.open_reservations == 0
+
+
+def test_an_unmappable_http_rule_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from google.api import annotations_pb2
+
+    from servekit.server.grpc import rest
+
+    rule = SimpleNamespace(WhichOneof=lambda _: "get", get="/v1/things", body="")
+    options = SimpleNamespace(HasExtension=lambda _: True, Extensions={annotations_pb2.http: rule})
+    method = SimpleNamespace(full_name="servekit.v1.Generation.List", name="List",
+                             GetOptions=lambda: options)
+    monkeypatch.setattr(rest, "_SERVICE", SimpleNamespace(methods=[method]))
+    with pytest.raises(rest.UnsupportedHttpRuleError, match=r"Generation\.List"):
+        rest.routes()

@@ -22,6 +22,7 @@ import anyio
 
 from servekit._optional import require
 from servekit.engine.outputs import RequestOutput
+from servekit.errors import ServekitError
 from servekit.server.errors import APIError, BadRequestError
 from servekit.server.grpc.convert import ChunkEncoder, ResponseBuilder, build_job
 from servekit.server.grpc.service import as_api_error
@@ -51,6 +52,10 @@ _NO_KEY = object()
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
+class UnsupportedHttpRuleError(ServekitError, ValueError):
+    """A ``google.api.http`` rule in the .proto has a shape the REST mapping does not serve."""
+
+
 def routes() -> list[tuple[str, str, str]]:
     """``(http method, path, rpc name)`` of every annotated method of the service."""
     out = []
@@ -61,7 +66,9 @@ def routes() -> list[tuple[str, str, str]]:
         rule = options.Extensions[annotations_pb2.http]
         verb = rule.WhichOneof("pattern")
         if verb not in ("get", "put", "post", "delete", "patch") or rule.body != "*":
-            raise NotImplementedError(f"{method.full_name}: only `body: \"*\"` rules are mapped")
+            raise UnsupportedHttpRuleError(
+                f"{method.full_name}: only get/put/post/delete/patch rules with `body: \"*\"` "
+                "are mapped to REST; change the rule in servekit.proto")
         out.append((verb.upper(), getattr(rule, verb), method.name))
     return out
 
