@@ -27,8 +27,9 @@ def test_hash_index_matches_a_dict(ops: list[tuple[bool, int]]) -> None:
             assert pool.lookup(h) == model.get(h, -1)
 
 
-def test_free_list_starts_in_id_order_and_touch_unlinks() -> None:
+def test_free_list_starts_in_id_order_and_touch_unlinks(speedups: bool) -> None:
     pool = BlockPool(5, 2)
+    assert pool.speedups is speedups
     assert pool.free_block_ids() == [0, 1, 2, 3, 4]
     a = pool.allocate(2)
     assert a == [0, 1] and pool.num_free == 3

@@ -22,6 +22,9 @@ from servekit.kv import (
     UnknownSequenceError,
 )
 
+# every test runs under the C core and the pure-Python loops (tests/kv/conftest.py)
+pytestmark = pytest.mark.usefixtures("speedups")
+
 
 def run(mgr: KVCacheManager, seq: KVSequence) -> int:
     """Admit ``seq`` whole: look up, allocate, compute, commit. Returns the hit in tokens."""

@@ -18,6 +18,11 @@ The hash -> block index is an open-addressing table (linear probing, backward-sh
 two flat arrays sized once to at least twice the pool, so the whole pool costs a fixed ~125 bytes
 per block (block_size 16) whether its blocks are cached or not, and nothing is allocated per
 block. The pool imports no torch.
+
+The per-block loops (``allocate``, ``free``, ``touch``, and the manager's ``commit`` and hit
+probe) run in the optional C extension :mod:`servekit.kv._cpool` when it is built
+(``speedups``); the pure-Python loops below are the always-available fallback and the spec the
+C code mirrors exactly.
 """
 
 from __future__ import annotations
@@ -29,8 +34,14 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from servekit._speedups import resolve_speedups
 from servekit.errors import ServekitError
 from servekit.kv.events import AllBlocksCleared, BlockRemoved, KVEvent
+
+try:
+    from servekit.kv import _cpool
+except ImportError:  # not built (no compiler at install time): the pure-Python loops only
+    _cpool = None  # type: ignore[assignment]  # only used where BlockPool.speedups is True
 
 ROOT_LINK: Final = -1
 """Parent link of a sequence's first block without a cache salt."""
@@ -53,12 +64,23 @@ class DoubleFreeError(KVCacheError, ValueError):
     """A block was freed more often than it was taken."""
 
 
+def speedups_available() -> bool:
+    """Whether the optional C core :mod:`servekit.kv._cpool` is built and importable."""
+    return _cpool is not None
+
+
 class BlockPool:
     """Fixed pool of ``num_blocks`` KV blocks of ``block_size`` tokens with a prefix cache.
 
     The manager (:class:`servekit.kv.manager.KVCacheManager`) drives it; it can also be used on
     its own. Methods trust their arguments on the hot path (block ids in range, ``n`` no more
-    than :attr:`num_free`); callers check capacity with :attr:`num_free` first.
+    than :attr:`num_free`); callers check capacity with :attr:`num_free` first (the C core
+    range-checks ids and raises ``IndexError`` rather than touch memory out of bounds).
+
+    ``speedups``: None (default) runs the per-block loops in the C core when it is built, unless
+    the environment variable ``SERVEKIT_NO_SPEEDUPS`` is set (to anything but ``0``); True
+    requires it (``ImportError`` otherwise); False uses the pure-Python loops. The attribute
+    :attr:`speedups` says which is in use.
     """
 
     __slots__ = (
@@ -77,6 +99,7 @@ class BlockPool:
         "prev",
         "ref",
         "serial",
+        "speedups",
         "token_bytes",
         "tokens",
         "values",
@@ -88,11 +111,13 @@ class BlockPool:
         block_size: int,
         *,
         on_event: Callable[[KVEvent], None] | None = None,
+        speedups: bool | None = None,
     ) -> None:
         if not isinstance(block_size, int) or block_size <= 0 or block_size & (block_size - 1):
             raise InvalidBlockSizeError(f"block_size must be a power of two, got {block_size!r}")
         if not isinstance(num_blocks, int) or num_blocks <= 0:
             raise InvalidBlockSizeError(f"num_blocks must be a positive int, got {num_blocks!r}")
+        self.speedups: bool = resolve_speedups(speedups, _cpool, "servekit.kv._cpool")
         n = num_blocks
         self.num_blocks: int = n
         self.block_size: int = block_size
@@ -129,6 +154,22 @@ class BlockPool:
 
         The caller guarantees ``n <= num_free``.
         """
+        if self.speedups:
+            removed_c: list[int] | None = [] if self._on_event is not None else None
+            taken, evicted = _cpool.allocate(
+                self.next, self.prev, self.ref, self.hashes, self.serial, self.keys,
+                self.values, n, removed_c,
+            )
+            self.num_free -= n
+            if evicted:
+                self.num_cached -= evicted
+                if self._salts:
+                    for b in taken:
+                        self._salts.pop(b, None)
+                if removed_c:
+                    assert self._on_event is not None
+                    self._on_event(BlockRemoved(tuple(removed_c)))
+            return taken
         nxt, ref, hashes = self.next, self.ref, self.hashes
         keys, values, mask = self.keys, self.values, self._mask
         sentinel = self.num_blocks
@@ -177,6 +218,9 @@ class BlockPool:
 
     def touch(self, blocks: Sequence[int]) -> None:
         """Take one more reference on each of ``blocks`` (cache hits), unlinking free ones."""
+        if self.speedups:
+            self.num_free -= _cpool.touch(self.next, self.prev, self.ref, blocks)
+            return
         nxt, prv, ref = self.next, self.prev, self.ref
         for b in blocks:
             r = ref[b]
@@ -196,6 +240,12 @@ class BlockPool:
         A block freed once too often raises :class:`DoubleFreeError` after the blocks before it
         (in that order) were released.
         """
+        if self.speedups:
+            released, failed = _cpool.free(self.next, self.prev, self.ref, self.hashes, blocks)
+            self.num_free += released
+            if failed >= 0:
+                raise DoubleFreeError(f"block {blocks[failed]} freed more often than it was taken")
+            return
         nxt, prv, ref, hashes = self.next, self.prev, self.ref, self.hashes
         sentinel = self.num_blocks
         tail = prv[sentinel]

@@ -55,7 +55,10 @@ def get_hash_fn(algorithm: str) -> BlockHashFn:
 
 
 def pack_tokens(token_ids: Sequence[int]) -> bytes:
-    """Token ids as little-endian int32 bytes (the bytes that are hashed)."""
+    """Token ids as little-endian int32 bytes (the bytes that are hashed).
+
+    ``struct.error`` for an id that is not an int in ``[-2**31, 2**31)``; the C core
+    (``_cpool.c``: ``pack_tokens``) accepts and rejects exactly the same values."""
     return _pack(f"<{len(token_ids)}i", *token_ids)
 
 
@@ -107,7 +110,8 @@ def extend_block_hashes_packed(
 ) -> None:
     """Append hashes up to the last full block of ``data``, the packed tokens of blocks
     ``first_block ..`` (see :func:`pack_tokens`), so a caller that packed them anyway (a commit
-    stores the same bytes) does not pack twice. Needs ``len(hashes) >= first_block``."""
+    stores the same bytes) does not pack twice. Needs ``len(hashes) >= first_block``.
+    ``_cpool.c`` (``hash_blocks``) mirrors it: keep the two in step."""
     start = len(hashes)
     step = 4 * block_size
     offset = (start - first_block) * step

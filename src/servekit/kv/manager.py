@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Final, NamedTuple
 
 import numpy as np
+import xxhash
 
 from servekit.kv.blocks import (
     NO_HASH,
@@ -22,8 +23,14 @@ from servekit.kv.blocks import (
     KVCacheError,
 )
 from servekit.kv.events import BlockStored, KVEvent
+
+try:
+    from servekit.kv import _cpool
+except ImportError:  # not built: only used where pool.speedups is True (see blocks.py)
+    _cpool = None  # type: ignore[assignment]
 from servekit.kv.hashing import (
     BlockHashFn,
+    _xxhash_fn,
     extend_block_hashes,
     extend_block_hashes_packed,
     get_hash_fn,
@@ -40,6 +47,8 @@ __all__ = [
 ]
 
 _NO_LINK: Final = -4  # a sequence whose commits stopped at a hash collision
+# The C core calls the default hash function's xxh3 directly and masks the result itself.
+_XXH3: Final = xxhash.xxh3_64_intdigest
 
 
 class _HitMemo(NamedTuple):
@@ -113,6 +122,8 @@ class KVCacheManager:
 
     ``allocate`` is all or nothing: False and nothing changed when the free blocks do not
     suffice; :class:`OutOfBlocksError` when the pool could never hold the request.
+    ``speedups`` selects the C core as for :class:`~servekit.kv.blocks.BlockPool` (it also runs
+    the per-block loops of ``commit`` and of the prefix lookup).
     """
 
     __slots__ = (
@@ -137,8 +148,9 @@ class KVCacheManager:
         enable_prefix_caching: bool = True,
         hash_algorithm: str = "xxhash",
         on_event: Callable[[KVEvent], None] | None = None,
+        speedups: bool | None = None,
     ) -> None:
-        self.pool = BlockPool(num_blocks, block_size, on_event=on_event)
+        self.pool = BlockPool(num_blocks, block_size, on_event=on_event, speedups=speedups)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -175,9 +187,15 @@ class KVCacheManager:
     def _ensure_hashes(self, seq: KVSequence, num_full: int) -> list[int]:
         hashes = seq.block_hashes
         if len(hashes) < num_full:
-            extend_block_hashes(
-                hashes, seq.token_ids, self.block_size, num_full, seq.cache_salt, self._hash_fn
-            )
+            fn = self._hash_fn
+            if self.pool.speedups:  # packs and hashes straight from the token list
+                raw = fn is _xxhash_fn
+                _cpool.extend_hashes(seq.token_ids, hashes, num_full, self.block_size,
+                                     seq.cache_salt, _XXH3 if raw else fn, raw)
+            else:
+                extend_block_hashes(
+                    hashes, seq.token_ids, self.block_size, num_full, seq.cache_salt, fn
+                )
         return hashes
 
     def _find_hit(self, seq: KVSequence) -> tuple[list[int], list[int]]:
@@ -199,30 +217,35 @@ class KVCacheManager:
         keys, values, mask = pool.keys, pool.values, len(pool.keys) - 1
         parent, serial = pool.parent, pool.serial
         link = serials[-1] if serials else ROOT_LINK if salt is None else SALTED_ROOT_LINK
-        for i in range(start, max_blocks):
-            h = hashes[i]
-            j = h & mask  # inlined pool.lookup(h)
-            while (k := keys[j]) != h and k != NO_HASH:
-                j = (j + 1) & mask
-            if k == NO_HASH:
-                break
-            b = values[j]
-            if parent[b] != link:
-                break
-            if i == 0 and salt is not None and not pool.root_salt_matches(b, salt):
-                break
-            link = serial[b]
-            blocks.append(b)
-            serials.append(link)
-        n = len(blocks)
-        if n > start:  # verify the blocks the memo did not vouch for
-            want = np.frombuffer(
-                pack_tokens(token_ids[start * bs : n * bs]), dtype="<i4"
-            ).reshape(n - start, bs)
-            ok = (pool.tokens[blocks[start:]] == want).all(axis=1)
-            if not ok.all():
-                n = start + int(ok.argmin())
-                del blocks[n:], serials[n:]
+        if pool.speedups:  # the probe and the token check of the blocks found
+            _cpool.find_hit(keys, values, parent, serial, pool.token_bytes, token_ids, hashes,
+                            start, max_blocks, link, salt, pool._salts, blocks, serials)
+            n = len(blocks)
+        else:
+            for i in range(start, max_blocks):
+                h = hashes[i]
+                j = h & mask  # inlined pool.lookup(h)
+                while (k := keys[j]) != h and k != NO_HASH:
+                    j = (j + 1) & mask
+                if k == NO_HASH:
+                    break
+                b = values[j]
+                if parent[b] != link:
+                    break
+                if i == 0 and salt is not None and not pool.root_salt_matches(b, salt):
+                    break
+                link = serial[b]
+                blocks.append(b)
+                serials.append(link)
+            n = len(blocks)
+            if n > start:  # verify the blocks the memo did not vouch for
+                want = np.frombuffer(
+                    pack_tokens(token_ids[start * bs : n * bs]), dtype="<i4"
+                ).reshape(n - start, bs)
+                ok = (pool.tokens[blocks[start:]] == want).all(axis=1)
+                if not ok.all():
+                    n = start + int(ok.argmin())
+                    del blocks[n:], serials[n:]
         if n > start:
             self._memo = _HitMemo(token_ids[: n * bs], blocks[:], serials[:], hashes[:n], salt,
                                   self._hash_fn)
@@ -389,55 +412,68 @@ class KVCacheManager:
         link = seq._kv_link
         if link == _NO_LINK:
             return
-        # The tokens of the new full blocks, packed once: hashed (when not hashed yet) and
-        # stored as the blocks' raw bytes.
-        data = pack_tokens(token_ids[start * bs : n_full * bs])
-        hashes = seq.block_hashes
-        if len(hashes) < n_full:
-            if len(hashes) < start:
-                self._ensure_hashes(seq, start)
-            extend_block_hashes_packed(hashes, data, start, bs, seq.cache_salt, self._hash_fn)
-        # One pass per block: look it up, then register it (inlined pool.register) and store its
-        # tokens, or chain onto an identical cached block.
-        rb = 4 * bs
         pool = self.pool
-        keys, values, mask = pool.keys, pool.values, len(pool.keys) - 1
-        parent, serial, block_hash, tok = pool.parent, pool.serial, pool.hashes, pool.token_bytes
-        s0 = s = pool._next_serial
         stored: list[int] | None = [] if self._on_event is not None else None
-        o = -rb
-        for i in range(start, n_full):
-            o += rb
-            h = hashes[i]
-            j = h & mask  # inlined pool.lookup(h)
-            while (k := keys[j]) != h and k != NO_HASH:
-                j = (j + 1) & mask
-            if k == NO_HASH:  # new: register block_ids[i] in the empty slot j
-                b = block_ids[i]
-                block_hash[b] = h
-                serial[b] = s
-                parent[b] = link
-                if link == SALTED_ROOT_LINK:
-                    pool.set_root_salt(b, seq.cache_salt)
-                keys[j] = h
-                values[j] = b
-                b *= rb
-                tok[b : b + rb] = data[o : o + rb]
-                link = s
-                s += 1
-                if stored is not None:
-                    stored.append(i)
-                continue
-            other = values[j]
-            if (
-                parent[other] == link
-                and (link != SALTED_ROOT_LINK or pool.root_salt_matches(other, seq.cache_salt))
-                and tok[other * rb : other * rb + rb] == data[o : o + rb]
-            ):
-                link = serial[other]  # same KV already cached in another block: chain on
-            else:  # a hash collision: stop caching this sequence's later blocks
-                link = _NO_LINK
-                break
+        if pool.speedups:  # all of the below in one call, from the token list itself
+            s0 = pool._next_serial
+            fn = self._hash_fn
+            raw = fn is _xxhash_fn
+            link, s = _cpool.commit(
+                pool.keys, pool.values, pool.parent, pool.serial, pool.hashes, pool.token_bytes,
+                token_ids, seq.block_hashes, block_ids, start, n_full, link, s0,
+                seq.cache_salt, pool._salts, _XXH3 if raw else fn, raw, stored,
+            )
+        else:
+            # The tokens of the new full blocks, packed once: hashed (when not hashed yet) and
+            # stored as the blocks' raw bytes.
+            data = pack_tokens(token_ids[start * bs : n_full * bs])
+            hashes = seq.block_hashes
+            if len(hashes) < n_full:
+                if len(hashes) < start:
+                    self._ensure_hashes(seq, start)
+                extend_block_hashes_packed(hashes, data, start, bs, seq.cache_salt, self._hash_fn)
+            # One pass per block: look it up, then register it (inlined pool.register) and
+            # store its tokens, or chain onto an identical cached block.
+            s0 = s = pool._next_serial
+            rb = 4 * bs
+            keys, values, mask = pool.keys, pool.values, len(pool.keys) - 1
+            parent, serial = pool.parent, pool.serial
+            block_hash, tok = pool.hashes, pool.token_bytes
+            o = -rb
+            for i in range(start, n_full):
+                o += rb
+                h = hashes[i]
+                j = h & mask  # inlined pool.lookup(h)
+                while (k := keys[j]) != h and k != NO_HASH:
+                    j = (j + 1) & mask
+                if k == NO_HASH:  # new: register block_ids[i] in the empty slot j
+                    b = block_ids[i]
+                    block_hash[b] = h
+                    serial[b] = s
+                    parent[b] = link
+                    if link == SALTED_ROOT_LINK:
+                        pool.set_root_salt(b, seq.cache_salt)
+                    keys[j] = h
+                    values[j] = b
+                    b *= rb
+                    tok[b : b + rb] = data[o : o + rb]
+                    link = s
+                    s += 1
+                    if stored is not None:
+                        stored.append(i)
+                    continue
+                other = values[j]
+                if (
+                    parent[other] == link
+                    and (
+                        link != SALTED_ROOT_LINK or pool.root_salt_matches(other, seq.cache_salt)
+                    )
+                    and tok[other * rb : other * rb + rb] == data[o : o + rb]
+                ):
+                    link = serial[other]  # same KV already cached in another block: chain on
+                else:  # a hash collision: stop caching this sequence's later blocks
+                    link = _NO_LINK
+                    break
         pool._next_serial = s
         pool.num_cached += s - s0
         seq._kv_link = link
