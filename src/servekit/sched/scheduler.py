@@ -18,10 +18,12 @@ from __future__ import annotations
 import heapq
 import time
 from bisect import bisect_right
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from itertools import count
 from operator import attrgetter
 
+from servekit._speedups import resolve_speedups
 from servekit.kv.manager import KVCacheManager
 from servekit.metrics.events import (
     CacheStats,
@@ -51,7 +53,13 @@ from servekit.sched.request import (
     Request,
 )
 
+try:
+    from servekit.sched import _csched
+except ImportError:  # not built (no compiler at install time): the pure-Python statements only
+    _csched = None  # type: ignore[assignment]  # only used where Scheduler.speedups is True
+
 _rank = attrgetter("rank")
+_consume = deque[object](maxlen=0).extend  # runs an iterator to its end, in C
 
 
 def _positive(name: str, value: object) -> int:
@@ -92,6 +100,10 @@ class Scheduler:
             blocks while blocks are plentiful, and once per block under pressure. 0 disables.
         hooks: metrics hooks (events are built only when a hook listens).
         clock: monotonic clock in seconds for arrival times, deadlines and events.
+        speedups: run the per-request work of a decode step in the optional C core
+            ``servekit.sched._csched``: None (default) when it is built and the environment
+            variable ``SERVEKIT_NO_SPEEDUPS`` is unset, True to require it, False for pure
+            Python. :attr:`speedups` says which is in use.
     """
 
     def __init__(
@@ -111,7 +123,9 @@ class Scheduler:
         decode_lookahead_blocks: int = 15,
         hooks: HookSet | None = None,
         clock: Callable[[], float] = time.monotonic,
+        speedups: bool | None = None,
     ) -> None:
+        self.speedups = resolve_speedups(speedups, _csched, "servekit.sched._csched")
         self.kv = kv
         self.block_size = kv.block_size
         self.max_model_len = _positive("max_model_len", max_model_len)
@@ -155,6 +169,7 @@ class Scheduler:
         # decoding request gains one token per step, so update() advances the whole list at once
         # and schedule() copies it, with no pass over the requests.
         self._decoding_comp: list[int] = []
+        self._decoding_tokens: list[list[int]] = []  # token_ids of each of _decoding (aligned)
         self._prefilling: list[Request] = []  # running, still prefilling; sorted by rank
         self._recent: dict[str, None] = {}  # recently finished ids, oldest first
         self._deadlines: list[tuple[float, int, Request]] = []
@@ -349,11 +364,7 @@ class Scheduler:
         block_due = self._block_due
         # With blocks to spare, take several at once: fewer manager calls, never past what
         # the request can still use. Under pressure, exactly one.
-        ahead = self._lookahead
-        if ahead:  # as many as the pool can spare for every running or waiting request
-            spare = kv.num_free_blocks // (self.num_running + len(self.policy) or 1) - 1
-            if spare < ahead:
-                ahead = spare if spare > 0 else 0
+        ahead = self._spare_lookahead()
         for i, r in enumerate(due):
             if r.status is not RUNNING or r.prefilling:
                 continue
@@ -368,6 +379,16 @@ class Scheduler:
                 return
             r.capacity = len(r.block_ids) * bs
             _due_at(block_due, r.capacity - c + step, r)
+
+    def _spare_lookahead(self) -> int:
+        """Blocks a request may take beyond its need: up to ``decode_lookahead_blocks``, as many
+        as the pool can spare for every running or waiting request."""
+        ahead = self._lookahead
+        if ahead:
+            spare = self.kv.num_free_blocks // (self.num_running + len(self.policy) or 1) - 1
+            if spare < ahead:
+                ahead = spare if spare > 0 else 0
+        return ahead
 
     def _grow_under_pressure(self, due: list[Request], step: int, out: SchedulerOutput) -> None:
         kv = self.kv
@@ -445,7 +466,17 @@ class Scheduler:
             known = len(r.token_ids)
             cached = kv.get_num_cached_tokens(r)
             n = min(known - cached, chunk, budget)
-            if not kv.allocate(r, cached + n, cached):
+            end = cached + n
+            # a request whose prefill ends in this chunk gets its decode lookahead now (one
+            # manager call instead of two; it decodes up to position stop_len - 2), but only as
+            # the last waiting request: blocks it takes ahead never keep another one out
+            want = end
+            if end == known and len(policy) == 1:
+                ahead = self._spare_lookahead()
+                if ahead:
+                    want = min(known + 1 + ahead * bs, r.stop_len - 1)
+            if not kv.allocate(r, want if want > end else end, cached) and (
+                    want <= end or not kv.allocate(r, end, cached)):
                 break
             policy.pop()
             self._waiting_tokens -= known
@@ -546,11 +577,15 @@ class Scheduler:
 
         stops = self._stop_token_union
         decodes = output.decodes
-        for r, t in zip(decodes, sampled_token_ids, strict=False):  # decodes come first
-            r.token_ids.append(t)
-        # decodes is _decoding (a finish in flight left both, see _without_finished): each of
-        # its requests has one more computed token for the next step
-        self._decoding_comp = [c + 1 for c in self._decoding_comp]
+        # decodes is _decoding (a finish in flight left both, see _without_finished), and the
+        # decodes' tokens come first: append each in C, then each decode has one more computed
+        # token for the next step
+        if self.speedups:
+            self._decoding_comp = _csched.advance_decodes(
+                self._decoding_tokens, sampled_token_ids, self._decoding_comp)
+        else:
+            _consume(map(list.append, self._decoding_tokens, sampled_token_ids))
+            self._decoding_comp = [c + 1 for c in self._decoding_comp]
         if stops and not stops.isdisjoint(sampled_token_ids):  # one C pass; exact check below
             for r, t in zip(decodes, sampled_token_ids, strict=False):
                 if t in stops:
@@ -623,7 +658,9 @@ class Scheduler:
             # length limit fall on known steps
             self._prefilling.remove(r)
             r.prefilling = False
-            self._decoding_comp.insert(_insert(self._decoding, r), n - 1)
+            i = _insert(self._decoding, r)
+            self._decoding_comp.insert(i, n - 1)
+            self._decoding_tokens.insert(i, ti)
             _due_at(self._block_due, step + r.capacity - c, r)
             if n < r.stop_len:
                 _due_at(self._length_due, step + r.stop_len - n - 1, r)
@@ -632,6 +669,7 @@ class Scheduler:
         i = self._decoding.index(r)
         del self._decoding[i]
         del self._decoding_comp[i]
+        del self._decoding_tokens[i]
 
     def _emit_new_tokens(self, requests: list[Request], now: float) -> None:
         hooks = self.hooks
