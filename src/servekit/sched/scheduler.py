@@ -467,16 +467,9 @@ class Scheduler:
             cached = kv.get_num_cached_tokens(r)
             n = min(known - cached, chunk, budget)
             end = cached + n
-            # a request whose prefill ends in this chunk gets its decode lookahead now (one
-            # manager call instead of two; it decodes up to position stop_len - 2), but only as
-            # the last waiting request: blocks it takes ahead never keep another one out
-            want = end
-            if end == known and len(policy) == 1:
-                ahead = self._spare_lookahead()
-                if ahead:
-                    want = min(known + 1 + ahead * bs, r.stop_len - 1)
-            if not kv.allocate(r, want if want > end else end, cached) and (
-                    want <= end or not kv.allocate(r, end, cached)):
+            want = self._admission_lookahead(r, end) if end == known else end
+            if not kv.allocate(r, want, cached) and (
+                    want == end or not kv.allocate(r, end, cached)):
                 break
             policy.pop()
             self._waiting_tokens -= known
@@ -498,6 +491,21 @@ class Scheduler:
             pf_comp.append(cached)
             pf_samples.append(cached + n == known)
             budget -= n
+
+    def _admission_lookahead(self, r: Request, known: int) -> int:
+        """Tokens to allocate for ``r``, whose whole prompt (``known`` tokens) is admitted now:
+        with its decode lookahead when blocks are spare, so it needs one manager call instead
+        of two (it decodes up to position ``stop_len - 2``). The blocks every other waiting
+        prompt needs stay free (rounded up, assuming no prefix hits)."""
+        ahead = self._spare_lookahead()
+        others = len(self.policy) - 1
+        if ahead and others:
+            bs = self.block_size
+            others += (self._waiting_tokens - known) // bs
+            ahead = min(ahead, self.kv.num_free_blocks - known // bs - 1 - others)
+        if ahead <= 0:
+            return known
+        return max(known, min(known + 1 + ahead * self.block_size, r.stop_len - 1))
 
     def _victim(self) -> Request:
         """The running request of highest rank (the next preemption victim)."""
