@@ -67,6 +67,93 @@ acquire(Buffers *bufs, PyObject *obj, Py_ssize_t itemsize, int writable, Py_ssiz
     return view->buf;
 }
 
+/* A hash-table geometry check: keys and values of one power-of-two length. */
+static int
+check_table(Py_ssize_t nkeys, Py_ssize_t nvalues)
+{
+    if (nkeys <= 0 || nkeys != nvalues || (nkeys & (nkeys - 1)) != 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "keys and values must have one power-of-two length");
+        return -1;
+    }
+    return 0;
+}
+
+/* -- the pool's arrays -------------------------------------------------------------------- */
+
+/* The pool arrays the functions take: the index of each in PoolArrays.buf and .len. */
+enum { A_NEXT, A_PREV, A_REF, A_HASHES, A_SERIAL, A_KEYS, A_VALUES, A_PARENT, A_TOKENS, N_ARRAYS };
+#define BIT(a) (1u << (a))
+#define ALL_ARRAYS (BIT(N_ARRAYS) - 1)
+
+static const struct {
+    const char *name;
+    Py_ssize_t itemsize;  /* 1: raw bytes */
+} array_kinds[N_ARRAYS] = {
+    [A_NEXT] = {"next", 4},     [A_PREV] = {"prev", 4},     [A_REF] = {"ref", 4},
+    [A_HASHES] = {"hashes", 8}, [A_SERIAL] = {"serial", 8}, [A_KEYS] = {"keys", 8},
+    [A_VALUES] = {"values", 4}, [A_PARENT] = {"parent", 8}, [A_TOKENS] = {"token_bytes", 1},
+};
+
+typedef struct {
+    Buffers bufs;
+    void *buf[N_ARRAYS];  /* only those acquired are set */
+    Py_ssize_t len[N_ARRAYS];  /* in items */
+    Py_ssize_t num_blocks;
+    int64_t mask;  /* the hash index's slot mask (its length - 1), with keys */
+    Py_ssize_t rb;  /* token bytes per block, with token_bytes */
+} PoolArrays;
+
+/* Acquire args[0], args[1], ... as the arrays `order` lists (ending at -1), writable where
+ * their bit is set in `writable`, and check that they make one pool: num_blocks is the length
+ * of ref (or else parent); next and prev have one more item; hashes, serial and parent have
+ * num_blocks; token_bytes holds num_blocks > 0 blocks of whole int32 tokens; keys and values
+ * are one power-of-two table. -1 with an exception set. Whatever it returns, the caller
+ * releases p->bufs with release_all. */
+static int
+pool_acquire(PoolArrays *p, PyObject *const *args, const signed char *order, unsigned writable)
+{
+    unsigned have = 0;
+    p->bufs.n = 0;  /* the views are filled as they are acquired */
+    for (int i = 0; order[i] >= 0; i++) {
+        const int a = order[i];
+        p->buf[a] = acquire(&p->bufs, args[i], array_kinds[a].itemsize, (writable >> a) & 1,
+                            &p->len[a], array_kinds[a].name);
+        if (p->buf[a] == NULL) {
+            return -1;
+        }
+        have |= BIT(a);
+    }
+    const Py_ssize_t *n = p->len;
+    const Py_ssize_t nb = have & BIT(A_REF) ? n[A_REF] : n[A_PARENT];
+    int bad = (have & BIT(A_NEXT)) && (n[A_NEXT] != nb + 1 || n[A_PREV] != nb + 1);
+    bad |= (have & BIT(A_HASHES)) && n[A_HASHES] != nb;
+    bad |= (have & BIT(A_SERIAL)) && n[A_SERIAL] != nb;
+    bad |= (have & BIT(A_PARENT)) && n[A_PARENT] != nb;
+    p->rb = 0;
+    if (have & BIT(A_TOKENS)) {
+        const Py_ssize_t nt = n[A_TOKENS];
+        if (nb == 0 || nt == 0 || nt % nb != 0 || (nt / nb) % 4 != 0) {
+            bad = 1;
+        }
+        else {
+            p->rb = nt / nb;
+        }
+    }
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "inconsistent pool array lengths");
+        return -1;
+    }
+    if (have & BIT(A_KEYS)) {
+        if (check_table(n[A_KEYS], n[A_VALUES]) < 0) {
+            return -1;
+        }
+        p->mask = n[A_KEYS] - 1;
+    }
+    p->num_blocks = nb;
+    return 0;
+}
+
 /* -- argument helpers --------------------------------------------------------------------- */
 
 static int
@@ -165,13 +252,16 @@ pair(PyObject *a, long long b)
     return t;
 }
 
-static int32_t *
-id_buffer(Py_ssize_t n, int32_t *stack)
+/* Scratch memory for count items of itemsize bytes: `stack` (stack_size bytes) when they fit,
+ * else the heap; NULL with MemoryError. free_scratch frees either, and NULL. */
+static void *
+scratch(Py_ssize_t count, size_t itemsize, void *stack, size_t stack_size)
 {
-    if (n <= STACK_IDS) {
+    if ((size_t)count <= stack_size / itemsize) {
         return stack;
     }
-    int32_t *buf = PyMem_New(int32_t, (size_t)n);
+    void *buf = (size_t)count > PY_SSIZE_T_MAX / itemsize
+        ? NULL : PyMem_Malloc((size_t)count * itemsize);
     if (buf == NULL) {
         PyErr_NoMemory();
     }
@@ -179,11 +269,36 @@ id_buffer(Py_ssize_t n, int32_t *stack)
 }
 
 static void
-free_id_buffer(int32_t *buf, int32_t *stack)
+free_scratch(void *buf, void *stack)
 {
-    if (buf != stack) {
+    if (buf != NULL && buf != stack) {
         PyMem_Free(buf);
     }
+}
+
+/* An int argument, as PyLong_AsSsize_t / PyLong_AsLongLong take it; -1 with an exception. */
+static int
+get_ssize(PyObject *obj, Py_ssize_t *out)
+{
+    *out = PyLong_AsSsize_t(obj);
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static int
+get_int64(PyObject *obj, int64_t *out)
+{
+    *out = PyLong_AsLongLong(obj);
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static int
+check_salts(PyObject *salts)
+{
+    if (!PyDict_Check(salts)) {
+        PyErr_SetString(PyExc_TypeError, "salts must be a dict");
+        return -1;
+    }
+    return 0;
 }
 
 static PyObject *
@@ -192,6 +307,22 @@ index_error(const char *what, long long value, Py_ssize_t bound)
     PyErr_Format(PyExc_IndexError, "%s %lld out of range [0, %zd) (corrupt pool state)", what,
                  value, bound);
     return NULL;
+}
+
+/* The slot of hash h in the index (keys, of mask + 1 slots), or else the empty slot that ends
+ * its probe run; -1 with ValueError when there is none. */
+static inline int64_t
+find_slot(const int64_t *keys, int64_t mask, int64_t h)
+{
+    int64_t j = h & mask, k;
+    for (int64_t probes = 0; (k = keys[j]) != h && k != NO_HASH; probes++) {
+        if (probes > mask) {
+            PyErr_SetString(PyExc_ValueError, "hash index has no empty slot");
+            return -1;
+        }
+        j = (j + 1) & mask;
+    }
+    return j;
 }
 
 /* Python's `salts.get(block) == salt`: 1, 0, or -1 with an exception. */
@@ -216,17 +347,6 @@ salt_matches(PyObject *salts, int32_t block, PyObject *salt)
     return eq;
 }
 
-/* A hash-table geometry check: keys and values of one power-of-two length. */
-static int
-check_table(Py_ssize_t nkeys, Py_ssize_t nvalues)
-{
-    if (nkeys <= 0 || nkeys != nvalues || (nkeys & (nkeys - 1)) != 0) {
-        PyErr_SetString(PyExc_ValueError,
-                        "keys and values must have one power-of-two length");
-        return -1;
-    }
-    return 0;
-}
 
 /* -- packing and hashing token ids (hashing.pack_tokens / extend_block_hashes) -------------- */
 
@@ -297,20 +417,6 @@ pack_tokens(PyObject *seq, Py_ssize_t lo, Py_ssize_t hi, unsigned char *out)
         out[3] = (unsigned char)(u >> 24);
     }
     return 0;
-}
-
-/* A byte buffer of n bytes: stack (STACK_BYTES) or heap; NULL with MemoryError. */
-static unsigned char *
-byte_buffer(Py_ssize_t n, unsigned char *stack)
-{
-    if (n <= STACK_BYTES) {
-        return stack;
-    }
-    unsigned char *buf = PyMem_Malloc((size_t)n);
-    if (buf == NULL) {
-        PyErr_NoMemory();
-    }
-    return buf;
 }
 
 /* hashing.salt_bytes(salt) + block: a new bytes object, or NULL with an exception set. */
@@ -456,14 +562,14 @@ cpool_extend_hashes(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize
     if (check_nargs("extend_hashes", nargs, 7) < 0) {
         return NULL;
     }
-    PyObject *hashes, *seq = NULL;
+    PyObject *hashes, *seq;
     unsigned char stack[STACK_BYTES], *buf = NULL;
-    int raw;
-    if (get_list(args[1], "hashes", 0, &hashes) < 0) return NULL;
-    const Py_ssize_t num_blocks = PyLong_AsSsize_t(args[2]);
-    if (num_blocks == -1 && PyErr_Occurred()) return NULL;
-    const Py_ssize_t bs = PyLong_AsSsize_t(args[3]);
-    if (bs == -1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t num_blocks, bs;
+    int raw, ok = 0;
+    if (get_list(args[1], "hashes", 0, &hashes) < 0 || get_ssize(args[2], &num_blocks) < 0 ||
+        get_ssize(args[3], &bs) < 0) {
+        return NULL;
+    }
     if (bs <= 0 || bs > (PY_SSIZE_T_MAX / 4)) {
         PyErr_SetString(PyExc_ValueError, "block_size must be positive");
         return NULL;
@@ -480,20 +586,17 @@ cpool_extend_hashes(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize
     const Py_ssize_t lo_tok = start <= len / bs ? start * bs : len;
     const Py_ssize_t hi_tok = num_blocks <= len / bs ? num_blocks * bs : len;
     if (hi_tok > lo_tok) {
-        buf = byte_buffer(4 * (hi_tok - lo_tok), stack);
-        if (buf == NULL) goto fail;
-        if (pack_tokens(seq, lo_tok, hi_tok, buf) < 0) goto fail;
-        if (hash_blocks(hashes, buf, (hi_tok - lo_tok) / bs, 4 * bs, args[4], args[5], raw) < 0)
-            goto fail;
+        buf = scratch(4 * (hi_tok - lo_tok), 1, stack, sizeof stack);
+        if (buf == NULL || pack_tokens(seq, lo_tok, hi_tok, buf) < 0 ||
+            hash_blocks(hashes, buf, (hi_tok - lo_tok) / bs, 4 * bs, args[4], args[5], raw) < 0)
+            goto done;
     }
-    if (buf != NULL && buf != stack) PyMem_Free(buf);
+    ok = 1;
+done:
+    free_scratch(buf, stack);
     Py_DECREF(seq);
+    if (!ok) return NULL;
     Py_RETURN_NONE;
-
-fail:
-    if (buf != NULL && buf != stack) PyMem_Free(buf);
-    Py_DECREF(seq);
-    return NULL;
 }
 
 /* -- BlockPool.allocate ------------------------------------------------------------------- */
@@ -507,60 +610,45 @@ PyDoc_STRVAR(allocate_doc,
 static PyObject *
 cpool_allocate(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
+    static const signed char arrays[] = {A_NEXT, A_PREV, A_REF, A_HASHES, A_SERIAL, A_KEYS,
+                                         A_VALUES, -1};
     if (check_nargs("allocate", nargs, 9) < 0) {
         return NULL;
     }
-    Buffers bufs;
-    bufs.n = 0;  /* the views are filled as they are acquired */
+    PoolArrays pool;
     PyObject *out = NULL, *removed;
-    Py_ssize_t n_next, n_prev, n_ref, n_hashes, n_serial, n_keys, n_values;
-    int32_t *nxt = acquire(&bufs, args[0], 4, 1, &n_next, "next");
-    if (nxt == NULL) goto fail;
-    int32_t *prv = acquire(&bufs, args[1], 4, 1, &n_prev, "prev");
-    if (prv == NULL) goto fail;
-    int32_t *ref = acquire(&bufs, args[2], 4, 1, &n_ref, "ref");
-    if (ref == NULL) goto fail;
-    int64_t *hashes = acquire(&bufs, args[3], 8, 1, &n_hashes, "hashes");
-    if (hashes == NULL) goto fail;
-    int64_t *serial = acquire(&bufs, args[4], 8, 1, &n_serial, "serial");
-    if (serial == NULL) goto fail;
-    int64_t *keys = acquire(&bufs, args[5], 8, 1, &n_keys, "keys");
-    if (keys == NULL) goto fail;
-    int32_t *values = acquire(&bufs, args[6], 4, 1, &n_values, "values");
-    if (values == NULL) goto fail;
-    const Py_ssize_t num_blocks = n_ref;
-    if (n_next != num_blocks + 1 || n_prev != num_blocks + 1 || n_hashes != num_blocks ||
-        n_serial != num_blocks) {
-        PyErr_SetString(PyExc_ValueError, "inconsistent pool array lengths");
-        goto fail;
-    }
-    if (check_table(n_keys, n_values) < 0) goto fail;
-    Py_ssize_t n = PyLong_AsSsize_t(args[7]);
-    if (n == -1 && PyErr_Occurred()) goto fail;
+    Py_ssize_t n, evicted = 0;
+    int ok = 0;
+    if (pool_acquire(&pool, args, arrays, ALL_ARRAYS) < 0 || get_ssize(args[7], &n) < 0) goto done;
+    int32_t *const nxt = pool.buf[A_NEXT], *const prv = pool.buf[A_PREV];
+    int32_t *const ref = pool.buf[A_REF];
+    int64_t *const hashes = pool.buf[A_HASHES], *const serial = pool.buf[A_SERIAL];
+    int64_t *const keys = pool.buf[A_KEYS];
+    int32_t *const values = pool.buf[A_VALUES];
+    const Py_ssize_t num_blocks = pool.num_blocks;
+    const int64_t mask = pool.mask;
     if (n < 0) {
         PyErr_SetString(PyExc_ValueError, "n must be non-negative");
-        goto fail;
+        goto done;
     }
     if (n > num_blocks) {
         PyErr_Format(PyExc_IndexError, "allocate(%zd) from a pool of %zd blocks", n, num_blocks);
-        goto fail;
+        goto done;
     }
-    if (get_list(args[8], "removed", 1, &removed) < 0) goto fail;
+    if (get_list(args[8], "removed", 1, &removed) < 0) goto done;
 
-    const int64_t mask = n_keys - 1;
     out = PyList_New(n);
-    if (out == NULL) goto fail;
-    Py_ssize_t evicted = 0;
+    if (out == NULL) goto done;
     int32_t b = nxt[num_blocks];
     for (Py_ssize_t t = 0; t < n; t++) {
         if (b < 0 || b >= num_blocks) {  /* the sentinel: n > num_free */
             PyErr_Format(PyExc_IndexError,
                          "allocate(%zd): the free list ran out (n exceeds num_free)", n);
-            goto fail;
+            goto done;
         }
         ref[b] = 1;
         PyObject *id = PyLong_FromLong(b);
-        if (id == NULL) goto fail;
+        if (id == NULL) goto done;
         PyList_SET_ITEM(out, t, id);
         const int64_t h = hashes[b];
         if (h != NO_HASH) {  /* evict its cached KV: backward-shift deletion, as _delete */
@@ -570,7 +658,7 @@ cpool_allocate(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
                     PyErr_Format(PyExc_ValueError,
                                  "hash %lld of block %d is not in the index (corrupt pool)",
                                  (long long)h, (int)b);
-                    goto fail;
+                    goto done;
                 }
                 i = (i + 1) & mask;
             }
@@ -583,7 +671,7 @@ cpool_allocate(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
                 }
                 if (probes > mask) {
                     PyErr_SetString(PyExc_ValueError, "hash index has no empty slot");
-                    goto fail;
+                    goto done;
                 }
                 const int64_t home = k & mask;
                 if ((home <= i && i < j) || (i < j && j < home) || (j < home && home <= i)) {
@@ -596,23 +684,24 @@ cpool_allocate(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
             hashes[b] = NO_HASH;
             serial[b] = NO_SERIAL;
             evicted++;
-            if (removed != NULL && append_long(removed, h) < 0) goto fail;
+            if (removed != NULL && append_long(removed, h) < 0) goto done;
         }
         b = nxt[b];
     }
     if (b < 0 || b > num_blocks) {
         index_error("free-list link", b, num_blocks + 1);
-        goto fail;
+        goto done;
     }
     nxt[num_blocks] = b;
     prv[b] = (int32_t)num_blocks;
-    release_all(&bufs);
+    ok = 1;
+done:
+    release_all(&pool.bufs);
+    if (!ok) {
+        Py_XDECREF(out);
+        return NULL;
+    }
     return pair(out, evicted);
-
-fail:
-    Py_XDECREF(out);
-    release_all(&bufs);
-    return NULL;
 }
 
 /* -- BlockPool.touch ---------------------------------------------------------------------- */
@@ -625,33 +714,25 @@ PyDoc_STRVAR(touch_doc,
 static PyObject *
 cpool_touch(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
+    static const signed char arrays[] = {A_NEXT, A_PREV, A_REF, -1};
     if (check_nargs("touch", nargs, 4) < 0) {
         return NULL;
     }
-    Buffers bufs;
-    bufs.n = 0;  /* the views are filled as they are acquired */
+    PoolArrays pool;
     int32_t stack[STACK_IDS], *ids = NULL;
     PyObject *seq = NULL;
-    Py_ssize_t n_next, n_prev, n_ref;
-    int32_t *nxt = acquire(&bufs, args[0], 4, 1, &n_next, "next");
-    if (nxt == NULL) goto fail;
-    int32_t *prv = acquire(&bufs, args[1], 4, 1, &n_prev, "prev");
-    if (prv == NULL) goto fail;
-    int32_t *ref = acquire(&bufs, args[2], 4, 1, &n_ref, "ref");
-    if (ref == NULL) goto fail;
-    const Py_ssize_t num_blocks = n_ref;
-    if (n_next != num_blocks + 1 || n_prev != num_blocks + 1) {
-        PyErr_SetString(PyExc_ValueError, "inconsistent pool array lengths");
-        goto fail;
-    }
-    seq = PySequence_Fast(args[3], "blocks must be a sequence");
-    if (seq == NULL) goto fail;
-    const Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
-    ids = id_buffer(len, stack);
-    if (ids == NULL) goto fail;
-    if (load_ids(seq, 0, len, num_blocks, 0, ids) < 0) goto fail;
-
     long unlinked = 0;
+    int ok = 0;
+    if (pool_acquire(&pool, args, arrays, ALL_ARRAYS) < 0) goto done;
+    int32_t *const nxt = pool.buf[A_NEXT], *const prv = pool.buf[A_PREV];
+    int32_t *const ref = pool.buf[A_REF];
+    const Py_ssize_t num_blocks = pool.num_blocks;
+    seq = PySequence_Fast(args[3], "blocks must be a sequence");
+    if (seq == NULL) goto done;
+    const Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
+    ids = scratch(len, sizeof *ids, stack, sizeof stack);
+    if (ids == NULL || load_ids(seq, 0, len, num_blocks, 0, ids) < 0) goto done;
+
     for (Py_ssize_t t = 0; t < len; t++) {
         const int32_t b = ids[t];
         const int32_t r = ref[b];
@@ -659,7 +740,7 @@ cpool_touch(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
             const int32_t p = prv[b], q = nxt[b];
             if (p < 0 || p > num_blocks || q < 0 || q > num_blocks) {
                 index_error("free-list link", p < 0 || p > num_blocks ? p : q, num_blocks + 1);
-                goto fail;
+                goto done;
             }
             nxt[p] = q;
             prv[q] = p;
@@ -667,16 +748,12 @@ cpool_touch(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
         }
         ref[b] = r + 1;
     }
-    free_id_buffer(ids, stack);
-    Py_DECREF(seq);
-    release_all(&bufs);
-    return PyLong_FromLong(unlinked);
-
-fail:
-    if (ids != NULL) free_id_buffer(ids, stack);
+    ok = 1;
+done:
+    free_scratch(ids, stack);
     Py_XDECREF(seq);
-    release_all(&bufs);
-    return NULL;
+    release_all(&pool.bufs);
+    return ok ? PyLong_FromLong(unlinked) : NULL;
 }
 
 /* -- BlockPool.free ----------------------------------------------------------------------- */
@@ -691,37 +768,26 @@ PyDoc_STRVAR(free_doc,
 static PyObject *
 cpool_free(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
+    static const signed char arrays[] = {A_NEXT, A_PREV, A_REF, A_HASHES, -1};
     if (check_nargs("free", nargs, 5) < 0) {
         return NULL;
     }
-    Buffers bufs;
-    bufs.n = 0;  /* the views are filled as they are acquired */
+    PoolArrays pool;
     int32_t stack[2 * STACK_IDS], *ids = NULL;
     PyObject *seq = NULL;
-    Py_ssize_t n_next, n_prev, n_ref, n_hashes;
-    int32_t *nxt = acquire(&bufs, args[0], 4, 1, &n_next, "next");
-    if (nxt == NULL) goto fail;
-    int32_t *prv = acquire(&bufs, args[1], 4, 1, &n_prev, "prev");
-    if (prv == NULL) goto fail;
-    int32_t *ref = acquire(&bufs, args[2], 4, 1, &n_ref, "ref");
-    if (ref == NULL) goto fail;
-    int64_t *hashes = acquire(&bufs, args[3], 8, 0, &n_hashes, "hashes");
-    if (hashes == NULL) goto fail;
-    const Py_ssize_t num_blocks = n_ref;
-    if (n_next != num_blocks + 1 || n_prev != num_blocks + 1 || n_hashes != num_blocks) {
-        PyErr_SetString(PyExc_ValueError, "inconsistent pool array lengths");
-        goto fail;
-    }
+    Py_ssize_t released = 0, failed = -1;
+    int ok = 0;
+    if (pool_acquire(&pool, args, arrays, ALL_ARRAYS & ~BIT(A_HASHES)) < 0) goto done;
+    int32_t *const nxt = pool.buf[A_NEXT], *const prv = pool.buf[A_PREV];
+    int32_t *const ref = pool.buf[A_REF];
+    const int64_t *const hashes = pool.buf[A_HASHES];
+    const Py_ssize_t num_blocks = pool.num_blocks;
     seq = PySequence_Fast(args[4], "blocks must be a sequence");
-    if (seq == NULL) goto fail;
+    if (seq == NULL) goto done;
     const Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
     /* ids[0:len]: the blocks tail first; ids[len:2 len]: the uncached ones released */
-    ids = len <= STACK_IDS ? stack : PyMem_New(int32_t, 2 * (size_t)len);
-    if (ids == NULL) {
-        PyErr_NoMemory();
-        goto fail;
-    }
-    if (load_ids(seq, 0, len, num_blocks, 1, ids) < 0) goto fail;
+    ids = scratch(2 * len, sizeof *ids, stack, sizeof stack);
+    if (ids == NULL || load_ids(seq, 0, len, num_blocks, 1, ids) < 0) goto done;
     int32_t *uncached = ids + len;
 
     int32_t tail = prv[num_blocks];
@@ -729,9 +795,10 @@ cpool_free(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     if (tail < 0 || tail > num_blocks || head < 0 || head > num_blocks) {
         index_error("free-list link", tail < 0 || tail > num_blocks ? tail : head,
                     num_blocks + 1);
-        goto fail;
+        goto done;
     }
-    Py_ssize_t n_uncached = 0, released = len, failed = -1;
+    Py_ssize_t n_uncached = 0;
+    released = len;
     for (Py_ssize_t t = 0; t < len; t++) {
         const int32_t b = ids[t];
         const int32_t r = ref[b];
@@ -766,16 +833,12 @@ cpool_free(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         prv[b] = (int32_t)num_blocks;
         nxt[num_blocks] = b;
     }
-    if (ids != stack) PyMem_Free(ids);
-    Py_DECREF(seq);
-    release_all(&bufs);
-    return pair(PyLong_FromSsize_t(released), failed);
-
-fail:
-    if (ids != NULL && ids != stack) PyMem_Free(ids);
+    ok = 1;
+done:
+    free_scratch(ids, stack);
     Py_XDECREF(seq);
-    release_all(&bufs);
-    return NULL;
+    release_all(&pool.bufs);
+    return ok ? pair(PyLong_FromSsize_t(released), failed) : NULL;
 }
 
 /* -- KVCacheManager.commit ---------------------------------------------------------------- */
@@ -795,93 +858,67 @@ PyDoc_STRVAR(commit_doc,
 static PyObject *
 cpool_commit(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
+    static const signed char arrays[] = {A_KEYS, A_VALUES, A_PARENT, A_SERIAL, A_HASHES,
+                                         A_TOKENS, -1};
     if (check_nargs("commit", nargs, 18) < 0) {
         return NULL;
     }
-    Buffers bufs;
-    bufs.n = 0;  /* the views are filled as they are acquired */
+    PoolArrays pool;
     int32_t stack[STACK_IDS], *ids = NULL;
-    int64_t hstack[STACK_IDS], *hs = hstack;
+    int64_t hstack[STACK_IDS], *hs = NULL;
     unsigned char bstack[STACK_BYTES], *packed = NULL;
     PyObject *block_hashes, *block_ids, *stored, *seq = NULL;
-    Py_ssize_t n_keys, n_values, n_parent, n_serial, n_hashes, n_tok;
-    int raw;
-    int64_t *keys = acquire(&bufs, args[0], 8, 1, &n_keys, "keys");
-    if (keys == NULL) goto fail;
-    int32_t *values = acquire(&bufs, args[1], 4, 1, &n_values, "values");
-    if (values == NULL) goto fail;
-    int64_t *parent = acquire(&bufs, args[2], 8, 1, &n_parent, "parent");
-    if (parent == NULL) goto fail;
-    int64_t *serial = acquire(&bufs, args[3], 8, 1, &n_serial, "serial");
-    if (serial == NULL) goto fail;
-    int64_t *bhash = acquire(&bufs, args[4], 8, 1, &n_hashes, "hashes");
-    if (bhash == NULL) goto fail;
-    char *tok = acquire(&bufs, args[5], 1, 1, &n_tok, "token_bytes");
-    if (tok == NULL) goto fail;
-    const Py_ssize_t num_blocks = n_hashes;
-    if (n_parent != num_blocks || n_serial != num_blocks || num_blocks == 0 ||
-        n_tok % num_blocks != 0 || (n_tok / num_blocks) % 4 != 0 || n_tok == 0) {
-        PyErr_SetString(PyExc_ValueError, "inconsistent pool array lengths");
-        goto fail;
-    }
-    if (check_table(n_keys, n_values) < 0) goto fail;
-    const Py_ssize_t rb = n_tok / num_blocks;  /* bytes per block */
-    const Py_ssize_t bs = rb / 4;  /* tokens per block */
+    Py_ssize_t start, n_full;
+    int64_t link = 0, s = 0;
+    int raw, ok = 0;
+    if (pool_acquire(&pool, args, arrays, ALL_ARRAYS) < 0) goto done;
+    int64_t *const keys = pool.buf[A_KEYS], *const parent = pool.buf[A_PARENT];
+    int64_t *const serial = pool.buf[A_SERIAL], *const bhash = pool.buf[A_HASHES];
+    int32_t *const values = pool.buf[A_VALUES];
+    char *const tok = pool.buf[A_TOKENS];
+    const Py_ssize_t num_blocks = pool.num_blocks, rb = pool.rb, bs = rb / 4;
+    PyObject *salt = args[13], *salts = args[14], *fn = args[15];
     if (get_list(args[7], "block_hashes", 0, &block_hashes) < 0 ||
         get_list(args[8], "block_ids", 0, &block_ids) < 0 ||
-        get_list(args[17], "stored", 1, &stored) < 0) {
-        goto fail;
+        get_list(args[17], "stored", 1, &stored) < 0 || get_ssize(args[9], &start) < 0 ||
+        get_ssize(args[10], &n_full) < 0 || get_int64(args[11], &link) < 0 ||
+        get_int64(args[12], &s) < 0 || check_salts(salts) < 0 || get_bool(args[16], &raw) < 0) {
+        goto done;
     }
-    const Py_ssize_t start = PyLong_AsSsize_t(args[9]);
-    if (start == -1 && PyErr_Occurred()) goto fail;
-    const Py_ssize_t n_full = PyLong_AsSsize_t(args[10]);
-    if (n_full == -1 && PyErr_Occurred()) goto fail;
-    int64_t link = PyLong_AsLongLong(args[11]);
-    if (link == -1 && PyErr_Occurred()) goto fail;
-    int64_t s = PyLong_AsLongLong(args[12]);
-    if (s == -1 && PyErr_Occurred()) goto fail;
-    PyObject *salt = args[13], *salts = args[14], *fn = args[15];
-    if (!PyDict_Check(salts)) {
-        PyErr_SetString(PyExc_TypeError, "salts must be a dict");
-        goto fail;
-    }
-    if (get_bool(args[16], &raw) < 0) goto fail;
     seq = PySequence_Fast(args[6], "token_ids must be a sequence");
-    if (seq == NULL) goto fail;
+    if (seq == NULL) goto done;
     if (start < 0 || n_full < start || n_full > PySequence_Fast_GET_SIZE(seq) / bs ||
         PyList_GET_SIZE(block_ids) < n_full) {
         PyErr_SetString(PyExc_ValueError, "commit range exceeds token_ids or block_ids");
-        goto fail;
+        goto done;
     }
 
     /* Pack blocks base..n_full-1, base being the first block to hash when that comes before
      * start (as the Python path, packing start.. first, then base..start-1 for the hashes). */
     const Py_ssize_t have = PyList_GET_SIZE(block_hashes);
     const Py_ssize_t base = have < start ? have : start;
-    packed = byte_buffer((n_full - base) * rb, bstack);
-    if (packed == NULL) goto fail;
+    packed = scratch((n_full - base) * rb, 1, bstack, sizeof bstack);
+    if (packed == NULL) goto done;
     const unsigned char *data = packed + (start - base) * rb;  /* blocks start.. */
     if (pack_tokens(seq, start * bs, n_full * bs, packed + (start - base) * rb) < 0 ||
         pack_tokens(seq, base * bs, start * bs, packed) < 0) {
-        goto fail;
+        goto done;
     }
     if (have < n_full &&
         hash_blocks(block_hashes, packed + (have - base) * rb, n_full - have, rb, salt, fn,
                     raw) < 0) {
-        goto fail;
+        goto done;
     }
     if (PyList_GET_SIZE(block_hashes) < n_full || PyList_GET_SIZE(block_ids) < n_full) {
         PyErr_SetString(PyExc_ValueError, "commit range exceeds block_hashes or block_ids");
-        goto fail;
+        goto done;
     }
     const Py_ssize_t count = n_full - start;
-    ids = id_buffer(count, stack);
-    if (ids == NULL) goto fail;
-    if (count > STACK_IDS && (hs = PyMem_New(int64_t, (size_t)count)) == NULL) {
-        PyErr_NoMemory();
-        goto fail;
+    if ((ids = scratch(count, sizeof *ids, stack, sizeof stack)) == NULL ||
+        (hs = scratch(count, sizeof *hs, hstack, sizeof hstack)) == NULL ||
+        load_ids(block_ids, start, n_full, num_blocks, 0, ids) < 0) {
+        goto done;
     }
-    if (load_ids(block_ids, start, n_full, num_blocks, 0, ids) < 0) goto fail;
     for (Py_ssize_t t = 0; t < count; t++) {
         int err;
         hs[t] = seq_int(block_hashes, start + t, &err);
@@ -889,50 +926,43 @@ cpool_commit(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
             if (!err) {
                 PyErr_SetString(PyExc_ValueError, "block hashes must be non-negative");
             }
-            goto fail;
+            goto done;
         }
     }
 
-    const int64_t mask = n_keys - 1;
     for (Py_ssize_t t = 0; t < count; t++) {
         const int64_t h = hs[t];
         const Py_ssize_t o = t * rb;
-        int64_t j = h & mask, k;
-        for (int64_t probes = 0; (k = keys[j]) != h && k != NO_HASH; probes++) {
-            if (probes > mask) {
-                PyErr_SetString(PyExc_ValueError, "hash index has no empty slot");
-                goto fail;
-            }
-            j = (j + 1) & mask;
-        }
-        if (k == NO_HASH) {  /* new: register block_ids[start + t] in the empty slot j */
+        const int64_t j = find_slot(keys, pool.mask, h);
+        if (j < 0) goto done;
+        if (keys[j] == NO_HASH) {  /* new: register block_ids[start + t] in the empty slot j */
             const int32_t b = ids[t];
             bhash[b] = h;
             serial[b] = s;
             parent[b] = link;
             if (link == SALTED_ROOT_LINK && salt != Py_None) {
                 PyObject *key = PyLong_FromLong(b);
-                if (key == NULL) goto fail;
+                if (key == NULL) goto done;
                 int rc = PyDict_SetItem(salts, key, salt);
                 Py_DECREF(key);
-                if (rc < 0) goto fail;
+                if (rc < 0) goto done;
             }
             keys[j] = h;
             values[j] = b;
             memcpy(tok + (Py_ssize_t)b * rb, data + o, (size_t)rb);
             link = s++;
-            if (stored != NULL && append_long(stored, start + t) < 0) goto fail;
+            if (stored != NULL && append_long(stored, start + t) < 0) goto done;
             continue;
         }
         const int32_t other = values[j];
         if (other < 0 || other >= num_blocks) {
             index_error("index value", other, num_blocks);
-            goto fail;
+            goto done;
         }
         int same = parent[other] == link;
         if (same && link == SALTED_ROOT_LINK) {
             same = salt_matches(salts, other, salt);
-            if (same < 0) goto fail;
+            if (same < 0) goto done;
         }
         if (same && memcmp(tok + (Py_ssize_t)other * rb, data + o, (size_t)rb) == 0) {
             link = serial[other];  /* same KV already cached in another block: chain on */
@@ -942,20 +972,14 @@ cpool_commit(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
             break;
         }
     }
-    free_id_buffer(ids, stack);
-    if (hs != hstack) PyMem_Free(hs);
-    if (packed != bstack) PyMem_Free(packed);
-    Py_DECREF(seq);
-    release_all(&bufs);
-    return pair(PyLong_FromLongLong(link), s);
-
-fail:
-    if (ids != NULL) free_id_buffer(ids, stack);
-    if (hs != hstack) PyMem_Free(hs);
-    if (packed != NULL && packed != bstack) PyMem_Free(packed);
+    ok = 1;
+done:
+    free_scratch(ids, stack);
+    free_scratch(hs, hstack);
+    free_scratch(packed, bstack);
     Py_XDECREF(seq);
-    release_all(&bufs);
-    return NULL;
+    release_all(&pool.bufs);
+    return ok ? pair(PyLong_FromLongLong(link), s) : NULL;
 }
 
 /* -- KVCacheManager._find_hit ------------------------------------------------------------- */
@@ -973,94 +997,68 @@ PyDoc_STRVAR(find_hit_doc,
 static PyObject *
 cpool_find_hit(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
+    static const signed char arrays[] = {A_KEYS, A_VALUES, A_PARENT, A_SERIAL, A_TOKENS, -1};
     if (check_nargs("find_hit", nargs, 14) < 0) {
         return NULL;
     }
-    Buffers bufs;
-    bufs.n = 0;  /* the views are filled as they are acquired */
+    PoolArrays pool;
     int32_t stack[STACK_IDS], *found_ids = NULL;
-    int64_t sstack[STACK_IDS], *found_serials = sstack;
+    int64_t sstack[STACK_IDS], *found_serials = NULL;
     unsigned char bstack[STACK_BYTES], *packed = NULL;
     PyObject *block_hashes, *blocks, *serials, *seq = NULL;
-    Py_ssize_t n_keys, n_values, n_parent, n_serial, n_tok;
-    int64_t *keys = acquire(&bufs, args[0], 8, 0, &n_keys, "keys");
-    if (keys == NULL) goto fail;
-    int32_t *values = acquire(&bufs, args[1], 4, 0, &n_values, "values");
-    if (values == NULL) goto fail;
-    int64_t *parent = acquire(&bufs, args[2], 8, 0, &n_parent, "parent");
-    if (parent == NULL) goto fail;
-    int64_t *serial = acquire(&bufs, args[3], 8, 0, &n_serial, "serial");
-    if (serial == NULL) goto fail;
-    const char *tok = acquire(&bufs, args[4], 1, 0, &n_tok, "token_bytes");
-    if (tok == NULL) goto fail;
-    const Py_ssize_t num_blocks = n_parent;
-    if (n_serial != num_blocks || num_blocks == 0 || n_tok % num_blocks != 0 ||
-        (n_tok / num_blocks) % 4 != 0 || n_tok == 0) {
-        PyErr_SetString(PyExc_ValueError, "inconsistent pool array lengths");
-        goto fail;
-    }
-    if (check_table(n_keys, n_values) < 0) goto fail;
-    const Py_ssize_t rb = n_tok / num_blocks, bs = rb / 4;
+    Py_ssize_t start, max_blocks, n = 0;
+    int64_t link;
+    int ok = 0;
+    if (pool_acquire(&pool, args, arrays, 0) < 0) goto done;
+    const int64_t *const keys = pool.buf[A_KEYS], *const parent = pool.buf[A_PARENT];
+    const int64_t *const serial = pool.buf[A_SERIAL];
+    const int32_t *const values = pool.buf[A_VALUES];
+    const char *const tok = pool.buf[A_TOKENS];
+    const Py_ssize_t num_blocks = pool.num_blocks, rb = pool.rb, bs = rb / 4;
+    PyObject *salt = args[10], *salts = args[11];
     if (get_list(args[6], "block_hashes", 0, &block_hashes) < 0 ||
         get_list(args[12], "blocks", 0, &blocks) < 0 ||
-        get_list(args[13], "serials", 0, &serials) < 0) {
-        goto fail;
-    }
-    const Py_ssize_t start = PyLong_AsSsize_t(args[7]);
-    if (start == -1 && PyErr_Occurred()) goto fail;
-    const Py_ssize_t max_blocks = PyLong_AsSsize_t(args[8]);
-    if (max_blocks == -1 && PyErr_Occurred()) goto fail;
-    int64_t link = PyLong_AsLongLong(args[9]);
-    if (link == -1 && PyErr_Occurred()) goto fail;
-    PyObject *salt = args[10], *salts = args[11];
-    if (!PyDict_Check(salts)) {
-        PyErr_SetString(PyExc_TypeError, "salts must be a dict");
-        goto fail;
+        get_list(args[13], "serials", 0, &serials) < 0 || get_ssize(args[7], &start) < 0 ||
+        get_ssize(args[8], &max_blocks) < 0 || get_int64(args[9], &link) < 0 ||
+        check_salts(salts) < 0) {
+        goto done;
     }
     seq = PySequence_Fast(args[5], "token_ids must be a sequence");
-    if (seq == NULL) goto fail;
+    if (seq == NULL) goto done;
     if (start < 0 || PyList_GET_SIZE(block_hashes) < max_blocks ||
         max_blocks > PySequence_Fast_GET_SIZE(seq) / bs) {
         PyErr_SetString(PyExc_ValueError, "lookup range exceeds block_hashes or token_ids");
-        goto fail;
+        goto done;
     }
     const Py_ssize_t most = max_blocks > start ? max_blocks - start : 0;
-    found_ids = id_buffer(most, stack);  /* the blocks found and their serials */
-    if (found_ids == NULL) goto fail;
-    if (most > STACK_IDS && (found_serials = PyMem_New(int64_t, (size_t)most)) == NULL) {
-        PyErr_NoMemory();
-        goto fail;
+    /* the blocks found and their serials */
+    if ((found_ids = scratch(most, sizeof *found_ids, stack, sizeof stack)) == NULL ||
+        (found_serials = scratch(most, sizeof *found_serials, sstack, sizeof sstack)) == NULL) {
+        goto done;
     }
 
-    const int64_t mask = n_keys - 1;
     Py_ssize_t found = 0;
     for (Py_ssize_t i = start; i < max_blocks; i++) {
         int err;
         const int64_t h = seq_int(block_hashes, i, &err);
-        if (err) goto fail;
-        int64_t j = h & mask, k;
-        for (int64_t probes = 0; (k = keys[j]) != h && k != NO_HASH; probes++) {
-            if (probes > mask) {
-                PyErr_SetString(PyExc_ValueError, "hash index has no empty slot");
-                goto fail;
-            }
-            j = (j + 1) & mask;
-        }
-        if (k == NO_HASH) {
+        if (err) goto done;
+        const int64_t j = find_slot(keys, pool.mask, h);
+        if (j < 0) goto done;
+        if (keys[j] == NO_HASH) {
             break;
         }
         const int32_t b = values[j];
         if (b < 0 || b >= num_blocks) {
             index_error("index value", b, num_blocks);
-            goto fail;
+            goto done;
         }
         if (parent[b] != link) {
             break;
         }
         if (i == 0 && salt != Py_None) {
-            int ok = salt_matches(salts, b, salt);
-            if (ok < 0) goto fail;
-            if (!ok) break;
+            int match = salt_matches(salts, b, salt);
+            if (match < 0) goto done;
+            if (!match) break;
         }
         link = serial[b];
         found_ids[found] = b;
@@ -1068,11 +1066,10 @@ cpool_find_hit(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
         found++;
     }
     /* Verify the tokens of every block found (all packed first, as the Python path does). */
-    Py_ssize_t n = 0;
     if (found) {
-        packed = byte_buffer(found * rb, bstack);
-        if (packed == NULL) goto fail;
-        if (pack_tokens(seq, start * bs, (start + found) * bs, packed) < 0) goto fail;
+        packed = scratch(found * rb, 1, bstack, sizeof bstack);
+        if (packed == NULL || pack_tokens(seq, start * bs, (start + found) * bs, packed) < 0)
+            goto done;
         while (n < found &&
                memcmp(tok + (Py_ssize_t)found_ids[n] * rb, packed + n * rb, (size_t)rb) == 0) {
             n++;
@@ -1080,22 +1077,16 @@ cpool_find_hit(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
     }
     for (Py_ssize_t t = 0; t < n; t++) {
         if (append_long(blocks, found_ids[t]) < 0 || append_long(serials, found_serials[t]) < 0)
-            goto fail;
+            goto done;
     }
-    free_id_buffer(found_ids, stack);
-    if (found_serials != sstack) PyMem_Free(found_serials);
-    if (packed != NULL && packed != bstack) PyMem_Free(packed);
-    Py_DECREF(seq);
-    release_all(&bufs);
-    return PyLong_FromSsize_t(n);
-
-fail:
-    if (found_ids != NULL) free_id_buffer(found_ids, stack);
-    if (found_serials != sstack) PyMem_Free(found_serials);
-    if (packed != NULL && packed != bstack) PyMem_Free(packed);
+    ok = 1;
+done:
+    free_scratch(found_ids, stack);
+    free_scratch(found_serials, sstack);
+    free_scratch(packed, bstack);
     Py_XDECREF(seq);
-    release_all(&bufs);
-    return NULL;
+    release_all(&pool.bufs);
+    return ok ? PyLong_FromSsize_t(n) : NULL;
 }
 
 /* -- module ------------------------------------------------------------------------------- */
