@@ -154,27 +154,18 @@ class BlockPool:
 
         The caller guarantees ``n <= num_free``.
         """
+        removed: list[int] | None = [] if self._on_event is not None else None
         if self.speedups:
-            removed_c: list[int] | None = [] if self._on_event is not None else None
             taken, evicted = _cpool.allocate(
                 self.next, self.prev, self.ref, self.hashes, self.serial, self.keys,
-                self.values, n, removed_c,
+                self.values, n, removed,
             )
-            self.num_free -= n
-            if evicted:
-                self.num_cached -= evicted
-                if self._salts:
-                    for b in taken:
-                        self._salts.pop(b, None)
-                if removed_c:
-                    assert self._on_event is not None
-                    self._on_event(BlockRemoved(tuple(removed_c)))
+            self._allocated(taken, evicted, removed)
             return taken
         nxt, ref, hashes = self.next, self.ref, self.hashes
         keys, values, mask = self.keys, self.values, self._mask
         sentinel = self.num_blocks
         out: list[int] = []
-        removed: list[int] | None = [] if self._on_event is not None else None
         evicted = 0
         b = nxt[sentinel]
         for _ in range(n):
@@ -205,16 +196,21 @@ class BlockPool:
             b = nxt[b]
         nxt[sentinel] = b
         self.prev[b] = sentinel
-        self.num_free -= n
+        self._allocated(out, evicted, removed)
+        return out
+
+    def _allocated(self, taken: list[int], evicted: int, removed: list[int] | None) -> None:
+        """Account ``taken`` blocks, ``evicted`` of them dropped from the prefix cache with the
+        hashes ``removed`` (None when no one listens to events)."""
+        self.num_free -= len(taken)
         if evicted:
             self.num_cached -= evicted
             if self._salts:
-                for b in out:
+                for b in taken:
                     self._salts.pop(b, None)
-        if removed:
-            assert self._on_event is not None
-            self._on_event(BlockRemoved(tuple(removed)))
-        return out
+            if removed:
+                assert self._on_event is not None
+                self._on_event(BlockRemoved(tuple(removed)))
 
     def touch(self, blocks: Sequence[int]) -> None:
         """Take one more reference on each of ``blocks`` (cache hits), unlinking free ones."""
