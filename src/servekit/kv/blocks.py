@@ -160,10 +160,10 @@ class BlockPool:
                 self.next, self.prev, self.ref, self.hashes, self.serial, self.keys,
                 self.values, n, removed,
             )
+            self.num_cached -= evicted
             self._allocated(taken, evicted, removed)
             return taken
         nxt, ref, hashes = self.next, self.ref, self.hashes
-        keys, values, mask = self.keys, self.values, self._mask
         sentinel = self.num_blocks
         out: list[int] = []
         evicted = 0
@@ -172,22 +172,8 @@ class BlockPool:
             ref[b] = 1
             out.append(b)
             h = hashes[b]
-            if h != NO_HASH:  # evict its cached KV (backward-shift deletion, as _delete)
-                i = h & mask
-                while keys[i] != h:
-                    i = (i + 1) & mask
-                j = i
-                while True:
-                    j = (j + 1) & mask
-                    k = keys[j]
-                    if k == NO_HASH:
-                        break
-                    home = k & mask
-                    if (home <= i < j) or (i < j < home) or (j < home <= i):
-                        keys[i] = k
-                        values[i] = values[j]
-                        i = j
-                keys[i] = NO_HASH
+            if h != NO_HASH:  # evict its cached KV
+                self._delete(h)
                 hashes[b] = NO_HASH
                 self.serial[b] = _NO_SERIAL
                 evicted += 1
@@ -200,11 +186,10 @@ class BlockPool:
         return out
 
     def _allocated(self, taken: list[int], evicted: int, removed: list[int] | None) -> None:
-        """Account ``taken`` blocks, ``evicted`` of them dropped from the prefix cache with the
-        hashes ``removed`` (None when no one listens to events)."""
+        """Account ``taken`` blocks, ``evicted`` of them dropped from the prefix cache (and its
+        ``num_cached``) with the hashes ``removed`` (None when no one listens to events)."""
         self.num_free -= len(taken)
         if evicted:
-            self.num_cached -= evicted
             if self._salts:
                 for b in taken:
                     self._salts.pop(b, None)
@@ -306,6 +291,7 @@ class BlockPool:
         return {k: v for k, v in zip(self.keys, self.values, strict=True) if k != NO_HASH}
 
     def _insert(self, block_hash: int, block: int) -> None:
+        """Index ``block`` under ``block_hash`` (not indexed yet) and count it cached."""
         keys, mask = self.keys, self._mask
         i = block_hash & mask
         while keys[i] != NO_HASH:
@@ -315,6 +301,7 @@ class BlockPool:
         self.num_cached += 1
 
     def _delete(self, block_hash: int) -> None:
+        """Drop ``block_hash`` (indexed) from the index and the cached count."""
         keys, values, mask = self.keys, self.values, self._mask
         i = block_hash & mask
         while keys[i] != block_hash:
@@ -351,13 +338,7 @@ class BlockPool:
         self.parent[block] = parent_link
         if salt is not None:
             self._salts[block] = salt
-        keys, mask = self.keys, self._mask  # inlined _insert
-        i = block_hash & mask
-        while keys[i] != NO_HASH:
-            i = (i + 1) & mask
-        keys[i] = block_hash
-        self.values[i] = block
-        self.num_cached += 1
+        self._insert(block_hash, block)
         return s
 
     def set_tokens(self, blocks: Sequence[int], rows: npt.NDArray[np.int32]) -> None:
