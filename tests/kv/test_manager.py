@@ -220,8 +220,8 @@ def test_events_stored_removed_cleared() -> None:
     assert events[-1] == AllBlocksCleared()
 
 
-def test_free_keeps_hashes_and_readmission_does_not_rehash() -> None:
-    mgr = KVCacheManager(8, 4)
+def count_hash_calls(mgr: KVCacheManager) -> list[int]:
+    """Wrap the manager's hash function; the returned list grows by one per block hashed."""
     calls: list[int] = []
     inner = mgr._hash_fn
 
@@ -230,6 +230,12 @@ def test_free_keeps_hashes_and_readmission_does_not_rehash() -> None:
         return inner(data, parent)
 
     mgr._hash_fn = counting
+    return calls
+
+
+def test_free_keeps_hashes_and_readmission_does_not_rehash() -> None:
+    mgr = KVCacheManager(8, 4)
+    calls = count_hash_calls(mgr)
     a = KVSequence("a", list(range(13)))
     run(mgr, a)
     hashes = list(a.block_hashes)
@@ -269,14 +275,7 @@ def test_fork_without_a_free_block_for_the_tail() -> None:
 
 def test_shared_prefix_of_the_last_hit_is_neither_rehashed_nor_stale() -> None:
     mgr = KVCacheManager(16, 4)
-    calls: list[int] = []
-    inner = mgr._hash_fn
-
-    def counting(data: bytes | memoryview, parent: int) -> int:
-        calls.append(1)
-        return inner(data, parent)
-
-    mgr._hash_fn = counting
+    calls = count_hash_calls(mgr)
     prefix = list(range(100, 112))  # 3 blocks
     a, b = KVSequence("a", [*prefix, 1, 2, 3, 4, 5]), KVSequence("b", [*prefix, 6, 7, 8, 9, 10])
     run(mgr, a)
