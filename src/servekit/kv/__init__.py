@@ -6,7 +6,13 @@ hashes, and KV events. The KV tensors and batch builders live in :mod:`servekit.
 (imported on demand: this package imports no torch).
 """
 
-from servekit.kv.blocks import BlockPool, DoubleFreeError, InvalidBlockSizeError, KVCacheError
+from servekit.kv.blocks import (
+    BlockPool,
+    DoubleFreeError,
+    InvalidBlockSizeError,
+    KVCacheError,
+    speedups_available,
+)
 from servekit.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from servekit.kv.hashing import UnknownHashAlgorithmError, hash_block
 from servekit.kv.manager import (
@@ -35,4 +41,5 @@ __all__ = [
     "UnknownHashAlgorithmError",
     "UnknownSequenceError",
     "hash_block",
+    "speedups_available",
 ]
