@@ -97,7 +97,9 @@ class Scheduler:
             this many more blocks beyond the one it needs (default 15): as many as the pool
             can spare, ``num_free_blocks // (running + waiting requests) - 1``, and never more
             than it can still use, so the manager is called about once per ``lookahead + 1``
-            blocks while blocks are plentiful, and once per block under pressure. 0 disables.
+            blocks while blocks are plentiful, and once per block under pressure. A prompt
+            admitted whole takes its lookahead at admission, leaving the other waiting prompts
+            their blocks. 0 disables.
         hooks: metrics hooks (events are built only when a hook listens).
         clock: monotonic clock in seconds for arrival times, deadlines and events.
         speedups: run the per-request work of a decode step in the optional C core
@@ -586,8 +588,8 @@ class Scheduler:
         stops = self._stop_token_union
         decodes = output.decodes
         # decodes is _decoding (a finish in flight left both, see _without_finished), and the
-        # decodes' tokens come first: append each in C, then each decode has one more computed
-        # token for the next step
+        # decodes' tokens come first: append each (one pass in C either way), then each decode
+        # has one more computed token for the next step
         if self.speedups:
             self._decoding_comp = _csched.advance_decodes(
                 self._decoding_tokens, sampled_token_ids, self._decoding_comp)
