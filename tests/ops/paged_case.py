@@ -4,9 +4,11 @@ the oracle: ``servekit.ops.reference``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from servekit import ops
 from servekit.ops import reference
 
 #: CUDA when there is one (the kernels compile), else CPU (the Triton interpreter)
@@ -90,6 +92,14 @@ def oracle_attention(batch: PagedBatch, sliding_window: int | None = None) -> to
     return reference.paged_attention(
         batch.query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
         batch.query_start_loc, scale=batch.scale, sliding_window=sliding_window,
+    )  # fmt: skip
+
+
+def attend(batch: PagedBatch, **kwargs: Any) -> torch.Tensor:
+    """``servekit.ops.paged_attention`` on ``batch``; ``kwargs`` pass through (backend, plan...)."""
+    return ops.paged_attention(
+        batch.query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
+        batch.query_start_loc, scale=batch.scale, **kwargs,
     )  # fmt: skip
 
 

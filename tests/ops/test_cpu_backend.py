@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from servekit import ops
 from servekit.ops import cpu, reference
 
-from .paged_case import PagedBatch, check_close, make_batch, oracle_attention, poisoned_like
+from .paged_case import PagedBatch, attend, check_close, make_batch, oracle_attention, poisoned_like
 
 CPU = torch.device("cpu")
 BS, HKV, D = 4, 2, 8
@@ -24,13 +24,6 @@ def plan_for(batch: PagedBatch, **kwargs: Any) -> ops.AttentionPlan:
     return ops.plan_attention(batch.block_tables.numpy(), batch.seq_lens.numpy(),
                               batch.query_start_loc.numpy(), block_size=batch.k_cache.shape[1],
                               **kwargs)  # fmt: skip
-
-
-def attend(batch: PagedBatch, **kwargs: Any) -> torch.Tensor:
-    return ops.paged_attention(
-        batch.query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
-        batch.query_start_loc, scale=batch.scale, **kwargs,
-    )  # fmt: skip
 
 
 def poison_block_zero(batch: PagedBatch) -> None:

@@ -12,7 +12,15 @@ import servekit.ops.triton as kernels
 from servekit import ops
 from servekit.ops import reference
 
-from .paged_case import DEVICE, PagedBatch, check_close, make_batch, oracle_attention, poisoned_like
+from .paged_case import (
+    DEVICE,
+    PagedBatch,
+    attend,
+    check_close,
+    make_batch,
+    oracle_attention,
+    poisoned_like,
+)
 
 
 def mixed_batch(
@@ -23,13 +31,6 @@ def mixed_batch(
     q_lens = q_lens or [1, 5, 1]
     return make_batch(11, q_lens=q_lens, seq_lens=[40, 21, 3], num_kv_heads=2, group=2,
                       head_dim=64, block_size=16, dtype=dtype, device=device)  # fmt: skip
-
-
-def attend(batch: PagedBatch, **kwargs: Any) -> torch.Tensor:
-    return ops.paged_attention(
-        batch.query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
-        batch.query_start_loc, scale=batch.scale, **kwargs,
-    )  # fmt: skip
 
 
 def spy(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[str]:

@@ -53,6 +53,20 @@ def _same_device(device: torch.device, **tensors: torch.Tensor) -> None:
             raise OpInputError(field, f"is on {t.device}, expected {device}")
 
 
+def _same_shape(field: str, t: torch.Tensor, ref_field: str, ref: torch.Tensor) -> None:
+    """Raise unless ``t`` (``field``) has the shape of ``ref`` (``ref_field``)."""
+    if t.shape != ref.shape:
+        raise OpInputError(
+            field, f"shape {tuple(t.shape)} differs from {ref_field}'s {tuple(ref.shape)}"
+        )
+
+
+def _same_dtype(field: str, t: torch.Tensor, ref_field: str, ref: torch.Tensor) -> None:
+    """Raise unless ``t`` (``field``) has the dtype of ``ref`` (``ref_field``)."""
+    if t.dtype != ref.dtype:
+        raise OpDtypeError(field, f"dtype {t.dtype} differs from {ref_field}'s {ref.dtype}")
+
+
 def _index(field: str, value: object, ndim: int, device: torch.device) -> torch.Tensor:
     t = _tensor(field, value, ndim)
     if t.dtype not in INDEX_DTYPES:
@@ -65,12 +79,8 @@ def check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int
     """Validate a K/V cache pair; return ``(num_blocks, block_size, num_kv_heads, head_dim)``."""
     k = _tensor("k_cache", k_cache, 4)
     v = _tensor("v_cache", v_cache, 4)
-    if v.shape != k.shape:
-        raise OpInputError(
-            "v_cache", f"shape {tuple(v.shape)} differs from k_cache's {tuple(k.shape)}"
-        )
-    if v.dtype != k.dtype:
-        raise OpDtypeError("v_cache", f"dtype {v.dtype} differs from k_cache's {k.dtype}")
+    _same_shape("v_cache", v, "k_cache", k)
+    _same_dtype("v_cache", v, "k_cache", k)
     if k.dtype not in (*FLOAT_DTYPES, FP8_DTYPE):
         raise OpDtypeError(
             "k_cache", f"expected float32, float16, bfloat16 or float8_e4m3fn, got {k.dtype}"
@@ -108,12 +118,10 @@ def check_store_kv(
             "key",
             f"shape {tuple(k.shape)} does not match the cache's [*, {num_kv_heads}, {head_dim}]",
         )
-    if v.shape != k.shape:
-        raise OpInputError("value", f"shape {tuple(v.shape)} differs from key's {tuple(k.shape)}")
+    _same_shape("value", v, "key", k)
     if k.dtype not in FLOAT_DTYPES:
         raise OpDtypeError("key", f"expected float32, float16 or bfloat16, got {k.dtype}")
-    if v.dtype != k.dtype:
-        raise OpDtypeError("value", f"dtype {v.dtype} differs from key's {k.dtype}")
+    _same_dtype("value", v, "key", k)
     if k_cache.dtype not in (k.dtype, FP8_DTYPE):
         raise OpDtypeError("k_cache", f"dtype {k_cache.dtype} differs from key's {k.dtype}")
     _same_device(k_cache.device, key=k, value=v)
@@ -165,11 +173,7 @@ def check_paged_attention(
         )
     if out is not None:
         o = _tensor("out", out, 3)
-        if o.shape != q.shape:
-            raise OpInputError(
-                "out", f"shape {tuple(o.shape)} differs from query's {tuple(q.shape)}"
-            )
-        if o.dtype != q.dtype:
-            raise OpDtypeError("out", f"dtype {o.dtype} differs from query's {q.dtype}")
+        _same_shape("out", o, "query", q)
+        _same_dtype("out", o, "query", q)
         _same_device(q.device, out=o)
     check_scales(k_cache.dtype, k_scale, v_scale)

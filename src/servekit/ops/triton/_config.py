@@ -23,6 +23,8 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 FP8_DTYPE = torch.float8_e4m3fn
 #: Largest finite value of float8 e4m3fn.
 FP8_MAX = 448.0
+#: log2(e): the attention kernels fold it into the score scale and use ``exp2``.
+LOG2E = 1.4426950408889634
 
 
 def upcast(dtype: torch.dtype) -> bool:

@@ -1,4 +1,4 @@
-"""The KV-tile load that the decode and prefill kernels share."""
+"""What the decode and prefill kernels share: the KV-tile load and the online-softmax step."""
 
 # Triton kernel parameters are untyped by nature (pointers, constexprs).
 # mypy: allow-untyped-decorators, disable-error-code="no-untyped-def"
@@ -42,3 +42,22 @@ def load_kv_tile(
         k = (k.to(tl.float32) * k_scale).to(q.dtype)
         v = (v.to(tl.float32) * v_scale).to(q.dtype)
     return k, v
+
+
+@triton.jit
+def attend_tile(q, k, v, allowed, qk_scale, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """Fold one KV tile into the online softmax: returns the new ``(m_i, l_i, acc)``.
+
+    Scores are ``q @ k^T * qk_scale`` (base 2), ``-inf`` where ``allowed`` is False; ``m_i`` is
+    the running row max, ``l_i`` the running sum of ``exp2(s - m_i)``, ``acc`` the unnormalised
+    output.
+    """
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc

@@ -19,14 +19,14 @@ import triton.language as tl
 from servekit.ops.triton._config import (
     FP8_DTYPE,
     INTERPRET,
+    LOG2E,
     block_d,
     dot_precision,
     num_sms,
     upcast,
 )
-from servekit.ops.triton._tile import load_kv_tile
+from servekit.ops.triton._tile import attend_tile, load_kv_tile
 
-LOG2E = 1.4426950408889634
 #: Smallest number of KV tiles worth giving a split of its own.
 MIN_TILES_PER_SPLIT = 4
 MAX_SPLITS = 64
@@ -90,16 +90,7 @@ def _decode_kernel(
             stride_vb, stride_vs, stride_vh, stride_vd,
             k_scale, v_scale, BLOCK_SIZE, UPCAST, KV_SCALED,
         )  # fmt: skip
-
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = attend_tile(q, k, v, valid[None, :], qk_scale, m_i, l_i, acc, DOT_PRECISION)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

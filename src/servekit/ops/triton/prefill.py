@@ -19,10 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
-from servekit.ops.triton._config import FP8_DTYPE, INTERPRET, block_d, dot_precision, upcast
-from servekit.ops.triton._tile import load_kv_tile
-
-LOG2E = 1.4426950408889634
+from servekit.ops.triton._config import (
+    FP8_DTYPE,
+    INTERPRET,
+    LOG2E,
+    block_d,
+    dot_precision,
+    upcast,
+)
+from servekit.ops.triton._tile import attend_tile, load_kv_tile
 
 
 @triton.jit
@@ -99,19 +104,10 @@ def _prefill_kernel(
             stride_vb, stride_vs, stride_vh, stride_vd,
             k_scale, v_scale, BLOCK_SIZE, UPCAST, KV_SCALED,
         )  # fmt: skip
-
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         allowed = valid[None, :] & (pos[None, :] <= q_pos[:, None])
         if USE_WINDOW:
             allowed = allowed & (q_pos[:, None] - pos[None, :] < sliding_window)
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = attend_tile(q, k, v, allowed, qk_scale, m_i, l_i, acc, DOT_PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     dst = out_ptr + q_row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od
