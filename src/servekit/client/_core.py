@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -141,3 +142,27 @@ def request_body(params: dict[str, Any], stream: bool) -> dict[str, Any]:
 def auth_headers(api_key: str | None) -> dict[str, str]:
     """The bearer header, when there is a key."""
     return {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+class _RetryingBase:
+    """What the HTTP and gRPC clients, sync and async, share: timeouts, retry policy, deadline."""
+
+    def __init__(self, timeout: Timeout, retry: RetryPolicy | None) -> None:
+        self.timeout = timeout
+        self.retry = retry if retry is not None else RetryPolicy()
+
+    def _deadline(self) -> float | None:
+        """When a whole call (retries included) must be over, on the monotonic clock."""
+        return None if self.timeout.total is None else time.monotonic() + self.timeout.total
+
+    @staticmethod
+    def _remaining(deadline: float | None) -> float | None:
+        """Seconds left before ``deadline``, never negative (None: no deadline)."""
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def _retry_delay(self, attempt: int, error: ClientError, deadline: float | None) -> float:
+        """Seconds to wait before retry ``attempt + 1``; raises ``error`` when the policy gives up."""
+        delay = self.retry.next_delay(attempt, error, self._remaining(deadline))
+        if delay is None:
+            raise error
+        return delay

@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from servekit._optional import require
-from servekit.client._core import RetryPolicy, Timeout, auth_headers
+from servekit.client._core import RetryPolicy, Timeout, _RetryingBase, auth_headers
 from servekit.client.errors import (
     APIConnectionError,
     APIStatusError,
@@ -230,30 +230,22 @@ def _map_rpc_error(exc: Any) -> ClientError:
     return error_from_status(status, headers)
 
 
-class _Base:
+class _Base(_RetryingBase):
     def __init__(self, target: str, api_key: str | None, timeout: Timeout,
                  retry: RetryPolicy | None, credentials: Any, options: Sequence[tuple[str, Any]]
                  ) -> None:
+        super().__init__(timeout, retry)
         self.target = target
-        self.timeout = timeout
-        self.retry = retry if retry is not None else RetryPolicy()
         self.credentials = credentials
         self.options = tuple(options)
         self.metadata = tuple(auth_headers(api_key).items())
         self._ids = itertools.count()
 
-    def _deadline(self) -> float | None:
-        return None if self.timeout.total is None else time.monotonic() + self.timeout.total
-
     def _call_timeout(self, deadline: float | None, unary: bool) -> float | None:
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        remaining = self._remaining(deadline)
         if not unary:
             return remaining  # a stream has no per-read deadline in gRPC: only the total
         return self.timeout.read if remaining is None else min(self.timeout.read, remaining)
-
-    def _delay(self, attempt: int, error: ClientError, deadline: float | None) -> float | None:
-        remaining = None if deadline is None else deadline - time.monotonic()
-        return self.retry.next_delay(attempt, error, remaining)
 
 
 # -- sync ----------------------------------------------------------------------------------
@@ -315,10 +307,7 @@ class GrpcClient(_Base):
                                            timeout=self._call_timeout(deadline, unary=True))
             except grpc.RpcError as exc:
                 error = _map_rpc_error(exc)
-            delay = self._delay(attempt, error, deadline)
-            if delay is None:
-                raise error
-            time.sleep(delay)
+            time.sleep(self._retry_delay(attempt, error, deadline))
             attempt += 1
 
     def _stream(self, request: Any, parse: _ChunkParser[T]) -> Iterator[T]:
@@ -333,10 +322,7 @@ class GrpcClient(_Base):
                 return
             except grpc.RpcError as exc:
                 error = _map_rpc_error(exc)
-            delay = self._delay(attempt, error, deadline)
-            if delay is None:
-                raise error
-            time.sleep(delay)
+            time.sleep(self._retry_delay(attempt, error, deadline))
             attempt += 1
         try:
             yield parse(first)
@@ -359,8 +345,13 @@ class _Demux:
         self.buffers[request_id] = deque()
 
     def take(self, request_id: str) -> Any:
+        """The next buffered response of ``request_id`` (None: none yet); raises once ended."""
         buffer = self.buffers.get(request_id)
-        return buffer.popleft() if buffer else None
+        if buffer:
+            return buffer.popleft()
+        if self.ended:
+            raise APIConnectionError("the session stream ended")
+        return None
 
     def route(self, response: Any) -> None:
         buffer = self.buffers.get(response.request_id)
@@ -430,8 +421,6 @@ class Session:
                 found = demux.take(request_id)
                 if found is not None:
                     return found
-                if demux.ended:
-                    raise APIConnectionError("the session stream ended")
                 try:
                     demux.route(next(self._call))
                 except StopIteration:
@@ -534,10 +523,7 @@ class AsyncGrpcClient(_Base):
                     timeout=self._call_timeout(deadline, unary=True))
             except grpc.aio.AioRpcError as exc:
                 error = _map_rpc_error(exc)
-            delay = self._delay(attempt, error, deadline)
-            if delay is None:
-                raise error
-            await asyncio.sleep(delay)
+            await asyncio.sleep(self._retry_delay(attempt, error, deadline))
             attempt += 1
 
     async def _stream(self, request: Any, parse: _ChunkParser[T]) -> AsyncIterator[T]:
@@ -550,10 +536,7 @@ class AsyncGrpcClient(_Base):
                 break
             except grpc.aio.AioRpcError as exc:
                 error = _map_rpc_error(exc)
-            delay = self._delay(attempt, error, deadline)
-            if delay is None:
-                raise error
-            await asyncio.sleep(delay)
+            await asyncio.sleep(self._retry_delay(attempt, error, deadline))
             attempt += 1
         try:
             message = first
@@ -624,8 +607,6 @@ class AsyncSession:
                 found = demux.take(request_id)
                 if found is not None:
                     return found
-                if demux.ended:
-                    raise APIConnectionError("the session stream ended")
                 try:
                     message = await self._call.read()
                 except grpc.aio.AioRpcError as exc:

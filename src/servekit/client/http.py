@@ -17,6 +17,7 @@ from servekit.client._core import (
     RetryPolicy,
     SSEDecoder,
     Timeout,
+    _RetryingBase,
     auth_headers,
     error_from_response,
     request_body,
@@ -33,14 +34,13 @@ DEFAULT_TIMEOUT = Timeout()
 _CUT_OFF = "the stream ended before 'data: [DONE]': the response is incomplete"
 
 
-class _Base:
+class _Base(_RetryingBase):
     def __init__(self, base_url: str, api_key: str | None, timeout: Timeout,
                  retry: RetryPolicy | None) -> None:
+        super().__init__(timeout, retry)
         self.base_url = base_url.rstrip("/")
         if not self.base_url.endswith("/v1"):
             self.base_url += "/v1"
-        self.timeout = timeout
-        self.retry = retry if retry is not None else RetryPolicy()
         self._headers = {"content-type": "application/json", **auth_headers(api_key)}
 
     def _httpx_timeout(self, remaining: float | None) -> Any:
@@ -48,13 +48,6 @@ class _Base:
         if remaining is not None:  # no phase may outlast the total
             read, connect = min(read, remaining), min(connect, remaining)
         return httpx.Timeout(read, connect=connect)
-
-    def _deadline(self) -> float | None:
-        return None if self.timeout.total is None else time.monotonic() + self.timeout.total
-
-    @staticmethod
-    def _remaining(deadline: float | None) -> float | None:
-        return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     @staticmethod
     def _transport_error(exc: Exception) -> ClientError:
@@ -140,10 +133,7 @@ class Client(_Base):
                 content = response.read()
                 response.close()
                 error = error_from_response(response.status_code, response.headers, content)
-            delay = self.retry.next_delay(attempt, error, self._remaining(deadline))
-            if delay is None:
-                raise error
-            time.sleep(delay)
+            time.sleep(self._retry_delay(attempt, error, deadline))
             attempt += 1
 
     def _stream(self, path: str, params: dict[str, Any], cls: type[T]) -> Iterator[T]:
@@ -232,10 +222,7 @@ class AsyncClient(_Base):
                 content = await response.aread()
                 await response.aclose()
                 error = error_from_response(response.status_code, response.headers, content)
-            delay = self.retry.next_delay(attempt, error, self._remaining(deadline))
-            if delay is None:
-                raise error
-            await anyio.sleep(delay)
+            await anyio.sleep(self._retry_delay(attempt, error, deadline))
             attempt += 1
 
     async def _stream(self, path: str, params: dict[str, Any], cls: type[T]) -> AsyncIterator[T]:
