@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,19 +132,18 @@ class Conn:
         self.writer.close()
 
 
-async def stream_tokens(url: str, concurrency: int, max_tokens: int, streams: int) -> tuple[int, float]:
-    """Run ``streams`` streamed completions, ``concurrency`` at a time; (tokens, seconds)."""
-    body = {"model": "fake", "prompt": "hello", "max_tokens": max_tokens, "stream": True}
+async def _run_pool(url: str, concurrency: int, n: int,
+                    request: Callable[[Conn], Awaitable[int]]) -> tuple[int, float]:
+    """Run ``request`` ``n`` times over ``concurrency`` connections; (sum of its counts, seconds)."""
     conns = [await Conn.open(url) for _ in range(concurrency)]
-    left, total = streams, 0
+    left, total = n, 0
 
     async def worker(conn: Conn) -> None:
         nonlocal left, total
         while left > 0:
             left -= 1
-            status, chunks = await conn.post("/v1/completions", body)
-            assert status == 200, status
-            total += sum(c.count(b"data: {") for _, c in chunks)
+            count = await request(conn)  # awaited first: `total +=` would read a stale total
+            total += count
 
     start = time.perf_counter()
     await asyncio.gather(*(worker(c) for c in conns))
@@ -153,25 +153,28 @@ async def stream_tokens(url: str, concurrency: int, max_tokens: int, streams: in
     return total, secs
 
 
+async def stream_tokens(url: str, concurrency: int, max_tokens: int, streams: int) -> tuple[int, float]:
+    """Run ``streams`` streamed completions, ``concurrency`` at a time; (tokens, seconds)."""
+    body = {"model": "fake", "prompt": "hello", "max_tokens": max_tokens, "stream": True}
+
+    async def one(conn: Conn) -> int:
+        status, chunks = await conn.post("/v1/completions", body)
+        assert status == 200, status
+        return sum(c.count(b"data: {") for _, c in chunks)
+
+    return await _run_pool(url, concurrency, streams, one)
+
+
 async def short_requests(url: str, concurrency: int, requests: int) -> tuple[int, float]:
     """``requests`` non-streamed 8-token completions, ``concurrency`` at a time."""
     body = {"model": "fake", "prompt": "hello", "max_tokens": 8}
-    conns = [await Conn.open(url) for _ in range(concurrency)]
-    left = requests
 
-    async def worker(conn: Conn) -> None:
-        nonlocal left
-        while left > 0:
-            left -= 1
-            status, _ = await conn.post("/v1/completions", body)
-            assert status == 200, status
+    async def one(conn: Conn) -> int:
+        status, _ = await conn.post("/v1/completions", body)
+        assert status == 200, status
+        return 1
 
-    start = time.perf_counter()
-    await asyncio.gather(*(worker(c) for c in conns))
-    secs = time.perf_counter() - start
-    for c in conns:
-        c.close()
-    return requests, secs
+    return await _run_pool(url, concurrency, requests, one)
 
 
 async def poisson_load(url: str, model: str, rate: float, n: int, max_tokens: int, seed: int

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from attrs import define
 
 from servekit.route.errors import DuplicateNodeError, InvalidRouteParameterError, UnknownNodeError
+from servekit.route.ring import check_int
 
 
 class NodeHealth(enum.Enum):
@@ -48,14 +49,7 @@ class HealthTracker:
         cooldown: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if (
-            isinstance(failure_threshold, bool)
-            or not isinstance(failure_threshold, int)
-            or (failure_threshold < 1)
-        ):
-            raise InvalidRouteParameterError(
-                "failure_threshold", f"must be an int >= 1, got {failure_threshold!r}"
-            )
+        check_int("failure_threshold", failure_threshold, 1)
         if not isinstance(cooldown, (int, float)) or not math.isfinite(cooldown) or cooldown < 0:
             raise InvalidRouteParameterError(
                 "cooldown", f"must be finite and >= 0, got {cooldown!r}"

@@ -14,13 +14,12 @@ from typing import Any
 from attrs import field, frozen
 
 from servekit.kv.hashing import BlockHashFn, extend_block_hashes, get_hash_fn
-from servekit.route.errors import InvalidRouteParameterError
+from servekit.route.ring import check_int
 
 
 def _positive(name: str) -> Callable[[Any, Any, int], None]:
     def check(_: Any, __: Any, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidRouteParameterError(name, f"must be an int >= 1, got {value!r}")
+        check_int(name, value, 1)
 
     return check
 

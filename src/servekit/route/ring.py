@@ -49,6 +49,12 @@ def check_weight(weight: float) -> float:
     return float(weight)
 
 
+def check_int(name: str, value: int, minimum: int) -> None:
+    """:class:`InvalidRouteParameterError` naming ``name`` unless ``value`` is an int >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidRouteParameterError(name, f"must be an int >= {minimum}, got {value!r}")
+
+
 class HashRing:
     """Consistent hashing over weighted nodes; the same key maps to the same node everywhere.
 
@@ -83,8 +89,7 @@ class HashRing:
         vnodes: int = DEFAULT_VNODES,
         hash_fn: HashFn = xxh3_64,
     ) -> None:
-        if isinstance(vnodes, bool) or not isinstance(vnodes, int) or vnodes < 1:
-            raise InvalidRouteParameterError("vnodes", f"must be an int >= 1, got {vnodes!r}")
+        check_int("vnodes", vnodes, 1)
         self._vnodes = vnodes
         self._hash = as_hash64(hash_fn)
         self._names: list[str] = []

@@ -27,7 +27,7 @@ from servekit.route.errors import (
 from servekit.route.health import HealthTracker
 from servekit.route.keys import PrefixKey
 from servekit.route.policy import Candidates, ConsistentHashPolicy, RoutingPolicy
-from servekit.route.ring import check_weight
+from servekit.route.ring import check_int, check_weight
 
 #: Key sources, in the default order of preference.
 KEY_SOURCES = ("session", "prefix", "api_key")
@@ -73,14 +73,7 @@ class Router:
             raise InvalidRouteParameterError(
                 "key_order", f"must be distinct names from {KEY_SOURCES}, got {tuple(key_order)}"
             )
-        if (
-            isinstance(num_fallbacks, bool)
-            or not isinstance(num_fallbacks, int)
-            or (num_fallbacks < 0)
-        ):
-            raise InvalidRouteParameterError(
-                "num_fallbacks", f"must be an int >= 0, got {num_fallbacks!r}"
-            )
+        check_int("num_fallbacks", num_fallbacks, 0)
         self.policy: RoutingPolicy = policy if policy is not None else ConsistentHashPolicy()
         self.health = health if health is not None else HealthTracker(clock=clock)
         self.prefix = prefix if prefix is not None else PrefixKey()

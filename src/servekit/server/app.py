@@ -374,6 +374,7 @@ class GenerationResponse(Response):
 
 
 async def _cancel_on_disconnect(receive: Any, scope: anyio.CancelScope) -> None:
+    """Cancel ``scope`` when the client disconnects (also used by the gRPC REST mapping)."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":

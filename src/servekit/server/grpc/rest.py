@@ -23,6 +23,7 @@ import anyio
 from servekit._optional import require
 from servekit.engine.outputs import RequestOutput
 from servekit.errors import ServekitError
+from servekit.server.app import _cancel_on_disconnect
 from servekit.server.errors import APIError, BadRequestError
 from servekit.server.grpc.convert import ChunkEncoder, ResponseBuilder, build_job
 from servekit.server.grpc.service import as_api_error
@@ -204,11 +205,3 @@ class ChunkStream(Response):
 
 async def _no_receive() -> Any:  # pragma: no cover - a plain Response never receives
     raise RuntimeError("unexpected receive")
-
-
-async def _cancel_on_disconnect(receive: Any, scope: anyio.CancelScope) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            scope.cancel()
-            return
