@@ -27,8 +27,8 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import bar, parse_args, print_bars, print_table, summary, write_json
-from servekit.server.grpc_gen import servekit_pb2 as pb
-from servekit.server.grpc_gen import servekit_pb2_grpc as pb_grpc
+from servekit.protocol.grpc_gen import servekit_pb2 as pb
+from servekit.protocol.grpc_gen import servekit_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 

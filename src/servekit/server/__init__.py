@@ -5,7 +5,7 @@ core (keys, limits, generation) other front ends reuse; ``FakeEngine`` is an ins
 tests and benchmarks. Needs ``servekit[server]`` (FastAPI, uvicorn).
 """
 
-from servekit.server.errors import (
+from servekit.protocol.errors import (
     APIError,
     AuthenticationError,
     BadRequestError,

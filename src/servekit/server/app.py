@@ -20,12 +20,12 @@ from servekit._optional import require
 from servekit.engine.outputs import RequestOutput
 from servekit.metrics.events import KV_BLOCKS_IN_USE, OPEN_STREAMS, RATE_LIMIT_RESERVATIONS
 from servekit.metrics.hooks import HookSet
-from servekit.server.errors import APIError, error_body
+from servekit.protocol.errors import APIError, error_body
 from servekit.server.keys import ApiKey, KeyStore
 from servekit.server.lifecycle import Phase, ServerState
 from servekit.server.ratelimit import KeyLimits
 from servekit.server.responses import ChatEncoder, CompletionEncoder, Encoder, sse_error
-from servekit.server.schema import (
+from servekit.protocol.schema import (
     ChatCompletionRequest,
     CompletionRequest,
     bad_request_from_validation,

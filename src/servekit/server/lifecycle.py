@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import anyio
 
-from servekit.server.errors import OverloadedError
+from servekit.protocol.errors import OverloadedError
 
 __all__ = ["Phase", "ServerState"]
 

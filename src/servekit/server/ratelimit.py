@@ -23,7 +23,7 @@ from servekit.limit.headers import openai_headers
 from servekit.limit.limiter import Limiter
 from servekit.limit.store import MemoryStore, Store
 from servekit.metrics.hooks import HookSet
-from servekit.server.errors import RateLimitedError
+from servekit.protocol.errors import RateLimitedError
 from servekit.server.keys import ApiKey
 
 logger = logging.getLogger("servekit.server")

@@ -28,7 +28,7 @@ from servekit.metrics.events import OPEN_STREAMS, RATE_LIMIT_RESERVATIONS, Resou
 from servekit.metrics.hooks import HookSet
 from servekit.sched.errors import QueueFull
 from servekit.sched.params import InvalidParameterError, SamplingParams
-from servekit.server.errors import (
+from servekit.protocol.errors import (
     AuthenticationError,
     BadRequestError,
     ModelNotFoundError,

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from servekit.client.grpc import AsyncGrpcClient, GrpcClient
 from servekit.server.fake import FakeEngine
-from servekit.server.grpc_gen import servekit_pb2 as pb
-from servekit.server.grpc_gen import servekit_pb2_grpc as pb_grpc
+from servekit.protocol.grpc_gen import servekit_pb2 as pb
+from servekit.protocol.grpc_gen import servekit_pb2_grpc as pb_grpc
 
 from .conftest import Served, serve
 

@@ -13,12 +13,12 @@ from typing import Any
 from servekit._optional import require
 from servekit.engine.outputs import RequestOutput, TokenLogprob
 from servekit.sched.params import InvalidParameterError, SamplingParams
-from servekit.server.errors import APIError, BadRequestError
+from servekit.protocol.errors import APIError, BadRequestError
 from servekit.server.keys import ApiKey
 from servekit.server.service import GenerationService, Job
 
 require("google.protobuf", "grpc")
-from servekit.server.grpc_gen import servekit_pb2 as pb  # noqa: E402
+from servekit.protocol.grpc_gen import servekit_pb2 as pb  # noqa: E402
 
 __all__ = ["ChunkEncoder", "ResponseBuilder", "build_job", "check_output", "usage_message"]
 

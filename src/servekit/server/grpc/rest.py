@@ -24,7 +24,7 @@ from servekit._optional import require
 from servekit.engine.outputs import RequestOutput
 from servekit.errors import ServekitError
 from servekit.server.app import _cancel_on_disconnect
-from servekit.server.errors import APIError, BadRequestError
+from servekit.protocol.errors import APIError, BadRequestError
 from servekit.server.grpc.convert import ChunkEncoder, ResponseBuilder, build_job
 from servekit.server.grpc.service import as_api_error
 from servekit.server.grpc.status import http_status, metadata_headers, to_status
@@ -37,7 +37,7 @@ from fastapi.responses import Response  # noqa: E402
 from google.api import annotations_pb2  # noqa: E402
 from google.protobuf import json_format  # noqa: E402
 
-from servekit.server.grpc_gen import servekit_pb2 as pb  # noqa: E402
+from servekit.protocol.grpc_gen import servekit_pb2 as pb  # noqa: E402
 
 __all__ = ["NDJSON", "rest_router", "routes"]
 

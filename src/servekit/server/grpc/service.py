@@ -17,7 +17,7 @@ import anyio
 
 from servekit._optional import require
 from servekit.engine.outputs import RequestOutput
-from servekit.server.errors import APIError, BadRequestError
+from servekit.protocol.errors import APIError, BadRequestError
 from servekit.server.grpc.convert import ChunkEncoder, ResponseBuilder, build_job
 from servekit.server.grpc.outbox import Outbox
 from servekit.server.grpc.status import grpc_code, to_status, trailing_metadata
@@ -25,8 +25,8 @@ from servekit.server.keys import ApiKey
 from servekit.server.service import GenerationService, Job
 
 grpc = require("grpc", "grpc")
-from servekit.server.grpc_gen import servekit_pb2 as pb  # noqa: E402
-from servekit.server.grpc_gen import servekit_pb2_grpc as pb_grpc  # noqa: E402
+from servekit.protocol.grpc_gen import servekit_pb2 as pb  # noqa: E402
+from servekit.protocol.grpc_gen import servekit_pb2_grpc as pb_grpc  # noqa: E402
 
 __all__ = ["GenerationServicer", "as_api_error"]
 

@@ -1,6 +1,6 @@
 """The server's API errors as gRPC statuses and as the REST mapping's error bodies.
 
-An :class:`~servekit.server.errors.APIError` carries an HTTP status, OpenAI's error fields and
+An :class:`~servekit.protocol.errors.APIError` carries an HTTP status, OpenAI's error fields and
 headers. Here it becomes a ``google.rpc.Status``: the canonical code (400 INVALID_ARGUMENT,
 401 UNAUTHENTICATED, 404 NOT_FOUND, 429 RESOURCE_EXHAUSTED, 503 UNAVAILABLE, else INTERNAL),
 an ``ErrorInfo`` holding the error code, type, field and headers, a ``BadRequest`` naming the
@@ -14,7 +14,7 @@ import contextlib
 from typing import Any
 
 from servekit._optional import require
-from servekit.server.errors import APIError
+from servekit.protocol.errors import APIError
 
 require("google.rpc", "grpc")
 from google.protobuf import any_pb2, duration_pb2  # noqa: E402

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from servekit.sched.params import InvalidParameterError, SamplingParams
-from servekit.server.errors import BadRequestError
+from servekit.protocol.errors import BadRequestError
 
 __all__ = [
     "ChatCompletionRequest",
