@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import Any
 
 from servekit.errors import ServekitError
 
@@ -20,6 +21,8 @@ __all__ = [
     "OverloadedError",
     "RateLimitedError",
     "error_body",
+    "parse_error_body",
+    "retry_after_seconds",
 ]
 
 
@@ -100,3 +103,30 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
         {"error": {"message": message, "type": type, "param": param, "code": code}},
         ensure_ascii=False,
     ).encode()
+
+
+def parse_error_body(content: bytes) -> dict[str, Any] | None:
+    """The ``error`` object of an error response (a non-JSON body becomes its ``message``)."""
+    try:
+        parsed = json.loads(content) if content else None
+    except ValueError:
+        return {"message": content.decode("utf-8", "replace")[:500]}
+    if not isinstance(parsed, dict):
+        return None
+    err = parsed.get("error", parsed)
+    return err if isinstance(err, dict) else {"message": str(err)}
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """The server's requested wait: ``retry-after-ms`` first, then ``retry-after`` in seconds."""
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            value = float(raw) * scale
+        except ValueError:
+            continue
+        if value >= 0:
+            return value
+    return None

@@ -1,8 +1,8 @@
-"""OpenAI request bodies (pydantic, strict JSON types) and their translation to SamplingParams.
+"""OpenAI request bodies (pydantic, strict JSON types) and the 400 for an invalid one.
 
 Validation is strict the way OpenAI's API is: ``"max_tokens": "5"`` is a type error, not 5.
-Unknown fields are ignored. Fields servekit cannot honour (``suffix``, ``logit_bias``, ``tools``,
-``best_of`` != ``n``) are rejected with a 400 naming them rather than silently dropped.
+Unknown fields are ignored. What a server does with a valid body (which fields it can honour,
+the SamplingParams it builds) is the server's business: :mod:`servekit.server.params`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from servekit.sched.params import InvalidParameterError, SamplingParams
 from servekit.protocol.errors import BadRequestError
 
 __all__ = [
@@ -21,7 +20,6 @@ __all__ = [
     "StreamOptions",
     "TextPart",
     "bad_request_from_validation",
-    "build_sampling_params",
 ]
 
 _STRICT = ConfigDict(strict=True, extra="ignore")
@@ -102,48 +100,6 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Any] | None = None
-
-
-def check_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
-    """Reject fields servekit accepts syntactically but cannot honour."""
-    if req.logit_bias:
-        raise BadRequestError("logit_bias is not supported", param="logit_bias")
-    if isinstance(req, CompletionRequest):
-        if req.suffix:
-            raise BadRequestError("suffix is not supported", param="suffix")
-        if req.best_of is not None and req.best_of != req.n:
-            raise BadRequestError("best_of must equal n (or be omitted)", param="best_of")
-        if req.echo and req.logprobs is not None:
-            raise BadRequestError("echo with logprobs is not supported", param="echo")
-    else:
-        if req.tools:
-            raise BadRequestError("tools are not supported by this model", param="tools")
-        if req.top_logprobs is not None and not req.logprobs:
-            raise BadRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
-    if isinstance(req.stop, list) and len(req.stop) > 16:
-        raise BadRequestError("at most 16 stop sequences", param="stop")
-
-
-def build_sampling_params(req: CompletionRequest | ChatCompletionRequest, *, max_tokens: int,
-                          logprobs: int | None, seed: int | None) -> SamplingParams:
-    """The request's SamplingParams; an out-of-range value is a 400 naming the field."""
-    try:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k or 0,
-            min_p=req.min_p or 0.0,
-            repetition_penalty=req.repetition_penalty or 1.0,
-            presence_penalty=req.presence_penalty or 0.0,
-            frequency_penalty=req.frequency_penalty or 0.0,
-            seed=seed,
-            logprobs=logprobs,
-            stop=req.stop,
-            ignore_eos=req.ignore_eos,
-        )
-    except InvalidParameterError as exc:
-        raise BadRequestError(str(exc), param=exc.param) from exc
 
 
 def bad_request_from_validation(exc: ValidationError | Any) -> BadRequestError:

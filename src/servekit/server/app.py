@@ -21,17 +21,17 @@ from servekit.engine.outputs import RequestOutput
 from servekit.metrics.events import KV_BLOCKS_IN_USE, OPEN_STREAMS, RATE_LIMIT_RESERVATIONS
 from servekit.metrics.hooks import HookSet
 from servekit.protocol.errors import APIError, error_body
-from servekit.server.keys import ApiKey, KeyStore
-from servekit.server.lifecycle import Phase, ServerState
-from servekit.server.ratelimit import KeyLimits
-from servekit.server.responses import ChatEncoder, CompletionEncoder, Encoder, sse_error
 from servekit.protocol.schema import (
     ChatCompletionRequest,
     CompletionRequest,
     bad_request_from_validation,
-    build_sampling_params,
-    check_unsupported,
 )
+from servekit.protocol.sse import DONE, error_event
+from servekit.server.keys import ApiKey, KeyStore
+from servekit.server.lifecycle import Phase, ServerState
+from servekit.server.params import build_sampling_params, check_unsupported
+from servekit.server.ratelimit import KeyLimits
+from servekit.server.responses import ChatEncoder, CompletionEncoder, Encoder
 from servekit.server.service import EngineLike, GenerationService, Job
 
 require("fastapi", "server")
@@ -349,9 +349,9 @@ class GenerationResponse(Response):
             if not started:
                 await self._error(send, err)
                 return
-            await send({"type": "http.response.body", "body": sse_error(err.status, err.body()),
+            await send({"type": "http.response.body", "body": error_event(err.body()),
                         "more_body": True})
-            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+            await send({"type": "http.response.body", "body": DONE})
             return
         if not started:  # nothing was generated (cannot happen with max_tokens >= 1)
             await send(self._start(200, b"text/event-stream"))

@@ -26,14 +26,14 @@ from servekit.engine.outputs import RequestOutput
 from servekit.errors import ServekitError
 from servekit.metrics.events import OPEN_STREAMS, RATE_LIMIT_RESERVATIONS, ResourceGauge
 from servekit.metrics.hooks import HookSet
-from servekit.sched.errors import QueueFull
-from servekit.sched.params import InvalidParameterError, SamplingParams
 from servekit.protocol.errors import (
     AuthenticationError,
     BadRequestError,
     ModelNotFoundError,
     OverloadedError,
 )
+from servekit.sched.errors import QueueFull
+from servekit.sched.params import InvalidParameterError, SamplingParams
 from servekit.server.keys import ApiKey, KeyStore
 from servekit.server.lifecycle import ServerState
 from servekit.server.ratelimit import Admission, KeyLimits

@@ -12,8 +12,8 @@ from typing import Any
 
 from servekit._optional import require
 from servekit.engine.outputs import RequestOutput, TokenLogprob
-from servekit.sched.params import InvalidParameterError, SamplingParams
 from servekit.protocol.errors import APIError, BadRequestError
+from servekit.sched.params import InvalidParameterError, SamplingParams
 from servekit.server.keys import ApiKey
 from servekit.server.service import GenerationService, Job
 

@@ -23,8 +23,8 @@ import anyio
 from servekit._optional import require
 from servekit.engine.outputs import RequestOutput
 from servekit.errors import ServekitError
-from servekit.server.app import _cancel_on_disconnect
 from servekit.protocol.errors import APIError, BadRequestError
+from servekit.server.app import _cancel_on_disconnect
 from servekit.server.grpc.convert import ChunkEncoder, ResponseBuilder, build_job
 from servekit.server.grpc.service import as_api_error
 from servekit.server.grpc.status import http_status, metadata_headers, to_status
