@@ -6,11 +6,10 @@ Nothing here imports torch; the Redis store imports ``redis`` only when it is cr
 """
 
 from servekit.limit.bucket import Limit, LimitSet, TokenBucket
-from servekit.limit.decision import Decision, LimitStatus, Reservation
+from servekit.limit.decision import Decision, LimitStatus, RateLimitExceeded, Reservation
 from servekit.limit.errors import (
     InvalidCostError,
     LimitConfigError,
-    RateLimitExceeded,
     RequestTooLargeError,
     ReservationError,
     StoreFullError,

@@ -11,11 +11,10 @@ import anyio
 from cachetools import TTLCache
 
 from servekit.limit.bucket import Limit, LimitSet
-from servekit.limit.decision import Decision, Reservation
+from servekit.limit.decision import Decision, RateLimitExceeded, Reservation
 from servekit.limit.errors import (
     InvalidCostError,
     LimitConfigError,
-    RateLimitExceeded,
     RequestTooLargeError,
     ReservationError,
     StoreUnavailableError,

@@ -27,6 +27,7 @@ from servekit.protocol.schema import (
     bad_request_from_validation,
 )
 from servekit.protocol.sse import DONE, error_event
+from servekit.server.disconnect import cancel_on_disconnect
 from servekit.server.keys import ApiKey, KeyStore
 from servekit.server.lifecycle import Phase, ServerState
 from servekit.server.params import build_sampling_params, check_unsupported
@@ -302,7 +303,7 @@ class GenerationResponse(Response):
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+            tg.start_soon(cancel_on_disconnect, receive, tg.cancel_scope)
             await (self._stream(send) if self.stream else self._whole(send))
             tg.cancel_scope.cancel()
 
@@ -371,15 +372,6 @@ class GenerationResponse(Response):
             await self._error(send, _as_api_error(exc))
             return
         await self._send_whole(send, 200, self.encoder.body())
-
-
-async def _cancel_on_disconnect(receive: Any, scope: anyio.CancelScope) -> None:
-    """Cancel ``scope`` when the client disconnects (also used by the gRPC REST mapping)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            scope.cancel()
-            return
 
 
 def _as_api_error(exc: Exception) -> APIError:

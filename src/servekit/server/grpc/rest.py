@@ -24,7 +24,7 @@ from servekit._optional import require
 from servekit.engine.outputs import RequestOutput
 from servekit.errors import ServekitError
 from servekit.protocol.errors import APIError, BadRequestError
-from servekit.server.app import _cancel_on_disconnect
+from servekit.server.disconnect import cancel_on_disconnect
 from servekit.server.grpc.convert import ChunkEncoder, ResponseBuilder, build_job
 from servekit.server.grpc.service import as_api_error
 from servekit.server.grpc.status import http_status, metadata_headers, to_status
@@ -164,7 +164,7 @@ class ChunkStream(Response):
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+            tg.start_soon(cancel_on_disconnect, receive, tg.cancel_scope)
             await self._stream(scope, send)
             tg.cancel_scope.cancel()
 
