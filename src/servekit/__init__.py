@@ -7,9 +7,13 @@ servekit`` stays cheap and a part that needs torch (or an extra) loads only when
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import Any
 
-__version__ = "0.1.0"
+try:
+    __version__ = importlib.metadata.version("servekit")
+except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"
 
 # public name -> the subpackage that exports it (loaded on first use).
 _EXPORTS: dict[str, str] = {

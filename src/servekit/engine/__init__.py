@@ -3,7 +3,14 @@
 :class:`LLMEngine` (sync add_request / step / abort / generate) and :class:`AsyncEngine`
 (anyio streams) over the scheduler, the KV cache manager, the model runner (servekit's paged
 attention registered with transformers), the batched sampler and incremental detokenization.
+Needs ``servekit[engine]`` (torch, transformers, tokenizers; triton on Linux).
 """
+
+from servekit._optional import require
+
+for _module in ("torch", "transformers", "tokenizers"):
+    require(_module, "engine")
+del _module
 
 from servekit.engine.async_engine import AsyncEngine, EngineClosedError
 from servekit.engine.attention import ATTENTION_NAME, AttentionMetadata

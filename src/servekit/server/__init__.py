@@ -2,8 +2,12 @@
 
 ``create_app(engine)`` assembles the ASGI app; ``GenerationService`` is the transport-independent
 core (keys, limits, generation) other front ends reuse; ``FakeEngine`` is an instant engine for
-tests and benchmarks. Needs ``servekit[server]`` (FastAPI, uvicorn).
+tests and benchmarks. Needs ``servekit[server]`` (FastAPI, uvicorn, and the engine's extra).
 """
+
+from servekit._optional import require
+
+require("fastapi", "server")
 
 from servekit.protocol.errors import (
     APIError,

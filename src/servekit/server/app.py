@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 from attrs import frozen
 
+from servekit import __version__
 from servekit._optional import require
 from servekit.engine.outputs import RequestOutput
 from servekit.metrics.events import KV_BLOCKS_IN_USE, OPEN_STREAMS, RATE_LIMIT_RESERVATIONS
@@ -93,7 +94,7 @@ def create_app(
                 await state.drain(config.grace_period)
                 stop.set()
 
-    app = FastAPI(title="servekit", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="servekit", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API served by servekit")
     app.state.servekit = service
     try:
