@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import warnings
 from typing import Any
 
 try:
@@ -46,7 +47,7 @@ _EXPORTS: dict[str, str] = {
     "FCFSPolicy": "servekit.sched",
     "PriorityPolicy": "servekit.sched",
     "FairSharePolicy": "servekit.sched",
-    "QueueFull": "servekit.sched",
+    "QueueFullError": "servekit.sched",
     "LLMEngine": "servekit.engine",
     "AsyncEngine": "servekit.engine",
     "EngineConfig": "servekit.engine",
@@ -59,7 +60,7 @@ _EXPORTS: dict[str, str] = {
     "Reservation": "servekit.limit",
     "MemoryStore": "servekit.limit",
     "RedisStore": "servekit.limit",
-    "RateLimitExceeded": "servekit.limit",
+    "RateLimitExceededError": "servekit.limit",
     "TokenBucket": "servekit.limit",
     "openai_headers": "servekit.limit",
     "HashRing": "servekit.route",
@@ -83,11 +84,17 @@ _EXPORTS: dict[str, str] = {
     "GenerationService": "servekit.server",
     "KeyStore": "servekit.server",
     "ApiKey": "servekit.server",
-    "FakeEngine": "servekit.server",
     "Client": "servekit.client",
     "AsyncClient": "servekit.client",
     "GrpcClient": "servekit.client",
     "AsyncGrpcClient": "servekit.client",
+}
+
+# Deprecated names (removed in the next release): old name -> (module, current name).
+_DEPRECATED: dict[str, tuple[str, str]] = {
+    "QueueFull": ("servekit.sched", "QueueFullError"),
+    "RateLimitExceeded": ("servekit.limit", "RateLimitExceededError"),
+    "FakeEngine": ("servekit.server.fake", "FakeEngine"),
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -96,7 +103,12 @@ __all__ = ["__version__", *sorted(_EXPORTS)]
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'servekit' has no attribute {name!r}")
+        if name not in _DEPRECATED:
+            raise AttributeError(f"module 'servekit' has no attribute {name!r}")
+        module, current = _DEPRECATED[name]
+        warnings.warn(f"servekit.{name} is deprecated and goes in the next release: use "
+                      f"{module}.{current}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(module), current)
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value

@@ -10,7 +10,7 @@ import torch
 
 from servekit.engine import EngineConfig, LLMEngine
 from servekit.engine.chat import ChatTemplateError, render_chat
-from servekit.sched.errors import QueueFull
+from servekit.sched.errors import QueueFullError
 from servekit.sched.params import InvalidParameterError, SamplingParams
 
 # forced length exactly as generate's min_new_tokens forces it: eos is masked until the end
@@ -163,7 +163,7 @@ def test_bad_requests_name_the_field(engine: LLMEngine, prompt: list[int],
 def test_bounded_queue_raises_queue_full(llama_dir: Path) -> None:
     engine = LLMEngine(llama_dir, config=EngineConfig(num_blocks=32, max_waiting_requests=1))
     engine.add_request([1, 2, 3])  # an empty queue always accepts
-    with pytest.raises(QueueFull):
+    with pytest.raises(QueueFullError):
         engine.add_request([1, 2, 3])
 
 

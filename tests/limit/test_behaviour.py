@@ -11,7 +11,7 @@ from servekit.limit import (
     InvalidCostError,
     Limit,
     Limiter,
-    RateLimitExceeded,
+    RateLimitExceededError,
     RequestTooLargeError,
     ReservationError,
     Store,
@@ -152,7 +152,7 @@ def test_async_acquire_fails_fast_when_the_wait_is_too_long(store: Store) -> Non
     async def main() -> None:
         for _ in range(5):
             await limiter.acquire("k")
-        with pytest.raises(RateLimitExceeded) as info:
+        with pytest.raises(RateLimitExceededError) as info:
             await limiter.acquire("k", max_wait=5.0)
         assert info.value.reason == "limit" and info.value.retry_after > 5.0
         assert info.value.decision.denied_by == ("requests",)

@@ -12,7 +12,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from servekit.limit import Limit, Limiter, RateLimitExceeded
+from servekit.limit import Limit, Limiter, RateLimitExceededError
 
 
 def run_mock(fn: Any) -> Any:
@@ -50,17 +50,17 @@ def test_max_wait_and_deadline_raise_one_clear_error() -> None:
 
     async def main() -> None:
         await limiter.acquire("k")
-        with pytest.raises(RateLimitExceeded) as fast:
+        with pytest.raises(RateLimitExceededError) as fast:
             await limiter.acquire("k", max_wait=0.5)  # needs 1 s: fails at once
         assert fast.value.reason == "limit" and fast.value.retry_after == pytest.approx(1.0)
         t0 = anyio.current_time()
-        with pytest.raises(RateLimitExceeded, match="retry after"):
+        with pytest.raises(RateLimitExceededError, match="retry after"):
             await limiter.acquire("k", deadline=t0 + 0.25)
         assert anyio.current_time() == t0  # no pointless wait
         async with anyio.create_task_group() as tg:  # a queued waiter times out in line
             tg.start_soon(limiter.acquire, "k")
             await anyio.wait_all_tasks_blocked()
-            with pytest.raises(RateLimitExceeded) as queued:
+            with pytest.raises(RateLimitExceededError) as queued:
                 await limiter.acquire("k", max_wait=0.5)
             assert queued.value.reason == "timeout"
             assert anyio.current_time() - t0 == pytest.approx(0.5)
@@ -72,12 +72,12 @@ def test_max_wait_and_deadline_raise_one_clear_error() -> None:
 
 def test_waiter_cap() -> None:
     limiter = Limiter([Limit("r", 1, 1.0)], clock=anyio.current_time, max_waiters=3)
-    errors: list[RateLimitExceeded] = []
+    errors: list[RateLimitExceededError] = []
 
     async def client() -> None:
         try:
             await limiter.acquire("k")
-        except RateLimitExceeded as exc:
+        except RateLimitExceededError as exc:
             errors.append(exc)
 
     async def main() -> None:

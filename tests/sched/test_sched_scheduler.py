@@ -14,7 +14,7 @@ from servekit.sched import (
     FinishReason,
     InvalidParameterError,
     PriorityPolicy,
-    QueueFull,
+    QueueFullError,
     Request,
     RequestStatus,
     SamplingParams,
@@ -105,11 +105,11 @@ def test_queue_bounds_raise_queue_full_with_retry_after() -> None:
     sched, _, _ = make(max_waiting_requests=2, max_waiting_tokens=10, retry_after=2.5)
     sched.add_request(req("a", [1] * 4))
     sched.add_request(req("b", [1] * 4))
-    with pytest.raises(QueueFull) as e:
+    with pytest.raises(QueueFullError) as e:
         sched.add_request(req("c", [1]))
     assert e.value.limit == "max_waiting_requests" and e.value.retry_after == 2.5
     sched.abort("b")
-    with pytest.raises(QueueFull) as e:
+    with pytest.raises(QueueFullError) as e:
         sched.add_request(req("c", [1] * 7))
     assert e.value.limit == "max_waiting_tokens"
     sched.add_request(req("c", [1] * 6))  # exactly at the bound

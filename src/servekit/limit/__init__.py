@@ -6,7 +6,15 @@ Nothing here imports torch; the Redis store imports ``redis`` only when it is cr
 """
 
 from servekit.limit.bucket import Limit, LimitSet, TokenBucket
-from servekit.limit.decision import Decision, LimitStatus, RateLimitExceeded, Reservation
+from servekit.limit.decision import (
+    Decision,
+    LimitStatus,
+    RateLimitExceededError,
+    Reservation,
+)
+from servekit.limit.decision import (
+    RateLimitExceeded as RateLimitExceeded,  # deprecated alias of RateLimitExceededError
+)
 from servekit.limit.errors import (
     InvalidCostError,
     LimitConfigError,
@@ -29,7 +37,7 @@ __all__ = [
     "LimitStatus",
     "Limiter",
     "MemoryStore",
-    "RateLimitExceeded",
+    "RateLimitExceededError",
     "RedisStore",
     "RequestTooLargeError",
     "Reservation",

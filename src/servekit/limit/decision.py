@@ -139,7 +139,7 @@ def _retry_after(
     return wait
 
 
-class RateLimitExceeded(ServekitError):
+class RateLimitExceededError(ServekitError):
     """The request is over its rate limit (or could not be admitted within its wait).
 
     ``retry_after`` is the number of seconds after which the same request may succeed;
@@ -156,3 +156,7 @@ class RateLimitExceeded(ServekitError):
             f"rate limit exceeded for key {decision.key!r} ({names}; {reason}): "
             f"retry after {decision.retry_after:.3f}s"
         )
+
+
+#: Deprecated alias of :class:`RateLimitExceededError` (removed in the next release).
+RateLimitExceeded = RateLimitExceededError

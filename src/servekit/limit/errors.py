@@ -1,7 +1,7 @@
 """The limiter's exceptions for misuse or a broken store.
 
 "Over the limit" carries a :class:`~servekit.limit.decision.Decision`, so it lives beside it
-(:class:`~servekit.limit.decision.RateLimitExceeded`) and this module stays a leaf.
+(:class:`~servekit.limit.decision.RateLimitExceededError`) and this module stays a leaf.
 """
 
 from __future__ import annotations

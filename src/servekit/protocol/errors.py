@@ -1,8 +1,11 @@
-"""Errors the HTTP front end answers with, in OpenAI's JSON shape.
+"""Errors a front end (server, gateway) answers with, in OpenAI's JSON shape.
 
 Every error leaves the server as ``{"error": {"message", "type", "param", "code"}}`` with the
-status a client library maps to its exception type: 400 bad request (``param`` names the field),
-401 bad or missing key, 404 unknown model or route, 429 rate limited, 503 overloaded or draining.
+status a client library maps to its exception type: 400 invalid request (``param`` names the
+field), 401 bad or missing key, 404 unknown model, 429 too many requests, 503 overloaded,
+starting or draining. The classes are named after the HTTP answer (``TooManyRequestsError``),
+so none shares a name with the client's exceptions, which follow openai-python
+(``RateLimitError``, ...), or with the limiter's ``RateLimitExceededError``.
 """
 
 from __future__ import annotations
@@ -14,19 +17,19 @@ from typing import Any
 from servekit.errors import ServekitError
 
 __all__ = [
-    "APIError",
-    "AuthenticationError",
-    "BadRequestError",
+    "InvalidRequestError",
     "ModelNotFoundError",
-    "OverloadedError",
-    "RateLimitedError",
+    "ServiceUnavailableError",
+    "StatusError",
+    "TooManyRequestsError",
+    "UnauthorizedError",
     "error_body",
     "parse_error_body",
     "retry_after_seconds",
 ]
 
 
-class APIError(ServekitError):
+class StatusError(ServekitError):
     """An error with an HTTP status and OpenAI's error fields; ``headers`` go on the response."""
 
     status: int = 500
@@ -45,14 +48,14 @@ class APIError(ServekitError):
         return error_body(self.message, self.type, self.param, self.code)
 
 
-class BadRequestError(APIError, ValueError):
+class InvalidRequestError(StatusError, ValueError):
     """400: the request is malformed; ``param`` names the offending field."""
 
     status = 400
     type = "invalid_request_error"
 
 
-class AuthenticationError(APIError):
+class UnauthorizedError(StatusError):
     """401: no API key, or one the server does not know."""
 
     status = 401
@@ -63,7 +66,7 @@ class AuthenticationError(APIError):
                          headers={"www-authenticate": 'Bearer realm="servekit"'})
 
 
-class ModelNotFoundError(APIError, LookupError):
+class ModelNotFoundError(StatusError, LookupError):
     """404: the request names a model this server does not serve."""
 
     status = 404
@@ -74,7 +77,7 @@ class ModelNotFoundError(APIError, LookupError):
                          code="model_not_found")
 
 
-class RateLimitedError(APIError):
+class TooManyRequestsError(StatusError):
     """429: the key is over a rate limit; the headers carry ``retry-after`` and ``x-ratelimit-*``."""
 
     status = 429
@@ -85,7 +88,7 @@ class RateLimitedError(APIError):
         super().__init__(message, code=code, headers=headers)
 
 
-class OverloadedError(APIError):
+class ServiceUnavailableError(StatusError):
     """503: the waiting queue is full or the server is draining; ``retry-after`` says when to retry."""
 
     status = 503

@@ -11,11 +11,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from servekit.protocol.errors import BadRequestError
+from servekit.protocol.errors import InvalidRequestError
 
 __all__ = [
     "ChatCompletionRequest",
-    "ChatMessage",
+    "ChatMessageParam",
     "CompletionRequest",
     "StreamOptions",
     "TextPart",
@@ -74,7 +74,7 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessageParam(BaseModel):
     """One chat message; the model's chat template renders the list."""
 
     model_config = _STRICT
@@ -94,7 +94,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessageParam] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -102,22 +102,22 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Any] | None = None
 
 
-def bad_request_from_validation(exc: ValidationError | Any) -> BadRequestError:
+def bad_request_from_validation(exc: ValidationError | Any) -> InvalidRequestError:
     """A 400 for the first pydantic error, naming the field as OpenAI does (``messages.[0].role``)."""
     errors = exc.errors() if hasattr(exc, "errors") else []
     if not errors:
-        return BadRequestError("invalid request body")
+        return InvalidRequestError("invalid request body")
     first = errors[0]
     if first.get("type") == "json_invalid":
-        return BadRequestError("We could not parse the JSON body of your request")
+        return InvalidRequestError("We could not parse the JSON body of your request")
     if first.get("type") == "model_attributes_type" or tuple(first.get("loc", ())) == ("body",):
-        return BadRequestError("the request body must be a JSON object")
+        return InvalidRequestError("the request body must be a JSON object")
     param = _param_name(first.get("loc", ()))
     if first.get("type") == "missing":
-        return BadRequestError(f"Missing required parameter: '{param}'", param=param)
+        return InvalidRequestError(f"Missing required parameter: '{param}'", param=param)
     value = first.get("input")
     shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-    return BadRequestError(f"Invalid value for '{param}': {first.get('msg')} (got {shown})",
+    return InvalidRequestError(f"Invalid value for '{param}': {first.get('msg')} (got {shown})",
                            param=param)
 
 
@@ -136,6 +136,6 @@ def _param_name(loc: tuple[Any, ...] | list[Any]) -> str:
 
 _FIELD_NAMES: frozenset[str] = frozenset(
     name
-    for model in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, StreamOptions)
+    for model in (CompletionRequest, ChatCompletionRequest, ChatMessageParam, TextPart, StreamOptions)
     for name in model.model_fields
 )

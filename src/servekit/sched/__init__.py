@@ -2,9 +2,12 @@
 
 from servekit.sched.errors import (
     DuplicateRequestError,
-    QueueFull,
+    QueueFullError,
     SchedulerStateError,
     UnknownRequestError,
+)
+from servekit.sched.errors import (
+    QueueFull as QueueFull,  # deprecated alias of QueueFullError
 )
 from servekit.sched.output import SchedulerOutput, UpdateResult
 from servekit.sched.params import InvalidParameterError, SamplingParams
@@ -25,7 +28,7 @@ __all__ = [
     "FinishReason",
     "InvalidParameterError",
     "PriorityPolicy",
-    "QueueFull",
+    "QueueFullError",
     "Request",
     "RequestStatus",
     "SamplingParams",

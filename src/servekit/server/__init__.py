@@ -9,43 +9,39 @@ from servekit._optional import require
 
 require("fastapi", "server")
 
-from servekit.protocol.errors import (
-    APIError,
-    AuthenticationError,
-    BadRequestError,
-    ModelNotFoundError,
-    OverloadedError,
-    RateLimitedError,
-)
-from servekit.server.fake import FakeEngine, FakeTokenizer
+from servekit.protocol import errors as _errors
+from servekit.server.fake import FakeEngine
 from servekit.server.keys import ApiKey, KeyConfigError, KeyStore
 from servekit.server.lifecycle import Phase, ServerState
 from servekit.server.ratelimit import Admission, KeyLimits
-from servekit.server.service import EngineLike, GenerationService, Job, Usage
+from servekit.server.service import EngineLike, GenerationService, Job, JobUsage
 
 __all__ = [
-    "APIError",
     "Admission",
     "ApiKey",
-    "AuthenticationError",
-    "BadRequestError",
     "EngineLike",
     "FakeEngine",
-    "FakeTokenizer",
     "GenerationService",
     "Job",
+    "JobUsage",
     "KeyConfigError",
     "KeyLimits",
     "KeyStore",
-    "ModelNotFoundError",
-    "OverloadedError",
     "Phase",
-    "RateLimitedError",
     "ServerConfig",
     "ServerState",
-    "Usage",
     "create_app",
 ]
+
+# Deprecated aliases (removed in the next release): the HTTP errors moved to
+# servekit.protocol.errors under names distinct from the client's; Usage is JobUsage.
+APIError = _errors.StatusError
+AuthenticationError = _errors.UnauthorizedError
+BadRequestError = _errors.InvalidRequestError
+ModelNotFoundError = _errors.ModelNotFoundError
+OverloadedError = _errors.ServiceUnavailableError
+RateLimitedError = _errors.TooManyRequestsError
+Usage = JobUsage
 
 
 def __getattr__(name: str) -> object:

@@ -21,7 +21,7 @@ from servekit._optional import require
 from servekit.engine.outputs import RequestOutput
 from servekit.metrics.events import KV_BLOCKS_IN_USE, OPEN_STREAMS, RATE_LIMIT_RESERVATIONS
 from servekit.metrics.hooks import HookSet
-from servekit.protocol.errors import APIError, error_body
+from servekit.protocol.errors import StatusError, error_body
 from servekit.protocol.schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -208,7 +208,7 @@ class _AuthMiddleware:
                     break
             try:
                 scope["servekit.key"] = self.service.authenticate(authorization)
-            except APIError as exc:
+            except StatusError as exc:
                 headers = [(b"content-type", b"application/json")]
                 headers += [(k.encode(), v.encode()) for k, v in exc.headers.items()]
                 await send({"type": "http.response.start", "status": exc.status,
@@ -321,7 +321,7 @@ class GenerationResponse(Response):
         await send(start)
         await send({"type": "http.response.body", "body": body})
 
-    async def _error(self, send: Any, exc: APIError) -> None:
+    async def _error(self, send: Any, exc: StatusError) -> None:
         self.extra_headers.update(exc.headers)
         await self._send_whole(send, exc.status, exc.body())
 
@@ -339,7 +339,7 @@ class GenerationResponse(Response):
                 if first:
                     await send({"type": "http.response.body", "body": first, "more_body": True})
             if out.finish_reason == "error":
-                raise APIError(out.error or "the engine failed on this request")
+                raise StatusError(out.error or "the engine failed on this request")
             data = chunk(i, out)
             if data:
                 await send({"type": "http.response.body", "body": data, "more_body": True})
@@ -364,7 +364,7 @@ class GenerationResponse(Response):
 
         async def on_output(i: int, out: RequestOutput) -> None:
             if out.finish_reason == "error":
-                raise APIError(out.error or "the engine failed on this request")
+                raise StatusError(out.error or "the engine failed on this request")
             add(i, out)
 
         try:
@@ -375,18 +375,18 @@ class GenerationResponse(Response):
         await self._send_whole(send, 200, self.encoder.body())
 
 
-def _as_api_error(exc: Exception) -> APIError:
-    if isinstance(exc, APIError):
+def _as_api_error(exc: Exception) -> StatusError:
+    if isinstance(exc, StatusError):
         return exc
     logger.exception("request failed", exc_info=exc)
-    return APIError(f"internal error: {type(exc).__name__}")
+    return StatusError(f"internal error: {type(exc).__name__}")
 
 
 # -- errors --------------------------------------------------------------------------------
 
 def _install_error_handlers(app: FastAPI) -> None:
     def api_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, APIError)
+        assert isinstance(exc, StatusError)
         return Response(exc.body(), status_code=exc.status, headers=exc.headers,
                         media_type="application/json")
 
@@ -402,7 +402,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     def internal_error(request: Request, exc: Exception) -> Response:
         return api_error(request, _as_api_error(exc))
 
-    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(StatusError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)

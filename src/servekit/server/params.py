@@ -7,7 +7,7 @@ Fields servekit accepts syntactically but cannot honour (``suffix``, ``logit_bia
 
 from __future__ import annotations
 
-from servekit.protocol.errors import BadRequestError
+from servekit.protocol.errors import InvalidRequestError
 from servekit.protocol.schema import ChatCompletionRequest, CompletionRequest
 from servekit.sched.params import InvalidParameterError, SamplingParams
 
@@ -17,21 +17,21 @@ __all__ = ["build_sampling_params", "check_unsupported"]
 def check_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
     """Reject fields servekit accepts syntactically but cannot honour."""
     if req.logit_bias:
-        raise BadRequestError("logit_bias is not supported", param="logit_bias")
+        raise InvalidRequestError("logit_bias is not supported", param="logit_bias")
     if isinstance(req, CompletionRequest):
         if req.suffix:
-            raise BadRequestError("suffix is not supported", param="suffix")
+            raise InvalidRequestError("suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
-            raise BadRequestError("best_of must equal n (or be omitted)", param="best_of")
+            raise InvalidRequestError("best_of must equal n (or be omitted)", param="best_of")
         if req.echo and req.logprobs is not None:
-            raise BadRequestError("echo with logprobs is not supported", param="echo")
+            raise InvalidRequestError("echo with logprobs is not supported", param="echo")
     else:
         if req.tools:
-            raise BadRequestError("tools are not supported by this model", param="tools")
+            raise InvalidRequestError("tools are not supported by this model", param="tools")
         if req.top_logprobs is not None and not req.logprobs:
-            raise BadRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
+            raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
     if isinstance(req.stop, list) and len(req.stop) > 16:
-        raise BadRequestError("at most 16 stop sequences", param="stop")
+        raise InvalidRequestError("at most 16 stop sequences", param="stop")
 
 
 def build_sampling_params(req: CompletionRequest | ChatCompletionRequest, *, max_tokens: int,
@@ -53,4 +53,4 @@ def build_sampling_params(req: CompletionRequest | ChatCompletionRequest, *, max
             ignore_eos=req.ignore_eos,
         )
     except InvalidParameterError as exc:
-        raise BadRequestError(str(exc), param=exc.param) from exc
+        raise InvalidRequestError(str(exc), param=exc.param) from exc

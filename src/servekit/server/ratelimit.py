@@ -23,7 +23,7 @@ from servekit.limit.headers import openai_headers
 from servekit.limit.limiter import Limiter
 from servekit.limit.store import MemoryStore, Store
 from servekit.metrics.hooks import HookSet
-from servekit.protocol.errors import RateLimitedError
+from servekit.protocol.errors import TooManyRequestsError
 from servekit.server.keys import ApiKey
 
 logger = logging.getLogger("servekit.server")
@@ -70,7 +70,7 @@ class KeyLimits:
                                            if key.tpm is not None else {"requests": 1.0},
                                            reserve=True)
         except RequestTooLargeError:
-            raise RateLimitedError(
+            raise TooManyRequestsError(
                 f"Request too large for {model}: {tokens} tokens requested, the limit is "
                 f"{key.tpm} tokens per minute; reduce the prompt or max_tokens",
                 headers={"x-should-retry": "false"}, code="request_too_large") from None
@@ -78,7 +78,7 @@ class KeyLimits:
         if not decision.allowed:
             kind = "tokens" if "tokens" in decision.denied_by else "requests"
             per = key.tpm if kind == "tokens" else key.rpm
-            raise RateLimitedError(
+            raise TooManyRequestsError(
                 f"Rate limit reached for {model} on {kind} per minute: limit {per}; "
                 f"retry after {headers.get('retry-after', '1')} s", headers=headers)
         return Admission(decision.reservation, limiter, headers)

@@ -27,12 +27,12 @@ from servekit.errors import ServekitError
 from servekit.metrics.events import OPEN_STREAMS, RATE_LIMIT_RESERVATIONS, ResourceGauge
 from servekit.metrics.hooks import HookSet
 from servekit.protocol.errors import (
-    AuthenticationError,
-    BadRequestError,
+    InvalidRequestError,
     ModelNotFoundError,
-    OverloadedError,
+    ServiceUnavailableError,
+    UnauthorizedError,
 )
-from servekit.sched.errors import QueueFull
+from servekit.sched.errors import QueueFullError
 from servekit.sched.params import InvalidParameterError, SamplingParams
 from servekit.server.keys import ApiKey, KeyStore
 from servekit.server.lifecycle import ServerState
@@ -41,7 +41,7 @@ from servekit.server.ratelimit import Admission, KeyLimits
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["EngineLike", "GenerationService", "Job", "OnOutput", "Usage"]
+__all__ = ["EngineLike", "GenerationService", "Job", "JobUsage", "OnOutput"]
 
 logger = logging.getLogger("servekit.server")
 
@@ -68,7 +68,7 @@ class EngineLike(Protocol):
 
 
 @define(slots=True)
-class Usage:
+class JobUsage:
     """Token counts of a job, summed over prompts (once each) and choices."""
 
     prompt_tokens: int = 0
@@ -91,7 +91,7 @@ class Job:
     prompts: list[list[int]]
     choices: list[tuple[int, SamplingParams]]
     created: int = field(factory=lambda: int(time.time()))
-    usage: Usage = field(factory=Usage)
+    usage: JobUsage = field(factory=JobUsage)
     finish_reasons: list[str | None] = field(factory=list)
     admission: Admission | None = None
 
@@ -136,12 +136,12 @@ class GenerationService:
         if self.keys.open:
             return None
         if not authorization:
-            raise AuthenticationError("You didn't provide an API key: send "
+            raise UnauthorizedError("You didn't provide an API key: send "
                                       "'Authorization: Bearer YOUR_KEY'")
         scheme, _, token = authorization.partition(" ")
         key = self.keys.authenticate(token.strip()) if scheme.lower() == "bearer" else None
         if key is None:
-            raise AuthenticationError("Incorrect API key provided")
+            raise UnauthorizedError("Incorrect API key provided")
         return key
 
     def check_model(self, model: str) -> None:
@@ -167,7 +167,7 @@ class GenerationService:
         else:
             batch = list(prompt)
         if not batch:
-            raise BadRequestError("prompt must not be empty", param="prompt")
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
         vocab = len(engine.tokenizer)
         out = []
         for item in batch:
@@ -176,9 +176,9 @@ class GenerationService:
             else:
                 ids = list(item)
                 if any(t < 0 or t >= vocab for t in ids):
-                    raise BadRequestError(f"token ids must be in [0, {vocab})", param="prompt")
+                    raise InvalidRequestError(f"token ids must be in [0, {vocab})", param="prompt")
             if not ids:
-                raise BadRequestError("prompt must not be empty", param="prompt")
+                raise InvalidRequestError("prompt must not be empty", param="prompt")
             self._check_length(len(ids), "prompt")
             out.append(ids)
         return out
@@ -189,14 +189,14 @@ class GenerationService:
         try:
             ids = render_chat(engine.tokenizer, messages)
         except ChatTemplateError as exc:
-            raise BadRequestError(str(exc), param="messages") from exc
+            raise InvalidRequestError(str(exc), param="messages") from exc
         self._check_length(len(ids), "messages")
         return ids
 
     def _check_length(self, n: int, param: str) -> None:
         limit = self.max_model_len
         if n >= limit:
-            raise BadRequestError(
+            raise InvalidRequestError(
                 f"This model's maximum context length is {limit} tokens, and your {param} has "
                 f"{n} tokens: no room is left for the completion", param=param)
 
@@ -212,9 +212,9 @@ class GenerationService:
         if requested is None:
             return room
         if requested < 1:
-            raise BadRequestError(f"{param} must be at least 1, got {requested}", param=param)
+            raise InvalidRequestError(f"{param} must be at least 1, got {requested}", param=param)
         if requested > room:
-            raise BadRequestError(
+            raise InvalidRequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, "
                 f"you requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
                 f"{requested} for the completion). Reduce the prompt or {param}.", param=param)
@@ -249,7 +249,7 @@ class GenerationService:
                         for i in range(len(job.choices)):
                             tg.start_soon(self._drive, job, i, on_output, per_choice)
             if scope.cancelled_caught:  # drained past the grace period: not a success
-                raise OverloadedError("the server shut down before this request finished; "
+                raise ServiceUnavailableError("the server shut down before this request finished; "
                                       "retry on another replica", retry_after=self.state.retry_after,
                                       code="draining")
         except BaseExceptionGroup as group:  # one choice failed: surface its error
@@ -283,11 +283,11 @@ class GenerationService:
                 per_choice[i] = (out.num_prompt_tokens, out.num_output_tokens,
                                  out.num_cached_tokens)
                 await on_output(i, out)
-        except QueueFull as exc:
-            raise OverloadedError(f"The server is overloaded ({exc}); retry later",
+        except QueueFullError as exc:
+            raise ServiceUnavailableError(f"The server is overloaded ({exc}); retry later",
                                   retry_after=exc.retry_after) from exc
         except InvalidParameterError as exc:  # the engine's own checks, e.g. token ids
-            raise BadRequestError(str(exc), param=exc.param) from exc
+            raise InvalidRequestError(str(exc), param=exc.param) from exc
         finally:
             if not finished:
                 with anyio.CancelScope(shield=True):

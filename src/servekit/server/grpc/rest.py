@@ -23,7 +23,7 @@ import anyio
 from servekit._optional import require
 from servekit.engine.outputs import RequestOutput
 from servekit.errors import ServekitError
-from servekit.protocol.errors import APIError, BadRequestError
+from servekit.protocol.errors import InvalidRequestError, StatusError
 from servekit.server.disconnect import cancel_on_disconnect
 from servekit.server.grpc.convert import ChunkEncoder, ResponseBuilder, build_job
 from servekit.server.grpc.service import as_api_error
@@ -109,7 +109,7 @@ def _prepare(service: GenerationService, request: Request, body: bytes) -> tuple
         json_format.Parse(body or b"{}", message)
     except json_format.ParseError as exc:
         text = str(exc).split("\n")[0]
-        raise BadRequestError(f"invalid request body: {text}",
+        raise InvalidRequestError(f"invalid request body: {text}",
                               param=parse_error_field(text)) from exc
     job = build_job(service, message, key)
     return job, service.admit(job).headers
@@ -120,7 +120,7 @@ def _json(message: Any) -> bytes:
     return text.encode()
 
 
-def error_response(exc: APIError) -> Response:
+def error_response(exc: StatusError) -> Response:
     """The ``google.rpc.Status`` JSON of an error, with its HTTP status and headers."""
     status = to_status(exc)
     return Response(_json(status), status_code=http_status(status.code),

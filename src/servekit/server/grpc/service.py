@@ -17,7 +17,7 @@ import anyio
 
 from servekit._optional import require
 from servekit.engine.outputs import RequestOutput
-from servekit.protocol.errors import APIError, BadRequestError
+from servekit.protocol.errors import InvalidRequestError, StatusError
 from servekit.server.grpc.convert import ChunkEncoder, ResponseBuilder, build_job
 from servekit.server.grpc.outbox import Outbox
 from servekit.server.grpc.status import grpc_code, to_status, trailing_metadata
@@ -32,18 +32,18 @@ __all__ = ["GenerationServicer", "as_api_error"]
 
 logger = logging.getLogger("servekit.server.grpc")
 
-def as_api_error(exc: Exception) -> APIError:
+def as_api_error(exc: Exception) -> StatusError:
     """``exc`` as an API error: itself, or a logged 500 for anything unexpected."""
-    if isinstance(exc, APIError):
+    if isinstance(exc, StatusError):
         return exc
     logger.exception("gRPC request failed", exc_info=exc)
-    return APIError(f"internal error: {type(exc).__name__}")
+    return StatusError(f"internal error: {type(exc).__name__}")
 
 
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
-async def _abort(context: Any, exc: APIError) -> None:
+async def _abort(context: Any, exc: StatusError) -> None:
     """End the call with the error's status, details and headers (raises)."""
     await context.abort(_STATUS_CODES[grpc_code(exc)], exc.message, trailing_metadata(exc))
 
@@ -96,7 +96,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
         async def on_output(i: int, out: RequestOutput) -> None:
             await outbox.put_delta(i, chunk(i, out))
 
-        error: APIError | None = None
+        error: StatusError | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(outbox.drain, context.write)
             try:
@@ -129,7 +129,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
                             rid = message.generate.request_id
                             if not rid or rid in scopes:
                                 why = "is required" if not rid else f"{rid!r} is already open"
-                                await outbox.put(_error_response(rid, BadRequestError(
+                                await outbox.put(_error_response(rid, InvalidRequestError(
                                     f"request_id {why} on this session", param="request_id")))
                                 continue
                             scope = scopes[rid] = anyio.CancelScope()
@@ -146,7 +146,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
                                scope: anyio.CancelScope,
                                scopes: dict[str, anyio.CancelScope]) -> None:
         rid = request.request_id
-        error: APIError | None = None
+        error: StatusError | None = None
         encoder: ChunkEncoder | None = None
         try:
             with scope:  # a Cancel message cancels it: the job is aborted and settled
@@ -169,12 +169,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
         finally:
             scopes.pop(rid, None)
         if error is not None or encoder is None:
-            await outbox.put(_error_response(rid, error or APIError("request cancelled")))
+            await outbox.put(_error_response(rid, error or StatusError("request cancelled")))
             return
         for msg in encoder.aborted():
             await outbox.put(pb.SessionResponse(request_id=rid, chunk=msg))
         await outbox.put(pb.SessionResponse(request_id=rid, final=True, chunk=encoder.final()))
 
 
-def _error_response(request_id: str, exc: APIError) -> Any:
+def _error_response(request_id: str, exc: StatusError) -> Any:
     return pb.SessionResponse(request_id=request_id, final=True, error=to_status(exc))
