@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from _common import bar, parse_args, print_bars, print_table, summary, write_json
-from servekit.metrics import HookSet, NewTokens, PrometheusHook, StatsHook
+from servekit.metrics import HookSet, PrometheusHook, StatsHook
+from servekit.metrics.events import NewTokens
 from servekit.metrics.hooks import Hook
 from servekit.metrics.prometheus import ITL_BUCKETS
 

@@ -31,7 +31,8 @@ from _common import (
     summary,
     write_json,
 )
-from servekit.route import HashRing, hash_keys
+from servekit.route import HashRing
+from servekit.route.hashing import hash_keys
 
 NODES = 100
 

@@ -7,16 +7,8 @@ import time
 import anyio
 import pytest
 
-from servekit.limit import (
-    InvalidCostError,
-    Limit,
-    Limiter,
-    RateLimitExceededError,
-    RequestTooLargeError,
-    ReservationError,
-    Store,
-    openai_headers,
-)
+from servekit.limit import Limit, Limiter, RateLimitExceededError, Store, openai_headers
+from servekit.limit.errors import InvalidCostError, RequestTooLargeError, ReservationError
 from servekit.metrics import events, hooks
 
 # Per-day limits: refill during a test (<= 1 s) is < 1e-3 tokens, so counts are exact.

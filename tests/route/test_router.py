@@ -11,27 +11,28 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from servekit.kv.hashing import extend_block_hashes, get_hash_fn
-from servekit.metrics import Hook, HookSet, RouteDecision
+from servekit.metrics import Hook, HookSet
+from servekit.metrics.events import RouteDecision
 from servekit.route import (
-    Candidates,
-    Choice,
     ConsistentHashPolicy,
-    DuplicateNodeError,
     HashRing,
     HealthTracker,
-    InvalidRouteParameterError,
     LeastLoadedPolicy,
-    MissingRouteKeyError,
-    NodeHealth,
     NoNodeAvailableError,
     PowerOfTwoChoicesPolicy,
     PrefixKey,
     RoundRobinPolicy,
     Router,
     RoutingPolicy,
-    StatelessPolicy,
+)
+from servekit.route.errors import (
+    DuplicateNodeError,
+    InvalidRouteParameterError,
+    MissingRouteKeyError,
     UnknownNodeError,
 )
+from servekit.route.health import NodeHealth
+from servekit.route.policy import Candidates, Choice, StatelessPolicy
 
 REPLICAS = [f"r{i}" for i in range(6)]
 

@@ -13,8 +13,8 @@ from servekit.sched import (
     Request,
     SamplingParams,
     Scheduler,
-    make_policy,
 )
+from servekit.sched.policy import make_policy
 from tests.sched.sched_fakes import FakeModel, step
 
 

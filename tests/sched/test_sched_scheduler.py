@@ -10,7 +10,6 @@ import pytest
 from servekit.kv.manager import KVCacheManager
 from servekit.metrics.hooks import Hook, HookSet
 from servekit.sched import (
-    DuplicateRequestError,
     FinishReason,
     InvalidParameterError,
     PriorityPolicy,
@@ -19,9 +18,8 @@ from servekit.sched import (
     RequestStatus,
     SamplingParams,
     Scheduler,
-    SchedulerStateError,
-    UnknownRequestError,
 )
+from servekit.sched.errors import DuplicateRequestError, SchedulerStateError, UnknownRequestError
 from tests.sched.sched_fakes import EOS, FakeModel, drain, next_token, reference_output, step
 
 

@@ -143,9 +143,9 @@ def test_a_store_outage_at_settle_keeps_the_charge_and_raises_nothing(
 ) -> None:
     from collections.abc import Sequence
 
-    from servekit.limit import LimitSet, TakeResult
+    from servekit.limit.bucket import LimitSet
     from servekit.limit.errors import StoreUnavailableError
-    from servekit.limit.store import MemoryStore
+    from servekit.limit.store import MemoryStore, TakeResult
 
     class FlakyStore(MemoryStore):
         down = False

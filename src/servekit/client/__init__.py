@@ -21,14 +21,7 @@ from servekit.client.errors import (
     RateLimitError,
 )
 from servekit.client.http import AsyncClient, Client
-from servekit.client.types import (
-    ChatChoice,
-    ChatCompletion,
-    ChatMessage,
-    Completion,
-    CompletionChoice,
-    Usage,
-)
+from servekit.client.types import ChatCompletion, Completion
 
 __all__ = [
     "APIConnectionError",
@@ -38,13 +31,10 @@ __all__ = [
     "AsyncGrpcClient",
     "AuthenticationError",
     "BadRequestError",
-    "ChatChoice",
     "ChatCompletion",
-    "ChatMessage",
     "Client",
     "ClientError",
     "Completion",
-    "CompletionChoice",
     "GrpcClient",
     "InternalServerError",
     "NotFoundError",
@@ -53,7 +43,6 @@ __all__ = [
     "RateLimitError",
     "RetryPolicy",
     "Timeout",
-    "Usage",
 ]
 
 

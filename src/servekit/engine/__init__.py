@@ -13,34 +13,24 @@ for _module in ("torch", "transformers", "tokenizers"):
 del _module
 
 from servekit.engine.async_engine import AsyncEngine, EngineClosedError
-from servekit.engine.attention import ATTENTION_NAME, AttentionMetadata
-from servekit.engine.chat import ChatTemplateError, render_chat
+from servekit.engine.chat import ChatTemplateError
 from servekit.engine.config import EngineConfig
-from servekit.engine.detokenize import IncrementalDetokenizer
 from servekit.engine.engine import LLMEngine, StepTimes
 from servekit.engine.outputs import GenerationResult, RequestOutput, TokenLogprob
 from servekit.engine.runner import ModelRunner, UnsupportedModelError
-from servekit.engine.sampler import Sampler, SamplerOutput, SamplingBatch
-from servekit.engine.stop import StopStringMatcher
+from servekit.engine.sampler import Sampler
 
 __all__ = [
-    "ATTENTION_NAME",
     "AsyncEngine",
-    "AttentionMetadata",
     "ChatTemplateError",
     "EngineClosedError",
     "EngineConfig",
     "GenerationResult",
-    "IncrementalDetokenizer",
     "LLMEngine",
     "ModelRunner",
     "RequestOutput",
     "Sampler",
-    "SamplerOutput",
-    "SamplingBatch",
     "StepTimes",
-    "StopStringMatcher",
     "TokenLogprob",
     "UnsupportedModelError",
-    "render_chat",
 ]

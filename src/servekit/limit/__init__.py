@@ -5,49 +5,29 @@ and settle on completion; sync ``try_acquire`` and async FIFO ``acquire``; OpenA
 Nothing here imports torch; the Redis store imports ``redis`` only when it is created.
 """
 
-from servekit.limit.bucket import Limit, LimitSet, TokenBucket
-from servekit.limit.decision import (
-    Decision,
-    LimitStatus,
-    RateLimitExceededError,
-    Reservation,
-)
-from servekit.limit.decision import (
-    RateLimitExceeded as RateLimitExceeded,  # deprecated alias of RateLimitExceededError
-)
-from servekit.limit.errors import (
-    InvalidCostError,
-    LimitConfigError,
-    RequestTooLargeError,
-    ReservationError,
-    StoreFullError,
-    StoreUnavailableError,
-)
-from servekit.limit.headers import format_duration, openai_headers
-from servekit.limit.limiter import Cost, Limiter
-from servekit.limit.store import MemoryStore, Store, TakeResult
+from servekit.limit.bucket import Limit, TokenBucket
+from servekit.limit.decision import Decision, LimitStatus, RateLimitExceededError, Reservation
+
+# deprecated alias of RateLimitExceededError, removed in the next release
+from servekit.limit.decision import RateLimitExceeded as RateLimitExceeded
+from servekit.limit.errors import LimitConfigError, StoreUnavailableError
+from servekit.limit.headers import openai_headers
+from servekit.limit.limiter import Limiter
+from servekit.limit.store import MemoryStore, Store
 
 __all__ = [
-    "Cost",
     "Decision",
-    "InvalidCostError",
     "Limit",
     "LimitConfigError",
-    "LimitSet",
     "LimitStatus",
     "Limiter",
     "MemoryStore",
     "RateLimitExceededError",
     "RedisStore",
-    "RequestTooLargeError",
     "Reservation",
-    "ReservationError",
     "Store",
-    "StoreFullError",
     "StoreUnavailableError",
-    "TakeResult",
     "TokenBucket",
-    "format_duration",
     "openai_headers",
 ]
 

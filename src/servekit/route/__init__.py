@@ -4,54 +4,25 @@ Usable on its own (:class:`HashRing` spreads any keys over nodes) and as the mul
 gateway's :class:`Router`. Nothing here imports torch.
 """
 
-from servekit.route.bounded import (
-    DEFAULT_LOAD_FACTOR,
-    bounded_lookup,
-    capacity,
-    first_under_capacity,
-)
-from servekit.route.errors import (
-    DuplicateNodeError,
-    EmptyRingError,
-    InvalidRouteParameterError,
-    MissingRouteKeyError,
-    NoNodeAvailableError,
-    RouteError,
-    UnknownNodeError,
-)
-from servekit.route.hashing import HashFn, hash_keys, xxh3_64, xxh64
-from servekit.route.health import HealthTracker, NodeHealth
+from servekit.route.errors import NoNodeAvailableError, RouteError
+from servekit.route.health import HealthTracker
 from servekit.route.keys import PrefixKey
 from servekit.route.policy import (
-    Candidates,
-    Choice,
     ConsistentHashPolicy,
     LeastLoadedPolicy,
     PowerOfTwoChoicesPolicy,
     RoundRobinPolicy,
     RoutingPolicy,
-    StatelessPolicy,
 )
-from servekit.route.ring import DEFAULT_VNODES, HashRing
-from servekit.route.router import KEY_SOURCES, Route, Router
+from servekit.route.ring import HashRing
+from servekit.route.router import Route, Router
 
 __all__ = [
-    "DEFAULT_LOAD_FACTOR",
-    "DEFAULT_VNODES",
-    "KEY_SOURCES",
-    "Candidates",
-    "Choice",
     "ConsistentHashPolicy",
-    "DuplicateNodeError",
-    "EmptyRingError",
-    "HashFn",
     "HashRing",
     "HealthTracker",
-    "InvalidRouteParameterError",
     "LeastLoadedPolicy",
-    "MissingRouteKeyError",
     "NoNodeAvailableError",
-    "NodeHealth",
     "PowerOfTwoChoicesPolicy",
     "PrefixKey",
     "RoundRobinPolicy",
@@ -59,12 +30,4 @@ __all__ = [
     "RouteError",
     "Router",
     "RoutingPolicy",
-    "StatelessPolicy",
-    "UnknownNodeError",
-    "bounded_lookup",
-    "capacity",
-    "first_under_capacity",
-    "hash_keys",
-    "xxh3_64",
-    "xxh64",
 ]

@@ -1,0 +1,44 @@
+"""Each part's public surface: a short ``__all__`` whose every name resolves and is documented."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+
+PARTS = ["kv", "sched", "engine", "ops", "limit", "route", "metrics", "protocol", "server",
+         "client"]
+
+
+def _public(part: str) -> list[tuple[str, object]]:
+    module = importlib.import_module(f"servekit.{part}")
+    return [(name, getattr(module, name)) for name in module.__all__]
+
+
+@pytest.mark.parametrize("part", [
+    pytest.param("kv", marks=pytest.mark.xfail(
+        strict=True, reason="servekit.kv exports KVEvent, a Union alias with no docstring; "
+        "kv/__init__.py is being rewritten on the core-kvsched branch")),
+    *(p for p in PARTS if p != "kv"),
+])
+def test_every_exported_name_resolves_and_has_a_docstring(part: str) -> None:
+    undocumented = []
+    for name, obj in _public(part):
+        if inspect.isclass(obj):
+            doc = obj.__dict__.get("__doc__")  # its own, not inherited
+        elif inspect.isfunction(obj) or inspect.isbuiltin(obj):
+            doc = obj.__doc__
+        else:
+            doc = None  # constants and aliases belong in their modules, not in __all__
+        if not (doc and doc.strip()):
+            undocumented.append(name)
+    assert undocumented == []
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_a_part_exports_about_a_dozen_names(part: str) -> None:
+    names = [name for name, _ in _public(part)]
+    assert len(names) == len(set(names))
+    # the client also carries openai-python's eleven exception names
+    assert len(names) <= (20 if part == "client" else 18), names
