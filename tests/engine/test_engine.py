@@ -53,6 +53,7 @@ def reference(family: tuple[str, Path], tokenizer: Any) -> tuple[list[list[int]]
     EngineConfig(num_blocks=128, block_size=4, max_num_batched_tokens=8, max_num_seqs=4),
     EngineConfig(num_blocks=22, block_size=4, max_num_batched_tokens=32, max_num_seqs=8),
 ], ids=["plain", "chunked-prefill", "preemption"])
+@pytest.mark.slow
 def test_greedy_matches_transformers_generate(
     family: tuple[str, Path], reference: tuple[list[list[int]], list[list[int]]],
     config: EngineConfig,

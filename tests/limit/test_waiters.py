@@ -129,6 +129,7 @@ def test_cancelled_waiters_leak_nothing() -> None:
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.slow
 def test_real_clock_rate_accuracy_with_2000_waiters(backend: str) -> None:
     """2,000 tasks queue on one key; the limiter grants >= 99% of capacity + rate * T.
 

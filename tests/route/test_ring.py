@@ -180,6 +180,7 @@ print(",".join(ring.lookup(f"session-{i}") for i in range(300)))
 """
 
 
+@pytest.mark.slow
 def test_lookups_agree_across_processes_with_different_hash_seeds() -> None:
     results = []
     for seed in ("1", "2"):

@@ -50,6 +50,7 @@ async def _soak(url: str, n: int, seed: int, model: str = "fake", max_tokens: in
     return done, cut
 
 
+@pytest.mark.slow
 def test_100_streams_with_random_disconnects_leak_nothing() -> None:
     engine = FakeEngine(token_delay=0.004)
     keys = KeyStore([ApiKey("sk-soak", tenant="soak", rpm=100_000, tpm=10_000_000)])
@@ -160,6 +161,7 @@ async def _streams(url: str, n: int, max_tokens: int, on_first: object) -> list[
 
 
 @pytest.mark.parametrize("grace", [30, 1])
+@pytest.mark.slow
 def test_sigterm_drains_gracefully(grace: int) -> None:
     proc, url = _cli("--fake-token-delay", "0.02", "--grace-period", str(grace))
     try:
