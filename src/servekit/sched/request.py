@@ -57,9 +57,7 @@ class Request(KVSequence):
     """
 
     __slots__ = (
-        "_num_computed",
         "arrival_time",
-        "capacity",
         "deadline",
         "error",
         "finish_reason",
@@ -68,6 +66,7 @@ class Request(KVSequence):
         "last_token_time",
         "min_len",
         "num_cached_tokens",
+        "num_computed_tokens",
         "num_preemptions",
         "num_prompt_tokens",
         "params",
@@ -123,25 +122,19 @@ class Request(KVSequence):
         self.status = WAITING
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None
-        self._num_computed = 0  # read num_computed_tokens
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.num_cached_tokens = 0
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.last_token_time = 0.0
         # Scheduler-private, set when the scheduler admits the request:
-        self.capacity = 0  # tokens the block table covers: len(block_ids) * block_size
         self.prefilling = True  # has not sampled since it was (re)admitted
         self.stop_ids: frozenset[int] = frozenset()  # eos (unless ignore_eos) + stop_token_ids
         self.stop_len = 0  # finish with "length" when len(token_ids) reaches this
         self.min_len = 0  # stop tokens are ignored while len(token_ids) < min_len
         self.policy_key: object = None  # the policy's waiting-order key
         self.rank: Any = 0  # running-order key (SchedulingPolicy.running_rank)
-
-    @property
-    def num_computed_tokens(self) -> int:
-        """Tokens whose KV is in the cache (all but the last, once the request decodes)."""
-        return self._num_computed if self.prefilling else len(self.token_ids) - 1
 
     @property
     def num_tokens(self) -> int:
