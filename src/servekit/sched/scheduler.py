@@ -1,15 +1,13 @@
 """Token-budget continuous batching over the KV cache manager.
 
-The scheduler keeps one running list, sorted by the policy's rank, and the policy's waiting
-queue. Each step, :meth:`Scheduler.schedule` gives every running request a number of tokens
-within ``max_num_batched_tokens`` and ``max_num_seqs``: first one token to each decoding request,
-then a chunk to each request still prefilling, then chunks to newly admitted requests (prefix-cache
-hits skip their computed blocks). For each, it asks the KV manager for the blocks the step needs.
-When blocks run out, the running request of highest rank is preempted by recompute: its blocks
-are freed (full ones stay in the prefix cache), it goes back to the waiting queue keeping its
-block hashes, and the step admits nobody new. :meth:`Scheduler.update` appends the sampled
-tokens, commits the KV written, finishes requests on eos, stop tokens, ``max_tokens`` and
-``max_model_len``, and frees their blocks.
+One running list, sorted by the policy's rank, and the policy's waiting queue. Each step,
+:meth:`Scheduler.schedule` gives one token to each decoding request, then a chunk to each request
+still prefilling, then chunks to newly admitted ones (prefix-cache hits skip their computed
+blocks), within ``max_num_batched_tokens`` and ``max_num_seqs``, asking the KV manager for the
+blocks each needs. When blocks run out, the running request of highest rank is preempted by
+recompute (its full blocks stay cached; it keeps its block hashes) and the step admits nobody
+new. :meth:`Scheduler.update` appends the sampled tokens, commits the KV written, and finishes
+requests on eos, stop tokens, ``max_tokens`` and ``max_model_len``, freeing their blocks.
 """
 
 from __future__ import annotations
@@ -41,14 +39,7 @@ from servekit.sched.errors import (
 from servekit.sched.output import SchedulerOutput, UpdateResult
 from servekit.sched.params import InvalidParameterError
 from servekit.sched.policy import SchedulingPolicy, make_policy
-from servekit.sched.request import (
-    FINISHED,
-    PREEMPTED,
-    RUNNING,
-    WAITING,
-    FinishReason,
-    Request,
-)
+from servekit.sched.request import FINISHED, PREEMPTED, RUNNING, WAITING, FinishReason, Request
 
 _rank = attrgetter("rank")
 
@@ -125,14 +116,10 @@ class Scheduler:
         self.max_prefill_chunk = _positive("max_prefill_chunk", max_prefill_chunk)
         self.policy = make_policy(policy)
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
-        self.max_waiting_requests = (
-            None if max_waiting_requests is None
-            else _positive("max_waiting_requests", max_waiting_requests)
-        )
-        self.max_waiting_tokens = (
-            None if max_waiting_tokens is None
-            else _positive("max_waiting_tokens", max_waiting_tokens)
-        )
+        self.max_waiting_requests = (None if max_waiting_requests is None
+                                     else _positive("max_waiting_requests", max_waiting_requests))
+        self.max_waiting_tokens = (None if max_waiting_tokens is None
+                                   else _positive("max_waiting_tokens", max_waiting_tokens))
         self.retry_after = retry_after
         self._remember = remember_finished
         self.hooks = hooks if hooks is not None else HookSet()
@@ -355,19 +342,11 @@ class Scheduler:
             pf_new.append(n)
             budget -= n
 
-    def _remove_running(self, r: Request) -> None:
-        running = self._running
-        if running[-1] is r:  # a preemption victim always is
-            running.pop()
-        else:
-            running.remove(r)
-
     def _preempt(self, victim: Request, out: SchedulerOutput) -> None:
         """Free the victim's blocks (full ones stay cached) and queue it for recompute."""
-        kv = self.kv
-        kv.commit(victim, victim.num_computed_tokens)
-        kv.free(victim)
-        self._remove_running(victim)
+        self.kv.commit(victim, victim.num_computed_tokens)
+        self.kv.free(victim)
+        self._running.remove(victim)
         victim.status = PREEMPTED
         victim.num_computed_tokens = 0
         victim.prefilling = True
@@ -443,11 +422,9 @@ class Scheduler:
                 hooks.on_new_tokens(NewTokens(r.request_id, r.tenant, 1, r.last_token_time, now))
                 r.last_token_time = now
             num = len(r.token_ids)
-            if t in r.stop_ids and num >= r.min_len:
-                self._finish(r, FinishReason.STOP, now)
-                finished.append(r)
-            elif num >= r.stop_len:
-                self._finish(r, FinishReason.LENGTH, now)
+            stop = t in r.stop_ids and num >= r.min_len
+            if stop or num >= r.stop_len:
+                self._finish(r, FinishReason.STOP if stop else FinishReason.LENGTH, now)
                 finished.append(r)
         if wants.cache_stats:
             hooks.on_cache_stats(CacheStats(kv.usage, kv.prefix_queries, kv.prefix_hits, now))
@@ -486,7 +463,7 @@ class Scheduler:
         if status is RUNNING:
             self.kv.commit(r, r.num_computed_tokens)
             self.kv.free(r)
-            self._remove_running(r)
+            self._running.remove(r)
         elif status is WAITING or status is PREEMPTED:
             self.policy.remove(r)
             self._waiting_tokens -= len(r.token_ids)
