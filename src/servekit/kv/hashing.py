@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Final
 
 import xxhash
@@ -80,6 +81,11 @@ def hash_block(
     return fn(extra_keys + pack_tokens(token_ids), 0 if parent_hash is None else parent_hash)
 
 
+@lru_cache(maxsize=16)
+def _block_packer(block_size: int) -> Callable[..., bytes]:
+    return struct.Struct(f"<{block_size}i").pack
+
+
 def extend_block_hashes(
     hashes: list[int],
     token_ids: Sequence[int],
@@ -92,23 +98,9 @@ def extend_block_hashes(
 
     Hashes already in ``hashes`` are trusted and never recomputed.
     """
-    start = len(hashes)
-    if num_blocks <= start:
-        return
-    data = pack_tokens(token_ids[start * block_size : num_blocks * block_size])
-    step = 4 * block_size
+    pack = _block_packer(block_size)
     parent = hashes[-1] if hashes else 0
-    offset = 0
-    if start == 0:
-        parent = fn(salt_bytes(cache_salt) + data[:step], 0)
-        hashes.append(parent)
-        offset = step
-    if fn is _xxhash_fn:  # the default: call xxhash directly, no wrapper call per block
-        xxh3, mask = xxhash.xxh3_64_intdigest, HASH_MASK
-        for o in range(offset, len(data), step):
-            parent = xxh3(data[o : o + step], parent) & mask
-            hashes.append(parent)
-        return
-    for o in range(offset, len(data), step):
-        parent = fn(data[o : o + step], parent)
+    for i in range(len(hashes), num_blocks):
+        data = pack(*token_ids[i * block_size : (i + 1) * block_size])
+        parent = fn(data, parent) if i else fn(salt_bytes(cache_salt) + data, 0)
         hashes.append(parent)

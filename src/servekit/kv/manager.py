@@ -211,6 +211,8 @@ class KVCacheManager:
                 f"sequence {seq.seq_id!r} needs {want} blocks for num_tokens={num_tokens}; "
                 f"the pool has {self.num_blocks}"
             )
+        pool = self.pool
+        free = pool.num_free
         hit: list[KVBlock] = []
         if num_cached_tokens:
             if block_ids:
@@ -225,8 +227,8 @@ class KVCacheManager:
                 )
             hit = self._take_hit(seq, num_cached_tokens // bs)
             need -= len(hit)
-        pool = self.pool
-        if need > pool.num_free - sum(1 for b in hit if b.ref_cnt == 0):
+            free -= sum(1 for b in hit if b.ref_cnt == 0)  # free hit blocks are not spare
+        if need > free:
             return False
         if self._seqs.get(seq.seq_id) is not seq:
             self._register_seq(seq)

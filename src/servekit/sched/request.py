@@ -57,6 +57,7 @@ class Request(KVSequence):
     """
 
     __slots__ = (
+        "_num_computed",
         "arrival_time",
         "deadline",
         "error",
@@ -66,7 +67,6 @@ class Request(KVSequence):
         "last_token_time",
         "min_len",
         "num_cached_tokens",
-        "num_computed_tokens",
         "num_preemptions",
         "num_prompt_tokens",
         "params",
@@ -122,7 +122,7 @@ class Request(KVSequence):
         self.status = WAITING
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None
-        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self._num_computed = 0  # while prefilling; read num_computed_tokens
         self.num_cached_tokens = 0
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None
@@ -135,6 +135,11 @@ class Request(KVSequence):
         self.min_len = 0  # stop tokens are ignored while len(token_ids) < min_len
         self.policy_key: object = None  # the policy's waiting-order key
         self.rank: Any = 0  # running-order key (SchedulingPolicy.running_rank)
+
+    @property
+    def num_computed_tokens(self) -> int:
+        """Tokens whose KV is in the cache: all but the last once the request decodes."""
+        return self._num_computed if self.prefilling else len(self.token_ids) - 1
 
     @property
     def num_tokens(self) -> int:

@@ -1,20 +1,18 @@
-"""Token-budget continuous batching over the KV cache manager.
+"""Token-budget continuous batching over the KV cache manager: one running list (sorted by the
+policy's rank) and the policy's waiting queue.
 
-One running list, sorted by the policy's rank, and the policy's waiting queue. Each step,
-:meth:`Scheduler.schedule` gives one token to each decoding request, then a chunk to each request
-still prefilling, then chunks to newly admitted ones (prefix-cache hits skip their computed
-blocks), within ``max_num_batched_tokens`` and ``max_num_seqs``, asking the KV manager for the
-blocks each needs. When blocks run out, the running request of highest rank is preempted by
-recompute (its full blocks stay cached; it keeps its block hashes) and the step admits nobody
-new. :meth:`Scheduler.update` appends the sampled tokens, commits the KV written, and finishes
-requests on eos, stop tokens, ``max_tokens`` and ``max_model_len``, freeing their blocks.
+Each :meth:`Scheduler.schedule` gives one token to each decoding request, then a chunk to each
+request still prefilling, then chunks to newly admitted ones, asking the KV manager for the blocks
+each needs; out of blocks, the running request of highest rank is preempted by recompute and the
+step admits nobody new. :meth:`Scheduler.update` appends the sampled tokens, commits the KV
+written and finishes requests (eos, stop tokens, ``max_tokens``, ``max_model_len``).
 """
 
 from __future__ import annotations
 
 import heapq
 import time
-from bisect import insort
+from bisect import bisect_left, insort
 from collections.abc import Callable, Iterable, Sequence
 from itertools import count
 from operator import attrgetter
@@ -168,10 +166,9 @@ class Scheduler:
 
     def get_request(self, request_id: str) -> Request:
         """The unfinished request with this id (UnknownRequestError otherwise)."""
-        try:
-            return self._requests[request_id]
-        except KeyError:
-            raise UnknownRequestError(request_id) from None
+        if (r := self._requests.get(request_id)) is None:
+            raise UnknownRequestError(request_id)
+        return r
 
     # ------------------------------------------------------------------ admission
 
@@ -251,13 +248,16 @@ class Scheduler:
             self._preempt_for_waiting(out)
         preempted_to_admit = len(out.preempted)
 
-        # 1. one token for each decoding request (the budget always has room for them)
+        # 1. one token for each decoding request (the budget always has room for them); only
+        #    a request whose last block is full needs the KV manager
         decodes: list[Request] = []
         prefilling: list[Request] = []
+        bs = self.block_size
         for r in self._running[:]:
             if r.prefilling:
                 prefilling.append(r)
-            elif r.status is RUNNING and self._allocate(r, r.num_computed_tokens + 1, out, decodes):
+            elif r.status is RUNNING and (len(r.token_ids) <= len(r.block_ids) * bs
+                                          or self._allocate(r, len(r.token_ids), out, decodes)):
                 decodes.append(r)
 
         # 2. the next chunk of each request still prefilling
@@ -271,7 +271,7 @@ class Scheduler:
                 break
             if r.status is not RUNNING:  # preempted above
                 continue
-            c = r.num_computed_tokens
+            c = r._num_computed
             n = min(len(r.token_ids) - c, chunk, budget)
             if not self._allocate(r, c + n, out, decodes):
                 break
@@ -284,17 +284,7 @@ class Scheduler:
         if budget > 0 and len(out.preempted) == preempted_to_admit and len(policy):
             self._admit(budget, prefills, pf_new, out, now)
 
-        nd = len(decodes)
-        out.decodes = decodes
-        out.num_decodes = nd
-        out.requests = decodes + prefills
-        out.num_new_tokens = [1] * nd + pf_new
-        out.num_computed_tokens = [r.num_computed_tokens for r in out.requests]
-        pf_samples = [r.num_computed_tokens + n == len(r.token_ids)
-                      for r, n in zip(prefills, pf_new, strict=True)]
-        out.samples = [True] * nd + pf_samples
-        out.num_samples = nd + sum(pf_samples)
-        out.total_num_tokens = nd + sum(pf_new)
+        out.set_batch(decodes, prefills, pf_new)
         if policy.charges_tokens and out.requests:
             policy.charge(out.requests, out.num_new_tokens)
         return out
@@ -304,10 +294,9 @@ class Scheduler:
         """Blocks for ``r``'s first ``num_tokens`` tokens, preempting the highest-ranked running
         requests until they fit; False when ``r`` itself had to be preempted."""
         while not self.kv.allocate(r, num_tokens):
-            victim = self._running[-1]
+            victim = self._preempt_last(out)
             if decodes and victim is decodes[-1]:
                 decodes.pop()  # scheduled earlier in this step: unschedule it
-            self._preempt(victim, out)
             if victim is r:
                 return False
         return True
@@ -328,7 +317,7 @@ class Scheduler:
             policy.pop()
             self._waiting_tokens -= known
             r.status = RUNNING
-            r.num_computed_tokens = cached
+            r._num_computed = cached
             r.prefilling = True
             r.rank = policy.running_rank(r, next(self._admissions))
             insort(self._running, r, key=_rank)
@@ -342,13 +331,14 @@ class Scheduler:
             pf_new.append(n)
             budget -= n
 
-    def _preempt(self, victim: Request, out: SchedulerOutput) -> None:
-        """Free the victim's blocks (full ones stay cached) and queue it for recompute."""
+    def _preempt_last(self, out: SchedulerOutput) -> Request:
+        """Preempt the running request of highest rank: free its blocks (full ones stay cached)
+        and queue it for recompute. Returns it."""
+        victim = self._running.pop()
         self.kv.commit(victim, victim.num_computed_tokens)
         self.kv.free(victim)
-        self._running.remove(victim)
         victim.status = PREEMPTED
-        victim.num_computed_tokens = 0
+        victim._num_computed = 0
         victim.prefilling = True
         victim.num_preemptions += 1
         self.num_preemptions += 1
@@ -358,6 +348,7 @@ class Scheduler:
         if self.hooks.wants.request_preempted:
             self.hooks.on_request_preempted(
                 RequestPreempted(victim.request_id, victim.tenant, self._clock()))
+        return victim
 
     def _preempt_for_waiting(self, out: SchedulerOutput) -> None:
         """Preempt lower-ranked running requests that keep the head of the queue out."""
@@ -366,8 +357,7 @@ class Scheduler:
             head = policy.peek()
             if head is None:
                 return
-            victim = self._running[-1]
-            if not policy.outranks(head, victim):
+            if not policy.outranks(head, self._running[-1]):
                 return
             first_chunk = min(len(head.token_ids), self.max_prefill_chunk,
                               self.max_num_batched_tokens)
@@ -375,7 +365,7 @@ class Scheduler:
             if (len(self._running) < self.max_num_seqs
                     and self.kv.num_free_blocks >= blocks_needed):
                 return
-            self._preempt(victim, out)
+            self._preempt_last(out)
 
     # ------------------------------------------------------------------ update
 
@@ -396,32 +386,37 @@ class Scheduler:
         now = self._clock()
         kv, bs, hooks = self.kv, self.block_size, self.hooks
         wants = hooks.wants
+        want_first, want_new = wants.first_token, wants.new_tokens
+        finished, self._finished_in_schedule = self._finished_in_schedule, []
+        nd = output.num_decodes
+        # the KV of every scheduled prefill chunk is written now: full blocks become hittable
+        for r, n in zip(output.requests[nd:], output.num_new_tokens[nd:], strict=True):
+            if r.status is RUNNING:  # not finished (aborted, failed) since schedule()
+                r._num_computed += n
+                kv.commit(r, r._num_computed)
+        # each sampling request gets its token: decodes first, then prefills that reached the
+        # end of their known tokens (and decode from now on)
         requests: list[Request] = []
         new_tokens: list[int] = []
-        finished, self._finished_in_schedule = self._finished_in_schedule, []
-        tokens = iter(sampled_token_ids)
-        for r, n, c, sample in zip(output.requests, output.num_new_tokens,
-                                   output.num_computed_tokens, output.samples, strict=True):
-            t = next(tokens) if sample else -1
+        for r, t in zip(output.sampling_requests, sampled_token_ids, strict=True):
             if r.status is not RUNNING:
-                continue  # finished (aborted, failed) since schedule()
-            r.num_computed_tokens = c + n
-            if (c + n) // bs > c // bs:
-                kv.commit(r, c + n)  # a block filled: it becomes hittable
-            if not sample:
                 continue
-            r.token_ids.append(t)
+            token_ids = r.token_ids
+            computed = len(token_ids)  # the KV of every known token is written
+            if computed % bs == 0:
+                kv.commit(r, computed)  # a block filled: it becomes hittable
+            token_ids.append(t)
             r.prefilling = False
             requests.append(r)
             new_tokens.append(t)
             if r.first_token_time is None:
                 r.first_token_time = r.last_token_time = now
-                if wants.first_token:
+                if want_first:
                     hooks.on_first_token(FirstToken(r.request_id, r.tenant, r.arrival_time, now))
-            elif wants.new_tokens:
+            elif want_new:
                 hooks.on_new_tokens(NewTokens(r.request_id, r.tenant, 1, r.last_token_time, now))
                 r.last_token_time = now
-            num = len(r.token_ids)
+            num = computed + 1
             stop = t in r.stop_ids and num >= r.min_len
             if stop or num >= r.stop_len:
                 self._finish(r, FinishReason.STOP if stop else FinishReason.LENGTH, now)
@@ -463,7 +458,11 @@ class Scheduler:
         if status is RUNNING:
             self.kv.commit(r, r.num_computed_tokens)
             self.kv.free(r)
-            self._running.remove(r)
+            running = self._running
+            i = bisect_left(running, r.rank, key=_rank)  # ranks may tie: find r itself
+            while running[i] is not r:
+                i += 1
+            del running[i]
         elif status is WAITING or status is PREEMPTED:
             self.policy.remove(r)
             self._waiting_tokens -= len(r.token_ids)
@@ -473,10 +472,9 @@ class Scheduler:
         r.finish_reason = reason
         rid = r.request_id
         del self._requests[rid]
-        recent = self._recent
-        recent[rid] = None
-        if len(recent) > self._remember:
-            del recent[next(iter(recent))]
+        self._recent[rid] = None
+        if len(self._recent) > self._remember:
+            del self._recent[next(iter(self._recent))]
         if self.hooks.wants.request_finished:
             self.hooks.on_request_finished(RequestFinished(
                 rid, r.tenant, reason.value, r.num_prompt_tokens,
