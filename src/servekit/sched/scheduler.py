@@ -384,12 +384,14 @@ class Scheduler:
                 f"entry), got {len(sampled_token_ids)}")
         self._in_flight = None
         now = self._clock()
-        kv, bs, hooks = self.kv, self.block_size, self.hooks
+        kv, hooks = self.kv, self.hooks
         wants = hooks.wants
         want_first, want_new = wants.first_token, wants.new_tokens
         finished, self._finished_in_schedule = self._finished_in_schedule, []
         nd = output.num_decodes
         # the KV of every scheduled prefill chunk is written now: full blocks become hittable
+        # (blocks filled while decoding are committed in one call when the request finishes
+        # or is preempted)
         for r, n in zip(output.requests[nd:], output.num_new_tokens[nd:], strict=True):
             if r.status is RUNNING:  # not finished (aborted, failed) since schedule()
                 r._num_computed += n
@@ -402,9 +404,6 @@ class Scheduler:
             if r.status is not RUNNING:
                 continue
             token_ids = r.token_ids
-            computed = len(token_ids)  # the KV of every known token is written
-            if computed % bs == 0:
-                kv.commit(r, computed)  # a block filled: it becomes hittable
             token_ids.append(t)
             r.prefilling = False
             requests.append(r)
@@ -416,7 +415,7 @@ class Scheduler:
             elif want_new:
                 hooks.on_new_tokens(NewTokens(r.request_id, r.tenant, 1, r.last_token_time, now))
                 r.last_token_time = now
-            num = computed + 1
+            num = len(token_ids)
             stop = t in r.stop_ids and num >= r.min_len
             if stop or num >= r.stop_len:
                 self._finish(r, FinishReason.STOP if stop else FinishReason.LENGTH, now)
