@@ -8,6 +8,9 @@ finished request is replaced by a new one, so the running count stays at N. A fa
 returns one token per sampling request. Scenarios: steady decode at N running, a shared
 1,024-token prompt prefix, and KV pressure that forces preemptions.
 
+"speedup" compares CPU per step, "token_speedup" CPU per scheduled token: the baseline runs
+prefill-only steps whenever it admits, so its steps carry fewer decodes than servekit's.
+
 The bar (DESIGN.md, issue 14): servekit's pure-Python scheduler + KV manager at >= 0.8x the
 baseline's speed (baseline us / servekit us) in the decode-512 scenario. Absolute microseconds
 are printed but are not a bar: machines of one kind differ 2-4x.
@@ -238,6 +241,7 @@ def main() -> None:
             samples["servekit"].append(run_servekit(work, n, num_blocks, warmup, steps))
             samples["nano-vllm"].append(run_nano(work, n, num_blocks, warmup, steps))
         med = {k: statistics.median(s["us_per_step"] for s in v) for k, v in samples.items()}
+        med_tok = {k: statistics.median(s["us_per_token"] for s in v) for k, v in samples.items()}
         for impl, runs in samples.items():
             us = [s["us_per_step"] for s in runs]
             rows.append({
@@ -247,13 +251,14 @@ def main() -> None:
                 "mean_running": statistics.median(s["mean_running"] for s in runs),
                 "preemptions": statistics.median(s["preemptions"] for s in runs),
                 "speedup": med["nano-vllm"] / med[impl],
+                "token_speedup": med_tok["nano-vllm"] / med_tok[impl],
             })
         print(f"  {name}-{n}: servekit {med['servekit']:.1f} us/step, nano-vllm "
               f"{med['nano-vllm']:.1f} us/step: {med['nano-vllm'] / med['servekit']:.2f}x",
               flush=True)
 
     print_table(rows, ["scenario", "impl", "us_per_step", "min", "max", "us_per_token",
-                       "mean_running", "preemptions", "speedup"],
+                       "mean_running", "preemptions", "speedup", "token_speedup"],
                 title=f"CPU us per schedule()+update() step (median of {rounds} rounds, "
                       f"{steps} steps each)")
     # where servekit's time goes at 512 running: the KV manager's calls versus the rest
