@@ -405,3 +405,17 @@ def test_prompts_that_fill_the_pool_exactly_are_admitted_together() -> None:
     assert [len(r.block_ids) for r in reqs] == [2, 2, 2]
     drain(sched, model)
     assert kv.num_free_blocks == kv.num_blocks
+
+
+def test_blocks_filled_while_decoding_become_hittable_when_the_request_ends() -> None:
+    sched, kv, model = make(num_blocks=32, block_size=4)
+    a = req("a", [3, 1, 4, 1], max_tokens=9)
+    sched.add_request(a)
+    drain(sched, model)
+    # a's 13 tokens fill 3 blocks: its prompt block and two written while decoding
+    follow_up = req("b", [*a.token_ids, 5], max_tokens=1)
+    sched.add_request(follow_up)
+    out, _ = step(sched, model)
+    assert out.num_computed_tokens == [12] and follow_up.num_cached_tokens == 12
+    drain(sched, model)
+    assert kv.num_free_blocks == kv.num_blocks
