@@ -19,7 +19,7 @@ def _public(part: str) -> list[tuple[str, object]]:
 @pytest.mark.parametrize("part", [
     pytest.param("kv", marks=pytest.mark.xfail(
         strict=True, reason="servekit.kv exports KVEvent, a Union alias with no docstring; "
-        "kv/__init__.py is being rewritten on the core-kvsched branch")),
+        "kv/ belongs to the core-kvsched work: take KVEvent out of servekit.kv.__all__ (it stays in servekit.kv.events), then drop this mark")),
     *(p for p in PARTS if p != "kv"),
 ])
 def test_every_exported_name_resolves_and_has_a_docstring(part: str) -> None:

@@ -200,6 +200,7 @@ def test_total_timeout_stops_retrying(url: str, script: Script) -> None:
     assert time.monotonic() - start < 1.0 and len(script.seen) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_async_client_complete_stream_and_retry(url: str, script: Script, backend: str) -> None:
     chunks = [{"id": "c", "created": 1, "model": "m",
