@@ -42,3 +42,21 @@ def test_a_part_exports_about_a_dozen_names(part: str) -> None:
     assert len(names) == len(set(names))
     # the client also carries openai-python's eleven exception names
     assert len(names) <= (20 if part == "client" else 18), names
+
+
+@pytest.mark.parametrize(("part", "name", "module"), [
+    ("route", "xxh3_64", "servekit.route.hashing"),
+    ("metrics", "NewTokens", "servekit.metrics.events"),
+    ("limit", "StoreFullError", "servekit.limit.errors"),
+    ("sched", "make_policy", "servekit.sched.policy"),
+    ("client", "Usage", "servekit.client.types"),
+])
+def test_a_name_that_left_a_namespace_still_resolves_for_one_release(part: str, name: str,
+                                                                     module: str) -> None:
+    package = importlib.import_module(f"servekit.{part}")
+    assert name not in package.__all__
+    with pytest.warns(DeprecationWarning, match=module):
+        value = getattr(package, name)
+    assert value is getattr(importlib.import_module(module), name)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        package.no_such_name  # noqa: B018

@@ -6,6 +6,7 @@ HTTP client never imports grpc.
 
 from typing import Any
 
+from servekit._deprecation import moved_names
 from servekit.client._core import RetryPolicy, Timeout
 from servekit.client.errors import (
     APIConnectionError,
@@ -46,9 +47,19 @@ __all__ = [
 ]
 
 
+# Names that were exported here before and now live only in their modules: they still resolve,
+# with a DeprecationWarning, for one release.
+_moved = moved_names(__name__, {
+    "ChatChoice": "servekit.client.types",
+    "ChatMessage": "servekit.client.types",
+    "CompletionChoice": "servekit.client.types",
+    "Usage": "servekit.client.types",
+})
+
+
 def __getattr__(name: str) -> Any:
     if name in ("GrpcClient", "AsyncGrpcClient"):
         from servekit.client import grpc
 
         return getattr(grpc, name)
-    raise AttributeError(f"module 'servekit.client' has no attribute {name!r}")
+    return _moved(name)

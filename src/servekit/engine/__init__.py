@@ -6,6 +6,7 @@ attention registered with transformers), the batched sampler and incremental det
 Needs ``servekit[engine]`` (torch, transformers, tokenizers; triton on Linux).
 """
 
+from servekit._deprecation import moved_names
 from servekit._optional import require
 
 for _module in ("torch", "transformers", "tokenizers"):
@@ -34,3 +35,17 @@ __all__ = [
     "TokenLogprob",
     "UnsupportedModelError",
 ]
+
+
+# Names that were exported here before and now live only in their modules: they still resolve,
+# with a DeprecationWarning, for one release.
+_moved = moved_names(__name__, {
+    "ATTENTION_NAME": "servekit.engine.attention",
+    "AttentionMetadata": "servekit.engine.attention",
+    "IncrementalDetokenizer": "servekit.engine.detokenize",
+    "SamplerOutput": "servekit.engine.sampler",
+    "SamplingBatch": "servekit.engine.sampler",
+    "StopStringMatcher": "servekit.engine.stop",
+    "render_chat": "servekit.engine.chat",
+})
+__getattr__ = _moved

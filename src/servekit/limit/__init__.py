@@ -5,6 +5,7 @@ and settle on completion; sync ``try_acquire`` and async FIFO ``acquire``; OpenA
 Nothing here imports torch; the Redis store imports ``redis`` only when it is created.
 """
 
+from servekit._deprecation import moved_names
 from servekit.limit.bucket import Limit, TokenBucket
 from servekit.limit.decision import Decision, LimitStatus, RateLimitExceededError, Reservation
 
@@ -32,9 +33,23 @@ __all__ = [
 ]
 
 
+# Names that were exported here before and now live only in their modules: they still resolve,
+# with a DeprecationWarning, for one release.
+_moved = moved_names(__name__, {
+    "Cost": "servekit.limit.limiter",
+    "InvalidCostError": "servekit.limit.errors",
+    "LimitSet": "servekit.limit.bucket",
+    "RequestTooLargeError": "servekit.limit.errors",
+    "ReservationError": "servekit.limit.errors",
+    "StoreFullError": "servekit.limit.errors",
+    "TakeResult": "servekit.limit.store",
+    "format_duration": "servekit.limit.headers",
+})
+
+
 def __getattr__(name: str) -> object:
     if name == "RedisStore":  # keep `redis` out of plain imports of servekit.limit
         from servekit.limit.redis import RedisStore
 
         return RedisStore
-    raise AttributeError(f"module 'servekit.limit' has no attribute {name!r}")
+    return _moved(name)

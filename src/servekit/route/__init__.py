@@ -4,6 +4,7 @@ Usable on its own (:class:`HashRing` spreads any keys over nodes) and as the mul
 gateway's :class:`Router`. Nothing here imports torch.
 """
 
+from servekit._deprecation import moved_names
 from servekit.route.errors import NoNodeAvailableError, RouteError
 from servekit.route.health import HealthTracker
 from servekit.route.keys import PrefixKey
@@ -31,3 +32,29 @@ __all__ = [
     "Router",
     "RoutingPolicy",
 ]
+
+
+# Names that were exported here before and now live only in their modules: they still resolve,
+# with a DeprecationWarning, for one release.
+_moved = moved_names(__name__, {
+    "Candidates": "servekit.route.policy",
+    "Choice": "servekit.route.policy",
+    "DEFAULT_LOAD_FACTOR": "servekit.route.bounded",
+    "DEFAULT_VNODES": "servekit.route.ring",
+    "DuplicateNodeError": "servekit.route.errors",
+    "EmptyRingError": "servekit.route.errors",
+    "HashFn": "servekit.route.hashing",
+    "InvalidRouteParameterError": "servekit.route.errors",
+    "KEY_SOURCES": "servekit.route.router",
+    "MissingRouteKeyError": "servekit.route.errors",
+    "NodeHealth": "servekit.route.health",
+    "StatelessPolicy": "servekit.route.policy",
+    "UnknownNodeError": "servekit.route.errors",
+    "bounded_lookup": "servekit.route.bounded",
+    "capacity": "servekit.route.bounded",
+    "first_under_capacity": "servekit.route.bounded",
+    "hash_keys": "servekit.route.hashing",
+    "xxh3_64": "servekit.route.hashing",
+    "xxh64": "servekit.route.hashing",
+})
+__getattr__ = _moved

@@ -9,6 +9,7 @@ from servekit._optional import require
 
 require("fastapi", "server")
 
+from servekit._deprecation import moved_names
 from servekit.protocol import errors as _errors
 from servekit.server.fake import FakeEngine
 from servekit.server.keys import ApiKey, KeyConfigError, KeyStore
@@ -42,6 +43,7 @@ ModelNotFoundError = _errors.ModelNotFoundError
 OverloadedError = _errors.ServiceUnavailableError
 RateLimitedError = _errors.TooManyRequestsError
 Usage = JobUsage
+_moved = moved_names(__name__, {"FakeTokenizer": "servekit.server.fake"})
 
 
 def __getattr__(name: str) -> object:
@@ -50,4 +52,4 @@ def __getattr__(name: str) -> object:
         from servekit.server import app
 
         return getattr(app, name)
-    raise AttributeError(f"module 'servekit.server' has no attribute {name!r}")
+    return _moved(name)
