@@ -18,7 +18,7 @@ from servekit.engine.chat import ChatTemplateError
 from servekit.engine.config import EngineConfig
 from servekit.engine.engine import LLMEngine, StepTimes
 from servekit.engine.outputs import GenerationResult, RequestOutput, TokenLogprob
-from servekit.engine.runner import ModelRunner, UnsupportedModelError
+from servekit.engine.runner import ModelRunner, Runner, UnsupportedModelError
 from servekit.engine.sampler import Sampler
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "LLMEngine",
     "ModelRunner",
     "RequestOutput",
+    "Runner",
     "Sampler",
     "StepTimes",
     "TokenLogprob",

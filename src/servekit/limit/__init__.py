@@ -6,7 +6,7 @@ Nothing here imports torch; the Redis store imports ``redis`` only when it is cr
 """
 
 from servekit._deprecation import moved_names
-from servekit.limit.bucket import Limit, TokenBucket
+from servekit.limit.bucket import Limit, LimitSet, TokenBucket
 from servekit.limit.decision import Decision, LimitStatus, RateLimitExceededError, Reservation
 
 # deprecated alias of RateLimitExceededError, removed in the next release
@@ -14,12 +14,13 @@ from servekit.limit.decision import RateLimitExceeded as RateLimitExceeded
 from servekit.limit.errors import LimitConfigError, StoreUnavailableError
 from servekit.limit.headers import openai_headers
 from servekit.limit.limiter import Limiter
-from servekit.limit.store import MemoryStore, Store
+from servekit.limit.store import MemoryStore, Store, store_from_url
 
 __all__ = [
     "Decision",
     "Limit",
     "LimitConfigError",
+    "LimitSet",
     "LimitStatus",
     "Limiter",
     "MemoryStore",
@@ -30,6 +31,7 @@ __all__ = [
     "StoreUnavailableError",
     "TokenBucket",
     "openai_headers",
+    "store_from_url",
 ]
 
 
@@ -38,7 +40,6 @@ __all__ = [
 _moved = moved_names(__name__, {
     "Cost": "servekit.limit.limiter",
     "InvalidCostError": "servekit.limit.errors",
-    "LimitSet": "servekit.limit.bucket",
     "RequestTooLargeError": "servekit.limit.errors",
     "ReservationError": "servekit.limit.errors",
     "StoreFullError": "servekit.limit.errors",

@@ -9,16 +9,25 @@ from servekit.route.errors import NoNodeAvailableError, RouteError
 from servekit.route.health import HealthTracker
 from servekit.route.keys import PrefixKey
 from servekit.route.policy import (
+    Candidate,
+    Choice,
     ConsistentHashPolicy,
     LeastLoadedPolicy,
     PowerOfTwoChoicesPolicy,
+    ReplicaLoad,
     RoundRobinPolicy,
+    RouteRequest,
     RoutingPolicy,
+    StatelessPolicy,
+    make_routing_policy,
 )
 from servekit.route.ring import HashRing
-from servekit.route.router import Route, Router
+from servekit.route.router import CacheIndex, Route, Router
 
 __all__ = [
+    "CacheIndex",
+    "Candidate",
+    "Choice",
     "ConsistentHashPolicy",
     "HashRing",
     "HealthTracker",
@@ -26,19 +35,21 @@ __all__ = [
     "NoNodeAvailableError",
     "PowerOfTwoChoicesPolicy",
     "PrefixKey",
+    "ReplicaLoad",
     "RoundRobinPolicy",
     "Route",
     "RouteError",
+    "RouteRequest",
     "Router",
     "RoutingPolicy",
+    "StatelessPolicy",
+    "make_routing_policy",
 ]
 
 
 # Names that were exported here before and now live only in their modules: they still resolve,
 # with a DeprecationWarning, for one release.
 _moved = moved_names(__name__, {
-    "Candidates": "servekit.route.policy",
-    "Choice": "servekit.route.policy",
     "DEFAULT_LOAD_FACTOR": "servekit.route.bounded",
     "DEFAULT_VNODES": "servekit.route.ring",
     "DuplicateNodeError": "servekit.route.errors",
@@ -48,7 +59,6 @@ _moved = moved_names(__name__, {
     "KEY_SOURCES": "servekit.route.router",
     "MissingRouteKeyError": "servekit.route.errors",
     "NodeHealth": "servekit.route.health",
-    "StatelessPolicy": "servekit.route.policy",
     "UnknownNodeError": "servekit.route.errors",
     "bounded_lookup": "servekit.route.bounded",
     "capacity": "servekit.route.bounded",
