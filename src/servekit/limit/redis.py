@@ -158,6 +158,12 @@ class RedisStore:
         self._pool: Any = pool if isinstance(client, redis.Redis) and pool is not None else None
         self._free: list[Any] = []  # our idle connections (list.pop/append: thread-safe)
 
+    @classmethod
+    def from_url(cls, url: str) -> RedisStore:
+        """A store on the server ``url`` names (``redis://host:port/db``, ``rediss://...``,
+        ``unix://...``); redis-py reads the URL's query parameters."""
+        return cls(url)
+
     def redis_key(self, key: str) -> str:
         """The Redis key holding ``key``'s buckets: ``{prefix}{{key}}``."""
         return f"{self.prefix}{{{key}}}"

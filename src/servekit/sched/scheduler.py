@@ -43,7 +43,12 @@ from servekit.sched.errors import (
 )
 from servekit.sched.output import SchedulerOutput, UpdateResult
 from servekit.sched.params import InvalidParameterError
-from servekit.sched.policy import SchedulingPolicy, make_policy
+from servekit.sched.policy import (
+    SchedulingPolicy,
+    VictimPolicy,
+    make_policy,
+    make_victim_policy,
+)
 from servekit.sched.request import (
     FINISHED,
     PREEMPTED,
@@ -86,8 +91,11 @@ class Scheduler:
             ``max(2048, max_num_seqs)``).
         max_prefill_chunk: at most this many tokens of one request's prefill per step
             (default: the whole budget), so a long prompt never monopolises a step.
-        policy: ``"fcfs"`` (default), ``"priority"``, ``"fair"`` or a
-            :class:`~servekit.sched.policy.SchedulingPolicy`.
+        policy: ``"fcfs"`` (default), ``"priority"``, ``"fair"``, a plugin spec
+            (``'NAME:{"json": "kwargs"}'``) or a :class:`~servekit.sched.policy.SchedulingPolicy`.
+        victim_policy: who is preempted first when blocks run out: a
+            :class:`~servekit.sched.policy.VictimPolicy` or its spec (default: the scheduling
+            policy's own ``running_rank``).
         eos_token_ids: tokens that end a request unless its ``ignore_eos`` is set.
         max_waiting_requests, max_waiting_tokens: bounds of the waiting queue (requests, and
             their prompt tokens); over either, :meth:`add_request` raises
@@ -117,6 +125,7 @@ class Scheduler:
         max_num_batched_tokens: int | None = None,
         max_prefill_chunk: int | None = None,
         policy: str | SchedulingPolicy | None = None,
+        victim_policy: str | VictimPolicy | None = None,
         eos_token_ids: Iterable[int] = (),
         max_waiting_requests: int | None = None,
         max_waiting_tokens: int | None = None,
@@ -147,6 +156,8 @@ class Scheduler:
             max_prefill_chunk = self.max_num_batched_tokens
         self.max_prefill_chunk = _positive("max_prefill_chunk", max_prefill_chunk)
         self.policy = make_policy(policy)
+        self.victim_policy: VictimPolicy = (
+            self.policy if victim_policy is None else make_victim_policy(victim_policy))
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.max_waiting_requests = (
             None if max_waiting_requests is None
@@ -479,7 +490,7 @@ class Scheduler:
             r._num_computed = cached
             r.capacity = len(r.block_ids) * bs
             r.prefilling = True
-            r.rank = policy.running_rank(r, next(self._admissions))
+            r.rank = self.victim_policy.running_rank(r, next(self._admissions))
             _insert(prefilling, r)
             num_running += 1
             if r.first_scheduled_time is None:
