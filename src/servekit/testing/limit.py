@@ -231,6 +231,9 @@ class LimiterStoreContract:
                 broken.take("k", LimitSet(limits), (1.0,), 0.0)
             except StoreUnavailableError:
                 pass
+            except Exception as exc:  # noqa: BLE001 - any other error breaks the contract
+                check(False, "an unreachable store raises StoreUnavailableError",
+                      f"{type(broken).__name__}.take raised {exc!r}")
             else:
                 check(False, "an unreachable store raises StoreUnavailableError",
                       f"{type(broken).__name__}.take returned")
