@@ -36,3 +36,11 @@ def run_machine(machine: type[RuleBasedStateMachine], *, max_examples: int, step
 
     test: Any = get_state_machine_test(machine, settings=chosen)
     hypothesis_seed(seed)(test)()
+
+
+def run_given(test: Any, chosen: settings, seed: int | None) -> None:
+    """Run a ``@given`` test function under ``chosen`` settings and ``seed``."""
+    test = chosen(test)
+    if seed is not None:
+        test = hypothesis_seed(seed)(test)
+    test()

@@ -18,14 +18,13 @@ from typing import Any, ClassVar
 
 import anyio
 from hypothesis import given, settings
-from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 from servekit.limit import Limit, Limiter, Store, StoreUnavailableError
 from servekit.limit.bucket import LimitSet
 from servekit.limit.store import TakeResult
 from servekit.testing._check import check
-from servekit.testing._run import kit_settings
+from servekit.testing._run import kit_settings, run_given
 from servekit.testing.clock import FakeClock
 
 StoreFactory = Callable[[], Store]
@@ -55,13 +54,6 @@ class UnavailableStore:
 
     async def aadjust(self, *args: Any) -> TakeResult:
         return self._down()
-
-
-def _run_given(test: Any, chosen: settings, seed: int | None) -> None:
-    test = chosen(test)
-    if seed is not None:
-        test = hypothesis_seed(seed)(test)
-    test()
 
 
 class LimiterStoreContract:
@@ -120,7 +112,7 @@ class LimiterStoreContract:
                           f"admitted {total:g} in {admitted[j][0] - admitted[i][0]:g} s, "
                           f"bound {bound:g} (capacity {capacity}, rate {rate})")
 
-        _run_given(greedy, self._settings(), type(self).seed)
+        run_given(greedy, self._settings(), type(self).seed)
 
     def test_full_bucket_admits_its_capacity(self) -> None:
         """A new key admits exactly ``floor(capacity)`` unit costs, then denies."""
@@ -160,7 +152,7 @@ class LimiterStoreContract:
                       and decision.denied_by, "a denial names a limit that lacked tokens",
                       f"denied_by {decision.denied_by}, remaining {before}, cost {cost}")
 
-        _run_given(atomic, self._settings(), type(self).seed)
+        run_given(atomic, self._settings(), type(self).seed)
 
     def test_reserve_settle_conserves_tokens(self) -> None:
         """Reserving c then settling with u leaves exactly u charged; refunds never overfill."""
@@ -189,7 +181,7 @@ class LimiterStoreContract:
             after = limiter.peek(key).status("tokens").remaining
             check(after <= 1000 + 1e-6, "a refund never overfills the bucket", f"{after:g}")
 
-        _run_given(conserve, self._settings(), type(self).seed)
+        run_given(conserve, self._settings(), type(self).seed)
 
     def test_concurrent_takes_never_over_admit(self) -> None:
         """Racing ``atake`` calls (and sync ``take`` from threads, when ``thread_safe``) admit
