@@ -10,6 +10,9 @@ preemption, chunking and prefix caching.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
 from hypothesis import settings
 
 from servekit.sched import FairSharePolicy, PriorityPolicy
@@ -23,7 +26,8 @@ class FCFSMachine(SchedulerMachine):
 
 
 class PurePythonMachine(SchedulerMachine):
-    kv_kwargs = scheduler_kwargs = {"speedups": False}  # the pure-Python fallbacks
+    kv_kwargs: ClassVar[Mapping[str, Any]] = {"speedups": False}  # the pure-Python fallbacks
+    scheduler_kwargs: ClassVar[Mapping[str, Any]] = {"speedups": False}
 
 
 class NoPrefixCacheMachine(SchedulerMachine):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import ClassVar
 
 import anyio
 import pytest
@@ -21,6 +22,7 @@ class TestMemoryStore(LimiterStoreContract):
 
 class TestRedisStore(LimiterStoreContract):
     max_examples = 15
+    url: ClassVar[str] = ""
 
     @pytest.fixture(autouse=True)
     def _redis(self, redis_server: RedisServer) -> Iterator[None]:
@@ -28,10 +30,12 @@ class TestRedisStore(LimiterStoreContract):
         yield
 
     def make_store(self) -> Store:
-        return RedisStore(self.url, timeout=1.0)
+        store: Store = RedisStore(self.url, timeout=1.0)
+        return store
 
     def break_store(self, store: Store) -> Store:
-        return RedisStore(f"redis://127.0.0.1:{_free_port()}/0", timeout=0.2)
+        broken: Store = RedisStore(f"redis://127.0.0.1:{_free_port()}/0", timeout=0.2)
+        return broken
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,29 @@ require("hypothesis", "testing")
 from servekit.testing._check import InvariantViolation, check  # noqa: E402
 from servekit.testing.clock import FakeClock  # noqa: E402
 from servekit.testing.fake_model import FakeModel, next_token, reference_output  # noqa: E402
+from servekit.testing.hooks import HookContract, check_event_order, hook_contract  # noqa: E402
+from servekit.testing.limit import (  # noqa: E402
+    LimiterStoreContract,
+    UnavailableStore,
+    limiter_store_contract,
+)
+from servekit.testing.route import RoutingPolicyContract, routing_policy_contract  # noqa: E402
 from servekit.testing.sched import (  # noqa: E402
     SchedulerMachine,
     SchedulingPolicyContract,
     check_starvation,
     scheduling_policy_contract,
 )
-from servekit.testing.strategies import RequestSpec, workloads  # noqa: E402
+from servekit.testing.serve import serve  # noqa: E402
+from servekit.testing.strategies import (  # noqa: E402
+    RequestSpec,
+    arrival_times,
+    prompts,
+    request_specs,
+    to_request,
+    workloads,
+)
+from servekit.testing.usage import UsageSinkContract, usage_records, usage_sink_contract  # noqa: E402
 
 if TYPE_CHECKING:
     from servekit.server.fake import FakeEngine, FakeTokenizer
@@ -40,15 +56,31 @@ __all__ = [
     "FakeEngine",
     "FakeModel",
     "FakeTokenizer",
+    "HookContract",
     "InvariantViolation",
+    "LimiterStoreContract",
     "RequestSpec",
+    "RoutingPolicyContract",
     "SchedulerMachine",
     "SchedulingPolicyContract",
+    "UnavailableStore",
+    "UsageSinkContract",
+    "arrival_times",
     "check",
+    "check_event_order",
     "check_starvation",
+    "hook_contract",
+    "limiter_store_contract",
     "next_token",
+    "prompts",
     "reference_output",
+    "request_specs",
+    "routing_policy_contract",
     "scheduling_policy_contract",
+    "serve",
+    "to_request",
+    "usage_records",
+    "usage_sink_contract",
     "workloads",
 ]
 

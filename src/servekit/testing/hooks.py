@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 from hypothesis import given
-from hypothesis import strategies as st
 
 from servekit.metrics.hooks import EVENT_METHODS, Hook, HookSet, listener
 from servekit.testing._check import check
@@ -165,7 +164,7 @@ class HookContract:
             probe, recorder = Probe(self.make_hook()), Recorder()
             hooks = hookset_factory([_Raising(), probe, _Slow(), _Raising(), recorder])
             serve(specs, hooks, invariant="a raising or slow hook never breaks serving")
-            heard = defaultdict(int)
+            heard: dict[str, int] = defaultdict(int)
             for name, _ in recorder.events:
                 heard[name] += 1
             for name, count in probe.calls.items():

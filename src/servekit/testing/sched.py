@@ -49,7 +49,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     means the scheduler's default policy.
     """
 
-    policy_factory: ClassVar[PolicyFactory] = lambda: None  # noqa: E731
+    policy_factory: ClassVar[PolicyFactory] = lambda: None
     prefix_caching: ClassVar[bool] = True
     num_blocks: ClassVar[int] = 8
     block_size: ClassVar[int] = 4
