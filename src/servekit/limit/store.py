@@ -36,9 +36,10 @@ class Store(Protocol):
 
     Contract: each operation is atomic over all of a key's limits (concurrent callers, other
     processes sharing the store, never see half of it); ``take`` never admits more than
-    ``capacity + rate * T`` per limit over any span ``T``; ``adjust`` is never refused; the
-    async twins must not lose or double a charge when the calling task is cancelled (the
-    limiter shields them); an unreachable backend raises
+    ``capacity + rate * T`` per limit over any span ``T``; ``adjust`` is never refused; an
+    async twin cancelled while it runs either completes and returns its result or has had no
+    effect (a store doing I/O shields its own round trip, as :class:`RedisStore` does; an
+    in-process store simply never awaits), so the limiter never loses a charge; an unreachable backend raises
     :class:`~servekit.limit.errors.StoreUnavailableError` and never blocks longer than the
     store's own timeout. A plugin class also provides ``from_url(url)`` (a classmethod) so
     :func:`store_from_url` can open it.
