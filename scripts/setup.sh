@@ -22,3 +22,5 @@ if [ ! -f "$stamp" ] || [ "$stale" = 1 ]; then
   .venv/bin/pip install --quiet -e '.[dev,bench]'
   touch "$stamp"
 fi
+# the example plugin package (examples/plugin_package), which the test suite serves with
+.venv/bin/python -c 'import servekit_example_plugins' 2>/dev/null || .venv/bin/pip install --quiet --no-deps -e examples/plugin_package

@@ -221,7 +221,7 @@ def load(kind: str, name: str) -> Any:
 def create(kind: str, name: str, /, *args: Any, **kwargs: Any) -> Any:
     """Load plugin ``kind.name``, call it with the given arguments and return the result.
 
-    A ``TypeError`` or ``ValueError`` from the call (an unknown keyword, a bad value) becomes
+    An exception from the call (an unknown keyword, a bad value) becomes
     :class:`PluginArgumentError` naming the plugin and the cause.
     """
     spec = find(kind, name)
@@ -231,10 +231,10 @@ def create(kind: str, name: str, /, *args: Any, **kwargs: Any) -> Any:
         raise PluginTypeError(f"{kind} plugin {name!r} ({spec.target}) is not callable")
     try:
         obj = target(*args, **kwargs)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # whatever the plugin raises, the message names it and the cause
         raise PluginArgumentError(
             f"{kind} plugin {name!r} ({spec.source}) rejected its arguments "
-            f"{_show_args(args, kwargs)}: {exc}"
+            f"{_show_args(args, kwargs)}: {type(exc).__name__}: {exc}"
         ) from exc
     _check(obj, spec, created=True)
     return obj

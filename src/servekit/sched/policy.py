@@ -210,6 +210,8 @@ class FairSharePolicy(SchedulingPolicy):
                  default_weight: float = 1.0) -> None:
         if not default_weight > 0:
             raise InvalidParameterError("default_weight", f"must be > 0, got {default_weight!r}")
+        if weights is not None and not isinstance(weights, Mapping):
+            raise InvalidParameterError("weights", f"must be a mapping of tenant to weight, got {weights!r}")
         self._inverse: dict[str | None, float] = {}
         for tenant, weight in (weights or {}).items():
             if not (isinstance(weight, (int, float)) and weight > 0):
