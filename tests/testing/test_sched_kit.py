@@ -8,9 +8,11 @@ from collections.abc import Iterator
 import pytest
 
 from servekit.sched import FairSharePolicy, FCFSPolicy, PriorityPolicy, Request, SchedulingPolicy
+from servekit.sched.policy import LowestPriorityVictimPolicy, NewestVictimPolicy
 from servekit.testing import (
     InvariantViolation,
     SchedulingPolicyContract,
+    VictimPolicyContract,
     scheduling_policy_contract,
 )
 
@@ -28,6 +30,15 @@ class TestFairShare(SchedulingPolicyContract):
 
 
 TestFairWeighted = scheduling_policy_contract(lambda: FairSharePolicy({"a": 2.0}), seed=7)
+
+
+class TestNewestVictim(VictimPolicyContract):
+    victim_policy_factory = NewestVictimPolicy
+
+
+class TestLowestPriorityVictimUnderFairShare(VictimPolicyContract):
+    policy_factory = FairSharePolicy
+    victim_policy_factory = LowestPriorityVictimPolicy
 
 
 class TenantFirstPolicy(FCFSPolicy):

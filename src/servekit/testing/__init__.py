@@ -34,6 +34,7 @@ from servekit.testing.route import RoutingPolicyContract, routing_policy_contrac
 from servekit.testing.sched import (  # noqa: E402
     SchedulerMachine,
     SchedulingPolicyContract,
+    VictimPolicyContract,
     check_starvation,
     scheduling_policy_contract,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "SchedulingPolicyContract",
     "UnavailableStore",
     "UsageSinkContract",
+    "VictimPolicyContract",
     "arrival_times",
     "check",
     "check_event_order",

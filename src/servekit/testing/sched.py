@@ -32,6 +32,7 @@ from servekit.sched import (
     Scheduler,
     SchedulingPolicy,
 )
+from servekit.sched.policy import VictimPolicy
 from servekit.testing._check import check
 from servekit.testing._run import run_machine
 from servekit.testing.clock import FakeClock
@@ -40,6 +41,7 @@ from servekit.testing.strategies import RequestSpec, request_specs, to_request
 
 _QUEUED = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
 PolicyFactory = Callable[[], SchedulingPolicy | None]
+VictimFactory = Callable[[], VictimPolicy | None]
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -50,6 +52,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     """
 
     policy_factory: ClassVar[PolicyFactory] = lambda: None
+    victim_policy_factory: ClassVar[VictimFactory] = lambda: None
     prefix_caching: ClassVar[bool] = True
     num_blocks: ClassVar[int] = 8
     block_size: ClassVar[int] = 4
@@ -72,7 +75,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.kv, max_model_len=cls.max_model_len, max_num_seqs=cls.max_num_seqs,
             max_num_batched_tokens=cls.max_num_batched_tokens,
             max_prefill_chunk=cls.max_prefill_chunk, policy=cls.policy_factory(),
-            eos_token_ids=[EOS], clock=self.clock, **cls.scheduler_kwargs,
+            victim_policy=cls.victim_policy_factory(), eos_token_ids=[EOS], clock=self.clock,
+            **cls.scheduler_kwargs,
         )
         self.preempts_to_admit = bool(getattr(self.sched.policy, "preempts_for_waiting", False))
         self.model = FakeModel(self.kv)
@@ -176,7 +180,8 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 
 def check_starvation(policy_factory: PolicyFactory, *, bound_steps: int = 400,
-                     backlog: int = 8, period: int = 7, seed: int = 0) -> None:
+                     backlog: int = 8, period: int = 7, seed: int = 0,
+                     victim_policy_factory: VictimFactory | None = None) -> None:
     """Every request finishes within ``bound_steps`` steps of its arrival, under a flood.
 
     Tenant ``"a"`` (priority 0) keeps ``backlog`` requests waiting at every step; tenant
@@ -187,7 +192,8 @@ def check_starvation(policy_factory: PolicyFactory, *, bound_steps: int = 400,
     clock = FakeClock()
     kv = KVCacheManager(num_blocks=32, block_size=4)
     sched = Scheduler(kv, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16,
-                      policy=policy_factory(), eos_token_ids=[EOS], clock=clock)
+                      policy=policy_factory(), eos_token_ids=[EOS], clock=clock,
+                      victim_policy=victim_policy_factory() if victim_policy_factory else None)
     model = FakeModel(kv)
     arrived: dict[str, int] = {}
     live: dict[str, Request] = {}
@@ -225,7 +231,9 @@ def check_starvation(policy_factory: PolicyFactory, *, bound_steps: int = 400,
 class SchedulingPolicyContract:
     """Conformance tests for a scheduling policy; subclass with ``policy_factory``.
 
-    Options (class attributes): ``max_examples`` and ``steps`` of the state machine,
+    Options (class attributes): ``victim_policy_factory`` (a preemption-victim policy to run
+    with it; default: the policy's own ranking), ``max_examples`` and ``steps`` of the state
+    machine,
     ``seed`` (None: the same derandomized examples every run), ``shrink`` (minimise a failing
     example: slower, clearer), ``prefix_caching``,
     ``starvation_bound`` in steps (None skips the starvation check, for policies that starve
@@ -233,12 +241,17 @@ class SchedulingPolicyContract:
     """
 
     policy_factory: ClassVar[PolicyFactory]
+    victim_policy_factory: ClassVar[VictimFactory | None] = None
     max_examples: ClassVar[int] = 25
     steps: ClassVar[int] = 30
     seed: ClassVar[int | None] = None
     shrink: ClassVar[bool] = False
     prefix_caching: ClassVar[bool] = True
     starvation_bound: ClassVar[int | None] = 400
+
+    def _victim(self) -> VictimFactory:
+        victim = getattr(type(self), "victim_policy_factory", None)
+        return victim if victim is not None else (lambda: None)
 
     def _factory(self) -> PolicyFactory:
         factory = getattr(type(self), "policy_factory", None)
@@ -250,6 +263,7 @@ class SchedulingPolicyContract:
         """Budgets, nothing lost or duplicated, blocks freed, outputs as if run alone."""
         machine = type("PolicyMachine", (SchedulerMachine,), {
             "policy_factory": staticmethod(self._factory()),
+            "victim_policy_factory": staticmethod(self._victim()),
             "prefix_caching": type(self).prefix_caching,
         })
         cls = type(self)
@@ -261,7 +275,15 @@ class SchedulingPolicyContract:
         bound = type(self).starvation_bound
         if bound is None:
             return
-        check_starvation(self._factory(), bound_steps=bound, seed=type(self).seed or 0)
+        check_starvation(self._factory(), bound_steps=bound, seed=type(self).seed or 0,
+                         victim_policy_factory=self._victim())
+
+
+class VictimPolicyContract(SchedulingPolicyContract):
+    """The scheduling kit for a preemption-victim policy (``victim_policy_factory``), with the
+    default queue (FCFS) unless ``policy_factory`` is set too."""
+
+    policy_factory: ClassVar[PolicyFactory] = staticmethod(lambda: None)  # type: ignore[assignment]
 
 
 def scheduling_policy_contract(policy_factory: PolicyFactory,
