@@ -94,8 +94,8 @@ class _Slow(Hook):
 
 
 def check_event_order(events: Iterable[tuple[str, Any]], who: str) -> None:
-    """Per request: queued first and once, finished last and once, scheduled before the first
-    token, the first token before later tokens."""
+    """Per request: queued first and once, finished last and once, scheduled before a
+    preemption and before the first token, the first token before later tokens."""
     seen: dict[str, list[str]] = defaultdict(list)
     for name, event in events:
         if name in _PER_REQUEST:
@@ -104,6 +104,9 @@ def check_event_order(events: Iterable[tuple[str, Any]], who: str) -> None:
         order = f"{who} saw {rid}: {names}"
         check(names[0] == _FIRST and names.count(_FIRST) == 1, "event order per request", order)
         check(names.count(_LAST) == 1 and names[-1] == _LAST, "event order per request", order)
+        if "on_request_preempted" in names:
+            check("on_request_scheduled" in names[: names.index("on_request_preempted")],
+                  "event order per request", order)
         if "on_first_token" in names:
             first = names.index("on_first_token")
             check(names.count("on_first_token") == 1 and "on_request_scheduled" in names[:first]

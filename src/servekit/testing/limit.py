@@ -20,7 +20,7 @@ import anyio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from servekit.limit import Limit, Limiter, Store, StoreUnavailableError
+from servekit.limit import Limit, Limiter, RateLimitExceeded, Store, StoreUnavailableError
 from servekit.limit.bucket import LimitSet
 from servekit.limit.store import TakeResult
 from servekit.testing._check import check
@@ -213,8 +213,8 @@ class LimiterStoreContract:
             _check_race(sum(got), capacity, "threads")
 
     def test_store_failure_follows_fail_open(self) -> None:
-        """When the store is unreachable the limiter allows (fail_open) or denies, and says so;
-        the store itself raises StoreUnavailableError."""
+        """When the store is unreachable the limiter (sync and async) allows (fail_open) or
+        denies, and says so; the store itself raises StoreUnavailableError."""
         store = self.make_store()
         broken = self.break_store(store)
         limits = [Limit("requests", 5, SLOW)]
@@ -239,6 +239,21 @@ class LimiterStoreContract:
                       f"fail_open={fail_open}: allowed={d.allowed}, error={d.error!r}")
                 check(d.retry_after == (0.0 if fail_open else 2.5),
                       "store failure follows fail_open", f"retry_after {d.retry_after}")
+            check(_acquire_outcome(limiter) == ("allowed" if fail_open else "denied"),
+                  "store failure follows fail_open",
+                  f"fail_open={fail_open}: async acquire was {_acquire_outcome(limiter)}")
+
+
+def _acquire_outcome(limiter: Limiter) -> str:
+    """What ``await limiter.acquire("k")`` did: allowed, denied (RateLimitExceeded), or else."""
+    async def go() -> str:
+        try:
+            decision = await limiter.acquire("k", max_wait=0.5)
+        except RateLimitExceeded as exc:
+            return "denied" if exc.decision.error is not None else f"denied without error: {exc}"
+        return "allowed" if decision.allowed and decision.error is not None else str(decision)
+
+    return anyio.run(go)
 
 
 def _close(a: Sequence[float], b: Sequence[float]) -> bool:
