@@ -46,12 +46,12 @@ def run_scheduler(args: argparse.Namespace) -> tuple[Rows, Ratios]:
     from servekit.sched.policy import make_policy
 
     running = args.running or (32 if args.quick else 256)
-    steps = 20 if args.quick else 200
+    steps = 100 if args.quick else 200
     runs: dict[str, Callable[[], float]] = {}
     for label, spec in (("plugin", args.policy), ("baseline", args.baseline)):
         step = sched_bench.stepper(partial(make_policy, spec), running=running, warmup=steps)
         runs[f"{label}: {spec}"] = partial(sched_bench.us_per_step, step, steps)
-    samples = _interleave(runs, args.rounds or (3 if args.quick else 7))
+    samples = _interleave(runs, args.rounds or (5 if args.quick else 9))
     names = list(runs)
     ratio = _ratio(samples, names[0], names[1], higher_is_better=False)
     return _rows(f"us per step at {running} running", samples), {"step time": ratio}

@@ -3,8 +3,10 @@
 Ring level (``HashRing`` against a peer such as uhashring): :func:`scalar_rate`,
 :func:`balance`, :func:`movement`, :func:`retained_bytes`. Router level (any routing policy
 through a real :class:`~servekit.route.Router`): :func:`measure_policy` gives routes per second
-(route + release per session key), the max/mean and min/mean of keys per replica, and the
-fraction of keys moved when one replica joins, as a multiple of the ideal 1/N.
+(route + release per session key), the max/mean and min/mean of keys per replica (nothing in
+flight: where keys go), the max/mean of in-flight requests when no request is released (what
+load-aware policies balance), and the fraction of keys moved when one replica joins, as a
+multiple of the ideal 1/N.
 """
 
 from __future__ import annotations
@@ -88,7 +90,12 @@ def measure_policy(factory: Callable[[], RoutingPolicy], *, replicas: int, keys:
     before = owners(router, keys)
     rate = len(keys) / (time.perf_counter() - start)
     high, low = balance(before, nodes)
+    held = Router(nodes, policy=factory())
+    for key in keys:  # nothing released: what load-aware policies balance
+        held.route(session_id=key)
+    loads = held.loads
     router.add_replica("replica-new")
     moved, between = movement(before, owners(router, keys), "replica-new")
     return {"routes/s": rate, "max/mean keys": high, "min/mean keys": low,
+            "max/mean in flight": max(loads.values()) / (sum(loads.values()) / len(loads)),
             "moved on +1 (x 1/N)": moved * (replicas + 1), "moved between unchanged": between}
