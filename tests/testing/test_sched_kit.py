@@ -127,25 +127,3 @@ def test_missing_factory_is_named() -> None:
     with pytest.raises(TypeError, match="must set policy_factory"):
         TestNothing().test_scheduler_invariants()
 
-
-def test_importing_without_hypothesis_names_the_extra() -> None:
-    import subprocess
-    import sys
-
-    code = (
-        "import sys; sys.modules['hypothesis'] = None\n"
-        "try:\n    import servekit.testing\n"
-        "except Exception as exc:\n    print(type(exc).__name__, exc)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
-    assert out.startswith("MissingExtraError") and "servekit[testing]" in out
-
-
-def test_fake_engine_is_reexported_lazily() -> None:
-    import servekit.testing
-    from servekit.server.fake import FakeEngine
-
-    assert servekit.testing.FakeEngine is FakeEngine
-    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
-        servekit.testing.Nope  # noqa: B018
