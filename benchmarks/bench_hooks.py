@@ -23,7 +23,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from _common import bar, parse_args, print_bars, print_table, summary, write_json
 from servekit.bench.hooks import NoopHook, measure_hooks, sizes
-from servekit.metrics import NewTokens, PrometheusHook, StatsHook
+from servekit.metrics import PrometheusHook, StatsHook
+from servekit.metrics.events import NewTokens
 from servekit.metrics.hooks import Hook
 from servekit.metrics.prometheus import ITL_BUCKETS
 

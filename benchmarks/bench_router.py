@@ -39,7 +39,8 @@ from servekit.bench.router import (
     retained_bytes,
     scalar_rate,
 )
-from servekit.route import HashRing, hash_keys
+from servekit.route import HashRing
+from servekit.route.hashing import hash_keys
 
 NODES = 100
 

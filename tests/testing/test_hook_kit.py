@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from servekit.metrics import Hook, HookSet, NewTokens
+from servekit.metrics import Hook, HookSet
+from servekit.metrics.events import NewTokens
 from servekit.metrics.hooks import EVENT_METHODS
 from servekit.metrics.logs import RequestLogHook
 from servekit.metrics.stats import StatsHook

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import pytest
 import xxhash
 
-from servekit.route import (
+from servekit.route.policy import (
     Candidate,
     Choice,
     ConsistentHashPolicy,

@@ -20,7 +20,8 @@ import anyio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from servekit.limit import Limit, Limiter, RateLimitExceeded, Store, StoreUnavailableError
+from servekit.errors import ServekitError
+from servekit.limit import Limit, Limiter, Store, StoreUnavailableError
 from servekit.limit.bucket import LimitSet
 from servekit.limit.store import TakeResult
 from servekit.testing._check import check
@@ -249,8 +250,11 @@ def _acquire_outcome(limiter: Limiter) -> str:
     async def go() -> str:
         try:
             decision = await limiter.acquire("k", max_wait=0.5)
-        except RateLimitExceeded as exc:
-            return "denied" if exc.decision.error is not None else f"denied without error: {exc}"
+        except ServekitError as exc:  # the limiter's rate-limit error carries the decision
+            denied = getattr(exc, "decision", None)
+            if denied is None:
+                raise
+            return "denied" if denied.error is not None else f"denied without error: {exc}"
         return "allowed" if decision.allowed and decision.error is not None else str(decision)
 
     return anyio.run(go)

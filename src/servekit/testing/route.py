@@ -18,9 +18,11 @@ from typing import Any, ClassVar
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from servekit.route import NoNodeAvailableError, ReplicaLoad, Router, RoutingPolicy
 from servekit.route.bounded import capacity
+from servekit.route.errors import NoNodeAvailableError
 from servekit.route.health import HealthTracker
+from servekit.route.policy import ReplicaLoad, RoutingPolicy
+from servekit.route.router import Router
 from servekit.testing._check import check
 from servekit.testing._run import kit_settings, run_given
 from servekit.testing.clock import FakeClock
