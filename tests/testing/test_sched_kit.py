@@ -127,3 +127,20 @@ def test_missing_factory_is_named() -> None:
     with pytest.raises(TypeError, match="must set policy_factory"):
         TestNothing().test_scheduler_invariants()
 
+
+
+class FuturePolicy(FCFSPolicy):
+    api_version = 2
+
+
+def test_wrong_interface_version_is_named() -> None:
+    kit = scheduling_policy_contract(FuturePolicy)()
+    with pytest.raises(InvariantViolation, match="implements the policy interface") as info:
+        kit.test_implements_the_interface()
+    assert "api_version 2" in str(info.value)
+
+
+def test_not_a_policy_is_named() -> None:
+    kit = scheduling_policy_contract(object)()  # type: ignore[arg-type]
+    with pytest.raises(InvariantViolation, match=r"is not a servekit\.sched\.policy"):
+        kit.test_implements_the_interface()

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from hypothesis import given
 
 from servekit.metrics.hooks import EVENT_METHODS, Hook, HookSet, listener
-from servekit.testing._check import check
+from servekit.testing._check import check, check_interface
 from servekit.testing._run import kit_settings, run_given
 from servekit.testing.serve import serve
 from servekit.testing.strategies import workloads
@@ -137,6 +137,10 @@ class HookContract:
         test = given(specs=workloads(max_requests=10))(body)
         run_given(test, kit_settings(type(self).max_examples, 1, type(self).seed),
                   type(self).seed)
+
+    def test_implements_the_interface(self) -> None:
+        """The hook is a servekit Hook at servekit's version."""
+        check_interface(self.make_hook(), "hook")
 
     def test_hook_on_real_serving(self) -> None:
         """Serving unaffected; the hook never raises, returns quickly, sees events in order."""

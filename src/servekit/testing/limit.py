@@ -24,7 +24,7 @@ from servekit.errors import ServekitError
 from servekit.limit import Limit, Limiter, Store, StoreUnavailableError
 from servekit.limit.bucket import LimitSet
 from servekit.limit.store import TakeResult
-from servekit.testing._check import check
+from servekit.testing._check import check, check_interface
 from servekit.testing._run import kit_settings, run_given
 from servekit.testing.clock import FakeClock
 
@@ -85,6 +85,10 @@ class LimiterStoreContract:
 
     def _settings(self) -> settings:
         return kit_settings(type(self).max_examples, 1, type(self).seed)
+
+    def test_implements_the_interface(self) -> None:
+        """The store implements the Store protocol at servekit's version."""
+        check_interface(self.make_store(), "limiter_store")
 
     def test_greedy_client_bound(self) -> None:
         """Over any window [t_i, t_j], admitted cost <= capacity + rate * (t_j - t_i)."""

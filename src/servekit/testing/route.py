@@ -23,7 +23,7 @@ from servekit.route.errors import NoNodeAvailableError
 from servekit.route.health import HealthTracker
 from servekit.route.policy import ReplicaLoad, RoutingPolicy
 from servekit.route.router import Router
-from servekit.testing._check import check
+from servekit.testing._check import check, check_interface
 from servekit.testing._run import kit_settings, run_given
 from servekit.testing.clock import FakeClock
 
@@ -64,6 +64,10 @@ class RoutingPolicyContract:
 
     def _settings(self) -> settings:
         return kit_settings(type(self).max_examples, 1, type(self).seed)
+
+    def test_implements_the_interface(self) -> None:
+        """The policy implements RoutingPolicy at servekit's version."""
+        check_interface(self.make_policy(), "routing_policy")
 
     def test_always_a_routable_replica(self) -> None:
         """Every route goes to a routable replica; fallbacks are routable, distinct, other."""

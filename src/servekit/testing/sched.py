@@ -33,7 +33,7 @@ from servekit.sched import (
     SchedulingPolicy,
 )
 from servekit.sched.policy import VictimPolicy
-from servekit.testing._check import check
+from servekit.testing._check import check, check_interface
 from servekit.testing._run import run_machine
 from servekit.testing.clock import FakeClock
 from servekit.testing.fake_model import EOS, FakeModel, drain, reference_output, step
@@ -258,6 +258,14 @@ class SchedulingPolicyContract:
         if factory is None:
             raise TypeError(f"{type(self).__name__} must set policy_factory")
         return factory  # type: ignore[no-any-return]
+
+    def test_implements_the_interface(self) -> None:
+        """The policy (and victim policy) implement their interfaces at servekit's version."""
+        policy, victim = self._factory()(), self._victim()()
+        if policy is not None:
+            check_interface(policy, "policy")
+        if victim is not None:
+            check_interface(victim, "victim_policy")
 
     def test_scheduler_invariants(self) -> None:
         """Budgets, nothing lost or duplicated, blocks freed, outputs as if run alone."""

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from hypothesis import given
 from hypothesis import strategies as st
 
-from servekit.testing._check import check
+from servekit.testing._check import check, check_interface
 from servekit.testing._run import kit_settings, run_given
 from servekit.usage.sink import UsageRecord, UsageSink
 
@@ -61,6 +61,14 @@ class UsageSinkContract:
     def stored(self, sink: UsageSink) -> Iterable[UsageRecord]:
         """Every record ``sink`` holds, read back from its storage (override this)."""
         raise TypeError(f"{type(self).__name__} must override stored(sink)")
+
+    def test_implements_the_interface(self) -> None:
+        """The sink implements UsageSink at servekit's version."""
+        sink = self.make_sink()
+        try:
+            check_interface(sink, "usage_sink")
+        finally:
+            sink.close()
 
     def test_batch_written_twice_is_counted_once(self) -> None:
         """Redelivered batches (whole, partial, reordered) leave one record per key, the first."""
