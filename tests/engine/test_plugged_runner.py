@@ -4,6 +4,7 @@ interface, and the engine's scheduling policy given as a spec or an instance."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,3 +94,32 @@ def test_engine_config_policy_as_spec_or_instance() -> None:
     assert type(engine.scheduler.victim_policy).__name__ == "LowestPriorityVictimPolicy"
     with pytest.raises(InvalidParameterError, match="policy"):
         EngineConfig(policy=3)  # type: ignore[arg-type]
+
+
+def make_slot_runner(model: object, *, block_size: int, num_blocks: int | None,
+                     kv_cache_bytes: int, dtype: object, device: str,
+                     blocks: int = 64) -> SlotRunner:
+    """A runner plugin's factory: called with the model and the engine's sizes."""
+    return SlotRunner(num_blocks=num_blocks or blocks, block_size=block_size)
+
+
+def test_engine_config_runner_names_a_runner_plugin(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from servekit.plugins import PluginArgumentError
+    from servekit.server.cli import DEMO_MODEL
+
+    info = tmp_path / "slot_runner-1.0.dist-info"
+    info.mkdir()
+    info.joinpath("METADATA").write_text("Metadata-Version: 2.1\nName: slot-runner\nVersion: 1.0\n")
+    info.joinpath("entry_points.txt").write_text(
+        "[servekit.plugins]\nrunner.slots = tests.engine.test_plugged_runner:make_slot_runner\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = EngineConfig(block_size=4, runner='slots:{"blocks": 48}')
+    engine = LLMEngine(DEMO_MODEL, config=config)
+    assert isinstance(engine.runner, SlotRunner) and engine.runner.num_blocks == 48
+    assert engine.tokenizer is not None  # still the model directory's tokenizer
+    prompt = [5, 6, 7, 8, 9]
+    [result] = engine.generate([prompt], SamplingParams(max_tokens=3, temperature=0))
+    assert result.token_ids == reference(prompt, 3)
+    with pytest.raises(PluginArgumentError, match=r"runner plugin 'slots'.*'colour'"):
+        LLMEngine(DEMO_MODEL, config=EngineConfig(runner='slots:{"colour": 1}'))

@@ -150,3 +150,17 @@ store = "{redis.url}"
                               timeout=60).status_code == 429
     finally:
         redis.stop()
+
+
+@pytest.mark.parametrize(("text", "flags", "message"), [
+    ("[engine]\nblock_size = 0", (), r"servekit\.toml: engine\.block_size: block_size: must be"),
+    ("", ("--max-num-seqs", "0"), r"^servekit serve: --max-num-seqs: max_num_seqs: must be"),
+    ("[engine]\nkv_cache_mb = 0", (), r"engine\.kv_cache_mb: kv_cache_bytes: must be"),
+])
+def test_bad_engine_sizes_name_their_origin(
+        tmp_path: Path, text: str, flags: tuple[str, ...], message: str) -> None:
+    done = run_cli("serve", "--config", str(write(tmp_path, text)), *flags, "--port", "1",
+                   timeout=60)
+    import re
+
+    assert done.returncode == 2 and re.search(message, done.stderr), done.stderr

@@ -29,7 +29,7 @@ from servekit.engine.batch import PackedBatch, PackedBatchBuilder
 from servekit.engine.config import EngineConfig
 from servekit.engine.detokenize import IncrementalDetokenizer
 from servekit.engine.outputs import GenerationResult, RequestOutput, TokenLogprob
-from servekit.engine.runner import ModelRunner, Runner
+from servekit.engine.runner import Runner
 from servekit.engine.sampler import Sampler, SamplerOutput, SamplingBatch
 from servekit.engine.stop import StopStringMatcher
 from servekit.kv.manager import KVCacheManager
@@ -421,11 +421,17 @@ def _collect(rid: str, prompt_ids: list[int], outs: list[RequestOutput]) -> Gene
 
 
 def _runner(model: str | Path | torch.nn.Module | Runner, cfg: EngineConfig) -> Runner:
-    """The runner for ``model``: transformers' for a path or a module, else ``model`` itself."""
+    """The runner for ``model``: the ``cfg.runner`` plugin built on a path or a module (the
+    transformers runner by default), else ``model`` itself."""
     if isinstance(model, (str, Path, torch.nn.Module)):
-        dtype = _DTYPES[cfg.dtype] if cfg.dtype is not None else None
-        return ModelRunner(model, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
-                           kv_cache_bytes=cfg.kv_cache_bytes, dtype=dtype, device=cfg.device)
+        from servekit import plugins
+
+        name, kwargs = plugins.parse_spec(cfg.runner, what="runner")
+        built = plugins.create(
+            "runner", name, model, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
+            kv_cache_bytes=cfg.kv_cache_bytes, device=cfg.device,
+            dtype=_DTYPES[cfg.dtype] if cfg.dtype is not None else None, **kwargs)
+        model = built
     if not isinstance(model, Runner):
         raise InvalidParameterError(
             "model", "must be a model directory, a transformers model or a servekit Runner "

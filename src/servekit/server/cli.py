@@ -29,7 +29,13 @@ import attrs
 from servekit import plugins
 from servekit._optional import require
 from servekit.metrics.hooks import HookSet
-from servekit.server.config import ConfigError, apply_config, build_checked, default
+from servekit.server.config import (
+    ConfigError,
+    apply_config,
+    build_checked,
+    default,
+    origin_of,
+)
 from servekit.server.keys import KeyStore
 from servekit.server.ratelimit import KeyLimits
 
@@ -92,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "JSON object becomes its keyword arguments (default: fcfs)")
     serve.add_argument("--victim-policy", default=None, metavar="NAME[:JSON]",
                        help="preemption-victim policy (default: the scheduling policy's order)")
+    serve.add_argument("--runner", default=None, metavar="NAME[:JSON]",
+                       help="model-runner plugin that loads --model (default: transformers)")
     serve.add_argument("--hook", action="append", default=None, metavar="NAME[:JSON]",
                        help="add a metrics hook plugin (repeatable)")
     serve.add_argument("--limiter-store", default=None, metavar="URL",
@@ -114,20 +122,40 @@ def build_engine(args: argparse.Namespace, hooks: Any = None) -> Any:
         return FakeEngine(model_name=(args.served_model_name or ["fake"])[0],
                           token_delay=args.fake_token_delay,
                           max_waiting=args.max_waiting_requests)
-    from servekit.engine import AsyncEngine, EngineConfig, LLMEngine
+    from servekit.engine import AsyncEngine, LLMEngine
 
     path = args.model or DEMO_MODEL
-    config = build_checked(args, "max_num_seqs", lambda: EngineConfig(
-        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-        max_waiting_requests=args.max_waiting_requests, kv_cache_bytes=args.kv_cache_mb * 2**20,
-        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-        enable_prefix_caching=args.enable_prefix_caching, device=args.device, dtype=args.dtype,
-        policy=args.policy, victim_policy=args.victim_policy))
-    engine = LLMEngine(str(path), config=config, hooks=hooks)
+    config = engine_config(args)
+    engine = build_checked(args, "runner",
+                           lambda: LLMEngine(str(path), config=config, hooks=hooks))
     policy = engine.scheduler.policy
     logger.info("scheduling policy: %s (%s.%s)", args.policy, type(policy).__module__,
                 type(policy).__qualname__)
     return AsyncEngine(engine)
+
+
+#: EngineConfig fields that come from a setting of another name
+_ENGINE_FIELD_SETTINGS = {"kv_cache_bytes": "kv_cache_mb"}
+
+
+def engine_config(args: argparse.Namespace) -> Any:
+    """The :class:`~servekit.engine.EngineConfig` the settings describe; a bad value raises
+    :class:`ConfigError` naming the flag or the file and key it came from."""
+    from servekit.engine import EngineConfig
+    from servekit.sched.params import InvalidParameterError
+
+    try:
+        return EngineConfig(
+            max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+            max_waiting_requests=args.max_waiting_requests,
+            kv_cache_bytes=args.kv_cache_mb * 2**20,
+            max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+            enable_prefix_caching=args.enable_prefix_caching, device=args.device,
+            dtype=args.dtype, policy=args.policy, victim_policy=args.victim_policy,
+            runner=args.runner)
+    except InvalidParameterError as exc:
+        dest = _ENGINE_FIELD_SETTINGS.get(exc.param, exc.param)
+        raise ConfigError(f"{origin_of(args, dest)}: {exc}") from exc
 
 
 def _model_name(args: argparse.Namespace) -> str:
@@ -207,6 +235,7 @@ def _plugins(args: argparse.Namespace) -> _Plugged:
     store = MemoryStore() if args.limiter_store is None else build_checked(
         args, "limiter_store", lambda: store_from_url(args.limiter_store))
     if not args.fake:  # the engine builds its own from the spec; this only checks it early
+        engine_config(args)
         build_checked(args, "policy", lambda: make_policy(args.policy))
         if args.victim_policy is not None:
             build_checked(args, "victim_policy", lambda: make_victim_policy(args.victim_policy))

@@ -97,6 +97,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dtype", "engine.dtype", "str"),
     Setting("policy", "engine.policy", "spec", "fcfs"),
     Setting("victim_policy", "engine.victim_policy", "spec"),
+    Setting("runner", "engine.runner", "spec", "transformers"),
     Setting("fake", "engine.fake", "bool", False),
     Setting("fake_token_delay", "engine.fake_token_delay", "float", 0.0),
     Setting("limiter_store", "limits.store", "str", flag="--limiter-store"),
