@@ -10,9 +10,6 @@ preemption, chunking and prefix caching.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar
-
 from hypothesis import settings
 
 from servekit.sched import FairSharePolicy, PriorityPolicy
@@ -23,11 +20,6 @@ SETTINGS = settings(max_examples=25, stateful_step_count=30, deadline=None)
 
 class FCFSMachine(SchedulerMachine):
     pass
-
-
-class PurePythonMachine(SchedulerMachine):
-    kv_kwargs: ClassVar[Mapping[str, Any]] = {"speedups": False}  # the pure-Python fallbacks
-    scheduler_kwargs: ClassVar[Mapping[str, Any]] = {"speedups": False}
 
 
 class NoPrefixCacheMachine(SchedulerMachine):
@@ -43,7 +35,6 @@ class FairMachine(SchedulerMachine):
 
 
 TestFCFS = SETTINGS(FCFSMachine).TestCase
-TestPurePython = SETTINGS(PurePythonMachine).TestCase
 TestNoPrefixCache = SETTINGS(NoPrefixCacheMachine).TestCase
 TestPriority = SETTINGS(PriorityMachine).TestCase
 TestFair = SETTINGS(FairMachine).TestCase

@@ -85,7 +85,7 @@ def _victims(victim_policy: str | None) -> list[str]:
     """Who is preempted when two decoding requests outgrow a tiny KV cache."""
     kv = KVCacheManager(6, 4)
     sched = Scheduler(kv, max_model_len=64, max_num_seqs=2, max_num_batched_tokens=16,
-                      victim_policy=victim_policy, decode_lookahead_blocks=0)
+                      victim_policy=victim_policy)
     model = FakeModel(kv)
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     sched.add_request(Request("lax_first", [1, 2, 3, 4], params, priority=9))

@@ -24,8 +24,8 @@ import torch
 from servekit import ops
 from servekit.engine import attention
 from servekit.engine.batch import PackedBatch
+from servekit.engine.kv_cache import KVCache
 from servekit.errors import ServekitError
-from servekit.kv.cache import KVCache
 
 __all__ = ["ModelRunner", "Runner", "UnsupportedModelError", "kv_cache_dims"]
 
