@@ -12,7 +12,7 @@ from servekit.bench.__main__ import main
 from servekit.plugins import UnknownPluginError
 
 CASES = {
-    "scheduler": ["--policy", "fair", "--running", "4"],
+    "scheduler": ["--policy", "fair", "--running", "4"],  # every scenario, 4 running
     "limiter": ["--store", "memory://?max_keys=50000", "--checks", "200"],
     "router": ["--routing-policy", "least_loaded", "--keys", "200", "--replicas", "4"],
     "hooks": ["--hook", "request_log"],

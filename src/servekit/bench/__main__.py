@@ -45,16 +45,25 @@ def _ratio(samples: Mapping[str, Sequence[float]], plugin: str, baseline: str,
 def run_scheduler(args: argparse.Namespace) -> tuple[Rows, Ratios]:
     from servekit.sched.policy import make_policy
 
-    running = args.running or (32 if args.quick else 256)
-    steps = 100 if args.quick else 200
-    runs: dict[str, Callable[[], float]] = {}
-    for label, spec in (("plugin", args.policy), ("baseline", args.baseline)):
-        step = sched_bench.stepper(partial(make_policy, spec), running=running, warmup=steps)
-        runs[f"{label}: {spec}"] = partial(sched_bench.us_per_step, step, steps)
-    samples = _interleave(runs, args.rounds or (5 if args.quick else 9))
-    names = list(runs)
-    ratio = _ratio(samples, names[0], names[1], higher_is_better=False)
-    return _rows(f"us per step at {running} running", samples), {"step time": ratio}
+    n = args.running or (64 if args.quick else 512)
+    steps = warmup = 60 if args.quick else 300
+    specs = {f"plugin: {args.policy}": args.policy, f"baseline: {args.baseline}": args.baseline}
+    for spec in specs.values():
+        make_policy(spec)  # an unknown name or bad arguments fail before any measuring
+    rows: Rows = []
+    ratios: Ratios = {}
+    for name, prefix, blocks_per_request in sched_bench.SCENARIOS:
+        samples: dict[str, list[float]] = {label: [] for label in specs}
+        for rnd in range(args.rounds or (3 if args.quick else 5)):
+            work = sched_bench.workload(n + 8 * (warmup + steps), seed=rnd, shared_prefix=prefix)
+            for label, spec in specs.items():
+                result = sched_bench.run_servekit(work, n, n * blocks_per_request, warmup, steps,
+                                                  policy=make_policy(spec), mixed=True)
+                samples[label].append(result["us_per_step"])
+        rows += _rows(f"CPU us per step, {name}-{n}", samples)
+        plugin, baseline = specs
+        ratios[f"{name}-{n}"] = _ratio(samples, plugin, baseline, higher_is_better=False)
+    return rows, ratios
 
 
 def run_limiter(args: argparse.Namespace) -> tuple[Rows, Ratios]:
@@ -128,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("scheduler", help=PARTS["scheduler"][1])
     p.add_argument("--policy", required=True, help="policy plugin: NAME or NAME:JSON")
     p.add_argument("--baseline", default="fcfs", help="built-in to compare (default fcfs)")
-    p.add_argument("--running", type=int, default=None, help="running requests (256; 32 quick)")
+    p.add_argument("--running", type=int, default=None, help="running requests (512; 64 quick)")
     p = sub.add_parser("limiter", help=PARTS["limiter"][1])
     p.add_argument("--store", required=True, help="store URL; its scheme names the plugin")
     p.add_argument("--baseline", default="memory://", help="store URL (default memory://)")
