@@ -52,3 +52,19 @@ def test_cache_affinity_prefers_cached_blocks_then_load_and_avoids_full_caches()
     assert policy.choose(request, candidates, 3).nodes == ("warm", "cold", "full")
     busy = [Candidate("cold", 1.0), Candidate("warm", 1.0, cached_blocks=3, in_flight=5)]
     assert policy.choose(request, busy, 1).nodes == ("cold",)
+
+
+def test_the_router_finds_cache_affinity_by_name() -> None:
+    from collections.abc import Sequence
+
+    from servekit.route import Router
+
+    class Index:
+        def cached_blocks(self, block_hashes: Sequence[int]) -> dict[str, int]:
+            return {"b": len(block_hashes)}
+
+    router = Router(["a", "b", "c"], policy='cache_affinity:{"load_penalty": 0.5}',
+                    index=Index(), num_fallbacks=2)
+    assert isinstance(router.policy, CacheAffinityPolicy) and router.policy.load_penalty == 0.5
+    route = router.route(session_id="s", block_hashes=[11, 12])
+    assert route.node == "b" and set(route.fallbacks) == {"a", "c"}
