@@ -27,8 +27,8 @@ class TestConsistentHash(RoutingPolicyContract):
     stable = True
 
 
-TestConsistentHashUnbounded = routing_policy_contract(
-    lambda: ConsistentHashPolicy(load_factor=None), stable=True)
+TestConsistentHashUnbounded = pytest.mark.slow(routing_policy_contract(
+    lambda: ConsistentHashPolicy(load_factor=None), stable=True))
 
 
 class TestLeastLoaded(RoutingPolicyContract):

@@ -29,13 +29,15 @@ class TestFairShare(SchedulingPolicyContract):
     policy_factory = FairSharePolicy
 
 
-TestFairWeighted = scheduling_policy_contract(lambda: FairSharePolicy({"a": 2.0}), seed=7)
+TestFairWeighted = pytest.mark.slow(
+    scheduling_policy_contract(lambda: FairSharePolicy({"a": 2.0}), seed=7))
 
 
 class TestNewestVictim(VictimPolicyContract):
     victim_policy_factory = NewestVictimPolicy
 
 
+@pytest.mark.slow
 class TestLowestPriorityVictimUnderFairShare(VictimPolicyContract):
     policy_factory = FairSharePolicy
     victim_policy_factory = LowestPriorityVictimPolicy
