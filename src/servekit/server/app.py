@@ -18,9 +18,14 @@ from attrs import frozen
 
 from servekit._optional import require
 from servekit.engine.outputs import RequestOutput
-from servekit.metrics.events import KV_BLOCKS_IN_USE, OPEN_STREAMS, RATE_LIMIT_RESERVATIONS
+from servekit.metrics.events import (
+    KV_BLOCKS_IN_USE,
+    OPEN_STREAMS,
+    RATE_LIMIT_RESERVATIONS,
+    RATE_LIMIT_STORE_ERRORS,
+)
 from servekit.metrics.hooks import HookSet
-from servekit.server.errors import APIError, error_body
+from servekit.server.errors import APIError, PayloadTooLargeError, error_body
 from servekit.server.keys import ApiKey, KeyStore
 from servekit.server.lifecycle import Phase, ServerState
 from servekit.server.ratelimit import KeyLimits
@@ -53,6 +58,14 @@ class ServerConfig:
     grace_period: float = 30.0
     retry_after: float = 1.0
     manage_engine: bool = True  # enter/exit the engine's async context in the app's lifespan
+    #: Largest request body, bytes (413 above); None: derived from the model (docs/server.md).
+    max_body_bytes: int | None = None
+    #: Seconds a stream may wait on a client that stopped reading before it is aborted.
+    send_timeout: float = 30.0
+    #: With the rate-limit store down: admit unlimited (True) or answer 503 (False, the default).
+    rate_limit_fail_open: bool = False
+    #: ``retry-after`` seconds of the 503 sent while the rate-limit store is down.
+    rate_limit_outage_retry_after: float = 10.0
 
 
 def create_app(
@@ -74,10 +87,13 @@ def create_app(
     if metrics and metrics not in hooks.hooks:
         hooks.add(metrics)
     state = ServerState(retry_after=config.retry_after)
-    limits = limits if limits is not None else KeyLimits(hooks=hooks)
+    if limits is None:
+        limits = KeyLimits(hooks=hooks, fail_open=config.rate_limit_fail_open,
+                           outage_retry_after=config.rate_limit_outage_retry_after)
     built = engine if _is_engine(engine) else None
     service = GenerationService(built, keys=keys, limits=limits, state=state, hooks=hooks,  # type: ignore[arg-type]
-                                model_names=config.model_names)
+                                model_names=config.model_names,
+                                max_body_bytes=config.max_body_bytes)
     if keys.open:
         logger.warning("no API keys configured: the server is OPEN to anyone who can reach it")
 
@@ -103,7 +119,8 @@ def create_app(
         app.include_router(rest_router(service))
     _install_error_handlers(app)
 
-    app.add_middleware(_AuthMiddleware, service=service)  # type: ignore[arg-type]
+    app.add_middleware(_BodyLimitMiddleware, service=service)  # type: ignore[arg-type]
+    app.add_middleware(_AuthMiddleware, service=service)  # type: ignore[arg-type]  # outermost
 
     def caller(request: Request) -> ApiKey | None:
         return request.scope.get("servekit.key")  # set by _AuthMiddleware
@@ -114,7 +131,7 @@ def create_app(
         key = caller(request)
         check_unsupported(body)
         service.check_model(body.model)
-        prompts = service.encode_prompts(body.prompt)
+        prompts = await service.encode_prompts(body.prompt)
         choices = []
         for p, ids in enumerate(prompts):
             max_tokens = service.resolve_max_tokens(body.max_tokens, len(ids), "max_tokens")
@@ -130,7 +147,7 @@ def create_app(
         encoder = CompletionEncoder(job, service.engine.tokenizer,  # type: ignore[union-attr]
                                     include_usage=_include_usage(body), echo=echo,
                                     logprobs=body.logprobs is not None)
-        return _generation_response(service, job, encoder, body.stream)
+        return _generation_response(service, job, encoder, body.stream, config)
 
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -140,7 +157,7 @@ def create_app(
         service.check_model(body.model)
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                     for m in body.messages]
-        ids = service.encode_chat(messages)
+        ids = await service.encode_chat(messages)
         requested, param = body.max_tokens, "max_tokens"
         if body.max_completion_tokens is not None:
             requested, param = body.max_completion_tokens, "max_completion_tokens"
@@ -152,7 +169,7 @@ def create_app(
         job = Job(service.new_request_id("chatcmpl"), body.model, key, [ids], choices)
         encoder = ChatEncoder(job, service.engine.tokenizer,  # type: ignore[union-attr]
                               include_usage=_include_usage(body), logprobs=body.logprobs)
-        return _generation_response(service, job, encoder, body.stream)
+        return _generation_response(service, job, encoder, body.stream, config)
 
     @app.get("/v1/models", tags=["openai"])
     async def models() -> dict[str, Any]:
@@ -182,6 +199,7 @@ def create_app(
             """Prometheus metrics (vLLM's names), with the leak gauges refreshed now."""
             metrics.set_resource(OPEN_STREAMS, state.in_flight)
             metrics.set_resource(RATE_LIMIT_RESERVATIONS, limits.open_reservations)
+            metrics.set_resource(RATE_LIMIT_STORE_ERRORS, limits.store_errors)
             used = _used_blocks(service.engine)
             if used is not None:
                 metrics.set_resource(KV_BLOCKS_IN_USE, used)
@@ -207,13 +225,62 @@ class _AuthMiddleware:
             try:
                 scope["servekit.key"] = self.service.authenticate(authorization)
             except APIError as exc:
-                headers = [(b"content-type", b"application/json")]
-                headers += [(k.encode(), v.encode()) for k, v in exc.headers.items()]
-                await send({"type": "http.response.start", "status": exc.status,
-                            "headers": headers})
-                await send({"type": "http.response.body", "body": exc.body()})
+                await _send_error(send, exc)
                 return
         await self.app(scope, receive, send)
+
+
+class _BodyLimitMiddleware:
+    """Reads request bodies up to the service's limit; a larger one is a 413, unread."""
+
+    def __init__(self, app: Any, service: GenerationService) -> None:
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        limit = self.service.body_limit
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if not value.isdigit() or int(value) > limit:
+                    await _send_error(send, _too_large(limit))
+                    return
+                break
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await _send_error(send, _too_large(limit))
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _too_large(limit: int) -> APIError:
+    return PayloadTooLargeError(f"The request body is larger than {limit} bytes, the limit of "
+                                "this server", limit=limit)
+
+
+async def _send_error(send: Any, exc: APIError) -> None:
+    headers = [(b"content-type", b"application/json")]
+    headers += [(k.encode(), v.encode()) for k, v in exc.headers.items()]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": exc.body()})
 
 
 def _route_path(scope: Any) -> str:
@@ -238,6 +305,7 @@ async def _run_engine(service: GenerationService, engine: Any, config: ServerCon
         if not _is_engine(engine):
             engine = await anyio.to_thread.run_sync(engine)
             service.engine = engine
+        await anyio.to_thread.run_sync(service.prepare)
         if config.manage_engine and hasattr(engine, "__aenter__"):
             async with engine:
                 state.set_ready()
@@ -281,9 +349,10 @@ def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
 
 
 def _generation_response(service: GenerationService, job: Job, encoder: Encoder,
-                         stream: bool) -> Response:
+                         stream: bool, config: ServerConfig) -> Response:
     headers = service.admit(job).headers  # 429 / 503 raised here, before anything is sent
-    return GenerationResponse(service, job, encoder, stream, headers)
+    return GenerationResponse(service, job, encoder, stream, headers,
+                              send_timeout=config.send_timeout)
 
 
 class GenerationResponse(Response):
@@ -295,9 +364,10 @@ class GenerationResponse(Response):
     """
 
     def __init__(self, service: GenerationService, job: Job, encoder: Encoder, stream: bool,
-                 headers: dict[str, str]) -> None:
+                 headers: dict[str, str], *, send_timeout: float = 30.0) -> None:
         self.service, self.job, self.encoder, self.stream = service, job, encoder, stream
         self.extra_headers = headers
+        self.send_timeout = send_timeout
         self.background = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -323,8 +393,15 @@ class GenerationResponse(Response):
         self.extra_headers.update(exc.headers)
         await self._send_whole(send, exc.status, exc.body())
 
-    async def _stream(self, send: Any) -> None:
+    async def _stream(self, send_now: Any) -> None:
         encoder = self.encoder
+        timeout = self.send_timeout
+
+        async def send(message: dict[str, Any]) -> None:
+            # a client that stops reading blocks send (flow control): give up after the timeout
+            with anyio.fail_after(timeout):
+                await send_now(message)
+
         chunk = encoder.chunk
         started = False
 
@@ -344,6 +421,10 @@ class GenerationResponse(Response):
 
         try:
             await self.service.run(self.job, on_output)
+        except TimeoutError:  # the job was aborted and settled on the way out
+            logger.warning("%s: the client read nothing for %g s; stream aborted",
+                           self.job.request_id, timeout)
+            return  # the connection is closed unfinished: the client is not reading anyway
         except Exception as exc:
             err = _as_api_error(exc)
             if not started:

@@ -4,8 +4,9 @@
     servekit serve --model ./my-llama --port 9000 --api-keys keys.json
 
 With no ``--model`` it serves the tiny Shakespeare Llama shipped in ``servekit/demo_model``.
-SIGTERM or Ctrl-C drains: ``/ready`` turns false, no new connections are accepted, in-flight
-requests get ``--grace-period`` seconds to finish, then are cancelled.
+SIGTERM or Ctrl-C drains: ``/ready`` turns false and new requests get 503 + retry-after while
+in-flight requests get ``--grace-period`` seconds to finish; the rest end with an error event,
+then the listener closes (a second signal exits at once).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import sys
 from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from servekit._optional import require
@@ -26,6 +26,11 @@ from servekit.server.keys import KeyStore
 __all__ = ["DEMO_MODEL", "build_parser", "main"]
 
 logger = logging.getLogger("servekit.server")
+
+#: Seconds uvicorn waits for connections to close after the drain (responses are done by then).
+_CLOSE_TIMEOUT = 5
+#: Largest request head (request line and headers), bytes.
+_MAX_HEADER_BYTES = 64 * 2**10
 
 #: The bundled demo model directory (a tiny Llama trained on Tiny Shakespeare).
 DEMO_MODEL = Path(str(files("servekit") / "demo_model"))
@@ -59,6 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve an instant fake model (benchmarks, smoke tests)")
     serve.add_argument("--fake-token-delay", type=float, default=0.0,
                        help="seconds between the fake model's tokens")
+    # -- hardening: body, stream and connection limits (docs/server.md) --
+    serve.add_argument("--max-body-bytes", type=int, default=None,
+                       help="largest request body, bytes (413 above; default: one prompt of "
+                            "the model's longest context, at least 1 MiB)")
+    serve.add_argument("--send-timeout", type=float, default=30.0,
+                       help="seconds a stream waits on a client that stopped reading before "
+                            "it is aborted")
+    serve.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                       help="seconds an idle keep-alive connection stays open")
+    serve.add_argument("--rate-limit-fail-open", action="store_true",
+                       help="admit requests unlimited while the rate-limit store is down "
+                            "(default: 503 rate_limit_store_unavailable)")
+    serve.add_argument("--rate-limit-outage-retry-after", type=float, default=10.0,
+                       help="retry-after seconds of the 503 sent while the rate-limit store is down")
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--access-log", action="store_true")
     return parser
@@ -96,6 +115,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from servekit.server.app import ServerConfig, create_app
+    from servekit.server.runner import DrainingServer
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -105,7 +125,10 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     names = tuple(args.served_model_name) if args.served_model_name else (
         ("fake",) if args.fake else (_model_name(args),))
-    config = ServerConfig(model_names=names, grace_period=args.grace_period)
+    config = ServerConfig(model_names=names, grace_period=args.grace_period,
+                          max_body_bytes=args.max_body_bytes, send_timeout=args.send_timeout,
+                          rate_limit_fail_open=args.rate_limit_fail_open,
+                          rate_limit_outage_retry_after=args.rate_limit_outage_retry_after)
     hooks = HookSet()
     metrics = _metrics(names[0])
     if metrics is not None:
@@ -114,16 +137,14 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(lambda: build_engine(args, hooks), keys=keys, hooks=hooks,
                      metrics=metrics if metrics is not None else False, config=config)
     state = app.state.servekit.state
-
-    class _Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            state.begin_drain()  # /ready turns false before the listener closes
-            super().handle_exit(sig, frame)
-
-    server = _Server(uvicorn.Config(
+    # the server drains before uvicorn shuts down, so uvicorn's own shutdown finds the
+    # responses complete; its timeout only bounds closing what is left
+    server = DrainingServer(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level,
-        access_log=args.access_log, timeout_graceful_shutdown=int(max(1, args.grace_period)),
-        lifespan="on"))
+        access_log=args.access_log, timeout_graceful_shutdown=_CLOSE_TIMEOUT,
+        timeout_keep_alive=args.timeout_keep_alive,
+        h11_max_incomplete_event_size=_MAX_HEADER_BYTES, lifespan="on"),
+        state, args.grace_period)
     logger.info("servekit serving %s on http://%s:%d/v1 (%s)", ", ".join(names), args.host,
                 args.port, "open: no API keys" if keys.open else f"{len(keys)} API key(s)")
     if args.grpc_port is None:

@@ -2,7 +2,7 @@
 
 Every error leaves the server as ``{"error": {"message", "type", "param", "code"}}`` with the
 status a client library maps to its exception type: 400 bad request (``param`` names the field),
-401 bad or missing key, 404 unknown model or route, 429 rate limited, 503 overloaded or draining.
+401 bad or missing key, 404 unknown model or route, 413 body too large, 429 rate limited, 503 overloaded or draining.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ __all__ = [
     "BadRequestError",
     "ModelNotFoundError",
     "OverloadedError",
+    "PayloadTooLargeError",
     "RateLimitedError",
     "error_body",
 ]
@@ -69,6 +70,17 @@ class ModelNotFoundError(APIError, LookupError):
     def __init__(self, model: str) -> None:
         super().__init__(f"The model {model!r} does not exist", param="model",
                          code="model_not_found")
+
+
+class PayloadTooLargeError(APIError):
+    """413: the request body is over the server's limit (``--max-body-bytes``)."""
+
+    status = 413
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, limit: int) -> None:
+        super().__init__(message, code="request_too_large")
+        self.limit = limit
 
 
 class RateLimitedError(APIError):

@@ -66,14 +66,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
                 break
         return self.service.authenticate(authorization)
 
-    def _admit(self, request: Any, context: Any) -> tuple[Job, dict[str, str]]:
-        job = build_job(self.service, request, self._caller(context))
+    async def _admit(self, request: Any, context: Any) -> tuple[Job, dict[str, str]]:
+        job = await build_job(self.service, request, self._caller(context))
         return job, self.service.admit(job).headers
 
     async def Generate(self, request: Any, context: Any) -> Any:
         """Unary: the whole response."""
         try:
-            job, headers = self._admit(request, context)
+            job, headers = await self._admit(request, context)
             if headers:
                 await context.send_initial_metadata(_metadata(headers))
             builder = ResponseBuilder(job)
@@ -85,7 +85,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
     async def GenerateStream(self, request: Any, context: Any) -> None:
         """Server streaming: the deltas as chunks, then the final chunk with the usage."""
         try:
-            job, headers = self._admit(request, context)
+            job, headers = await self._admit(request, context)
         except Exception as exc:
             await _abort(context, as_api_error(exc))
         if headers:
@@ -151,7 +151,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
         try:
             with scope:  # a Cancel message cancels it: the job is aborted and settled
                 try:
-                    job = build_job(self.service, request, key)
+                    job = await build_job(self.service, request, key)
                     self.service.admit(job)
                     encoder = ChunkEncoder(job)
                     chunk = encoder.chunk
