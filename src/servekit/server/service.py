@@ -283,8 +283,19 @@ class GenerationService:
     # -- running ---------------------------------------------------------------------------
 
     def admit(self, job: Job) -> Admission:
-        """Reserve the job's rate limit (429 when over); returns the headers to send."""
+        """Reserve the job's rate limit (429 when over); returns the headers to send.
+
+        A job with more choices than the engine can ever hold at once is a 400, not a 503:
+        retrying it would never help.
+        """
         self.state.check_accepting()
+        capacity = admission_capacity(self.engine)
+        if capacity is not None and len(job.choices) > capacity:
+            param = "n" if len(job.prompts) == 1 else "prompt"
+            raise BadRequestError(
+                f"This request needs {len(job.choices)} sequences at once ({len(job.prompts)} "
+                f"prompt(s) x n), but this server holds at most {capacity} (running slots plus "
+                "the waiting queue); lower n or send fewer prompts per request", param=param)
         job.admission = self.limits.reserve(job.key, job.model, job.reserved_tokens)
         self._gauge(RATE_LIMIT_RESERVATIONS, self.limits.open_reservations)
         return job.admission
@@ -368,6 +379,18 @@ class GenerationService:
         hooks = self.hooks
         if hooks is not None and hooks.wants.resource_gauge:
             hooks.on_resource_gauge(ResourceGauge(name, float(value), self._clock()))
+
+
+def admission_capacity(engine: Any) -> int | None:
+    """Requests ``engine`` can hold at once (running slots + waiting bound); None if unbounded."""
+    capacity = getattr(engine, "admission_capacity", None)
+    if capacity is not None:
+        return int(capacity)
+    scheduler = getattr(getattr(engine, "engine", None), "scheduler", None)  # AsyncEngine
+    bound = getattr(scheduler, "max_waiting_requests", None)
+    if bound is None:
+        return None
+    return int(scheduler.max_num_seqs) + int(bound)
 
 
 async def _close(stream: Any) -> None:
