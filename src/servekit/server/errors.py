@@ -108,7 +108,8 @@ class OverloadedError(APIError):
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None
                ) -> bytes:
     """OpenAI's error JSON: ``{"error": {"message", "type", "param", "code"}}``."""
-    return json.dumps(
-        {"error": {"message": message, "type": type, "param": param, "code": code}},
-        ensure_ascii=False,
-    ).encode()
+    error = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    try:
+        return json.dumps(error, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate echoed from the request: escape it
+        return json.dumps(error).encode()

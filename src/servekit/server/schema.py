@@ -22,6 +22,8 @@ __all__ = [
     "TextPart",
     "bad_request_from_validation",
     "build_sampling_params",
+    "check_text",
+    "check_unsupported",
 ]
 
 _STRICT = ConfigDict(strict=True, extra="ignore")
@@ -105,7 +107,8 @@ class ChatCompletionRequest(_Sampling):
 
 
 def check_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
-    """Reject fields servekit accepts syntactically but cannot honour."""
+    """Reject fields servekit accepts syntactically but cannot honour (lone surrogates too)."""
+    check_text(req)
     if req.logit_bias:
         raise BadRequestError("logit_bias is not supported", param="logit_bias")
     if isinstance(req, CompletionRequest):
@@ -122,6 +125,29 @@ def check_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
             raise BadRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
     if isinstance(req.stop, list) and len(req.stop) > 16:
         raise BadRequestError("at most 16 stop sequences", param="stop")
+
+
+def check_text(value: Any, param: str = "") -> None:
+    """400 naming the field when a string holds a lone surrogate (JSON allows ``"\\ud800"``,
+    but it is not Unicode text: no tokenizer or encoder can take it)."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            raise BadRequestError(
+                f"Invalid value for '{param or 'body'}': it contains a lone surrogate "
+                f"(\\u{ord(value[exc.start]):04x} at character {exc.start}), which is not "
+                "valid Unicode text", param=param or None) from None
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            check_text(getattr(value, name), f"{param}.{name}" if param else name)
+    elif isinstance(value, list) and value and not isinstance(value[0], int):
+        for i, item in enumerate(value):
+            check_text(item, f"{param}.[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, param)
+            check_text(item, f"{param}.{key}" if isinstance(key, str) else param)
 
 
 def build_sampling_params(req: CompletionRequest | ChatCompletionRequest, *, max_tokens: int,
