@@ -66,6 +66,8 @@ class ServerConfig:
     rate_limit_fail_open: bool = False
     #: ``retry-after`` seconds of the 503 sent while the rate-limit store is down.
     rate_limit_outage_retry_after: float = 10.0
+    #: Names of the default /metrics: "prometheus" (``servekit_``) or "vllm" (``vllm:``).
+    metrics_style: str = "prometheus"
 
 
 def create_app(
@@ -196,7 +198,7 @@ def create_app(
     if metrics:
         @app.get("/metrics", tags=["ops"], include_in_schema=True)
         async def prometheus() -> Response:
-            """Prometheus metrics (vLLM's names), with the leak gauges refreshed now."""
+            """Prometheus metrics (vLLM's vocabulary), with the leak gauges refreshed now."""
             metrics.set_resource(OPEN_STREAMS, state.in_flight)
             metrics.set_resource(RATE_LIMIT_RESERVATIONS, limits.open_reservations)
             metrics.set_resource(RATE_LIMIT_STORE_ERRORS, limits.store_errors)
@@ -337,7 +339,7 @@ def _default_metrics(config: ServerConfig, engine: Any) -> Any:
         return False
     name = config.model_names[0] if config.model_names else getattr(engine, "model_name", "model")
     try:
-        return PrometheusHook(name)
+        return PrometheusHook(name, style=config.metrics_style)  # type: ignore[arg-type]
     except ImportError:
         return False
 

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: 503 rate_limit_store_unavailable)")
     serve.add_argument("--rate-limit-outage-retry-after", type=float, default=10.0,
                        help="retry-after seconds of the 503 sent while the rate-limit store is down")
+    serve.add_argument("--metrics-style", choices=("prometheus", "vllm"), default="prometheus",
+                       help="/metrics names: Prometheus conventions under servekit_ (default), "
+                            "or vLLM's exact vllm: names for dashboards built for vLLM")
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--access-log", action="store_true")
     return parser
@@ -128,9 +131,10 @@ def serve(args: argparse.Namespace) -> int:
     config = ServerConfig(model_names=names, grace_period=args.grace_period,
                           max_body_bytes=args.max_body_bytes, send_timeout=args.send_timeout,
                           rate_limit_fail_open=args.rate_limit_fail_open,
-                          rate_limit_outage_retry_after=args.rate_limit_outage_retry_after)
+                          rate_limit_outage_retry_after=args.rate_limit_outage_retry_after,
+                          metrics_style=args.metrics_style)
     hooks = HookSet()
-    metrics = _metrics(names[0])
+    metrics = _metrics(names[0], args.metrics_style)
     if metrics is not None:
         hooks.add(metrics)
     # the engine is built in a worker thread at startup: /health answers while the model loads
@@ -159,11 +163,11 @@ def serve(args: argparse.Namespace) -> int:
     return 1 if state.error else 0
 
 
-def _metrics(model_name: str) -> Any:
+def _metrics(model_name: str, style: str = "prometheus") -> Any:
     try:
         from servekit.metrics.prometheus import PrometheusHook
 
-        return PrometheusHook(model_name)
+        return PrometheusHook(model_name, style=style)  # type: ignore[arg-type]
     except ImportError:
         logger.warning("prometheus_client is not installed: /metrics is off")
         return None

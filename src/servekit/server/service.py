@@ -388,7 +388,7 @@ def admission_capacity(engine: Any) -> int | None:
         return int(capacity)
     scheduler = getattr(getattr(engine, "engine", None), "scheduler", None)  # AsyncEngine
     bound = getattr(scheduler, "max_waiting_requests", None)
-    if bound is None:
+    if scheduler is None or bound is None:
         return None
     return int(scheduler.max_num_seqs) + int(bound)
 
