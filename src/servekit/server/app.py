@@ -28,6 +28,7 @@ from servekit.metrics.hooks import HookSet
 from servekit.server.errors import APIError, PayloadTooLargeError, error_body
 from servekit.server.keys import ApiKey, KeyStore
 from servekit.server.lifecycle import Phase, ServerState
+from servekit.server.openapi import openapi_document
 from servekit.server.ratelimit import KeyLimits
 from servekit.server.responses import ChatEncoder, CompletionEncoder, Encoder, sse_error
 from servekit.server.schema import (
@@ -120,6 +121,17 @@ def create_app(
     else:
         app.include_router(rest_router(service))
     _install_error_handlers(app)
+
+    def openapi() -> dict[str, Any]:
+        """The document for the served model (bounds read from the engine once it is ready)."""
+        if app.openapi_schema is None or app.state.openapi_engine is not service.engine:
+            app.openapi_schema = None
+            app.openapi_schema = openapi_document(FastAPI.openapi(app), service)
+            app.state.openapi_engine = service.engine
+        return app.openapi_schema
+
+    app.state.openapi_engine = None
+    app.openapi = openapi  # type: ignore[method-assign]
 
     app.add_middleware(_BodyLimitMiddleware, service=service)  # type: ignore[arg-type]
     app.add_middleware(_AuthMiddleware, service=service)  # type: ignore[arg-type]  # outermost

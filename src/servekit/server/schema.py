@@ -7,7 +7,7 @@ Unknown fields are ignored. Fields servekit cannot honour (``suffix``, ``logit_b
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -27,6 +27,9 @@ __all__ = [
 ]
 
 _STRICT = ConfigDict(strict=True, extra="ignore")
+_StopString = Annotated[str, Field(min_length=1)]
+#: One stop string or at most 16 (the engine never emits them).
+Stop = _StopString | Annotated[list[_StopString], Field(max_length=16)] | None
 
 
 class StreamOptions(BaseModel):
@@ -46,16 +49,17 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Stop = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     user: str | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(default=None, json_schema_extra={
+        "maxProperties": 0, "description": "Not supported: only an empty object or null."})
     # servekit extensions (vLLM names)
     top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0)
     ignore_eos: bool = False
 
 
@@ -63,7 +67,7 @@ class CompletionRequest(_Sampling):
     """``POST /v1/completions``: one prompt (text or token ids) or a batch of them."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
@@ -99,8 +103,8 @@ class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Any] | None = None
@@ -123,8 +127,6 @@ def check_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
             raise BadRequestError("tools are not supported by this model", param="tools")
         if req.top_logprobs is not None and not req.logprobs:
             raise BadRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
-    if isinstance(req.stop, list) and len(req.stop) > 16:
-        raise BadRequestError("at most 16 stop sequences", param="stop")
 
 
 def check_text(value: Any, param: str = "") -> None:
@@ -177,7 +179,12 @@ def bad_request_from_validation(exc: ValidationError | Any) -> BadRequestError:
     errors = exc.errors() if hasattr(exc, "errors") else []
     if not errors:
         return BadRequestError("invalid request body")
-    first = errors[0]
+    # a lone surrogate fails every member of a union; the string member says why
+    first = next((e for e in errors if e.get("type") == "string_unicode"), errors[0])
+    if first.get("type") == "string_unicode":
+        param = _param_name(first.get("loc", ()))
+        return BadRequestError(f"Invalid value for '{param}': it contains a lone surrogate, "
+                               "which is not valid Unicode text", param=param)
     if first.get("type") == "json_invalid":
         return BadRequestError("We could not parse the JSON body of your request")
     if first.get("type") == "model_attributes_type" or tuple(first.get("loc", ())) == ("body",):

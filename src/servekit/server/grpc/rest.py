@@ -106,7 +106,10 @@ async def _prepare(service: GenerationService, request: Request, body: bytes) ->
         key = service.authenticate(request.headers.get("authorization"))
     message = pb.GenerateRequest()
     try:
-        json_format.Parse(body or b"{}", message)
+        json_format.Parse((body or b"{}").decode(), message)
+    except UnicodeDecodeError as exc:
+        raise BadRequestError(f"the request body is not UTF-8 text: {exc.reason} at byte "
+                              f"{exc.start}") from None
     except json_format.ParseError as exc:
         text = str(exc).split("\n")[0]
         raise BadRequestError(f"invalid request body: {text}",
