@@ -135,3 +135,22 @@ def test_a_client_that_stops_reading_is_aborted_after_the_send_timeout() -> None
             assert server.metric("open_streams") == 0
         finally:
             sock.close()
+
+
+def test_a_connection_that_never_finishes_its_request_head_is_closed() -> None:
+    from servekit.server.runner import header_timeout_protocol
+
+    with serve(create_app(FakeEngine(max_model_len=256)),
+               http=header_timeout_protocol(0.5)) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as slow:
+            slow.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n")  # ... and never the end
+            slow.settimeout(5)
+            t0 = time.monotonic()
+            assert slow.recv(1024) == b""  # closed by the server
+            assert time.monotonic() - t0 < 3
+        # a well-behaved keep-alive client is served, twice on one connection
+        with httpx.Client(base_url=server.url) as client:
+            assert client.get("/health").status_code == 200
+            time.sleep(0.2)
+            assert client.get("/health").status_code == 200

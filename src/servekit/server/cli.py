@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "it is aborted")
     serve.add_argument("--timeout-keep-alive", type=float, default=5.0,
                        help="seconds an idle keep-alive connection stays open")
+    serve.add_argument("--header-timeout", type=float, default=10.0,
+                       help="seconds a connection has to send its request head")
     serve.add_argument("--rate-limit-fail-open", action="store_true",
                        help="admit requests unlimited while the rate-limit store is down "
                             "(default: 503 rate_limit_store_unavailable)")
@@ -118,7 +120,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from servekit.server.app import ServerConfig, create_app
-    from servekit.server.runner import DrainingServer
+    from servekit.server.runner import DrainingServer, header_timeout_protocol
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -147,7 +149,8 @@ def serve(args: argparse.Namespace) -> int:
         app, host=args.host, port=args.port, log_level=args.log_level,
         access_log=args.access_log, timeout_graceful_shutdown=_CLOSE_TIMEOUT,
         timeout_keep_alive=args.timeout_keep_alive,
-        h11_max_incomplete_event_size=_MAX_HEADER_BYTES, lifespan="on"),
+        h11_max_incomplete_event_size=_MAX_HEADER_BYTES, lifespan="on",
+        http=header_timeout_protocol(args.header_timeout)),
         state, args.grace_period)
     logger.info("servekit serving %s on http://%s:%d/v1 (%s)", ", ".join(names), args.host,
                 args.port, "open: no API keys" if keys.open else f"{len(keys)} API key(s)")

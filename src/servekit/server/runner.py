@@ -6,6 +6,10 @@ first SIGTERM / Ctrl-C with the server's drain instead, while the listener stays
 ``/ready`` answers 503 and new requests get 503 with ``retry-after``; in-flight requests get
 the grace period to finish, and the rest end with an error event and a clean end of body. Only
 then does uvicorn shut down, with nothing left to cut. A second signal exits at once.
+
+uvicorn bounds idle keep-alive connections (``timeout_keep_alive``) but not a client that sends
+a request head slowly, or never: :func:`header_timeout_protocol` closes a connection whose
+request head has not arrived within ``timeout`` seconds of its start (or of the last response).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from servekit.server.lifecycle import Phase, ServerState
 require("uvicorn", "server")
 import uvicorn  # noqa: E402
 
-__all__ = ["DrainingServer"]
+__all__ = ["DrainingServer", "header_timeout_protocol"]
 
 
 class DrainingServer(uvicorn.Server):
@@ -50,3 +54,44 @@ class DrainingServer(uvicorn.Server):
             await self.state.drain(self.grace_period)
         finally:
             self.should_exit = True
+
+
+def header_timeout_protocol(timeout: float) -> type[Any]:
+    """uvicorn's httptools protocol, closing connections whose request head is late."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HeaderTimeoutProtocol(HttpToolsProtocol):  # type: ignore[misc]
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(timeout, self._head_late)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_late(self) -> None:
+            self._head_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # the next request's head is due in time too
+
+    return HeaderTimeoutProtocol
