@@ -9,6 +9,7 @@ server answers ``/health`` while the model loads), and optionally keys, limits a
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -385,10 +386,18 @@ class GenerationResponse(Response):
         self.background = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        sender = _StallWatch(send, self.send_timeout)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
-            await (self._stream(send) if self.stream else self._whole(send))
+            if self.stream:
+                tg.start_soon(sender.watch, tg.cancel_scope)
+                await self._stream(sender)
+            else:
+                await self._whole(send)
             tg.cancel_scope.cancel()
+        if sender.stalled:  # the job was cancelled: aborted and settled on the way out
+            logger.warning("%s: the client read nothing for %g s; stream aborted",
+                           self.job.request_id, self.send_timeout)
 
     def _start(self, status: int, content_type: bytes) -> dict[str, Any]:
         headers = [(b"content-type", content_type), (b"x-request-id", self.job.request_id.encode())]
@@ -407,15 +416,8 @@ class GenerationResponse(Response):
         self.extra_headers.update(exc.headers)
         await self._send_whole(send, exc.status, exc.body())
 
-    async def _stream(self, send_now: Any) -> None:
+    async def _stream(self, send: Any) -> None:
         encoder = self.encoder
-        timeout = self.send_timeout
-
-        async def send(message: dict[str, Any]) -> None:
-            # a client that stops reading blocks send (flow control): give up after the timeout
-            with anyio.fail_after(timeout):
-                await send_now(message)
-
         chunk = encoder.chunk
         started = False
 
@@ -435,10 +437,6 @@ class GenerationResponse(Response):
 
         try:
             await self.service.run(self.job, on_output)
-        except TimeoutError:  # the job was aborted and settled on the way out
-            logger.warning("%s: the client read nothing for %g s; stream aborted",
-                           self.job.request_id, timeout)
-            return  # the connection is closed unfinished: the client is not reading anyway
         except Exception as exc:
             err = _as_api_error(exc)
             if not started:
@@ -466,6 +464,35 @@ class GenerationResponse(Response):
             await self._error(send, _as_api_error(exc))
             return
         await self._send_whole(send, 200, self.encoder.body())
+
+
+class _StallWatch:
+    """Wraps ``send``; :meth:`watch` cancels a scope when one send waits over ``timeout`` s.
+
+    A client that stops reading blocks ``send`` (flow control). A timestamp per send and one
+    watcher per response cost far less than a cancel scope around every chunk.
+    """
+
+    __slots__ = ("_send", "since", "stalled", "timeout")
+
+    def __init__(self, send: Any, timeout: float) -> None:
+        self._send, self.timeout = send, timeout
+        self.since: float | None = None
+        self.stalled = False
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        self.since = time.monotonic()
+        await self._send(message)
+        self.since = None
+
+    async def watch(self, scope: anyio.CancelScope) -> None:
+        while True:
+            await anyio.sleep(self.timeout / 4)
+            since = self.since
+            if since is not None and time.monotonic() - since > self.timeout:
+                self.stalled = True
+                scope.cancel()
+                return
 
 
 async def _cancel_on_disconnect(receive: Any, scope: anyio.CancelScope) -> None:
