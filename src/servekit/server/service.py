@@ -216,6 +216,7 @@ class GenerationService:
                 ids = list(engine.tokenizer.encode(item, add_special_tokens=True))
             else:
                 ids = list(item)
+                self._check_length(len(ids), "prompt")  # before scanning a huge list
                 if any(t < 0 or t >= vocab for t in ids):
                     raise BadRequestError(f"token ids must be in [0, {vocab})", param="prompt")
             if not ids:
