@@ -9,8 +9,11 @@ Workload (issue 2): 512 requests x 2,048 prompt tokens, 16-token blocks, with an
 shared prefix. Phases: admit every request (prefix lookup + allocate + commit of the prompt),
 decode steps (append one token to each of the 512, allocate, commit; 16 steps so one block
 boundary is crossed), free every request. Phases are timed in process CPU time (the machine
-running the benchmarks is shared; CPU time is what a step costs). Memory: Python bytes per block at 1,000,000 blocks with
-every block cached, measured with tracemalloc.
+running the benchmarks is shared; CPU time is what a step costs). Memory (information, not a
+bar): Python bytes per block with every block cached, measured with tracemalloc.
+
+The bar (issue 14): servekit's pure-Python decode step >= 0.8x the peer's speed (peer us /
+servekit us) at 512 requests. Absolute microseconds are not bars.
 """
 
 from __future__ import annotations
@@ -217,9 +220,9 @@ def memory_rows(num_blocks: int) -> list[dict[str, Any]]:
     blocks = pool.allocate(num_blocks)
     link = -1
     register = pool.register
+    tok_list = tokens.tolist()
     for b in blocks:  # every block cached, chained, as full sequences leave them
-        link = register(b, (b * 0x9E3779B97F4A7C15) & ((1 << 60) - 1), link)
-    pool.set_tokens(blocks, np.broadcast_to(tokens, (num_blocks, BLOCK)))
+        link = register(b, (b * 0x9E3779B97F4A7C15) & ((1 << 60) - 1), link, list(tok_list))
     pool.free(blocks)
     del blocks
     gc.collect()
@@ -288,19 +291,18 @@ def main() -> None:
         ["hasher", "Mblocks/s", "min", "max"],
         title="hashing 2,048-token prompts in 16-token blocks",
     )
-    mrows = memory_rows(1_000_000)
+    mem_blocks = 100_000 if quick else 1_000_000
+    mrows = memory_rows(mem_blocks)
     print_table(
         mrows,
         ["pool", "empty B/block", "all cached B/block"],
-        title="Python memory per block at 1,000,000 blocks (tracemalloc)",
+        title=f"Python memory per block at {mem_blocks:,} blocks (tracemalloc)",
     )
 
-    sk_mem = mrows[0]["all cached B/block"]
     decode = {r["workload"]: r for r in rows if r["phase"] == "decode_step"}
     bars = {
-        "kv_bytes_per_block_at_1M": bar(sk_mem, 200.0, higher_is_better=False),
-        "kv_decode_step_us_512_vs_peer": bar(
-            decode["0% shared"]["peer"] / decode["0% shared"]["servekit"], 1.0
+        "kv_decode_step_speed_vs_peer_512": bar(
+            decode["0% shared"]["peer"] / decode["0% shared"]["servekit"], 0.8
         ),
     }
     print_bars(bars)

@@ -9,8 +9,8 @@ import math
 
 import torch
 
+from servekit.engine.kv_cache import KVCache, build_block_tables, build_slot_mapping
 from servekit.kv import KVCacheManager, KVEvent, KVSequence
-from servekit.kv.cache import KVCache, build_block_tables, build_slot_mapping
 from servekit.ops.reference import paged_attention, store_kv
 
 BLOCK = 4

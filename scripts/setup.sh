@@ -9,12 +9,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.servekit-installed
-# re-install when the build inputs change (setup.py and the .c files build the optional C cores)
-stale=0
-for input in pyproject.toml setup.py src/servekit/*/*.c; do
-  if [ "$input" -nt "$stamp" ]; then stale=1; fi
-done
-if [ ! -f "$stamp" ] || [ "$stale" = 1 ]; then
+# re-install when pyproject.toml (dependencies, entry points) changes
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install --quiet --upgrade pip
   if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
     .venv/bin/pip install --quiet torch==2.13.0
@@ -22,3 +18,5 @@ if [ ! -f "$stamp" ] || [ "$stale" = 1 ]; then
   .venv/bin/pip install --quiet -e '.[dev,bench]'
   touch "$stamp"
 fi
+# the example plugin package (examples/plugin_package), which the test suite serves with
+.venv/bin/python -c 'import servekit_example_plugins' 2>/dev/null || .venv/bin/pip install --quiet --no-deps -e examples/plugin_package

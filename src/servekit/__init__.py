@@ -25,7 +25,7 @@ _EXPORTS: dict[str, str] = {
     "OutOfBlocksError": "servekit.kv",
     "UnknownSequenceError": "servekit.kv",
     "hash_block": "servekit.kv",
-    "KVCache": "servekit.kv.cache",
+    "KVCache": "servekit.engine.kv_cache",
     "paged_attention": "servekit.ops",
     "store_kv": "servekit.ops",
     "plan_attention": "servekit.ops",

@@ -136,8 +136,9 @@ async def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(
     runner.execute = flaky  # type: ignore[method-assign]
     try:
         async with AsyncEngine(sync_engine) as engine:
-            first = [o async for o in engine.generate([1, 2, 3], SamplingParams(max_tokens=3))]
-            second = [o async for o in engine.generate([1, 2, 3], SamplingParams(max_tokens=3))]
+            params = SamplingParams(max_tokens=3, ignore_eos=True)  # sampled: eos must not end it
+            first = [o async for o in engine.generate([1, 2, 3], params)]
+            second = [o async for o in engine.generate([1, 2, 3], params)]
     finally:
         del runner.execute
     assert first[-1].finish_reason == "error" and "boom" in (first[-1].error or "")

@@ -4,9 +4,6 @@ The model records, for every written slot, the exact context its KV depends on (
 all tokens up to and including that position). Every prefix hit, and every live sequence after
 every step, must read back its own context from its blocks: so a hit never returns wrong KV, and
 eviction never takes a block still in use.
-
-It runs twice: on the C core (``TestKVMachine``, skipped when it is not built) and on the
-pure-Python loops (``TestKVMachinePython``).
 """
 
 from __future__ import annotations
@@ -37,7 +34,6 @@ from servekit.kv import (
     OutOfBlocksError,
     UnknownSequenceError,
 )
-from servekit.kv.blocks import speedups_available
 
 Context = tuple[str | None, tuple[int, ...]]
 
@@ -52,7 +48,6 @@ def colliding_hash(data: bytes | memoryview, parent: int) -> int:
 
 class KVMachine(RuleBasedStateMachine):
     seqs = Bundle("seqs")
-    speedups = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -75,7 +70,6 @@ class KVMachine(RuleBasedStateMachine):
             block_size,
             hash_algorithm=algorithm,
             on_event=self.events.append,
-            speedups=self.speedups,
         )
         if weak_hash:
             self.mgr._hash_fn = colliding_hash
@@ -291,14 +285,5 @@ class KVMachine(RuleBasedStateMachine):
         assert self.mgr.reset_prefix_cache()
 
 
-class KVMachinePython(KVMachine):
-    speedups = False
-
-
-_settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
-KVMachine.TestCase.settings = _settings
-KVMachinePython.TestCase.settings = _settings
-TestKVMachine = pytest.mark.skipif(
-    not speedups_available(), reason="servekit.kv._cpool (the optional C core) is not built"
-)(KVMachine.TestCase)
-TestKVMachinePython = KVMachinePython.TestCase
+KVMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+TestKVMachine = KVMachine.TestCase

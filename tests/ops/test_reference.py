@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 
-from servekit.kv.cache import build_block_tables, build_slot_mapping
+from servekit.engine.kv_cache import build_block_tables, build_slot_mapping
 from servekit.ops.reference import AttentionInputError, paged_attention, store_kv
 
 TOLERANCES = {

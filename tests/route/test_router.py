@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import given, settings
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from servekit.kv.hashing import extend_block_hashes, get_hash_fn
 from servekit.metrics import Hook, HookSet, RouteDecision
 from servekit.route import (
-    Candidates,
+    Candidate,
     Choice,
     ConsistentHashPolicy,
     DuplicateNodeError,
@@ -26,8 +27,10 @@ from servekit.route import (
     NoNodeAvailableError,
     PowerOfTwoChoicesPolicy,
     PrefixKey,
+    ReplicaLoad,
     RoundRobinPolicy,
     Router,
+    RouteRequest,
     RoutingPolicy,
     StatelessPolicy,
     UnknownNodeError,
@@ -172,8 +175,9 @@ def test_power_of_two_choices_uses_the_injected_rng() -> None:
         x, y = model.sample(REPLICAS, 2)
         assert pick == (y if loads[y] < loads[x] else x)
         loads[pick] += 1
-    candidates = Candidates(("x", "y"), {"x": 5, "y": 1}, {"x": 1.0, "y": 1.0})
-    assert PowerOfTwoChoicesPolicy(random.Random(0)).choose(None, candidates, 2).nodes == ("y", "x")
+    candidates = [Candidate("x", 1.0, in_flight=5), Candidate("y", 1.0, in_flight=1)]
+    choice = PowerOfTwoChoicesPolicy(random.Random(0)).choose(RouteRequest(None), candidates, 2)
+    assert choice.nodes == ("y", "x")
 
 
 def test_round_robin_policy_skips_unhealthy() -> None:
@@ -186,8 +190,10 @@ def test_round_robin_policy_skips_unhealthy() -> None:
 
 def test_custom_policy_through_the_protocol() -> None:
     class Last(StatelessPolicy):
-        def choose(self, key: str | bytes | None, candidates: Candidates, count: int) -> Choice:
-            return Choice(tuple(reversed(candidates.nodes))[:count])
+        def choose(
+            self, request: RouteRequest, candidates: Sequence[Candidate], count: int
+        ) -> Choice:
+            return Choice(tuple(c.name for c in reversed(candidates))[:count])
 
     assert isinstance(Last(), RoutingPolicy)
     router = Router(["a", "b", "c"], policy=Last())
@@ -238,3 +244,72 @@ def test_bad_input() -> None:
 def test_route_does_not_import_torch() -> None:
     code = "import sys, servekit.route; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_policy_sees_the_request_and_each_replicas_state() -> None:
+    seen: list[tuple[RouteRequest, list[Candidate]]] = []
+
+    class Recording(StatelessPolicy):
+        def choose(
+            self, request: RouteRequest, candidates: Sequence[Candidate], count: int
+        ) -> Choice:
+            seen.append((request, list(candidates)))
+            return Choice((candidates[0].name,))
+
+    class Index:
+        def __init__(self) -> None:
+            self.asked: list[tuple[int, ...]] = []
+
+        def cached_blocks(self, block_hashes: Sequence[int]) -> dict[str, int]:
+            self.asked.append(tuple(block_hashes))
+            return {"b": 2, "c": 1}
+
+    index = Index()
+    router = Router({"a": 1.0, "b": 2.0, "c": 1.0}, policy=Recording(), index=index,
+                    prefix=PrefixKey(block_size=4, num_blocks=1))
+    router.report_load("b", ReplicaLoad(running=3, waiting=1, kv_usage=0.5))
+    router.health.mark_down("c")
+    tokens = list(range(10))  # two full blocks of 4
+    route = router.route(token_ids=tokens, tenant="acme")
+    request, candidates = seen[-1]
+    assert route.node == "a"
+    assert request.tenant == "acme" and request.key == PrefixKey(4, 1).key(tokens)
+    assert request.block_hashes == PrefixKey(4, 1).block_hashes(tokens)
+    assert len(request.block_hashes) == 2 and index.asked == [request.block_hashes]
+    assert [c.name for c in candidates] == ["a", "b"]  # c is down: never a candidate
+    a, b = candidates
+    assert (a.weight, a.health, a.in_flight, a.load, a.cached_blocks) == (
+        1.0, NodeHealth.UP, 0, None, 0)
+    assert (b.weight, b.load, b.cached_blocks) == (2.0, ReplicaLoad(3, 1, 0.5), 2)
+    assert b.load_estimate == 4 and a.load_estimate == 0
+    router.route(block_hashes=[7, 8, 9], session_id="s")
+    assert seen[-1][0].block_hashes == (7, 8, 9) and seen[-1][1][0].in_flight == 1
+    assert router.reported_load("b") == ReplicaLoad(3, 1, 0.5)
+    with pytest.raises(InvalidRouteParameterError, match="kv_usage"):
+        ReplicaLoad(running=0, waiting=0, kv_usage=1.5)
+    with pytest.raises(InvalidRouteParameterError, match="running"):
+        ReplicaLoad(running=-1, waiting=0, kv_usage=0.0)
+
+
+def test_built_in_policies_weigh_the_replicas_reported_load() -> None:
+    router = Router(["a", "b"], policy=LeastLoadedPolicy())
+    router.report_load("a", ReplicaLoad(running=10, waiting=5, kv_usage=0.9))
+    assert router.route().node == "b"  # this router sent a nothing, but a reports 15
+    ring = Router(["a", "b"], policy=ConsistentHashPolicy(load_factor=1.0), num_fallbacks=1)
+    owner = ring.route(session_id="s").node
+    ring.release(owner)
+    other = "b" if owner == "a" else "a"
+    ring.report_load(owner, ReplicaLoad(running=8, waiting=0, kv_usage=0.5))
+    assert ring.route(session_id="s").node == other  # the owner is over its bound
+
+
+def test_routing_policies_resolve_by_name_and_spec() -> None:
+    assert isinstance(Router(["a"], policy="round_robin").policy, RoundRobinPolicy)
+    router = Router(["a"], policy='consistent_hash:{"load_factor": 2.0, "vnodes": 8}')
+    assert isinstance(router.policy, ConsistentHashPolicy) and router.policy.load_factor == 2.0
+    from servekit.plugins import PluginArgumentError, UnknownPluginError
+
+    with pytest.raises(UnknownPluginError, match=r"no routing_policy plugin named 'nope'"):
+        Router(["a"], policy="nope")
+    with pytest.raises(PluginArgumentError, match=r"round_robin.*bogus"):
+        Router(["a"], policy='round_robin:{"bogus": 1}')

@@ -32,20 +32,17 @@ PREFIXES = ([], [5, 6, 7, 8], [5, 6, 7, 8, 9, 10, 11, 12], [3, 1, 4, 1, 5, 9, 2,
 class SchedulerMachine(RuleBasedStateMachine):
     policy_name = "fcfs"
     prefix_caching = True
-    speedups: bool | None = None  # the C cores when built; False: the pure-Python fallbacks
 
     def __init__(self) -> None:
         super().__init__()
         self.time = 0.0
         self.kv = KVCacheManager(num_blocks=8, block_size=4,
-                                 enable_prefix_caching=self.prefix_caching,
-                                 speedups=self.speedups)
+                                 enable_prefix_caching=self.prefix_caching)
         policy = {"fcfs": None, "priority": PriorityPolicy(aging_rate=0.5),
                   "fair": FairSharePolicy({"a": 2.0})}[self.policy_name]
         self.sched = Scheduler(
             self.kv, max_model_len=MAX_MODEL_LEN, max_num_seqs=4, max_num_batched_tokens=12,
             max_prefill_chunk=6, policy=policy, eos_token_ids=[EOS], clock=lambda: self.time,
-            speedups=self.speedups,
         )
         self.model = FakeModel(self.kv)
         self.requests: dict[str, Request] = {}
@@ -142,10 +139,6 @@ class FCFSMachine(SchedulerMachine):
     pass
 
 
-class PurePythonMachine(SchedulerMachine):
-    speedups = False
-
-
 class NoPrefixCacheMachine(SchedulerMachine):
     prefix_caching = False
 
@@ -159,7 +152,6 @@ class FairMachine(SchedulerMachine):
 
 
 TestFCFS = SETTINGS(FCFSMachine).TestCase
-TestPurePython = SETTINGS(PurePythonMachine).TestCase
 TestNoPrefixCache = SETTINGS(NoPrefixCacheMachine).TestCase
 TestPriority = SETTINGS(PriorityMachine).TestCase
 TestFair = SETTINGS(FairMachine).TestCase

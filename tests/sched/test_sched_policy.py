@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from servekit.kv.manager import KVCacheManager
+from servekit.plugins import PluginArgumentError, PluginTypeError, UnknownPluginError
 from servekit.sched import (
     FairSharePolicy,
     FCFSPolicy,
@@ -15,6 +16,7 @@ from servekit.sched import (
     Scheduler,
     make_policy,
 )
+from servekit.sched.policy import VictimPolicy
 from tests.sched.sched_fakes import FakeModel, step
 
 
@@ -64,9 +66,53 @@ def test_make_policy() -> None:
     assert isinstance(make_policy(None), FCFSPolicy)
     assert isinstance(make_policy("priority"), PriorityPolicy)
     assert isinstance(make_policy("fair"), FairSharePolicy)
-    with pytest.raises(InvalidParameterError) as e:
+    assert make_policy('priority:{"aging_rate": 2.5}').aging_rate == 2.5  # type: ignore[attr-defined]
+    instance = FCFSPolicy()
+    assert make_policy(instance) is instance
+    with pytest.raises(UnknownPluginError, match=r"no policy plugin named 'lifo'.*fcfs"):
         make_policy("lifo")
-    assert e.value.param == "policy"
+    with pytest.raises(PluginArgumentError, match=r"priority.*aging_rate"):
+        make_policy('priority:{"aging_rate": -1}')
+    with pytest.raises(PluginArgumentError, match=r"fcfs.*unexpected keyword"):
+        make_policy('fcfs:{"speed": 1}')
+    with pytest.raises(PluginArgumentError, match="not valid JSON"):
+        make_policy("fair:{weights")
+    with pytest.raises(PluginTypeError, match="SchedulingPolicy"):
+        make_policy(42)  # type: ignore[arg-type]
+
+
+def _victims(victim_policy: str | None) -> list[str]:
+    """Who is preempted when two decoding requests outgrow a tiny KV cache."""
+    kv = KVCacheManager(6, 4)
+    sched = Scheduler(kv, max_model_len=64, max_num_seqs=2, max_num_batched_tokens=16,
+                      victim_policy=victim_policy)
+    model = FakeModel(kv)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    sched.add_request(Request("lax_first", [1, 2, 3, 4], params, priority=9))
+    sched.add_request(Request("urgent_second", [5, 6, 7, 8], params, priority=0))
+    victims: list[str] = []
+    while sched.has_unfinished_requests():
+        out, _ = step(sched, model)
+        victims += [r.request_id for r in out.preempted]
+    return victims
+
+
+def test_victim_policy_picks_who_is_preempted() -> None:
+    newest = _victims(None)  # FCFS's own order: the request admitted last
+    assert newest and newest[0] == "urgent_second"
+    assert _victims("newest")[0] == "urgent_second"
+    lax = _victims("lowest_priority")
+    assert lax and lax[0] == "lax_first"
+
+    class FirstAdmitted:
+        def running_rank(self, request: Request, admission: int) -> int:
+            return -admission
+
+    kv = KVCacheManager(6, 4)
+    sched = Scheduler(kv, max_model_len=64, max_num_seqs=2, victim_policy=FirstAdmitted())
+    assert isinstance(sched.victim_policy, VictimPolicy)
+    with pytest.raises(UnknownPluginError, match="victim_policy plugin named 'oldest'"):
+        Scheduler(kv, max_model_len=64, victim_policy="oldest")
 
 
 def _share_while_both_busy(policy: str | FairSharePolicy) -> float:

@@ -391,42 +391,31 @@ def test_no_listener_no_event_objects(monkeypatch: pytest.MonkeyPatch) -> None:
     assert sched.num_preemptions > 0
 
 
-# ---------------------------------------------------------------- lookahead
+# ---------------------------------------------------------------- admission
 
 
-def test_a_prompt_admitted_alone_takes_its_decode_lookahead_in_the_same_call() -> None:
-    # 64 blocks of 4 tokens: plenty to spare for one request
-    sched, kv, model = make(num_blocks=64, block_size=4, decode_lookahead_blocks=3)
-    r = req("a", [1, 2, 3, 4, 5, 6], max_tokens=40)
-    sched.add_request(r)
-    step(sched, model)
-    # positions 0-7 (the prompt and the first decodes) need 2 blocks; 3 more ahead
-    assert len(r.block_ids) == 2 + 3
-    blocks_after_admission = list(r.block_ids)
-    for _ in range(8, 20):  # decode positions 8-19 fill the lookahead blocks
-        step(sched, model)
-    assert r.block_ids == blocks_after_admission  # no manager call was needed meanwhile
-    drain(sched, model)
-    assert r.output_token_ids == reference_output([1, 2, 3, 4, 5, 6], r.params, 64)
-    assert kv.num_free_blocks == kv.num_blocks
-
-
-def test_admission_lookahead_never_keeps_another_waiting_prompt_out() -> None:
+def test_prompts_that_fill_the_pool_exactly_are_admitted_together() -> None:
     # 6 blocks of 4 tokens, three 5-token prompts: 2 blocks each fills the pool exactly
     sched, kv, model = make(num_blocks=6, block_size=4, max_num_seqs=3)
     reqs = [req(f"r{i}", [i + 1] * 5, max_tokens=2) for i in range(3)]
     for r in reqs:
         sched.add_request(r)
     out, _ = step(sched, model)
-    assert out.requests == reqs  # all admitted together: nobody took blocks ahead
+    assert out.requests == reqs
     assert [len(r.block_ids) for r in reqs] == [2, 2, 2]
     drain(sched, model)
     assert kv.num_free_blocks == kv.num_blocks
 
 
-def test_admission_lookahead_is_capped_by_what_the_request_can_use() -> None:
-    sched, _, model = make(num_blocks=64, block_size=4, decode_lookahead_blocks=15)
-    r = req("a", [1, 2, 3, 4, 5, 6], max_tokens=3)  # positions up to 7: 2 blocks suffice
-    sched.add_request(r)
-    step(sched, model)
-    assert len(r.block_ids) == 2
+def test_blocks_filled_while_decoding_become_hittable_when_the_request_ends() -> None:
+    sched, kv, model = make(num_blocks=32, block_size=4)
+    a = req("a", [3, 1, 4, 1], max_tokens=9)
+    sched.add_request(a)
+    drain(sched, model)
+    # a's 13 tokens fill 3 blocks: its prompt block and two written while decoding
+    follow_up = req("b", [*a.token_ids, 5], max_tokens=1)
+    sched.add_request(follow_up)
+    out, _ = step(sched, model)
+    assert out.num_computed_tokens == [12] and follow_up.num_cached_tokens == 12
+    drain(sched, model)
+    assert kv.num_free_blocks == kv.num_blocks

@@ -12,7 +12,7 @@ from servekit.engine.config import EngineConfig
 from servekit.engine.detokenize import IncrementalDetokenizer
 from servekit.engine.engine import LLMEngine, StepTimes
 from servekit.engine.outputs import GenerationResult, RequestOutput, TokenLogprob
-from servekit.engine.runner import ModelRunner, UnsupportedModelError
+from servekit.engine.runner import ModelRunner, Runner, UnsupportedModelError
 from servekit.engine.sampler import Sampler, SamplerOutput, SamplingBatch
 from servekit.engine.stop import StopStringMatcher
 
@@ -28,6 +28,7 @@ __all__ = [
     "LLMEngine",
     "ModelRunner",
     "RequestOutput",
+    "Runner",
     "Sampler",
     "SamplerOutput",
     "SamplingBatch",

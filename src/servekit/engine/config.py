@@ -5,6 +5,7 @@ from __future__ import annotations
 from attrs import frozen
 
 from servekit.sched.params import InvalidParameterError
+from servekit.sched.policy import SchedulingPolicy, VictimPolicy
 
 __all__ = ["EngineConfig"]
 
@@ -17,6 +18,16 @@ class EngineConfig:
     is sized from ``kv_cache_bytes``. ``max_num_batched_tokens`` bounds the tokens of one step
     (a smaller value chunks long prefills); ``max_num_seqs`` the sequences of one step.
     ``max_model_len`` defaults to the model's ``max_position_embeddings``.
+
+    ``policy`` is the scheduling policy: a name (``"fcfs"``, ``"priority"``, ``"fair"`` or a
+    plugin's), a spec ``'NAME:{"json": "kwargs"}'``, or a
+    :class:`~servekit.sched.policy.SchedulingPolicy` instance (used by one engine only: it
+    holds the queue). ``victim_policy`` likewise (None: the policy's own order).
+
+    ``runner`` names the model-runner plugin that loads a model given by path (or module):
+    ``"transformers"`` (default, :class:`~servekit.engine.runner.ModelRunner`), a plugin's name
+    or ``'NAME:{"json": "kwargs"}'``. A runner plugin is called as ``factory(model, *,
+    block_size, num_blocks, kv_cache_bytes, dtype, device, **kwargs)``.
     """
 
     block_size: int = 16
@@ -29,7 +40,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     device: str = "cpu"
     dtype: str | None = None
-    policy: str = "fcfs"
+    policy: str | SchedulingPolicy = "fcfs"
+    victim_policy: str | VictimPolicy | None = None
+    runner: str = "transformers"
     seed: int = 0
 
     def __attrs_post_init__(self) -> None:
@@ -41,3 +54,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise InvalidParameterError(name, f"must be None or an integer >= 1, got {value!r}")
+        if not isinstance(self.runner, str):
+            raise InvalidParameterError("runner", f"must be a runner plugin spec, got {self.runner!r}")
+        if not isinstance(self.policy, (str, SchedulingPolicy)):
+            raise InvalidParameterError(
+                "policy", f"must be a policy spec or a SchedulingPolicy, got {self.policy!r}")

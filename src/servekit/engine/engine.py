@@ -29,7 +29,7 @@ from servekit.engine.batch import PackedBatch, PackedBatchBuilder
 from servekit.engine.config import EngineConfig
 from servekit.engine.detokenize import IncrementalDetokenizer
 from servekit.engine.outputs import GenerationResult, RequestOutput, TokenLogprob
-from servekit.engine.runner import ModelRunner
+from servekit.engine.runner import Runner
 from servekit.engine.sampler import Sampler, SamplerOutput, SamplingBatch
 from servekit.engine.stop import StopStringMatcher
 from servekit.kv.manager import KVCacheManager
@@ -86,10 +86,12 @@ class _Tracked:
 
 
 class LLMEngine:
-    """A transformers causal LM served with continuous batching on a paged KV cache.
+    """A causal LM served with continuous batching on a paged KV cache.
 
-    ``model`` is a local model directory (loaded with ``from_pretrained``) or a loaded
-    ``PreTrainedModel`` (then pass ``tokenizer``). ``hooks`` receive the scheduler's and the
+    ``model`` is a local model directory (loaded with ``from_pretrained``), a loaded
+    ``PreTrainedModel``, or a :class:`~servekit.engine.runner.Runner` (any model: then pass
+    ``tokenizer``, or send token ids). The scheduling and victim policies come from
+    ``config`` (a spec resolved through :mod:`servekit.plugins`, or an instance). ``hooks`` receive the scheduler's and the
     engine's metrics events; ``clock`` is their time source.
 
     >>> engine = LLMEngine("path/to/model", config=EngineConfig(num_blocks=512))  # doctest: +SKIP
@@ -98,7 +100,7 @@ class LLMEngine:
 
     def __init__(
         self,
-        model: str | Path | torch.nn.Module,
+        model: str | Path | torch.nn.Module | Runner,
         *,
         config: EngineConfig | None = None,
         tokenizer: Any = None,
@@ -108,19 +110,15 @@ class LLMEngine:
         self.config = cfg = config if config is not None else EngineConfig()
         self.hooks = hooks if hooks is not None else HookSet()
         self._clock = clock
-        dtype = _DTYPES[cfg.dtype] if cfg.dtype is not None else None
-        self.runner = ModelRunner(model, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
-                                  kv_cache_bytes=cfg.kv_cache_bytes, dtype=dtype, device=cfg.device)
-        if tokenizer is None and not isinstance(model, torch.nn.Module):
+        self.runner: Runner = _runner(model, cfg)
+        if tokenizer is None and isinstance(model, (str, Path)):
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(model))
         self.tokenizer = tokenizer
         self.model_name = (os.path.basename(os.path.normpath(model))
                            if isinstance(model, (str, Path)) else type(model).__name__)
-        model_config = self.runner.config
-        self.max_model_len = cfg.max_model_len or int(
-            getattr(model_config, "max_position_embeddings", 2048))
+        self.max_model_len = cfg.max_model_len or self.runner.max_model_len
         self.vocab_size = self.runner.vocab_size
         hooks = self.hooks
 
@@ -136,7 +134,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.kv, max_model_len=self.max_model_len, max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens, policy=cfg.policy,
-            eos_token_ids=_eos_ids(self.runner.model, tokenizer),
+            victim_policy=cfg.victim_policy,
+            eos_token_ids=_eos_ids(self.runner, tokenizer),
             max_waiting_requests=cfg.max_waiting_requests, hooks=self.hooks, clock=clock,
         )
         device = self.runner.device
@@ -421,14 +420,28 @@ def _collect(rid: str, prompt_ids: list[int], outs: list[RequestOutput]) -> Gene
         logprobs, last.error if last else None)
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
-        eos = getattr(source, "eos_token_id", None) if source is not None else None
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, (list, tuple)):
-            ids.update(int(e) for e in eos)
+def _runner(model: str | Path | torch.nn.Module | Runner, cfg: EngineConfig) -> Runner:
+    """The runner for ``model``: the ``cfg.runner`` plugin built on a path or a module (the
+    transformers runner by default), else ``model`` itself."""
+    if isinstance(model, (str, Path, torch.nn.Module)):
+        from servekit import plugins
+
+        name, kwargs = plugins.parse_spec(cfg.runner, what="runner")
+        built = plugins.create(
+            "runner", name, model, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
+            kv_cache_bytes=cfg.kv_cache_bytes, device=cfg.device,
+            dtype=_DTYPES[cfg.dtype] if cfg.dtype is not None else None, **kwargs)
+        model = built
+    if not isinstance(model, Runner):
+        raise InvalidParameterError(
+            "model", "must be a model directory, a transformers model or a servekit Runner "
+            f"(device, vocab_size, num_blocks, max_model_len, eos_token_ids, execute), "
+            f"got {type(model).__name__}")
+    return model
+
+
+def _eos_ids(runner: Runner, tokenizer: Any) -> set[int]:
+    ids = set(runner.eos_token_ids)
     if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(int(tokenizer.eos_token_id))
     return ids

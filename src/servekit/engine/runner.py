@@ -1,6 +1,13 @@
-"""The model runner: a transformers causal LM on servekit's paged KV cache, one packed step.
+"""The model runner: the :class:`Runner` interface, and :class:`ModelRunner`, a transformers
+causal LM on servekit's paged KV cache, one packed step.
 
-It loads a local model directory with ``from_pretrained`` and servekit's attention
+A runner is a ``runner`` plugin (interface version 1, see :mod:`servekit.plugins`): any object
+that owns a model and its KV cache and turns one :class:`~servekit.engine.batch.PackedBatch`
+into logits, so a team can serve a model that is not a transformers model (an already-compiled
+module, a remote accelerator) with servekit's scheduler, KV manager, sampler and server:
+``LLMEngine(my_runner, tokenizer=...)``.
+
+:class:`ModelRunner` loads a local model directory with ``from_pretrained`` and servekit's attention
 implementation, allocates the per-layer K/V tensors (sized from a byte budget or a block
 count), and runs one forward per step over a :class:`~servekit.engine.batch.PackedBatch`,
 returning the logits of only the rows that sample.
@@ -10,17 +17,44 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from servekit import ops
 from servekit.engine import attention
 from servekit.engine.batch import PackedBatch
+from servekit.engine.kv_cache import KVCache
 from servekit.errors import ServekitError
-from servekit.kv.cache import KVCache
 
-__all__ = ["ModelRunner", "UnsupportedModelError", "kv_cache_dims"]
+__all__ = ["ModelRunner", "Runner", "UnsupportedModelError", "kv_cache_dims"]
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """What the engine needs of a model runner (interface version 1).
+
+    Contract: the runner owns ``num_blocks`` KV blocks of the engine's ``block_size`` tokens
+    (ids ``0 .. num_blocks - 1``, handed out by the engine's KV manager; it may keep more, e.g.
+    a null block for padding). :meth:`execute` runs one packed step: for every token of
+    ``batch.input_ids`` at ``batch.positions``, write its K/V into the slot
+    ``batch.slot_mapping`` gives (``-1``: padding, skip) and attend over its sequence's blocks
+    (``batch.block_tables``, ``batch.seq_lens``, ``batch.query_start_loc``), then return the
+    float32 logits ``[len(batch.logits_indices), vocab_size]`` of the rows
+    ``batch.logits_indices`` names, on ``device``. It may assume that blocks registered as
+    cached keep their K/V. ``max_model_len`` is the longest sequence it supports and
+    ``eos_token_ids`` the tokens that end generation (the engine adds the tokenizer's).
+    """
+
+    device: torch.device
+    vocab_size: int
+    num_blocks: int
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+
+    def execute(self, batch: PackedBatch) -> torch.Tensor:
+        """Run one packed step; float32 logits of the sampled rows."""
+        ...
 
 
 class UnsupportedModelError(ServekitError, ValueError):
@@ -28,7 +62,8 @@ class UnsupportedModelError(ServekitError, ValueError):
 
 
 class ModelRunner:
-    """Owns the model and its KV tensors; :meth:`execute` runs one packed step."""
+    """A transformers causal LM and its KV tensors (a :class:`Runner`); :meth:`execute` runs
+    one packed step."""
 
     def __init__(
         self,
@@ -66,6 +101,8 @@ class ModelRunner:
         self.config = self.model.config
         self.dtype: torch.dtype = next(self.model.parameters()).dtype
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self.max_model_len = int(getattr(self.config, "max_position_embeddings", 2048))
+        self.eos_token_ids = frozenset(_eos_ids(self.model))
         layers, kv_heads, head_dim = kv_cache_dims(self.config)
         if num_blocks is None:
             if kv_cache_bytes is None:
@@ -118,6 +155,18 @@ def kv_cache_dims(config: Any) -> tuple[int, int, int]:
     heads = int(config.num_attention_heads)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return int(config.num_hidden_layers), int(getattr(config, "num_key_value_heads", heads)), int(head_dim)
+
+
+def _eos_ids(model: Any) -> set[int]:
+    """The end-of-sequence ids a transformers model's generation config and config name."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        eos = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(e) for e in eos)
+    return ids
 
 
 def _to(array: Any, device: torch.device) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 :class:`KVCacheManager` (sequence-level allocate / commit / free / fork with a verified prefix
 cache) over :class:`BlockPool` (blocks, ref counts, O(1) free list, lazy eviction), chained block
-hashes, and KV events. The KV tensors and batch builders live in :mod:`servekit.kv.cache`
-(imported on demand: this package imports no torch).
+hashes, and KV events. This package imports no torch: the KV tensors and batch builders live in
+:mod:`servekit.engine.kv_cache`.
 """
 
 from servekit.kv.blocks import (
@@ -11,7 +11,6 @@ from servekit.kv.blocks import (
     DoubleFreeError,
     InvalidBlockSizeError,
     KVCacheError,
-    speedups_available,
 )
 from servekit.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from servekit.kv.hashing import UnknownHashAlgorithmError, hash_block
@@ -41,5 +40,4 @@ __all__ = [
     "UnknownHashAlgorithmError",
     "UnknownSequenceError",
     "hash_block",
-    "speedups_available",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Final
 
 import xxhash
@@ -57,8 +58,7 @@ def get_hash_fn(algorithm: str) -> BlockHashFn:
 def pack_tokens(token_ids: Sequence[int]) -> bytes:
     """Token ids as little-endian int32 bytes (the bytes that are hashed).
 
-    ``struct.error`` for an id that is not an int in ``[-2**31, 2**31)``; the C core
-    (``_cpool.c``: ``pack_tokens``) accepts and rejects exactly the same values."""
+    ``struct.error`` for an id that is not an int in ``[-2**31, 2**31)``."""
     return _pack(f"<{len(token_ids)}i", *token_ids)
 
 
@@ -81,6 +81,11 @@ def hash_block(
     return fn(extra_keys + pack_tokens(token_ids), 0 if parent_hash is None else parent_hash)
 
 
+@lru_cache(maxsize=16)
+def _block_packer(block_size: int) -> Callable[..., bytes]:
+    return struct.Struct(f"<{block_size}i").pack
+
+
 def extend_block_hashes(
     hashes: list[int],
     token_ids: Sequence[int],
@@ -93,45 +98,9 @@ def extend_block_hashes(
 
     Hashes already in ``hashes`` are trusted and never recomputed.
     """
-    start = len(hashes)
-    if num_blocks <= start:
-        return
-    data = pack_tokens(token_ids[start * block_size : num_blocks * block_size])
-    extend_block_hashes_packed(hashes, data, start, block_size, cache_salt, fn)
-
-
-def extend_block_hashes_packed(
-    hashes: list[int],
-    data: bytes,
-    first_block: int,
-    block_size: int,
-    cache_salt: str | None,
-    fn: BlockHashFn,
-) -> None:
-    """Append hashes up to the last full block of ``data``, the packed tokens of blocks
-    ``first_block ..`` (see :func:`pack_tokens`), so a caller that packed them anyway (a commit
-    stores the same bytes) does not pack twice. Needs ``len(hashes) >= first_block``.
-    ``_cpool.c`` (``hash_blocks``) mirrors it: keep the two in step."""
-    start = len(hashes)
-    step = 4 * block_size
-    offset = (start - first_block) * step
-    end = len(data) - len(data) % step
-    if offset >= end:
-        return
+    pack = _block_packer(block_size)
     parent = hashes[-1] if hashes else 0
-    append = hashes.append
-    if start == 0:
-        parent = fn(salt_bytes(cache_salt) + data[:step], 0)
-        append(parent)
-        offset = step
-    if fn is _xxhash_fn:  # the default: call the C function directly, no wrapper per block
-        xxh3, mask = xxhash.xxh3_64_intdigest, HASH_MASK
-        while offset < end:
-            parent = xxh3(data[offset : offset + step], parent) & mask
-            append(parent)
-            offset += step
-        return
-    while offset < end:
-        parent = fn(data[offset : offset + step], parent)
-        append(parent)
-        offset += step
+    for i in range(len(hashes), num_blocks):
+        data = pack(*token_ids[i * block_size : (i + 1) * block_size])
+        parent = fn(data, parent) if i else fn(salt_bytes(cache_salt) + data, 0)
+        hashes.append(parent)

@@ -18,7 +18,7 @@ from servekit.limit.errors import (
 )
 from servekit.limit.headers import format_duration, openai_headers
 from servekit.limit.limiter import Cost, Limiter
-from servekit.limit.store import MemoryStore, Store, TakeResult
+from servekit.limit.store import MemoryStore, Store, TakeResult, store_from_url
 
 __all__ = [
     "Cost",
@@ -42,6 +42,7 @@ __all__ = [
     "TokenBucket",
     "format_duration",
     "openai_headers",
+    "store_from_url",
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import deque
@@ -20,7 +21,7 @@ from servekit.limit.errors import (
     ReservationError,
     StoreUnavailableError,
 )
-from servekit.limit.store import MemoryStore, Store, TakeResult
+from servekit.limit.store import MemoryStore, Store, TakeResult, store_from_url
 from servekit.metrics.events import RateLimitDecision
 from servekit.metrics.hooks import HookSet
 
@@ -29,7 +30,7 @@ Cost = float | Mapping[str, float]
 
 
 class _Waiter:
-    """One task in a key's line; ``decision`` is set when another task granted it its cost."""
+    """One task in a key's line; ``decision`` is set when the head granted it its cost."""
 
     __slots__ = ("costs", "decision", "event", "queued", "reserve")
 
@@ -57,6 +58,9 @@ class Limiter:
     - When the store is unreachable, ``fail_open`` chooses to allow or deny; ``Decision.error``
       says so either way.
     - ``hooks`` receive a ``RateLimitDecision`` for every decision returned or raised.
+    - ``store`` is any :class:`~servekit.limit.store.Store` or a store URL (``memory://``,
+      ``redis://host:port/db``, a plugin's scheme); default: a fresh in-process
+      :class:`~servekit.limit.store.MemoryStore`. Every store goes through the same calls.
 
     ``clock`` is the time source for memory state and reservations; for ``acquire`` it must run
     at the event loop's pace (the default ``time.monotonic`` does, as does ``anyio.current_time``).
@@ -67,7 +71,7 @@ class Limiter:
         self,
         limits: Iterable[Limit],
         *,
-        store: Store | None = None,
+        store: Store | str | None = None,
         clock: Callable[[], float] = time.monotonic,
         shadow: bool = False,
         fail_open: bool = False,
@@ -79,6 +83,8 @@ class Limiter:
         hooks: HookSet | None = None,
     ) -> None:
         self.limits = LimitSet(limits)
+        if isinstance(store, str):
+            store = store_from_url(store)
         self.store: Store = MemoryStore() if store is None else store
         self.shadow = shadow
         self.fail_open = fail_open
@@ -101,8 +107,6 @@ class Limiter:
             max_reservations, reservation_ttl, timer=clock
         )
         self._queues: dict[str, deque[_Waiter]] = {}
-        self._local = type(self.store) is MemoryStore
-        self._take = self.store.take
         self._num_waiters = 0
 
     # -- costs ---------------------------------------------------------------------------------
@@ -205,13 +209,12 @@ class Limiter:
         costs = self._ones if cost == 1.0 and self._ones is not None else self.costs(cost)
         queued = key in self._queues
         if not queued:
-            if self._local:  # the fast path: no line, in-process store, no checkpoint
-                conforming, now, full_at = self._take(key, self.limits, costs, self._clock())
-                decision = Decision(key, self.limits, costs, conforming, now, full_at, self.shadow)
-                if reserve and conforming:
-                    self._reserve(decision)
+            try:  # _atake, inlined: one coroutine frame less on every admitted request
+                result = await self.store.atake(key, self.limits, costs, self._clock())
+            except StoreUnavailableError as exc:
+                decision = self._store_error(key, costs, exc)
             else:
-                decision = await self._atake(key, costs, reserve)
+                decision = self._decision(key, costs, result, reserve)
             if decision.allowed:
                 hooks = self._hooks
                 if hooks is not None and hooks.wants.rate_limit:
@@ -245,7 +248,7 @@ class Limiter:
             with anyio.move_on_after(budget):
                 wait_until = anyio.current_time() + budget
                 while True:
-                    if queue[0] is not waiter:
+                    if not waiter.queued or queue[0] is not waiter:
                         await waiter.event.wait()
                         waiter.event = anyio.Event()
                         granted, waiter.decision = waiter.decision, None
@@ -254,18 +257,21 @@ class Limiter:
                         continue
                     decision = await self._atake(key, costs, reserve)
                     if decision.allowed:
+                        await self._grant_followers(key, queue)
                         return self._report(decision)
                     if decision.retry_after > wait_until - anyio.current_time():
                         raise self._deny(decision, "limit")
                     await anyio.sleep(decision.retry_after)
         finally:
+            granted, waiter.decision = waiter.decision, None
             self._leave(key, queue, waiter)
+            if granted is not None:  # granted by the head, but cancelled before it returned
+                await self._refund(granted)
         raise self._deny(await self._apeek(key, costs), "timeout")
 
     def _leave(self, key: str, queue: deque[_Waiter], waiter: _Waiter) -> None:
-        """Take ``waiter`` out of line; pass the turn on (granting in-process where it can)."""
-        if waiter.decision is not None:  # granted, but cancelled before it could return
-            self._refund(waiter.decision)
+        """Take ``waiter`` out of line (if the head has not granted it already); pass the turn
+        on."""
         if not waiter.queued:
             return
         was_head = queue[0] is waiter
@@ -278,51 +284,53 @@ class Limiter:
             del self._queues[key]
 
     def _next_turn(self, key: str, queue: deque[_Waiter]) -> None:
-        """Serve the line's head; with the in-process store, grant every waiter that fits now.
-
-        Granting in one pass (instead of one task switch per waiter) is what keeps a long line
-        at the configured rate. Other stores need I/O, so their head is woken to try itself.
-        """
-        if self._local:
-            store, limits = self.store, self.limits
-            while queue:
-                head = queue[0]
-                result = store.take(key, limits, head.costs, self._clock())
-                if not result[0]:
-                    break
-                queue.popleft()
-                head.queued = False
-                self._num_waiters -= 1
-                head.decision = self._decision(key, head.costs, result, head.reserve)
-                head.event.set()
+        """Wake the line's new head to try for itself (or drop the empty line)."""
         if queue:
             queue[0].event.set()
         else:
             del self._queues[key]
 
-    def _refund(self, decision: Decision) -> None:
+    async def _grant_followers(self, key: str, queue: deque[_Waiter]) -> None:
+        """The head was admitted: grant the waiters behind it, in order, while the store
+        admits them. One pass instead of a task switch per waiter is what keeps a long line at
+        the configured rate (with an in-process store none of these awaits checkpoints)."""
+        while len(queue) > 1:
+            follower = queue[1]
+            decision = await self._atake(key, follower.costs, follower.reserve)
+            if not follower.queued:  # it left the line while the store answered
+                if decision.allowed:
+                    await self._refund(decision)
+                continue
+            if not decision.allowed:
+                return
+            queue.remove(follower)
+            follower.queued = False
+            self._num_waiters -= 1
+            follower.decision = decision
+            follower.event.set()
+
+    async def _refund(self, decision: Decision) -> None:
         if decision.reservation is not None:
             self._open.pop(decision.reservation, None)
         negative = tuple(-c for c in decision.costs)
-        self.store.adjust(decision.key, self.limits, negative, self._clock())
+        # a refund is best-effort: with the store down, the charge stands
+        with anyio.CancelScope(shield=True), contextlib.suppress(StoreUnavailableError):
+            await self.store.aadjust(decision.key, self.limits, negative, self._clock())
 
     async def _atake(self, key: str, costs: tuple[float, ...], reserve: bool) -> Decision:
-        if self._local:  # no checkpoint inside: atomic with respect to cancellation
-            result = self.store.take(key, self.limits, costs, self._clock())
-            return self._decision(key, costs, result, reserve)
-        with anyio.CancelScope(shield=True):  # a charge is never lost to a cancellation
-            try:
-                result = await self.store.atake(key, self.limits, costs, self._clock())
-            except StoreUnavailableError as exc:
-                return self._store_error(key, costs, exc)
+        # no shield here: the Store contract makes atake return or have no effect when the
+        # task is cancelled (a store doing I/O shields its own round trip)
+        try:
+            result = await self.store.atake(key, self.limits, costs, self._clock())
+        except StoreUnavailableError as exc:
+            return self._store_error(key, costs, exc)
         return self._decision(key, costs, result, reserve)
 
     async def _apeek(self, key: str, costs: tuple[float, ...]) -> Decision:
-        with anyio.CancelScope(shield=True):
-            try:
-                result = await self.store.apeek(key, self.limits, costs, self._clock())
-            except StoreUnavailableError as exc:
-                return self._store_error(key, costs, exc)
+        try:
+            result = await self.store.apeek(key, self.limits, costs, self._clock())
+        except StoreUnavailableError as exc:
+            return self._store_error(key, costs, exc)
         return self._decision(key, costs, result, False)
 
     async def asettle(self, reservation: Reservation, used: Cost = 0.0) -> bool:

@@ -158,6 +158,12 @@ class RedisStore:
         self._pool: Any = pool if isinstance(client, redis.Redis) and pool is not None else None
         self._free: list[Any] = []  # our idle connections (list.pop/append: thread-safe)
 
+    @classmethod
+    def from_url(cls, url: str) -> RedisStore:
+        """A store on the server ``url`` names (``redis://host:port/db``, ``rediss://...``,
+        ``unix://...``); redis-py reads the URL's query parameters."""
+        return cls(url)
+
     def redis_key(self, key: str) -> str:
         """The Redis key holding ``key``'s buckets: ``{prefix}{{key}}``."""
         return f"{self.prefix}{{{key}}}"
@@ -235,20 +241,29 @@ class RedisStore:
     async def atake(
         self, key: str, limits: LimitSet, costs: Sequence[float], now: float
     ) -> TakeResult:
-        """Async ``take`` (the sync call in a worker thread)."""
-        return await anyio.to_thread.run_sync(self._call, _lua.TAKE, key, limits, costs)
+        """Async ``take`` (the sync call in a worker thread, shielded from cancellation)."""
+        return await self._run(_lua.TAKE, key, limits, costs)
 
     async def apeek(
         self, key: str, limits: LimitSet, costs: Sequence[float], now: float
     ) -> TakeResult:
         """Async ``peek``."""
-        return await anyio.to_thread.run_sync(self._call, _lua.PEEK, key, limits, costs)
+        return await self._run(_lua.PEEK, key, limits, costs)
 
     async def aadjust(
         self, key: str, limits: LimitSet, deltas: Sequence[float], now: float
     ) -> TakeResult:
         """Async ``adjust``."""
-        return await anyio.to_thread.run_sync(self._call, _lua.ADJUST, key, limits, deltas)
+        return await self._run(_lua.ADJUST, key, limits, deltas)
+
+    async def _run(
+        self, mode: int, key: str, limits: LimitSet, amounts: Sequence[float]
+    ) -> TakeResult:
+        # shielded: a cancelled caller still gets the result of a command Redis has run, so a
+        # charge is never made and lost (the Store contract)
+        with anyio.CancelScope(shield=True):
+            result = await anyio.to_thread.run_sync(self._call, mode, key, limits, amounts)
+        return result
 
     def close(self) -> None:
         """Give our connections back to the pool and close the client's connections."""

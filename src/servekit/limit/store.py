@@ -10,15 +10,19 @@ answers three atomic operations over all of a key's limits at once:
 Each returns ``(conforming, now, full_at)`` with ``full_at`` after the operation; ``now`` is the
 store's time (the caller's clock for memory, the server's ``TIME`` for Redis). Stores that talk
 over a network raise :class:`~servekit.limit.errors.StoreUnavailableError` when unreachable.
+
+A store is a ``limiter_store`` plugin (interface version 1, see :mod:`servekit.plugins`);
+:func:`store_from_url` opens one from a URL whose scheme names the plugin (``memory://``,
+``redis://host:port/db``, or a plugin's own).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
+from urllib.parse import parse_qs, urlsplit
 
-from cachetools import FIFOCache
-
+from servekit import plugins
 from servekit.limit.bucket import LimitSet
 from servekit.limit.errors import LimitConfigError, StoreFullError
 
@@ -28,7 +32,18 @@ TakeResult = tuple[bool, float, tuple[float, ...]]
 
 @runtime_checkable
 class Store(Protocol):
-    """Atomic multi-limit bucket operations for a key (sync and async twins)."""
+    """Atomic multi-limit bucket operations for a key (sync and async twins); version 1.
+
+    Contract: each operation is atomic over all of a key's limits (concurrent callers, other
+    processes sharing the store, never see half of it); ``take`` never admits more than
+    ``capacity + rate * T`` per limit over any span ``T``; ``adjust`` is never refused; an
+    async twin cancelled while it runs either completes and returns its result or has had no
+    effect (a store doing I/O shields its own round trip, as :class:`RedisStore` does; an
+    in-process store simply never awaits), so the limiter never loses a charge; an unreachable backend raises
+    :class:`~servekit.limit.errors.StoreUnavailableError` and never blocks longer than the
+    store's own timeout. A plugin class also provides ``from_url(url)`` (a classmethod) so
+    :func:`store_from_url` can open it.
+    """
 
     def take(self, key: str, limits: LimitSet, costs: Sequence[float], now: float) -> TakeResult:
         """Charge ``costs`` to every limit of ``key`` if all admit them, else nothing."""
@@ -61,38 +76,50 @@ class Store(Protocol):
         ...
 
 
-class _Buckets(FIFOCache[str, list[float]]):
+class _Buckets:
     """Bounded map of key -> ``full_at`` list that only ever evicts keys whose buckets are full.
 
-    When the map is at ``maxsize`` and a new key arrives, the oldest keys are examined in turn
-    (a CLOCK-style sweep: FIFO order, so a hit costs no reordering); the first full one is
-    dropped (no state lost: absent means full), and busy keys met on the way are moved to the
-    recent end (a second chance). If every key holds state,
-    :class:`StoreFullError` is raised, and raised again without another scan until the earliest
-    time one of them can be full.
+    ``data`` is a plain dict in insertion order. When it is at ``maxsize`` and a new key
+    arrives, the oldest keys are examined in turn (a CLOCK-style sweep: FIFO order, so a hit
+    costs no reordering); the first full one is dropped (no state lost: absent means full), and
+    busy keys met on the way are moved to the recent end (a second chance). If every key holds
+    state, :class:`StoreFullError` is raised, and raised again without another scan until the
+    earliest time one of them can be full.
     """
 
+    __slots__ = ("data", "maxsize", "no_room_until")
+
     def __init__(self, maxsize: int) -> None:
-        super().__init__(maxsize)
-        self.now = 0.0
+        self.data: dict[str, list[float]] = {}
+        self.maxsize = maxsize
         self.no_room_until = -1.0
 
-    def popitem(self) -> tuple[str, list[float]]:
-        if self.now < self.no_room_until:
+    def insert(self, key: str, state: list[float], now: float) -> None:
+        """Add ``key`` (absent) with ``state``, evicting a full key first when at the bound."""
+        data = self.data
+        if len(data) >= self.maxsize:
+            self._evict(now)
+        data[key] = state
+
+    def _evict(self, now: float) -> None:
+        if now < self.no_room_until:
             raise self._full_error()
-        busy: list[tuple[str, list[float]]] = []
+        data = self.data
+        busy: list[str] = []
         soonest = float("inf")
-        try:
-            for _ in range(len(self)):
-                key, state = super().popitem()
-                full_at = max(state)
-                if full_at <= self.now:
-                    return key, state
-                busy.append((key, state))
-                soonest = min(soonest, full_at)
-        finally:
-            for key, state in busy:  # popped len(busy) + (0 or 1): re-inserting never evicts
-                FIFOCache.__setitem__(self, key, state)
+        victim = None
+        for key, state in data.items():
+            full_at = max(state)
+            if full_at <= now:
+                victim = key
+                break
+            busy.append(key)
+            soonest = min(soonest, full_at)
+        for key in busy:  # a second chance: to the recent end
+            data[key] = data.pop(key)
+        if victim is not None:
+            del data[victim]
+            return
         self.no_room_until = soonest
         raise self._full_error()
 
@@ -117,16 +144,27 @@ class MemoryStore:
         if isinstance(max_keys, bool) or not (isinstance(max_keys, int) and max_keys > 0):
             raise LimitConfigError(f"max_keys must be a positive int, got {max_keys!r}")
         self._buckets = _Buckets(max_keys)
-        # A FIFO cache needs no bookkeeping on a hit, so reads may go straight to the dict
-        # cachetools keeps its items in (one Python call less per decision); writes, and
-        # so eviction, always go through the cache.
-        data = getattr(self._buckets, "_Cache__data", None)
-        self._get: Callable[[str], list[float] | None] = (
-            data.get if isinstance(data, dict) else self._buckets.get
-        )
+        self._get: Callable[[str], list[float] | None] = self._buckets.data.get
+
+    @classmethod
+    def from_url(cls, url: str) -> MemoryStore:
+        """A store from ``memory://`` (optionally ``memory://?max_keys=N``)."""
+        query = parse_qs(urlsplit(url).query, strict_parsing=False)
+        unknown = sorted(set(query) - {"max_keys"})
+        if unknown:
+            raise LimitConfigError(f"memory store URL {url!r}: unknown parameter(s) {unknown}")
+        if "max_keys" not in query:
+            return cls()
+        raw = query["max_keys"][-1]
+        try:
+            max_keys = int(raw)
+        except ValueError:
+            raise LimitConfigError(
+                f"memory store URL {url!r}: max_keys must be an integer, got {raw!r}") from None
+        return cls(max_keys)
 
     def __len__(self) -> int:
-        return len(self._buckets)
+        return len(self._buckets.data)
 
     def take(self, key: str, limits: LimitSet, costs: Sequence[float], now: float) -> TakeResult:
         """Charge ``costs`` to every limit of ``key`` if all admit them, else nothing."""
@@ -144,9 +182,7 @@ class MemoryStore:
             for i in range(len(new)):
                 if new[i] - now > taus[i]:
                     return False, now, (now,) * len(new)
-            buckets = self._buckets
-            buckets.now = now
-            buckets[key] = new
+            self._buckets.insert(key, new, now)
             return True, now, tuple(new)
         new = []
         for i in range(len(state)):
@@ -170,7 +206,6 @@ class MemoryStore:
 
     def adjust(self, key: str, limits: LimitSet, deltas: Sequence[float], now: float) -> TakeResult:
         """Add ``deltas`` (negative: refund) to ``key``'s limits without a check."""
-        buckets = self._buckets
         state = self._get(key)
         old = state if state is not None else [now] * len(limits)
         new = [
@@ -180,8 +215,7 @@ class MemoryStore:
         if state is not None:
             state[:] = new
         elif max(new) > now:  # a charge on an absent (full) key: it now holds state
-            buckets.now = now
-            buckets[key] = new
+            self._buckets.insert(key, new, now)
         return True, now, tuple(new)
 
     async def atake(
@@ -201,3 +235,32 @@ class MemoryStore:
     ) -> TakeResult:
         """Async ``adjust``."""
         return self.adjust(key, limits, deltas, now)
+
+
+def store_from_url(url: str) -> Store:
+    """Open the store a URL names: its scheme is the ``limiter_store`` plugin's name
+    (``memory://``, ``redis://host:port/db``, ``rediss://...``, or a plugin's own), and the
+    plugin's ``from_url(url)`` builds it."""
+    scheme = urlsplit(url).scheme if isinstance(url, str) else ""
+    if not scheme:
+        raise plugins.PluginArgumentError(
+            f"limiter store URL {url!r} has no scheme; use memory://, redis://host:port/db "
+            "or a limiter_store plugin's scheme"
+        )
+    factory = plugins.load("limiter_store", scheme)
+    from_url = getattr(factory, "from_url", None)
+    if not callable(from_url):
+        raise plugins.PluginTypeError(
+            f"limiter_store plugin {scheme!r} has no from_url(url), so it cannot open {url!r}"
+        )
+    try:
+        store = from_url(url)
+    except (TypeError, ValueError) as exc:
+        raise plugins.PluginArgumentError(
+            f"limiter_store plugin {scheme!r} rejected the URL {url!r}: {exc}"
+        ) from exc
+    if not isinstance(store, Store):
+        raise plugins.PluginTypeError(
+            f"limiter_store plugin {scheme!r} built {type(store).__name__}, which is not a Store"
+        )
+    return store

@@ -7,13 +7,20 @@ costs one attribute check at the producer (``if hooks.wants.new_tokens: ...``).
 Producers read ``hooks.wants.<event>`` and call ``hooks.on_<event>(...)`` each time rather than
 caching the bound dispatcher: ``add``/``remove`` replace the dispatchers (``wants`` is updated
 in place, so caching ``hooks.wants`` itself is fine).
+
+A hook is a ``hook`` plugin (interface version 1, see :mod:`servekit.plugins`); exporters
+(Prometheus, OpenTelemetry) are hooks too. Contract: a hook method is called on the producer's
+thread, in the order the events happen for a request, and must return quickly and never block
+(hand heavy work to a thread or a queue it owns); an exception it raises is caught, counted and
+logged by :class:`HookSet`, never seen by serving. Events are plain frozen data: keep them, do
+not mutate them.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from servekit.metrics.events import (
     CacheStats,
@@ -52,6 +59,9 @@ _Listener = Callable[[Any], None]
 
 class Hook:
     """Base class for hooks: every method is a no-op; override the ones you need."""
+
+    #: the interface version this class implements (see :mod:`servekit.plugins`)
+    api_version: ClassVar[int] = 1
 
     def on_request_queued(self, event: RequestQueued) -> None:
         """A request entered the waiting queue."""

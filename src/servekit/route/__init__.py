@@ -23,23 +23,27 @@ from servekit.route.hashing import HashFn, hash_keys, xxh3_64, xxh64
 from servekit.route.health import HealthTracker, NodeHealth
 from servekit.route.keys import PrefixKey
 from servekit.route.policy import (
-    Candidates,
+    Candidate,
     Choice,
     ConsistentHashPolicy,
     LeastLoadedPolicy,
     PowerOfTwoChoicesPolicy,
+    ReplicaLoad,
     RoundRobinPolicy,
+    RouteRequest,
     RoutingPolicy,
     StatelessPolicy,
+    make_routing_policy,
 )
 from servekit.route.ring import DEFAULT_VNODES, HashRing
-from servekit.route.router import KEY_SOURCES, Route, Router
+from servekit.route.router import KEY_SOURCES, CacheIndex, Route, Router
 
 __all__ = [
     "DEFAULT_LOAD_FACTOR",
     "DEFAULT_VNODES",
     "KEY_SOURCES",
-    "Candidates",
+    "CacheIndex",
+    "Candidate",
     "Choice",
     "ConsistentHashPolicy",
     "DuplicateNodeError",
@@ -54,9 +58,11 @@ __all__ = [
     "NodeHealth",
     "PowerOfTwoChoicesPolicy",
     "PrefixKey",
+    "ReplicaLoad",
     "RoundRobinPolicy",
     "Route",
     "RouteError",
+    "RouteRequest",
     "Router",
     "RoutingPolicy",
     "StatelessPolicy",
@@ -65,6 +71,7 @@ __all__ = [
     "capacity",
     "first_under_capacity",
     "hash_keys",
+    "make_routing_policy",
     "xxh3_64",
     "xxh64",
 ]

@@ -50,6 +50,15 @@ class PrefixKey:
         extend_block_hashes(hashes, token_ids, self.block_size, n, cache_salt, self._fn)
         return hashes[-1]
 
+    def block_hashes(
+        self, token_ids: Sequence[int], cache_salt: str | None = None
+    ) -> tuple[int, ...]:
+        """The KV block hashes of every full block of the prompt (for a cache index)."""
+        hashes: list[int] = []
+        extend_block_hashes(hashes, token_ids, self.block_size, len(token_ids) // self.block_size,
+                            cache_salt, self._fn)
+        return tuple(hashes)
+
     def key(self, token_ids: Sequence[int], cache_salt: str | None = None) -> bytes | None:
         """The routing key bytes for a prompt (the block hash, 8 bytes little-endian)."""
         h = self.block_hash(token_ids, cache_salt)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
 import xxhash
 from attrs import frozen
@@ -26,11 +27,27 @@ from servekit.route.errors import (
 )
 from servekit.route.health import HealthTracker
 from servekit.route.keys import PrefixKey
-from servekit.route.policy import Candidates, ConsistentHashPolicy, RoutingPolicy
+from servekit.route.policy import (
+    Candidate,
+    ReplicaLoad,
+    RouteRequest,
+    RoutingPolicy,
+    make_routing_policy,
+)
 from servekit.route.ring import check_int, check_weight
 
 #: Key sources, in the default order of preference.
 KEY_SOURCES = ("session", "prefix", "api_key")
+
+
+@runtime_checkable
+class CacheIndex(Protocol):
+    """Which replicas hold which KV blocks (e.g. an index fed by the replicas' KV events)."""
+
+    def cached_blocks(self, block_hashes: Sequence[int]) -> Mapping[str, int]:
+        """For each replica known to hold the first block, how many of the leading
+        ``block_hashes`` it holds (replicas it omits hold none)."""
+        ...
 
 
 @frozen(slots=True)
@@ -51,22 +68,25 @@ class Route:
 class Router:
     """Routes requests over replicas with health, bounded loads and prefix affinity.
 
-    ``replicas`` is an iterable of names or a mapping ``name -> weight``. ``policy`` defaults
-    to :class:`ConsistentHashPolicy` (c = 1.25); ``health`` to a :class:`HealthTracker` on
-    ``clock``; ``prefix`` says how prompts are hashed (it must match the replicas' KV cache).
+    ``replicas`` is an iterable of names or a mapping ``name -> weight``. ``policy`` is a
+    :class:`RoutingPolicy` or its spec (default ``"consistent_hash"``, c = 1.25); ``health``
+    defaults to a :class:`HealthTracker` on ``clock``; ``prefix`` says how prompts are hashed
+    (it must match the replicas' KV cache). ``index`` tells how many of a request's blocks each
+    replica holds; replicas report their own load with :meth:`report_load`.
     """
 
     def __init__(
         self,
         replicas: Iterable[str] | Mapping[str, float] = (),
         *,
-        policy: RoutingPolicy | None = None,
+        policy: str | RoutingPolicy | None = None,
         health: HealthTracker | None = None,
         prefix: PrefixKey | None = None,
         key_order: Sequence[str] = KEY_SOURCES,
         num_fallbacks: int = 2,
         hooks: HookSet | None = None,
         clock: Callable[[], float] = time.monotonic,
+        index: CacheIndex | None = None,
     ) -> None:
         bad = [s for s in key_order if s not in KEY_SOURCES]
         if bad or len(set(key_order)) != len(key_order):
@@ -74,15 +94,17 @@ class Router:
                 "key_order", f"must be distinct names from {KEY_SOURCES}, got {tuple(key_order)}"
             )
         check_int("num_fallbacks", num_fallbacks, 0)
-        self.policy: RoutingPolicy = policy if policy is not None else ConsistentHashPolicy()
+        self.policy: RoutingPolicy = make_routing_policy(policy)
         self.health = health if health is not None else HealthTracker(clock=clock)
         self.prefix = prefix if prefix is not None else PrefixKey()
         self.key_order = tuple(key_order)
         self.num_fallbacks = num_fallbacks
         self.hooks = hooks
         self.clock = clock
+        self.index = index
         self._weights: dict[str, float] = {}
         self._loads: dict[str, int] = {}
+        self._reported: dict[str, ReplicaLoad] = {}
         items = replicas.items() if isinstance(replicas, Mapping) else ((r, 1.0) for r in replicas)
         for name, weight in items:
             self.add_replica(name, weight)
@@ -111,6 +133,7 @@ class Router:
         self.policy.remove_node(name)
         self.health.remove(name)
         del self._weights[name], self._loads[name]
+        self._reported.pop(name, None)
 
     def set_weight(self, name: str, weight: float) -> None:
         """Change a replica's weight."""
@@ -128,6 +151,18 @@ class Router:
     def loads(self) -> Mapping[str, int]:
         """In-flight requests per replica (a copy)."""
         return dict(self._loads)
+
+    def report_load(self, name: str, load: ReplicaLoad) -> None:
+        """Record the load replica ``name`` reports about itself (policies see the latest)."""
+        self._check(name)
+        if not isinstance(load, ReplicaLoad):
+            raise InvalidRouteParameterError("load", f"must be a ReplicaLoad, got {load!r}")
+        self._reported[name] = load
+
+    def reported_load(self, name: str) -> ReplicaLoad | None:
+        """The load ``name`` last reported, or None."""
+        self._check(name)
+        return self._reported.get(name)
 
     # ---- routing ----------------------------------------------------------------------------
 
@@ -158,9 +193,14 @@ class Router:
         api_key: str | None = None,
         token_ids: Sequence[int] | None = None,
         cache_salt: str | None = None,
+        tenant: str | None = None,
+        block_hashes: Sequence[int] | None = None,
         exclude: Collection[str] = (),
     ) -> Route:
         """Choose a replica for a request and count it in flight there (see :meth:`release`).
+
+        ``block_hashes`` are the prompt's chained KV block hashes; with an ``index`` and
+        ``token_ids`` but no hashes, the router computes them with its ``prefix`` settings.
 
         Raises :class:`NoNodeAvailableError` when no replica is routable, and
         :class:`~servekit.route.MissingRouteKeyError` when the policy needs a key and the
@@ -172,13 +212,23 @@ class Router:
         key, label = found if found is not None else (None, None)
         now = self.clock()
         routable = self.health.routable
-        nodes = tuple(n for n in self._weights if n not in exclude and routable(n, now))
+        nodes = [n for n in self._weights if n not in exclude and routable(n, now)]
         if not nodes:
             raise NoNodeAvailableError(
                 f"no routable replica among {len(self._weights)} (others ejected, down or excluded)"
             )
+        if block_hashes is None and self.index is not None and token_ids is not None:
+            block_hashes = self.prefix.block_hashes(token_ids, cache_salt)
+        hashes = tuple(block_hashes) if block_hashes is not None else ()
+        held = self.index.cached_blocks(hashes) if self.index is not None and hashes else {}
+        state, weights, loads, reported = (
+            self.health.state, self._weights, self._loads, self._reported)
+        candidates = [
+            Candidate(n, weights[n], state(n), loads[n], reported.get(n), held.get(n, 0))
+            for n in nodes
+        ]
         choice = self.policy.choose(
-            key, Candidates(nodes, self._loads, self._weights), 1 + self.num_fallbacks
+            RouteRequest(key, tenant, hashes), candidates, 1 + self.num_fallbacks
         )
         node = choice.nodes[0]
         self._acquire(node, now)

@@ -48,10 +48,29 @@ class SchedulerOutput:
         self.preempted: list[Request] = []
         self.finished: list[Request] = []
 
+    def set_batch(self, decodes: list[Request], prefills: list[Request],
+                  prefill_tokens: list[int]) -> None:
+        """Lay out the step: ``decodes`` (one token each), then ``prefills`` with
+        ``prefill_tokens[i]`` new tokens each, from their current computed tokens."""
+        nd = len(decodes)
+        pf_computed = [r.num_computed_tokens for r in prefills]
+        pf_samples = [c + n == len(r.token_ids)
+                      for r, c, n in zip(prefills, pf_computed, prefill_tokens, strict=True)]
+        self.decodes = decodes
+        self.num_decodes = nd
+        self.requests = decodes + prefills
+        self.num_new_tokens = [1] * nd + prefill_tokens
+        self.num_computed_tokens = [len(r.token_ids) - 1 for r in decodes] + pf_computed
+        self.samples = [True] * nd + pf_samples
+        self.num_samples = nd + sum(pf_samples)
+        self.total_num_tokens = nd + sum(prefill_tokens)
+
     @property
     def sampling_requests(self) -> list[Request]:
         """The requests that sample this step, in batch order (aligned with update's tokens)."""
-        return [r for r, s in zip(self.requests, self.samples, strict=True) if s]
+        nd = self.num_decodes  # decodes always sample
+        tail = zip(self.requests[nd:], self.samples[nd:], strict=True)
+        return self.requests[:nd] + [r for r, s in tail if s]
 
     def __len__(self) -> int:
         return len(self.requests)

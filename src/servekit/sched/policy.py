@@ -10,7 +10,9 @@ takes preemption victims from the highest rank. Three policies ship:
 * :class:`FairSharePolicy`: weighted fair share of scheduled tokens between tenants (virtual token
   counters), so a tenant that floods the queue gets no more than its share while others wait.
 
-A plugin policy subclasses :class:`SchedulingPolicy` and implements the queue methods.
+A plugin policy subclasses :class:`SchedulingPolicy` and implements the queue methods (interface
+version 1, see :mod:`servekit.plugins`). The preemption victim is a separate, smaller extension
+point, :class:`VictimPolicy`: by default the scheduling policy's own ``running_rank`` decides.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from itertools import count
-from typing import Any
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from servekit import plugins
 from servekit.sched.params import InvalidParameterError
 from servekit.sched.request import Request
 
@@ -41,6 +44,8 @@ class SchedulingPolicy(ABC):
     every step's scheduled tokens to :meth:`charge`.
     """
 
+    #: the interface version this class implements (see :mod:`servekit.plugins`)
+    api_version: ClassVar[int] = 1
     name: str = "policy"
     preempts_for_waiting: bool = False
     charges_tokens: bool = False
@@ -205,6 +210,8 @@ class FairSharePolicy(SchedulingPolicy):
                  default_weight: float = 1.0) -> None:
         if not default_weight > 0:
             raise InvalidParameterError("default_weight", f"must be > 0, got {default_weight!r}")
+        if weights is not None and not isinstance(weights, Mapping):
+            raise InvalidParameterError("weights", f"must be a mapping of tenant to weight, got {weights!r}")
         self._inverse: dict[str | None, float] = {}
         for tenant, weight in (weights or {}).items():
             if not (isinstance(weight, (int, float)) and weight > 0):
@@ -280,14 +287,60 @@ class FairSharePolicy(SchedulingPolicy):
             counters[tenant] = counters.get(tenant, 0.0) + n * inverse.get(tenant, default)
 
 
+@runtime_checkable
+class VictimPolicy(Protocol):
+    """Which running request is preempted first when KV blocks run out (interface version 1).
+
+    :meth:`running_rank` gives each request a sort key when it is admitted; the scheduler keeps
+    its running requests sorted by it and preempts the one with the highest key first (a
+    preempted request is recomputed later). The key must be comparable with every other key the
+    policy returns and must not change while the request runs. Every
+    :class:`SchedulingPolicy` is also a victim policy (its own ``running_rank``); give the
+    scheduler another one to change the victim without changing the queue.
+    """
+
+    def running_rank(self, request: Request, admission: int) -> Any:
+        """The sort key of ``request``, admitted as the ``admission``-th request (0, 1, ...)."""
+        ...
+
+
+class NewestVictimPolicy:
+    """The request admitted last is preempted first (it has the least work to redo)."""
+
+    def running_rank(self, request: Request, admission: int) -> Any:
+        return admission
+
+
+class LowestPriorityVictimPolicy:
+    """The request with the highest ``priority`` value (the least urgent) is preempted first;
+    among equals, the one admitted last."""
+
+    def running_rank(self, request: Request, admission: int) -> Any:
+        return (request.priority, admission)
+
+
 def make_policy(policy: str | SchedulingPolicy | None) -> SchedulingPolicy:
-    """A policy from its name (``"fcfs"``, ``"priority"``, ``"fair"``) or an instance."""
-    if policy is None or policy == "fcfs":
-        return FCFSPolicy()
-    if isinstance(policy, SchedulingPolicy):
-        return policy
-    if policy == "priority":
-        return PriorityPolicy()
-    if policy == "fair":
-        return FairSharePolicy()
-    raise InvalidParameterError("policy", f"must be 'fcfs', 'priority', 'fair' or a SchedulingPolicy, got {policy!r}")
+    """A scheduling policy from a spec (``"fcfs"``, ``"priority"``, ``"fair"``, a plugin's
+    name, or ``'NAME:{"json": "kwargs"}'``) or an instance; None is ``"fcfs"``.
+
+    Names resolve through :mod:`servekit.plugins` (built-ins and entry points alike).
+    """
+    if policy is None:
+        policy = "fcfs"
+    made = plugins.resolve("policy", policy, what="policy")
+    if not isinstance(made, SchedulingPolicy):
+        raise plugins.PluginTypeError(
+            f"policy must be a servekit.sched.SchedulingPolicy, got {type(made).__name__}"
+        )
+    return made
+
+
+def make_victim_policy(victim: str | VictimPolicy) -> VictimPolicy:
+    """A victim policy from a spec (``"newest"``, ``"lowest_priority"``, a plugin's name, or
+    ``'NAME:{...}'``) or an instance."""
+    made = plugins.resolve("victim_policy", victim, what="victim_policy")
+    if not isinstance(made, VictimPolicy):
+        raise plugins.PluginTypeError(
+            f"victim_policy must have running_rank(request, admission), got {type(made).__name__}"
+        )
+    return made

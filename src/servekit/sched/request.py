@@ -59,7 +59,6 @@ class Request(KVSequence):
     __slots__ = (
         "_num_computed",
         "arrival_time",
-        "capacity",
         "deadline",
         "error",
         "finish_reason",
@@ -123,14 +122,13 @@ class Request(KVSequence):
         self.status = WAITING
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None
-        self._num_computed = 0  # read num_computed_tokens
+        self._num_computed = 0  # while prefilling; read num_computed_tokens
         self.num_cached_tokens = 0
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.last_token_time = 0.0
         # Scheduler-private, set when the scheduler admits the request:
-        self.capacity = 0  # tokens the block table covers: len(block_ids) * block_size
         self.prefilling = True  # has not sampled since it was (re)admitted
         self.stop_ids: frozenset[int] = frozenset()  # eos (unless ignore_eos) + stop_token_ids
         self.stop_len = 0  # finish with "length" when len(token_ids) reaches this
@@ -140,7 +138,7 @@ class Request(KVSequence):
 
     @property
     def num_computed_tokens(self) -> int:
-        """Tokens whose KV is in the cache (all but the last, once the request decodes)."""
+        """Tokens whose KV is in the cache: all but the last once the request decodes."""
         return self._num_computed if self.prefilling else len(self.token_ids) - 1
 
     @property

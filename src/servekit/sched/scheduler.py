@@ -1,29 +1,22 @@
-"""Token-budget continuous batching over the KV cache manager.
+"""Token-budget continuous batching over the KV cache manager: one running list (sorted by the
+policy's rank) and the policy's waiting queue.
 
-Each step, :meth:`Scheduler.schedule` gives every running request a number of tokens within
-``max_num_batched_tokens`` and ``max_num_seqs``: first one token to each decoding request, then a
-chunk to each request still prefilling, then chunks to newly admitted requests (prefix-cache
-hits skip their computed blocks). When KV blocks run out, the running request of highest rank
-(see :mod:`servekit.sched.policy`) is preempted by recompute: its blocks are freed (full ones stay
-in the prefix cache), it goes back to the waiting queue keeping its block hashes, and the step
-admits nobody new. :meth:`Scheduler.update` appends the sampled tokens, finishes requests on
-eos, stop tokens, ``max_tokens`` and ``max_model_len``, and frees their blocks.
-
-The per-request work of a decode step is a few attribute reads and writes: the manager is
-called only when a block fills (``commit`` then ``allocate``), never per token.
+Each :meth:`Scheduler.schedule` gives one token to each decoding request, then a chunk to each
+request still prefilling, then chunks to newly admitted ones, asking the KV manager for the blocks
+each needs; out of blocks, the running request of highest rank is preempted by recompute and the
+step admits nobody new. :meth:`Scheduler.update` appends the sampled tokens, commits the KV
+written and finishes requests (eos, stop tokens, ``max_tokens``, ``max_model_len``).
 """
 
 from __future__ import annotations
 
 import heapq
 import time
-from bisect import bisect_right
-from collections import deque
+from bisect import bisect_left, insort
 from collections.abc import Callable, Iterable, Sequence
 from itertools import count
 from operator import attrgetter
 
-from servekit._speedups import resolve_speedups
 from servekit.kv.manager import KVCacheManager
 from servekit.metrics.events import (
     CacheStats,
@@ -43,23 +36,15 @@ from servekit.sched.errors import (
 )
 from servekit.sched.output import SchedulerOutput, UpdateResult
 from servekit.sched.params import InvalidParameterError
-from servekit.sched.policy import SchedulingPolicy, make_policy
-from servekit.sched.request import (
-    FINISHED,
-    PREEMPTED,
-    RUNNING,
-    WAITING,
-    FinishReason,
-    Request,
+from servekit.sched.policy import (
+    SchedulingPolicy,
+    VictimPolicy,
+    make_policy,
+    make_victim_policy,
 )
-
-try:
-    from servekit.sched import _csched
-except ImportError:  # not built (no compiler at install time): the pure-Python statements only
-    _csched = None  # type: ignore[assignment]  # only used where Scheduler.speedups is True
+from servekit.sched.request import FINISHED, PREEMPTED, RUNNING, WAITING, FinishReason, Request
 
 _rank = attrgetter("rank")
-_consume = deque[object](maxlen=0).extend  # runs an iterator to its end, in C
 
 
 def _positive(name: str, value: object) -> int:
@@ -86,26 +71,18 @@ class Scheduler:
             ``max(2048, max_num_seqs)``).
         max_prefill_chunk: at most this many tokens of one request's prefill per step
             (default: the whole budget), so a long prompt never monopolises a step.
-        policy: ``"fcfs"`` (default), ``"priority"``, ``"fair"`` or a
-            :class:`~servekit.sched.policy.SchedulingPolicy`.
+        policy: ``"fcfs"`` (default), ``"priority"``, ``"fair"``, a plugin spec
+            (``'NAME:{"json": "kwargs"}'``) or a :class:`~servekit.sched.policy.SchedulingPolicy`.
+        victim_policy: who is preempted first when blocks run out: a
+            :class:`~servekit.sched.policy.VictimPolicy` or its spec (default: the scheduling
+            policy's own ``running_rank``).
         eos_token_ids: tokens that end a request unless its ``ignore_eos`` is set.
         max_waiting_requests, max_waiting_tokens: bounds of the waiting queue (requests, and
             their prompt tokens); over either, :meth:`add_request` raises
             :class:`~servekit.sched.errors.QueueFull` carrying ``retry_after``.
         remember_finished: how many finished request ids :meth:`abort` still recognises.
-        decode_lookahead_blocks: when a decoding request fills its last block, give it up to
-            this many more blocks beyond the one it needs (default 15): as many as the pool
-            can spare, ``num_free_blocks // (running + waiting requests) - 1``, and never more
-            than it can still use, so the manager is called about once per ``lookahead + 1``
-            blocks while blocks are plentiful, and once per block under pressure. A prompt
-            admitted whole takes its lookahead at admission, leaving the other waiting prompts
-            their blocks. 0 disables.
         hooks: metrics hooks (events are built only when a hook listens).
         clock: monotonic clock in seconds for arrival times, deadlines and events.
-        speedups: run the per-request work of a decode step in the optional C core
-            ``servekit.sched._csched``: None (default) when it is built and the environment
-            variable ``SERVEKIT_NO_SPEEDUPS`` is unset, True to require it, False for pure
-            Python. :attr:`speedups` says which is in use.
     """
 
     def __init__(
@@ -117,17 +94,15 @@ class Scheduler:
         max_num_batched_tokens: int | None = None,
         max_prefill_chunk: int | None = None,
         policy: str | SchedulingPolicy | None = None,
+        victim_policy: str | VictimPolicy | None = None,
         eos_token_ids: Iterable[int] = (),
         max_waiting_requests: int | None = None,
         max_waiting_tokens: int | None = None,
         retry_after: float = 1.0,
         remember_finished: int = 10_000,
-        decode_lookahead_blocks: int = 15,
         hooks: HookSet | None = None,
         clock: Callable[[], float] = time.monotonic,
-        speedups: bool | None = None,
     ) -> None:
-        self.speedups = resolve_speedups(speedups, _csched, "servekit.sched._csched")
         self.kv = kv
         self.block_size = kv.block_size
         self.max_model_len = _positive("max_model_len", max_model_len)
@@ -147,48 +122,27 @@ class Scheduler:
             max_prefill_chunk = self.max_num_batched_tokens
         self.max_prefill_chunk = _positive("max_prefill_chunk", max_prefill_chunk)
         self.policy = make_policy(policy)
+        self.victim_policy: VictimPolicy = (
+            self.policy if victim_policy is None else make_victim_policy(victim_policy))
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
-        self.max_waiting_requests = (
-            None if max_waiting_requests is None
-            else _positive("max_waiting_requests", max_waiting_requests)
-        )
-        self.max_waiting_tokens = (
-            None if max_waiting_tokens is None
-            else _positive("max_waiting_tokens", max_waiting_tokens)
-        )
+        self.max_waiting_requests = (None if max_waiting_requests is None
+                                     else _positive("max_waiting_requests", max_waiting_requests))
+        self.max_waiting_tokens = (None if max_waiting_tokens is None
+                                   else _positive("max_waiting_tokens", max_waiting_tokens))
         self.retry_after = retry_after
         self._remember = remember_finished
-        if not isinstance(decode_lookahead_blocks, int) or decode_lookahead_blocks < 0:
-            raise InvalidParameterError("decode_lookahead_blocks",
-                                        f"must be an integer >= 0, got {decode_lookahead_blocks!r}")
-        self._lookahead = decode_lookahead_blocks
         self.hooks = hooks if hooks is not None else HookSet()
         self._clock = clock
 
         self._requests: dict[str, Request] = {}  # every unfinished request
-        self._decoding: list[Request] = []  # running, sampled since admission; sorted by rank
-        # len(token_ids) - 1 of each request of _decoding (aligned): its computed tokens. Every
-        # decoding request gains one token per step, so update() advances the whole list at once
-        # and schedule() copies it, with no pass over the requests.
-        self._decoding_comp: list[int] = []
-        self._decoding_tokens: list[list[int]] = []  # token_ids of each of _decoding (aligned)
-        self._prefilling: list[Request] = []  # running, still prefilling; sorted by rank
+        self._running: list[Request] = []  # holding blocks, sorted by rank
         self._recent: dict[str, None] = {}  # recently finished ids, oldest first
-        self._deadlines: list[tuple[float, int, Request]] = []
-        self._dead_deadlines = 0
+        self._deadlines: list[tuple[float, int, Request]] = []  # a heap; finished ones linger
         self._serial = count()
         self._admissions = count()
         self._waiting_tokens = 0
         self._in_flight: SchedulerOutput | None = None
-        self._dirty = False  # a scheduled request finished between schedule() and update()
-        self._pending_finished: list[Request] = []  # finished in schedule(), reported by update()
-        self._kv_preempted = False
-        self._step = 0  # schedule() calls so far
-        # Decoding requests advance one token per step, so the step at which each needs a new
-        # block, and the step at which it reaches its length limit, are known in advance.
-        self._block_due: dict[int, list[Request]] = {}
-        self._length_due: dict[int, list[Request]] = {}
-        self._stop_token_union: set[int] = set(self.eos_token_ids)  # superset of all stop_ids
+        self._finished_in_schedule: list[Request] = []  # reported by the next update()
         self.num_preemptions = 0
 
     # ------------------------------------------------------------------ queries
@@ -201,7 +155,7 @@ class Scheduler:
     @property
     def num_running(self) -> int:
         """Requests holding KV blocks."""
-        return len(self._decoding) + len(self._prefilling)
+        return len(self._running)
 
     @property
     def num_unfinished(self) -> int:
@@ -218,15 +172,14 @@ class Scheduler:
         return bool(self._requests)
 
     def running(self) -> list[Request]:
-        """The running requests: decoding ones, then prefilling ones, each in rank order."""
-        return self._decoding + self._prefilling
+        """The running requests, in rank order (the last is the next preemption victim)."""
+        return list(self._running)
 
     def get_request(self, request_id: str) -> Request:
         """The unfinished request with this id (UnknownRequestError otherwise)."""
-        try:
-            return self._requests[request_id]
-        except KeyError:
-            raise UnknownRequestError(request_id) from None
+        if (r := self._requests.get(request_id)) is None:
+            raise UnknownRequestError(request_id)
+        return r
 
     # ------------------------------------------------------------------ admission
 
@@ -276,20 +229,17 @@ class Scheduler:
         request.stop_len = stop_len
         request.min_len = prompt_len + params.min_tokens
         stop_ids = frozenset(params.stop_token_ids)
-        if not params.ignore_eos:
-            stop_ids |= self.eos_token_ids
-        request.stop_ids = stop_ids
-        self._stop_token_union |= stop_ids
+        request.stop_ids = stop_ids if params.ignore_eos else stop_ids | self.eos_token_ids
         self._recent.pop(rid, None)
         self._requests[rid] = request
         self.policy.push(request)
         self._waiting_tokens += prompt_len
         if request.deadline is not None:
-            if self._dead_deadlines > 64 and self._dead_deadlines * 2 > len(self._deadlines):
-                self._deadlines = [e for e in self._deadlines if e[2].status is not FINISHED]
-                heapq.heapify(self._deadlines)
-                self._dead_deadlines = 0
-            heapq.heappush(self._deadlines, (request.deadline, next(self._serial), request))
+            deadlines = self._deadlines
+            if len(deadlines) > 2 * len(self._requests) + 64:  # drop finished requests' entries
+                deadlines[:] = [e for e in deadlines if e[2].status is not FINISHED]
+                heapq.heapify(deadlines)
+            heapq.heappush(deadlines, (request.deadline, next(self._serial), request))
         hooks = self.hooks
         if hooks.wants.request_queued:
             hooks.on_request_queued(RequestQueued(rid, request.tenant, prompt_len, now))
@@ -300,268 +250,133 @@ class Scheduler:
         """Pick this step's batch (see :class:`~servekit.sched.output.SchedulerOutput`)."""
         if self._in_flight is not None:
             raise SchedulerStateError("schedule() called again before update() of the last step")
-        out = SchedulerOutput()
-        self._in_flight = out
-        self._dirty = False
-        self._kv_preempted = False
-        step = self._step
-        self._step = step + 1
+        out = self._in_flight = SchedulerOutput()
         now = self._clock()
-        deadlines = self._deadlines
-        if deadlines and deadlines[0][0] <= now:
+        if self._deadlines and self._deadlines[0][0] <= now:
             self._expire(now, out)
         policy = self.policy
-        if policy.preempts_for_waiting and len(policy) and self.num_running:
-            self._preempt_for_waiting(out, now)
+        if policy.preempts_for_waiting and len(policy) and self._running:
+            self._preempt_for_waiting(out)
+        preempted_to_admit = len(out.preempted)
 
-        # 1. one token for each decoding request; only those whose last block is full (known
-        #    in advance: decoding requests advance one token per step) touch the KV manager
-        due = self._block_due.pop(step, None)
-        if due is not None:
-            self._grow_decodes(due, step, out)
-        decodes = self._decoding[:]
-        comp = self._decoding_comp[:]
-        budget = self.max_num_batched_tokens - len(decodes)
+        # 1. one token for each decoding request (the budget always has room for them); only
+        #    a request whose last block is full needs the KV manager
+        decodes: list[Request] = []
+        prefilling: list[Request] = []
+        bs = self.block_size
+        for r in self._running[:]:
+            if r.prefilling:
+                prefilling.append(r)
+            elif r.status is RUNNING and (len(r.token_ids) <= len(r.block_ids) * bs
+                                          or self._allocate(r, len(r.token_ids), out, decodes)):
+                decodes.append(r)
 
-        # 2. the next chunk of each request still prefilling; 3. admit waiting requests
-        pf_reqs: list[Request] = []
+        # 2. the next chunk of each request still prefilling
+        prefills: list[Request] = []
         pf_new: list[int] = []
-        pf_comp: list[int] = []
-        pf_samples: list[bool] = []
-        if self._prefilling and budget > 0:
-            budget = self._schedule_prefills(decodes, comp, pf_reqs, pf_new, pf_comp,
-                                             pf_samples, out)
-        if budget > 0 and not self._kv_preempted and len(policy):
-            self._admit(budget, pf_reqs, pf_new, pf_comp, pf_samples, out, now)
+        total, chunk = self.max_num_batched_tokens, self.max_prefill_chunk
+        used = 0
+        for r in prefilling:
+            budget = total - len(decodes) - used
+            if budget <= 0:
+                break
+            if r.status is not RUNNING:  # preempted above
+                continue
+            c = r._num_computed
+            n = min(len(r.token_ids) - c, chunk, budget)
+            if not self._allocate(r, c + n, out, decodes):
+                break
+            prefills.append(r)
+            pf_new.append(n)
+            used += n
 
-        nd = len(decodes)
-        out.decodes = decodes
-        out.num_decodes = nd
-        if pf_reqs:
-            out.requests = decodes + pf_reqs
-            out.num_new_tokens = [1] * nd + pf_new
-            comp += pf_comp
-            out.samples = [True] * nd + pf_samples
-            out.num_samples = nd + sum(pf_samples)
-            out.total_num_tokens = nd + sum(pf_new)
-        else:
-            out.requests = decodes
-            out.num_new_tokens = [1] * nd
-            out.samples = [True] * nd
-            out.num_samples = nd
-            out.total_num_tokens = nd
-        out.num_computed_tokens = comp
+        # 3. admit waiting requests, unless this step preempted for lack of blocks
+        budget = total - len(decodes) - used
+        if budget > 0 and len(out.preempted) == preempted_to_admit and len(policy):
+            self._admit(budget, prefills, pf_new, out, now)
+
+        out.set_batch(decodes, prefills, pf_new)
         if policy.charges_tokens and out.requests:
             policy.charge(out.requests, out.num_new_tokens)
         return out
 
-    def _grow_decodes(self, due: list[Request], step: int, out: SchedulerOutput) -> None:
-        """Give one more block to each decoding request whose blocks are full at ``step``.
+    def _allocate(self, r: Request, num_tokens: int, out: SchedulerOutput,
+                  decodes: list[Request]) -> bool:
+        """Blocks for ``r``'s first ``num_tokens`` tokens, preempting the highest-ranked running
+        requests until they fit; False when ``r`` itself had to be preempted."""
+        while not self.kv.allocate(r, num_tokens):
+            victim = self._preempt_last(out)
+            if decodes and victim is decodes[-1]:
+                decodes.pop()  # scheduled earlier in this step: unschedule it
+            if victim is r:
+                return False
+        return True
 
-        Entries left by a preempted or finished request are skipped. When the pool is out of
-        blocks the highest-ranked running request is preempted, possibly the requester itself.
-        """
-        kv = self.kv
-        bs = self.block_size
-        block_due = self._block_due
-        # With blocks to spare, take several at once: fewer manager calls, never past what
-        # the request can still use. Under pressure, exactly one.
-        ahead = self._spare_lookahead()
-        for i, r in enumerate(due):
-            if r.status is not RUNNING or r.prefilling:
-                continue
-            c = len(r.token_ids) - 1
-            if c < r.capacity:
-                continue  # a stale entry: its current one is elsewhere
-            want = c + 1 + ahead * bs
-            if want > r.stop_len - 1:
-                want = r.stop_len - 1
-            if not kv.allocate(r, want) and not kv.allocate(r, c + 1):
-                self._grow_under_pressure(sorted(due[i:], key=_rank), step, out)
-                return
-            r.capacity = len(r.block_ids) * bs
-            _due_at(block_due, r.capacity - c + step, r)
-
-    def _spare_lookahead(self) -> int:
-        """Blocks a request may take beyond its need: up to ``decode_lookahead_blocks``, as many
-        as the pool can spare for every running or waiting request."""
-        ahead = self._lookahead
-        if ahead:
-            spare = self.kv.num_free_blocks // (self.num_running + len(self.policy) or 1) - 1
-            if spare < ahead:
-                ahead = spare if spare > 0 else 0
-        return ahead
-
-    def _grow_under_pressure(self, due: list[Request], step: int, out: SchedulerOutput) -> None:
-        kv = self.kv
-        bs = self.block_size
-        for r in due:
-            if r.status is not RUNNING or r.prefilling:
-                continue
-            c = len(r.token_ids) - 1
-            if c < r.capacity:
-                continue
-            while not kv.allocate(r, c + 1):
-                victim = self._victim()
-                self._preempt(victim, out)
-                if victim is r:
-                    break
-            else:
-                r.capacity = len(r.block_ids) * bs
-                _due_at(self._block_due, r.capacity - c + step, r)
-
-    def _schedule_prefills(self, decodes: list[Request], comp: list[int],
-                           pf_reqs: list[Request], pf_new: list[int], pf_comp: list[int],
-                           pf_samples: list[bool], out: SchedulerOutput) -> int:
-        """Schedule the next chunk of every running prefill; return the budget left."""
-        kv = self.kv
-        bs = self.block_size
-        chunk = self.max_prefill_chunk
-        total = self.max_num_batched_tokens
-        used = len(decodes)
-        prefilling = self._prefilling
-        for r in prefilling:  # victims are popped from the end, so iteration stays valid
-            budget = total - used
-            if budget <= 0:
-                break
-            c = r._num_computed
-            known = len(r.token_ids)
-            n = min(known - c, chunk, budget)
-            end = c + n
-            if end > r.capacity:
-                preempted_self = False
-                while not kv.allocate(r, end):
-                    victim = self._victim()
-                    if decodes and victim is decodes[-1]:
-                        decodes.pop()  # scheduled in pass 1: unschedule it
-                        comp.pop()
-                        used -= 1
-                    self._preempt(victim, out)
-                    if victim is r:
-                        preempted_self = True
-                        break
-                if preempted_self:
-                    break
-                r.capacity = len(r.block_ids) * bs
-            pf_reqs.append(r)
-            pf_new.append(n)
-            pf_comp.append(c)
-            pf_samples.append(end == known)
-            used += n
-        return total - used
-
-    def _admit(self, budget: int, pf_reqs: list[Request], pf_new: list[int],
-               pf_comp: list[int], pf_samples: list[bool], out: SchedulerOutput,
-               now: float) -> None:
+    def _admit(self, budget: int, prefills: list[Request], pf_new: list[int],
+               out: SchedulerOutput, now: float) -> None:
         """Admit waiting requests in policy order while budget, slots and blocks allow."""
-        kv = self.kv
-        bs = self.block_size
-        policy = self.policy
-        chunk = self.max_prefill_chunk
-        hooks = self.hooks
-        prefilling = self._prefilling
-        num_running = len(self._decoding) + len(prefilling)
-        while budget > 0 and num_running < self.max_num_seqs:
+        kv, policy, hooks = self.kv, self.policy, self.hooks
+        while budget > 0 and len(self._running) < self.max_num_seqs:
             r = policy.peek()
-            if r is None or (out.preempted and r in out.preempted):
+            if r is None or r in out.preempted:
                 break  # never readmit a request in the step that preempted it
             known = len(r.token_ids)
             cached = kv.get_num_cached_tokens(r)
-            n = min(known - cached, chunk, budget)
-            end = cached + n
-            want = self._admission_lookahead(r, end) if end == known else end
-            if not kv.allocate(r, want, cached) and (
-                    want == end or not kv.allocate(r, end, cached)):
+            n = min(known - cached, self.max_prefill_chunk, budget)
+            if not kv.allocate(r, cached + n, cached):
                 break
             policy.pop()
             self._waiting_tokens -= known
             r.status = RUNNING
             r._num_computed = cached
-            r.capacity = len(r.block_ids) * bs
             r.prefilling = True
-            r.rank = policy.running_rank(r, next(self._admissions))
-            _insert(prefilling, r)
-            num_running += 1
+            r.rank = self.victim_policy.running_rank(r, next(self._admissions))
+            insort(self._running, r, key=_rank)
             if r.first_scheduled_time is None:
                 r.first_scheduled_time = now
                 r.num_cached_tokens = cached
                 if hooks.wants.request_scheduled:
                     hooks.on_request_scheduled(
                         RequestScheduled(r.request_id, r.tenant, r.arrival_time, cached, now))
-            pf_reqs.append(r)
+            prefills.append(r)
             pf_new.append(n)
-            pf_comp.append(cached)
-            pf_samples.append(cached + n == known)
             budget -= n
 
-    def _admission_lookahead(self, r: Request, known: int) -> int:
-        """Tokens to allocate for ``r``, whose whole prompt (``known`` tokens) is admitted now:
-        with its decode lookahead when blocks are spare, so it needs one manager call instead
-        of two (it decodes up to position ``stop_len - 2``). The blocks every other waiting
-        prompt needs stay free (rounded up, assuming no prefix hits)."""
-        ahead = self._spare_lookahead()
-        others = len(self.policy) - 1
-        if ahead and others:
-            bs = self.block_size
-            others += (self._waiting_tokens - known) // bs
-            ahead = min(ahead, self.kv.num_free_blocks - known // bs - 1 - others)
-        if ahead <= 0:
-            return known
-        return max(known, min(known + 1 + ahead * self.block_size, r.stop_len - 1))
-
-    def _victim(self) -> Request:
-        """The running request of highest rank (the next preemption victim)."""
-        decoding = self._decoding
-        prefilling = self._prefilling
-        if not prefilling:
-            return decoding[-1]
-        if not decoding:
-            return prefilling[-1]
-        d, p = decoding[-1], prefilling[-1]
-        return d if p.rank < d.rank else p
-
-    def _preempt(self, victim: Request, out: SchedulerOutput) -> None:
-        """Free the victim's blocks (full ones stay cached) and queue it for recompute."""
-        kv = self.kv
-        kv.commit(victim, victim.num_computed_tokens)
-        kv.free(victim)
-        if victim.prefilling:
-            self._prefilling.remove(victim)
-        else:
-            self._remove_decoding(victim)
+    def _preempt_last(self, out: SchedulerOutput) -> Request:
+        """Preempt the running request of highest rank: free its blocks (full ones stay cached)
+        and queue it for recompute. Returns it."""
+        victim = self._running.pop()
+        self.kv.commit(victim, victim.num_computed_tokens)
+        self.kv.free(victim)
         victim.status = PREEMPTED
         victim._num_computed = 0
-        victim.capacity = 0
         victim.prefilling = True
         victim.num_preemptions += 1
         self.num_preemptions += 1
         self.policy.push_preempted(victim)
         self._waiting_tokens += len(victim.token_ids)
-        self._kv_preempted = True
         out.preempted.append(victim)
-        hooks = self.hooks
-        if hooks.wants.request_preempted:
-            hooks.on_request_preempted(
+        if self.hooks.wants.request_preempted:
+            self.hooks.on_request_preempted(
                 RequestPreempted(victim.request_id, victim.tenant, self._clock()))
+        return victim
 
-    def _preempt_for_waiting(self, out: SchedulerOutput, now: float) -> None:
+    def _preempt_for_waiting(self, out: SchedulerOutput) -> None:
         """Preempt lower-ranked running requests that keep the head of the queue out."""
-        policy = self.policy
-        bs = self.block_size
-        while self.num_running:
+        policy, bs = self.policy, self.block_size
+        while self._running:
             head = policy.peek()
             if head is None:
                 return
-            victim = self._victim()
-            if not policy.outranks(head, victim):
+            if not policy.outranks(head, self._running[-1]):
                 return
             first_chunk = min(len(head.token_ids), self.max_prefill_chunk,
                               self.max_num_batched_tokens)
             blocks_needed = (first_chunk + bs - 1) // bs
-            if self.num_running < self.max_num_seqs and self.kv.num_free_blocks >= blocks_needed:
+            if (len(self._running) < self.max_num_seqs
+                    and self.kv.num_free_blocks >= blocks_needed):
                 return
-            self._preempt(victim, out)
-            self._kv_preempted = False  # this preemption is made precisely to admit `head`
+            self._preempt_last(out)
 
     # ------------------------------------------------------------------ update
 
@@ -580,114 +395,45 @@ class Scheduler:
                 f"entry), got {len(sampled_token_ids)}")
         self._in_flight = None
         now = self._clock()
-        if self._dirty:
-            output, sampled_token_ids = _without_finished(output, sampled_token_ids)
-        to_check: list[Request] = []
-        check = to_check.append
-
-        stops = self._stop_token_union
-        decodes = output.decodes
-        # decodes is _decoding (a finish in flight left both, see _without_finished), and the
-        # decodes' tokens come first: append each (one pass in C either way), then each decode
-        # has one more computed token for the next step
-        if self.speedups:
-            self._decoding_comp = _csched.advance_decodes(
-                self._decoding_tokens, sampled_token_ids, self._decoding_comp)
-        else:
-            _consume(map(list.append, self._decoding_tokens, sampled_token_ids))
-            self._decoding_comp = [c + 1 for c in self._decoding_comp]
-        if stops and not stops.isdisjoint(sampled_token_ids):  # one C pass; exact check below
-            for r, t in zip(decodes, sampled_token_ids, strict=False):
-                if t in stops:
-                    check(r)
-        # requests reaching their length limit now were filed under this step in advance
-        due = self._length_due.pop(self._step - 1, None)
-        if due is not None:
-            for r in due:
-                if r.status is RUNNING and not r.prefilling and len(r.token_ids) >= r.stop_len:
-                    check(r)
-
-        hooks = self.hooks
-        if len(output.requests) > output.num_decodes:
-            new_reqs = decodes[:]
-            self._update_prefills(output, sampled_token_ids, new_reqs, check, now)
-        else:
-            new_reqs = decodes
-        new_tokens = list(sampled_token_ids)
-        if hooks.wants.new_tokens:
-            self._emit_new_tokens(new_reqs, now)
-
-        finished = self._pending_finished
-        self._pending_finished = []
-        for r in to_check:
-            if r.status is RUNNING:
-                reason = _stop_reason(r)
-                if reason is not None:
-                    self._finish(r, reason, now)
-                    finished.append(r)
-
-        if hooks.wants.cache_stats:
-            kv = self.kv
-            hooks.on_cache_stats(CacheStats(kv.usage, kv.prefix_queries, kv.prefix_hits, now))
-        return UpdateResult(new_reqs, new_tokens, finished)
-
-    def _update_prefills(self, output: SchedulerOutput, sampled: Sequence[int],
-                         new_reqs: list[Request], check: Callable[[Request], None],
-                         now: float) -> None:
-        kv = self.kv
-        bs = self.block_size
-        hooks = self.hooks
-        reqs = output.requests
-        num_new = output.num_new_tokens
-        num_comp = output.num_computed_tokens
-        samples = output.samples
-        si = output.num_decodes
-        step = self._step  # the next schedule()
-        for j in range(output.num_decodes, len(reqs)):
-            r = reqs[j]
-            c0 = num_comp[j]
-            c = c0 + num_new[j]
-            r._num_computed = c
-            if c // bs > c0 // bs:
-                kv.commit(r, c)
-            if not samples[j]:
+        kv, hooks = self.kv, self.hooks
+        wants = hooks.wants
+        want_first, want_new = wants.first_token, wants.new_tokens
+        finished, self._finished_in_schedule = self._finished_in_schedule, []
+        nd = output.num_decodes
+        # the KV of every scheduled prefill chunk is written now: full blocks become hittable
+        # (blocks filled while decoding are committed in one call when the request finishes
+        # or is preempted)
+        for r, n in zip(output.requests[nd:], output.num_new_tokens[nd:], strict=True):
+            if r.status is RUNNING:  # not finished (aborted, failed) since schedule()
+                r._num_computed += n
+                kv.commit(r, r._num_computed)
+        # each sampling request gets its token: decodes first, then prefills that reached the
+        # end of their known tokens (and decode from now on)
+        requests: list[Request] = []
+        new_tokens: list[int] = []
+        for r, t in zip(output.sampling_requests, sampled_token_ids, strict=True):
+            if r.status is not RUNNING:
                 continue
-            t = sampled[si]
-            si += 1
-            ti = r.token_ids
-            ti.append(t)
-            new_reqs.append(r)
+            token_ids = r.token_ids
+            token_ids.append(t)
+            r.prefilling = False
+            requests.append(r)
+            new_tokens.append(t)
             if r.first_token_time is None:
                 r.first_token_time = r.last_token_time = now
-                if hooks.wants.first_token:
+                if want_first:
                     hooks.on_first_token(FirstToken(r.request_id, r.tenant, r.arrival_time, now))
-            n = len(ti)
-            if n >= r.stop_len or t in r.stop_ids:
-                check(r)
-            # r decodes from now on: one token per step, so its next full block and its
-            # length limit fall on known steps
-            self._prefilling.remove(r)
-            r.prefilling = False
-            i = _insert(self._decoding, r)
-            self._decoding_comp.insert(i, n - 1)
-            self._decoding_tokens.insert(i, ti)
-            _due_at(self._block_due, step + r.capacity - c, r)
-            if n < r.stop_len:
-                _due_at(self._length_due, step + r.stop_len - n - 1, r)
-
-    def _remove_decoding(self, r: Request) -> None:
-        i = self._decoding.index(r)
-        del self._decoding[i]
-        del self._decoding_comp[i]
-        del self._decoding_tokens[i]
-
-    def _emit_new_tokens(self, requests: list[Request], now: float) -> None:
-        hooks = self.hooks
-        for r in requests:
-            if r.first_token_time == now and len(r.token_ids) - r.num_prompt_tokens == 1:
-                continue  # the first token is reported by FirstToken
-            hooks.on_new_tokens(NewTokens(r.request_id, r.tenant, 1, r.last_token_time, now))
-            r.last_token_time = now
+            elif want_new:
+                hooks.on_new_tokens(NewTokens(r.request_id, r.tenant, 1, r.last_token_time, now))
+                r.last_token_time = now
+            num = len(token_ids)
+            stop = t in r.stop_ids and num >= r.min_len
+            if stop or num >= r.stop_len:
+                self._finish(r, FinishReason.STOP if stop else FinishReason.LENGTH, now)
+                finished.append(r)
+        if wants.cache_stats:
+            hooks.on_cache_stats(CacheStats(kv.usage, kv.prefix_queries, kv.prefix_hits, now))
+        return UpdateResult(requests, new_tokens, finished)
 
     # ------------------------------------------------------------------ finishing
 
@@ -712,8 +458,6 @@ class Scheduler:
             if request_id in self._recent:
                 return False
             raise UnknownRequestError(request_id)
-        if self._in_flight is not None and r.status is RUNNING:
-            self._dirty = True
         if error is not None:
             r.error = error
         self._finish(r, FinishReason(reason), self._clock())
@@ -722,13 +466,13 @@ class Scheduler:
     def _finish(self, r: Request, reason: FinishReason, now: float) -> None:
         status = r.status
         if status is RUNNING:
-            kv = self.kv
-            kv.commit(r, r.num_computed_tokens)
-            kv.free(r)
-            if r.prefilling:
-                self._prefilling.remove(r)
-            else:
-                self._remove_decoding(r)
+            self.kv.commit(r, r.num_computed_tokens)
+            self.kv.free(r)
+            running = self._running
+            i = bisect_left(running, r.rank, key=_rank)  # ranks may tie: find r itself
+            while running[i] is not r:
+                i += 1
+            del running[i]
         elif status is WAITING or status is PREEMPTED:
             self.policy.remove(r)
             self._waiting_tokens -= len(r.token_ids)
@@ -738,15 +482,11 @@ class Scheduler:
         r.finish_reason = reason
         rid = r.request_id
         del self._requests[rid]
-        recent = self._recent
-        recent[rid] = None
-        if len(recent) > self._remember:
-            del recent[next(iter(recent))]
-        if r.deadline is not None:
-            self._dead_deadlines += 1  # its heap entry is now dead weight
-        hooks = self.hooks
-        if hooks.wants.request_finished:
-            hooks.on_request_finished(RequestFinished(
+        self._recent[rid] = None
+        if len(self._recent) > self._remember:
+            del self._recent[next(iter(self._recent))]
+        if self.hooks.wants.request_finished:
+            self.hooks.on_request_finished(RequestFinished(
                 rid, r.tenant, reason.value, r.num_prompt_tokens,
                 len(r.token_ids) - r.num_prompt_tokens, r.num_cached_tokens, r.num_preemptions,
                 r.arrival_time, r.first_scheduled_time, r.first_token_time, now))
@@ -760,61 +500,4 @@ class Scheduler:
                 r.error = "deadline exceeded"
                 self._finish(r, FinishReason.ABORT, now)
                 out.finished.append(r)
-                self._pending_finished.append(r)
-            self._dead_deadlines = max(0, self._dead_deadlines - 1)
-
-
-def _insert(requests: list[Request], r: Request) -> int:
-    """Insert r into a list sorted by rank (it usually belongs at or near the end); its index."""
-    rank = r.rank
-    i = len(requests)
-    stop = max(0, i - 8)
-    while i > stop and requests[i - 1].rank > rank:
-        i -= 1
-    if i == stop and stop and requests[i - 1].rank > rank:
-        i = bisect_right(requests, rank, hi=stop, key=_rank)
-    requests.insert(i, r)
-    return i
-
-
-def _due_at(table: dict[int, list[Request]], step: int, r: Request) -> None:
-    entries = table.get(step)
-    if entries is None:
-        table[step] = [r]
-    else:
-        entries.append(r)
-
-
-def _stop_reason(r: Request) -> FinishReason | None:
-    """Why r must stop after its last token, or None (a stop token before min_tokens)."""
-    n = len(r.token_ids)
-    if r.token_ids[-1] in r.stop_ids and n >= r.min_len:
-        return FinishReason.STOP
-    if n >= r.stop_len:
-        return FinishReason.LENGTH
-    return None
-
-
-def _without_finished(output: SchedulerOutput,
-                      sampled: Sequence[int]) -> tuple[SchedulerOutput, list[int]]:
-    """A copy of output (and its tokens) without the requests that finished in flight."""
-    kept = SchedulerOutput()
-    tokens: list[int] = []
-    si = 0
-    for j, r in enumerate(output.requests):
-        sample = output.samples[j]
-        if r.status is RUNNING:
-            kept.requests.append(r)
-            kept.num_new_tokens.append(output.num_new_tokens[j])
-            kept.num_computed_tokens.append(output.num_computed_tokens[j])
-            kept.samples.append(sample)
-            if sample:
-                tokens.append(sampled[si])
-            if j < output.num_decodes:
-                kept.num_decodes += 1
-        if sample:
-            si += 1
-    kept.decodes = kept.requests[: kept.num_decodes]
-    kept.num_samples = len(tokens)
-    kept.total_num_tokens = sum(kept.num_new_tokens)
-    return kept, tokens
+                self._finished_in_schedule.append(r)

@@ -2,6 +2,9 @@
 
     servekit serve                          # the bundled demo model on 127.0.0.1:8000
     servekit serve --model ./my-llama --port 9000 --api-keys keys.json
+    servekit serve --config servekit.toml --policy 'fair:{"weights": {"gold": 2}}' \
+        --hook request_log --limiter-store redis://127.0.0.1:6379/0
+    servekit plugins list                   # every installed plugin, by kind
 
 With no ``--model`` it serves the tiny Shakespeare Llama shipped in ``servekit/demo_model``.
 SIGTERM or Ctrl-C drains: ``/ready`` turns false and new requests get 503 + retry-after while
@@ -12,16 +15,29 @@ then the listener closes (a second signal exits at once).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
+from functools import partial
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import attrs
+
+from servekit import plugins
 from servekit._optional import require
 from servekit.metrics.hooks import HookSet
+from servekit.server.config import (
+    ConfigError,
+    apply_config,
+    build_checked,
+    default,
+    origin_of,
+)
 from servekit.server.keys import KeyStore
+from servekit.server.ratelimit import KeyLimits
 
 __all__ = ["DEMO_MODEL", "build_parser", "main"]
 
@@ -41,50 +57,87 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="servekit", description="servekit command line")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve a model over the OpenAI-compatible HTTP API")
+    # Settings that the configuration file also holds default to None here, so a given flag
+    # can override the file; servekit.server.config.SETTINGS has their real defaults.
+    serve.add_argument("--config", type=Path, default=None,
+                       help="TOML file of settings (see docs/plugins.md); flags override it")
     serve.add_argument("--model", type=Path, default=None,
                        help="local Hugging Face model directory (default: the bundled demo model)")
     serve.add_argument("--served-model-name", action="append", default=None,
                        help="name(s) clients use for the model (default: the directory name)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default=None, help=f"default: {default('host')}")
+    serve.add_argument("--port", type=int, default=None, help=f"default: {default('port')}")
     serve.add_argument("--grpc-port", type=int, default=None,
                        help="also serve gRPC (servekit.v1.Generation, health, reflection) on this port")
     serve.add_argument("--api-keys", type=Path, default=None,
                        help="JSON file of keys (default: $SERVEKIT_API_KEYS, else open)")
-    serve.add_argument("--grace-period", type=float, default=30.0,
-                       help="seconds in-flight requests get to finish on shutdown")
+    serve.add_argument("--grace-period", type=float, default=None,
+                       help="seconds in-flight requests get to finish on shutdown "
+                            f"(default: {default('grace_period')})")
     serve.add_argument("--max-model-len", type=int, default=None)
-    serve.add_argument("--max-num-seqs", type=int, default=128)
-    serve.add_argument("--max-waiting-requests", type=int, default=1024,
-                       help="bound of the waiting queue (over it: 503 + retry-after)")
-    serve.add_argument("--kv-cache-mb", type=int, default=256)
-    serve.add_argument("--device", default="cpu")
+    serve.add_argument("--max-num-seqs", type=int, default=None,
+                       help=f"default: {default('max_num_seqs')}")
+    serve.add_argument("--max-waiting-requests", type=int, default=None,
+                       help="bound of the waiting queue (over it: 503 + retry-after; "
+                            f"default: {default('max_waiting_requests')})")
+    serve.add_argument("--kv-cache-mb", type=int, default=None,
+                       help=f"default: {default('kv_cache_mb')}")
+    serve.add_argument("--device", default=None, help=f"default: {default('device')}")
     serve.add_argument("--dtype", default=None)
-    serve.add_argument("--fake", action="store_true",
+    serve.add_argument("--fake", action="store_true", default=None,
                        help="serve an instant fake model (benchmarks, smoke tests)")
-    serve.add_argument("--fake-token-delay", type=float, default=0.0,
+    serve.add_argument("--fake-token-delay", type=float, default=None,
                        help="seconds between the fake model's tokens")
-    # -- hardening: body, stream and connection limits (docs/server.md) --
+    # -- hardening: body, stream and connection limits (docs/server.md) --------------------------
     serve.add_argument("--max-body-bytes", type=int, default=None,
                        help="largest request body, bytes (413 above; default: one prompt of "
                             "the model's longest context, at least 1 MiB)")
-    serve.add_argument("--send-timeout", type=float, default=30.0,
+    serve.add_argument("--send-timeout", type=float, default=None,
                        help="seconds a stream waits on a client that stopped reading before "
-                            "it is aborted")
-    serve.add_argument("--timeout-keep-alive", type=float, default=5.0,
-                       help="seconds an idle keep-alive connection stays open")
-    serve.add_argument("--header-timeout", type=float, default=10.0,
-                       help="seconds a connection has to send its request head")
-    serve.add_argument("--rate-limit-fail-open", action="store_true",
+                            f"it is aborted (default: {default('send_timeout')})")
+    serve.add_argument("--timeout-keep-alive", type=float, default=None,
+                       help="seconds an idle keep-alive connection stays open "
+                            f"(default: {default('timeout_keep_alive')})")
+    serve.add_argument("--header-timeout", type=float, default=None,
+                       help="seconds a connection has to send its request head "
+                            f"(default: {default('header_timeout')})")
+    serve.add_argument("--rate-limit-fail-open", action="store_true", default=None,
                        help="admit requests unlimited while the rate-limit store is down "
                             "(default: 503 rate_limit_store_unavailable)")
-    serve.add_argument("--rate-limit-outage-retry-after", type=float, default=10.0,
-                       help="retry-after seconds of the 503 sent while the rate-limit store is down")
-    serve.add_argument("--metrics-style", choices=("prometheus", "vllm"), default="prometheus",
+    serve.add_argument("--rate-limit-outage-retry-after", type=float, default=None,
+                       help="retry-after seconds of the 503 sent while the rate-limit store is "
+                            f"down (default: {default('rate_limit_outage_retry_after')})")
+    serve.add_argument("--metrics-style", choices=("prometheus", "vllm"), default=None,
                        help="/metrics names: Prometheus conventions under servekit_ (default), "
                             "or vLLM's exact vllm: names for dashboards built for vLLM")
-    serve.add_argument("--log-level", default="info")
-    serve.add_argument("--access-log", action="store_true")
+    serve.add_argument("--log-level", default=None, help=f"default: {default('log_level')}")
+    serve.add_argument("--access-log", action="store_true", default=None)
+    # -- plugins and engine sizes (servekit.server.config) ------------------------------------
+    serve.add_argument("--max-num-batched-tokens", type=int, default=None,
+                       help=f"token budget of one step (default: "
+                            f"{default('max_num_batched_tokens')})")
+    serve.add_argument("--block-size", type=int, default=None,
+                       help=f"KV block size in tokens (default: {default('block_size')})")
+    serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                       default=None, help="reuse the KV of shared prompt prefixes (default: on)")
+    serve.add_argument("--policy", default=None, metavar="NAME[:JSON]",
+                       help="scheduling policy: fcfs, priority, fair or a plugin's name; the "
+                            "JSON object becomes its keyword arguments (default: fcfs)")
+    serve.add_argument("--victim-policy", default=None, metavar="NAME[:JSON]",
+                       help="preemption-victim policy (default: the scheduling policy's order)")
+    serve.add_argument("--runner", default=None, metavar="NAME[:JSON]",
+                       help="model-runner plugin that loads --model (default: transformers)")
+    serve.add_argument("--hook", action="append", default=None, metavar="NAME[:JSON]",
+                       help="add a metrics hook plugin (repeatable)")
+    serve.add_argument("--limiter-store", default=None, metavar="URL",
+                       help="where rate-limit state lives: memory:// (default), "
+                            "redis://host:port/db, or a limiter_store plugin's scheme")
+    # -------------------------------------------------------------------------------------------
+    listing = sub.add_parser("plugins", help="installed plugins")
+    listing_sub = listing.add_subparsers(dest="plugins_command", required=True)
+    show = listing_sub.add_parser("list", help="every installed plugin by kind")
+    show.add_argument("--kind", choices=sorted(plugins.KINDS), default=None)
+    show.add_argument("--json", action="store_true", help="one JSON object per plugin")
     return parser
 
 
@@ -96,14 +149,40 @@ def build_engine(args: argparse.Namespace, hooks: Any = None) -> Any:
         return FakeEngine(model_name=(args.served_model_name or ["fake"])[0],
                           token_delay=args.fake_token_delay,
                           max_waiting=args.max_waiting_requests)
-    from servekit.engine import AsyncEngine, EngineConfig, LLMEngine
+    from servekit.engine import AsyncEngine, LLMEngine
 
     path = args.model or DEMO_MODEL
-    config = EngineConfig(
-        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-        max_waiting_requests=args.max_waiting_requests, kv_cache_bytes=args.kv_cache_mb * 2**20,
-        device=args.device, dtype=args.dtype)
-    return AsyncEngine(LLMEngine(str(path), config=config, hooks=hooks))
+    config = engine_config(args)
+    engine = build_checked(args, "runner",
+                           lambda: LLMEngine(str(path), config=config, hooks=hooks))
+    policy = engine.scheduler.policy
+    logger.info("scheduling policy: %s (%s.%s)", args.policy, type(policy).__module__,
+                type(policy).__qualname__)
+    return AsyncEngine(engine)
+
+
+#: EngineConfig fields that come from a setting of another name
+_ENGINE_FIELD_SETTINGS = {"kv_cache_bytes": "kv_cache_mb"}
+
+
+def engine_config(args: argparse.Namespace) -> Any:
+    """The :class:`~servekit.engine.EngineConfig` the settings describe; a bad value raises
+    :class:`ConfigError` naming the flag or the file and key it came from."""
+    from servekit.engine import EngineConfig
+    from servekit.sched.params import InvalidParameterError
+
+    try:
+        return EngineConfig(
+            max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+            max_waiting_requests=args.max_waiting_requests,
+            kv_cache_bytes=args.kv_cache_mb * 2**20,
+            max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+            enable_prefix_caching=args.enable_prefix_caching, device=args.device,
+            dtype=args.dtype, policy=args.policy, victim_policy=args.victim_policy,
+            runner=args.runner)
+    except InvalidParameterError as exc:
+        dest = _ENGINE_FIELD_SETTINGS.get(exc.param, exc.param)
+        raise ConfigError(f"{origin_of(args, dest)}: {exc}") from exc
 
 
 def _model_name(args: argparse.Namespace) -> str:
@@ -125,6 +204,7 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     keys = KeyStore.from_file(args.api_keys) if args.api_keys else KeyStore.from_env()
+    plugged = _plugins(args)
     if args.model is not None and not args.fake and not Path(args.model).is_dir():
         print(f"servekit serve: --model {str(args.model)!r} is not a directory", file=sys.stderr)
         return 2
@@ -135,12 +215,14 @@ def serve(args: argparse.Namespace) -> int:
                           rate_limit_fail_open=args.rate_limit_fail_open,
                           rate_limit_outage_retry_after=args.rate_limit_outage_retry_after,
                           metrics_style=args.metrics_style)
-    hooks = HookSet()
+    hooks = HookSet(plugged.hooks)
     metrics = _metrics(names[0], args.metrics_style)
     if metrics is not None:
         hooks.add(metrics)
+    limits = KeyLimits(store=plugged.store, hooks=hooks, fail_open=config.rate_limit_fail_open,
+                       outage_retry_after=config.rate_limit_outage_retry_after)
     # the engine is built in a worker thread at startup: /health answers while the model loads
-    app = create_app(lambda: build_engine(args, hooks), keys=keys, hooks=hooks,
+    app = create_app(lambda: build_engine(args, hooks), keys=keys, hooks=hooks, limits=limits,
                      metrics=metrics if metrics is not None else False, config=config)
     state = app.state.servekit.state
     # the server drains before uvicorn shuts down, so uvicorn's own shutdown finds the
@@ -166,6 +248,49 @@ def serve(args: argparse.Namespace) -> int:
     return 1 if state.error else 0
 
 
+@attrs.frozen
+class _Plugged:
+    """The plugins ``servekit serve`` builds before it starts: hooks and the limiter store."""
+
+    hooks: tuple[Any, ...]
+    store: Any
+
+
+def _plugins(args: argparse.Namespace) -> _Plugged:
+    """Build the hooks and the limiter store, and check the policies resolve, before the
+    server starts: a bad plugin fails fast with the flag or config key that named it."""
+    from servekit.limit.store import MemoryStore, store_from_url
+    from servekit.sched.policy import make_policy, make_victim_policy
+
+    hooks = tuple(build_checked(args, "hook", partial(plugins.resolve, "hook", spec))
+                  for spec in args.hook)
+    store = MemoryStore() if args.limiter_store is None else build_checked(
+        args, "limiter_store", lambda: store_from_url(args.limiter_store))
+    if not args.fake:  # the engine builds its own from the spec; this only checks it early
+        engine_config(args)
+        build_checked(args, "policy", lambda: make_policy(args.policy))
+        if args.victim_policy is not None:
+            build_checked(args, "victim_policy", lambda: make_victim_policy(args.victim_policy))
+    return _Plugged(hooks, store)
+
+
+def list_plugins(kind: str | None = None, as_json: bool = False) -> str:
+    """``servekit plugins list``: every installed plugin by kind, with its interface version
+    and the distribution (and version) it comes from."""
+    specs = plugins.available(kind)
+    if as_json:
+        return "\n".join(json.dumps({
+            "kind": s.kind, "name": s.name, "api_version": plugins.KINDS[s.kind].api_version,
+            "distribution": s.source, "version": s.version, "target": s.target,
+        }) for s in specs)
+    rows = [("KIND", "NAME", "API", "DISTRIBUTION", "TARGET")] + [
+        (s.kind, s.name, str(plugins.KINDS[s.kind].api_version), f"{s.source} {s.version}",
+         s.target) for s in specs]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[4]])
+                     for r in rows)
+
+
 def _metrics(model_name: str, style: str = "prometheus") -> Any:
     try:
         from servekit.metrics.prometheus import PrometheusHook
@@ -179,8 +304,15 @@ def _metrics(model_name: str, style: str = "prometheus") -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``servekit`` script."""
     args = build_parser().parse_args(argv)
+    if args.command == "plugins":
+        print(list_plugins(args.kind, args.json))
+        return 0
     if args.command == "serve":
-        return serve(args)
+        try:
+            return serve(apply_config(args))
+        except ConfigError as exc:
+            print(f"servekit serve: {exc}", file=sys.stderr)
+            return 2
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

@@ -7,7 +7,12 @@ import pytest
 import torch
 from hypothesis import given
 
-from servekit.kv.cache import KVCache, KVCacheSizeError, build_block_tables, build_slot_mapping
+from servekit.engine.kv_cache import (
+    KVCache,
+    KVCacheSizeError,
+    build_block_tables,
+    build_slot_mapping,
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
