@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -52,9 +53,19 @@ def test_a_store_outage_is_a_503_or_fails_open_and_is_counted(redis: RedisServer
         assert server.metric("rate_limit_reservations") == 0
 
 
-def test_the_cli_reaches_the_fail_open_switch() -> None:
+def test_the_cli_and_the_config_file_reach_the_fail_open_switch(tmp_path: Any) -> None:
     from servekit.server.cli import build_parser
+    from servekit.server.config import apply_config
 
-    args = build_parser().parse_args(["serve", "--rate-limit-fail-open",
-                                      "--rate-limit-outage-retry-after", "30"])
+    args = apply_config(build_parser().parse_args(
+        ["serve", "--rate-limit-fail-open", "--rate-limit-outage-retry-after", "30"]))
     assert args.rate_limit_fail_open is True and args.rate_limit_outage_retry_after == 30.0
+    defaults = apply_config(build_parser().parse_args(["serve"]))
+    assert defaults.rate_limit_fail_open is False
+    assert defaults.rate_limit_outage_retry_after == 10.0
+    config = tmp_path / "servekit.toml"
+    config.write_text("[limits]\nfail_open = true\noutage_retry_after = 20.0\n"
+                      "[metrics]\nstyle = \"vllm\"\n")
+    args = apply_config(build_parser().parse_args(["serve", "--config", str(config)]))
+    assert args.rate_limit_fail_open is True and args.rate_limit_outage_retry_after == 20.0
+    assert args.metrics_style == "vllm"
