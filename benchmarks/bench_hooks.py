@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,16 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from _common import bar, parse_args, print_bars, print_table, summary, write_json
-from servekit.metrics import HookSet, NewTokens, PrometheusHook, StatsHook
+from servekit.bench.hooks import NoopHook, measure_hooks, sizes
+from servekit.metrics import PrometheusHook, StatsHook
+from servekit.metrics.events import NewTokens
 from servekit.metrics.hooks import Hook
 from servekit.metrics.prometheus import ITL_BUCKETS
-
-
-class NoopHook(Hook):
-    """Listens to new tokens and does nothing: the cost of dispatch alone."""
-
-    def on_new_tokens(self, event: NewTokens) -> None:
-        pass
 
 
 class PrometheusClientHook(Hook):
@@ -68,54 +62,15 @@ def configs() -> dict[str, Callable[[], list[Hook]]]:
     }
 
 
-def make_step(hooks: HookSet, batch: int, build: bool) -> Callable[[float], None]:
-    """One decode step's events; ``build=False`` reuses prebuilt events (dispatch only)."""
-    ids = [f"req-{i}" for i in range(batch)]
-    tenants = [f"tenant-{i % 4}" for i in range(batch)]
-    gaps = [0.005 + 0.01 * (i % 16) for i in range(batch)]  # spread over ITL buckets
-    rows = list(zip(ids, tenants, gaps, strict=True))
-    prebuilt = [NewTokens(r, t, 1, 1.0 - g, 1.0) for r, t, g in rows]
-
-    if build:
-
-        def step(now: float) -> None:
-            wants = hooks.wants
-            for request_id, tenant, gap in rows:
-                if wants.new_tokens:
-                    hooks.on_new_tokens(NewTokens(request_id, tenant, 1, now - gap, now))
-
-    else:
-
-        def step(now: float) -> None:
-            wants = hooks.wants
-            for event in prebuilt:
-                if wants.new_tokens:
-                    hooks.on_new_tokens(event)
-
-    return step
-
-
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
-    rounds = args.rounds or (7 if args.quick else 21)
-    steps = 150 if args.quick else 1000
-    batch = 64
-    events = steps * batch
+    size = sizes(args.quick, args.rounds)
+    steps, rounds, batch = size["steps"], size["rounds"], size["batch"]
 
     names = list(configs())
-    runs: dict[tuple[str, bool], Callable[[float], None]] = {}
-    for name, factory in configs().items():
-        for build in (True, False):
-            runs[name, build] = make_step(HookSet(factory()), batch, build)
-    samples: dict[tuple[str, bool], list[float]] = {key: [] for key in runs}
-    wall: dict[tuple[str, bool], list[float]] = {key: [] for key in runs}
-    for _ in range(rounds):
-        for key, step in runs.items():
-            start, start_wall = time.thread_time(), time.perf_counter()
-            for s in range(steps):
-                step(float(s))
-            samples[key].append((time.thread_time() - start) / events * 1e6)
-            wall[key].append((time.perf_counter() - start_wall) / events * 1e6)
+    measured = measure_hooks(configs(), batch=batch, steps=steps, rounds=rounds)
+    samples = {key: m["cpu"] for key, m in measured.items()}
+    wall = {key: m["wall"] for key, m in measured.items()}
 
     peer = statistics.median(samples["peer: prometheus_client", True])
     rows = []

@@ -7,6 +7,9 @@ Scenarios (same process, one after the other, several rounds, medians with min-m
   the exact bucket bound floor(C + r * span) (the bar: 1.00x) and vs r * T;
 - Redis decisions/s (RPM+TPM in one EVALSHA) vs limits' Redis storage and a bare PING;
 - memory for 100k keys: servekit with two limits vs limits' fixed window with one.
+
+The checks/s measurement is :mod:`servekit.bench.limiter` (``python -m servekit.bench limiter
+--store URL`` runs it on a store plugin beside the memory store).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from limits import parse, strategies
 from limits.storage import MemoryStorage, RedisStorage
 
 import _common as C
+from servekit.bench.limiter import BIG, compare_checks, store_checker
 from servekit.limit import Limit, Limiter, RedisStore
 
 STRATEGIES = {
@@ -39,17 +43,6 @@ STRATEGIES = {
     "limits moving": strategies.MovingWindowRateLimiter,
     "limits sliding": strategies.SlidingWindowCounterRateLimiter,
 }
-BIG = 10**9
-
-
-def servekit_checker(rate: float, capacity: float, two: bool = False, store: Any = None
-                     ) -> Callable[[str], bool]:
-    lims = [Limit("requests", capacity, rate)]
-    if two:
-        lims.append(Limit("tokens", capacity * 100, rate * 100))
-    limiter = Limiter(lims, store=store)
-    try_acquire = limiter.try_acquire
-    return lambda key: try_acquire(key).allowed
 
 
 def limits_checker(name: str, per_second: int, storage: Any = None) -> Callable[[str], bool]:
@@ -59,36 +52,15 @@ def limits_checker(name: str, per_second: int, storage: Any = None) -> Callable[
     return lambda key: hit(item, key)
 
 
-def rate_of(check: Callable[[str], bool], keys: list[str], n: int) -> float:
-    nk = len(keys)
-    start = time.perf_counter()
-    if nk == 1:
-        key = keys[0]
-        for _ in range(n):
-            check(key)
-    else:
-        for i in range(n):
-            check(keys[i % nk])
-    return n / (time.perf_counter() - start)
-
-
 def checks(args: Any, rounds: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
     n = 20_000 if args.quick else 200_000
-    many = [f"user-{i}" for i in range(100_000)]
-    scenarios = {"1 key saturated": (10, ["k"]), "1 key never limited": (BIG, ["k"]),
-                 "100k keys": (BIG, many)}
+    makers: dict[str, Callable[[float], Callable[[str], bool]]] = {
+        "servekit": lambda r: store_checker(r, r),
+        "servekit rpm+tpm": lambda r: store_checker(r, r, two=True),
+        **{name: (lambda r, nm=name: limits_checker(nm, int(r))) for name in STRATEGIES},
+    }
     rows, best = [], {}
-    for scen, (rate, keys) in scenarios.items():
-        makers: dict[str, Callable[[], Callable[[str], bool]]] = {
-            "servekit": lambda r=rate: servekit_checker(r, r),
-            "servekit rpm+tpm": lambda r=rate: servekit_checker(r, r, two=True),
-            **{name: (lambda nm=name, r=rate: limits_checker(nm, r)) for name in STRATEGIES},
-        }
-        samples: dict[str, list[float]] = {name: [] for name in makers}
-        checkers = {name: make() for name, make in makers.items()}
-        for _ in range(rounds):
-            for name, check in checkers.items():  # interleaved: same machine noise for all
-                samples[name].append(rate_of(check, keys, n if len(keys) == 1 else len(keys)))
+    for scen, samples in compare_checks(makers, n=n, rounds=rounds).items():
         for name, s in samples.items():
             row = {"scenario": scen, "impl": name, **{f"checks/s {k}": v
                                                        for k, v in C.summary(s).items()}}

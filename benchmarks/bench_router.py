@@ -5,14 +5,15 @@ max/mean and min/mean keys per node (also at 128 nodes), the fraction of keys mo
 is added or removed (and how many moved between two unchanged nodes), build time and memory.
 
     python benchmarks/bench_router.py --quick --json benchmarks/results/router-cpu-DATE.json
+
+The measurements are :mod:`servekit.bench.router` (``python -m servekit.bench router
+--routing-policy NAME`` runs the router-level ones on a routing-policy plugin).
 """
 
 from __future__ import annotations
 
-import gc
 import sys
-import tracemalloc
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,53 +32,17 @@ from _common import (
     summary,
     write_json,
 )
-from servekit.route import HashRing, hash_keys
+from servekit.bench.router import (
+    balance,
+    movement,
+    names,
+    retained_bytes,
+    scalar_rate,
+)
+from servekit.route import HashRing
+from servekit.route.hashing import hash_keys
 
 NODES = 100
-
-
-def names(n: int) -> list[str]:
-    return [f"node-{i}" for i in range(n)]
-
-
-def retained_bytes(build: Callable[[], Any]) -> tuple[Any, int]:
-    """Build an object and return it with the bytes it keeps allocated (tracemalloc)."""
-    gc.collect()
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    obj = build()
-    gc.collect()
-    after = tracemalloc.get_traced_memory()[0]
-    tracemalloc.stop()
-    return obj, after - before
-
-
-def balance(owners: Sequence[str] | np.ndarray, nodes: Sequence[str]) -> tuple[float, float]:
-    """max/mean and min/mean of keys per node."""
-    _, counts = np.unique(np.asarray(owners, dtype=object), return_counts=True)
-    full = np.zeros(len(nodes))
-    full[: len(counts)] = counts
-    mean = full.sum() / len(nodes)
-    return float(full.max() / mean), float(full.min() / mean)
-
-
-def movement(before: list[str], after: list[str], changed: str) -> tuple[float, int]:
-    """Fraction of keys that moved, and how many moved between two unchanged nodes."""
-    moved = between = 0
-    for b, a in zip(before, after, strict=True):
-        if a != b:
-            moved += 1
-            if changed not in (a, b):
-                between += 1
-    return moved / len(before), between
-
-
-def scalar_rate(lookup: Callable[[str], Any], keys: list[str], rounds: int) -> list[float]:
-    def run() -> None:
-        for k in keys:
-            lookup(k)
-
-    return [len(keys) / s for s in measure(run, rounds)]
 
 
 def main() -> None:

@@ -11,6 +11,9 @@ returns one token per sampling request. Scenarios: steady decode at N running, a
 "speedup" compares CPU per step, "token_speedup" CPU per scheduled token: the baseline runs
 prefill-only steps whenever it admits, so its steps carry fewer decodes than servekit's.
 
+servekit's side of the measurement is :mod:`servekit.bench.sched` (``python -m servekit.bench
+scheduler --policy NAME`` runs it on a policy plugin beside FCFS).
+
 The bar (DESIGN.md, issue 14): servekit's pure-Python scheduler + KV manager at >= 0.8x the
 baseline's speed (baseline us / servekit us) in the decode-512 scenario. Absolute microseconds
 are printed but are not a bar: machines of one kind differ 2-4x.
@@ -18,38 +21,20 @@ are printed but are not a bar: machines of one kind differ 2-4x.
 
 from __future__ import annotations
 
-import gc
 import statistics
 import sys
-import time
 from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import bar, parse_args, print_bars, print_table, write_json
 from _nano import BLOCK, NanoBlockManager, NanoSeq
-from servekit.kv.manager import KVCacheManager
-from servekit.sched import Request, SamplingParams, Scheduler
+from servekit.bench.sched import BLOCK as SERVEKIT_BLOCK
+from servekit.bench.sched import TOKEN, run_servekit, timed, workload
 
-TOKEN = 7  # what the fake model samples (no eos: requests end on max_tokens)
-
-
-# --------------------------------------------------------------------------- workload
-
-def workload(n: int, seed: int, shared_prefix: int) -> list[tuple[list[int], int]]:
-    """``n`` (prompt, max_tokens) pairs: prompts 32-256 tokens (after an optional shared
-    prefix), outputs 64-512 tokens."""
-    rng = np.random.default_rng(seed)
-    prefix = rng.integers(1, 32000, shared_prefix).tolist()
-    out = []
-    for _ in range(n):
-        prompt = prefix + rng.integers(1, 32000, int(rng.integers(32, 257))).tolist()
-        out.append((prompt, int(rng.integers(64, 513))))
-    return out
+if BLOCK != SERVEKIT_BLOCK:
+    raise SystemExit("servekit and the nano-vllm-style baseline must use the same block size")
 
 
 # --------------------------------------------------------------------------- nano-vllm baseline
@@ -121,66 +106,6 @@ class NanoScheduler:
 
 # --------------------------------------------------------------------------- drivers
 
-class TimedKV(KVCacheManager):
-    """The real manager, timing its calls in CPU time (for the breakdown row only)."""
-
-    __slots__ = ("spent",)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.spent = 0.0
-
-    def get_num_cached_tokens(self, seq: Any) -> int:
-        t = time.thread_time()
-        out = super().get_num_cached_tokens(seq)
-        self.spent += time.thread_time() - t
-        return out
-
-    def allocate(self, seq: Any, num_tokens: int, num_cached_tokens: int = 0) -> bool:
-        t = time.thread_time()
-        out = super().allocate(seq, num_tokens, num_cached_tokens)
-        self.spent += time.thread_time() - t
-        return out
-
-    def commit(self, seq: Any, num_computed_tokens: int) -> None:
-        t = time.thread_time()
-        super().commit(seq, num_computed_tokens)
-        self.spent += time.thread_time() - t
-
-    def free(self, seq: Any) -> None:
-        t = time.thread_time()
-        super().free(seq)
-        self.spent += time.thread_time() - t
-
-
-def run_servekit(work: list[tuple[list[int], int]], n: int, num_blocks: int, warmup: int,
-                 steps: int, timed_kv: bool = False) -> dict[str, float]:
-    kv = (TimedKV if timed_kv else KVCacheManager)(num_blocks, BLOCK)
-    sched = Scheduler(kv, max_model_len=8192, max_num_seqs=n,
-                      max_num_batched_tokens=max(2048, n))
-    reqs = [Request(f"r{i}", p, SamplingParams(max_tokens=m, ignore_eos=True))
-            for i, (p, m) in enumerate(work)]
-    pending = iter(reqs)
-    for _ in range(n):
-        sched.add_request(next(pending))
-
-    def step() -> int:
-        out = sched.schedule()
-        result = sched.update(out, [TOKEN] * out.num_samples)
-        for _ in result.finished:
-            sched.add_request(next(pending))
-        return len(result.requests)
-
-    for _ in range(warmup):
-        step()
-    if isinstance(kv, TimedKV):
-        kv.spent = 0.0
-    result = _timed(step, steps, lambda: sched.num_running, lambda: sched.num_preemptions)
-    if isinstance(kv, TimedKV):
-        result["kv_us_per_step"] = kv.spent / steps * 1e6
-    return result
-
-
 def run_nano(work: list[tuple[list[int], int]], n: int, num_blocks: int, warmup: int,
              steps: int) -> dict[str, float]:
     sched = NanoScheduler(num_blocks, n, max(2048, n))
@@ -198,22 +123,7 @@ def run_nano(work: list[tuple[list[int], int]], n: int, num_blocks: int, warmup:
 
     for _ in range(warmup):
         step()
-    return _timed(step, steps, lambda: len(sched.running), lambda: sched.num_preemptions)
-
-
-def _timed(step: Callable[[], int], steps: int, running: Callable[[], int],
-           preemptions: Callable[[], int]) -> dict[str, float]:
-    gc.collect()
-    p0 = preemptions()
-    running_sum = 0
-    tokens = 0
-    start = time.process_time()
-    for _ in range(steps):
-        tokens += step()
-        running_sum += running()
-    cpu = time.process_time() - start
-    return {"us_per_step": cpu / steps * 1e6, "us_per_token": cpu / max(tokens, 1) * 1e6,
-            "mean_running": running_sum / steps, "preemptions": preemptions() - p0}
+    return timed(step, steps, lambda: len(sched.running), lambda: sched.num_preemptions)
 
 
 # --------------------------------------------------------------------------- main
