@@ -2,7 +2,7 @@
 
 Every error leaves the server as ``{"error": {"message", "type", "param", "code"}}`` with the
 status a client library maps to its exception type: 400 bad request (``param`` names the field),
-401 bad or missing key, 404 unknown model or route, 429 rate limited, 503 overloaded or draining.
+401 bad or missing key, 404 unknown model or route, 413 body too large, 429 rate limited, 503 overloaded or draining.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ __all__ = [
     "BadRequestError",
     "ModelNotFoundError",
     "OverloadedError",
+    "PayloadTooLargeError",
     "RateLimitedError",
     "error_body",
 ]
@@ -71,6 +72,17 @@ class ModelNotFoundError(APIError, LookupError):
                          code="model_not_found")
 
 
+class PayloadTooLargeError(APIError):
+    """413: the request body is over the server's limit (``--max-body-bytes``)."""
+
+    status = 413
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, limit: int) -> None:
+        super().__init__(message, code="request_too_large")
+        self.limit = limit
+
+
 class RateLimitedError(APIError):
     """429: the key is over a rate limit; the headers carry ``retry-after`` and ``x-ratelimit-*``."""
 
@@ -96,7 +108,8 @@ class OverloadedError(APIError):
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None
                ) -> bytes:
     """OpenAI's error JSON: ``{"error": {"message", "type", "param", "code"}}``."""
-    return json.dumps(
-        {"error": {"message": message, "type": type, "param": param, "code": code}},
-        ensure_ascii=False,
-    ).encode()
+    error = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    try:
+        return json.dumps(error, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate echoed from the request: escape it
+        return json.dumps(error).encode()
