@@ -64,55 +64,55 @@ def test_scrape_names_types_and_labels(lifecycle: Lifecycle) -> None:
     lifecycle(HookSet([hook]))
     families, samples = scrape(hook)
     expected = {
-        "servekit:time_to_first_token_seconds": "histogram",
-        "servekit:inter_token_latency_seconds": "histogram",
-        "servekit:request_queue_time_seconds": "histogram",
-        "servekit:e2e_request_latency_seconds": "histogram",
-        "servekit:request_time_per_output_token_seconds": "histogram",
-        "servekit:prompt_tokens": "counter",
-        "servekit:generation_tokens": "counter",
-        "servekit:num_preemptions": "counter",
-        "servekit:request_success": "counter",
-        "servekit:prefix_cache_queries": "counter",
-        "servekit:prefix_cache_hits": "counter",
-        "servekit:rate_limit_decisions": "counter",
-        "servekit:route_decisions": "counter",
-        "servekit:kv_cache_usage_perc": "gauge",
-        "servekit:num_requests_running": "gauge",
-        "servekit:num_requests_waiting": "gauge",
-        "servekit:kv_blocks_in_use": "gauge",
-        "servekit:rate_limit_reservations": "gauge",
-        "servekit:open_streams": "gauge",
+        "servekit_time_to_first_token_seconds": "histogram",
+        "servekit_inter_token_latency_seconds": "histogram",
+        "servekit_request_queue_time_seconds": "histogram",
+        "servekit_e2e_request_latency_seconds": "histogram",
+        "servekit_request_time_per_output_token_seconds": "histogram",
+        "servekit_prompt_tokens": "counter",
+        "servekit_generation_tokens": "counter",
+        "servekit_num_preemptions": "counter",
+        "servekit_request_success": "counter",
+        "servekit_prefix_cache_queries": "counter",
+        "servekit_prefix_cache_hits": "counter",
+        "servekit_rate_limit_decisions": "counter",
+        "servekit_route_decisions": "counter",
+        "servekit_kv_cache_usage_perc": "gauge",
+        "servekit_num_requests_running": "gauge",
+        "servekit_num_requests_waiting": "gauge",
+        "servekit_kv_blocks_in_use": "gauge",
+        "servekit_rate_limit_reservations": "gauge",
+        "servekit_open_streams": "gauge",
     }
     for name, kind in expected.items():
         assert families[name].type == kind, name
     req = {"model_name": "tiny-llama", "tenant": "acme"}
     eng = {"model_name": "tiny-llama"}
-    ttft = "servekit:time_to_first_token_seconds"
+    ttft = "servekit_time_to_first_token_seconds"
     assert samples[ttft + "_bucket", lbl(**req, le="0.75")] == 0
     assert samples[ttft + "_bucket", lbl(**req, le="1.0")] == 1
     assert samples[ttft + "_count", lbl(**req)] == 1
     assert samples[ttft + "_sum", lbl(**req)] == pytest.approx(1.0)
-    itl = "servekit:inter_token_latency_seconds"
+    itl = "servekit_inter_token_latency_seconds"
     assert samples[itl + "_count", lbl(**req)] == 3
     assert samples[itl + "_sum", lbl(**req)] == pytest.approx(0.3)
     assert samples[itl + "_bucket", lbl(**req, le="0.075")] == 0
     assert samples[itl + "_bucket", lbl(**req, le="0.15")] == 3
-    queue = "servekit:request_queue_time_seconds"
+    queue = "servekit_request_queue_time_seconds"
     assert samples[queue + "_bucket", lbl(**req, le="0.5")] == 1
     assert samples[queue + "_sum", lbl(**req)] == pytest.approx(0.5)
-    e2e = "servekit:e2e_request_latency_seconds"
+    e2e = "servekit_e2e_request_latency_seconds"
     assert samples[e2e + "_bucket", lbl(**req, le="1.0")] == 0
     assert samples[e2e + "_bucket", lbl(**req, le="1.5")] == 1
-    assert samples["servekit:num_preemptions_total", lbl(**req)] == 1
-    assert samples["servekit:generation_tokens_total", lbl(**req)] == 4
-    assert samples["servekit:prompt_tokens_total", lbl(**req)] == 12
-    assert samples["servekit:request_success_total", lbl(**req, finished_reason="stop")] == 1
-    assert samples["servekit:prefix_cache_queries_total", lbl(**eng)] == 16
-    assert samples["servekit:prefix_cache_hits_total", lbl(**eng)] == 4
-    assert samples["servekit:kv_cache_usage_perc", lbl(**eng)] == 0.5
-    assert samples["servekit:num_requests_running", lbl(**eng)] == 1
-    assert samples["servekit:iteration_tokens_total_count", lbl(**eng)] == 1
+    assert samples["servekit_num_preemptions_total", lbl(**req)] == 1
+    assert samples["servekit_generation_tokens_total", lbl(**req)] == 4
+    assert samples["servekit_prompt_tokens_total", lbl(**req)] == 12
+    assert samples["servekit_request_success_total", lbl(**req, finished_reason="stop")] == 1
+    assert samples["servekit_prefix_cache_queries_total", lbl(**eng)] == 16
+    assert samples["servekit_prefix_cache_hits_total", lbl(**eng)] == 4
+    assert samples["servekit_kv_cache_usage_perc", lbl(**eng)] == 0.5
+    assert samples["servekit_num_requests_running", lbl(**eng)] == 1
+    assert samples["servekit_iteration_tokens_count", lbl(**eng)] == 1
 
 
 def test_prefix_tenant_overflow_and_isolated_registries(lifecycle: Lifecycle) -> None:
@@ -129,7 +129,7 @@ def test_prefix_tenant_overflow_and_isolated_registries(lifecycle: Lifecycle) ->
     assert tenants == {"t0": 4, "": 4, "__other__": 8}
     _, empty = scrape(b)
     assert not any(name.startswith("llm_") for name, _ in empty)
-    assert ("servekit:generation_tokens_total", lbl(model_name="m", tenant="t0")) not in empty
+    assert ("servekit_generation_tokens_total", lbl(model_name="m", tenant="t0")) not in empty
 
 
 def test_shared_registry_is_used_when_given() -> None:
@@ -139,7 +139,7 @@ def test_shared_registry_is_used_when_given() -> None:
     hook.on_new_tokens(NewTokens("r", None, 1, 0.0, 0.02))
     assert (
         registry.get_sample_value(
-            "servekit:generation_tokens_total", {"model_name": "m", "tenant": ""}
+            "servekit_generation_tokens_total", {"model_name": "m", "tenant": ""}
         )
         == 1
     )
@@ -168,18 +168,18 @@ def test_leak_gauges_rate_limits_routes_and_kv_events() -> None:
     hooks.on_cache_stats(CacheStats(0.25, 4, 1, 1.0))  # producer restarted
     _, s = scrape(hook)
     m = {"model_name": "m"}
-    assert s["servekit:kv_blocks_in_use", lbl(**m)] == 7
-    assert s["servekit:open_streams", lbl(**m)] == 2
-    assert s["servekit:rate_limit_reservations", lbl(**m)] == 5
-    assert s["servekit:grpc_streams", lbl(**m)] == 1
+    assert s["servekit_kv_blocks_in_use", lbl(**m)] == 7
+    assert s["servekit_open_streams", lbl(**m)] == 2
+    assert s["servekit_rate_limit_reservations", lbl(**m)] == 5
+    assert s["servekit_grpc_streams", lbl(**m)] == 1
     assert sum(hooks.errors.values()) == 1
-    rl = "servekit:rate_limit_decisions_total"
+    rl = "servekit_rate_limit_decisions_total"
     assert s[rl, lbl(**m, tenant="t", decision="rejected", shadow="false")] == 1
     assert s[rl, lbl(**m, tenant="t", decision="allowed", shadow="true")] == 1
-    assert s["servekit:route_decisions_total", lbl(**m, node="node-b", fallback="true")] == 1
-    assert s["servekit:kv_blocks_stored_total", lbl(**m)] == 2
-    assert s["servekit:prefix_cache_queries_total", lbl(**m)] == 14
-    assert s["servekit:prefix_cache_hits_total", lbl(**m)] == 6
+    assert s["servekit_route_decisions_total", lbl(**m, node="node-b", fallback="true")] == 1
+    assert s["servekit_kv_blocks_stored_total", lbl(**m)] == 2
+    assert s["servekit_prefix_cache_queries_total", lbl(**m)] == 14
+    assert s["servekit_prefix_cache_hits_total", lbl(**m)] == 6
 
 
 @pytest.mark.parametrize(
@@ -223,7 +223,7 @@ def test_asgi_app_serves_the_registry() -> None:
     anyio.run(call)
     assert sent[0]["status"] == 200
     body = b"".join(m.get("body", b"") for m in sent[1:])
-    assert b'servekit:generation_tokens_total{model_name="m",tenant="t"} 3.0' in body
+    assert b'servekit_generation_tokens_total{model_name="m",tenant="t"} 3.0' in body
 
 
 @settings(max_examples=40)
@@ -239,15 +239,25 @@ def test_itl_buckets_match_a_brute_force_count(steps: list[tuple[int, float]]) -
     _, s = scrape(hook)
     labels = {"model_name": "m", "tenant": ""}
     if not steps:
-        assert ("servekit:inter_token_latency_seconds_count", lbl(**labels)) not in s
+        assert ("servekit_inter_token_latency_seconds_count", lbl(**labels)) not in s
         return
     for bound in VLLM_ITL:
         want = sum(n for v, n in values if v <= bound)
-        got = s["servekit:inter_token_latency_seconds_bucket", lbl(**labels, le=str(bound))]
+        got = s["servekit_inter_token_latency_seconds_bucket", lbl(**labels, le=str(bound))]
         assert got == want
     total = sum(n for n, _ in steps)
-    assert s["servekit:inter_token_latency_seconds_count", lbl(**labels)] == total
-    assert s["servekit:generation_tokens_total", lbl(**labels)] == total
-    assert s["servekit:inter_token_latency_seconds_sum", lbl(**labels)] == pytest.approx(
+    assert s["servekit_inter_token_latency_seconds_count", lbl(**labels)] == total
+    assert s["servekit_generation_tokens_total", lbl(**labels)] == total
+    assert s["servekit_inter_token_latency_seconds_sum", lbl(**labels)] == pytest.approx(
         sum(v * n for v, n in values)
     )
+
+
+def test_naming_styles() -> None:
+    assert PrometheusHook("m").prefix == "servekit_"
+    vllm = PrometheusHook("m", style="vllm")
+    assert vllm.prefix == "vllm:" and b"# TYPE vllm:iteration_tokens_total histogram" in vllm.render()
+    assert b"# TYPE servekit_iteration_tokens histogram" in PrometheusHook("m").render()
+    assert PrometheusHook("m", style="vllm", prefix="x:").prefix == "x:"
+    with pytest.raises(MetricsConfigError, match="style"):
+        PrometheusHook("m", style="statsd")  # type: ignore[arg-type]

@@ -52,8 +52,8 @@ def test_scheduler_and_kv_events_reach_the_exporters() -> None:
 
     families = {f.name: f for f in text_string_to_metric_families(prom.render().decode())}
     generated = {
-        s.labels["tenant"]: s.value for s in families["servekit:generation_tokens"].samples
+        s.labels["tenant"]: s.value for s in families["servekit_generation_tokens"].samples
     }
     assert generated == {"t0": 24, "t1": 24}
-    hits = families["servekit:prefix_cache_hits"].samples[0].value
+    hits = families["servekit_prefix_cache_hits"].samples[0].value
     assert hits == stats.counter("prefix_cache_hits") > 0

@@ -100,7 +100,9 @@ def test_driving_out_of_order_is_an_error() -> None:
 
 
 def test_queue_bounds_raise_queue_full_with_retry_after() -> None:
-    sched, _, _ = make(max_waiting_requests=2, max_waiting_tokens=10, retry_after=2.5)
+    sched, _, _ = make(max_waiting_requests=2, max_waiting_tokens=10, retry_after=2.5,
+                       max_num_seqs=1)
+    sched.add_request(req("z", [1]))  # takes the one free running slot at the next step
     sched.add_request(req("a", [1] * 4))
     sched.add_request(req("b", [1] * 4))
     with pytest.raises(QueueFullError) as e:
@@ -110,9 +112,21 @@ def test_queue_bounds_raise_queue_full_with_retry_after() -> None:
     with pytest.raises(QueueFullError) as e:
         sched.add_request(req("c", [1] * 7))
     assert e.value.limit == "max_waiting_tokens"
-    sched.add_request(req("c", [1] * 6))  # exactly at the bound
+    sched.add_request(req("c", [1] * 5))  # exactly at the bound (z's token counts too)
     big, _, _ = make(max_waiting_tokens=4)
     big.add_request(req("huge", [1] * 30))  # an empty queue always accepts
+
+
+def test_a_burst_into_an_idle_scheduler_fills_running_slots_and_the_waiting_bound() -> None:
+    sched, _, model = make(max_waiting_requests=2, max_num_seqs=3)
+    for i in range(5):  # 3 free running slots + 2 waiting
+        sched.add_request(req(f"r{i}", [1, 2]))
+    with pytest.raises(QueueFullError):
+        sched.add_request(req("r5", [1, 2]))
+    step(sched, model)  # three start running; two still wait, at the bound
+    assert sched.num_running == 3
+    with pytest.raises(QueueFullError):
+        sched.add_request(req("r5", [1, 2]))
 
 
 # ---------------------------------------------------------------- batching

@@ -36,7 +36,7 @@ class Running:
         """One unlabelled-by-tenant gauge/counter value from /metrics (sum over series)."""
         text = httpx.get(self.url + "/metrics").text
         values = [float(m.group(1)) for m in re.finditer(
-            rf"^servekit:{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
+            rf"^servekit_{name}(?:_total)?(?:{{[^}}]*}})? (\S+)$", text, re.M)]
         assert values, f"{name} not in /metrics"
         return sum(values)
 

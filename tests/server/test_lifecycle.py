@@ -160,25 +160,57 @@ async def _streams(url: str, n: int, max_tokens: int, on_first: object) -> list[
         return list(await asyncio.gather(*tasks))
 
 
-@pytest.mark.parametrize("grace", [30, 1])
 @pytest.mark.slow
-def test_sigterm_drains_gracefully(grace: int) -> None:
-    proc, url = _cli("--fake-token-delay", "0.02", "--grace-period", str(grace))
+def test_sigterm_lets_in_flight_streams_finish_within_the_grace_period() -> None:
+    proc, url = _cli("--fake-token-delay", "0.02", "--grace-period", "30")
     try:
-        t0 = time.monotonic()
         results = asyncio.run(_streams(url, 4, 100, lambda: proc.send_signal(signal.SIGTERM)))
         # uvicorn re-raises the signal after its graceful shutdown: "terminated by SIGTERM"
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
-        elapsed = time.monotonic() - t0
         with pytest.raises(httpx.ConnectError):
             httpx.get(url + "/health", timeout=1)
     finally:
         proc.kill()
-    if grace == 30:  # in-flight streams (~2 s each) finished before the process exited
-        assert all(r[-1] == "data: [DONE]" and len(r) == 101 for r in results), results
-    else:  # cut after ~1 s: none finished, the process did not wait for them
-        assert all(r[-1] != "data: [DONE]" for r in results)
-        assert elapsed < 2.0 + 1.5
+    assert all(r[-1] == "data: [DONE]" and len(r) == 101 for r in results), results
+
+
+def _probe_during_drain(url: str, probes: dict[str, httpx.Response]) -> None:
+    """While draining, the listener is open: /ready and new requests answer 503."""
+    time.sleep(0.3)
+    probes["ready"] = httpx.get(url + "/ready", timeout=2)
+    probes["new"] = httpx.post(url + "/v1/completions", timeout=2,
+                               json={"model": "fake", "prompt": "x", "max_tokens": 2})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grace", [1.0, 2.5])
+def test_sigterm_cuts_streams_past_a_short_grace_period_cleanly(grace: float) -> None:
+    import threading
+
+    proc, url = _cli("--fake-token-delay", "0.05", "--grace-period", str(grace))
+    probes: dict[str, httpx.Response] = {}
+
+    def on_first() -> None:
+        proc.send_signal(signal.SIGTERM)
+        threading.Thread(target=_probe_during_drain, args=(url, probes), daemon=True).start()
+
+    try:
+        t0 = time.monotonic()
+        results = asyncio.run(_streams(url, 8, 400, on_first))
+        elapsed = time.monotonic() - t0
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        log = proc.stdout.read().decode() if proc.stdout else ""
+    finally:
+        proc.kill()
+    assert grace - 0.5 < elapsed < grace + 3.0
+    for lines in results:  # every cut stream: an error event, then [DONE], then a clean end
+        assert not any(x.startswith("error: ") for x in lines), lines[-3:]
+        assert lines[-1] == "data: [DONE]", lines[-3:]
+        assert '"code": "draining"' in lines[-2], lines[-3:]
+    assert "Traceback" not in log, log
+    assert probes["ready"].status_code == 503 and probes["ready"].json()["phase"] == "draining"
+    assert probes["new"].status_code == 503 and "retry-after" in probes["new"].headers
+    assert probes["new"].json()["error"]["code"] == "draining"
 
 
 @pytest.mark.parametrize("stream", [False, True])

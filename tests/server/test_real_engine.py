@@ -94,3 +94,22 @@ def test_100_streams_with_disconnects_free_every_block(server: Running) -> None:
     wait_for(lambda: server.metric("kv_blocks_in_use") == 0, timeout=30)
     assert server.metric("rate_limit_reservations") == 0
     assert server.metric("open_streams") == 0
+
+
+@pytest.mark.parametrize("extra", [{"temperature": 1e-39}, {"temperature": 5e-324},
+                                   {"top_p": 1e-46, "temperature": 1.0, "seed": 3},
+                                   {"repetition_penalty": 1e-40, "temperature": 0}])
+def test_underflowing_sampling_values_are_clamped_to_the_floor(server: Running,
+                                                               extra: dict[str, float]) -> None:
+    """temperature under 1e-5 is greedy; top_p under it keeps the top token: never pad tokens."""
+    body = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 12, "ignore_eos": True}
+    greedy = httpx.post(server.url + "/v1/completions", headers={"authorization": "Bearer sk-soak"},
+                        json={**body, "temperature": 0})
+    r = httpx.post(server.url + "/v1/completions", headers={"authorization": "Bearer sk-soak"},
+                   json={**body, **extra})
+    assert r.status_code == 200, r.text
+    if "repetition_penalty" not in extra:
+        assert r.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+    tokenizer = server.service.engine.tokenizer
+    ids = tokenizer.encode(r.json()["choices"][0]["text"], add_special_tokens=False)
+    assert tokenizer.pad_token_id not in ids or tokenizer.pad_token_id is None

@@ -135,6 +135,8 @@ class RouteDecision:
 KV_BLOCKS_IN_USE = "kv_blocks_in_use"
 RATE_LIMIT_RESERVATIONS = "rate_limit_reservations"
 OPEN_STREAMS = "open_streams"
+#: A counter, sent as a ResourceGauge of its running total: decisions the limiter store failed.
+RATE_LIMIT_STORE_ERRORS = "rate_limit_store_errors"
 
 
 @frozen(slots=True)

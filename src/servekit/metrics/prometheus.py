@@ -1,5 +1,9 @@
 """Prometheus exporter with vLLM's metric vocabulary (``servekit[prometheus]``).
 
+Two naming styles: ``"prometheus"`` (the default, prefix ``servekit_``) follows Prometheus'
+conventions and passes ``promtool check metrics``; ``"vllm"`` (prefix ``vllm:``) keeps vLLM's
+exact names (colons, the ``iteration_tokens_total`` histogram) for dashboards built for vLLM.
+
 :class:`PrometheusHook` records events into plain Python counters and bucket arrays (one
 ``bisect`` and two additions per token event, no locks, no ``prometheus_client`` call) and
 turns them into metric families only when scraped, through a collector registered on its own
@@ -15,7 +19,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from servekit._optional import require
 from servekit.metrics.errors import MetricsConfigError
@@ -23,6 +27,7 @@ from servekit.metrics.events import (
     KV_BLOCKS_IN_USE,
     OPEN_STREAMS,
     RATE_LIMIT_RESERVATIONS,
+    RATE_LIMIT_STORE_ERRORS,
     CacheStats,
     EngineStep,
     FirstToken,
@@ -73,6 +78,16 @@ _LEAK_GAUGES = {
     RATE_LIMIT_RESERVATIONS: "Rate-limit reservations not settled yet.",
     OPEN_STREAMS: "Response streams open to clients.",
 }
+#: Resource events that carry a running total: exported as counters.
+_RESOURCE_COUNTERS = {
+    RATE_LIMIT_STORE_ERRORS: "Rate-limit decisions the limiter store could not make (outages).",
+}
+#: Metric naming styles: the default prefix and the iteration-tokens histogram's name.
+MetricsStyle = Literal["prometheus", "vllm"]
+_STYLES: dict[str, tuple[str, str]] = {
+    "prometheus": ("servekit_", "iteration_tokens"),
+    "vllm": ("vllm:", "iteration_tokens_total"),
+}
 
 
 class _Buckets:
@@ -114,8 +129,10 @@ class _Series:
 class PrometheusHook(Hook):
     """Publishes events as Prometheus metrics named like vLLM's, under ``prefix``.
 
-    ``registry`` defaults to a fresh ``CollectorRegistry`` (no global state); pass
-    ``prometheus_client.REGISTRY`` to share the process-wide one. ``max_tenants`` bounds the
+    ``style`` picks the naming: ``"prometheus"`` (default prefix ``servekit_``, Prometheus'
+    conventions) or ``"vllm"`` (default prefix ``vllm:``, vLLM's exact names); ``prefix``
+    overrides the style's prefix. ``registry`` defaults to a fresh ``CollectorRegistry`` (no
+    global state); pass ``prometheus_client.REGISTRY`` to share the process-wide one. ``max_tenants`` bounds the
     ``tenant`` label's values: later tenants are counted under ``"__other__"``.
     """
 
@@ -123,7 +140,8 @@ class PrometheusHook(Hook):
         self,
         model_name: str,
         *,
-        prefix: str = "servekit:",
+        prefix: str | None = None,
+        style: MetricsStyle = "prometheus",
         registry: CollectorRegistry | None = None,
         max_tenants: int = 1000,
     ) -> None:
@@ -132,6 +150,10 @@ class PrometheusHook(Hook):
 
         if not isinstance(model_name, str) or not model_name:
             raise MetricsConfigError("model_name", f"must be a non-empty str, got {model_name!r}")
+        if style not in _STYLES:
+            raise MetricsConfigError("style", f"must be one of {sorted(_STYLES)}, got {style!r}")
+        if prefix is None:
+            prefix = _STYLES[style][0]
         if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
             raise MetricsConfigError(
                 "prefix", f"must match [a-zA-Z_:][a-zA-Z0-9_:]* or be empty, got {prefix!r}"
@@ -140,6 +162,7 @@ class PrometheusHook(Hook):
             raise MetricsConfigError("max_tenants", f"must be >= 1, got {max_tenants!r}")
         self.model_name = model_name
         self.prefix = prefix
+        self.style = style
         self.max_tenants = max_tenants
         self._series: dict[str | None, _Series] = {}
         self._overflow: _Series | None = None
@@ -154,6 +177,7 @@ class PrometheusHook(Hook):
         self._kv_blocks: dict[str, int] = {"stored": 0, "removed": 0, "cleared": 0}
         self._routes: dict[tuple[str, str], int] = {}
         self._resources: dict[str, float] = dict.fromkeys(_LEAK_GAUGES, 0.0)
+        self._resource_counters: dict[str, float] = dict.fromkeys(_RESOURCE_COUNTERS, 0.0)
         self.registry: CollectorRegistry = registry if registry is not None else CollectorRegistry()
         self.registry.register(_Collector(self))  # type: ignore[arg-type]
 
@@ -173,6 +197,9 @@ class PrometheusHook(Hook):
 
     def set_resource(self, name: str, value: float) -> None:
         """Set a resource gauge directly (what :meth:`on_resource_gauge` does per event)."""
+        if name in self._resource_counters:
+            self._resource_counters[name] = float(value)
+            return
         if name not in self._resources and not _NAME_RE.match(self.prefix + name):
             raise MetricsConfigError("name", f"not a valid metric name: {name!r}")
         self._resources[name] = float(value)
@@ -327,6 +354,10 @@ class PrometheusHook(Hook):
             gfam = GaugeMetricFamily(p + name, doc, labels=eng)
             gfam.add_metric([model], value)
             yield gfam
+        for name, cvalue in list(self._resource_counters.items()):
+            cfam = CounterMetricFamily(p + name, _RESOURCE_COUNTERS[name], labels=eng)
+            cfam.add_metric([model], cvalue)
+            yield cfam
 
         for name, doc, cvalue in (
             ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
@@ -343,7 +374,7 @@ class PrometheusHook(Hook):
             yield cfam
 
         fam = HistogramMetricFamily(
-            p + "iteration_tokens_total", "Tokens scheduled per engine step.", labels=eng
+            p + _STYLES[self.style][1], "Tokens scheduled per engine step.", labels=eng
         )
         it = self._iteration_tokens
         fam.add_metric([model], _cumulative(ITERATION_TOKENS_BUCKETS, it.counts), it.sum)

@@ -2,7 +2,7 @@
 
 Every error leaves the server as ``{"error": {"message", "type", "param", "code"}}`` with the
 status a client library maps to its exception type: 400 invalid request (``param`` names the
-field), 401 bad or missing key, 404 unknown model, 429 too many requests, 503 overloaded,
+field), 401 bad or missing key, 404 unknown model, 413 payload too large, 429 too many requests, 503 overloaded,
 starting or draining. The classes are named after the HTTP answer (``TooManyRequestsError``),
 so none shares a name with the client's exceptions, which follow openai-python
 (``RateLimitError``, ...), or with the limiter's ``RateLimitExceededError``.
@@ -19,6 +19,7 @@ from servekit.errors import ServekitError
 __all__ = [
     "InvalidRequestError",
     "ModelNotFoundError",
+    "PayloadTooLargeError",
     "ServiceUnavailableError",
     "StatusError",
     "TooManyRequestsError",
@@ -77,6 +78,17 @@ class ModelNotFoundError(StatusError, LookupError):
                          code="model_not_found")
 
 
+class PayloadTooLargeError(StatusError):
+    """413: the request body is over the server's limit (``--max-body-bytes``)."""
+
+    status = 413
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, limit: int) -> None:
+        super().__init__(message, code="request_too_large")
+        self.limit = limit
+
+
 class TooManyRequestsError(StatusError):
     """429: the key is over a rate limit; the headers carry ``retry-after`` and ``x-ratelimit-*``."""
 
@@ -102,10 +114,12 @@ class ServiceUnavailableError(StatusError):
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None
                ) -> bytes:
     """OpenAI's error JSON: ``{"error": {"message", "type", "param", "code"}}``."""
-    return json.dumps(
-        {"error": {"message": message, "type": type, "param": param, "code": code}},
-        ensure_ascii=False,
-    ).encode()
+    error = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    try:
+        return json.dumps(error, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate echoed from the request: escape it
+        return json.dumps(error).encode()
+
 
 
 def parse_error_body(content: bytes) -> dict[str, Any] | None:

@@ -7,7 +7,7 @@ the SamplingParams it builds) is the server's business: :mod:`servekit.server.pa
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -20,9 +20,13 @@ __all__ = [
     "StreamOptions",
     "TextPart",
     "bad_request_from_validation",
+    "check_text",
 ]
 
 _STRICT = ConfigDict(strict=True, extra="ignore")
+_StopString = Annotated[str, Field(min_length=1)]
+#: One stop string or at most 16 (the engine never emits them).
+Stop = _StopString | Annotated[list[_StopString], Field(max_length=16)] | None
 
 
 class StreamOptions(BaseModel):
@@ -42,16 +46,17 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Stop = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     user: str | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(default=None, json_schema_extra={
+        "maxProperties": 0, "description": "Not supported: only an empty object or null."})
     # servekit extensions (vLLM names)
     top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0)
     ignore_eos: bool = False
 
 
@@ -59,7 +64,7 @@ class CompletionRequest(_Sampling):
     """``POST /v1/completions``: one prompt (text or token ids) or a batch of them."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
@@ -95,11 +100,34 @@ class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessageParam] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Any] | None = None
+
+
+def check_text(value: Any, param: str = "") -> None:
+    """400 naming the field when a string holds a lone surrogate (JSON allows ``"\\ud800"``,
+    but it is not Unicode text: no tokenizer or encoder can take it)."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            raise InvalidRequestError(
+                f"Invalid value for '{param or 'body'}': it contains a lone surrogate "
+                f"(\\u{ord(value[exc.start]):04x} at character {exc.start}), which is not "
+                "valid Unicode text", param=param or None) from None
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            check_text(getattr(value, name), f"{param}.{name}" if param else name)
+    elif isinstance(value, list) and value and not isinstance(value[0], int):
+        for i, item in enumerate(value):
+            check_text(item, f"{param}.[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, param)
+            check_text(item, f"{param}.{key}" if isinstance(key, str) else param)
 
 
 def bad_request_from_validation(exc: ValidationError | Any) -> InvalidRequestError:
@@ -107,7 +135,12 @@ def bad_request_from_validation(exc: ValidationError | Any) -> InvalidRequestErr
     errors = exc.errors() if hasattr(exc, "errors") else []
     if not errors:
         return InvalidRequestError("invalid request body")
-    first = errors[0]
+    # a lone surrogate fails every member of a union; the string member says why
+    first = next((e for e in errors if e.get("type") == "string_unicode"), errors[0])
+    if first.get("type") == "string_unicode":
+        param = _param_name(first.get("loc", ()))
+        return InvalidRequestError(f"Invalid value for '{param}': it contains a lone surrogate, "
+                               "which is not valid Unicode text", param=param)
     if first.get("type") == "json_invalid":
         return InvalidRequestError("We could not parse the JSON body of your request")
     if first.get("type") == "model_attributes_type" or tuple(first.get("loc", ())) == ("body",):

@@ -36,11 +36,17 @@ def _tuple_of_int(value: object) -> tuple[int, ...]:
     return tuple(int(v) for v in value)  # type: ignore[attr-defined]
 
 
+#: Floor of the float parameters the sampler divides by or compares in float32 (vLLM's
+#: ``_SAMPLING_EPS``): a temperature below it is greedy (0); a ``top_p`` or
+#: ``repetition_penalty`` below it is raised to it (float32 would round them to 0).
+SAMPLING_EPS = 1e-5
+
+
 @frozen(slots=True)
 class SamplingParams:
     """How to sample one request's tokens and when to stop.
 
-    ``temperature == 0`` is greedy. ``top_k <= 0`` and ``top_p == 1`` and ``min_p == 0`` disable
+    ``temperature == 0`` is greedy (so is any temperature below :data:`SAMPLING_EPS`). ``top_k <= 0`` and ``top_p == 1`` and ``min_p == 0`` disable
     those filters. ``seed`` makes sampling reproducible per request. ``logprobs`` asks for the
     sampled token's log-probability plus that many top alternatives (0 = sampled token only).
     Stop strings are matched on the detokenized text and not emitted.
@@ -88,6 +94,13 @@ class SamplingParams:
                "must be non-negative token ids")
         _check("min_tokens", isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
                f"must be an integer in [0, max_tokens], got {self.min_tokens!r}")
+        # valid but meaningless in float32 (1e-39 underflows): clamp to the documented floor
+        if self.temperature < SAMPLING_EPS:
+            object.__setattr__(self, "temperature", 0.0)
+        if self.top_p < SAMPLING_EPS:
+            object.__setattr__(self, "top_p", SAMPLING_EPS)
+        if self.repetition_penalty < SAMPLING_EPS:
+            object.__setattr__(self, "repetition_penalty", SAMPLING_EPS)
 
     @property
     def greedy(self) -> bool:

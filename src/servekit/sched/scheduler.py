@@ -188,7 +188,9 @@ class Scheduler:
 
         Raises InvalidParameterError (the prompt leaves no room for output under
         ``max_model_len``, or the request can never fit the KV cache), DuplicateRequestError,
-        or QueueFull when the waiting queue is over a bound (an empty queue always accepts).
+        or QueueFull when the waiting queue is over a bound (an empty queue always accepts;
+        waiting requests that free running slots will take do not count against
+        ``max_waiting_requests``).
         """
         if not isinstance(request, Request):
             raise TypeError(f"request must be a servekit Request, got {type(request).__name__}")
@@ -216,7 +218,9 @@ class Scheduler:
             )
         num_waiting = len(self.policy)
         if num_waiting:
-            if self.max_waiting_requests is not None and num_waiting >= self.max_waiting_requests:
+            # requests that the next step starts in a free running slot do not queue behind others
+            queued = num_waiting - max(0, self.max_num_seqs - len(self._running))
+            if self.max_waiting_requests is not None and queued >= self.max_waiting_requests:
                 raise QueueFull("max_waiting_requests",
                                 f"{num_waiting} requests are waiting", self.retry_after)
             if (self.max_waiting_tokens is not None

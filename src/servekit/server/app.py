@@ -9,6 +9,7 @@ server answers ``/health`` while the model loads), and optionally keys, limits a
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,9 +20,14 @@ from attrs import frozen
 from servekit import __version__
 from servekit._optional import require
 from servekit.engine.outputs import RequestOutput
-from servekit.metrics.events import KV_BLOCKS_IN_USE, OPEN_STREAMS, RATE_LIMIT_RESERVATIONS
+from servekit.metrics.events import (
+    KV_BLOCKS_IN_USE,
+    OPEN_STREAMS,
+    RATE_LIMIT_RESERVATIONS,
+    RATE_LIMIT_STORE_ERRORS,
+)
 from servekit.metrics.hooks import HookSet
-from servekit.protocol.errors import StatusError, error_body
+from servekit.protocol.errors import PayloadTooLargeError, StatusError, error_body
 from servekit.protocol.schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -31,6 +37,7 @@ from servekit.protocol.sse import DONE, error_event
 from servekit.server.disconnect import cancel_on_disconnect
 from servekit.server.keys import ApiKey, KeyStore
 from servekit.server.lifecycle import Phase, ServerState
+from servekit.server.openapi import openapi_document
 from servekit.server.params import build_sampling_params, check_unsupported
 from servekit.server.ratelimit import KeyLimits
 from servekit.server.responses import ChatEncoder, CompletionEncoder, Encoder
@@ -55,6 +62,16 @@ class ServerConfig:
     grace_period: float = 30.0
     retry_after: float = 1.0
     manage_engine: bool = True  # enter/exit the engine's async context in the app's lifespan
+    #: Largest request body, bytes (413 above); None: derived from the model (docs/server.md).
+    max_body_bytes: int | None = None
+    #: Seconds a stream may wait on a client that stopped reading before it is aborted.
+    send_timeout: float = 30.0
+    #: With the rate-limit store down: admit unlimited (True) or answer 503 (False, the default).
+    rate_limit_fail_open: bool = False
+    #: ``retry-after`` seconds of the 503 sent while the rate-limit store is down.
+    rate_limit_outage_retry_after: float = 10.0
+    #: Names of the default /metrics: "prometheus" (``servekit_``) or "vllm" (``vllm:``).
+    metrics_style: str = "prometheus"
 
 
 def create_app(
@@ -76,10 +93,13 @@ def create_app(
     if metrics and metrics not in hooks.hooks:
         hooks.add(metrics)
     state = ServerState(retry_after=config.retry_after)
-    limits = limits if limits is not None else KeyLimits(hooks=hooks)
+    if limits is None:
+        limits = KeyLimits(hooks=hooks, fail_open=config.rate_limit_fail_open,
+                           outage_retry_after=config.rate_limit_outage_retry_after)
     built = engine if _is_engine(engine) else None
     service = GenerationService(built, keys=keys, limits=limits, state=state, hooks=hooks,  # type: ignore[arg-type]
-                                model_names=config.model_names)
+                                model_names=config.model_names,
+                                max_body_bytes=config.max_body_bytes)
     if keys.open:
         logger.warning("no API keys configured: the server is OPEN to anyone who can reach it")
 
@@ -105,7 +125,19 @@ def create_app(
         app.include_router(rest_router(service))
     _install_error_handlers(app)
 
-    app.add_middleware(_AuthMiddleware, service=service)  # type: ignore[arg-type]
+    def openapi() -> dict[str, Any]:
+        """The document for the served model (bounds read from the engine once it is ready)."""
+        if app.openapi_schema is None or app.state.openapi_engine is not service.engine:
+            app.openapi_schema = None
+            app.openapi_schema = openapi_document(FastAPI.openapi(app), service)
+            app.state.openapi_engine = service.engine
+        return app.openapi_schema
+
+    app.state.openapi_engine = None
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    app.add_middleware(_BodyLimitMiddleware, service=service)  # type: ignore[arg-type]
+    app.add_middleware(_AuthMiddleware, service=service)  # type: ignore[arg-type]  # outermost
 
     def caller(request: Request) -> ApiKey | None:
         return request.scope.get("servekit.key")  # set by _AuthMiddleware
@@ -116,7 +148,7 @@ def create_app(
         key = caller(request)
         check_unsupported(body)
         service.check_model(body.model)
-        prompts = service.encode_prompts(body.prompt)
+        prompts = await service.encode_prompts(body.prompt)
         choices = []
         for p, ids in enumerate(prompts):
             max_tokens = service.resolve_max_tokens(body.max_tokens, len(ids), "max_tokens")
@@ -132,7 +164,7 @@ def create_app(
         encoder = CompletionEncoder(job, service.engine.tokenizer,  # type: ignore[union-attr]
                                     include_usage=_include_usage(body), echo=echo,
                                     logprobs=body.logprobs is not None)
-        return _generation_response(service, job, encoder, body.stream)
+        return _generation_response(service, job, encoder, body.stream, config)
 
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -142,7 +174,7 @@ def create_app(
         service.check_model(body.model)
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                     for m in body.messages]
-        ids = service.encode_chat(messages)
+        ids = await service.encode_chat(messages)
         requested, param = body.max_tokens, "max_tokens"
         if body.max_completion_tokens is not None:
             requested, param = body.max_completion_tokens, "max_completion_tokens"
@@ -154,7 +186,7 @@ def create_app(
         job = Job(service.new_request_id("chatcmpl"), body.model, key, [ids], choices)
         encoder = ChatEncoder(job, service.engine.tokenizer,  # type: ignore[union-attr]
                               include_usage=_include_usage(body), logprobs=body.logprobs)
-        return _generation_response(service, job, encoder, body.stream)
+        return _generation_response(service, job, encoder, body.stream, config)
 
     @app.get("/v1/models", tags=["openai"])
     async def models() -> dict[str, Any]:
@@ -181,9 +213,10 @@ def create_app(
     if metrics:
         @app.get("/metrics", tags=["ops"], include_in_schema=True)
         async def prometheus() -> Response:
-            """Prometheus metrics (vLLM's names), with the leak gauges refreshed now."""
+            """Prometheus metrics (vLLM's vocabulary), with the leak gauges refreshed now."""
             metrics.set_resource(OPEN_STREAMS, state.in_flight)
             metrics.set_resource(RATE_LIMIT_RESERVATIONS, limits.open_reservations)
+            metrics.set_resource(RATE_LIMIT_STORE_ERRORS, limits.store_errors)
             used = _used_blocks(service.engine)
             if used is not None:
                 metrics.set_resource(KV_BLOCKS_IN_USE, used)
@@ -209,13 +242,62 @@ class _AuthMiddleware:
             try:
                 scope["servekit.key"] = self.service.authenticate(authorization)
             except StatusError as exc:
-                headers = [(b"content-type", b"application/json")]
-                headers += [(k.encode(), v.encode()) for k, v in exc.headers.items()]
-                await send({"type": "http.response.start", "status": exc.status,
-                            "headers": headers})
-                await send({"type": "http.response.body", "body": exc.body()})
+                await _send_error(send, exc)
                 return
         await self.app(scope, receive, send)
+
+
+class _BodyLimitMiddleware:
+    """Reads request bodies up to the service's limit; a larger one is a 413, unread."""
+
+    def __init__(self, app: Any, service: GenerationService) -> None:
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        limit = self.service.body_limit
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if not value.isdigit() or int(value) > limit:
+                    await _send_error(send, _too_large(limit))
+                    return
+                break
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await _send_error(send, _too_large(limit))
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _too_large(limit: int) -> StatusError:
+    return PayloadTooLargeError(f"The request body is larger than {limit} bytes, the limit of "
+                                "this server", limit=limit)
+
+
+async def _send_error(send: Any, exc: StatusError) -> None:
+    headers = [(b"content-type", b"application/json")]
+    headers += [(k.encode(), v.encode()) for k, v in exc.headers.items()]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": exc.body()})
 
 
 def _route_path(scope: Any) -> str:
@@ -240,6 +322,7 @@ async def _run_engine(service: GenerationService, engine: Any, config: ServerCon
         if not _is_engine(engine):
             engine = await anyio.to_thread.run_sync(engine)
             service.engine = engine
+        await anyio.to_thread.run_sync(service.prepare)
         if config.manage_engine and hasattr(engine, "__aenter__"):
             async with engine:
                 state.set_ready()
@@ -271,7 +354,7 @@ def _default_metrics(config: ServerConfig, engine: Any) -> Any:
         return False
     name = config.model_names[0] if config.model_names else getattr(engine, "model_name", "model")
     try:
-        return PrometheusHook(name)
+        return PrometheusHook(name, style=config.metrics_style)  # type: ignore[arg-type]
     except ImportError:
         return False
 
@@ -283,9 +366,10 @@ def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
 
 
 def _generation_response(service: GenerationService, job: Job, encoder: Encoder,
-                         stream: bool) -> Response:
+                         stream: bool, config: ServerConfig) -> Response:
     headers = service.admit(job).headers  # 429 / 503 raised here, before anything is sent
-    return GenerationResponse(service, job, encoder, stream, headers)
+    return GenerationResponse(service, job, encoder, stream, headers,
+                              send_timeout=config.send_timeout)
 
 
 class GenerationResponse(Response):
@@ -297,16 +381,25 @@ class GenerationResponse(Response):
     """
 
     def __init__(self, service: GenerationService, job: Job, encoder: Encoder, stream: bool,
-                 headers: dict[str, str]) -> None:
+                 headers: dict[str, str], *, send_timeout: float = 30.0) -> None:
         self.service, self.job, self.encoder, self.stream = service, job, encoder, stream
         self.extra_headers = headers
+        self.send_timeout = send_timeout
         self.background = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        sender = _StallWatch(send, self.send_timeout)
         async with anyio.create_task_group() as tg:
             tg.start_soon(cancel_on_disconnect, receive, tg.cancel_scope)
-            await (self._stream(send) if self.stream else self._whole(send))
+            if self.stream:
+                tg.start_soon(sender.watch, tg.cancel_scope)
+                await self._stream(sender)
+            else:
+                await self._whole(send)
             tg.cancel_scope.cancel()
+        if sender.stalled:  # the job was cancelled: aborted and settled on the way out
+            logger.warning("%s: the client read nothing for %g s; stream aborted",
+                           self.job.request_id, self.send_timeout)
 
     def _start(self, status: int, content_type: bytes) -> dict[str, Any]:
         headers = [(b"content-type", content_type), (b"x-request-id", self.job.request_id.encode())]
@@ -373,6 +466,35 @@ class GenerationResponse(Response):
             await self._error(send, _as_api_error(exc))
             return
         await self._send_whole(send, 200, self.encoder.body())
+
+
+class _StallWatch:
+    """Wraps ``send``; :meth:`watch` cancels a scope when one send waits over ``timeout`` s.
+
+    A client that stops reading blocks ``send`` (flow control). A timestamp per send and one
+    watcher per response cost far less than a cancel scope around every chunk.
+    """
+
+    __slots__ = ("_send", "since", "stalled", "timeout")
+
+    def __init__(self, send: Any, timeout: float) -> None:
+        self._send, self.timeout = send, timeout
+        self.since: float | None = None
+        self.stalled = False
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        self.since = time.monotonic()
+        await self._send(message)
+        self.since = None
+
+    async def watch(self, scope: anyio.CancelScope) -> None:
+        while True:
+            await anyio.sleep(self.timeout / 4)
+            since = self.since
+            if since is not None and time.monotonic() - since > self.timeout:
+                self.stalled = True
+                scope.cancel()
+                return
 
 
 def _as_api_error(exc: Exception) -> StatusError:

@@ -7,8 +7,9 @@
     servekit plugins list                   # every installed plugin, by kind
 
 With no ``--model`` it serves the tiny Shakespeare Llama shipped in ``servekit/demo_model``.
-SIGTERM or Ctrl-C drains: ``/ready`` turns false, no new connections are accepted, in-flight
-requests get ``--grace-period`` seconds to finish, then are cancelled.
+SIGTERM or Ctrl-C drains: ``/ready`` turns false and new requests get 503 + retry-after while
+in-flight requests get ``--grace-period`` seconds to finish; the rest end with an error event,
+then the listener closes (a second signal exits at once).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from collections.abc import Sequence
 from functools import partial
 from importlib.resources import files
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import attrs
@@ -42,6 +42,11 @@ from servekit.server.ratelimit import KeyLimits
 __all__ = ["DEMO_MODEL", "build_parser", "main"]
 
 logger = logging.getLogger("servekit.server")
+
+#: Seconds uvicorn waits for connections to close after the drain (responses are done by then).
+_CLOSE_TIMEOUT = 5
+#: Largest request head (request line and headers), bytes.
+_MAX_HEADER_BYTES = 64 * 2**10
 
 #: The bundled demo model directory (a tiny Llama trained on Tiny Shakespeare).
 DEMO_MODEL = Path(str(files("servekit") / "demo_model"))
@@ -83,6 +88,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve an instant fake model (benchmarks, smoke tests)")
     serve.add_argument("--fake-token-delay", type=float, default=None,
                        help="seconds between the fake model's tokens")
+    # -- hardening: body, stream and connection limits (docs/server.md) --------------------------
+    serve.add_argument("--max-body-bytes", type=int, default=None,
+                       help="largest request body, bytes (413 above; default: one prompt of "
+                            "the model's longest context, at least 1 MiB)")
+    serve.add_argument("--send-timeout", type=float, default=None,
+                       help="seconds a stream waits on a client that stopped reading before "
+                            f"it is aborted (default: {default('send_timeout')})")
+    serve.add_argument("--timeout-keep-alive", type=float, default=None,
+                       help="seconds an idle keep-alive connection stays open "
+                            f"(default: {default('timeout_keep_alive')})")
+    serve.add_argument("--header-timeout", type=float, default=None,
+                       help="seconds a connection has to send its request head "
+                            f"(default: {default('header_timeout')})")
+    serve.add_argument("--rate-limit-fail-open", action="store_true", default=None,
+                       help="admit requests unlimited while the rate-limit store is down "
+                            "(default: 503 rate_limit_store_unavailable)")
+    serve.add_argument("--rate-limit-outage-retry-after", type=float, default=None,
+                       help="retry-after seconds of the 503 sent while the rate-limit store is "
+                            f"down (default: {default('rate_limit_outage_retry_after')})")
+    serve.add_argument("--metrics-style", choices=("prometheus", "vllm"), default=None,
+                       help="/metrics names: Prometheus conventions under servekit_ (default), "
+                            "or vLLM's exact vllm: names for dashboards built for vLLM")
     serve.add_argument("--log-level", default=None, help=f"default: {default('log_level')}")
     serve.add_argument("--access-log", action="store_true", default=None)
     # -- plugins and engine sizes (servekit.server.config) ------------------------------------
@@ -172,6 +199,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from servekit.server.app import ServerConfig, create_app
+    from servekit.server.runner import DrainingServer, header_timeout_protocol
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -182,26 +210,30 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     names = tuple(args.served_model_name) if args.served_model_name else (
         ("fake",) if args.fake else (_model_name(args),))
-    config = ServerConfig(model_names=names, grace_period=args.grace_period)
+    config = ServerConfig(model_names=names, grace_period=args.grace_period,
+                          max_body_bytes=args.max_body_bytes, send_timeout=args.send_timeout,
+                          rate_limit_fail_open=args.rate_limit_fail_open,
+                          rate_limit_outage_retry_after=args.rate_limit_outage_retry_after,
+                          metrics_style=args.metrics_style)
     hooks = HookSet(plugged.hooks)
-    metrics = _metrics(names[0])
+    metrics = _metrics(names[0], args.metrics_style)
     if metrics is not None:
         hooks.add(metrics)
-    limits = KeyLimits(store=plugged.store, hooks=hooks)
+    limits = KeyLimits(store=plugged.store, hooks=hooks, fail_open=config.rate_limit_fail_open,
+                       outage_retry_after=config.rate_limit_outage_retry_after)
     # the engine is built in a worker thread at startup: /health answers while the model loads
     app = create_app(lambda: build_engine(args, hooks), keys=keys, hooks=hooks, limits=limits,
                      metrics=metrics if metrics is not None else False, config=config)
     state = app.state.servekit.state
-
-    class _Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            state.begin_drain()  # /ready turns false before the listener closes
-            super().handle_exit(sig, frame)
-
-    server = _Server(uvicorn.Config(
+    # the server drains before uvicorn shuts down, so uvicorn's own shutdown finds the
+    # responses complete; its timeout only bounds closing what is left
+    server = DrainingServer(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level,
-        access_log=args.access_log, timeout_graceful_shutdown=int(max(1, args.grace_period)),
-        lifespan="on"))
+        access_log=args.access_log, timeout_graceful_shutdown=_CLOSE_TIMEOUT,
+        timeout_keep_alive=args.timeout_keep_alive,
+        h11_max_incomplete_event_size=_MAX_HEADER_BYTES, lifespan="on",
+        http=header_timeout_protocol(args.header_timeout)),
+        state, args.grace_period)
     logger.info("servekit serving %s on http://%s:%d/v1 (%s)", ", ".join(names), args.host,
                 args.port, "open: no API keys" if keys.open else f"{len(keys)} API key(s)")
     if args.grpc_port is None:
@@ -259,11 +291,11 @@ def list_plugins(kind: str | None = None, as_json: bool = False) -> str:
                      for r in rows)
 
 
-def _metrics(model_name: str) -> Any:
+def _metrics(model_name: str, style: str = "prometheus") -> Any:
     try:
         from servekit.metrics.prometheus import PrometheusHook
 
-        return PrometheusHook(model_name)
+        return PrometheusHook(model_name, style=style)  # type: ignore[arg-type]
     except ImportError:
         logger.warning("prometheus_client is not installed: /metrics is off")
         return None

@@ -101,6 +101,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fake", "engine.fake", "bool", False),
     Setting("fake_token_delay", "engine.fake_token_delay", "float", 0.0),
     Setting("limiter_store", "limits.store", "str", flag="--limiter-store"),
+    # hardening: body, stream and connection limits, store outages, metric names (docs/server.md)
+    Setting("max_body_bytes", "server.max_body_bytes", "int"),
+    Setting("send_timeout", "server.send_timeout", "float", 30.0),
+    Setting("timeout_keep_alive", "server.timeout_keep_alive", "float", 5.0),
+    Setting("header_timeout", "server.header_timeout", "float", 10.0),
+    Setting("rate_limit_fail_open", "limits.fail_open", "bool", False,
+            flag="--rate-limit-fail-open"),
+    Setting("rate_limit_outage_retry_after", "limits.outage_retry_after", "float", 10.0,
+            flag="--rate-limit-outage-retry-after"),
+    Setting("metrics_style", "metrics.style", "str", "prometheus", flag="--metrics-style"),
     Setting("hook", "hooks", "spec_list", (), flag="--hook"),
 )
 

@@ -87,6 +87,11 @@ class FakeEngine:
         return sum(self._blocks.values())
 
     @property
+    def admission_capacity(self) -> int:
+        """Requests this engine can hold at once: running slots plus the waiting bound."""
+        return self.max_running + self.max_waiting
+
+    @property
     def num_live_requests(self) -> int:
         """Requests waiting or running."""
         return len(self._blocks) + self._waiting
@@ -111,15 +116,18 @@ class FakeEngine:
         rid = request_id if request_id is not None else f"fake-{next(self._ids)}"
         if rid in self._blocks:
             raise DuplicateRequestError(rid)
-        if self._slots.value == 0 and self._waiting >= self.max_waiting:
-            raise QueueFullError("max_waiting_requests",
-                            f"{self._waiting} requests already wait", retry_after=1.0)
+        try:  # a free running slot is taken at once: only requests without one wait
+            self._slots.acquire_nowait()
+        except anyio.WouldBlock:
+            if self._waiting >= self.max_waiting:
+                raise QueueFullError("max_waiting_requests",
+                                f"{self._waiting} requests already wait", retry_after=1.0) from None
+            self._waiting += 1
+            try:
+                await self._slots.acquire()
+            finally:
+                self._waiting -= 1
         self.num_requests += 1
-        self._waiting += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self._waiting -= 1
         n_prompt = len(ids)
         self._blocks[rid] = math.ceil(n_prompt / self.block_size)
         try:

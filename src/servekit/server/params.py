@@ -8,14 +8,15 @@ Fields servekit accepts syntactically but cannot honour (``suffix``, ``logit_bia
 from __future__ import annotations
 
 from servekit.protocol.errors import InvalidRequestError
-from servekit.protocol.schema import ChatCompletionRequest, CompletionRequest
+from servekit.protocol.schema import ChatCompletionRequest, CompletionRequest, check_text
 from servekit.sched.params import InvalidParameterError, SamplingParams
 
 __all__ = ["build_sampling_params", "check_unsupported"]
 
 
 def check_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
-    """Reject fields servekit accepts syntactically but cannot honour."""
+    """Reject fields servekit accepts syntactically but cannot honour (lone surrogates too)."""
+    check_text(req)
     if req.logit_bias:
         raise InvalidRequestError("logit_bias is not supported", param="logit_bias")
     if isinstance(req, CompletionRequest):
@@ -30,8 +31,6 @@ def check_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
             raise InvalidRequestError("tools are not supported by this model", param="tools")
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
-    if isinstance(req.stop, list) and len(req.stop) > 16:
-        raise InvalidRequestError("at most 16 stop sequences", param="stop")
 
 
 def build_sampling_params(req: CompletionRequest | ChatCompletionRequest, *, max_tokens: int,

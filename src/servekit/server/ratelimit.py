@@ -5,6 +5,11 @@ Each API key carries its own limits, so keys are grouped by their ``(rpm, tpm)``
 1 request and ``prompt + max_tokens`` tokens (OpenAI's accounting) under the bucket key
 ``<key id>:<model>`` (a hash of the API key, never the key itself); when it ends — finished,
 failed, aborted or cancelled — the reservation is settled with the tokens really used.
+
+When the store cannot decide (Redis down), the request is not told it is rate limited: it gets
+a 503 ``rate_limit_store_unavailable`` with a backoff-worthy ``retry-after``, or, with
+``fail_open=True``, it is admitted unlimited. Either way the outage is counted
+(``rate_limit_store_errors``) and logged.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from servekit.limit.errors import RequestTooLargeError, StoreUnavailableError
 from servekit.limit.headers import openai_headers
 from servekit.limit.limiter import Limiter
 from servekit.limit.store import MemoryStore, Store
+from servekit.metrics.events import RATE_LIMIT_STORE_ERRORS, ResourceGauge
 from servekit.metrics.hooks import HookSet
-from servekit.protocol.errors import TooManyRequestsError
+from servekit.protocol.errors import ServiceUnavailableError, TooManyRequestsError
 from servekit.server.keys import ApiKey
 
 logger = logging.getLogger("servekit.server")
@@ -47,8 +53,13 @@ class KeyLimits:
     """Reserves and settles each key's RPM and TPM; ``open_reservations`` shows leaks."""
 
     def __init__(self, *, store: Store | None = None, clock: Callable[[], float] = time.monotonic,
-                 hooks: HookSet | None = None) -> None:
+                 hooks: HookSet | None = None, fail_open: bool = False,
+                 outage_retry_after: float = 10.0) -> None:
         self._store: Store = MemoryStore() if store is None else store
+        self.fail_open = fail_open
+        self.outage_retry_after = outage_retry_after
+        #: Decisions the store could not make (an outage), since start.
+        self.store_errors = 0
         self._clock = clock
         self._hooks = hooks
         self._limiters: dict[tuple[int | None, int | None], Limiter] = {}
@@ -74,6 +85,8 @@ class KeyLimits:
                 f"Request too large for {model}: {tokens} tokens requested, the limit is "
                 f"{key.tpm} tokens per minute; reduce the prompt or max_tokens",
                 headers={"x-should-retry": "false"}, code="request_too_large") from None
+        if decision.error is not None:
+            return self._outage(model, decision.error)
         headers = openai_headers(decision, requests="requests" if key.rpm is not None else None)
         if not decision.allowed:
             kind = "tokens" if "tokens" in decision.denied_by else "requests"
@@ -82,6 +95,21 @@ class KeyLimits:
                 f"Rate limit reached for {model} on {kind} per minute: limit {per}; "
                 f"retry after {headers.get('retry-after', '1')} s", headers=headers)
         return Admission(decision.reservation, limiter, headers)
+
+    def _outage(self, model: str, error: str) -> Admission:
+        self.store_errors += 1
+        hooks = self._hooks
+        if hooks is not None and hooks.wants.resource_gauge:
+            hooks.on_resource_gauge(ResourceGauge(RATE_LIMIT_STORE_ERRORS,
+                                                  float(self.store_errors), self._clock()))
+        logger.warning("rate-limit store unavailable (%s): %s", "admitting" if self.fail_open
+                       else "refusing", error)
+        if self.fail_open:
+            return _UNLIMITED
+        raise ServiceUnavailableError(
+            f"Rate limits for {model} cannot be checked right now (the limit store is "
+            "unavailable); retry later", retry_after=self.outage_retry_after,
+            code="rate_limit_store_unavailable")
 
     def settle(self, admission: Admission, used_tokens: int) -> None:
         """Settle a reservation with the tokens really used (prompt + completion)."""
@@ -104,7 +132,8 @@ class KeyLimits:
             limits = [Limit.per_period("requests", rpm if rpm is not None else 1e12, 60.0)]
             if tpm is not None:
                 limits.append(Limit.per_period("tokens", tpm, 60.0))
-            limiter = Limiter(limits, store=self._store, clock=self._clock, hooks=self._hooks)
+            limiter = Limiter(limits, store=self._store, clock=self._clock, hooks=self._hooks,
+                              fail_open=self.fail_open)
             self._limiters[(rpm, tpm)] = limiter
         return limiter
 

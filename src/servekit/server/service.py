@@ -34,6 +34,12 @@ from servekit.protocol.errors import (
 )
 from servekit.sched.errors import QueueFullError
 from servekit.sched.params import InvalidParameterError, SamplingParams
+from servekit.server.bounds import (
+    MIN_BODY_BYTES,
+    default_max_body_bytes,
+    max_prompt_chars,
+    max_token_chars,
+)
 from servekit.server.keys import ApiKey, KeyStore
 from servekit.server.lifecycle import ServerState
 from servekit.server.ratelimit import Admission, KeyLimits
@@ -44,6 +50,9 @@ if sys.version_info < (3, 11):  # pragma: no cover
 __all__ = ["EngineLike", "GenerationService", "Job", "JobUsage", "OnOutput"]
 
 logger = logging.getLogger("servekit.server")
+
+#: Texts up to this many characters are tokenized on the event loop (cheaper than a thread hop).
+_INLINE_CHARS = 4096
 
 #: Called with (choice index, delta) for every engine output, in order per choice.
 OnOutput = Callable[[int, RequestOutput], Awaitable[None]]
@@ -107,7 +116,8 @@ class GenerationService:
     def __init__(self, engine: EngineLike | None, *, keys: KeyStore | None = None,
                  limits: KeyLimits | None = None, state: ServerState | None = None,
                  hooks: HookSet | None = None, model_names: Sequence[str] = (),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 max_body_bytes: int | None = None) -> None:
         self.engine = engine
         self.keys = keys if keys is not None else KeyStore()
         self.limits = limits if limits is not None else KeyLimits(hooks=hooks)
@@ -117,6 +127,10 @@ class GenerationService:
         self._clock = clock
         self._prefix = f"{os.getpid():x}{int(time.time()) & 0xFFFFFF:06x}"
         self._counter = itertools.count()
+        #: Most characters one token stands for (set by :meth:`prepare`; None: no char bound).
+        self.token_chars: int | None = None
+        #: Body limit in bytes (None: derived from the model by :meth:`prepare`).
+        self.max_body_bytes: int | None = max_body_bytes
 
     # -- identity --------------------------------------------------------------------------
 
@@ -153,12 +167,31 @@ class GenerationService:
 
     def _engine(self) -> EngineLike:
         self.state.check_accepting()
+        return self._engine_or_fail()
+
+    def prepare(self) -> None:
+        """Read the bounds the engine implies (blocking: run it in a worker thread once)."""
+        engine = self._engine_or_fail()
+        self.token_chars = max_token_chars(engine.tokenizer)
+        if self.max_body_bytes is None:
+            self.max_body_bytes = default_max_body_bytes(engine.max_model_len, self.token_chars)
+
+    @property
+    def body_limit(self) -> int:
+        """Largest request body accepted, bytes (413 above it)."""
+        return self.max_body_bytes if self.max_body_bytes is not None else MIN_BODY_BYTES
+
+    def _engine_or_fail(self) -> EngineLike:
         assert self.engine is not None  # ready implies an engine
         return self.engine
 
-    def encode_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]
-                       ) -> list[list[int]]:
-        """Token ids of a completion prompt (text, ids, or a batch of either); 400 when bad."""
+    async def encode_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]
+                             ) -> list[list[int]]:
+        """Token ids of a completion prompt (text, ids, or a batch of either); 400 when bad.
+
+        Texts too long to fit the context are rejected from their length alone; long texts
+        are tokenized in a worker thread, so no request stalls the event loop.
+        """
         engine = self._engine()
         if isinstance(prompt, str):
             batch: list[Any] = [prompt]
@@ -168,6 +201,14 @@ class GenerationService:
             batch = list(prompt)
         if not batch:
             raise InvalidRequestError("prompt must not be empty", param="prompt")
+        texts = [item for item in batch if isinstance(item, str)]
+        for text in texts:
+            self._check_chars(len(text), "prompt")
+        if sum(map(len, texts)) > _INLINE_CHARS:
+            return await anyio.to_thread.run_sync(self._encode_batch, engine, batch)
+        return self._encode_batch(engine, batch)
+
+    def _encode_batch(self, engine: EngineLike, batch: list[Any]) -> list[list[int]]:
         vocab = len(engine.tokenizer)
         out = []
         for item in batch:
@@ -175,6 +216,7 @@ class GenerationService:
                 ids = list(engine.tokenizer.encode(item, add_special_tokens=True))
             else:
                 ids = list(item)
+                self._check_length(len(ids), "prompt")  # before scanning a huge list
                 if any(t < 0 or t >= vocab for t in ids):
                     raise InvalidRequestError(f"token ids must be in [0, {vocab})", param="prompt")
             if not ids:
@@ -183,15 +225,34 @@ class GenerationService:
             out.append(ids)
         return out
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         """Token ids of chat messages through the model's chat template; 400 when bad."""
         engine = self._engine()
-        try:
-            ids = render_chat(engine.tokenizer, messages)
-        except ChatTemplateError as exc:
-            raise InvalidRequestError(str(exc), param="messages") from exc
+        chars = sum(len(m.get("content") or "") for m in messages)
+        self._check_chars(chars, "messages")
+        if chars > _INLINE_CHARS:
+            ids = await anyio.to_thread.run_sync(self._render_chat, engine, messages)
+        else:
+            ids = self._render_chat(engine, messages)
         self._check_length(len(ids), "messages")
         return ids
+
+    @staticmethod
+    def _render_chat(engine: EngineLike, messages: list[dict[str, Any]]) -> list[int]:
+        try:
+            return render_chat(engine.tokenizer, messages)
+        except ChatTemplateError as exc:
+            raise InvalidRequestError(str(exc), param="messages") from exc
+
+    def _check_chars(self, chars: int, param: str) -> None:
+        if self.token_chars is None:
+            return
+        bound = max_prompt_chars(self.max_model_len, self.token_chars)
+        if chars > bound:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens, and your "
+                f"{param} has {chars} characters: more than {bound} characters cannot fit",
+                param=param)
 
     def _check_length(self, n: int, param: str) -> None:
         limit = self.max_model_len
@@ -223,8 +284,19 @@ class GenerationService:
     # -- running ---------------------------------------------------------------------------
 
     def admit(self, job: Job) -> Admission:
-        """Reserve the job's rate limit (429 when over); returns the headers to send."""
+        """Reserve the job's rate limit (429 when over); returns the headers to send.
+
+        A job with more choices than the engine can ever hold at once is a 400, not a 503:
+        retrying it would never help.
+        """
         self.state.check_accepting()
+        capacity = admission_capacity(self.engine)
+        if capacity is not None and len(job.choices) > capacity:
+            param = "n" if len(job.prompts) == 1 else "prompt"
+            raise InvalidRequestError(
+                f"This request needs {len(job.choices)} sequences at once ({len(job.prompts)} "
+                f"prompt(s) x n), but this server holds at most {capacity} (running slots plus "
+                "the waiting queue); lower n or send fewer prompts per request", param=param)
         job.admission = self.limits.reserve(job.key, job.model, job.reserved_tokens)
         self._gauge(RATE_LIMIT_RESERVATIONS, self.limits.open_reservations)
         return job.admission
@@ -308,6 +380,18 @@ class GenerationService:
         hooks = self.hooks
         if hooks is not None and hooks.wants.resource_gauge:
             hooks.on_resource_gauge(ResourceGauge(name, float(value), self._clock()))
+
+
+def admission_capacity(engine: Any) -> int | None:
+    """Requests ``engine`` can hold at once (running slots + waiting bound); None if unbounded."""
+    capacity = getattr(engine, "admission_capacity", None)
+    if capacity is not None:
+        return int(capacity)
+    scheduler = getattr(getattr(engine, "engine", None), "scheduler", None)  # AsyncEngine
+    bound = getattr(scheduler, "max_waiting_requests", None)
+    if scheduler is None or bound is None:
+        return None
+    return int(scheduler.max_num_seqs) + int(bound)
 
 
 async def _close(stream: Any) -> None:

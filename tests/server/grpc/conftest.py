@@ -15,6 +15,7 @@ from attrs import define
 from servekit.server.fake import FakeEngine
 from servekit.server.grpc import GrpcServer
 from servekit.server.keys import ApiKey, KeyStore
+from servekit.server.ratelimit import KeyLimits
 from servekit.server.service import GenerationService
 
 KEY = "sk-test"
@@ -57,10 +58,10 @@ class Served:
 
 @contextmanager
 def serve(engine: Any = None, keys: list[ApiKey] | None = None, ready: bool = True,
-          **server_kw: Any) -> Iterator[Served]:
+          limits: KeyLimits | None = None, **server_kw: Any) -> Iterator[Served]:
     """Run GrpcServer on ``engine`` (default: an instant FakeEngine) until the block exits."""
     engine = engine if engine is not None else FakeEngine()
-    service = GenerationService(engine, keys=KeyStore(keys or ()))
+    service = GenerationService(engine, keys=KeyStore(keys or ()), limits=limits)
     started = threading.Event()
     box: dict[str, Any] = {}
 

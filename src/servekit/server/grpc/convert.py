@@ -36,7 +36,7 @@ MAX_STOP = 16
 DEFAULT_PROMPT_MAX_TOKENS = 16
 
 
-def build_job(service: GenerationService, req: Any, key: ApiKey | None) -> Job:
+async def build_job(service: GenerationService, req: Any, key: ApiKey | None) -> Job:
     """Validate a ``GenerateRequest`` and turn it into a job (not yet admitted).
 
     Raises the server's API errors: 400 naming the field, 404 for an unknown model, 503 when the
@@ -48,18 +48,18 @@ def build_job(service: GenerationService, req: Any, key: ApiKey | None) -> Job:
     kind = req.WhichOneof("input")
     default_max: int | None = DEFAULT_PROMPT_MAX_TOKENS
     if kind == "chat":
-        ids = service.encode_chat(_messages(req.chat.messages))
+        ids = await service.encode_chat(_messages(req.chat.messages))
         default_max = None
     elif kind == "prompt":
         if not req.prompt:
             raise InvalidRequestError("prompt must not be empty", param="prompt")
-        ids = service.encode_prompts(req.prompt)[0]
+        ids = (await service.encode_prompts(req.prompt))[0]
     elif kind == "prompt_token_ids":
         token_ids = list(req.prompt_token_ids.ids)
         if not token_ids:
             raise InvalidRequestError("prompt_token_ids must not be empty", param="prompt_token_ids")
         try:
-            ids = service.encode_prompts(token_ids)[0]
+            ids = (await service.encode_prompts(token_ids))[0]
         except InvalidRequestError as exc:
             raise InvalidRequestError(f"prompt_token_ids: {exc.message}",
                                   param="prompt_token_ids") from exc

@@ -99,19 +99,22 @@ def parse_error_field(message: str) -> str | None:
     return _CAMEL.sub(lambda m: "_" + m.group(1).lower(), path)
 
 
-def _prepare(service: GenerationService, request: Request, body: bytes) -> tuple[Job, dict[str, str]]:
+async def _prepare(service: GenerationService, request: Request, body: bytes) -> tuple[Job, dict[str, str]]:
     # inside the HTTP app, its middleware has authenticated /v1/* already
     key = request.scope.get("servekit.key", _NO_KEY)
     if key is _NO_KEY:
         key = service.authenticate(request.headers.get("authorization"))
     message = pb.GenerateRequest()
     try:
-        json_format.Parse(body or b"{}", message)
+        json_format.Parse((body or b"{}").decode(), message)
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(f"the request body is not UTF-8 text: {exc.reason} at byte "
+                              f"{exc.start}") from None
     except json_format.ParseError as exc:
         text = str(exc).split("\n")[0]
         raise InvalidRequestError(f"invalid request body: {text}",
                               param=parse_error_field(text)) from exc
-    job = build_job(service, message, key)
+    job = await build_job(service, message, key)
     return job, service.admit(job).headers
 
 
@@ -130,7 +133,7 @@ def error_response(exc: StatusError) -> Response:
 def _unary(service: GenerationService) -> Endpoint:
     async def generate(request: Request) -> Response:
         try:
-            job, headers = _prepare(service, request, await request.body())
+            job, headers = await _prepare(service, request, await request.body())
             builder = ResponseBuilder(job)
             await service.run(job, builder.add)
         except Exception as exc:
@@ -143,7 +146,7 @@ def _unary(service: GenerationService) -> Endpoint:
 def _streaming(service: GenerationService) -> Endpoint:
     async def generate_stream(request: Request) -> Response:
         try:
-            job, headers = _prepare(service, request, await request.body())
+            job, headers = await _prepare(service, request, await request.body())
         except Exception as exc:
             return error_response(as_api_error(exc))
         return ChunkStream(service, job, headers)

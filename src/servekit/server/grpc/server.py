@@ -17,7 +17,7 @@ from typing import Any
 
 from servekit._optional import require
 from servekit.server.grpc.health import StateHealthServicer
-from servekit.server.grpc.service import GenerationServicer
+from servekit.server.grpc.service import GenerationServicer, add_generation_servicer
 from servekit.server.service import GenerationService
 
 grpc = require("grpc", "grpc")
@@ -26,7 +26,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from grpc_reflection.v1alpha import reflection  # noqa: E402
 
 from servekit.protocol.grpc_gen import servekit_pb2 as pb  # noqa: E402
-from servekit.protocol.grpc_gen import servekit_pb2_grpc as pb_grpc  # noqa: E402
 
 __all__ = ["SERVICE_NAME", "GrpcServer", "serve_beside"]
 
@@ -66,8 +65,7 @@ class GrpcServer:
     async def start(self) -> int:
         """Bind and start serving; returns the port."""
         server = grpc.aio.server(options=self.options)
-        pb_grpc.add_GenerationServicer_to_server(  # type: ignore[no-untyped-call]
-            GenerationServicer(self.service), server)
+        add_generation_servicer(GenerationServicer(self.service), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.reflection:
             reflection.enable_server_reflection(

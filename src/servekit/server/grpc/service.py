@@ -25,10 +25,12 @@ from servekit.server.keys import ApiKey
 from servekit.server.service import GenerationService, Job
 
 grpc = require("grpc", "grpc")
+from google.protobuf.message import DecodeError  # noqa: E402
+
 from servekit.protocol.grpc_gen import servekit_pb2 as pb  # noqa: E402
 from servekit.protocol.grpc_gen import servekit_pb2_grpc as pb_grpc  # noqa: E402
 
-__all__ = ["GenerationServicer", "as_api_error"]
+__all__ = ["GenerationServicer", "add_generation_servicer", "as_api_error"]
 
 logger = logging.getLogger("servekit.server.grpc")
 
@@ -52,6 +54,49 @@ def _metadata(headers: dict[str, str]) -> tuple[tuple[str, str], ...]:
     return tuple(headers.items())
 
 
+class _Undecodable:
+    """A request whose bytes did not parse (a string that is not UTF-8, a corrupt message)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _lenient(message_type: Any) -> Any:
+    """A deserializer that hands a parse failure to the handler (grpc would answer INTERNAL)."""
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc))
+
+    return parse
+
+
+def _check_decoded(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidRequestError(f"the request could not be parsed: {request.error}")
+
+
+def add_generation_servicer(servicer: GenerationServicer, server: Any) -> None:
+    """Register ``servicer`` on a grpc.aio ``server``: an unparsable request (bad UTF-8 in a
+    string) is INVALID_ARGUMENT, where the generated ``add_...ToServer`` would say INTERNAL."""
+    handlers = {
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            servicer.Generate, request_deserializer=_lenient(pb.GenerateRequest),
+            response_serializer=pb.GenerateResponse.SerializeToString),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(
+            servicer.GenerateStream, request_deserializer=_lenient(pb.GenerateRequest),
+            response_serializer=pb.GenerateChunk.SerializeToString),
+        "Session": grpc.stream_stream_rpc_method_handler(
+            servicer.Session, request_deserializer=_lenient(pb.SessionRequest),
+            response_serializer=pb.SessionResponse.SerializeToString),
+    }
+    name = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+
+
 class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
     """``servekit.v1.Generation`` on a :class:`GenerationService` (add it to a grpc.aio server)."""
 
@@ -66,14 +111,15 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
                 break
         return self.service.authenticate(authorization)
 
-    def _admit(self, request: Any, context: Any) -> tuple[Job, dict[str, str]]:
-        job = build_job(self.service, request, self._caller(context))
+    async def _admit(self, request: Any, context: Any) -> tuple[Job, dict[str, str]]:
+        _check_decoded(request)
+        job = await build_job(self.service, request, self._caller(context))
         return job, self.service.admit(job).headers
 
     async def Generate(self, request: Any, context: Any) -> Any:
         """Unary: the whole response."""
         try:
-            job, headers = self._admit(request, context)
+            job, headers = await self._admit(request, context)
             if headers:
                 await context.send_initial_metadata(_metadata(headers))
             builder = ResponseBuilder(job)
@@ -85,7 +131,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
     async def GenerateStream(self, request: Any, context: Any) -> None:
         """Server streaming: the deltas as chunks, then the final chunk with the usage."""
         try:
-            job, headers = self._admit(request, context)
+            job, headers = await self._admit(request, context)
         except Exception as exc:
             await _abort(context, as_api_error(exc))
         if headers:
@@ -124,6 +170,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
             try:
                 async with anyio.create_task_group() as requests:
                     async for message in request_iterator:
+                        if isinstance(message, _Undecodable):
+                            await outbox.put(_error_response("", InvalidRequestError(
+                                f"the request could not be parsed: {message.error}")))
+                            continue
                         kind = message.WhichOneof("kind")
                         if kind == "generate":
                             rid = message.generate.request_id
@@ -151,7 +201,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
         try:
             with scope:  # a Cancel message cancels it: the job is aborted and settled
                 try:
-                    job = build_job(self.service, request, key)
+                    job = await build_job(self.service, request, key)
                     self.service.admit(job)
                     encoder = ChunkEncoder(job)
                     chunk = encoder.chunk

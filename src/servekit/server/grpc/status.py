@@ -32,6 +32,7 @@ _CODES = {
     401: code_pb2.UNAUTHENTICATED,
     403: code_pb2.PERMISSION_DENIED,
     404: code_pb2.NOT_FOUND,
+    413: code_pb2.RESOURCE_EXHAUSTED,
     429: code_pb2.RESOURCE_EXHAUSTED,
     503: code_pb2.UNAVAILABLE,
 }
