@@ -99,7 +99,8 @@ async def test_abort_by_id_ends_the_stream(sync_engine: LLMEngine) -> None:
 
 
 async def test_queue_full_propagates_to_the_caller(llama_dir: Path) -> None:
-    sync = LLMEngine(llama_dir, config=EngineConfig(num_blocks=64, max_waiting_requests=1))
+    sync = LLMEngine(llama_dir, config=EngineConfig(num_blocks=64, max_waiting_requests=1,
+                                                        max_num_seqs=1))
     async with AsyncEngine(sync) as engine:
         params = SamplingParams(max_tokens=3)
         streams = [engine.generate([1, 2, 3], params) for _ in range(3)]

@@ -162,8 +162,10 @@ def test_bad_requests_name_the_field(engine: LLMEngine, prompt: list[int],
 
 
 def test_bounded_queue_raises_queue_full(llama_dir: Path) -> None:
-    engine = LLMEngine(llama_dir, config=EngineConfig(num_blocks=32, max_waiting_requests=1))
-    engine.add_request([1, 2, 3])  # an empty queue always accepts
+    config = EngineConfig(num_blocks=32, max_waiting_requests=1, max_num_seqs=1)
+    engine = LLMEngine(llama_dir, config=config)
+    engine.add_request([1, 2, 3])  # an empty queue always accepts; it takes the free slot
+    engine.add_request([1, 2, 3])  # waits, at the bound
     with pytest.raises(QueueFullError):
         engine.add_request([1, 2, 3])
 
