@@ -1,15 +1,15 @@
-"""gRPC front-end benchmark: the instant fake model over gRPC, beside the same over HTTP.
+"""gRPC front-end benchmark: the instant fake model over gRPC.
 
-The server runs in its own process (gRPC: ``servekit.server.grpc.GrpcServer`` on a FakeEngine;
-HTTP: ``servekit serve --fake``), the clients in this one (grpc.aio; the HTTP rows use
-bench_server's raw keep-alive client). Rows: streamed tokens/s (``GenerateStream``, C
-concurrent streams), the same multiplexed on one bidirectional ``Session``, and requests/s of
-short unary ``Generate`` calls; then the HTTP rows and the gRPC/HTTP ratios.
+The server runs in its own process (``servekit.server.grpc.GrpcServer`` on a FakeEngine), the
+clients in this one (grpc.aio). Rows: streamed tokens/s (``GenerateStream``, C concurrent
+streams), the same multiplexed on one bidirectional ``Session``, and requests/s of short unary
+``Generate`` calls.
 
     python benchmarks/bench_grpc.py --quick --json benchmarks/results/grpc-cpu-2026-11-27.json
 
-``bench_server.py`` can call :func:`grpc_rows` (optionally with the address of a server it
-started with ``--grpc-port``) to add the gRPC rows to its own table.
+The comparison with HTTP (the same fake model, its rows and the gRPC/HTTP ratios) is
+``bench_server.py``'s: it calls :func:`grpc_rows` and :func:`ratio_rows` (the import goes one
+way, server -> grpc).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import bar, parse_args, print_bars, print_table, summary, write_json
-from servekit.server.grpc_gen import servekit_pb2 as pb
-from servekit.server.grpc_gen import servekit_pb2_grpc as pb_grpc
+from servekit.protocol.grpc_gen import servekit_pb2 as pb
+from servekit.protocol.grpc_gen import servekit_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -200,15 +200,9 @@ def ratio_rows(grpc: list[dict[str, Any]], http: list[dict[str, Any]]) -> list[d
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0], lambda p: p.add_argument(
-        "--skip-http", action="store_true", help="only the gRPC rows"))
+    args = parse_args(__doc__.splitlines()[0])
     rounds = args.rounds or 3
     rows, bars = grpc_rows(args.quick, rounds)
-    if not args.skip_http:
-        import bench_server
-
-        http, _ = bench_server.bench_fake(args.quick, rounds)
-        rows += http + ratio_rows(rows, http)
     print_table(rows, ["scenario", "setting", "median", "min", "max"],
                 title="servekit gRPC front end (fake instant model, server in its own process)")
     print_bars(bars)

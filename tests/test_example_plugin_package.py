@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.limit.conftest import RedisServer
 from tests.server.cli_server import cli_server, run_cli
@@ -14,6 +15,7 @@ from tests.server.cli_server import cli_server, run_cli
 PLUGINS = {("policy", "deadline"), ("hook", "tenant_tokens"), ("routing_policy", "cache_affinity")}
 
 
+@pytest.mark.slow
 def test_plugins_list_shows_the_example_package() -> None:
     listed = run_cli("plugins", "list", "--json")
     assert listed.returncode == 0, listed.stderr
@@ -30,6 +32,7 @@ def test_plugins_list_shows_the_example_package() -> None:
     assert "prometheus" not in table
 
 
+@pytest.mark.slow
 def test_serve_with_the_deadline_policy_the_tenant_hook_and_redis_limits(
         tmp_path: Path) -> None:
     keys = tmp_path / "keys.json"

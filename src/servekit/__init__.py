@@ -7,9 +7,14 @@ servekit`` stays cheap and a part that needs torch (or an extra) loads only when
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import warnings
 from typing import Any
 
-__version__ = "0.1.0"
+try:
+    __version__ = importlib.metadata.version("servekit")
+except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"
 
 # public name -> the subpackage that exports it (loaded on first use).
 _EXPORTS: dict[str, str] = {
@@ -42,7 +47,7 @@ _EXPORTS: dict[str, str] = {
     "FCFSPolicy": "servekit.sched",
     "PriorityPolicy": "servekit.sched",
     "FairSharePolicy": "servekit.sched",
-    "QueueFull": "servekit.sched",
+    "QueueFullError": "servekit.sched",
     "LLMEngine": "servekit.engine",
     "AsyncEngine": "servekit.engine",
     "EngineConfig": "servekit.engine",
@@ -55,7 +60,7 @@ _EXPORTS: dict[str, str] = {
     "Reservation": "servekit.limit",
     "MemoryStore": "servekit.limit",
     "RedisStore": "servekit.limit",
-    "RateLimitExceeded": "servekit.limit",
+    "RateLimitExceededError": "servekit.limit",
     "TokenBucket": "servekit.limit",
     "openai_headers": "servekit.limit",
     "HashRing": "servekit.route",
@@ -79,11 +84,17 @@ _EXPORTS: dict[str, str] = {
     "GenerationService": "servekit.server",
     "KeyStore": "servekit.server",
     "ApiKey": "servekit.server",
-    "FakeEngine": "servekit.server",
     "Client": "servekit.client",
     "AsyncClient": "servekit.client",
     "GrpcClient": "servekit.client",
     "AsyncGrpcClient": "servekit.client",
+}
+
+# Deprecated names (removed in the next release): old name -> (module, current name).
+_DEPRECATED: dict[str, tuple[str, str]] = {
+    "QueueFull": ("servekit.sched", "QueueFullError"),
+    "RateLimitExceeded": ("servekit.limit", "RateLimitExceededError"),
+    "FakeEngine": ("servekit.server.fake", "FakeEngine"),
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -92,7 +103,12 @@ __all__ = ["__version__", *sorted(_EXPORTS)]
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'servekit' has no attribute {name!r}")
+        if name not in _DEPRECATED:
+            raise AttributeError(f"module 'servekit' has no attribute {name!r}")
+        module, current = _DEPRECATED[name]
+        warnings.warn(f"servekit.{name} is deprecated and goes in the next release: use "
+                      f"{module}.{current}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(module), current)
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value

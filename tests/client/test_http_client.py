@@ -83,7 +83,8 @@ def make_app(script: Script) -> Starlette:
 @pytest.fixture(scope="module")
 def server() -> Iterator[tuple[str, Script]]:
     script = Script()
-    with serve_asgi(make_app(script)) as url:
+    # a "sleep" answer outlives its (timed-out) client: do not wait 5 s for it at shutdown
+    with serve_asgi(make_app(script), timeout_graceful_shutdown=0.2) as url:
         yield url, script
 
 

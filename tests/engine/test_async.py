@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from servekit.engine import AsyncEngine, EngineConfig, LLMEngine
-from servekit.sched.errors import QueueFull
+from servekit.sched.errors import QueueFullError
 from servekit.sched.params import SamplingParams
 
 pytestmark = pytest.mark.anyio
@@ -106,7 +106,7 @@ async def test_queue_full_propagates_to_the_caller(llama_dir: Path) -> None:
         streams = [engine.generate([1, 2, 3], params) for _ in range(3)]
         await streams[0].__anext__()
         sync.add_request([4, 5, 6], params)  # fills the one waiting slot
-        with pytest.raises(QueueFull):
+        with pytest.raises(QueueFullError):
             await streams[1].__anext__()
         for s in streams:
             await s.aclose()

@@ -10,7 +10,7 @@ import torch
 
 from servekit.engine import EngineConfig, LLMEngine
 from servekit.engine.chat import ChatTemplateError, render_chat
-from servekit.sched.errors import QueueFull
+from servekit.sched.errors import QueueFullError
 from servekit.sched.params import InvalidParameterError, SamplingParams
 
 # forced length exactly as generate's min_new_tokens forces it: eos is masked until the end
@@ -53,6 +53,7 @@ def reference(family: tuple[str, Path], tokenizer: Any) -> tuple[list[list[int]]
     EngineConfig(num_blocks=128, block_size=4, max_num_batched_tokens=8, max_num_seqs=4),
     EngineConfig(num_blocks=22, block_size=4, max_num_batched_tokens=32, max_num_seqs=8),
 ], ids=["plain", "chunked-prefill", "preemption"])
+@pytest.mark.slow
 def test_greedy_matches_transformers_generate(
     family: tuple[str, Path], reference: tuple[list[list[int]], list[list[int]]],
     config: EngineConfig,
@@ -165,7 +166,7 @@ def test_bounded_queue_raises_queue_full(llama_dir: Path) -> None:
     engine = LLMEngine(llama_dir, config=config)
     engine.add_request([1, 2, 3])  # an empty queue always accepts; it takes the free slot
     engine.add_request([1, 2, 3])  # waits, at the bound
-    with pytest.raises(QueueFull):
+    with pytest.raises(QueueFullError):
         engine.add_request([1, 2, 3])
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
@@ -11,6 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from servekit.limit import MemoryStore, RedisStore, Store
+
+from .._servers import require_binary
 
 
 def _free_port() -> int:
@@ -24,9 +25,7 @@ class RedisServer:
     """A ``redis-server`` child process; ``stop()`` kills it (for the outage tests)."""
 
     def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed (apt-get install redis-server)")
+        binary = require_binary("redis-server", "apt-get install redis-server")
         self.port = _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc = subprocess.Popen(

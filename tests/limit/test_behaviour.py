@@ -7,16 +7,8 @@ import time
 import anyio
 import pytest
 
-from servekit.limit import (
-    InvalidCostError,
-    Limit,
-    Limiter,
-    RateLimitExceeded,
-    RequestTooLargeError,
-    ReservationError,
-    Store,
-    openai_headers,
-)
+from servekit.limit import Limit, Limiter, RateLimitExceededError, Store, openai_headers
+from servekit.limit.errors import InvalidCostError, RequestTooLargeError, ReservationError
 from servekit.metrics import events, hooks
 
 # Per-day limits: refill during a test (<= 1 s) is < 1e-3 tokens, so counts are exact.
@@ -152,7 +144,7 @@ def test_async_acquire_fails_fast_when_the_wait_is_too_long(store: Store) -> Non
     async def main() -> None:
         for _ in range(5):
             await limiter.acquire("k")
-        with pytest.raises(RateLimitExceeded) as info:
+        with pytest.raises(RateLimitExceededError) as info:
             await limiter.acquire("k", max_wait=5.0)
         assert info.value.reason == "limit" and info.value.retry_after > 5.0
         assert info.value.decision.denied_by == ("requests",)

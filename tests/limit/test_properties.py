@@ -10,15 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from servekit.limit import (
-    Limit,
-    LimitConfigError,
-    Limiter,
-    MemoryStore,
-    Reservation,
-    StoreFullError,
-    TokenBucket,
-)
+from servekit.limit import Limit, LimitConfigError, Limiter, MemoryStore, Reservation, TokenBucket
+from servekit.limit.errors import StoreFullError
 
 
 class FakeClock:

@@ -118,6 +118,7 @@ _WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_limit(redis_store: RedisStore, redis_server: RedisServer) -> None:
     start = time.time() + 3.0  # room for both interpreters to import on a loaded machine
     procs = [

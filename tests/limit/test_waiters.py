@@ -12,7 +12,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from servekit.limit import Limit, Limiter, MemoryStore, RateLimitExceeded
+from servekit.limit import Limit, Limiter, MemoryStore, RateLimitExceededError
 from tests.limit.test_store_plugins import CountingStore
 
 
@@ -51,17 +51,17 @@ def test_max_wait_and_deadline_raise_one_clear_error() -> None:
 
     async def main() -> None:
         await limiter.acquire("k")
-        with pytest.raises(RateLimitExceeded) as fast:
+        with pytest.raises(RateLimitExceededError) as fast:
             await limiter.acquire("k", max_wait=0.5)  # needs 1 s: fails at once
         assert fast.value.reason == "limit" and fast.value.retry_after == pytest.approx(1.0)
         t0 = anyio.current_time()
-        with pytest.raises(RateLimitExceeded, match="retry after"):
+        with pytest.raises(RateLimitExceededError, match="retry after"):
             await limiter.acquire("k", deadline=t0 + 0.25)
         assert anyio.current_time() == t0  # no pointless wait
         async with anyio.create_task_group() as tg:  # a queued waiter times out in line
             tg.start_soon(limiter.acquire, "k")
             await anyio.wait_all_tasks_blocked()
-            with pytest.raises(RateLimitExceeded) as queued:
+            with pytest.raises(RateLimitExceededError) as queued:
                 await limiter.acquire("k", max_wait=0.5)
             assert queued.value.reason == "timeout"
             assert anyio.current_time() - t0 == pytest.approx(0.5)
@@ -73,12 +73,12 @@ def test_max_wait_and_deadline_raise_one_clear_error() -> None:
 
 def test_waiter_cap() -> None:
     limiter = Limiter([Limit("r", 1, 1.0)], clock=anyio.current_time, max_waiters=3)
-    errors: list[RateLimitExceeded] = []
+    errors: list[RateLimitExceededError] = []
 
     async def client() -> None:
         try:
             await limiter.acquire("k")
-        except RateLimitExceeded as exc:
+        except RateLimitExceededError as exc:
             errors.append(exc)
 
     async def main() -> None:
@@ -131,6 +131,7 @@ def test_cancelled_waiters_leak_nothing() -> None:
 
 @pytest.mark.parametrize("store", ["memory", "third_party"])
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.slow
 def test_real_clock_rate_accuracy_with_2000_waiters(backend: str, store: str) -> None:
     """2,000 tasks queue on one key; the limiter grants >= 99% of capacity + rate * T, with
     the built-in store and with a third-party one alike (one code path).

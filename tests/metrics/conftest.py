@@ -6,13 +6,11 @@ from collections.abc import Callable
 
 import pytest
 
-from servekit.metrics import (
+from servekit.metrics import EngineStep, Hook, RequestFinished
+from servekit.metrics.events import (
     CacheStats,
-    EngineStep,
     FirstToken,
-    Hook,
     NewTokens,
-    RequestFinished,
     RequestPreempted,
     RequestQueued,
     RequestScheduled,

@@ -10,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
-from servekit.metrics import EVENT_METHODS, FirstToken, Hook, HookSet, NewTokens, RequestQueued
+from servekit.metrics import Hook, HookSet
+from servekit.metrics.events import FirstToken, NewTokens, RequestQueued
+from servekit.metrics.hooks import EVENT_METHODS
 
 EVENT = NewTokens("r", None, 1, 0.0, 0.1)
 

@@ -14,15 +14,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from servekit.errors import MissingExtraError
-from servekit.metrics import (
+from servekit.metrics import HookSet, MetricsConfigError, PrometheusHook
+from servekit.metrics.events import (
     KV_BLOCKS_IN_USE,
     OPEN_STREAMS,
     RATE_LIMIT_RESERVATIONS,
     CacheStats,
-    HookSet,
-    MetricsConfigError,
     NewTokens,
-    PrometheusHook,
     RateLimitDecision,
     ResourceGauge,
     RouteDecision,

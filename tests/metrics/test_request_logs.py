@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
-from servekit.metrics import HookSet, RequestFinished, RequestLogHook, request_record
+from servekit.metrics import HookSet, RequestFinished, RequestLogHook
+from servekit.metrics.logs import request_record
 
 Lifecycle = Callable[..., None]
 

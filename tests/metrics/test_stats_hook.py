@@ -9,14 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from servekit.metrics import (
+from servekit.metrics import HookSet, StatsHook
+from servekit.metrics.events import (
     OPEN_STREAMS,
     CacheStats,
-    HookSet,
     RateLimitDecision,
     ResourceGauge,
     RouteDecision,
-    StatsHook,
 )
 from servekit.metrics.stats import CumulativeDelta, Histogram
 

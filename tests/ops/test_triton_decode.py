@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -35,6 +36,7 @@ LENGTHS = st.one_of(
     window=st.one_of(st.none(), st.integers(1, 80)),
     num_splits=st.one_of(st.none(), st.integers(1, 5)),
 )
+@pytest.mark.slow
 def test_decode_matches_reference(
     seed: int, seq_lens: list[int], block_size: int, num_kv_heads: int, group: int,
     head_dim: int, dtype: torch.dtype, window: int | None, num_splits: int | None,
@@ -55,6 +57,7 @@ def test_decode_matches_reference(
 @settings(max_examples=8)
 @given(seed=st.integers(0, 2**16), seq_lens=st.lists(LENGTHS, min_size=1, max_size=2),
        scale=st.sampled_from([0.05, 0.5, 2.0]))  # fmt: skip
+@pytest.mark.slow
 def test_decode_reads_fp8_cache_with_scale(seed: int, seq_lens: list[int], scale: float) -> None:
     batch = make_batch(
         seed, q_lens=[1] * len(seq_lens), seq_lens=seq_lens, num_kv_heads=2, group=4,
@@ -73,6 +76,7 @@ def test_decode_reads_fp8_cache_with_scale(seed: int, seq_lens: list[int], scale
     check_close(out, oracle_attention(batch), torch.float16)
 
 
+@pytest.mark.slow
 def test_split_count_does_not_change_the_result() -> None:
     batch = make_batch(7, q_lens=[1, 1], seq_lens=[150, 70], num_kv_heads=2, group=4,
                        head_dim=64, block_size=16, dtype=torch.float32)  # fmt: skip

@@ -163,6 +163,7 @@ def test_store_kv_names_the_bad_field(field: str, change: dict[str, Any]) -> Non
 
 
 @pytest.mark.parametrize("q_lens", [[1, 1], [3, 9]])
+@pytest.mark.slow
 def test_group_and_head_dim_need_not_be_powers_of_two(q_lens: list[int]) -> None:
     # 12 query heads over 4 KV heads (group 3), head_dim 80: padded tiles, masked lanes
     batch = make_batch(13, q_lens=q_lens, seq_lens=[45, 19], num_kv_heads=4, group=3,

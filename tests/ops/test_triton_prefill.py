@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -51,6 +52,7 @@ def run(batch: PagedBatch, window: int | None, *, strided: bool = False) -> torc
     window=st.one_of(st.none(), st.integers(1, 48)),
     strided=st.booleans(),
 )
+@pytest.mark.slow
 def test_prefill_matches_reference(
     seed: int, requests: list[tuple[int, int]], block_size: int, num_kv_heads: int, group: int,
     head_dim: int, dtype: torch.dtype, window: int | None, strided: bool,
@@ -64,6 +66,7 @@ def test_prefill_matches_reference(
     check_close(out, oracle_attention(batch, window), dtype)
 
 
+@pytest.mark.slow
 def test_chunked_prefill_equals_whole_prefill() -> None:
     whole = make_batch(3, q_lens=[70], seq_lens=[70], num_kv_heads=2, group=4, head_dim=64,
                        block_size=16, dtype=torch.float32)  # fmt: skip

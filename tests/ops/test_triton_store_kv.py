@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -30,6 +31,7 @@ def slot_mappings(draw: st.DrawFn, num_slots: int) -> list[int]:
     slot_dtype=st.sampled_from([torch.int32, torch.int64]),
     transposed=st.booleans(),
 )
+@pytest.mark.slow
 def test_store_kv_matches_reference(
     data: st.DataObject, block_size: int, num_blocks: int, num_kv_heads: int, head_dim: int,
     dtype: torch.dtype, slot_dtype: torch.dtype, transposed: bool,
@@ -65,6 +67,7 @@ def test_store_kv_matches_reference(
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
     scale=st.sampled_from([0.01, 0.37, 1.0, 4.0]),
 )
+@pytest.mark.slow
 def test_store_kv_fp8_quantises_like_torch(
     data: st.DataObject, dtype: torch.dtype, scale: float
 ) -> None:

@@ -8,16 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from servekit.route import (
-    ConsistentHashPolicy,
-    HashRing,
-    InvalidRouteParameterError,
-    Router,
-    UnknownNodeError,
-    bounded_lookup,
-    capacity,
-    first_under_capacity,
-)
+from servekit.route import ConsistentHashPolicy, HashRing, Router
+from servekit.route.bounded import bounded_lookup, capacity, first_under_capacity
+from servekit.route.errors import InvalidRouteParameterError, UnknownNodeError
 
 ops = st.lists(
     st.tuples(st.booleans(), st.integers(0, 5)), min_size=1, max_size=120

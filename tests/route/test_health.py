@@ -7,13 +7,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from servekit.route import (
-    DuplicateNodeError,
-    HealthTracker,
-    InvalidRouteParameterError,
-    NodeHealth,
-    UnknownNodeError,
-)
+from servekit.route import HealthTracker
+from servekit.route.errors import DuplicateNodeError, InvalidRouteParameterError, UnknownNodeError
+from servekit.route.health import NodeHealth
 
 
 class FakeClock:

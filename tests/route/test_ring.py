@@ -14,15 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from servekit.route import (
+from servekit.route import HashRing
+from servekit.route.errors import (
     DuplicateNodeError,
     EmptyRingError,
-    HashRing,
     InvalidRouteParameterError,
     UnknownNodeError,
-    hash_keys,
-    xxh64,
 )
+from servekit.route.hashing import hash_keys, xxh64
 
 KEYS = [f"key-{i}" for i in range(4000)]
 names = st.lists(st.text("abcdefgh", min_size=1, max_size=4), min_size=1, max_size=12, unique=True)
@@ -181,6 +180,7 @@ print(",".join(ring.lookup(f"session-{i}") for i in range(300)))
 """
 
 
+@pytest.mark.slow
 def test_lookups_agree_across_processes_with_different_hash_seeds() -> None:
     results = []
     for seed in ("1", "2"):

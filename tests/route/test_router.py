@@ -12,18 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from servekit.kv.hashing import extend_block_hashes, get_hash_fn
-from servekit.metrics import Hook, HookSet, RouteDecision
+from servekit.metrics import Hook, HookSet
+from servekit.metrics.events import RouteDecision
 from servekit.route import (
     Candidate,
     Choice,
     ConsistentHashPolicy,
-    DuplicateNodeError,
     HashRing,
     HealthTracker,
-    InvalidRouteParameterError,
     LeastLoadedPolicy,
-    MissingRouteKeyError,
-    NodeHealth,
     NoNodeAvailableError,
     PowerOfTwoChoicesPolicy,
     PrefixKey,
@@ -33,8 +30,14 @@ from servekit.route import (
     RouteRequest,
     RoutingPolicy,
     StatelessPolicy,
+)
+from servekit.route.errors import (
+    DuplicateNodeError,
+    InvalidRouteParameterError,
+    MissingRouteKeyError,
     UnknownNodeError,
 )
+from servekit.route.health import NodeHealth
 
 REPLICAS = [f"r{i}" for i in range(6)]
 

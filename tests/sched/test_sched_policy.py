@@ -14,9 +14,8 @@ from servekit.sched import (
     Request,
     SamplingParams,
     Scheduler,
-    make_policy,
 )
-from servekit.sched.policy import VictimPolicy
+from servekit.sched.policy import VictimPolicy, make_policy
 from tests.sched.sched_fakes import FakeModel, step
 
 

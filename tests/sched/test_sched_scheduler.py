@@ -10,18 +10,16 @@ import pytest
 from servekit.kv.manager import KVCacheManager
 from servekit.metrics.hooks import Hook, HookSet
 from servekit.sched import (
-    DuplicateRequestError,
     FinishReason,
     InvalidParameterError,
     PriorityPolicy,
-    QueueFull,
+    QueueFullError,
     Request,
     RequestStatus,
     SamplingParams,
     Scheduler,
-    SchedulerStateError,
-    UnknownRequestError,
 )
+from servekit.sched.errors import DuplicateRequestError, SchedulerStateError, UnknownRequestError
 from tests.sched.sched_fakes import EOS, FakeModel, drain, next_token, reference_output, step
 
 
@@ -107,11 +105,11 @@ def test_queue_bounds_raise_queue_full_with_retry_after() -> None:
     sched.add_request(req("z", [1]))  # takes the one free running slot at the next step
     sched.add_request(req("a", [1] * 4))
     sched.add_request(req("b", [1] * 4))
-    with pytest.raises(QueueFull) as e:
+    with pytest.raises(QueueFullError) as e:
         sched.add_request(req("c", [1]))
     assert e.value.limit == "max_waiting_requests" and e.value.retry_after == 2.5
     sched.abort("b")
-    with pytest.raises(QueueFull) as e:
+    with pytest.raises(QueueFullError) as e:
         sched.add_request(req("c", [1] * 7))
     assert e.value.limit == "max_waiting_tokens"
     sched.add_request(req("c", [1] * 5))  # exactly at the bound (z's token counts too)
@@ -123,11 +121,11 @@ def test_a_burst_into_an_idle_scheduler_fills_running_slots_and_the_waiting_boun
     sched, _, model = make(max_waiting_requests=2, max_num_seqs=3)
     for i in range(5):  # 3 free running slots + 2 waiting
         sched.add_request(req(f"r{i}", [1, 2]))
-    with pytest.raises(QueueFull):
+    with pytest.raises(QueueFullError):
         sched.add_request(req("r5", [1, 2]))
     step(sched, model)  # three start running; two still wait, at the bound
     assert sched.num_running == 3
-    with pytest.raises(QueueFull):
+    with pytest.raises(QueueFullError):
         sched.add_request(req("r5", [1, 2]))
 
 

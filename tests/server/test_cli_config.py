@@ -89,6 +89,7 @@ def test_bad_values_name_the_file_and_the_key(tmp_path: Path, text: str, message
         load_config(write(tmp_path, text))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("text", "flags", "message"), [
     ("[engine]\npolicy = 'lifo'", (), r"servekit\.toml: engine\.policy: no policy plugin named 'lifo'"),
     ("[engine]\npolicy = 'priority:{\"aging_rate\": -1}'", (),
@@ -109,6 +110,7 @@ def test_bad_plugins_fail_before_the_server_starts(
     assert re.search(message, done.stderr), done.stderr
 
 
+@pytest.mark.slow
 def test_serve_configured_by_file_with_redis_limits(tmp_path: Path) -> None:
     (tmp_path / "keys.json").write_text(json.dumps(
         {"keys": [{"key": "sk-bob", "tenant": "bob", "rpm": 1}]}))
@@ -152,6 +154,7 @@ store = "{redis.url}"
         redis.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("text", "flags", "message"), [
     ("[engine]\nblock_size = 0", (), r"servekit\.toml: engine\.block_size: block_size: must be"),
     ("", ("--max-num-seqs", "0"), r"^servekit serve: --max-num-seqs: max_num_seqs: must be"),

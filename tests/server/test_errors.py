@@ -96,6 +96,7 @@ def test_unknown_route_is_404_in_openai_shape(server: Running) -> None:
     assert r.status_code == 404 and "error" in r.json()
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(field=st.sampled_from(["max_tokens", "temperature", "top_p", "n", "seed", "stream",
                               "logprobs", "stop", "user", "model"]),

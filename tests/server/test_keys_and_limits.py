@@ -10,7 +10,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from servekit.server import ApiKey, KeyConfigError, KeyLimits, KeyStore, RateLimitedError
+from servekit.protocol.errors import TooManyRequestsError
+from servekit.server import ApiKey, KeyConfigError, KeyLimits, KeyStore
 from servekit.server.ratelimit import Admission
 
 
@@ -84,7 +85,7 @@ class ReserveSettle(RuleBasedStateMachine):
     def reserve(self, prompt: int, max_tokens: int) -> None:
         try:
             admission = self.limits.reserve(self.key, "m", prompt + max_tokens)
-        except RateLimitedError as exc:
+        except TooManyRequestsError as exc:
             assert exc.status == 429 and "retry-after" in exc.headers
             return
         assert admission.reservation is not None
@@ -142,9 +143,9 @@ def test_a_store_outage_at_settle_keeps_the_charge_and_raises_nothing(
 ) -> None:
     from collections.abc import Sequence
 
-    from servekit.limit import LimitSet, TakeResult
+    from servekit.limit.bucket import LimitSet
     from servekit.limit.errors import StoreUnavailableError
-    from servekit.limit.store import MemoryStore
+    from servekit.limit.store import MemoryStore, TakeResult
 
     class FlakyStore(MemoryStore):
         down = False
@@ -163,5 +164,5 @@ def test_a_store_outage_at_settle_keeps_the_charge_and_raises_nothing(
     limits.settle(admission, 10)  # would refund 390 tokens; the store is down
     assert limits.open_reservations == 0
     assert "could not settle" in caplog.text
-    with pytest.raises(RateLimitedError):  # the full 400 stay charged: 200 more do not fit
+    with pytest.raises(TooManyRequestsError):  # the full 400 stay charged: 200 more do not fit
         limits.reserve(key, "m", 200)

@@ -50,6 +50,7 @@ async def _soak(url: str, n: int, seed: int, model: str = "fake", max_tokens: in
     return done, cut
 
 
+@pytest.mark.slow
 def test_100_streams_with_random_disconnects_leak_nothing() -> None:
     engine = FakeEngine(token_delay=0.004)
     keys = KeyStore([ApiKey("sk-soak", tenant="soak", rpm=100_000, tpm=10_000_000)])
@@ -159,6 +160,7 @@ async def _streams(url: str, n: int, max_tokens: int, on_first: object) -> list[
         return list(await asyncio.gather(*tasks))
 
 
+@pytest.mark.slow
 def test_sigterm_lets_in_flight_streams_finish_within_the_grace_period() -> None:
     proc, url = _cli("--fake-token-delay", "0.02", "--grace-period", "30")
     try:
@@ -180,6 +182,7 @@ def _probe_during_drain(url: str, probes: dict[str, httpx.Response]) -> None:
                                json={"model": "fake", "prompt": "x", "max_tokens": 2})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grace", [1.0, 2.5])
 def test_sigterm_cuts_streams_past_a_short_grace_period_cleanly(grace: float) -> None:
     import threading

@@ -87,6 +87,7 @@ def test_prompt_longer_than_the_model_is_400(server: Running) -> None:
     assert client(server).completions.create(model=MODEL, prompt="x", max_tokens=2).choices
 
 
+@pytest.mark.slow
 def test_100_streams_with_disconnects_free_every_block(server: Running) -> None:
     done, cut = asyncio.run(_soak(server.url, 100, seed=11, model=MODEL, max_tokens=16))
     assert done + cut == 100 and done > 0 and cut > 0

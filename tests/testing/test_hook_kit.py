@@ -13,7 +13,7 @@ from servekit.metrics.events import NewTokens
 from servekit.metrics.hooks import EVENT_METHODS
 from servekit.metrics.logs import RequestLogHook
 from servekit.metrics.stats import StatsHook
-from servekit.testing import InvariantViolation
+from servekit.testing import InvariantViolationError
 from servekit.testing.hooks import HookContract, hook_contract
 
 
@@ -96,23 +96,23 @@ class ReorderingHookSet(HookSet):
 
 
 def test_raising_hook_fails_never_raises() -> None:
-    with pytest.raises(InvariantViolation, match="the hook never raises") as info:
+    with pytest.raises(InvariantViolationError, match="the hook never raises") as info:
         hook_contract(RaisingHook, max_examples=5)().test_hook_on_real_serving()
     assert "RaisingHook.on_new_tokens raised KeyError" in str(info.value)
 
 
 def test_blocking_hook_fails_returns_quickly() -> None:
-    with pytest.raises(InvariantViolation, match="a hook returns quickly"):
+    with pytest.raises(InvariantViolationError, match="a hook returns quickly"):
         hook_contract(BlockingHook, max_examples=2)().test_hook_on_real_serving()
 
 
 def test_non_isolating_hook_set_breaks_serving() -> None:
     kit = hook_contract(StatsHook, hookset_factory=NonIsolatingHookSet, max_examples=5)()
-    with pytest.raises(InvariantViolation, match="a raising or slow hook never breaks serving"):
+    with pytest.raises(InvariantViolationError, match="a raising or slow hook never breaks serving"):
         kit.test_raising_or_slow_hooks_never_break_serving()
 
 
 def test_reordering_hook_set_fails_event_order() -> None:
     kit = hook_contract(StatsHook, hookset_factory=ReorderingHookSet, max_examples=10)()
-    with pytest.raises(InvariantViolation, match="event order per request"):
+    with pytest.raises(InvariantViolationError, match="event order per request"):
         kit.test_hook_on_real_serving()

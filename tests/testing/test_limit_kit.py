@@ -11,7 +11,7 @@ import pytest
 from servekit.limit import MemoryStore, RedisStore, Store
 from servekit.limit.bucket import LimitSet
 from servekit.limit.store import TakeResult
-from servekit.testing import InvariantViolation
+from servekit.testing import InvariantViolationError
 from servekit.testing.limit import LimiterStoreContract, limiter_store_contract
 from tests.limit.conftest import RedisServer, _free_port
 
@@ -90,30 +90,30 @@ class SilentlyDownStore(MemoryStore):
 
 
 def test_racy_store_fails_concurrency() -> None:
-    with pytest.raises(InvariantViolation, match="no over-admission under concurrency"):
+    with pytest.raises(InvariantViolationError, match="no over-admission under concurrency"):
         limiter_store_contract(RacyStore)().test_concurrent_takes_never_over_admit()
 
 
 def test_half_charging_store_fails_atomicity() -> None:
-    with pytest.raises(InvariantViolation, match="a denied check charges no limit"):
+    with pytest.raises(InvariantViolationError, match="a denied check charges no limit"):
         limiter_store_contract(HalfChargingStore)().test_multi_limit_decisions_are_atomic()
 
 
 def test_leaky_refund_store_fails_conservation() -> None:
-    with pytest.raises(InvariantViolation, match="reserve/settle conservation"):
+    with pytest.raises(InvariantViolationError, match="reserve/settle conservation"):
         limiter_store_contract(LeakyRefundStore)().test_reserve_settle_conserves_tokens()
 
 
 def test_overfilling_store_fails_the_greedy_bound() -> None:
     kit = limiter_store_contract(OverfillStore)()
-    with pytest.raises(InvariantViolation, match="capacity \\+ rate \\* T"):
+    with pytest.raises(InvariantViolationError, match="capacity \\+ rate \\* T"):
         kit.test_greedy_client_bound()
-    with pytest.raises(InvariantViolation, match="admits its capacity, no more"):
+    with pytest.raises(InvariantViolationError, match="admits its capacity, no more"):
         kit.test_full_bucket_admits_its_capacity()
 
 
 def test_store_that_fails_wrongly_is_named() -> None:
     kit = limiter_store_contract(MemoryStore, break_store=lambda self, store: SilentlyDownStore())()
-    with pytest.raises(InvariantViolation, match="raises StoreUnavailableError") as info:
+    with pytest.raises(InvariantViolationError, match="raises StoreUnavailableError") as info:
         kit.test_store_failure_follows_fail_open()
     assert "connection refused" in str(info.value)

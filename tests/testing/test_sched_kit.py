@@ -10,7 +10,7 @@ import pytest
 from servekit.sched import FairSharePolicy, FCFSPolicy, PriorityPolicy, Request, SchedulingPolicy
 from servekit.sched.policy import LowestPriorityVictimPolicy, NewestVictimPolicy
 from servekit.testing import (
-    InvariantViolation,
+    InvariantViolationError,
     SchedulingPolicyContract,
     VictimPolicyContract,
     scheduling_policy_contract,
@@ -29,13 +29,15 @@ class TestFairShare(SchedulingPolicyContract):
     policy_factory = FairSharePolicy
 
 
-TestFairWeighted = scheduling_policy_contract(lambda: FairSharePolicy({"a": 2.0}), seed=7)
+TestFairWeighted = pytest.mark.slow(
+    scheduling_policy_contract(lambda: FairSharePolicy({"a": 2.0}), seed=7))
 
 
 class TestNewestVictim(VictimPolicyContract):
     victim_policy_factory = NewestVictimPolicy
 
 
+@pytest.mark.slow
 class TestLowestPriorityVictimUnderFairShare(VictimPolicyContract):
     policy_factory = FairSharePolicy
     victim_policy_factory = LowestPriorityVictimPolicy
@@ -94,7 +96,7 @@ class DuplicatingPolicy(SchedulingPolicy):
 
 def test_starving_policy_fails_the_starvation_check() -> None:
     kit = scheduling_policy_contract(TenantFirstPolicy, starvation_bound=100)()
-    with pytest.raises(InvariantViolation, match="no starvation") as info:
+    with pytest.raises(InvariantViolationError, match="no starvation") as info:
         kit.test_no_starvation()
     assert "tenant 'b'" in str(info.value)
 
@@ -102,7 +104,7 @@ def test_starving_policy_fails_the_starvation_check() -> None:
 def test_strict_priority_starves_and_may_opt_out() -> None:
     strict = scheduling_policy_contract(lambda: PriorityPolicy(aging_rate=0.0),
                                         starvation_bound=150)()
-    with pytest.raises(InvariantViolation, match="no starvation"):
+    with pytest.raises(InvariantViolationError, match="no starvation"):
         strict.test_no_starvation()
     scheduling_policy_contract(lambda: PriorityPolicy(aging_rate=0.0),
                                starvation_bound=None)().test_no_starvation()
@@ -110,13 +112,13 @@ def test_strict_priority_starves_and_may_opt_out() -> None:
 
 def test_losing_policy_fails_nothing_lost() -> None:
     kit = scheduling_policy_contract(LosingPolicy, starvation_bound=None)()
-    with pytest.raises(InvariantViolation, match="nothing lost"):
+    with pytest.raises(InvariantViolationError, match="nothing lost"):
         kit.test_scheduler_invariants()
 
 
 def test_duplicating_policy_fails_nothing_duplicated() -> None:
     kit = scheduling_policy_contract(DuplicatingPolicy, starvation_bound=None)()
-    with pytest.raises(InvariantViolation, match="nothing duplicated"):
+    with pytest.raises(InvariantViolationError, match="nothing duplicated"):
         kit.test_scheduler_invariants()
 
 
@@ -135,12 +137,12 @@ class FuturePolicy(FCFSPolicy):
 
 def test_wrong_interface_version_is_named() -> None:
     kit = scheduling_policy_contract(FuturePolicy)()
-    with pytest.raises(InvariantViolation, match="implements the policy interface") as info:
+    with pytest.raises(InvariantViolationError, match="implements the policy interface") as info:
         kit.test_implements_the_interface()
     assert "api_version 2" in str(info.value)
 
 
 def test_not_a_policy_is_named() -> None:
     kit = scheduling_policy_contract(object)()  # type: ignore[arg-type]
-    with pytest.raises(InvariantViolation, match=r"is not a servekit\.sched\.policy"):
+    with pytest.raises(InvariantViolationError, match=r"is not a servekit\.sched\.policy"):
         kit.test_implements_the_interface()

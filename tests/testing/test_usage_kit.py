@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 
 import pytest
 
-from servekit.testing import InvariantViolation
+from servekit.testing import InvariantViolationError
 from servekit.testing.usage import UsageSinkContract, usage_sink_contract
 from servekit.usage.sink import UsageRecord
 
@@ -51,11 +51,11 @@ class LastWriteWinsSink(SQLiteSink):
 
 def test_double_counting_sink_fails() -> None:
     kit = usage_sink_contract(lambda: SQLiteSink(unique=False), SQLiteSink.read)()
-    with pytest.raises(InvariantViolation, match="a batch written twice is counted once"):
+    with pytest.raises(InvariantViolationError, match="a batch written twice is counted once"):
         kit.test_batch_written_twice_is_counted_once()
 
 
 def test_last_write_wins_sink_fails() -> None:
     kit = usage_sink_contract(LastWriteWinsSink, SQLiteSink.read)()
-    with pytest.raises(InvariantViolation, match="a rewrite changes nothing"):
+    with pytest.raises(InvariantViolationError, match="a rewrite changes nothing"):
         kit.test_batch_written_twice_is_counted_once()

@@ -6,6 +6,7 @@ HTTP client never imports grpc.
 
 from typing import Any
 
+from servekit._deprecation import moved_names
 from servekit.client._core import RetryPolicy, Timeout
 from servekit.client.errors import (
     APIConnectionError,
@@ -21,14 +22,7 @@ from servekit.client.errors import (
     RateLimitError,
 )
 from servekit.client.http import AsyncClient, Client
-from servekit.client.types import (
-    ChatChoice,
-    ChatCompletion,
-    ChatMessage,
-    Completion,
-    CompletionChoice,
-    Usage,
-)
+from servekit.client.types import ChatCompletion, Completion
 
 __all__ = [
     "APIConnectionError",
@@ -38,13 +32,10 @@ __all__ = [
     "AsyncGrpcClient",
     "AuthenticationError",
     "BadRequestError",
-    "ChatChoice",
     "ChatCompletion",
-    "ChatMessage",
     "Client",
     "ClientError",
     "Completion",
-    "CompletionChoice",
     "GrpcClient",
     "InternalServerError",
     "NotFoundError",
@@ -53,8 +44,17 @@ __all__ = [
     "RateLimitError",
     "RetryPolicy",
     "Timeout",
-    "Usage",
 ]
+
+
+# Names that were exported here before and now live only in their modules: they still resolve,
+# with a DeprecationWarning, for one release.
+_moved = moved_names(__name__, {
+    "ChatChoice": "servekit.client.types",
+    "ChatMessage": "servekit.client.types",
+    "CompletionChoice": "servekit.client.types",
+    "Usage": "servekit.client.types",
+})
 
 
 def __getattr__(name: str) -> Any:
@@ -62,4 +62,4 @@ def __getattr__(name: str) -> Any:
         from servekit.client import grpc
 
         return getattr(grpc, name)
-    raise AttributeError(f"module 'servekit.client' has no attribute {name!r}")
+    return _moved(name)

@@ -1,8 +1,7 @@
-"""What the sync and async clients share: timeouts, the retry policy, SSE and error parsing."""
+"""What the sync and async clients share: timeouts, the retry policy, stream and error parsing."""
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Mapping
@@ -18,6 +17,8 @@ from servekit.client.errors import (
     RateLimitError,
     error_for_status,
 )
+from servekit.protocol.errors import parse_error_body, retry_after_seconds
+from servekit.protocol.sse import parse_data
 
 RETRYABLE = (RateLimitError, OverloadedError, APIConnectionError)
 
@@ -29,21 +30,6 @@ class Timeout:
     connect: float = 5.0
     read: float = 60.0
     total: float | None = None
-
-
-def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """The server's requested wait: ``retry-after-ms`` first, then ``retry-after`` in seconds."""
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        raw = headers.get(name)
-        if raw is None:
-            continue
-        try:
-            value = float(raw) * scale
-        except ValueError:
-            continue
-        if value >= 0:
-            return value
-    return None
 
 
 @define(slots=True)
@@ -75,59 +61,19 @@ class RetryPolicy:
 
 def error_from_response(status_code: int, headers: Mapping[str, str], content: bytes) -> APIStatusError:
     """Parse an OpenAI-shaped error body (``{"error": {...}}``) into the right exception."""
-    body: dict[str, Any] | None = None
-    try:
-        parsed = json.loads(content) if content else None
-        if isinstance(parsed, dict):
-            err = parsed.get("error", parsed)
-            body = err if isinstance(err, dict) else {"message": str(err)}
-    except ValueError:
-        body = {"message": content.decode("utf-8", "replace")[:500]}
-    return error_for_status(status_code, body, {k.lower(): v for k, v in headers.items()})
+    return error_for_status(status_code, parse_error_body(content),
+                            {k.lower(): v for k, v in headers.items()})
 
 
-class SSEDecoder:
-    """Turns the lines of a server-sent-event stream into JSON payloads.
-
-    ``feed(line)`` returns the decoded payload of an event when ``line`` ends it (a blank line;
-    an event's ``data:`` lines are joined with newlines, as the SSE spec says), ``DONE`` for
-    ``data: [DONE]``, or None otherwise (comments, other fields, an event still open).
-    ``flush()`` ends the last event when the stream closes without a blank line.
-    """
-
-    DONE: Any = object()
-
-    def __init__(self) -> None:
-        self._data: list[str] = []
-
-    def feed(self, line: str) -> Any:
-        """Decode one line of the stream."""
-        if not line:
-            return self.flush()
-        if not line.startswith("data:"):
-            return None
-        value = line[5:]
-        if value.startswith(" "):
-            value = value[1:]
-        if not self._data and value.strip() == "[DONE]":
-            return self.DONE
-        self._data.append(value)
-        return None
-
-    def flush(self) -> Any:
-        """Decode the event whose data lines were fed (None when there is none)."""
-        data = "\n".join(self._data).strip()
-        self._data.clear()
-        if not data:
-            return None
-        if data == "[DONE]":
-            return self.DONE
-        payload = json.loads(data)
-        if isinstance(payload, dict) and "error" in payload:
-            err = payload["error"]
-            status = int(err.get("code") or 500) if str(err.get("code", "")).isdigit() else 500
-            raise error_for_status(status, err, {})
-        return payload
+def decode_event(data: str) -> Any:
+    """The JSON payload of one stream event, ``DONE_DATA`` for the end marker; an error event
+    (``{"error": {...}}``) raises the matching exception."""
+    payload = parse_data(data)
+    if isinstance(payload, dict) and "error" in payload:
+        err = payload["error"]
+        status = int(err.get("code") or 500) if str(err.get("code", "")).isdigit() else 500
+        raise error_for_status(status, err, {})
+    return payload
 
 
 def request_body(params: dict[str, Any], stream: bool) -> dict[str, Any]:

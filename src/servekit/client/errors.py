@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from servekit.errors import ServekitError
+from servekit.protocol.errors import retry_after_seconds
 
 
 class ClientError(ServekitError):
@@ -60,8 +61,6 @@ class RateLimitError(APIStatusError):
     @property
     def retry_after(self) -> float | None:
         """Seconds to wait before retrying, from ``retry-after-ms`` or ``retry-after``."""
-        from servekit.client._core import retry_after_seconds
-
         return retry_after_seconds(self.headers)
 
     @property

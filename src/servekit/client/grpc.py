@@ -52,8 +52,8 @@ grpc = require("grpc", "grpc")
 require("google.rpc", "grpc")
 from google.rpc import code_pb2, error_details_pb2, status_pb2  # noqa: E402
 
-from servekit.server.grpc_gen import servekit_pb2 as pb  # noqa: E402
-from servekit.server.grpc_gen import servekit_pb2_grpc as pb_grpc  # noqa: E402
+from servekit.protocol.grpc_gen import servekit_pb2 as pb  # noqa: E402
+from servekit.protocol.grpc_gen import servekit_pb2_grpc as pb_grpc  # noqa: E402
 
 __all__ = ["AsyncGrpcClient", "AsyncSession", "AsyncSessionCall", "GrpcClient", "Session",
            "SessionCall", "error_from_status"]

@@ -15,15 +15,16 @@ import anyio
 from servekit._optional import require
 from servekit.client._core import (
     RetryPolicy,
-    SSEDecoder,
     Timeout,
     _RetryingBase,
     auth_headers,
+    decode_event,
     error_from_response,
     request_body,
 )
 from servekit.client.errors import APIConnectionError, APITimeoutError, ClientError
 from servekit.client.types import ChatCompletion, Completion
+from servekit.protocol.sse import DONE_DATA, aiter_events, iter_events
 
 httpx = require("httpx", "client")
 
@@ -138,18 +139,11 @@ class Client(_Base):
 
     def _stream(self, path: str, params: dict[str, Any], cls: type[T]) -> Iterator[T]:
         response = self._send("POST", path, request_body(params, stream=True), stream=True)
-        decoder = SSEDecoder()
         try:
-            for line in response.iter_lines():
-                payload = decoder.feed(line)
-                if payload is SSEDecoder.DONE:
+            for data in iter_events(response):
+                payload = decode_event(data)
+                if payload == DONE_DATA:
                     return
-                if payload is not None:
-                    yield cls.from_json(payload)
-            payload = decoder.flush()  # the last event, when no blank line ended it
-            if payload is SSEDecoder.DONE:
-                return
-            if payload is not None:
                 yield cls.from_json(payload)
             raise APIConnectionError(_CUT_OFF)
         except httpx.TransportError as exc:
@@ -227,18 +221,11 @@ class AsyncClient(_Base):
 
     async def _stream(self, path: str, params: dict[str, Any], cls: type[T]) -> AsyncIterator[T]:
         response = await self._send("POST", path, request_body(params, stream=True), stream=True)
-        decoder = SSEDecoder()
         try:
-            async for line in response.aiter_lines():
-                payload = decoder.feed(line)
-                if payload is SSEDecoder.DONE:
+            async for data in aiter_events(response):
+                payload = decode_event(data)
+                if payload == DONE_DATA:
                     return
-                if payload is not None:
-                    yield cls.from_json(payload)
-            payload = decoder.flush()  # the last event, when no blank line ended it
-            if payload is SSEDecoder.DONE:
-                return
-            if payload is not None:
                 yield cls.from_json(payload)
             raise APIConnectionError(_CUT_OFF)
         except httpx.TransportError as exc:

@@ -103,7 +103,7 @@ class AsyncEngine:
     ) -> AsyncGenerator[RequestOutput, None]:
         """Stream a request's deltas; the last has ``finished=True``.
 
-        Raises InvalidParameterError or QueueFull at the first iteration. Breaking out of the
+        Raises InvalidParameterError or QueueFullError at the first iteration. Breaking out of the
         iteration, or cancelling the task that iterates, aborts the request.
         """
         if self._tg is None:

@@ -161,7 +161,7 @@ class LLMEngine:
         """Queue a prompt (text or token ids); return its request id.
 
         ``deadline`` is an absolute time on the engine's ``clock`` after which the request is
-        aborted. Raises InvalidParameterError naming the bad field, or the scheduler's QueueFull.
+        aborted. Raises InvalidParameterError naming the bad field, or the scheduler's QueueFullError.
         """
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):

@@ -5,45 +5,47 @@ and settle on completion; sync ``try_acquire`` and async FIFO ``acquire``; OpenA
 Nothing here imports torch; the Redis store imports ``redis`` only when it is created.
 """
 
+from servekit._deprecation import moved_names
 from servekit.limit.bucket import Limit, LimitSet, TokenBucket
-from servekit.limit.decision import Decision, LimitStatus, Reservation
-from servekit.limit.errors import (
-    InvalidCostError,
-    LimitConfigError,
-    RateLimitExceeded,
-    RequestTooLargeError,
-    ReservationError,
-    StoreFullError,
-    StoreUnavailableError,
-)
-from servekit.limit.headers import format_duration, openai_headers
-from servekit.limit.limiter import Cost, Limiter
-from servekit.limit.store import MemoryStore, Store, TakeResult, store_from_url
+from servekit.limit.decision import Decision, LimitStatus, RateLimitExceededError, Reservation
+
+# deprecated alias of RateLimitExceededError, removed in the next release
+from servekit.limit.decision import RateLimitExceeded as RateLimitExceeded
+from servekit.limit.errors import LimitConfigError, StoreUnavailableError
+from servekit.limit.headers import openai_headers
+from servekit.limit.limiter import Limiter
+from servekit.limit.store import MemoryStore, Store, store_from_url
 
 __all__ = [
-    "Cost",
     "Decision",
-    "InvalidCostError",
     "Limit",
     "LimitConfigError",
     "LimitSet",
     "LimitStatus",
     "Limiter",
     "MemoryStore",
-    "RateLimitExceeded",
+    "RateLimitExceededError",
     "RedisStore",
-    "RequestTooLargeError",
     "Reservation",
-    "ReservationError",
     "Store",
-    "StoreFullError",
     "StoreUnavailableError",
-    "TakeResult",
     "TokenBucket",
-    "format_duration",
     "openai_headers",
     "store_from_url",
 ]
+
+
+# Names that were exported here before and now live only in their modules: they still resolve,
+# with a DeprecationWarning, for one release.
+_moved = moved_names(__name__, {
+    "Cost": "servekit.limit.limiter",
+    "InvalidCostError": "servekit.limit.errors",
+    "RequestTooLargeError": "servekit.limit.errors",
+    "ReservationError": "servekit.limit.errors",
+    "StoreFullError": "servekit.limit.errors",
+    "TakeResult": "servekit.limit.store",
+    "format_duration": "servekit.limit.headers",
+})
 
 
 def __getattr__(name: str) -> object:
@@ -51,4 +53,4 @@ def __getattr__(name: str) -> object:
         from servekit.limit.redis import RedisStore
 
         return RedisStore
-    raise AttributeError(f"module 'servekit.limit' has no attribute {name!r}")
+    return _moved(name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from attrs import frozen
 
+from servekit.errors import ServekitError
 from servekit.limit.bucket import LimitSet
 
 
@@ -136,3 +137,26 @@ def _retry_after(
         if need - now > wait:
             wait = need - now
     return wait
+
+
+class RateLimitExceededError(ServekitError):
+    """The request is over its rate limit (or could not be admitted within its wait).
+
+    ``retry_after`` is the number of seconds after which the same request may succeed;
+    ``decision`` is the denied decision (render headers from it); ``reason`` says why:
+    ``"limit"``, ``"timeout"`` (the wait ran out) or ``"waiters"`` (too many waiters).
+    """
+
+    def __init__(self, decision: Decision, reason: str = "limit") -> None:
+        self.decision = decision
+        self.retry_after = decision.retry_after
+        self.reason = reason
+        names = ", ".join(decision.denied_by) or "store"
+        super().__init__(
+            f"rate limit exceeded for key {decision.key!r} ({names}; {reason}): "
+            f"retry after {decision.retry_after:.3f}s"
+        )
+
+
+#: Deprecated alias of :class:`RateLimitExceededError` (removed in the next release).
+RateLimitExceeded = RateLimitExceededError

@@ -1,13 +1,12 @@
-"""The limiter's exceptions: one for "over the limit", the others for misuse or a broken store."""
+"""The limiter's exceptions for misuse or a broken store.
+
+"Over the limit" carries a :class:`~servekit.limit.decision.Decision`, so it lives beside it
+(:class:`~servekit.limit.decision.RateLimitExceededError`) and this module stays a leaf.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from servekit.errors import ServekitError
-
-if TYPE_CHECKING:
-    from servekit.limit.decision import Decision
 
 
 class LimitConfigError(ServekitError, ValueError):
@@ -36,22 +35,3 @@ class StoreFullError(ServekitError, RuntimeError):
 
 class StoreUnavailableError(ServekitError, ConnectionError):
     """The store (Redis) could not be reached; the limiter applies its fail-open/closed policy."""
-
-
-class RateLimitExceeded(ServekitError):
-    """The request is over its rate limit (or could not be admitted within its wait).
-
-    ``retry_after`` is the number of seconds after which the same request may succeed;
-    ``decision`` is the denied decision (render headers from it); ``reason`` says why:
-    ``"limit"``, ``"timeout"`` (the wait ran out) or ``"waiters"`` (too many waiters).
-    """
-
-    def __init__(self, decision: Decision, reason: str = "limit") -> None:
-        self.decision = decision
-        self.retry_after = decision.retry_after
-        self.reason = reason
-        names = ", ".join(decision.denied_by) or "store"
-        super().__init__(
-            f"rate limit exceeded for key {decision.key!r} ({names}; {reason}): "
-            f"retry after {decision.retry_after:.3f}s"
-        )

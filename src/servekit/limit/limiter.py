@@ -12,11 +12,10 @@ import anyio
 from cachetools import TTLCache
 
 from servekit.limit.bucket import Limit, LimitSet
-from servekit.limit.decision import Decision, Reservation
+from servekit.limit.decision import Decision, RateLimitExceededError, Reservation
 from servekit.limit.errors import (
     InvalidCostError,
     LimitConfigError,
-    RateLimitExceeded,
     RequestTooLargeError,
     ReservationError,
     StoreUnavailableError,
@@ -50,7 +49,7 @@ class Limiter:
     for every limit or a ``{name: cost}`` mapping (limits it leaves out are checked at cost 0).
 
     - ``try_acquire`` decides now; ``acquire`` (async, anyio) waits in FIFO order per key up to
-      ``max_wait`` seconds or a ``deadline``, then raises :class:`RateLimitExceeded`.
+      ``max_wait`` seconds or a ``deadline``, then raises :class:`RateLimitExceededError`.
     - ``reserve=True`` returns a :class:`Reservation` on the decision; ``settle`` it with the
       real usage to refund or charge the difference. Unsettled, it expires after
       ``reservation_ttl`` seconds and its charge stands.
@@ -202,7 +201,7 @@ class Limiter:
         """Wait in FIFO order for ``key`` until ``cost`` is admitted, then charge it.
 
         Waits at most ``max_wait`` seconds (default: the limiter's) and never past ``deadline``
-        (a time on the limiter's clock). Raises :class:`RateLimitExceeded` at once when the wait
+        (a time on the limiter's clock). Raises :class:`RateLimitExceededError` at once when the wait
         could not succeed in time or ``max_waiters`` tasks already wait, else when time runs
         out. A cancelled waiter takes nothing and leaves the queue.
         """
@@ -391,9 +390,9 @@ class Limiter:
             )
         return decision
 
-    def _deny(self, decision: Decision, reason: str) -> RateLimitExceeded:
+    def _deny(self, decision: Decision, reason: str) -> RateLimitExceededError:
         self._report(decision)
-        return RateLimitExceeded(decision, reason)
+        return RateLimitExceededError(decision, reason)
 
 
 _MISSING = object()

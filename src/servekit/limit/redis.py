@@ -24,6 +24,7 @@ from typing import Any, Final
 import anyio
 
 from servekit._optional import require
+from servekit.errors import ServekitError
 from servekit.limit import _lua
 from servekit.limit.bucket import LimitSet
 from servekit.limit.errors import LimitConfigError, StoreUnavailableError
@@ -65,7 +66,7 @@ class _Plan:
         ))
 
 
-class _ReplyError(Exception):
+class _ReplyError(ServekitError):
     """An error reply (``-ERR ...``) read on the fast path."""
 
 

@@ -24,6 +24,9 @@ import os
 from types import ModuleType
 from typing import Literal
 
+from servekit._optional import require
+
+require("torch", "engine")
 import torch
 
 from servekit.ops import cpu, reference

@@ -4,23 +4,9 @@ Usable on its own (:class:`HashRing` spreads any keys over nodes) and as the mul
 gateway's :class:`Router`. Nothing here imports torch.
 """
 
-from servekit.route.bounded import (
-    DEFAULT_LOAD_FACTOR,
-    bounded_lookup,
-    capacity,
-    first_under_capacity,
-)
-from servekit.route.errors import (
-    DuplicateNodeError,
-    EmptyRingError,
-    InvalidRouteParameterError,
-    MissingRouteKeyError,
-    NoNodeAvailableError,
-    RouteError,
-    UnknownNodeError,
-)
-from servekit.route.hashing import HashFn, hash_keys, xxh3_64, xxh64
-from servekit.route.health import HealthTracker, NodeHealth
+from servekit._deprecation import moved_names
+from servekit.route.errors import NoNodeAvailableError, RouteError
+from servekit.route.health import HealthTracker
 from servekit.route.keys import PrefixKey
 from servekit.route.policy import (
     Candidate,
@@ -35,27 +21,18 @@ from servekit.route.policy import (
     StatelessPolicy,
     make_routing_policy,
 )
-from servekit.route.ring import DEFAULT_VNODES, HashRing
-from servekit.route.router import KEY_SOURCES, CacheIndex, Route, Router
+from servekit.route.ring import HashRing
+from servekit.route.router import CacheIndex, Route, Router
 
 __all__ = [
-    "DEFAULT_LOAD_FACTOR",
-    "DEFAULT_VNODES",
-    "KEY_SOURCES",
     "CacheIndex",
     "Candidate",
     "Choice",
     "ConsistentHashPolicy",
-    "DuplicateNodeError",
-    "EmptyRingError",
-    "HashFn",
     "HashRing",
     "HealthTracker",
-    "InvalidRouteParameterError",
     "LeastLoadedPolicy",
-    "MissingRouteKeyError",
     "NoNodeAvailableError",
-    "NodeHealth",
     "PowerOfTwoChoicesPolicy",
     "PrefixKey",
     "ReplicaLoad",
@@ -66,12 +43,28 @@ __all__ = [
     "Router",
     "RoutingPolicy",
     "StatelessPolicy",
-    "UnknownNodeError",
-    "bounded_lookup",
-    "capacity",
-    "first_under_capacity",
-    "hash_keys",
     "make_routing_policy",
-    "xxh3_64",
-    "xxh64",
 ]
+
+
+# Names that were exported here before and now live only in their modules: they still resolve,
+# with a DeprecationWarning, for one release.
+_moved = moved_names(__name__, {
+    "DEFAULT_LOAD_FACTOR": "servekit.route.bounded",
+    "DEFAULT_VNODES": "servekit.route.ring",
+    "DuplicateNodeError": "servekit.route.errors",
+    "EmptyRingError": "servekit.route.errors",
+    "HashFn": "servekit.route.hashing",
+    "InvalidRouteParameterError": "servekit.route.errors",
+    "KEY_SOURCES": "servekit.route.router",
+    "MissingRouteKeyError": "servekit.route.errors",
+    "NodeHealth": "servekit.route.health",
+    "UnknownNodeError": "servekit.route.errors",
+    "bounded_lookup": "servekit.route.bounded",
+    "capacity": "servekit.route.bounded",
+    "first_under_capacity": "servekit.route.bounded",
+    "hash_keys": "servekit.route.hashing",
+    "xxh3_64": "servekit.route.hashing",
+    "xxh64": "servekit.route.hashing",
+})
+__getattr__ = _moved

@@ -5,7 +5,7 @@ from __future__ import annotations
 from servekit.errors import ServekitError
 
 
-class QueueFull(ServekitError):
+class QueueFullError(ServekitError):
     """The waiting queue is over its bound; front ends answer 503 with ``retry_after`` seconds.
 
     ``limit`` names the bound that was hit: ``"max_waiting_requests"`` or ``"max_waiting_tokens"``.
@@ -15,6 +15,10 @@ class QueueFull(ServekitError):
         super().__init__(f"{limit}: {message}")
         self.limit = limit
         self.retry_after = retry_after
+
+
+#: Deprecated alias of :class:`QueueFullError` (removed in the next release).
+QueueFull = QueueFullError
 
 
 class UnknownRequestError(ServekitError, KeyError):

@@ -2,46 +2,48 @@
 
 ``create_app(engine)`` assembles the ASGI app; ``GenerationService`` is the transport-independent
 core (keys, limits, generation) other front ends reuse; ``FakeEngine`` is an instant engine for
-tests and benchmarks. Needs ``servekit[server]`` (FastAPI, uvicorn).
+tests and benchmarks. Needs ``servekit[server]`` (FastAPI, uvicorn, and the engine's extra).
 """
 
-from servekit.server.errors import (
-    APIError,
-    AuthenticationError,
-    BadRequestError,
-    ModelNotFoundError,
-    OverloadedError,
-    RateLimitedError,
-)
-from servekit.server.fake import FakeEngine, FakeTokenizer
+from servekit._optional import require
+
+require("fastapi", "server")
+
+from servekit._deprecation import moved_names
+from servekit.protocol import errors as _errors
+from servekit.server.fake import FakeEngine
 from servekit.server.keys import ApiKey, KeyConfigError, KeyStore
 from servekit.server.lifecycle import Phase, ServerState
 from servekit.server.ratelimit import Admission, KeyLimits
-from servekit.server.service import EngineLike, GenerationService, Job, Usage
+from servekit.server.service import EngineLike, GenerationService, Job, JobUsage
 
 __all__ = [
-    "APIError",
     "Admission",
     "ApiKey",
-    "AuthenticationError",
-    "BadRequestError",
     "EngineLike",
     "FakeEngine",
-    "FakeTokenizer",
     "GenerationService",
     "Job",
+    "JobUsage",
     "KeyConfigError",
     "KeyLimits",
     "KeyStore",
-    "ModelNotFoundError",
-    "OverloadedError",
     "Phase",
-    "RateLimitedError",
     "ServerConfig",
     "ServerState",
-    "Usage",
     "create_app",
 ]
+
+# Deprecated aliases (removed in the next release): the HTTP errors moved to
+# servekit.protocol.errors under names distinct from the client's; Usage is JobUsage.
+APIError = _errors.StatusError
+AuthenticationError = _errors.UnauthorizedError
+BadRequestError = _errors.InvalidRequestError
+ModelNotFoundError = _errors.ModelNotFoundError
+OverloadedError = _errors.ServiceUnavailableError
+RateLimitedError = _errors.TooManyRequestsError
+Usage = JobUsage
+_moved = moved_names(__name__, {"FakeTokenizer": "servekit.server.fake"})
 
 
 def __getattr__(name: str) -> object:
@@ -50,4 +52,4 @@ def __getattr__(name: str) -> object:
         from servekit.server import app
 
         return getattr(app, name)
-    raise AttributeError(f"module 'servekit.server' has no attribute {name!r}")
+    return _moved(name)

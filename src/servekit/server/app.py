@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 from attrs import frozen
 
+from servekit import __version__
 from servekit._optional import require
 from servekit.engine.outputs import RequestOutput
 from servekit.metrics.events import (
@@ -26,19 +27,20 @@ from servekit.metrics.events import (
     RATE_LIMIT_STORE_ERRORS,
 )
 from servekit.metrics.hooks import HookSet
-from servekit.server.errors import APIError, PayloadTooLargeError, error_body
-from servekit.server.keys import ApiKey, KeyStore
-from servekit.server.lifecycle import Phase, ServerState
-from servekit.server.openapi import openapi_document
-from servekit.server.ratelimit import KeyLimits
-from servekit.server.responses import ChatEncoder, CompletionEncoder, Encoder, sse_error
-from servekit.server.schema import (
+from servekit.protocol.errors import PayloadTooLargeError, StatusError, error_body
+from servekit.protocol.schema import (
     ChatCompletionRequest,
     CompletionRequest,
     bad_request_from_validation,
-    build_sampling_params,
-    check_unsupported,
 )
+from servekit.protocol.sse import DONE, error_event
+from servekit.server.disconnect import cancel_on_disconnect
+from servekit.server.keys import ApiKey, KeyStore
+from servekit.server.lifecycle import Phase, ServerState
+from servekit.server.openapi import openapi_document
+from servekit.server.params import build_sampling_params, check_unsupported
+from servekit.server.ratelimit import KeyLimits
+from servekit.server.responses import ChatEncoder, CompletionEncoder, Encoder
 from servekit.server.service import EngineLike, GenerationService, Job
 
 require("fastapi", "server")
@@ -112,7 +114,7 @@ def create_app(
                 await state.drain(config.grace_period)
                 stop.set()
 
-    app = FastAPI(title="servekit", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="servekit", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API served by servekit")
     app.state.servekit = service
     try:
@@ -239,7 +241,7 @@ class _AuthMiddleware:
                     break
             try:
                 scope["servekit.key"] = self.service.authenticate(authorization)
-            except APIError as exc:
+            except StatusError as exc:
                 await _send_error(send, exc)
                 return
         await self.app(scope, receive, send)
@@ -286,12 +288,12 @@ class _BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
-def _too_large(limit: int) -> APIError:
+def _too_large(limit: int) -> StatusError:
     return PayloadTooLargeError(f"The request body is larger than {limit} bytes, the limit of "
                                 "this server", limit=limit)
 
 
-async def _send_error(send: Any, exc: APIError) -> None:
+async def _send_error(send: Any, exc: StatusError) -> None:
     headers = [(b"content-type", b"application/json")]
     headers += [(k.encode(), v.encode()) for k, v in exc.headers.items()]
     await send({"type": "http.response.start", "status": exc.status, "headers": headers})
@@ -388,7 +390,7 @@ class GenerationResponse(Response):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         sender = _StallWatch(send, self.send_timeout)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+            tg.start_soon(cancel_on_disconnect, receive, tg.cancel_scope)
             if self.stream:
                 tg.start_soon(sender.watch, tg.cancel_scope)
                 await self._stream(sender)
@@ -412,7 +414,7 @@ class GenerationResponse(Response):
         await send(start)
         await send({"type": "http.response.body", "body": body})
 
-    async def _error(self, send: Any, exc: APIError) -> None:
+    async def _error(self, send: Any, exc: StatusError) -> None:
         self.extra_headers.update(exc.headers)
         await self._send_whole(send, exc.status, exc.body())
 
@@ -430,7 +432,7 @@ class GenerationResponse(Response):
                 if first:
                     await send({"type": "http.response.body", "body": first, "more_body": True})
             if out.finish_reason == "error":
-                raise APIError(out.error or "the engine failed on this request")
+                raise StatusError(out.error or "the engine failed on this request")
             data = chunk(i, out)
             if data:
                 await send({"type": "http.response.body", "body": data, "more_body": True})
@@ -442,9 +444,9 @@ class GenerationResponse(Response):
             if not started:
                 await self._error(send, err)
                 return
-            await send({"type": "http.response.body", "body": sse_error(err.status, err.body()),
+            await send({"type": "http.response.body", "body": error_event(err.body()),
                         "more_body": True})
-            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+            await send({"type": "http.response.body", "body": DONE})
             return
         if not started:  # nothing was generated (cannot happen with max_tokens >= 1)
             await send(self._start(200, b"text/event-stream"))
@@ -455,7 +457,7 @@ class GenerationResponse(Response):
 
         async def on_output(i: int, out: RequestOutput) -> None:
             if out.finish_reason == "error":
-                raise APIError(out.error or "the engine failed on this request")
+                raise StatusError(out.error or "the engine failed on this request")
             add(i, out)
 
         try:
@@ -495,27 +497,18 @@ class _StallWatch:
                 return
 
 
-async def _cancel_on_disconnect(receive: Any, scope: anyio.CancelScope) -> None:
-    """Cancel ``scope`` when the client disconnects (also used by the gRPC REST mapping)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            scope.cancel()
-            return
-
-
-def _as_api_error(exc: Exception) -> APIError:
-    if isinstance(exc, APIError):
+def _as_api_error(exc: Exception) -> StatusError:
+    if isinstance(exc, StatusError):
         return exc
     logger.exception("request failed", exc_info=exc)
-    return APIError(f"internal error: {type(exc).__name__}")
+    return StatusError(f"internal error: {type(exc).__name__}")
 
 
 # -- errors --------------------------------------------------------------------------------
 
 def _install_error_handlers(app: FastAPI) -> None:
     def api_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, APIError)
+        assert isinstance(exc, StatusError)
         return Response(exc.body(), status_code=exc.status, headers=exc.headers,
                         media_type="application/json")
 
@@ -531,7 +524,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     def internal_error(request: Request, exc: Exception) -> Response:
         return api_error(request, _as_api_error(exc))
 
-    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(StatusError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)

@@ -3,7 +3,7 @@
 :class:`FakeEngine` needs no model: its tokenizer maps bytes to ids, and it "generates" a fixed
 cycle of words, one token per output, optionally ``token_delay`` seconds apart. It keeps the
 engine's observable bookkeeping — KV blocks held per live request, a bounded waiting queue
-(``QueueFull``), aborts — so the server's accounting can be tested without a model.
+(``QueueFullError``), aborts — so the server's accounting can be tested without a model.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import anyio
 import anyio.lowlevel
 
 from servekit.engine.outputs import RequestOutput, TokenLogprob
-from servekit.sched.errors import DuplicateRequestError, QueueFull
+from servekit.sched.errors import DuplicateRequestError, QueueFullError
 from servekit.sched.params import SamplingParams
 
 __all__ = ["FakeEngine", "FakeTokenizer"]
@@ -60,7 +60,7 @@ class FakeEngine:
     """Streams ``max_tokens`` tokens per request at once (or ``token_delay`` s apart).
 
     ``max_running`` requests run at a time and ``max_waiting`` more may wait for a slot; one
-    more raises :class:`~servekit.sched.errors.QueueFull`. ``num_used_blocks`` counts the KV
+    more raises :class:`~servekit.sched.errors.QueueFullError`. ``num_used_blocks`` counts the KV
     blocks the live requests would hold with ``block_size``-token blocks, so leaks show.
     """
 
@@ -120,7 +120,7 @@ class FakeEngine:
             self._slots.acquire_nowait()
         except anyio.WouldBlock:
             if self._waiting >= self.max_waiting:
-                raise QueueFull("max_waiting_requests",
+                raise QueueFullError("max_waiting_requests",
                                 f"{self._waiting} requests already wait", retry_after=1.0) from None
             self._waiting += 1
             try:

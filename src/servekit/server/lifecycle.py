@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import anyio
 
-from servekit.server.errors import OverloadedError
+from servekit.protocol.errors import ServiceUnavailableError
 
 __all__ = ["Phase", "ServerState"]
 
@@ -56,7 +56,7 @@ class ServerState:
         """Raise 503 (with retry-after) unless the server is ready."""
         if self.phase is not Phase.READY:
             code = "draining" if self.phase in (Phase.DRAINING, Phase.STOPPED) else "starting"
-            raise OverloadedError(f"the server is {self.phase.value}; retry on another replica "
+            raise ServiceUnavailableError(f"the server is {self.phase.value}; retry on another replica "
                                   "or later", retry_after=self.retry_after, code=code)
 
     def set_ready(self) -> None:

@@ -180,7 +180,7 @@ def _message_schema(descriptor: Any, schemas: dict[str, Any]) -> dict[str, Any]:
 
 def _generate(op: dict[str, Any], schemas: dict[str, Any], streaming: bool,
               statuses: tuple[int, ...]) -> None:
-    from servekit.server.grpc_gen import servekit_pb2 as pb
+    from servekit.protocol.grpc_gen import servekit_pb2 as pb
 
     if "GenerateRequest" not in schemas:
         schemas["GenerateRequest"] = _message_schema(pb.GenerateRequest.DESCRIPTOR, schemas)

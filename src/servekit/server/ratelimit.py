@@ -29,7 +29,7 @@ from servekit.limit.limiter import Limiter
 from servekit.limit.store import MemoryStore, Store
 from servekit.metrics.events import RATE_LIMIT_STORE_ERRORS, ResourceGauge
 from servekit.metrics.hooks import HookSet
-from servekit.server.errors import OverloadedError, RateLimitedError
+from servekit.protocol.errors import ServiceUnavailableError, TooManyRequestsError
 from servekit.server.keys import ApiKey
 
 logger = logging.getLogger("servekit.server")
@@ -81,7 +81,7 @@ class KeyLimits:
                                            if key.tpm is not None else {"requests": 1.0},
                                            reserve=True)
         except RequestTooLargeError:
-            raise RateLimitedError(
+            raise TooManyRequestsError(
                 f"Request too large for {model}: {tokens} tokens requested, the limit is "
                 f"{key.tpm} tokens per minute; reduce the prompt or max_tokens",
                 headers={"x-should-retry": "false"}, code="request_too_large") from None
@@ -91,7 +91,7 @@ class KeyLimits:
         if not decision.allowed:
             kind = "tokens" if "tokens" in decision.denied_by else "requests"
             per = key.tpm if kind == "tokens" else key.rpm
-            raise RateLimitedError(
+            raise TooManyRequestsError(
                 f"Rate limit reached for {model} on {kind} per minute: limit {per}; "
                 f"retry after {headers.get('retry-after', '1')} s", headers=headers)
         return Admission(decision.reservation, limiter, headers)
@@ -106,7 +106,7 @@ class KeyLimits:
                        else "refusing", error)
         if self.fail_open:
             return _UNLIMITED
-        raise OverloadedError(
+        raise ServiceUnavailableError(
             f"Rate limits for {model} cannot be checked right now (the limit store is "
             "unavailable); retry later", retry_after=self.outage_retry_after,
             code="rate_limit_store_unavailable")

@@ -13,11 +13,10 @@ from json.encoder import encode_basestring_ascii as _quote  # type: ignore[attr-
 from typing import Any
 
 from servekit.engine.outputs import RequestOutput, TokenLogprob
+from servekit.protocol.sse import DONE
 from servekit.server.service import Job
 
-__all__ = ["ChatEncoder", "CompletionEncoder", "Encoder", "sse_error"]
-
-DONE = b"data: [DONE]\n\n"
+__all__ = ["ChatEncoder", "CompletionEncoder", "Encoder"]
 
 
 class _TokenText:
@@ -192,7 +191,3 @@ class ChatEncoder(Encoder):
                 "message": {"role": "assistant", "content": self.texts[i], "refusal": None},
                 "logprobs": lps, "finish_reason": self.job.finish_reasons[i]}
 
-
-def sse_error(status: int, body: bytes) -> bytes:
-    """An error in the middle of a stream, as vLLM and OpenAI send it: a data event."""
-    return b"data: " + body + b"\n\n"

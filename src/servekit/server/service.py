@@ -26,19 +26,19 @@ from servekit.engine.outputs import RequestOutput
 from servekit.errors import ServekitError
 from servekit.metrics.events import OPEN_STREAMS, RATE_LIMIT_RESERVATIONS, ResourceGauge
 from servekit.metrics.hooks import HookSet
-from servekit.sched.errors import QueueFull
+from servekit.protocol.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    ServiceUnavailableError,
+    UnauthorizedError,
+)
+from servekit.sched.errors import QueueFullError
 from servekit.sched.params import InvalidParameterError, SamplingParams
 from servekit.server.bounds import (
     MIN_BODY_BYTES,
     default_max_body_bytes,
     max_prompt_chars,
     max_token_chars,
-)
-from servekit.server.errors import (
-    AuthenticationError,
-    BadRequestError,
-    ModelNotFoundError,
-    OverloadedError,
 )
 from servekit.server.keys import ApiKey, KeyStore
 from servekit.server.lifecycle import ServerState
@@ -47,7 +47,7 @@ from servekit.server.ratelimit import Admission, KeyLimits
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["EngineLike", "GenerationService", "Job", "OnOutput", "Usage"]
+__all__ = ["EngineLike", "GenerationService", "Job", "JobUsage", "OnOutput"]
 
 logger = logging.getLogger("servekit.server")
 
@@ -77,7 +77,7 @@ class EngineLike(Protocol):
 
 
 @define(slots=True)
-class Usage:
+class JobUsage:
     """Token counts of a job, summed over prompts (once each) and choices."""
 
     prompt_tokens: int = 0
@@ -100,7 +100,7 @@ class Job:
     prompts: list[list[int]]
     choices: list[tuple[int, SamplingParams]]
     created: int = field(factory=lambda: int(time.time()))
-    usage: Usage = field(factory=Usage)
+    usage: JobUsage = field(factory=JobUsage)
     finish_reasons: list[str | None] = field(factory=list)
     admission: Admission | None = None
 
@@ -150,12 +150,12 @@ class GenerationService:
         if self.keys.open:
             return None
         if not authorization:
-            raise AuthenticationError("You didn't provide an API key: send "
+            raise UnauthorizedError("You didn't provide an API key: send "
                                       "'Authorization: Bearer YOUR_KEY'")
         scheme, _, token = authorization.partition(" ")
         key = self.keys.authenticate(token.strip()) if scheme.lower() == "bearer" else None
         if key is None:
-            raise AuthenticationError("Incorrect API key provided")
+            raise UnauthorizedError("Incorrect API key provided")
         return key
 
     def check_model(self, model: str) -> None:
@@ -200,7 +200,7 @@ class GenerationService:
         else:
             batch = list(prompt)
         if not batch:
-            raise BadRequestError("prompt must not be empty", param="prompt")
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
         texts = [item for item in batch if isinstance(item, str)]
         for text in texts:
             self._check_chars(len(text), "prompt")
@@ -218,9 +218,9 @@ class GenerationService:
                 ids = list(item)
                 self._check_length(len(ids), "prompt")  # before scanning a huge list
                 if any(t < 0 or t >= vocab for t in ids):
-                    raise BadRequestError(f"token ids must be in [0, {vocab})", param="prompt")
+                    raise InvalidRequestError(f"token ids must be in [0, {vocab})", param="prompt")
             if not ids:
-                raise BadRequestError("prompt must not be empty", param="prompt")
+                raise InvalidRequestError("prompt must not be empty", param="prompt")
             self._check_length(len(ids), "prompt")
             out.append(ids)
         return out
@@ -242,14 +242,14 @@ class GenerationService:
         try:
             return render_chat(engine.tokenizer, messages)
         except ChatTemplateError as exc:
-            raise BadRequestError(str(exc), param="messages") from exc
+            raise InvalidRequestError(str(exc), param="messages") from exc
 
     def _check_chars(self, chars: int, param: str) -> None:
         if self.token_chars is None:
             return
         bound = max_prompt_chars(self.max_model_len, self.token_chars)
         if chars > bound:
-            raise BadRequestError(
+            raise InvalidRequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens, and your "
                 f"{param} has {chars} characters: more than {bound} characters cannot fit",
                 param=param)
@@ -257,7 +257,7 @@ class GenerationService:
     def _check_length(self, n: int, param: str) -> None:
         limit = self.max_model_len
         if n >= limit:
-            raise BadRequestError(
+            raise InvalidRequestError(
                 f"This model's maximum context length is {limit} tokens, and your {param} has "
                 f"{n} tokens: no room is left for the completion", param=param)
 
@@ -273,9 +273,9 @@ class GenerationService:
         if requested is None:
             return room
         if requested < 1:
-            raise BadRequestError(f"{param} must be at least 1, got {requested}", param=param)
+            raise InvalidRequestError(f"{param} must be at least 1, got {requested}", param=param)
         if requested > room:
-            raise BadRequestError(
+            raise InvalidRequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, "
                 f"you requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
                 f"{requested} for the completion). Reduce the prompt or {param}.", param=param)
@@ -293,7 +293,7 @@ class GenerationService:
         capacity = admission_capacity(self.engine)
         if capacity is not None and len(job.choices) > capacity:
             param = "n" if len(job.prompts) == 1 else "prompt"
-            raise BadRequestError(
+            raise InvalidRequestError(
                 f"This request needs {len(job.choices)} sequences at once ({len(job.prompts)} "
                 f"prompt(s) x n), but this server holds at most {capacity} (running slots plus "
                 "the waiting queue); lower n or send fewer prompts per request", param=param)
@@ -321,7 +321,7 @@ class GenerationService:
                         for i in range(len(job.choices)):
                             tg.start_soon(self._drive, job, i, on_output, per_choice)
             if scope.cancelled_caught:  # drained past the grace period: not a success
-                raise OverloadedError("the server shut down before this request finished; "
+                raise ServiceUnavailableError("the server shut down before this request finished; "
                                       "retry on another replica", retry_after=self.state.retry_after,
                                       code="draining")
         except BaseExceptionGroup as group:  # one choice failed: surface its error
@@ -355,11 +355,11 @@ class GenerationService:
                 per_choice[i] = (out.num_prompt_tokens, out.num_output_tokens,
                                  out.num_cached_tokens)
                 await on_output(i, out)
-        except QueueFull as exc:
-            raise OverloadedError(f"The server is overloaded ({exc}); retry later",
+        except QueueFullError as exc:
+            raise ServiceUnavailableError(f"The server is overloaded ({exc}); retry later",
                                   retry_after=exc.retry_after) from exc
         except InvalidParameterError as exc:  # the engine's own checks, e.g. token ids
-            raise BadRequestError(str(exc), param=exc.param) from exc
+            raise InvalidRequestError(str(exc), param=exc.param) from exc
         finally:
             if not finished:
                 with anyio.CancelScope(shield=True):

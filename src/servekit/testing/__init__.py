@@ -8,7 +8,7 @@ in one line and pytest runs it::
     class TestDeadlinePolicy(SchedulingPolicyContract):
         policy_factory = DeadlinePolicy
 
-A broken contract fails with :class:`InvariantViolation`, whose message names the invariant.
+A broken contract fails with :class:`InvariantViolationError`, whose message names the invariant.
 ``FakeEngine`` (an instant engine for server tests) is imported on first use, so the ``server``
 extra is needed only by those who use it.
 """
@@ -21,7 +21,7 @@ from servekit._optional import require
 
 require("hypothesis", "testing")
 
-from servekit.testing._check import InvariantViolation, check  # noqa: E402
+from servekit.testing._check import InvariantViolationError, check  # noqa: E402
 from servekit.testing.clock import FakeClock  # noqa: E402
 from servekit.testing.fake_model import FakeModel, next_token, reference_output  # noqa: E402
 from servekit.testing.hooks import HookContract, check_event_order, hook_contract  # noqa: E402
@@ -58,7 +58,7 @@ __all__ = [
     "FakeModel",
     "FakeTokenizer",
     "HookContract",
-    "InvariantViolation",
+    "InvariantViolationError",
     "LimiterStoreContract",
     "RequestSpec",
     "RoutingPolicyContract",

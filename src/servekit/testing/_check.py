@@ -1,9 +1,11 @@
-"""How a kit reports a broken contract: an :class:`InvariantViolation` naming the invariant."""
+"""How a kit reports a broken contract: an :class:`InvariantViolationError` naming the invariant."""
 
 from __future__ import annotations
 
+from servekit.errors import ServekitError
 
-class InvariantViolation(AssertionError):
+
+class InvariantViolationError(ServekitError, AssertionError):
     """A plugin broke an invariant of its contract; ``invariant`` names it."""
 
     def __init__(self, invariant: str, detail: str) -> None:
@@ -13,12 +15,12 @@ class InvariantViolation(AssertionError):
 
 
 def check(ok: object, invariant: str, detail: str = "") -> None:
-    """Raise :class:`InvariantViolation` for ``invariant`` unless ``ok`` is true.
+    """Raise :class:`InvariantViolationError` for ``invariant`` unless ``ok`` is true.
 
     Unlike ``assert`` it also runs under ``python -O``.
     """
     if not ok:
-        raise InvariantViolation(invariant, detail)
+        raise InvariantViolationError(invariant, detail)
 
 
 def check_interface(plugin: object, kind: str) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from servekit.kv.manager import KVCacheManager
 from servekit.sched import Request, SamplingParams, Scheduler, SchedulerOutput, UpdateResult
-from servekit.testing._check import InvariantViolation, check
+from servekit.testing._check import InvariantViolationError, check
 
 VOCAB = 23
 EOS = 0
@@ -107,5 +107,5 @@ def drain(scheduler: Scheduler, model: FakeModel, max_steps: int = 10_000) -> in
         if not scheduler.has_unfinished_requests():
             return i
         step(scheduler, model)
-    raise InvariantViolation("every request finishes or is aborted",
+    raise InvariantViolationError("every request finishes or is aborted",
                              f"requests still unfinished after {max_steps} steps")

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from servekit.client.grpc import AsyncGrpcClient, GrpcClient
+from servekit.protocol.grpc_gen import servekit_pb2 as pb
+from servekit.protocol.grpc_gen import servekit_pb2_grpc as pb_grpc
 from servekit.server.fake import FakeEngine
-from servekit.server.grpc_gen import servekit_pb2 as pb
-from servekit.server.grpc_gen import servekit_pb2_grpc as pb_grpc
 
 from .conftest import Served, serve
 

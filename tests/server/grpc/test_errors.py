@@ -20,9 +20,9 @@ from servekit.client import (
     RetryPolicy,
 )
 from servekit.client.grpc import GrpcClient
+from servekit.protocol.grpc_gen import servekit_pb2 as pb
+from servekit.protocol.grpc_gen import servekit_pb2_grpc as pb_grpc
 from servekit.server.fake import FakeEngine
-from servekit.server.grpc_gen import servekit_pb2 as pb
-from servekit.server.grpc_gen import servekit_pb2_grpc as pb_grpc
 from servekit.server.keys import ApiKey
 
 from .conftest import KEY, Served, serve

@@ -9,9 +9,9 @@ import grpc
 import pytest
 
 from servekit.limit import RedisStore
+from servekit.protocol.grpc_gen import servekit_pb2 as pb
+from servekit.protocol.grpc_gen import servekit_pb2_grpc as pb_grpc
 from servekit.server.fake import FakeEngine
-from servekit.server.grpc_gen import servekit_pb2 as pb
-from servekit.server.grpc_gen import servekit_pb2_grpc as pb_grpc
 from servekit.server.keys import ApiKey
 from servekit.server.ratelimit import KeyLimits
 from tests.limit.conftest import RedisServer

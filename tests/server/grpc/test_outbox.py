@@ -9,8 +9,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from servekit.protocol.grpc_gen import servekit_pb2 as pb
 from servekit.server.grpc.outbox import Outbox
-from servekit.server.grpc_gen import servekit_pb2 as pb
 
 KEYS = st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(0, 1))
 

@@ -6,6 +6,9 @@ validate shapes and dtypes on the host and dispatch here for CUDA tensors.
 
 from __future__ import annotations
 
+from servekit._optional import require
+
+require("triton", "engine")
 import torch
 
 from servekit.ops.triton._config import FP8_DTYPE, INTERPRET, num_sms

@@ -4,8 +4,8 @@ Unary ``Generate``, server-streaming ``GenerateStream`` and the bidirectional ``
 requests multiplexed on one stream, each cancellable), built on the HTTP server's
 :class:`~servekit.server.service.GenerationService`, so both share keys, limits and metrics;
 the standard health service and server reflection; and the ``google.api.http`` REST mapping
-(:func:`rest_router`) for the HTTP app. The ``.proto`` ships beside this file
-(:data:`PROTO_PATH`); the generated code lives in ``servekit.server.grpc_gen``.
+(:func:`rest_router`) for the HTTP app. The ``.proto`` and the generated code live in
+:mod:`servekit.protocol` (:data:`PROTO_PATH`, ``servekit.protocol.grpc_gen``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 #: The path of ``servekit.proto`` inside the installed package.
-PROTO_PATH = Path(str(files("servekit.server.grpc") / "servekit.proto"))
+PROTO_PATH = Path(str(files("servekit.protocol") / "servekit.proto"))
 
 _LAZY = {
     "SERVICE_NAME": "servekit.server.grpc.server",

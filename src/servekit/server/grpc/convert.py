@@ -12,13 +12,13 @@ from typing import Any
 
 from servekit._optional import require
 from servekit.engine.outputs import RequestOutput, TokenLogprob
+from servekit.protocol.errors import InvalidRequestError, StatusError
 from servekit.sched.params import InvalidParameterError, SamplingParams
-from servekit.server.errors import APIError, BadRequestError
 from servekit.server.keys import ApiKey
 from servekit.server.service import GenerationService, Job
 
 require("google.protobuf", "grpc")
-from servekit.server.grpc_gen import servekit_pb2 as pb  # noqa: E402
+from servekit.protocol.grpc_gen import servekit_pb2 as pb  # noqa: E402
 
 __all__ = ["ChunkEncoder", "ResponseBuilder", "build_job", "check_output", "usage_message"]
 
@@ -43,7 +43,7 @@ async def build_job(service: GenerationService, req: Any, key: ApiKey | None) ->
     server is not accepting requests.
     """
     if not req.model:
-        raise BadRequestError("Missing required parameter: 'model'", param="model")
+        raise InvalidRequestError("Missing required parameter: 'model'", param="model")
     service.check_model(req.model)
     kind = req.WhichOneof("input")
     default_max: int | None = DEFAULT_PROMPT_MAX_TOKENS
@@ -52,25 +52,25 @@ async def build_job(service: GenerationService, req: Any, key: ApiKey | None) ->
         default_max = None
     elif kind == "prompt":
         if not req.prompt:
-            raise BadRequestError("prompt must not be empty", param="prompt")
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
         ids = (await service.encode_prompts(req.prompt))[0]
     elif kind == "prompt_token_ids":
         token_ids = list(req.prompt_token_ids.ids)
         if not token_ids:
-            raise BadRequestError("prompt_token_ids must not be empty", param="prompt_token_ids")
+            raise InvalidRequestError("prompt_token_ids must not be empty", param="prompt_token_ids")
         try:
             ids = (await service.encode_prompts(token_ids))[0]
-        except BadRequestError as exc:
-            raise BadRequestError(f"prompt_token_ids: {exc.message}",
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(f"prompt_token_ids: {exc.message}",
                                   param="prompt_token_ids") from exc
     else:
-        raise BadRequestError("Missing required parameter: one of 'prompt', 'prompt_token_ids' "
+        raise InvalidRequestError("Missing required parameter: one of 'prompt', 'prompt_token_ids' "
                               "or 'chat'", param="prompt")
     n = req.n or 1
     if not 1 <= n <= MAX_CHOICES:
-        raise BadRequestError(f"n must be in [1, {MAX_CHOICES}], got {n}", param="n")
+        raise InvalidRequestError(f"n must be in [1, {MAX_CHOICES}], got {n}", param="n")
     if len(req.stop) > MAX_STOP:
-        raise BadRequestError(f"at most {MAX_STOP} stop sequences", param="stop")
+        raise InvalidRequestError(f"at most {MAX_STOP} stop sequences", param="stop")
     requested = req.max_tokens if req.HasField("max_tokens") else default_max
     max_tokens = service.resolve_max_tokens(requested, len(ids), "max_tokens")
     seed = req.seed if req.HasField("seed") else None
@@ -81,11 +81,11 @@ async def build_job(service: GenerationService, req: Any, key: ApiKey | None) ->
 
 def _messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
     if not messages:
-        raise BadRequestError("chat.messages must not be empty", param="chat.messages")
+        raise InvalidRequestError("chat.messages must not be empty", param="chat.messages")
     out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         if m.role not in ROLES:
-            raise BadRequestError(f"chat.messages[{i}].role must be one of {sorted(ROLES)}, "
+            raise InvalidRequestError(f"chat.messages[{i}].role must be one of {sorted(ROLES)}, "
                                   f"got {m.role!r}", param=f"chat.messages[{i}].role")
         message: dict[str, Any] = {"role": m.role, "content": m.content}
         if m.name:
@@ -116,13 +116,13 @@ def sampling_params(req: Any, max_tokens: int, seed: int | None) -> SamplingPara
             ignore_eos=req.ignore_eos,
         )
     except InvalidParameterError as exc:
-        raise BadRequestError(str(exc), param=exc.param) from exc
+        raise InvalidRequestError(str(exc), param=exc.param) from exc
 
 
 def check_output(out: RequestOutput) -> None:
     """Raise a 500 for a delta that reports an engine failure."""
     if out.finish_reason == "error":
-        raise APIError(out.error or "the engine failed on this request")
+        raise StatusError(out.error or "the engine failed on this request")
 
 
 def usage_message(job: Job) -> Any:

@@ -23,8 +23,8 @@ import anyio
 from servekit._optional import require
 from servekit.engine.outputs import RequestOutput
 from servekit.errors import ServekitError
-from servekit.server.app import _cancel_on_disconnect
-from servekit.server.errors import APIError, BadRequestError
+from servekit.protocol.errors import InvalidRequestError, StatusError
+from servekit.server.disconnect import cancel_on_disconnect
 from servekit.server.grpc.convert import ChunkEncoder, ResponseBuilder, build_job
 from servekit.server.grpc.service import as_api_error
 from servekit.server.grpc.status import http_status, metadata_headers, to_status
@@ -37,7 +37,7 @@ from fastapi.responses import Response  # noqa: E402
 from google.api import annotations_pb2  # noqa: E402
 from google.protobuf import json_format  # noqa: E402
 
-from servekit.server.grpc_gen import servekit_pb2 as pb  # noqa: E402
+from servekit.protocol.grpc_gen import servekit_pb2 as pb  # noqa: E402
 
 __all__ = ["NDJSON", "rest_router", "routes"]
 
@@ -108,11 +108,11 @@ async def _prepare(service: GenerationService, request: Request, body: bytes) ->
     try:
         json_format.Parse((body or b"{}").decode(), message)
     except UnicodeDecodeError as exc:
-        raise BadRequestError(f"the request body is not UTF-8 text: {exc.reason} at byte "
+        raise InvalidRequestError(f"the request body is not UTF-8 text: {exc.reason} at byte "
                               f"{exc.start}") from None
     except json_format.ParseError as exc:
         text = str(exc).split("\n")[0]
-        raise BadRequestError(f"invalid request body: {text}",
+        raise InvalidRequestError(f"invalid request body: {text}",
                               param=parse_error_field(text)) from exc
     job = await build_job(service, message, key)
     return job, service.admit(job).headers
@@ -123,7 +123,7 @@ def _json(message: Any) -> bytes:
     return text.encode()
 
 
-def error_response(exc: APIError) -> Response:
+def error_response(exc: StatusError) -> Response:
     """The ``google.rpc.Status`` JSON of an error, with its HTTP status and headers."""
     status = to_status(exc)
     return Response(_json(status), status_code=http_status(status.code),
@@ -167,7 +167,7 @@ class ChunkStream(Response):
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+            tg.start_soon(cancel_on_disconnect, receive, tg.cancel_scope)
             await self._stream(scope, send)
             tg.cancel_scope.cancel()
 

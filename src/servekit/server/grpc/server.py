@@ -25,7 +25,7 @@ require("grpc_reflection", "grpc")
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from grpc_reflection.v1alpha import reflection  # noqa: E402
 
-from servekit.server.grpc_gen import servekit_pb2 as pb  # noqa: E402
+from servekit.protocol.grpc_gen import servekit_pb2 as pb  # noqa: E402
 
 __all__ = ["SERVICE_NAME", "GrpcServer", "serve_beside"]
 

@@ -17,7 +17,7 @@ import anyio
 
 from servekit._optional import require
 from servekit.engine.outputs import RequestOutput
-from servekit.server.errors import APIError, BadRequestError
+from servekit.protocol.errors import InvalidRequestError, StatusError
 from servekit.server.grpc.convert import ChunkEncoder, ResponseBuilder, build_job
 from servekit.server.grpc.outbox import Outbox
 from servekit.server.grpc.status import grpc_code, to_status, trailing_metadata
@@ -27,25 +27,25 @@ from servekit.server.service import GenerationService, Job
 grpc = require("grpc", "grpc")
 from google.protobuf.message import DecodeError  # noqa: E402
 
-from servekit.server.grpc_gen import servekit_pb2 as pb  # noqa: E402
-from servekit.server.grpc_gen import servekit_pb2_grpc as pb_grpc  # noqa: E402
+from servekit.protocol.grpc_gen import servekit_pb2 as pb  # noqa: E402
+from servekit.protocol.grpc_gen import servekit_pb2_grpc as pb_grpc  # noqa: E402
 
 __all__ = ["GenerationServicer", "add_generation_servicer", "as_api_error"]
 
 logger = logging.getLogger("servekit.server.grpc")
 
-def as_api_error(exc: Exception) -> APIError:
+def as_api_error(exc: Exception) -> StatusError:
     """``exc`` as an API error: itself, or a logged 500 for anything unexpected."""
-    if isinstance(exc, APIError):
+    if isinstance(exc, StatusError):
         return exc
     logger.exception("gRPC request failed", exc_info=exc)
-    return APIError(f"internal error: {type(exc).__name__}")
+    return StatusError(f"internal error: {type(exc).__name__}")
 
 
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
-async def _abort(context: Any, exc: APIError) -> None:
+async def _abort(context: Any, exc: StatusError) -> None:
     """End the call with the error's status, details and headers (raises)."""
     await context.abort(_STATUS_CODES[grpc_code(exc)], exc.message, trailing_metadata(exc))
 
@@ -76,7 +76,7 @@ def _lenient(message_type: Any) -> Any:
 
 def _check_decoded(request: Any) -> None:
     if isinstance(request, _Undecodable):
-        raise BadRequestError(f"the request could not be parsed: {request.error}")
+        raise InvalidRequestError(f"the request could not be parsed: {request.error}")
 
 
 def add_generation_servicer(servicer: GenerationServicer, server: Any) -> None:
@@ -142,7 +142,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
         async def on_output(i: int, out: RequestOutput) -> None:
             await outbox.put_delta(i, chunk(i, out))
 
-        error: APIError | None = None
+        error: StatusError | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(outbox.drain, context.write)
             try:
@@ -171,7 +171,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
                 async with anyio.create_task_group() as requests:
                     async for message in request_iterator:
                         if isinstance(message, _Undecodable):
-                            await outbox.put(_error_response("", BadRequestError(
+                            await outbox.put(_error_response("", InvalidRequestError(
                                 f"the request could not be parsed: {message.error}")))
                             continue
                         kind = message.WhichOneof("kind")
@@ -179,7 +179,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
                             rid = message.generate.request_id
                             if not rid or rid in scopes:
                                 why = "is required" if not rid else f"{rid!r} is already open"
-                                await outbox.put(_error_response(rid, BadRequestError(
+                                await outbox.put(_error_response(rid, InvalidRequestError(
                                     f"request_id {why} on this session", param="request_id")))
                                 continue
                             scope = scopes[rid] = anyio.CancelScope()
@@ -196,7 +196,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
                                scope: anyio.CancelScope,
                                scopes: dict[str, anyio.CancelScope]) -> None:
         rid = request.request_id
-        error: APIError | None = None
+        error: StatusError | None = None
         encoder: ChunkEncoder | None = None
         try:
             with scope:  # a Cancel message cancels it: the job is aborted and settled
@@ -219,12 +219,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
         finally:
             scopes.pop(rid, None)
         if error is not None or encoder is None:
-            await outbox.put(_error_response(rid, error or APIError("request cancelled")))
+            await outbox.put(_error_response(rid, error or StatusError("request cancelled")))
             return
         for msg in encoder.aborted():
             await outbox.put(pb.SessionResponse(request_id=rid, chunk=msg))
         await outbox.put(pb.SessionResponse(request_id=rid, final=True, chunk=encoder.final()))
 
 
-def _error_response(request_id: str, exc: APIError) -> Any:
+def _error_response(request_id: str, exc: StatusError) -> Any:
     return pb.SessionResponse(request_id=request_id, final=True, error=to_status(exc))

@@ -1,6 +1,6 @@
 """The server's API errors as gRPC statuses and as the REST mapping's error bodies.
 
-An :class:`~servekit.server.errors.APIError` carries an HTTP status, OpenAI's error fields and
+An :class:`~servekit.protocol.errors.StatusError` carries an HTTP status, OpenAI's error fields and
 headers. Here it becomes a ``google.rpc.Status``: the canonical code (400 INVALID_ARGUMENT,
 401 UNAUTHENTICATED, 404 NOT_FOUND, 429 RESOURCE_EXHAUSTED, 503 UNAVAILABLE, else INTERNAL),
 an ``ErrorInfo`` holding the error code, type, field and headers, a ``BadRequest`` naming the
@@ -14,7 +14,7 @@ import contextlib
 from typing import Any
 
 from servekit._optional import require
-from servekit.server.errors import APIError
+from servekit.protocol.errors import StatusError
 
 require("google.rpc", "grpc")
 from google.protobuf import any_pb2, duration_pb2  # noqa: E402
@@ -48,7 +48,7 @@ _HTTP = {
 _HTTP_ONLY = frozenset({"www-authenticate"})
 
 
-def grpc_code(exc: APIError) -> int:
+def grpc_code(exc: StatusError) -> int:
     """The ``google.rpc.Code`` value of an API error."""
     return int(_CODES.get(exc.status, code_pb2.INTERNAL))
 
@@ -58,7 +58,7 @@ def http_status(code: int) -> int:
     return _HTTP.get(code, 500)
 
 
-def metadata_headers(exc: APIError) -> dict[str, str]:
+def metadata_headers(exc: StatusError) -> dict[str, str]:
     """The error's headers that travel with it over gRPC, ``retry-after-ms`` filled in."""
     headers = {k.lower(): v for k, v in exc.headers.items() if k.lower() not in _HTTP_ONLY}
     if "retry-after" in headers and "retry-after-ms" not in headers:
@@ -73,7 +73,7 @@ def _pack(message: Any) -> Any:
     return packed
 
 
-def to_status(exc: APIError) -> Any:
+def to_status(exc: StatusError) -> Any:
     """The ``google.rpc.Status`` of an API error, with ErrorInfo, BadRequest and RetryInfo."""
     headers = metadata_headers(exc)
     info = {"type": exc.type, **headers}
@@ -93,7 +93,7 @@ def to_status(exc: APIError) -> Any:
     return status_pb2.Status(code=grpc_code(exc), message=exc.message, details=details)
 
 
-def trailing_metadata(exc: APIError, status: Any | None = None) -> tuple[tuple[str, Any], ...]:
+def trailing_metadata(exc: StatusError, status: Any | None = None) -> tuple[tuple[str, Any], ...]:
     """Trailing metadata of a failed call: the headers and the binary status details."""
     status = status if status is not None else to_status(exc)
     return (*metadata_headers(exc).items(), (DETAILS_KEY, status.SerializeToString()))

@@ -1,30 +1,36 @@
-"""Errors the HTTP front end answers with, in OpenAI's JSON shape.
+"""Errors a front end (server, gateway) answers with, in OpenAI's JSON shape.
 
 Every error leaves the server as ``{"error": {"message", "type", "param", "code"}}`` with the
-status a client library maps to its exception type: 400 bad request (``param`` names the field),
-401 bad or missing key, 404 unknown model or route, 413 body too large, 429 rate limited, 503 overloaded or draining.
+status a client library maps to its exception type: 400 invalid request (``param`` names the
+field), 401 bad or missing key, 404 unknown model, 413 payload too large, 429 too many requests, 503 overloaded,
+starting or draining. The classes are named after the HTTP answer (``TooManyRequestsError``),
+so none shares a name with the client's exceptions, which follow openai-python
+(``RateLimitError``, ...), or with the limiter's ``RateLimitExceededError``.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import Any
 
 from servekit.errors import ServekitError
 
 __all__ = [
-    "APIError",
-    "AuthenticationError",
-    "BadRequestError",
+    "InvalidRequestError",
     "ModelNotFoundError",
-    "OverloadedError",
     "PayloadTooLargeError",
-    "RateLimitedError",
+    "ServiceUnavailableError",
+    "StatusError",
+    "TooManyRequestsError",
+    "UnauthorizedError",
     "error_body",
+    "parse_error_body",
+    "retry_after_seconds",
 ]
 
 
-class APIError(ServekitError):
+class StatusError(ServekitError):
     """An error with an HTTP status and OpenAI's error fields; ``headers`` go on the response."""
 
     status: int = 500
@@ -43,14 +49,14 @@ class APIError(ServekitError):
         return error_body(self.message, self.type, self.param, self.code)
 
 
-class BadRequestError(APIError, ValueError):
+class InvalidRequestError(StatusError, ValueError):
     """400: the request is malformed; ``param`` names the offending field."""
 
     status = 400
     type = "invalid_request_error"
 
 
-class AuthenticationError(APIError):
+class UnauthorizedError(StatusError):
     """401: no API key, or one the server does not know."""
 
     status = 401
@@ -61,7 +67,7 @@ class AuthenticationError(APIError):
                          headers={"www-authenticate": 'Bearer realm="servekit"'})
 
 
-class ModelNotFoundError(APIError, LookupError):
+class ModelNotFoundError(StatusError, LookupError):
     """404: the request names a model this server does not serve."""
 
     status = 404
@@ -72,7 +78,7 @@ class ModelNotFoundError(APIError, LookupError):
                          code="model_not_found")
 
 
-class PayloadTooLargeError(APIError):
+class PayloadTooLargeError(StatusError):
     """413: the request body is over the server's limit (``--max-body-bytes``)."""
 
     status = 413
@@ -83,7 +89,7 @@ class PayloadTooLargeError(APIError):
         self.limit = limit
 
 
-class RateLimitedError(APIError):
+class TooManyRequestsError(StatusError):
     """429: the key is over a rate limit; the headers carry ``retry-after`` and ``x-ratelimit-*``."""
 
     status = 429
@@ -94,7 +100,7 @@ class RateLimitedError(APIError):
         super().__init__(message, code=code, headers=headers)
 
 
-class OverloadedError(APIError):
+class ServiceUnavailableError(StatusError):
     """503: the waiting queue is full or the server is draining; ``retry-after`` says when to retry."""
 
     status = 503
@@ -113,3 +119,31 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
         return json.dumps(error, ensure_ascii=False).encode()
     except UnicodeEncodeError:  # a lone surrogate echoed from the request: escape it
         return json.dumps(error).encode()
+
+
+
+def parse_error_body(content: bytes) -> dict[str, Any] | None:
+    """The ``error`` object of an error response (a non-JSON body becomes its ``message``)."""
+    try:
+        parsed = json.loads(content) if content else None
+    except ValueError:
+        return {"message": content.decode("utf-8", "replace")[:500]}
+    if not isinstance(parsed, dict):
+        return None
+    err = parsed.get("error", parsed)
+    return err if isinstance(err, dict) else {"message": str(err)}
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """The server's requested wait: ``retry-after-ms`` first, then ``retry-after`` in seconds."""
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            value = float(raw) * scale
+        except ValueError:
+            continue
+        if value >= 0:
+            return value
+    return None

@@ -1,8 +1,8 @@
-"""OpenAI request bodies (pydantic, strict JSON types) and their translation to SamplingParams.
+"""OpenAI request bodies (pydantic, strict JSON types) and the 400 for an invalid one.
 
 Validation is strict the way OpenAI's API is: ``"max_tokens": "5"`` is a type error, not 5.
-Unknown fields are ignored. Fields servekit cannot honour (``suffix``, ``logit_bias``, ``tools``,
-``best_of`` != ``n``) are rejected with a 400 naming them rather than silently dropped.
+Unknown fields are ignored. What a server does with a valid body (which fields it can honour,
+the SamplingParams it builds) is the server's business: :mod:`servekit.server.params`.
 """
 
 from __future__ import annotations
@@ -11,19 +11,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from servekit.sched.params import InvalidParameterError, SamplingParams
-from servekit.server.errors import BadRequestError
+from servekit.protocol.errors import InvalidRequestError
 
 __all__ = [
     "ChatCompletionRequest",
-    "ChatMessage",
+    "ChatMessageParam",
     "CompletionRequest",
     "StreamOptions",
     "TextPart",
     "bad_request_from_validation",
-    "build_sampling_params",
     "check_text",
-    "check_unsupported",
 ]
 
 _STRICT = ConfigDict(strict=True, extra="ignore")
@@ -82,7 +79,7 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessageParam(BaseModel):
     """One chat message; the model's chat template renders the list."""
 
     model_config = _STRICT
@@ -102,31 +99,12 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessageParam] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Any] | None = None
-
-
-def check_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
-    """Reject fields servekit accepts syntactically but cannot honour (lone surrogates too)."""
-    check_text(req)
-    if req.logit_bias:
-        raise BadRequestError("logit_bias is not supported", param="logit_bias")
-    if isinstance(req, CompletionRequest):
-        if req.suffix:
-            raise BadRequestError("suffix is not supported", param="suffix")
-        if req.best_of is not None and req.best_of != req.n:
-            raise BadRequestError("best_of must equal n (or be omitted)", param="best_of")
-        if req.echo and req.logprobs is not None:
-            raise BadRequestError("echo with logprobs is not supported", param="echo")
-    else:
-        if req.tools:
-            raise BadRequestError("tools are not supported by this model", param="tools")
-        if req.top_logprobs is not None and not req.logprobs:
-            raise BadRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
 
 
 def check_text(value: Any, param: str = "") -> None:
@@ -136,7 +114,7 @@ def check_text(value: Any, param: str = "") -> None:
         try:
             value.encode()
         except UnicodeEncodeError as exc:
-            raise BadRequestError(
+            raise InvalidRequestError(
                 f"Invalid value for '{param or 'body'}': it contains a lone surrogate "
                 f"(\\u{ord(value[exc.start]):04x} at character {exc.start}), which is not "
                 "valid Unicode text", param=param or None) from None
@@ -152,49 +130,27 @@ def check_text(value: Any, param: str = "") -> None:
             check_text(item, f"{param}.{key}" if isinstance(key, str) else param)
 
 
-def build_sampling_params(req: CompletionRequest | ChatCompletionRequest, *, max_tokens: int,
-                          logprobs: int | None, seed: int | None) -> SamplingParams:
-    """The request's SamplingParams; an out-of-range value is a 400 naming the field."""
-    try:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k or 0,
-            min_p=req.min_p or 0.0,
-            repetition_penalty=req.repetition_penalty or 1.0,
-            presence_penalty=req.presence_penalty or 0.0,
-            frequency_penalty=req.frequency_penalty or 0.0,
-            seed=seed,
-            logprobs=logprobs,
-            stop=req.stop,
-            ignore_eos=req.ignore_eos,
-        )
-    except InvalidParameterError as exc:
-        raise BadRequestError(str(exc), param=exc.param) from exc
-
-
-def bad_request_from_validation(exc: ValidationError | Any) -> BadRequestError:
+def bad_request_from_validation(exc: ValidationError | Any) -> InvalidRequestError:
     """A 400 for the first pydantic error, naming the field as OpenAI does (``messages.[0].role``)."""
     errors = exc.errors() if hasattr(exc, "errors") else []
     if not errors:
-        return BadRequestError("invalid request body")
+        return InvalidRequestError("invalid request body")
     # a lone surrogate fails every member of a union; the string member says why
     first = next((e for e in errors if e.get("type") == "string_unicode"), errors[0])
     if first.get("type") == "string_unicode":
         param = _param_name(first.get("loc", ()))
-        return BadRequestError(f"Invalid value for '{param}': it contains a lone surrogate, "
+        return InvalidRequestError(f"Invalid value for '{param}': it contains a lone surrogate, "
                                "which is not valid Unicode text", param=param)
     if first.get("type") == "json_invalid":
-        return BadRequestError("We could not parse the JSON body of your request")
+        return InvalidRequestError("We could not parse the JSON body of your request")
     if first.get("type") == "model_attributes_type" or tuple(first.get("loc", ())) == ("body",):
-        return BadRequestError("the request body must be a JSON object")
+        return InvalidRequestError("the request body must be a JSON object")
     param = _param_name(first.get("loc", ()))
     if first.get("type") == "missing":
-        return BadRequestError(f"Missing required parameter: '{param}'", param=param)
+        return InvalidRequestError(f"Missing required parameter: '{param}'", param=param)
     value = first.get("input")
     shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-    return BadRequestError(f"Invalid value for '{param}': {first.get('msg')} (got {shown})",
+    return InvalidRequestError(f"Invalid value for '{param}': {first.get('msg')} (got {shown})",
                            param=param)
 
 
@@ -213,6 +169,6 @@ def _param_name(loc: tuple[Any, ...] | list[Any]) -> str:
 
 _FIELD_NAMES: frozenset[str] = frozenset(
     name
-    for model in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, StreamOptions)
+    for model in (CompletionRequest, ChatCompletionRequest, ChatMessageParam, TextPart, StreamOptions)
     for name in model.model_fields
 )

@@ -4,7 +4,7 @@
 import grpc
 import warnings
 
-from servekit.server.grpc_gen import servekit_pb2 as servekit_dot_server_dot_grpc__gen_dot_servekit__pb2
+from servekit.protocol.grpc_gen import servekit_pb2 as servekit_dot_protocol_dot_grpc__gen_dot_servekit__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in servekit/server/grpc_gen/servekit_pb2_grpc.py depends on'
+        + ' but the generated code in servekit/protocol/grpc_gen/servekit_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -38,18 +38,18 @@ class GenerationStub:
         """
         self.Generate = channel.unary_unary(
                 '/servekit.v1.Generation/Generate',
-                request_serializer=servekit_dot_server_dot_grpc__gen_dot_servekit__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=servekit_dot_server_dot_grpc__gen_dot_servekit__pb2.GenerateResponse.FromString,
+                request_serializer=servekit_dot_protocol_dot_grpc__gen_dot_servekit__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=servekit_dot_protocol_dot_grpc__gen_dot_servekit__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
                 '/servekit.v1.Generation/GenerateStream',
-                request_serializer=servekit_dot_server_dot_grpc__gen_dot_servekit__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=servekit_dot_server_dot_grpc__gen_dot_servekit__pb2.GenerateChunk.FromString,
+                request_serializer=servekit_dot_protocol_dot_grpc__gen_dot_servekit__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=servekit_dot_protocol_dot_grpc__gen_dot_servekit__pb2.GenerateChunk.FromString,
                 _registered_method=True)
         self.Session = channel.stream_stream(
                 '/servekit.v1.Generation/Session',
-                request_serializer=servekit_dot_server_dot_grpc__gen_dot_servekit__pb2.SessionRequest.SerializeToString,
-                response_deserializer=servekit_dot_server_dot_grpc__gen_dot_servekit__pb2.SessionResponse.FromString,
+                request_serializer=servekit_dot_protocol_dot_grpc__gen_dot_servekit__pb2.SessionRequest.SerializeToString,
+                response_deserializer=servekit_dot_protocol_dot_grpc__gen_dot_servekit__pb2.SessionResponse.FromString,
                 _registered_method=True)
 
 
@@ -86,18 +86,18 @@ def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=servekit_dot_server_dot_grpc__gen_dot_servekit__pb2.GenerateRequest.FromString,
-                    response_serializer=servekit_dot_server_dot_grpc__gen_dot_servekit__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=servekit_dot_protocol_dot_grpc__gen_dot_servekit__pb2.GenerateRequest.FromString,
+                    response_serializer=servekit_dot_protocol_dot_grpc__gen_dot_servekit__pb2.GenerateResponse.SerializeToString,
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=servekit_dot_server_dot_grpc__gen_dot_servekit__pb2.GenerateRequest.FromString,
-                    response_serializer=servekit_dot_server_dot_grpc__gen_dot_servekit__pb2.GenerateChunk.SerializeToString,
+                    request_deserializer=servekit_dot_protocol_dot_grpc__gen_dot_servekit__pb2.GenerateRequest.FromString,
+                    response_serializer=servekit_dot_protocol_dot_grpc__gen_dot_servekit__pb2.GenerateChunk.SerializeToString,
             ),
             'Session': grpc.stream_stream_rpc_method_handler(
                     servicer.Session,
-                    request_deserializer=servekit_dot_server_dot_grpc__gen_dot_servekit__pb2.SessionRequest.FromString,
-                    response_serializer=servekit_dot_server_dot_grpc__gen_dot_servekit__pb2.SessionResponse.SerializeToString,
+                    request_deserializer=servekit_dot_protocol_dot_grpc__gen_dot_servekit__pb2.SessionRequest.FromString,
+                    response_serializer=servekit_dot_protocol_dot_grpc__gen_dot_servekit__pb2.SessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -126,8 +126,8 @@ class Generation:
             request,
             target,
             '/servekit.v1.Generation/Generate',
-            servekit_dot_server_dot_grpc__gen_dot_servekit__pb2.GenerateRequest.SerializeToString,
-            servekit_dot_server_dot_grpc__gen_dot_servekit__pb2.GenerateResponse.FromString,
+            servekit_dot_protocol_dot_grpc__gen_dot_servekit__pb2.GenerateRequest.SerializeToString,
+            servekit_dot_protocol_dot_grpc__gen_dot_servekit__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -153,8 +153,8 @@ class Generation:
             request,
             target,
             '/servekit.v1.Generation/GenerateStream',
-            servekit_dot_server_dot_grpc__gen_dot_servekit__pb2.GenerateRequest.SerializeToString,
-            servekit_dot_server_dot_grpc__gen_dot_servekit__pb2.GenerateChunk.FromString,
+            servekit_dot_protocol_dot_grpc__gen_dot_servekit__pb2.GenerateRequest.SerializeToString,
+            servekit_dot_protocol_dot_grpc__gen_dot_servekit__pb2.GenerateChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -180,8 +180,8 @@ class Generation:
             request_iterator,
             target,
             '/servekit.v1.Generation/Session',
-            servekit_dot_server_dot_grpc__gen_dot_servekit__pb2.SessionRequest.SerializeToString,
-            servekit_dot_server_dot_grpc__gen_dot_servekit__pb2.SessionResponse.FromString,
+            servekit_dot_protocol_dot_grpc__gen_dot_servekit__pb2.SessionRequest.SerializeToString,
+            servekit_dot_protocol_dot_grpc__gen_dot_servekit__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
