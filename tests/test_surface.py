@@ -16,12 +16,7 @@ def _public(part: str) -> list[tuple[str, object]]:
     return [(name, getattr(module, name)) for name in module.__all__]
 
 
-@pytest.mark.parametrize("part", [
-    pytest.param("kv", marks=pytest.mark.xfail(
-        strict=True, reason="servekit.kv exports KVEvent, a Union alias with no docstring; "
-        "kv/ belongs to the core-kvsched work: take KVEvent out of servekit.kv.__all__ (it stays in servekit.kv.events), then drop this mark")),
-    *(p for p in PARTS if p != "kv"),
-])
+@pytest.mark.parametrize("part", PARTS)
 def test_every_exported_name_resolves_and_has_a_docstring(part: str) -> None:
     undocumented = []
     for name, obj in _public(part):

@@ -12,7 +12,8 @@ from servekit.kv.blocks import (
     InvalidBlockSizeError,
     KVCacheError,
 )
-from servekit.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from servekit.kv.events import AllBlocksCleared, BlockRemoved, BlockStored
+from servekit.kv.events import KVEvent as KVEvent  # a type alias: importable, not in __all__
 from servekit.kv.hashing import UnknownHashAlgorithmError, hash_block
 from servekit.kv.manager import (
     DuplicateSequenceError,
@@ -34,7 +35,6 @@ __all__ = [
     "InvalidBlockSizeError",
     "KVCacheError",
     "KVCacheManager",
-    "KVEvent",
     "KVSequence",
     "OutOfBlocksError",
     "UnknownHashAlgorithmError",

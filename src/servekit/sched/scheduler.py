@@ -31,7 +31,7 @@ from servekit.metrics.events import (
 from servekit.metrics.hooks import HookSet
 from servekit.sched.errors import (
     DuplicateRequestError,
-    QueueFull,
+    QueueFullError,
     SchedulerStateError,
     UnknownRequestError,
 )
@@ -77,7 +77,7 @@ class Scheduler:
         eos_token_ids: tokens that end a request unless its ``ignore_eos`` is set.
         max_waiting_requests, max_waiting_tokens: bounds of the waiting queue (requests, and
             their prompt tokens); over either, :meth:`add_request` raises
-            :class:`~servekit.sched.errors.QueueFull` carrying ``retry_after``.
+            :class:`~servekit.sched.errors.QueueFullError` carrying ``retry_after``.
         remember_finished: how many finished request ids :meth:`abort` still recognises.
         hooks: metrics hooks (events are built only when a hook listens).
         clock: monotonic clock in seconds for arrival times, deadlines and events.
@@ -186,7 +186,7 @@ class Scheduler:
 
         Raises InvalidParameterError (the prompt leaves no room for output under
         ``max_model_len``, or the request can never fit the KV cache), DuplicateRequestError,
-        or QueueFull when the waiting queue is over a bound (an empty queue always accepts;
+        or QueueFullError when the waiting queue is over a bound (an empty queue always accepts;
         waiting requests that free running slots will take do not count against
         ``max_waiting_requests``).
         """
@@ -219,11 +219,11 @@ class Scheduler:
             # requests that the next step starts in a free running slot do not queue behind others
             queued = num_waiting - max(0, self.max_num_seqs - len(self._running))
             if self.max_waiting_requests is not None and queued >= self.max_waiting_requests:
-                raise QueueFull("max_waiting_requests",
+                raise QueueFullError("max_waiting_requests",
                                 f"{num_waiting} requests are waiting", self.retry_after)
             if (self.max_waiting_tokens is not None
                     and self._waiting_tokens + prompt_len > self.max_waiting_tokens):
-                raise QueueFull("max_waiting_tokens",
+                raise QueueFullError("max_waiting_tokens",
                                 f"{self._waiting_tokens} prompt tokens are waiting", self.retry_after)
         now = self._clock()
         if request.arrival_time < 0:
