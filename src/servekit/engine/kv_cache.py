@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from servekit._validators import int_at_least, prefixed
 from servekit.kv.blocks import KVCacheError
 
 __all__ = ["KVCache", "KVCacheSizeError", "build_block_tables", "build_slot_mapping"]
@@ -23,10 +24,7 @@ class KVCacheSizeError(KVCacheError, ValueError):
     """A KV cache dimension or memory budget is invalid (the message names it)."""
 
 
-def _check_positive(**dims: int) -> None:
-    for name, value in dims.items():
-        if not isinstance(value, int) or value <= 0:
-            raise KVCacheSizeError(f"{name} must be a positive int, got {value!r}")
+_AT_LEAST_ONE = int_at_least(1, error=prefixed(KVCacheSizeError))
 
 
 class KVCache:
@@ -52,13 +50,14 @@ class KVCache:
         dtype: torch.dtype = torch.float16,
         device: torch.device | str = "cpu",
     ) -> None:
-        _check_positive(
-            num_layers=num_layers,
-            num_blocks=num_blocks,
-            block_size=block_size,
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim,
-        )
+        for name, value in (
+            ("num_layers", num_layers),
+            ("num_blocks", num_blocks),
+            ("block_size", block_size),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+        ):
+            _AT_LEAST_ONE.check(name, value)
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.num_blocks = num_blocks
         self.block_size = block_size

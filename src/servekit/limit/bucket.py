@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Final
+from typing import Final, cast
 
 from attrs import field, frozen
 
+from servekit._validators import number_in, prefixed
 from servekit.limit.errors import InvalidCostError, LimitConfigError, RequestTooLargeError
 
 #: Relative slack on the admission test that absorbs float rounding in ``n / r`` sums, so a
@@ -29,15 +30,12 @@ from servekit.limit.errors import InvalidCostError, LimitConfigError, RequestToo
 #: ``1e-9 * C`` tokens more than exact arithmetic would.
 REL_SLACK: Final = 1e-9
 
+_POSITIVE = number_in(0, low_open=True, error=prefixed(LimitConfigError))
+
 
 def _positive_number(field: str, value: object) -> float:
     """``value`` as a float if it is a finite real number > 0, else a LimitConfigError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise LimitConfigError(f"{field} must be a finite number > 0, got {value!r}")
-    number = float(value)
-    if not (math.isfinite(number) and number > 0):
-        raise LimitConfigError(f"{field} must be a finite number > 0, got {value!r}")
-    return number
+    return float(cast(float, _POSITIVE.check(field, value)))
 
 
 def _capacity(value: object) -> float:

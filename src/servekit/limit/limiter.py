@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 import anyio
 from cachetools import TTLCache
 
+from servekit._validators import int_at_least, prefixed
 from servekit.limit.bucket import Limit, LimitSet
 from servekit.limit.decision import Decision, RateLimitExceededError, Reservation
 from servekit.limit.errors import (
@@ -91,8 +92,7 @@ class Limiter:
         _check_seconds("error_retry_after", error_retry_after)
         _check_seconds("reservation_ttl", reservation_ttl)
         for name, count in (("max_waiters", max_waiters), ("max_reservations", max_reservations)):
-            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-                raise LimitConfigError(f"{name} must be an int >= 0, got {count!r}")
+            _NON_NEGATIVE.check(name, count)
         self.max_wait = max_wait
         self.max_waiters = max_waiters
         self.error_retry_after = error_retry_after
@@ -396,6 +396,7 @@ class Limiter:
 
 
 _MISSING = object()
+_NON_NEGATIVE = int_at_least(0, error=prefixed(LimitConfigError))
 _INF = math.inf
 
 

@@ -23,11 +23,14 @@ from typing import Protocol, runtime_checkable
 from urllib.parse import parse_qs, urlsplit
 
 from servekit import plugins
+from servekit._validators import int_at_least, prefixed
 from servekit.limit.bucket import LimitSet
 from servekit.limit.errors import LimitConfigError, StoreFullError
 
 #: ``(conforming, now, full_at per limit)``
 TakeResult = tuple[bool, float, tuple[float, ...]]
+
+_AT_LEAST_ONE = int_at_least(1, error=prefixed(LimitConfigError))
 
 
 @runtime_checkable
@@ -141,8 +144,7 @@ class MemoryStore:
     __slots__ = ("_buckets", "_get")
 
     def __init__(self, max_keys: int = 1_000_000) -> None:
-        if isinstance(max_keys, bool) or not (isinstance(max_keys, int) and max_keys > 0):
-            raise LimitConfigError(f"max_keys must be a positive int, got {max_keys!r}")
+        _AT_LEAST_ONE.check("max_keys", max_keys)
         self._buckets = _Buckets(max_keys)
         self._get: Callable[[str], list[float] | None] = self._buckets.data.get
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 
+from servekit._validators import number_in
 from servekit.route.errors import (
     EmptyRingError,
     InvalidRouteParameterError,
@@ -25,12 +26,12 @@ from servekit.route.ring import HashRing
 #: The default load factor ``c``.
 DEFAULT_LOAD_FACTOR = 1.25
 
+_LOAD_FACTOR = number_in(1, error=InvalidRouteParameterError)
+
 
 def check_load_factor(c: float) -> float:
     """``c`` as a float; :class:`InvalidRouteParameterError` unless it is finite and >= 1."""
-    if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 1:
-        raise InvalidRouteParameterError("load_factor", f"must be a finite number >= 1, got {c!r}")
-    return float(c)
+    return float(_LOAD_FACTOR.check("load_factor", c))
 
 
 def capacity(total: int, share: float, c: float = DEFAULT_LOAD_FACTOR) -> int:

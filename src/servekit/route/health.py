@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 from attrs import define
 
+from servekit._validators import int_at_least
 from servekit.route.errors import DuplicateNodeError, InvalidRouteParameterError, UnknownNodeError
-from servekit.route.ring import check_int
 
 
 class NodeHealth(enum.Enum):
@@ -36,6 +36,9 @@ class _State:
     since: float = 0.0  # when it was ejected, or when its probe was dispatched
 
 
+_AT_LEAST_ONE = int_at_least(1, error=InvalidRouteParameterError)
+
+
 class HealthTracker:
     """Tracks each node's health from request outcomes and manual marks.
 
@@ -49,7 +52,7 @@ class HealthTracker:
         cooldown: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        check_int("failure_threshold", failure_threshold, 1)
+        _AT_LEAST_ONE.check("failure_threshold", failure_threshold)
         if not isinstance(cooldown, (int, float)) or not math.isfinite(cooldown) or cooldown < 0:
             raise InvalidRouteParameterError(
                 "cooldown", f"must be finite and >= 0, got {cooldown!r}"

@@ -8,20 +8,15 @@ than one block has no prefix key.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from attrs import field, frozen
 
+from servekit._validators import int_at_least
 from servekit.kv.hashing import BlockHashFn, extend_block_hashes, get_hash_fn
-from servekit.route.ring import check_int
+from servekit.route.errors import InvalidRouteParameterError
 
-
-def _positive(name: str) -> Callable[[Any, Any, int], None]:
-    def check(_: Any, __: Any, value: int) -> None:
-        check_int(name, value, 1)
-
-    return check
+_AT_LEAST_ONE = int_at_least(1, error=InvalidRouteParameterError)
 
 
 @frozen(slots=True)
@@ -32,8 +27,8 @@ class PrefixKey:
     how many leading blocks define the affinity (more blocks: finer affinity, less sharing).
     """
 
-    block_size: int = field(default=16, validator=_positive("block_size"))
-    num_blocks: int = field(default=4, validator=_positive("num_blocks"))
+    block_size: int = field(default=16, validator=_AT_LEAST_ONE)
+    num_blocks: int = field(default=4, validator=_AT_LEAST_ONE)
     hash_algorithm: str = "xxhash"
     _fn: BlockHashFn = field(init=False, eq=False, repr=False)
 

@@ -15,26 +15,20 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from attrs import field, frozen
 
 from servekit import plugins
+from servekit._validators import int_at_least, number_in
 from servekit.route.bounded import DEFAULT_LOAD_FACTOR, capacity, check_load_factor
 from servekit.route.errors import InvalidRouteParameterError, MissingRouteKeyError
 from servekit.route.hashing import HashFn, xxh3_64
 from servekit.route.health import NodeHealth
 from servekit.route.ring import DEFAULT_VNODES, HashRing
 
-
-def _count(_: Any, attribute: Any, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidRouteParameterError(attribute.name, f"must be an integer >= 0, got {value!r}")
-
-
-def _fraction(_: Any, attribute: Any, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise InvalidRouteParameterError(attribute.name, f"must be in [0, 1], got {value!r}")
+_count = int_at_least(0, error=InvalidRouteParameterError)
+_fraction = number_in(0, 1, error=InvalidRouteParameterError)
 
 
 @frozen(slots=True)

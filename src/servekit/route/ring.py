@@ -16,7 +16,6 @@ about 12-15 MB for 100 nodes at the default 8192 points per unit of weight.
 
 from __future__ import annotations
 
-import math
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Mapping
@@ -25,6 +24,7 @@ from itertools import chain, islice
 import numpy as np
 from numpy.typing import NDArray
 
+from servekit._validators import int_at_least, number_in
 from servekit.route.errors import (
     DuplicateNodeError,
     EmptyRingError,
@@ -40,19 +40,13 @@ MAX_NODES = 65535
 _MAX_TABLE_BITS = 26
 
 
+_POSITIVE_WEIGHT = number_in(0, low_open=True, error=InvalidRouteParameterError)
+_AT_LEAST_ONE = int_at_least(1, error=InvalidRouteParameterError)
+
+
 def check_weight(weight: float) -> float:
     """``weight`` as a float; :class:`InvalidRouteParameterError` unless finite and > 0."""
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise InvalidRouteParameterError("weight", f"must be a number, got {weight!r}")
-    if not math.isfinite(weight) or weight <= 0:
-        raise InvalidRouteParameterError("weight", f"must be finite and > 0, got {weight!r}")
-    return float(weight)
-
-
-def check_int(name: str, value: int, minimum: int) -> None:
-    """:class:`InvalidRouteParameterError` naming ``name`` unless ``value`` is an int >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidRouteParameterError(name, f"must be an int >= {minimum}, got {value!r}")
+    return float(_POSITIVE_WEIGHT.check("weight", weight))
 
 
 class HashRing:
@@ -89,7 +83,7 @@ class HashRing:
         vnodes: int = DEFAULT_VNODES,
         hash_fn: HashFn = xxh3_64,
     ) -> None:
-        check_int("vnodes", vnodes, 1)
+        _AT_LEAST_ONE.check("vnodes", vnodes)
         self._vnodes = vnodes
         self._hash = as_hash64(hash_fn)
         self._names: list[str] = []

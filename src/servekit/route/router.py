@@ -17,6 +17,7 @@ from typing import Protocol, runtime_checkable
 import xxhash
 from attrs import frozen
 
+from servekit._validators import int_at_least
 from servekit.metrics.events import RouteDecision
 from servekit.metrics.hooks import HookSet
 from servekit.route.errors import (
@@ -34,10 +35,12 @@ from servekit.route.policy import (
     RoutingPolicy,
     make_routing_policy,
 )
-from servekit.route.ring import check_int, check_weight
+from servekit.route.ring import check_weight
 
 #: Key sources, in the default order of preference.
 KEY_SOURCES = ("session", "prefix", "api_key")
+
+_NON_NEGATIVE = int_at_least(0, error=InvalidRouteParameterError)
 
 
 @runtime_checkable
@@ -93,7 +96,7 @@ class Router:
             raise InvalidRouteParameterError(
                 "key_order", f"must be distinct names from {KEY_SOURCES}, got {tuple(key_order)}"
             )
-        check_int("num_fallbacks", num_fallbacks, 0)
+        _NON_NEGATIVE.check("num_fallbacks", num_fallbacks)
         self.policy: RoutingPolicy = make_routing_policy(policy)
         self.health = health if health is not None else HealthTracker(clock=clock)
         self.prefix = prefix if prefix is not None else PrefixKey()

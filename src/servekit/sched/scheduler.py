@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from itertools import count
 from operator import attrgetter
 
+from servekit._validators import int_at_least
 from servekit.kv.manager import KVCacheManager
 from servekit.metrics.events import (
     CacheStats,
@@ -47,10 +48,7 @@ from servekit.sched.request import FINISHED, PREEMPTED, RUNNING, WAITING, Finish
 _rank = attrgetter("rank")
 
 
-def _positive(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InvalidParameterError(name, f"must be an integer >= 1, got {value!r}")
-    return value
+_AT_LEAST_ONE = int_at_least(1, error=InvalidParameterError)
 
 
 class Scheduler:
@@ -105,13 +103,13 @@ class Scheduler:
     ) -> None:
         self.kv = kv
         self.block_size = kv.block_size
-        self.max_model_len = _positive("max_model_len", max_model_len)
+        self.max_model_len = _AT_LEAST_ONE.check("max_model_len", max_model_len)
         if max_num_seqs is None:
             max_num_seqs = min(256, max_num_batched_tokens or 256)
-        self.max_num_seqs = _positive("max_num_seqs", max_num_seqs)
+        self.max_num_seqs = _AT_LEAST_ONE.check("max_num_seqs", max_num_seqs)
         if max_num_batched_tokens is None:
             max_num_batched_tokens = max(2048, self.max_num_seqs)
-        self.max_num_batched_tokens = _positive("max_num_batched_tokens", max_num_batched_tokens)
+        self.max_num_batched_tokens = _AT_LEAST_ONE.check("max_num_batched_tokens", max_num_batched_tokens)
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise InvalidParameterError(
                 "max_num_batched_tokens",
@@ -120,15 +118,15 @@ class Scheduler:
             )
         if max_prefill_chunk is None:
             max_prefill_chunk = self.max_num_batched_tokens
-        self.max_prefill_chunk = _positive("max_prefill_chunk", max_prefill_chunk)
+        self.max_prefill_chunk = _AT_LEAST_ONE.check("max_prefill_chunk", max_prefill_chunk)
         self.policy = make_policy(policy)
         self.victim_policy: VictimPolicy = (
             self.policy if victim_policy is None else make_victim_policy(victim_policy))
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.max_waiting_requests = (None if max_waiting_requests is None
-                                     else _positive("max_waiting_requests", max_waiting_requests))
+                                     else _AT_LEAST_ONE.check("max_waiting_requests", max_waiting_requests))
         self.max_waiting_tokens = (None if max_waiting_tokens is None
-                                   else _positive("max_waiting_tokens", max_waiting_tokens))
+                                   else _AT_LEAST_ONE.check("max_waiting_tokens", max_waiting_tokens))
         self.retry_after = retry_after
         self._remember = remember_finished
         self.hooks = hooks if hooks is not None else HookSet()
