@@ -41,8 +41,9 @@ class CliServer:
         return self.output()
 
 
-def run_cli(*args: str, timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
-    """Run ``servekit ARGS`` to completion (for commands that end, or fail, at once)."""
+def run_cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """Run ``servekit ARGS`` to completion (for commands that end, or fail, at once; the
+    timeout only guards against a hang: importing torch on a loaded 2-core machine takes seconds)."""
     return subprocess.run([sys.executable, "-m", "servekit.server.cli", *args],
                           capture_output=True, text=True, timeout=timeout, env=_env())
 
