@@ -7,6 +7,9 @@ streams), the same multiplexed on one bidirectional ``Session``, and requests/s 
 
     python benchmarks/bench_grpc.py --quick --json benchmarks/results/grpc-cpu-2026-11-27.json
 
+A bare ``grpc.aio`` server streaming the same messages (``_bare_peers.py``) runs beside it,
+rounds interleaved: its tokens/s and the servekit/bare ratio.
+
 The comparison with HTTP (the same fake model, its rows and the gRPC/HTTP ratios) is
 ``bench_server.py``'s: it calls :func:`grpc_rows` and :func:`ratio_rows` (the import goes one
 way, server -> grpc).
@@ -26,6 +29,7 @@ from typing import Any
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bare_peers import PeerProcess
 from _common import bar, parse_args, print_bars, print_table, summary, write_json
 from servekit.protocol.grpc_gen import servekit_pb2 as pb
 from servekit.protocol.grpc_gen import servekit_pb2_grpc as pb_grpc
@@ -158,18 +162,25 @@ def grpc_rows(quick: bool, rounds: int, address: str | None = None
     """
     server = None if address is not None else GrpcServerProcess()
     target = address if address is not None else server.address  # type: ignore[union-attr]
+    peer = PeerProcess("grpc")
     concurrency, max_tokens = 32, 1000
     streams = 64 if quick else 256
     n_unary = 500 if quick else 2000
     try:
-        asyncio.run(stream_tokens(target, 8, 50, 16))  # warm up
-        tps, sps, rps, t_per_chunk, s_per_chunk = [], [], [], [], []
+        for where in (target, peer.address):
+            asyncio.run(stream_tokens(where, 8, 50, 16))  # warm up
+        tps, sps, rps, t_per_chunk, s_per_chunk, bare, ratio = [], [], [], [], [], [], []
         for _ in range(rounds):
             tokens, secs, chunks = asyncio.run(stream_tokens(target, concurrency, max_tokens,
                                                              streams))
             assert tokens == streams * max_tokens, (tokens, streams * max_tokens)
             tps.append(tokens / secs)
             t_per_chunk.append(tokens / chunks)
+            tokens, secs, _ = asyncio.run(stream_tokens(peer.address, concurrency, max_tokens,
+                                                        streams))
+            assert tokens == streams * max_tokens, (tokens, streams * max_tokens)
+            bare.append(tokens / secs)
+            ratio.append(tps[-1] / bare[-1])
             tokens, secs, chunks = asyncio.run(session_tokens(target, concurrency, max_tokens,
                                                               streams))
             assert tokens == streams * max_tokens, (tokens, streams * max_tokens)
@@ -178,6 +189,7 @@ def grpc_rows(quick: bool, rounds: int, address: str | None = None
             n, secs = asyncio.run(unary_requests(target, concurrency, n_unary))
             rps.append(n / secs)
     finally:
+        peer.stop()
         if server is not None:
             server.stop()
     rows = [
@@ -187,16 +199,23 @@ def grpc_rows(quick: bool, rounds: int, address: str | None = None
         # deltas merge while a write is in flight (servekit/server/grpc/outbox.py): say how much
         _row("gRPC: tokens per chunk, stream", "merged under backpressure", t_per_chunk),
         _row("gRPC: tokens per chunk, Session", "merged under backpressure", s_per_chunk),
+        _row("bare grpc.aio: streamed tokens/s", f"{concurrency} streams x {max_tokens} tok, "
+             "1 message/tok", bare),
+        _row("ratio servekit/bare grpc.aio: streamed tokens/s", "per round, paired", ratio),
     ]
     return rows, {"grpc_streamed_tokens_per_s": bar(rows[0]["median"], 20_000.0)}
 
 
 def ratio_rows(grpc: list[dict[str, Any]], http: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """gRPC / HTTP medians for streamed tokens/s and requests/s (``http`` from bench_server)."""
+    def median(rows: list[dict[str, Any]], scenario: str) -> float:
+        return float(next(r["median"] for r in rows if r["scenario"] == scenario))
+
     return [{"scenario": f"ratio gRPC/HTTP: {name}", "setting": "medians",
-             "median": g["median"] / h["median"]}
-            for g, h, name in ((grpc[0], http[0], "streamed tokens/s"),
-                               (grpc[2], http[1], "requests/s"))]
+             "median": median(grpc, g) / median(http, h)}
+            for g, h, name in (("gRPC: streamed tokens/s", "fake: streamed tokens/s",
+                                "streamed tokens/s"),
+                               ("gRPC: requests/s", "fake: requests/s", "requests/s"))]
 
 
 def main() -> None:

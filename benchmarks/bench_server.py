@@ -1,9 +1,16 @@
 """HTTP server benchmark: the reference server in its own process, the client in this one.
 
-1. Fake instant model (``servekit serve --fake``): streamed tokens/s over SSE with C concurrent
-   streams, and requests/s of short non-streamed completions. Bar: >= 20,000 tokens/s. The same
-   over gRPC beside it (``bench_grpc.grpc_rows``: GenerateStream, Session, unary), with ratios.
-2. The demo model (``servekit serve``, the real engine): time until ``/ready`` and peak RSS
+1. Fake instant model (``servekit serve --fake``): streamed tokens/s over SSE (32 streams x
+   1,000 tokens, one event per token, this file's :func:`stream_tokens` client) beside a bare
+   uvicorn ASGI endpoint streaming the identical chunks (``_bare_peers.py``), rounds
+   interleaved; the ratio (bar: >= 0.5x the bare endpoint) and each server's CPU microseconds
+   per token; requests/s of short non-streamed completions. The same over gRPC beside it
+   (``bench_grpc.grpc_rows``: GenerateStream, Session, unary, and a bare ``grpc.aio`` server
+   streaming the same messages), with ratios.
+2. Coalescing: slow readers (every event takes 20 ms to send) on the demo model in this
+   process, with and without merging the deltas a stream fell behind on: events per token and
+   time to the last token.
+3. The demo model (``servekit serve``, the real engine): time until ``/ready`` and peak RSS
    (bars: < 10 s, < 1 GB), then TTFT and inter-token latency percentiles under Poisson arrivals
    at three rates, plotted into ``benchmarks/results/``.
 
@@ -29,6 +36,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bare_peers import PeerProcess
 from _common import (
     bar,
     parse_args,
@@ -212,31 +220,56 @@ def pct(values: list[float], q: float) -> float:
 
 # -- scenarios -----------------------------------------------------------------------------
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_stream(url: str, pid: int, concurrency: int, max_tokens: int, streams: int
+                 ) -> tuple[float, float]:
+    """One round of :func:`stream_tokens`: (tokens/s, server CPU microseconds per token)."""
+    cpu0 = cpu_seconds(pid)
+    tokens, secs = asyncio.run(stream_tokens(url, concurrency, max_tokens, streams))
+    assert tokens == streams * max_tokens, (tokens, streams * max_tokens)
+    return tokens / secs, 1e6 * (cpu_seconds(pid) - cpu0) / tokens
+
+
 def bench_fake(quick: bool, rounds: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    server = ServerProcess("--fake")
+    """``servekit serve --fake`` beside the bare uvicorn SSE peer, rounds interleaved."""
+    server, peer = ServerProcess("--fake"), PeerProcess("sse")
     rows: list[dict[str, Any]] = []
+    concurrency, max_tokens = 32, 1000
+    streams = 64 if quick else 256
+    samples: dict[str, list[float]] = {k: [] for k in ("tps", "cpu", "bare_tps", "bare_cpu",
+                                                      "ratio", "rps")}
     try:
-        concurrency, max_tokens = 32, 1000
-        streams = 64 if quick else 256
-        asyncio.run(stream_tokens(server.url, 8, 50, 16))  # warm up
-        tps = []
+        for url in (server.url, peer.url):
+            asyncio.run(stream_tokens(url, 8, 50, 16))  # warm up
         for _ in range(rounds):
-            tokens, secs = asyncio.run(stream_tokens(server.url, concurrency, max_tokens, streams))
-            assert tokens == streams * max_tokens, (tokens, streams * max_tokens)
-            tps.append(tokens / secs)
-        rps = []
+            tps, cpu = timed_stream(server.url, server.proc.pid, concurrency, max_tokens, streams)
+            bare_tps, bare_cpu = timed_stream(peer.url, peer.proc.pid, concurrency, max_tokens,
+                                              streams)
+            for k, v in (("tps", tps), ("cpu", cpu), ("bare_tps", bare_tps),
+                         ("bare_cpu", bare_cpu), ("ratio", tps / bare_tps)):
+                samples[k].append(v)
         for _ in range(rounds):
             n, secs = asyncio.run(short_requests(server.url, 32, 500 if quick else 2000))
-            rps.append(n / secs)
+            samples["rps"].append(n / secs)
     finally:
         server.stop()
-    s_tps, s_rps = summary(tps), summary(rps)
-    rows.append({"scenario": "fake: streamed tokens/s", "setting": f"{concurrency} streams x "
-                 f"{max_tokens} tok", "median": s_tps["median"], "min": s_tps["min"],
-                 "max": s_tps["max"]})
-    rows.append({"scenario": "fake: requests/s", "setting": "32 clients, 8 tok, no stream",
-                 "median": s_rps["median"], "min": s_rps["min"], "max": s_rps["max"]})
-    return rows, {"server_streamed_tokens_per_s": bar(s_tps["median"], 20_000.0)}
+        peer.stop()
+    setting = f"{concurrency} streams x {max_tokens} tok, 1 event/tok"
+    for scenario, key, row_setting in (
+            ("fake: streamed tokens/s", "tps", setting),
+            ("bare uvicorn SSE: streamed tokens/s", "bare_tps", setting),
+            ("ratio servekit/bare: streamed tokens/s", "ratio", "per round, paired"),
+            ("fake: server CPU us/token", "cpu", "server process user+sys"),
+            ("bare uvicorn SSE: server CPU us/token", "bare_cpu", "server process user+sys"),
+            ("fake: requests/s", "rps", "32 clients, 8 tok, no stream")):
+        rows.append({"scenario": scenario, "setting": row_setting, **summary(samples[key])})
+    ratio = summary(samples["ratio"])["median"]
+    return rows, {"server_streamed_tokens_per_s_vs_bare_uvicorn": bar(ratio, 0.5)}
 
 
 def bench_demo(quick: bool, model: str | None) -> tuple[list[dict[str, Any]], dict[str, Any],
@@ -273,6 +306,65 @@ def bench_demo(quick: bool, model: str | None) -> tuple[list[dict[str, Any]], di
     return rows, bars, curves
 
 
+async def _slow_reader_run(coalesce: bool, streams: int, max_tokens: int, read_s: float
+                           ) -> tuple[float, float]:
+    """``streams`` demo-model streams whose every event takes ``read_s`` to send (a client
+    draining slowly behind flow control); (events per token, seconds to the last token)."""
+    from servekit.engine import AsyncEngine, EngineConfig, LLMEngine
+    from servekit.engine.outputs import RequestOutput
+    from servekit.sched.params import SamplingParams
+    from servekit.server.cli import DEMO_MODEL
+    from servekit.server.service import GenerationService, Job
+
+    engine = AsyncEngine(LLMEngine(str(DEMO_MODEL), config=EngineConfig(
+        num_blocks=512, max_num_seqs=streams, max_num_batched_tokens=2048)))
+    engine.coalesces_outputs = coalesce  # type: ignore[misc]  # what the service asks for
+    service = GenerationService(engine)
+    service.state.set_ready()
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    prompt = engine.tokenizer.encode("ROMEO:")
+    events = tokens = 0
+    last = 0.0
+
+    async def one(n: int) -> None:
+        nonlocal events, tokens, last
+        job = Job(f"slow-{n}", "demo", None, [prompt], [(0, params)])
+        await service.admit(job)
+
+        async def on_output(i: int, out: RequestOutput) -> None:
+            nonlocal events, tokens, last
+            events += 1
+            tokens += len(out.new_token_ids)
+            await asyncio.sleep(read_s)
+            last = time.perf_counter()
+
+        await service.run(job, on_output)
+
+    async with engine:
+        start = time.perf_counter()
+        await asyncio.gather(*(one(n) for n in range(streams)))
+    assert tokens == streams * max_tokens, (tokens, streams * max_tokens)
+    return events / tokens, last - start
+
+
+def bench_coalescing(quick: bool, rounds: int) -> list[dict[str, Any]]:
+    """Slow readers on the demo model, with and without merging the deltas they fell behind."""
+    streams, max_tokens, read_s = (8, 48, 0.02) if quick else (16, 128, 0.02)
+    samples: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    for _ in range(rounds):
+        for coalesce in (True, False):
+            samples[coalesce].append(asyncio.run(_slow_reader_run(coalesce, streams, max_tokens,
+                                                                  read_s)))
+    setting = f"{streams} streams x {max_tokens} tok, {1e3 * read_s:g} ms/event reader"
+    rows = []
+    for coalesce, name in ((True, "coalesced"), (False, "one event per delta")):
+        rows.append({"scenario": f"slow reader, {name}: events per token", "setting": setting,
+                     **summary([e for e, _ in samples[coalesce]])})
+        rows.append({"scenario": f"slow reader, {name}: time to last token (s)",
+                     "setting": setting, **summary([t for _, t in samples[coalesce]])})
+    return rows
+
+
 def plot(curves: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -300,7 +392,8 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0], lambda p: (
         p.add_argument("--model", default=None, help="model dir for part 2 (default: demo)"),
         p.add_argument("--skip-demo", action="store_true", help="only the fake-model part"),
-        p.add_argument("--skip-grpc", action="store_true", help="no gRPC rows")))
+        p.add_argument("--skip-grpc", action="store_true", help="no gRPC rows"),
+        p.add_argument("--skip-coalescing", action="store_true", help="no slow-reader rows")))
     rounds = args.rounds or (3 if args.quick else 5)
     os.environ.setdefault("PYTHONPATH", str(ROOT / "src"))
     rows, bars = bench_fake(args.quick, rounds)
@@ -310,6 +403,8 @@ def main() -> None:
         grpc_rows, grpc_bars = bench_grpc.grpc_rows(args.quick, rounds)
         rows += grpc_rows + bench_grpc.ratio_rows(grpc_rows, rows)
         bars.update(grpc_bars)
+    if not args.skip_coalescing:  # in this process: the engine and the service, no HTTP
+        rows += bench_coalescing(args.quick, rounds)
     curves: dict[str, Any] = {}
     if not args.skip_demo:
         demo_rows, demo_bars, curves = bench_demo(args.quick, args.model)

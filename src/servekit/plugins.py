@@ -94,6 +94,7 @@ BUILTIN: dict[tuple[str, str], str] = {
     ("limiter_store", "rediss"): "servekit.limit.redis:RedisStore",
     ("limiter_store", "unix"): "servekit.limit.redis:RedisStore",
     ("routing_policy", "consistent_hash"): "servekit.route.policy:ConsistentHashPolicy",
+    ("routing_policy", "cache_aware"): "servekit.route.cache_aware:CacheAwarePolicy",
     ("routing_policy", "least_loaded"): "servekit.route.policy:LeastLoadedPolicy",
     ("routing_policy", "power_of_two"): "servekit.route.policy:PowerOfTwoChoicesPolicy",
     ("routing_policy", "round_robin"): "servekit.route.policy:RoundRobinPolicy",

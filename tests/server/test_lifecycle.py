@@ -227,7 +227,7 @@ def test_drain_past_the_grace_period_reports_an_error_not_a_truncated_success(
         service.state.set_ready()
         job = Job("cmpl-1", "fake", None, [[1, 2, 3]], [(0, SamplingParams(max_tokens=200))])
         response = GenerationResponse(service, job, CompletionEncoder(job, engine.tokenizer),
-                                      stream, service.admit(job).headers)
+                                      stream, (await service.admit(job)).headers)
         sent: list[dict[str, object]] = []
 
         async def send(message: dict[str, object]) -> None:

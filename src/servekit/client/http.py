@@ -23,6 +23,7 @@ from servekit.client._core import (
     request_body,
 )
 from servekit.client.errors import APIConnectionError, APITimeoutError, ClientError
+from servekit.client.structured import parse_message, response_format_for
 from servekit.client.types import ChatCompletion, Completion
 from servekit.protocol.sse import DONE_DATA, aiter_events, iter_events
 
@@ -96,6 +97,12 @@ class Client(_Base):
     def chat(self, model: str, messages: Sequence[Message], **params: Any) -> ChatCompletion:
         """``POST /v1/chat/completions``."""
         return ChatCompletion.from_json(self._post("/chat/completions", _chat_params(model, messages, params)))
+
+    def parse(self, model: str, messages: Sequence[Message], schema: Any, **params: Any) -> Any:
+        """Chat constrained to ``schema`` (a pydantic model class or a JSON schema dict); the
+        answer as a model instance (or parsed JSON). Raises ParseError unless it ended with stop."""
+        done = self.chat(model, messages, response_format=response_format_for(schema), **params)
+        return parse_message(done, schema)
 
     def stream_complete(self, model: str, prompt: str | Sequence[int], **params: Any) -> Iterator[Completion]:
         """Stream a completion as chunks; the last one carries ``usage``."""
@@ -178,6 +185,13 @@ class AsyncClient(_Base):
     async def chat(self, model: str, messages: Sequence[Message], **params: Any) -> ChatCompletion:
         """``POST /v1/chat/completions``."""
         return ChatCompletion.from_json(await self._post("/chat/completions", _chat_params(model, messages, params)))
+
+    async def parse(self, model: str, messages: Sequence[Message], schema: Any,
+                    **params: Any) -> Any:
+        """The async twin of :meth:`Client.parse`."""
+        done = await self.chat(model, messages, response_format=response_format_for(schema),
+                               **params)
+        return parse_message(done, schema)
 
     def stream_complete(self, model: str, prompt: str | Sequence[int], **params: Any) -> AsyncIterator[Completion]:
         """Stream a completion as chunks; the last one carries ``usage``."""

@@ -2,16 +2,18 @@
 
 ``async with AsyncEngine(engine) as e:`` starts the loop task in the engine's own task group.
 Each step schedules on the event loop, runs the model in a worker thread
-(``anyio.to_thread.run_sync``) so the loop stays responsive, then hands the deltas to the
-per-request memory object streams. Adds and aborts happen on the event loop between and during
-steps: the worker thread reads only the step's plan. Leaving ``generate``'s iteration early
-(break, cancellation, an exception) aborts the request and frees its blocks.
+(``anyio.to_thread.run_sync``) so the loop stays responsive, then appends the deltas to the
+per-request :class:`OutputQueue`s (no task switch, no copy). Adds and aborts happen on the event
+loop between and during steps: the worker thread reads only the step's plan. Leaving
+``generate``'s iteration early (break, cancellation, an exception) aborts the request and frees
+its blocks. With ``generate(..., coalesce=True)`` the deltas that queued up while the consumer
+was busy (a slow client, a busy process) come as one merged delta; a consumer that keeps up
+still gets one delta per step.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
+from collections import deque
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -19,11 +21,10 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectSendStream
 
 from servekit.engine.chat import render_chat
 from servekit.engine.engine import LLMEngine
-from servekit.engine.outputs import RequestOutput
+from servekit.engine.outputs import RequestOutput, merge_outputs
 from servekit.errors import ServekitError
 from servekit.sched.params import SamplingParams
 
@@ -34,6 +35,50 @@ class EngineClosedError(ServekitError, RuntimeError):
     """The AsyncEngine is not running (use ``async with``), or its loop failed."""
 
 
+class OutputQueue:
+    """One request's deltas, from the engine loop to its consumer.
+
+    The loop appends without waiting; :meth:`get_batch` returns every delta queued so far,
+    waiting (one wake-up) only when there is none. A consumer that keeps up gets one delta per
+    step; one that fell behind gets all of them in one batch, with no task switch per delta.
+    """
+
+    __slots__ = ("_closed", "_queue", "_wake")
+
+    def __init__(self) -> None:
+        self._queue: deque[RequestOutput] = deque()
+        self._wake: anyio.Event | None = None
+        self._closed = False
+
+    def put(self, out: RequestOutput) -> None:
+        """Queue a delta (dropped once the queue is closed: nobody will read it)."""
+        if self._closed:
+            return
+        self._queue.append(out)
+        if self._wake is not None:
+            self._wake.set()
+
+    def close(self) -> None:
+        """No more deltas: :meth:`get_batch` returns what is left, then ``[]``."""
+        self._closed = True
+        if self._wake is not None:
+            self._wake.set()
+
+    async def get_batch(self) -> list[RequestOutput]:
+        """Every queued delta, in order (waits for one); ``[]`` once closed and empty."""
+        while not self._queue:
+            if self._closed:
+                return []
+            self._wake = wake = anyio.Event()
+            try:
+                await wake.wait()
+            finally:
+                self._wake = None
+        batch = list(self._queue)
+        self._queue.clear()
+        return batch
+
+
 class AsyncEngine:
     """Async front of an :class:`~servekit.engine.engine.LLMEngine`.
 
@@ -41,6 +86,9 @@ class AsyncEngine:
     ...     async for out in engine.generate("Hello", SamplingParams(max_tokens=8)):
     ...         print(out.new_text, end="")
     """
+
+    #: ``generate`` takes ``coalesce`` (front ends ask for merged deltas when they can).
+    coalesces_outputs = True
 
     def __init__(self, engine: LLMEngine | str | Path, **engine_kwargs: Any) -> None:
         """Wrap ``engine``, or build an :class:`LLMEngine` from a model path and its keywords
@@ -50,7 +98,7 @@ class AsyncEngine:
         elif engine_kwargs:
             raise TypeError("engine keywords apply only when AsyncEngine builds the engine")
         self.engine = engine
-        self._streams: dict[str, MemoryObjectSendStream[RequestOutput]] = {}
+        self._streams: dict[str, OutputQueue] = {}
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
         self._failure: BaseException | None = None
@@ -100,34 +148,54 @@ class AsyncEngine:
         priority: int = 0,
         cache_salt: str | None = None,
         deadline: float | None = None,
+        coalesce: bool = False,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Stream a request's deltas; the last has ``finished=True``.
 
-        Raises InvalidParameterError or QueueFullError at the first iteration. Breaking out of the
-        iteration, or cancelling the task that iterates, aborts the request.
+        With ``coalesce``, the deltas queued since the consumer last asked come merged into one
+        (:func:`~servekit.engine.outputs.merge_outputs`). Raises InvalidParameterError or
+        QueueFullError at the first iteration. Breaking out of the iteration, or cancelling the
+        task that iterates, aborts the request.
         """
+        queue, rid = self._open(prompt, params, request_id=request_id, tenant=tenant,
+                                priority=priority, cache_salt=cache_salt, deadline=deadline)
+        done = False
+        try:
+            while not done:
+                batch = await queue.get_batch()
+                if not batch:
+                    break
+                if coalesce and len(batch) > 1:
+                    batch = [merge_outputs(batch)]
+                for out in batch:
+                    done = out.finished
+                    yield out
+            if not done and self._failure is not None:
+                raise EngineClosedError(f"the engine loop failed: {self._failure!r}")
+        finally:
+            if not done:
+                self._abort_now(rid)
+
+    def _open(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        tenant: str | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        deadline: float | None = None,
+    ) -> tuple[OutputQueue, str]:
         if self._tg is None:
             raise EngineClosedError("the AsyncEngine is not running: use 'async with'")
         if self._failure is not None:  # the loop died: nobody would ever serve this stream
             raise EngineClosedError(f"the engine loop failed: {self._failure!r}")
         rid = self.engine.add_request(prompt, params, request_id=request_id, tenant=tenant,
                                       priority=priority, cache_salt=cache_salt, deadline=deadline)
-        send, receive = anyio.create_memory_object_stream[RequestOutput](math.inf)
-        self._streams[rid] = send
+        queue = self._streams[rid] = OutputQueue()
         self._wake.set()
-        done = False
-        try:
-            with receive:
-                async for out in receive:
-                    done = out.finished
-                    yield out
-                    if done:
-                        return
-            if self._failure is not None:
-                raise EngineClosedError(f"the engine loop failed: {self._failure!r}")
-        finally:
-            if not done:
-                self._abort_now(rid)
+        return queue, rid
 
     async def chat(
         self, messages: Sequence[Mapping[str, Any]], params: SamplingParams | None = None,
@@ -144,11 +212,11 @@ class AsyncEngine:
 
     def _abort_now(self, rid: str) -> None:
         out = self.engine.abort(rid)
-        send = self._streams.pop(rid, None)
-        if send is not None:
+        queue = self._streams.pop(rid, None)
+        if queue is not None:
             if out is not None:
-                _send(send, out)
-            send.close()
+                queue.put(out)
+            queue.close()
 
     # ------------------------------------------------------------------ the loop
 
@@ -176,8 +244,8 @@ class AsyncEngine:
             raise
         finally:  # stopping: every open request ends with "abort", the scheduler is settled
             self._deliver(engine.abort_all())
-            for send in self._streams.values():
-                send.close()
+            for queue in self._streams.values():
+                queue.close()
             self._streams.clear()
             if plan is not None:
                 engine.finish(plan, None)
@@ -185,15 +253,10 @@ class AsyncEngine:
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         streams = self._streams
         for out in outputs:
-            send = streams.get(out.request_id)
-            if send is None:
+            queue = streams.get(out.request_id)
+            if queue is None:
                 continue
-            _send(send, out)
+            queue.put(out)
             if out.finished:
                 del streams[out.request_id]
-                send.close()
-
-
-def _send(send: MemoryObjectSendStream[RequestOutput], out: RequestOutput) -> None:
-    with contextlib.suppress(anyio.BrokenResourceError):  # the consumer is gone (aborting)
-        send.send_nowait(out)
+                queue.close()

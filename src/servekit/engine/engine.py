@@ -19,6 +19,8 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_futures
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,8 @@ from servekit.sched.output import SchedulerOutput
 from servekit.sched.params import InvalidParameterError, SamplingParams
 from servekit.sched.request import FinishReason, Request
 from servekit.sched.scheduler import Scheduler
+from servekit.structured.backend import CompiledGrammar, GrammarMatcher, bitmask_words
+from servekit.structured.compiler import GrammarCompiler
 
 __all__ = ["LLMEngine", "StepPlan", "StepTimes"]
 
@@ -65,13 +69,14 @@ class StepPlan:
     batch: PackedBatch | None = None
     sampling: SamplingBatch | None = None
     sampling_requests: list[Request] = field(factory=list)
+    matchers: list[GrammarMatcher] = field(factory=list)  # of the rows sampling.mask_rows
     start: float = 0.0
 
 
 class _Tracked:
     """The engine's per-request streaming state."""
 
-    __slots__ = ("detok", "generator", "history", "request", "stop")
+    __slots__ = ("detok", "generator", "history", "matcher", "request", "stop")
 
     def __init__(self, request: Request, tokenizer: Any, device: torch.device) -> None:
         params = request.params
@@ -83,6 +88,18 @@ class _Tracked:
             self.generator = torch.Generator(device=device).manual_seed(params.seed)
         self.history = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
                         or params.frequency_penalty != 0.0)
+        self.matcher: GrammarMatcher | None = None
+
+
+class _AwaitingGrammar:
+    """A guided request whose grammar is compiling: outside the scheduler, holding no blocks."""
+
+    __slots__ = ("future", "since", "tracked")
+
+    def __init__(self, tracked: _Tracked, future: Future[CompiledGrammar], since: float) -> None:
+        self.tracked = tracked
+        self.future = future
+        self.since = since
 
 
 class LLMEngine:
@@ -144,6 +161,52 @@ class LLMEngine:
         self._builder = PackedBatchBuilder(cfg.block_size, cfg.max_num_seqs, max_blocks)
         self._tracked: dict[str, _Tracked] = {}
         self.times = StepTimes()
+        self._grammars: GrammarCompiler | None = None
+        self._awaiting: dict[str, _AwaitingGrammar] = {}
+        self._early: list[RequestOutput] = []  # finished before scheduling (grammar errors)
+
+    # ------------------------------------------------------------------ guided decoding
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """The grammar compiler of guided requests (xgrammar, built on first use)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise InvalidParameterError("guided", "guided decoding needs a tokenizer")
+            from servekit.structured.xgrammar_backend import XGrammarBackend
+
+            backend = XGrammarBackend(self.tokenizer, self.vocab_size,
+                                      self.scheduler.eos_token_ids)
+            self._grammars = GrammarCompiler(backend)
+        return self._grammars
+
+    @grammars.setter
+    def grammars(self, compiler: GrammarCompiler) -> None:
+        self._grammars = compiler
+
+    def _admit_compiled(self) -> None:
+        """Queue the guided requests whose grammar is ready; fail those whose compile failed."""
+        now = time.monotonic()
+        limit = self.grammars.timeout
+        for rid, waiting in list(self._awaiting.items()):
+            future = waiting.future
+            if not future.done() and now - waiting.since < limit:
+                continue
+            del self._awaiting[rid]
+            tracked = waiting.tracked
+            try:
+                if not future.done():
+                    raise InvalidParameterError(
+                        f"guided.{tracked.request.params.guided.kind}",  # type: ignore[union-attr]
+                        f"grammar compilation took longer than {limit:g} s")
+                tracked.matcher = future.result().new_matcher()
+                self.scheduler.add_request(tracked.request)
+            except Exception as exc:
+                self._tracked.pop(rid, None)
+                r = tracked.request
+                r.finish_reason = FinishReason.ERROR
+                r.error = str(exc)
+                self._early.append(self._final(tracked, [], "", None))
 
     # ------------------------------------------------------------------ requests
 
@@ -177,6 +240,16 @@ class LLMEngine:
                           deadline=deadline, cache_salt=cache_salt)
         # built before queueing: a failure must not leave an untracked request running
         tracked = _Tracked(request, self.tokenizer, self.runner.device)
+        if params.guided is not None:
+            future = self.grammars.submit(params.guided)
+            if future.done():
+                tracked.matcher = future.result().new_matcher()  # raises a cached compile error
+            else:
+                if rid in self._tracked:
+                    raise InvalidParameterError("request_id", f"{rid!r} is already in use")
+                self._awaiting[rid] = _AwaitingGrammar(tracked, future, time.monotonic())
+                self._tracked[rid] = tracked
+                return rid
         self.scheduler.add_request(request)
         self._tracked[rid] = tracked
         return rid
@@ -194,6 +267,8 @@ class LLMEngine:
         tracked = self._tracked.pop(request_id, None)
         if tracked is None:
             return None
+        if self._awaiting.pop(request_id, None) is not None:
+            return self._final(tracked, [], "", None)
         # False when the scheduler already finished it in the step in flight (its deadline
         # passed in schedule()): its final output is still owed, and finish() will skip it
         self.scheduler.abort(request_id)
@@ -206,12 +281,12 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         """True while any request is waiting or running."""
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self._awaiting or self._early)
 
     @property
     def num_unfinished_requests(self) -> int:
         """Requests added and not yet finished."""
-        return self.scheduler.num_unfinished
+        return self.scheduler.num_unfinished + len(self._awaiting)
 
     # ------------------------------------------------------------------ the step
 
@@ -237,6 +312,8 @@ class LLMEngine:
     def schedule(self) -> StepPlan:
         """Phase 1: pick the batch and build its inputs."""
         t0 = time.perf_counter()
+        if self._awaiting:
+            self._admit_compiled()
         out = self.scheduler.schedule()
         t1 = time.perf_counter()
         plan = StepPlan(out, start=t0)
@@ -247,7 +324,7 @@ class LLMEngine:
             if out.num_samples:
                 reqs = out.sampling_requests
                 plan.sampling_requests = reqs
-                plan.sampling = self._sampling_batch(reqs)
+                plan.sampling = self._sampling_batch(reqs, plan.matchers)
         times = self.times
         times.schedule += t1 - t0
         times.prepare += time.perf_counter() - t1
@@ -256,12 +333,17 @@ class LLMEngine:
     def execute(self, plan: StepPlan) -> SamplerOutput | None:
         """Phase 2: the forward pass and sampling (touches no scheduler state)."""
         if plan.batch is None:
+            if self._awaiting:  # nothing runnable: wait (off the event loop) for a grammar
+                wait_futures([w.future for w in list(self._awaiting.values())], timeout=0.005,
+                             return_when=FIRST_COMPLETED)
             return None
         t0 = time.perf_counter()
         logits = self.runner.execute(plan.batch)
         t1 = time.perf_counter()
         sampled = None
         if plan.sampling is not None:
+            if plan.matchers:
+                self._fill_bitmask(plan.sampling, plan.matchers)
             with torch.inference_mode():
                 sampled = self.sampler(logits, plan.sampling)
             sampled.token_ids.tolist()  # sync so the timing is the sampler's (no-op on CPU)
@@ -280,6 +362,8 @@ class LLMEngine:
         if sampled is not None:
             tokens = sampled.token_ids.tolist()
         outputs: list[RequestOutput] = []
+        if self._early:
+            outputs, self._early = self._early, []
         if sampled is not None and bool(sampled.bad_rows.any()):
             for row in sampled.bad_rows.nonzero().flatten().tolist():
                 rid = plan.sampling_requests[row].request_id
@@ -299,6 +383,10 @@ class LLMEngine:
             tracked = tracked_map.get(rid)
             if tracked is None:
                 continue
+            ends = rid in finished
+            if tracked.matcher is not None and not tracked.matcher.accept_token(token) and not ends:
+                sched.finish_with_error(rid, f"token {token} is not allowed by the grammar")
+                finished.add(rid)
             logprobs = None
             if rows is not None and sampled is not None and request.params.logprobs is not None:
                 logprobs = [_token_logprob(sampled, rows[rid], token, request.params.logprobs)]
@@ -366,16 +454,20 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ helpers
 
-    def _sampling_batch(self, reqs: list[Request]) -> SamplingBatch:
+    def _sampling_batch(self, reqs: list[Request], matchers: list[GrammarMatcher]) -> SamplingBatch:
         tracked = self._tracked
         params = [r.params for r in reqs]
         generators: dict[int, torch.Generator] = {}
         banned: dict[int, Sequence[int]] = {}
+        mask_rows: list[int] = []
         need_history = False
         for i, r in enumerate(reqs):
             t = tracked.get(r.request_id)
             if t is None:
                 continue
+            if t.matcher is not None:
+                mask_rows.append(i)
+                matchers.append(t.matcher)
             if t.generator is not None:
                 generators[i] = t.generator
             if t.history:
@@ -386,9 +478,17 @@ class LLMEngine:
         if need_history:
             prompt_ids = [r.token_ids[: r.num_prompt_tokens] for r in reqs]
             output_ids = [r.token_ids[r.num_prompt_tokens :] for r in reqs]
-        return SamplingBatch.build(params, vocab_size=self.vocab_size, device=self.runner.device,
-                                   prompt_ids=prompt_ids, output_ids=output_ids,
-                                   generators=generators, banned=banned)
+        batch = SamplingBatch.build(params, vocab_size=self.vocab_size, device=self.runner.device,
+                                    prompt_ids=prompt_ids, output_ids=output_ids,
+                                    generators=generators, banned=banned)
+        if mask_rows:
+            batch.mask_rows = mask_rows
+        return batch
+
+    def _fill_bitmask(self, batch: SamplingBatch, matchers: list[GrammarMatcher]) -> None:
+        bitmask = torch.empty(len(matchers), bitmask_words(self.vocab_size), dtype=torch.int32)
+        self.grammars.backend.fill_bitmask(matchers, bitmask)
+        batch.bitmask = bitmask
 
     def _final(self, tracked: _Tracked, tokens: list[int], text: str,
                logprobs: list[TokenLogprob] | None) -> RequestOutput:

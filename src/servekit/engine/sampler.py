@@ -16,7 +16,7 @@ from attrs import define, frozen
 
 from servekit.sched.params import SamplingParams
 
-__all__ = ["Sampler", "SamplerOutput", "SamplingBatch"]
+__all__ = ["Sampler", "SamplerOutput", "SamplingBatch", "apply_token_bitmask"]
 
 _NEG_INF = float("-inf")
 
@@ -44,6 +44,10 @@ class SamplingBatch:
     generators: dict[int, torch.Generator]
     banned: dict[int, Sequence[int]]
     max_logprobs: int | None  # largest top-n asked for; None when no row wants logprobs
+    # guided decoding: int32 [len(mask_rows), ceil(vocab / 32)] allowed-token bits of the rows
+    # ``mask_rows`` (filled by the engine each step; see servekit.structured)
+    mask_rows: list[int] | None = None
+    bitmask: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -143,6 +147,8 @@ class Sampler:
             rows = [row for row, ids in batch.banned.items() for _ in ids]
             cols = [t for ids in batch.banned.values() for t in ids]
             logits[torch.tensor(rows), torch.tensor(cols)] = _NEG_INF
+        if batch.bitmask is not None and batch.mask_rows:
+            apply_token_bitmask(logits, batch.bitmask, batch.mask_rows)
         _apply_penalties(logits, batch)
         if batch.all_greedy:
             token_ids = logits.argmax(dim=-1)
@@ -154,6 +160,22 @@ class Sampler:
             if batch.max_logprobs > 0:
                 top_lp, top_ids = raw_logprobs.topk(batch.max_logprobs, dim=-1)
         return SamplerOutput(token_ids, logprobs, top_ids, top_lp, bad_rows)
+
+
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]) -> None:
+    """Set ``logits[rows[i], t]`` to -inf where bit ``t`` of ``bitmask[i]`` is clear."""
+    n, vocab = len(rows), logits.shape[1]
+    shifts = _SHIFTS.to(bitmask.device)
+    allowed = ((bitmask[:n].unsqueeze(-1) >> shifts) & 1).view(n, -1)[:, :vocab]
+    blocked = (allowed == 0).to(logits.device)
+    if n == logits.shape[0] and list(rows) == list(range(n)):
+        logits.masked_fill_(blocked, _NEG_INF)
+    else:
+        index = torch.tensor(rows, device=logits.device)
+        logits[index] = logits[index].masked_fill(blocked, _NEG_INF)
 
 
 def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:

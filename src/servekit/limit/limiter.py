@@ -149,6 +149,20 @@ class Limiter:
             result = self.store.take(key, self.limits, costs, self._clock())
         except StoreUnavailableError as exc:
             return self._report(self._store_error(key, costs, exc))
+        return self._taken(key, costs, result, reserve)
+
+    async def atry_acquire(self, key: str, cost: Cost = 1.0, *, reserve: bool = False
+                           ) -> Decision:
+        """Async :meth:`try_acquire`: a store's round trip does not block the event loop."""
+        costs = self._ones if cost == 1.0 and self._ones is not None else self.costs(cost)
+        try:
+            result = await self.store.atake(key, self.limits, costs, self._clock())
+        except StoreUnavailableError as exc:
+            return self._report(self._store_error(key, costs, exc))
+        return self._taken(key, costs, result, reserve)
+
+    def _taken(self, key: str, costs: tuple[float, ...], result: TakeResult, reserve: bool
+               ) -> Decision:
         decision = self._decision(key, costs, result, reserve)
         hooks = self._hooks
         if hooks is not None and hooks.wants.rate_limit:

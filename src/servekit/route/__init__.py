@@ -5,6 +5,7 @@ gateway's :class:`Router`. Nothing here imports torch.
 """
 
 from servekit._deprecation import moved_names
+from servekit.route.cache_aware import CacheAwarePolicy
 from servekit.route.errors import NoNodeAvailableError, RouteError
 from servekit.route.health import HealthTracker
 from servekit.route.keys import PrefixKey
@@ -25,6 +26,7 @@ from servekit.route.ring import HashRing
 from servekit.route.router import CacheIndex, Route, Router
 
 __all__ = [
+    "CacheAwarePolicy",
     "CacheIndex",
     "Candidate",
     "Choice",

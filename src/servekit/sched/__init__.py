@@ -5,7 +5,7 @@ from servekit._deprecation import moved_names
 from servekit.sched.errors import QueueFull as QueueFull
 from servekit.sched.errors import QueueFullError
 from servekit.sched.output import SchedulerOutput, UpdateResult
-from servekit.sched.params import InvalidParameterError, SamplingParams
+from servekit.sched.params import GuidedDecoding, InvalidParameterError, SamplingParams
 from servekit.sched.policy import FairSharePolicy, FCFSPolicy, PriorityPolicy, SchedulingPolicy
 from servekit.sched.request import FinishReason, Request, RequestStatus
 from servekit.sched.scheduler import Scheduler
@@ -14,6 +14,7 @@ __all__ = [
     "FCFSPolicy",
     "FairSharePolicy",
     "FinishReason",
+    "GuidedDecoding",
     "InvalidParameterError",
     "PriorityPolicy",
     "QueueFullError",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from attrs import field, frozen
 
@@ -36,6 +39,83 @@ def _tuple_of_int(value: object) -> tuple[int, ...]:
     return tuple(int(v) for v in value)  # type: ignore[attr-defined]
 
 
+#: The constraint kinds :class:`GuidedDecoding` accepts.
+GUIDED_KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
+
+
+@frozen(slots=True)
+class GuidedDecoding:
+    """A constraint on a request's output, enforced token by token (``servekit[structured]``).
+
+    ``kind`` is one of :data:`GUIDED_KINDS`; ``value`` is its text: the JSON schema as canonical
+    JSON, the regex, the EBNF grammar (root rule ``root``), or the choices as a JSON list. Build
+    it with the class methods; equal constraints compare equal, so compiled grammars are cached
+    by value. Invalid values raise :class:`InvalidParameterError` naming ``guided.<kind>``.
+    """
+
+    kind: str
+    value: str = ""
+
+    @classmethod
+    def json_schema(cls, schema: Mapping[str, Any] | bool | str) -> GuidedDecoding:
+        """Output is JSON valid against ``schema`` (a dict, or its JSON text)."""
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as exc:
+                raise InvalidParameterError("guided.json_schema", f"is not JSON: {exc}") from exc
+        try:
+            # key order kept: properties are generated in the schema's order
+            text = json.dumps(schema, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise InvalidParameterError("guided.json_schema", f"is not JSON: {exc}") from exc
+        return cls("json_schema", text)
+
+    @classmethod
+    def json_object(cls) -> GuidedDecoding:
+        """Output is any JSON object."""
+        return cls("json_object")
+
+    @classmethod
+    def regex(cls, pattern: str) -> GuidedDecoding:
+        """Output matches ``pattern`` in full."""
+        return cls("regex", pattern)
+
+    @classmethod
+    def grammar(cls, ebnf: str) -> GuidedDecoding:
+        """Output is a sentence of the EBNF grammar ``ebnf`` (start rule ``root``)."""
+        return cls("grammar", ebnf)
+
+    @classmethod
+    def choice(cls, choices: Sequence[str]) -> GuidedDecoding:
+        """Output is exactly one of ``choices``."""
+        if isinstance(choices, str) or not isinstance(choices, Sequence):
+            raise InvalidParameterError("guided.choice", "must be a list of strings")
+        return cls("choice", json.dumps(list(choices), ensure_ascii=False))
+
+    def __attrs_post_init__(self) -> None:
+        _check("guided", self.kind in GUIDED_KINDS,
+               f"kind must be one of {', '.join(GUIDED_KINDS)}, got {self.kind!r}")
+        param = f"guided.{self.kind}"
+        _check(param, isinstance(self.value, str), "must be a string")
+        if self.kind == "json_schema":
+            try:
+                schema = json.loads(self.value)
+            except ValueError as exc:
+                raise InvalidParameterError(param, f"is not JSON: {exc}") from exc
+            _check(param, isinstance(schema, (dict, bool)), "must be a JSON object (or boolean)")
+        elif self.kind == "choice":
+            try:
+                choices = json.loads(self.value)
+            except ValueError as exc:
+                raise InvalidParameterError(param, f"is not a JSON list: {exc}") from exc
+            _check(param, isinstance(choices, list) and len(choices) > 0
+                   and all(isinstance(c, str) and c for c in choices),
+                   "must be a non-empty list of non-empty strings")
+        elif self.kind in ("regex", "grammar"):
+            _check(param, bool(self.value), "must not be empty")
+
+
 #: Floor of the float parameters the sampler divides by or compares in float32 (vLLM's
 #: ``_SAMPLING_EPS``): a temperature below it is greedy (0); a ``top_p`` or
 #: ``repetition_penalty`` below it is raised to it (float32 would round them to 0).
@@ -49,7 +129,8 @@ class SamplingParams:
     ``temperature == 0`` is greedy (so is any temperature below :data:`SAMPLING_EPS`). ``top_k <= 0`` and ``top_p == 1`` and ``min_p == 0`` disable
     those filters. ``seed`` makes sampling reproducible per request. ``logprobs`` asks for the
     sampled token's log-probability plus that many top alternatives (0 = sampled token only).
-    Stop strings are matched on the detokenized text and not emitted.
+    Stop strings are matched on the detokenized text and not emitted. ``guided`` constrains the
+    output to a JSON schema, regex, grammar or choice (see :class:`GuidedDecoding`).
     """
 
     max_tokens: int = 16
@@ -66,6 +147,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default=(), converter=_tuple_of_int)
     ignore_eos: bool = False
     min_tokens: int = 0
+    guided: GuidedDecoding | None = None
 
     def __attrs_post_init__(self) -> None:
         _check("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1,
@@ -94,6 +176,13 @@ class SamplingParams:
                "must be non-negative token ids")
         _check("min_tokens", isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
                f"must be an integer in [0, max_tokens], got {self.min_tokens!r}")
+        _check("guided", self.guided is None or isinstance(self.guided, GuidedDecoding),
+               f"must be a GuidedDecoding, got {type(self.guided).__name__}")
+        if self.guided is not None:
+            # the grammar allows end-of-sequence exactly when the output is complete: a request
+            # that may not stop there would have no allowed token left
+            _check("ignore_eos", not self.ignore_eos, "cannot be combined with guided decoding")
+            _check("min_tokens", self.min_tokens == 0, "cannot be combined with guided decoding")
         # valid but meaningless in float32 (1e-39 underflows): clamp to the documented floor
         if self.temperature < SAMPLING_EPS:
             object.__setattr__(self, "temperature", 0.0)

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from attrs import frozen
@@ -42,6 +42,10 @@ from servekit.server.params import build_sampling_params, check_unsupported
 from servekit.server.ratelimit import KeyLimits
 from servekit.server.responses import ChatEncoder, CompletionEncoder, Encoder
 from servekit.server.service import EngineLike, GenerationService, Job
+from servekit.server.tools import compile_guided
+
+if TYPE_CHECKING:
+    from servekit.server.usage_path import UsageRecorder
 
 require("fastapi", "server")
 from fastapi import FastAPI, Request  # noqa: E402
@@ -49,9 +53,14 @@ from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, Response  # noqa: E402
 from starlette.exceptions import HTTPException  # noqa: E402
 
+from servekit.server.replica_api import mount_replica_api  # noqa: E402
+
 __all__ = ["ServerConfig", "create_app"]
 
 logger = logging.getLogger("servekit.server")
+
+#: Scope key of the server's own ``send``, set outside the middleware stack (see _raw_send).
+_RAW_SEND = "servekit.raw_send"
 
 
 @frozen(slots=True, kw_only=True)
@@ -72,6 +81,8 @@ class ServerConfig:
     rate_limit_outage_retry_after: float = 10.0
     #: Names of the default /metrics: "prometheus" (``servekit_``) or "vllm" (``vllm:``).
     metrics_style: str = "prometheus"
+    #: The secret a trusted gateway sends (servekit.server.replica_api); None: endpoints off.
+    gateway_secret: str | None = None
 
 
 def create_app(
@@ -82,9 +93,11 @@ def create_app(
     hooks: HookSet | None = None,
     metrics: Any = None,
     config: ServerConfig | None = None,
+    usage: UsageRecorder | None = None,
 ) -> FastAPI:
     """Assemble the app. ``metrics`` is a :class:`servekit.metrics.prometheus.PrometheusHook`
-    (one is made when prometheus_client is installed and none is given; ``False`` for none)."""
+    (one is made when prometheus_client is installed and none is given; ``False`` for none).
+    ``usage`` records a usage record per finished generation request (docs/usage.md)."""
     config = config or ServerConfig()
     keys = keys if keys is not None else KeyStore()
     hooks = hooks if hooks is not None else HookSet()
@@ -108,14 +121,19 @@ def create_app(
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
             tg.start_soon(_run_engine, service, engine, config, stop)
+            if usage is not None:
+                usage.start()
             try:
                 yield
             finally:
                 await state.drain(config.grace_period)
                 stop.set()
+                if usage is not None:
+                    await anyio.to_thread.run_sync(usage.stop)
 
     app = FastAPI(title="servekit", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API served by servekit")
+    _raw_send(app)
     app.state.servekit = service
     try:
         from servekit.server.grpc.rest import rest_router
@@ -124,6 +142,7 @@ def create_app(
     else:
         app.include_router(rest_router(service))
     _install_error_handlers(app)
+    mount_replica_api(app, service, hooks, config.gateway_secret)
 
     def openapi() -> dict[str, Any]:
         """The document for the served model (bounds read from the engine once it is ready)."""
@@ -156,6 +175,7 @@ def create_app(
                 seed = None if body.seed is None else body.seed + j
                 choices.append((p, build_sampling_params(body, max_tokens=max_tokens,
                                                          logprobs=body.logprobs, seed=seed)))
+        await compile_guided(service.engine, choices[0][1].guided if choices else None)
         job = Job(service.new_request_id("cmpl"), body.model, key, prompts, choices)
         echo = None
         if body.echo:
@@ -164,7 +184,7 @@ def create_app(
         encoder = CompletionEncoder(job, service.engine.tokenizer,  # type: ignore[union-attr]
                                     include_usage=_include_usage(body), echo=echo,
                                     logprobs=body.logprobs is not None)
-        return _generation_response(service, job, encoder, body.stream, config)
+        return await _generation_response(service, job, encoder, body.stream, config, usage)
 
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -183,10 +203,11 @@ def create_app(
         choices = [(0, build_sampling_params(
             body, max_tokens=max_tokens, logprobs=logprobs,
             seed=None if body.seed is None else body.seed + j)) for j in range(body.n)]
+        await compile_guided(service.engine, choices[0][1].guided)
         job = Job(service.new_request_id("chatcmpl"), body.model, key, [ids], choices)
         encoder = ChatEncoder(job, service.engine.tokenizer,  # type: ignore[union-attr]
                               include_usage=_include_usage(body), logprobs=body.logprobs)
-        return _generation_response(service, job, encoder, body.stream, config)
+        return await _generation_response(service, job, encoder, body.stream, config, usage)
 
     @app.get("/v1/models", tags=["openai"])
     async def models() -> dict[str, Any]:
@@ -288,6 +309,11 @@ class _BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
+#: Middlewares that hand ``send`` down unchanged: with only these installed, a stream may
+#: skip the wrappers starlette puts around ``send`` once its response has started.
+_PASS_THROUGH: frozenset[Any] = frozenset((_AuthMiddleware, _BodyLimitMiddleware))
+
+
 def _too_large(limit: int) -> StatusError:
     return PayloadTooLargeError(f"The request body is larger than {limit} bytes, the limit of "
                                 "this server", limit=limit)
@@ -365,11 +391,14 @@ def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
     return bool(body.stream and body.stream_options and body.stream_options.include_usage)
 
 
-def _generation_response(service: GenerationService, job: Job, encoder: Encoder,
-                         stream: bool, config: ServerConfig) -> Response:
-    headers = service.admit(job).headers  # 429 / 503 raised here, before anything is sent
+async def _generation_response(service: GenerationService, job: Job, encoder: Encoder,
+                               stream: bool, config: ServerConfig,
+                               usage: UsageRecorder | None = None) -> Response:
+    if usage is not None:
+        usage.check_admitting()  # 503 while fail-closed billing is backed up
+    headers = (await service.admit(job)).headers  # 429 / 503 here, before anything is sent
     return GenerationResponse(service, job, encoder, stream, headers,
-                              send_timeout=config.send_timeout)
+                              send_timeout=config.send_timeout, usage=usage)
 
 
 class GenerationResponse(Response):
@@ -381,22 +410,35 @@ class GenerationResponse(Response):
     """
 
     def __init__(self, service: GenerationService, job: Job, encoder: Encoder, stream: bool,
-                 headers: dict[str, str], *, send_timeout: float = 30.0) -> None:
+                 headers: dict[str, str], *, send_timeout: float = 30.0,
+                 usage: UsageRecorder | None = None) -> None:
         self.service, self.job, self.encoder, self.stream = service, job, encoder, stream
+        self.usage = usage
         self.extra_headers = headers
         self.send_timeout = send_timeout
         self.background = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        sender = _StallWatch(send, self.send_timeout)
+        if self.usage is None:
+            return await self._respond(scope, receive, send, scope.get(_RAW_SEND, send))
+        call = self.usage.track(self.job, send, scope)  # the record, around the final message
+        try:  # the record wraps send, so no raw fast path may bypass it
+            await self._respond(scope, receive, call.send, call.send)
+        finally:
+            call.close()  # failed or aborted before the final message: recorded as such
+
+    async def _respond(self, scope: Any, receive: Any, send: Any, raw_send: Any) -> None:
+        sender = _StallWatch(send, raw_send, self.send_timeout)
         async with anyio.create_task_group() as tg:
             tg.start_soon(cancel_on_disconnect, receive, tg.cancel_scope)
             if self.stream:
                 tg.start_soon(sender.watch, tg.cancel_scope)
-                await self._stream(sender)
+                # in a task of its own, each token resumes a few frames, not the whole
+                # middleware stack this coroutine runs under
+                tg.start_soon(self._stream_then_cancel, sender, tg.cancel_scope)
             else:
                 await self._whole(send)
-            tg.cancel_scope.cancel()
+                tg.cancel_scope.cancel()
         if sender.stalled:  # the job was cancelled: aborted and settled on the way out
             logger.warning("%s: the client read nothing for %g s; stream aborted",
                            self.job.request_id, self.send_timeout)
@@ -418,10 +460,15 @@ class GenerationResponse(Response):
         self.extra_headers.update(exc.headers)
         await self._send_whole(send, exc.status, exc.body())
 
-    async def _stream(self, send: Any) -> None:
+    async def _stream_then_cancel(self, send: _StallWatch, scope: anyio.CancelScope) -> None:
+        await self._stream(send)
+        scope.cancel()
+
+    async def _stream(self, send: _StallWatch) -> None:
         encoder = self.encoder
         chunk = encoder.chunk
         started = False
+        body = send.body
 
         async def on_output(i: int, out: RequestOutput) -> None:
             nonlocal started
@@ -435,7 +482,7 @@ class GenerationResponse(Response):
                 raise StatusError(out.error or "the engine failed on this request")
             data = chunk(i, out)
             if data:
-                await send({"type": "http.response.body", "body": data, "more_body": True})
+                await body(data)
 
         try:
             await self.service.run(self.job, on_output)
@@ -475,16 +522,22 @@ class _StallWatch:
     watcher per response cost far less than a cancel scope around every chunk.
     """
 
-    __slots__ = ("_send", "since", "stalled", "timeout")
+    __slots__ = ("_raw", "_send", "since", "stalled", "timeout")
 
-    def __init__(self, send: Any, timeout: float) -> None:
-        self._send, self.timeout = send, timeout
+    def __init__(self, send: Any, raw: Any, timeout: float) -> None:
+        self._send, self._raw, self.timeout = send, raw, timeout
         self.since: float | None = None
         self.stalled = False
 
     async def __call__(self, message: dict[str, Any]) -> None:
         self.since = time.monotonic()
         await self._send(message)
+        self.since = None
+
+    async def body(self, data: bytes) -> None:
+        """Send a part of the body once the response started (on the raw send, if any)."""
+        self.since = time.monotonic()
+        await self._raw({"type": "http.response.body", "body": data, "more_body": True})
         self.since = None
 
     async def watch(self, scope: anyio.CancelScope) -> None:
@@ -495,6 +548,29 @@ class _StallWatch:
                 self.stalled = True
                 scope.cancel()
                 return
+
+
+def _raw_send(app: FastAPI) -> None:
+    """Put the server's own ``send`` into each scope, when no middleware needs to see bodies.
+
+    Starlette's error and exception middlewares wrap ``send`` only to learn that a response
+    started; a streamed body sent after that through the wrappers pays four calls per token.
+    A user middleware of any other kind (one that may rewrite bodies, e.g. gzip) turns this off.
+    """
+    build = app.build_middleware_stack
+
+    def build_with_raw_send() -> Any:
+        inner = build()
+        if any(m.cls not in _PASS_THROUGH for m in app.user_middleware):
+            return inner
+
+        async def outermost(scope: Any, receive: Any, send: Any) -> None:
+            scope[_RAW_SEND] = send
+            await inner(scope, receive, send)
+
+        return outermost
+
+    app.build_middleware_stack = build_with_raw_send  # type: ignore[method-assign]
 
 
 def _as_api_error(exc: Exception) -> StatusError:

@@ -15,8 +15,10 @@ then the listener closes (a second signal exits at once).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -132,7 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--limiter-store", default=None, metavar="URL",
                        help="where rate-limit state lives: memory:// (default), "
                             "redis://host:port/db, or a limiter_store plugin's scheme")
+    # usage ledger ------------------------------------------------------------------------------
+    from servekit.server.usage_cli import add_report_command, add_serve_flags
+
+    add_serve_flags(serve)
+    add_report_command(sub)
     # -------------------------------------------------------------------------------------------
+    _gateway_cli().add_gateway_parser(sub)
     listing = sub.add_parser("plugins", help="installed plugins")
     listing_sub = listing.add_subparsers(dest="plugins_command", required=True)
     show = listing_sub.add_parser("list", help="every installed plugin by kind")
@@ -214,7 +222,8 @@ def serve(args: argparse.Namespace) -> int:
                           max_body_bytes=args.max_body_bytes, send_timeout=args.send_timeout,
                           rate_limit_fail_open=args.rate_limit_fail_open,
                           rate_limit_outage_retry_after=args.rate_limit_outage_retry_after,
-                          metrics_style=args.metrics_style)
+                          metrics_style=args.metrics_style,
+                          gateway_secret=os.environ.get("SERVEKIT_GATEWAY_SECRET") or None)
     hooks = HookSet(plugged.hooks)
     metrics = _metrics(names[0], args.metrics_style)
     if metrics is not None:
@@ -222,8 +231,11 @@ def serve(args: argparse.Namespace) -> int:
     limits = KeyLimits(store=plugged.store, hooks=hooks, fail_open=config.rate_limit_fail_open,
                        outage_retry_after=config.rate_limit_outage_retry_after)
     # the engine is built in a worker thread at startup: /health answers while the model loads
+    from servekit.server.usage_cli import recorder_from_args
+
     app = create_app(lambda: build_engine(args, hooks), keys=keys, hooks=hooks, limits=limits,
-                     metrics=metrics if metrics is not None else False, config=config)
+                     metrics=metrics if metrics is not None else False, config=config,
+                     usage=recorder_from_args(args))
     state = app.state.servekit.state
     # the server drains before uvicorn shuts down, so uvicorn's own shutdown finds the
     # responses complete; its timeout only bounds closing what is left
@@ -301,11 +313,29 @@ def _metrics(model_name: str, style: str = "prometheus") -> Any:
         return None
 
 
+def _gateway_cli() -> Any:
+    """The gateway's command-line module. The gateway is the server's sibling layer (neither
+    imports the other); the one ``servekit`` command reaches it by name, as it reaches plugins."""
+    import importlib
+
+    return importlib.import_module("servekit.gateway.cli")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``servekit`` script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["sim"], ["plan"]):  # servekit.sim is a sibling layer: loaded by name
+        return int(importlib.import_module("servekit.sim.cli").main(argv))
     args = build_parser().parse_args(argv)
     if args.command == "plugins":
         print(list_plugins(args.kind, args.json))
+        return 0
+    if args.command == "gateway":
+        return int(_gateway_cli().run_gateway(args))
+    if args.command == "usage":
+        from servekit.server.usage_cli import report
+
+        print(report(args))
         return 0
     if args.command == "serve":
         try:

@@ -112,6 +112,12 @@ SETTINGS: tuple[Setting, ...] = (
             flag="--rate-limit-outage-retry-after"),
     Setting("metrics_style", "metrics.style", "str", "prometheus", flag="--metrics-style"),
     Setting("hook", "hooks", "spec_list", (), flag="--hook"),
+    # usage ledger: outbox in the data directory, drained into the sinks (docs/usage.md)
+    Setting("usage", "usage.sinks", "str_list", flag="--usage"),
+    Setting("data_dir", "usage.data_dir", "path", flag="--data-dir"),
+    Setting("usage_fail_open", "usage.fail_open", "bool", False, flag="--usage-fail-open"),
+    Setting("usage_max_rows", "usage.max_rows", "int", 1_000_000, flag="--usage-max-rows"),
+    Setting("usage_max_age", "usage.max_age", "float", 7 * 86400.0, flag="--usage-max-age"),
 )
 
 _BY_KEY = {s.key: s for s in SETTINGS}

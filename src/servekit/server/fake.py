@@ -8,13 +8,14 @@ engine's observable bookkeeping — KV blocks held per live request, a bounded w
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import itertools
 import math
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 
 from servekit.engine.outputs import RequestOutput, TokenLogprob
 from servekit.sched.errors import DuplicateRequestError, QueueFullError
@@ -131,6 +132,7 @@ class FakeEngine:
         n_prompt = len(ids)
         self._blocks[rid] = math.ceil(n_prompt / self.block_size)
         try:
+            checkpoint = _loop_checkpoint()
             limit = min(params.max_tokens, self.max_model_len - n_prompt)
             top = params.logprobs
             text, sent = "", 0  # generated text, and how much of it was emitted
@@ -138,7 +140,7 @@ class FakeEngine:
                 if self.token_delay:
                     await anyio.sleep(self.token_delay)
                 else:
-                    await anyio.lowlevel.checkpoint()
+                    await checkpoint()
                 if rid in self._aborted:
                     yield RequestOutput(rid, [], "", True, "abort", n_prompt, i - 1, 0)
                     return
@@ -162,6 +164,18 @@ class FakeEngine:
             del self._blocks[rid]
             self._aborted.discard(rid)
             self._slots.release()
+
+
+def _loop_checkpoint() -> Callable[[], Awaitable[None]]:
+    """The running loop's own checkpoint: what ``anyio.lowlevel.checkpoint`` resolves to, less
+    its per-call backend lookup (a fifth of this fake's per-token cost)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # not on asyncio: trio, anyio's other backend
+        import trio
+
+        return trio.lowlevel.checkpoint  # type: ignore[no-any-return]
+    return functools.partial(asyncio.sleep, 0)  # anyio's asyncio checkpoint is sleep(0)
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from servekit.protocol.errors import InvalidRequestError
 from servekit.protocol.schema import ChatCompletionRequest, CompletionRequest, check_text
 from servekit.sched.params import InvalidParameterError, SamplingParams
+from servekit.structured.openai import guided_from_response_format
 
 __all__ = ["build_sampling_params", "check_unsupported"]
 
@@ -37,6 +38,7 @@ def build_sampling_params(req: CompletionRequest | ChatCompletionRequest, *, max
                           logprobs: int | None, seed: int | None) -> SamplingParams:
     """The request's SamplingParams; an out-of-range value is a 400 naming the field."""
     try:
+        guided = guided_from_response_format(req.response_format)
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -50,6 +52,7 @@ def build_sampling_params(req: CompletionRequest | ChatCompletionRequest, *, max
             logprobs=logprobs,
             stop=req.stop,
             ignore_eos=req.ignore_eos,
+            guided=guided,
         )
     except InvalidParameterError as exc:
         raise InvalidRequestError(str(exc), param=exc.param) from exc

@@ -17,12 +17,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from attrs import frozen
 
 from servekit.limit.bucket import Limit
-from servekit.limit.decision import Reservation
+from servekit.limit.decision import Decision, Reservation
 from servekit.limit.errors import RequestTooLargeError, StoreUnavailableError
 from servekit.limit.headers import openai_headers
 from servekit.limit.limiter import Limiter
@@ -74,17 +75,31 @@ class KeyLimits:
         """Reserve 1 request and ``tokens`` tokens, or raise 429 with OpenAI's headers."""
         if key is None or (key.rpm is None and key.tpm is None):
             return _UNLIMITED
+        limiter, bucket, cost = self._request(key, model)
+        with _too_large_as_429(key, model, tokens):
+            decision = limiter.try_acquire(bucket, cost(tokens), reserve=True)
+        return self._admission(key, model, limiter, decision)
+
+    async def areserve(self, key: ApiKey | None, model: str, tokens: int) -> Admission:
+        """Async :meth:`reserve`: a remote store's (Redis) round trip leaves the loop free."""
+        if key is None or (key.rpm is None and key.tpm is None):
+            return _UNLIMITED
+        limiter, bucket, cost = self._request(key, model)
+        with _too_large_as_429(key, model, tokens):
+            decision = await limiter.atry_acquire(bucket, cost(tokens), reserve=True)
+        return self._admission(key, model, limiter, decision)
+
+    def _request(self, key: ApiKey, model: str
+                 ) -> tuple[Limiter, str, Callable[[int], dict[str, float]]]:
+        """The key's limiter, its bucket for ``model`` and the cost of a request of n tokens."""
         limiter = self._limiter(key.rpm, key.tpm)
-        bucket = f"{self._key_id(key)}:{model}"
-        try:
-            decision = limiter.try_acquire(bucket, {"requests": 1.0, "tokens": float(tokens)}
-                                           if key.tpm is not None else {"requests": 1.0},
-                                           reserve=True)
-        except RequestTooLargeError:
-            raise TooManyRequestsError(
-                f"Request too large for {model}: {tokens} tokens requested, the limit is "
-                f"{key.tpm} tokens per minute; reduce the prompt or max_tokens",
-                headers={"x-should-retry": "false"}, code="request_too_large") from None
+        if key.tpm is None:
+            return limiter, f"{self._key_id(key)}:{model}", lambda n: {"requests": 1.0}
+        return limiter, f"{self._key_id(key)}:{model}", lambda n: {"requests": 1.0,
+                                                                 "tokens": float(n)}
+
+    def _admission(self, key: ApiKey, model: str, limiter: Limiter, decision: Decision
+                   ) -> Admission:
         if decision.error is not None:
             return self._outage(model, decision.error)
         headers = openai_headers(decision, requests="requests" if key.rpm is not None else None)
@@ -113,17 +128,16 @@ class KeyLimits:
 
     def settle(self, admission: Admission, used_tokens: int) -> None:
         """Settle a reservation with the tokens really used (prompt + completion)."""
-        if admission.reservation is None or admission.limiter is None:
-            return
-        names = admission.limiter.limits.names
-        used = {"requests": 1.0, "tokens": float(used_tokens)} if "tokens" in names \
-            else {"requests": 1.0}
-        try:
-            admission.limiter.settle(admission.reservation, used)
-        except StoreUnavailableError as exc:
-            # The request is over: keep its whole reservation charged (the conservative side)
-            # rather than turn its response into an error or mask the error it already has.
-            logger.warning("could not settle a rate-limit reservation: %s", exc)
+        if admission.reservation is not None and admission.limiter is not None:
+            with _settle_failure_logged():
+                admission.limiter.settle(admission.reservation, _used(admission, used_tokens))
+
+    async def asettle(self, admission: Admission, used_tokens: int) -> None:
+        """Async :meth:`settle` (shielded: a cancelled request still settles)."""
+        if admission.reservation is not None and admission.limiter is not None:
+            with _settle_failure_logged():
+                await admission.limiter.asettle(admission.reservation,
+                                                _used(admission, used_tokens))
 
     def _limiter(self, rpm: int | None, tpm: int | None) -> Limiter:
         limiter = self._limiters.get((rpm, tpm))
@@ -142,3 +156,31 @@ class KeyLimits:
         if kid is None:
             kid = self._ids[key.key] = hashlib.sha256(key.key.encode()).hexdigest()[:16]
         return kid
+
+
+def _used(admission: Admission, used_tokens: int) -> dict[str, float]:
+    assert admission.limiter is not None
+    if "tokens" in admission.limiter.limits.names:
+        return {"requests": 1.0, "tokens": float(used_tokens)}
+    return {"requests": 1.0}
+
+
+@contextmanager
+def _too_large_as_429(key: ApiKey, model: str, tokens: int) -> Iterator[None]:
+    try:
+        yield
+    except RequestTooLargeError:
+        raise TooManyRequestsError(
+            f"Request too large for {model}: {tokens} tokens requested, the limit is "
+            f"{key.tpm} tokens per minute; reduce the prompt or max_tokens",
+            headers={"x-should-retry": "false"}, code="request_too_large") from None
+
+
+@contextmanager
+def _settle_failure_logged() -> Iterator[None]:
+    try:
+        yield
+    except StoreUnavailableError as exc:
+        # The request is over: keep its whole reservation charged (the conservative side)
+        # rather than turn its response into an error or mask the error it already has.
+        logger.warning("could not settle a rate-limit reservation: %s", exc)

@@ -40,6 +40,9 @@ class Encoder(ABC):
 
     object_name = ""
     chunk_object = ""
+    #: What surrounds the quoted text in a delta of this response kind.
+    _text_open = ""
+    _text_close = ""
 
     def __init__(self, job: Job, tokenizer: Any, *, include_usage: bool = False,
                  logprobs: bool = False, echo: list[str] | None = None) -> None:
@@ -54,6 +57,11 @@ class Encoder(ABC):
                            "created": job.created, "model": job.model})[:-1]
         self._prefix = f'data: {head},"choices":[{{"index":'
         self._usage_null = ',"usage":null' if include_usage else ""
+        # a plain text delta (most tokens) is head + quoted text + tail, as bytes
+        self._text_heads = [f"{self._prefix}{i},{self._text_open}".encode()
+                            for i in range(len(job.choices))]
+        self._text_tail = (f'{self._text_close},"logprobs":null,"finish_reason":null}}]'
+                           f'{self._usage_null}}}\n\n').encode()
 
     # -- accumulate (whole responses) ------------------------------------------------------
 
@@ -72,8 +80,8 @@ class Encoder(ABC):
     def chunk(self, i: int, out: RequestOutput) -> bytes:
         """One SSE event for a delta (empty when it carries nothing to send)."""
         text = out.new_text
-        if not text and not out.finished and not out.logprobs:
-            return b""
+        if not out.finished and not out.logprobs:
+            return self._text_heads[i] + _quote(text).encode() + self._text_tail if text else b""
         finish = "null" if not out.finished else _quote(out.finish_reason or "stop")
         lp = self._chunk_logprobs(out) if self.want_logprobs and out.logprobs else "null"
         return (f'{self._prefix}{i},{self._delta(text)},"logprobs":{lp},'
@@ -133,8 +141,10 @@ class CompletionEncoder(Encoder):
             f'"finish_reason":null}}]{self._usage_null}}}\n\n'.encode()
             for i, (p, _) in enumerate(self.job.choices))
 
+    _text_open = '"text":'
+
     def _delta(self, text: str) -> str:
-        return f'"text":{_quote(text)}'
+        return f'{self._text_open}{_quote(text)}'
 
     def _chunk_logprobs(self, out: RequestOutput) -> str:
         return json.dumps(self._logprobs(out.logprobs or [], 0))
@@ -172,8 +182,11 @@ class ChatEncoder(Encoder):
             f'"finish_reason":null}}]{self._usage_null}}}\n\n'.encode()
             for i in range(len(self.job.choices)))
 
+    _text_open = '"delta":{"content":'
+    _text_close = "}"
+
     def _delta(self, text: str) -> str:
-        return f'"delta":{{"content":{_quote(text)}}}' if text else '"delta":{}'
+        return f'{self._text_open}{_quote(text)}{self._text_close}' if text else '"delta":{}'
 
     def _chunk_logprobs(self, out: RequestOutput) -> str:
         return json.dumps({"content": [self._entry(lp) for lp in out.logprobs or []]})

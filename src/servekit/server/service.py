@@ -283,7 +283,7 @@ class GenerationService:
 
     # -- running ---------------------------------------------------------------------------
 
-    def admit(self, job: Job) -> Admission:
+    async def admit(self, job: Job) -> Admission:
         """Reserve the job's rate limit (429 when over); returns the headers to send.
 
         A job with more choices than the engine can ever hold at once is a 400, not a 503:
@@ -297,7 +297,7 @@ class GenerationService:
                 f"This request needs {len(job.choices)} sequences at once ({len(job.prompts)} "
                 f"prompt(s) x n), but this server holds at most {capacity} (running slots plus "
                 "the waiting queue); lower n or send fewer prompts per request", param=param)
-        job.admission = self.limits.reserve(job.key, job.model, job.reserved_tokens)
+        job.admission = await self.limits.areserve(job.key, job.model, job.reserved_tokens)
         self._gauge(RATE_LIMIT_RESERVATIONS, self.limits.open_reservations)
         return job.admission
 
@@ -330,7 +330,8 @@ class GenerationService:
         finally:
             self._account(job, per_choice)
             if job.admission is not None:
-                self.limits.settle(job.admission, job.usage.total_tokens)
+                with anyio.CancelScope(shield=True):  # a cancelled job settles too
+                    await self.limits.asettle(job.admission, job.usage.total_tokens)
                 self._gauge(RATE_LIMIT_RESERVATIONS, self.limits.open_reservations)
             self._gauge(OPEN_STREAMS, streams.in_flight)
 
@@ -344,7 +345,9 @@ class GenerationService:
         stream = engine.generate(
             job.prompts[prompt_index], params, request_id=rid,
             tenant=key.tenant if key is not None else None,
-            cache_salt=key.salt if key is not None else None)
+            cache_salt=key.salt if key is not None else None,
+            # deltas that queue up while this stream waits on its client go out merged
+            **({"coalesce": True} if getattr(engine, "coalesces_outputs", False) else {}))
         finished = False
         out: RequestOutput | None = None
         try:
@@ -352,8 +355,6 @@ class GenerationService:
                 if out.finished:
                     finished = True
                     job.finish_reasons[i] = out.finish_reason
-                per_choice[i] = (out.num_prompt_tokens, out.num_output_tokens,
-                                 out.num_cached_tokens)
                 await on_output(i, out)
         except QueueFullError as exc:
             raise ServiceUnavailableError(f"The server is overloaded ({exc}); retry later",
@@ -361,6 +362,9 @@ class GenerationService:
         except InvalidParameterError as exc:  # the engine's own checks, e.g. token ids
             raise InvalidRequestError(str(exc), param=exc.param) from exc
         finally:
+            if out is not None:  # the counts are cumulative: the last delta has them all
+                per_choice[i] = (out.num_prompt_tokens, out.num_output_tokens,
+                                 out.num_cached_tokens)
             if not finished:
                 with anyio.CancelScope(shield=True):
                     await _close(stream)

@@ -1,9 +1,15 @@
-"""servekit.usage: per-request usage records and the sinks that store them.
+"""servekit.usage: per-request usage records, the durable outbox, and the sinks that store them.
 
-The ledger itself (outbox, built-in sinks) comes later; this package holds the record and the
-:class:`UsageSink` interface plugins implement.
+The serving path appends each finished request's :class:`UsageRecord` to the :class:`Outbox`
+(local SQLite, WAL); a :class:`SinkWorker` per sink drains it in batches and deletes rows only
+after every sink committed them. Sinks: SQLite (embedded default), PostgreSQL (the ledger),
+ClickHouse over HTTP and chDB in-process (analytics), or a ``usage_sink`` plugin.
 """
 
+from servekit.usage.outbox import Batch, Outbox, OutboxStats
 from servekit.usage.sink import UsageRecord, UsageSink, make_usage_sink
+from servekit.usage.sinks import open_sink, sink_name
+from servekit.usage.worker import SinkWorker
 
-__all__ = ["UsageRecord", "UsageSink", "make_usage_sink"]
+__all__ = ["Batch", "Outbox", "OutboxStats", "SinkWorker", "UsageRecord", "UsageSink",
+           "make_usage_sink", "open_sink", "sink_name"]

@@ -115,7 +115,7 @@ async def _prepare(service: GenerationService, request: Request, body: bytes) ->
         raise InvalidRequestError(f"invalid request body: {text}",
                               param=parse_error_field(text)) from exc
     job = await build_job(service, message, key)
-    return job, service.admit(job).headers
+    return job, (await service.admit(job)).headers
 
 
 def _json(message: Any) -> bytes:

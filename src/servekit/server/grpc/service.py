@@ -114,7 +114,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
     async def _admit(self, request: Any, context: Any) -> tuple[Job, dict[str, str]]:
         _check_decoded(request)
         job = await build_job(self.service, request, self._caller(context))
-        return job, self.service.admit(job).headers
+        return job, (await self.service.admit(job)).headers
 
     async def Generate(self, request: Any, context: Any) -> Any:
         """Unary: the whole response."""
@@ -202,7 +202,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
             with scope:  # a Cancel message cancels it: the job is aborted and settled
                 try:
                     job = await build_job(self.service, request, key)
-                    self.service.admit(job)
+                    await self.service.admit(job)
                     encoder = ChunkEncoder(job)
                     chunk = encoder.chunk
 

@@ -1,0 +1,169 @@
+"""Usage ledger: records/s from the outbox into PostgreSQL and ClickHouse (chDB), and the server CPU time recording adds per request.
+
+Sinks: N records are appended to an outbox, then one SinkWorker drains them in batches of
+1,000 into a real PostgreSQL (started here from Debian's binaries, as the tests do) and into
+chDB; records/s is the drain rate. Server: ``servekit serve --fake`` in a subprocess, 32
+clients streaming 16 tokens for 32-token prompts; the server process's CPU time per request
+(from /proc) with ``--usage none`` and with the default SQLite ledger, rounds alternating.
+Bars: recording adds < 2 % CPU per request; each sink drains >= 10x the request rate the
+server served in this run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio
+import httpx
+
+from _common import bar, parse_args, print_bars, print_table, summary, write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from servekit.usage import Outbox, SinkWorker, UsageRecord, open_sink
+
+KEYS = [{"key": f"sk-bench-{i}", "tenant": f"t{i % 2}"} for i in range(4)]
+
+
+def _records(n: int, tag: str) -> list[UsageRecord]:
+    now = datetime.now(UTC)
+    return [UsageRecord(request_id=f"{tag}-{i}", idempotency_key=f"{tag}-{i}", time=now,
+                        key_id=f"kid{i % 4}", tenant=f"t{i % 2}", model="fake",
+                        replicas=("r0",), prompt_tokens=32, completion_tokens=16,
+                        finish_reason="length", total_time=0.1, final_chunk_sent=True)
+            for i in range(n)]
+
+
+def sink_rate(url: str, n: int, tag: str, data: Path) -> float:
+    """Records/s one worker drains from a full outbox into the sink at ``url``."""
+    box = Outbox(data / f"outbox-{tag}.db", ["s"])
+    for record in _records(n, tag):
+        box.mark_sent(box.append(record))
+    box.flush()
+    worker = SinkWorker(box, "s", open_sink(url, data), batch_size=1000)
+    start = time.perf_counter()
+    assert worker.drain() == n
+    elapsed = time.perf_counter() - start
+    worker.stop()
+    return n / elapsed
+
+
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _start_server(port: int, data: Path, usage: bool) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "servekit.server.cli", "serve", "--fake", "--port",
+            str(port), "--data-dir", str(data), "--log-level", "warning"]
+    if not usage:
+        argv += ["--usage", "none"]
+    proc = subprocess.Popen(argv, env={**os.environ, "SERVEKIT_API_KEYS": json.dumps(KEYS)})
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise RuntimeError("server did not start")
+
+
+async def _load(base: str, n: int) -> None:
+    limit = anyio.Semaphore(32)
+    prompt = " ".join(["tok"] * 32)
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        async with limit:
+            body = {"model": "fake", "prompt": prompt, "max_tokens": 16, "stream": True,
+                    "ignore_eos": True}
+            async with client.stream("POST", f"{base}/v1/completions", json=body, headers={
+                    "authorization": f"Bearer {KEYS[i % 4]['key']}"}) as resp:
+                assert resp.status_code == 200, resp.status_code
+                async for _ in resp.aiter_bytes():
+                    pass
+
+    async with httpx.AsyncClient(timeout=60) as client, anyio.create_task_group() as tg:
+        for i in range(n):
+            tg.start_soon(one, client, i)
+
+
+def server_round(usage: bool, n: int, data: Path) -> tuple[float, float]:
+    """(server CPU ms per request, requests/s) for one round of ``n`` requests."""
+    from tests.usage.servers import free_port
+
+    port = free_port()
+    proc = _start_server(port, data, usage)
+    try:
+        anyio.run(_load, f"http://127.0.0.1:{port}", 64)  # warm up
+        time.sleep(0.3)
+        cpu0, t0 = _cpu(proc.pid), time.perf_counter()
+        anyio.run(_load, f"http://127.0.0.1:{port}", n)
+        wall = time.perf_counter() - t0
+        time.sleep(0.5)  # the sink worker's share of the round lands in the CPU count
+        cpu = _cpu(proc.pid) - cpu0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    return 1000 * cpu / n, n / wall
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    quick = args.quick
+    rounds = args.rounds or (3 if quick else 5)
+    n_records = 5_000 if quick else 50_000
+    n_requests = 300 if quick else 2_000
+    root = Path(tempfile.mkdtemp(prefix="servekit-bench-usage-"))
+
+    from tests.usage.servers import Postgres
+
+    pg = Postgres(root / "pg")
+    try:
+        pg_rates = [sink_rate(pg.dsn, n_records, f"pg{r}", root) for r in range(rounds)]
+    finally:
+        pg.stop()
+    ch_rates = [sink_rate(f"chdb://{root}/chdb", n_records, f"ch{r}", root)
+                for r in range(rounds)]
+
+    cpu: dict[bool, list[float]] = {False: [], True: []}
+    rate: list[float] = []
+    for r in range(rounds):
+        for usage in (False, True) if r % 2 == 0 else (True, False):
+            ms, rps = server_round(usage, n_requests, root / f"data-{r}-{usage}")
+            cpu[usage].append(ms)
+            rate.append(rps)
+
+    req_rate = statistics.median(rate)
+    base, rec = statistics.median(cpu[False]), statistics.median(cpu[True])
+    rows = [
+        {"what": "outbox -> PostgreSQL (records/s)", **summary(pg_rates)},
+        {"what": "outbox -> ClickHouse/chDB (records/s)", **summary(ch_rates)},
+        {"what": "server CPU ms/request, no usage", **summary(cpu[False])},
+        {"what": "server CPU ms/request, usage on (SQLite)", **summary(cpu[True])},
+        {"what": "server requests/s (32 clients)", **summary(rate)},
+    ]
+    print_table(rows, ["what", "median", "min", "max"],
+                title=f"usage: {n_records} records per sink round, {n_requests} requests per "
+                      f"server round, {rounds} rounds")
+    added = (rec - base) / base
+    bars = {
+        "usage_added_cpu_fraction": bar(added, 0.02, higher_is_better=False),
+        "postgres_over_request_rate": bar(statistics.median(pg_rates) / req_rate, 10.0),
+        "clickhouse_over_request_rate": bar(statistics.median(ch_rates) / req_rate, 10.0),
+    }
+    print_bars(bars)
+    write_json(args.json, "usage", rows, bars, rounds=rounds, records=n_records,
+               requests=n_requests)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""``servekit gateway``: one stateless front for many replicas (extra ``gateway``).
+
+It learns each replica's tokenizer, KV events and load (:mod:`servekit.server.replica_api`),
+routes by the cache-aware policy (:mod:`servekit.route.cache_aware`), retries before the first
+byte under a retry budget and keeps a circuit breaker per replica. No torch is imported.
+Names are imported on first use, so ``servekit --help`` works without the extra.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from servekit._optional import require
+
+_EXPORTS = {
+    "create_gateway": "servekit.gateway.app",
+    "Fleet": "servekit.gateway.fleet",
+    "PromptEncoder": "servekit.gateway.tokens",
+    "RetryBudget": "servekit.gateway.budget",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'servekit.gateway' has no attribute {name!r}")
+    require("httpx", "gateway")
+    require("fastapi", "gateway")
+    return getattr(importlib.import_module(module), name)

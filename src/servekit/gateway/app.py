@@ -1,0 +1,86 @@
+"""The gateway's ASGI app: the OpenAI endpoints forwarded to the fleet, plus ops endpoints."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import anyio
+import httpx
+from fastapi import FastAPI, Request
+from starlette.responses import JSONResponse, Response
+
+from servekit.gateway.budget import RetryBudget
+from servekit.gateway.fleet import Fleet
+from servekit.gateway.forward import Forwarder, unavailable
+from servekit.gateway.metrics import GatewayMetrics
+from servekit.route.health import NodeHealth
+
+_FORWARDED = ("/v1/completions", "/v1/chat/completions")
+
+
+def create_gateway(replicas: Sequence[str], *, policy: str = "cache_aware",
+                   secret: str | None = None, probe_interval: float = 0.5,
+                   budget: RetryBudget | None = None, max_connections: int = 512) -> FastAPI:
+    """The gateway app over ``replicas`` (base URLs). ``secret`` is the replicas' shared
+    gateway secret (their info, KV events and load); without it routing uses in-flight
+    counts only."""
+    if not replicas:
+        raise ValueError("replicas: at least one replica URL is required")
+    fleet = Fleet(replicas, policy=policy, secret=secret, probe_interval=probe_interval)
+    metrics = GatewayMetrics()
+    limits = httpx.Limits(max_connections=max_connections,
+                          max_keepalive_connections=max_connections)
+    timeout = httpx.Timeout(connect=2.0, read=None, write=30.0, pool=30.0)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+            app.state.forwarder = Forwarder(fleet, client, budget or RetryBudget(), metrics)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fleet.run, client)
+                yield
+                tg.cancel_scope.cancel()
+
+    app = FastAPI(title="servekit gateway", lifespan=lifespan)
+    app.state.fleet = fleet
+
+    async def forward(request: Request) -> Response:
+        forwarder: Forwarder = request.app.state.forwarder
+        return await forwarder.forward(request.method, request.url.path,
+                                       dict(request.headers), await request.body())
+
+    for path in _FORWARDED:
+        app.add_api_route(path, forward, methods=["POST"], tags=["openai"])
+
+    @app.get("/v1/models", tags=["openai"])
+    async def models(request: Request) -> Response:
+        """The models the replicas serve (as they reported them), else a replica's list."""
+        names = sorted({m for ms in fleet.models.values() for m in ms})
+        if names:
+            return JSONResponse({"object": "list", "data": [
+                {"id": n, "object": "model", "created": 0, "owned_by": "servekit"}
+                for n in names]})
+        return await forward(request)
+
+    @app.get("/health", tags=["ops"])
+    async def health() -> Response:
+        """Liveness of the gateway process itself."""
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready", tags=["ops"])
+    async def ready() -> Response:
+        """200 while at least one replica is in rotation."""
+        states = {u: fleet.router.health.state(u).value for u in fleet.urls}
+        if any(s == NodeHealth.UP.value for s in states.values()):
+            return JSONResponse({"ready": True, "replicas": states})
+        return unavailable("no replica is ready") if not states else JSONResponse(
+            {"ready": False, "replicas": states}, status_code=503,
+            headers={"retry-after": "1"})
+
+    @app.get("/metrics", tags=["ops"])
+    async def prometheus() -> Response:
+        """Prometheus metrics of the gateway."""
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

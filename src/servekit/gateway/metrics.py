@@ -1,0 +1,37 @@
+"""The gateway's Prometheus metrics: per-replica outcomes, retries and routing decisions."""
+
+from __future__ import annotations
+
+from servekit._optional import require
+
+
+class GatewayMetrics:
+    """Counters in a registry of their own (``render`` gives the exposition text)."""
+
+    def __init__(self, prefix: str = "servekit_gateway_") -> None:
+        prom = require("prometheus_client", "gateway")
+        self._prom = prom
+        self.registry = prom.CollectorRegistry()
+        self._outcomes = prom.Counter(f"{prefix}replica_responses", "Attempts per replica by "
+                                      "outcome", ["replica", "outcome"], registry=self.registry)
+        self._retries = prom.Counter(f"{prefix}retries", "Retries after a failed attempt",
+                                     ["replica"], registry=self.registry)
+        self._routes = prom.Counter(f"{prefix}routing_decisions", "Routing decisions by "
+                                    "replica and reason", ["replica", "reason"],
+                                    registry=self.registry)
+
+    def outcome(self, replica: str, outcome: str) -> None:
+        """An attempt on ``replica`` ended with ``outcome``."""
+        self._outcomes.labels(replica, outcome).inc()
+
+    def retry(self, replica: str) -> None:
+        """A request that failed on ``replica`` was retried elsewhere."""
+        self._retries.labels(replica).inc()
+
+    def routed(self, replica: str, reason: str) -> None:
+        """The router sent a request to ``replica`` for ``reason``."""
+        self._routes.labels(replica, reason).inc()
+
+    def render(self) -> bytes:
+        """The exposition text."""
+        return bytes(self._prom.generate_latest(self.registry))

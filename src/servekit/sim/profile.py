@@ -1,0 +1,95 @@
+"""``servekit sim profile``: measure this machine's engine and fit a :class:`ProfiledModel`.
+
+The engine (torch) is imported only when a profile is taken. Steps are timed as the engine
+runs them (schedule, forward and sampling, update) over a workload that sweeps the batch from
+one request to ``max_num_seqs`` with mixed prompt lengths, so the fit sees pure-decode and
+mixed prefill steps.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from servekit.sim.errors import SimConfigError
+from servekit.sim.steptime import ProfiledModel, StepShape, fit_profile, shape_of
+
+__all__ = ["measure_engine", "profile_engine"]
+
+
+def measure_engine(engine: Any, *, max_num_seqs: int, steps: int, seed: int = 0,
+                   warmup: int = 10) -> tuple[list[StepShape], list[float]]:
+    """Run ``engine`` (an :class:`~servekit.engine.LLMEngine`) for ``steps`` timed steps over
+    a sweep of concurrencies; the shape and wall seconds of each."""
+    from servekit.sched.params import SamplingParams
+
+    rng = np.random.default_rng(seed)
+    vocab = engine.vocab_size
+    max_len = engine.max_model_len
+    levels = [c for c in (1, 2, 4, 8, 16, 32, 64, 128, 256) if c <= max_num_seqs]
+    per_level = max(1, (steps + warmup) // len(levels))
+    shapes: list[StepShape] = []
+    seconds: list[float] = []
+    done = 0
+    for level in levels:
+        for _ in range(per_level):
+            while engine.num_unfinished_requests < level:
+                prompt_len = int(rng.integers(4, max(5, max_len // 4)))
+                out_len = int(rng.integers(8, max(9, min(128, max_len - prompt_len - 1))))
+                engine.add_request(rng.integers(0, vocab, prompt_len).tolist(),
+                                   SamplingParams(max_tokens=out_len, temperature=0.0,
+                                                  ignore_eos=True))
+            t0 = time.perf_counter()
+            plan = engine.schedule()
+            sampled = engine.execute(plan)
+            engine.finish(plan, sampled)
+            dt = time.perf_counter() - t0
+            done += 1
+            if done > warmup and plan.out.requests:
+                shapes.append(shape_of(plan.out))
+                seconds.append(dt)
+    engine.abort_all()
+    return shapes, seconds
+
+
+def profile_engine(model: str | Path | None = None, *, device: str = "cpu",
+                   max_num_seqs: int = 32, max_num_batched_tokens: int = 512, steps: int = 400,
+                   seed: int = 0) -> ProfiledModel:
+    """Load the engine on ``model`` (default: the bundled demo model), measure ``steps`` steps
+    and fit a profile (its ``meta`` records the machine, the config and the fit quality)."""
+    from importlib.resources import files
+
+    import torch
+
+    from servekit.engine import EngineConfig, LLMEngine
+
+    path = Path(model) if model is not None else Path(str(files("servekit") / "demo_model"))
+    if not path.is_dir():
+        raise SimConfigError("--model", f"{str(path)!r} is not a model directory")
+    if steps < 20:
+        raise SimConfigError("--steps", f"must be >= 20, got {steps}")
+    config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                          device=device)
+    engine = LLMEngine(str(path), config=config)
+    shapes, seconds = measure_engine(engine, max_num_seqs=max_num_seqs, steps=steps, seed=seed)
+    fitted = fit_profile(shapes, seconds)
+    pred = np.array([fitted.step_time(s) for s in shapes])
+    y = np.array(seconds)
+    r2 = 1 - float(((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30))
+    import os
+    import platform
+
+    meta = {
+        "model": str(path), "device": device, "max_num_seqs": max_num_seqs,
+        "max_num_batched_tokens": max_num_batched_tokens,
+        "num_blocks": engine.runner.num_blocks, "block_size": config.block_size,
+        "max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size,
+        "steps": len(shapes), "r2": r2, "median_abs_error": float(np.median(np.abs(y - pred))),
+        "median_step": float(np.median(y)), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "machine": platform.machine(), "python": platform.python_version(),
+    }
+    return ProfiledModel(fitted.coefficients, meta=meta)

@@ -1,0 +1,176 @@
+"""Tool calls: the Hermes/Qwen ``<tool_call>`` format, parsed from text and enforced by grammar.
+
+The model writes each call as ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``.
+:class:`HermesToolParser` turns finished text into content plus :class:`ToolCall` objects, and
+:class:`HermesToolStream` does the same incrementally: content is released as soon as it cannot
+be the start of a tag, and each call is released whole when its closing tag arrives, so the
+streamed argument fragments concatenate exactly to the final arguments.
+:func:`guided_for_tool_choice` builds the grammar that forces a call (``required`` or a named
+function), so the call is valid even from a model never trained on tools.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from attrs import frozen
+
+from servekit._optional import require
+from servekit.sched.params import GuidedDecoding, InvalidParameterError
+
+__all__ = ["HermesToolParser", "HermesToolStream", "ToolCall", "guided_for_tool_choice",
+           "tool_names"]
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+
+@frozen(slots=True)
+class ToolCall:
+    """One call: ``arguments`` is the JSON text of the arguments object (as OpenAI sends it)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+def _new_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+def _parse_call(body: str) -> ToolCall | None:
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", {})
+    if isinstance(args, str):  # some models send the arguments as a JSON string
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return ToolCall(_new_id(), obj["name"], json.dumps(args, ensure_ascii=False))
+
+
+class HermesToolParser:
+    """Splits finished text into content and tool calls (unparseable blocks stay content)."""
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        """``(content, calls)`` of ``text``."""
+        stream = HermesToolStream()
+        content, calls = stream.feed(text)
+        rest, more = stream.flush()
+        return content + rest, calls + more
+
+
+class HermesToolStream:
+    """Incremental :class:`HermesToolParser`: feed text deltas, get (content, finished calls)."""
+
+    __slots__ = ("_buffer", "_inside")
+
+    def __init__(self) -> None:
+        self._buffer = ""
+        self._inside = False
+
+    def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
+        """Content safe to emit now and the calls completed by ``delta``."""
+        self._buffer += delta
+        content: list[str] = []
+        calls: list[ToolCall] = []
+        while True:
+            if self._inside:
+                end = self._buffer.find(CLOSE)
+                if end < 0:
+                    break
+                body = self._buffer[:end]
+                self._buffer = self._buffer[end + len(CLOSE):]
+                self._inside = False
+                call = _parse_call(body.strip())
+                if call is not None:
+                    calls.append(call)
+                else:
+                    content.append(OPEN + body + CLOSE)
+            else:
+                start = self._buffer.find(OPEN)
+                if start < 0:
+                    keep = _partial_suffix(self._buffer, OPEN)
+                    content.append(self._buffer[: len(self._buffer) - keep])
+                    self._buffer = self._buffer[len(self._buffer) - keep:]
+                    break
+                content.append(self._buffer[:start])
+                self._buffer = self._buffer[start + len(OPEN):]
+                self._inside = True
+        return "".join(content), calls
+
+    def flush(self) -> tuple[str, list[ToolCall]]:
+        """At the end of the output: what is left (an unclosed call is returned as content)."""
+        rest = (OPEN if self._inside else "") + self._buffer
+        self._buffer, self._inside = "", False
+        return rest, []
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
+def tool_names(tools: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """Each function tool's parameters schema by name; errors name ``tools[i]...``."""
+    out: dict[str, Mapping[str, Any]] = {}
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, Mapping) or tool.get("type") != "function":
+            raise InvalidParameterError(f"tools[{i}].type", "must be 'function'")
+        fn = tool.get("function")
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise InvalidParameterError(f"tools[{i}].function.name", "must be a non-empty string")
+        params = fn.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, Mapping) or params.get("type", "object") != "object":
+            raise InvalidParameterError(f"tools[{i}].function.parameters",
+                                        "must be a JSON schema of type object")
+        out[fn["name"]] = params
+    return out
+
+
+def guided_for_tool_choice(tools: Sequence[Mapping[str, Any]],
+                           tool_choice: str | Mapping[str, Any] | None) -> GuidedDecoding | None:
+    """The constraint forcing a Hermes tool call for ``tool_choice`` (None for auto / none).
+
+    ``"required"``: one call to any of ``tools``; ``{"type": "function", "function": {"name":
+    N}}``: one call to ``N`` (unknown names raise InvalidParameterError on ``tool_choice``).
+    """
+    names = tool_names(tools)
+    if tool_choice is None or tool_choice in ("auto", "none"):
+        return None
+    if tool_choice == "required":
+        chosen = list(names)
+        if not chosen:
+            raise InvalidParameterError("tool_choice", "'required' needs at least one tool")
+    elif isinstance(tool_choice, Mapping):
+        fn = tool_choice.get("function")
+        name = fn.get("name") if isinstance(fn, Mapping) else None
+        if name not in names:
+            raise InvalidParameterError("tool_choice.function.name",
+                                        f"{name!r} is not one of the tools")
+        chosen = [str(name)]
+    else:
+        raise InvalidParameterError("tool_choice", "must be auto, none, required or a function")
+    calls = [{"type": "object", "properties": {"name": {"const": n}, "arguments": names[n]},
+              "required": ["name", "arguments"], "additionalProperties": False} for n in chosen]
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    xgr = require("xgrammar", "structured")
+    try:
+        body = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+    except Exception as exc:
+        raise InvalidParameterError("tools", f"a parameters schema is unusable: {exc}") from exc
+    grammar = xgr.Grammar.concat(xgr.Grammar.from_ebnf(f'root ::= "{OPEN}\\n"'), body,
+                                 xgr.Grammar.from_ebnf(f'root ::= "\\n{CLOSE}"'))
+    return GuidedDecoding.grammar(str(grammar))

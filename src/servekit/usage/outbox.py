@@ -1,0 +1,249 @@
+"""The durable local outbox: usage records wait here until every sink has committed them.
+
+A SQLite database in WAL mode with ``synchronous=NORMAL``: a commit is a write to the WAL, not
+an fsync, so an append survives a killed process (not a power cut) for tens of microseconds.
+The serving path calls :meth:`Outbox.append` before the final chunk is sent and
+:meth:`Outbox.mark_sent` after; marks are buffered and committed together with the next append
+or take (a group commit). A row appended by a process that died before marking it stays
+*unconfirmed* (``final_chunk_sent`` False) and is delivered as such by the next process.
+
+Sinks drain it through :meth:`take` (a batch of rows this sink has not acknowledged) and
+:meth:`ack` (after the sink committed): a row is deleted once every sink acknowledged it, so a
+crash between a sink's commit and the ack redelivers the batch, which sinks absorb
+(idempotent on ``idempotency_key``).
+
+Bounded by rows and age: past either bound the outbox says so loudly (log + :meth:`stats`) and,
+by policy, stops admitting requests (fail-closed: :meth:`admitting` is False) or keeps serving
+and drops new records, counting them (fail-open).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from attrs import frozen
+
+from servekit.usage.record_codec import from_row, to_row
+from servekit.usage.sink import UsageRecord
+
+log = logging.getLogger("servekit.usage")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY, epoch TEXT NOT NULL, created REAL NOT NULL,
+    confirmed INTEGER NOT NULL DEFAULT 0, payload TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS delivered (
+    id INTEGER NOT NULL, sink TEXT NOT NULL, PRIMARY KEY (id, sink)) WITHOUT ROWID;
+"""
+
+
+@frozen(slots=True)
+class OutboxStats:
+    """The outbox's state for logs and metrics."""
+
+    backlog: int
+    dropped: int
+    oldest_age_s: float
+    over_bound: bool
+
+
+@frozen(slots=True)
+class Batch:
+    """Rows taken for one sink: outbox row ids and their records, in the same order."""
+
+    ids: tuple[int, ...]
+    records: tuple[UsageRecord, ...]
+
+
+class Outbox:
+    """A SQLite-backed outbox at ``path`` shared by the sinks named in ``sinks``.
+
+    ``max_rows`` / ``max_age_s`` bound it; ``fail_open`` picks what happens past the bound.
+    Thread-safe: each thread gets its own connection (the serving loop appends, sink workers
+    take and ack).
+    """
+
+    def __init__(self, path: str | Path, sinks: Sequence[str], *, max_rows: int = 1_000_000,
+                 max_age_s: float = 7 * 86400.0, fail_open: bool = False,
+                 clock: Callable[[], float] = time.time) -> None:
+        if not sinks:
+            raise ValueError("sinks must name at least one sink")
+        if max_rows < 1 or max_age_s <= 0:
+            raise ValueError(f"max_rows and max_age_s must be > 0, got {max_rows}, {max_age_s}")
+        self.path = Path(path)
+        self.sinks = tuple(sinks)
+        self.max_rows = max_rows
+        self.max_age_s = max_age_s
+        self.fail_open = fail_open
+        self._clock = clock
+        self._epoch = uuid.uuid4().hex
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._marks: list[int] = []
+        self._dropped = 0
+        self._over = False
+        self._oldest: float | None = None
+        db = self._db()
+        db.executescript(_SCHEMA)
+        self._backlog = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+        self._refresh_oldest(db)
+
+    # -- the serving path ---------------------------------------------------------------------
+
+    def append(self, record: UsageRecord) -> int | None:
+        """Store ``record`` durably (unconfirmed); its row id, or None if dropped (fail-open,
+        over the bound)."""
+        if self._check_bound() and self.fail_open:
+            with self._lock:
+                self._dropped += 1
+            log.error("usage outbox over its bound: dropped the record of %s (fail-open; "
+                      "%d dropped so far)", record.request_id, self._dropped)
+            return None
+        payload = json.dumps(to_row(record), default=_iso, separators=(",", ":"))
+        db = self._db()
+        with db:
+            self._flush_marks(db)
+            row = db.execute("INSERT INTO outbox (epoch, created, payload) VALUES (?, ?, ?)",
+                             (self._epoch, self._clock(), payload)).lastrowid
+        with self._lock:
+            self._backlog += 1
+            if self._oldest is None:
+                self._oldest = self._clock()
+        assert row is not None
+        return row
+
+    def mark_sent(self, row_id: int | None, final_chunk_sent: bool = True) -> None:
+        """The request finished: its row is ready to deliver (``final_chunk_sent`` says whether
+        the client got the end). Committed with the next append or take."""
+        if row_id is None:
+            return
+        with self._lock:
+            self._marks.append(row_id if final_chunk_sent else -row_id)
+
+    def flush(self) -> None:
+        """Commit buffered marks now."""
+        db = self._db()
+        with db:
+            self._flush_marks(db)
+
+    def admitting(self) -> bool:
+        """False when fail-closed and over the bound: the server should refuse new requests."""
+        return self.fail_open or not self._check_bound()
+
+    def stats(self) -> OutboxStats:
+        """Backlog, drops, the oldest row's age and whether the outbox is over its bound."""
+        over = self._check_bound()
+        with self._lock:
+            age = 0.0 if self._oldest is None else max(0.0, self._clock() - self._oldest)
+            return OutboxStats(self._backlog, self._dropped, age, over)
+
+    # -- the sink workers ---------------------------------------------------------------------
+
+    def take(self, sink: str, limit: int = 1000) -> Batch:
+        """Up to ``limit`` ready rows ``sink`` has not acknowledged, oldest first: confirmed
+        rows, and every row a previous process left behind."""
+        self._check_sink(sink)
+        db = self._db()
+        with db:
+            self._flush_marks(db)
+        rows = db.execute(
+            "SELECT id, payload FROM outbox o WHERE (confirmed != 0 OR epoch != ?) AND NOT "
+            "EXISTS (SELECT 1 FROM delivered d WHERE d.id = o.id AND d.sink = ?) "
+            "ORDER BY id LIMIT ?", (self._epoch, sink, limit)).fetchall()
+        return Batch(tuple(r[0] for r in rows),
+                     tuple(from_row(json.loads(r[1])) for r in rows))
+
+    def ack(self, sink: str, ids: Sequence[int]) -> None:
+        """``sink`` committed these rows; delete those every sink has now acknowledged."""
+        self._check_sink(sink)
+        if not ids:
+            return
+        db = self._db()
+        marks = ",".join("?" * len(self.sinks))
+        deleted = 0
+        with db:
+            db.executemany("INSERT OR IGNORE INTO delivered (id, sink) VALUES (?, ?)",
+                           [(i, sink) for i in ids])
+            for start in range(0, len(ids), 500):
+                chunk = list(ids[start:start + 500])
+                inq = ",".join("?" * len(chunk))
+                done = [r[0] for r in db.execute(
+                    f"SELECT id FROM delivered WHERE id IN ({inq}) AND sink IN ({marks}) "
+                    f"GROUP BY id HAVING count(*) >= ?", [*chunk, *self.sinks, len(self.sinks)])]
+                if done:
+                    dq = ",".join("?" * len(done))
+                    deleted += db.execute(f"DELETE FROM outbox WHERE id IN ({dq})", done).rowcount
+                    db.execute(f"DELETE FROM delivered WHERE id IN ({dq})", done)
+        if deleted:
+            with self._lock:
+                self._backlog -= deleted
+            self._refresh_oldest(db)
+
+    def close(self) -> None:
+        """Commit buffered marks and close this thread's connection."""
+        self.flush()
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level="DEFERRED", timeout=30.0,
+                                 check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db = db
+        return db
+
+    def _flush_marks(self, db: sqlite3.Connection) -> None:
+        with self._lock:
+            marks, self._marks = self._marks, []
+        if marks:
+            db.executemany("UPDATE outbox SET confirmed = 1, payload = json_set(payload, "
+                           "'$[15]', json(?)) WHERE id = ?",
+                           [("true" if m > 0 else "false", abs(m)) for m in marks])
+
+    def _refresh_oldest(self, db: sqlite3.Connection) -> None:
+        row = db.execute("SELECT created FROM outbox ORDER BY id LIMIT 1").fetchone()
+        with self._lock:
+            self._oldest = None if row is None else float(row[0])
+
+    def _check_bound(self) -> bool:
+        now = self._clock()
+        with self._lock:
+            too_old = self._oldest is not None and now - self._oldest > self.max_age_s
+            over = self._backlog >= self.max_rows or too_old
+            changed, self._over = over != self._over, over
+            backlog = self._backlog
+        if changed and over:
+            log.error("usage outbox over its bound (%d rows, max %d; max age %.0fs): %s",
+                      backlog, self.max_rows, self.max_age_s,
+                      "dropping new records (fail-open)" if self.fail_open
+                      else "refusing new requests (fail-closed)")
+        elif changed:
+            log.warning("usage outbox back under its bound (%d rows)", backlog)
+        return over
+
+    def _check_sink(self, sink: str) -> None:
+        if sink not in self.sinks:
+            raise ValueError(f"sink {sink!r} is not one of this outbox's sinks {self.sinks}")
+
+
+def _iso(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot store {type(value).__name__} in the outbox")

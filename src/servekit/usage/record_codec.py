@@ -1,0 +1,79 @@
+"""One flat row layout for a :class:`UsageRecord`, shared by the outbox and every sink."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from servekit.usage.sink import UsageRecord
+
+#: Column names in storage order; every sink stores these columns.
+COLUMNS: tuple[str, ...] = (
+    "idempotency_key", "request_id", "time", "key_id", "tenant", "model", "replicas",
+    "prompt_tokens", "cached_tokens", "completion_tokens", "finish_reason", "http_status",
+    "queue_time", "ttft", "total_time", "final_chunk_sent", "ledger",
+)
+
+
+def to_row(record: UsageRecord) -> tuple[Any, ...]:
+    """The record as a tuple in :data:`COLUMNS` order (time as UTC datetime, replicas joined)."""
+    return (
+        record.idempotency_key, record.request_id, record.time.astimezone(UTC), record.key_id,
+        record.tenant, record.model, ",".join(record.replicas), record.prompt_tokens,
+        record.cached_tokens, record.completion_tokens, record.finish_reason,
+        record.http_status, record.queue_time, record.ttft, record.total_time,
+        bool(record.final_chunk_sent), bool(record.ledger),
+    )
+
+
+def from_row(row: tuple[Any, ...] | list[Any]) -> UsageRecord:
+    """The record a :func:`to_row` tuple (or a sink's row in the same order) describes."""
+    values = dict(zip(COLUMNS, row, strict=True))
+    time = values["time"]
+    if isinstance(time, str):
+        time = datetime.fromisoformat(time)
+    if time.tzinfo is None:
+        time = time.replace(tzinfo=UTC)
+    replicas = values["replicas"] or ""
+    return UsageRecord(
+        idempotency_key=values["idempotency_key"], request_id=values["request_id"],
+        time=time.astimezone(UTC), key_id=values["key_id"] or None,
+        tenant=values["tenant"] or None, model=values["model"],
+        replicas=tuple(r for r in replicas.split(",") if r),
+        prompt_tokens=int(values["prompt_tokens"]), cached_tokens=int(values["cached_tokens"]),
+        completion_tokens=int(values["completion_tokens"]),
+        finish_reason=values["finish_reason"] or None, http_status=int(values["http_status"]),
+        queue_time=_opt_float(values["queue_time"]), ttft=_opt_float(values["ttft"]),
+        total_time=float(values["total_time"]),
+        final_chunk_sent=bool(values["final_chunk_sent"]), ledger=bool(values["ledger"]),
+    )
+
+
+def first_per_key(batch: Sequence[UsageRecord]) -> list[UsageRecord]:
+    """``batch`` without repeated idempotency keys (the first record of each key wins)."""
+    seen: dict[str, UsageRecord] = {}
+    for record in batch:
+        seen.setdefault(record.idempotency_key, record)
+    return list(seen.values())
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+#: What ``totals`` may group by.
+GROUPS: tuple[str, ...] = ("tenant", "key_id", "model", "day")
+
+
+def totals_sql(by: Sequence[str], day: str, count: str, where: str) -> str:
+    """The totals query of one SQL dialect: requests and token sums of ledger records matching
+    ``where``, grouped by ``by`` (``day`` is the dialect's expression for the UTC date)."""
+    unknown = [b for b in by if b not in GROUPS]
+    if unknown:
+        raise ValueError(f"by: cannot group usage by {unknown}; choose from {GROUPS}")
+    keys = [day if b == "day" else b for b in by]
+    tail = f"GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)}" if keys else \
+        f"HAVING {count} > 0"
+    return (f"SELECT {''.join(k + ', ' for k in keys)}{count}, sum(prompt_tokens), "
+            f"sum(cached_tokens), sum(completion_tokens) FROM usage WHERE {where} {tail}")

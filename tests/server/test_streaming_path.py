@@ -1,0 +1,134 @@
+"""The per-token streaming path: one event per token for a client that keeps up, merged deltas
+for one that falls behind (nothing lost, bytes identical), and the raw-send shortcut only where
+no middleware needs to see the body."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from servekit.engine import AsyncEngine, EngineConfig, LLMEngine
+from servekit.engine.outputs import RequestOutput
+from servekit.sched.params import SamplingParams
+from servekit.server import create_app
+from servekit.server.cli import DEMO_MODEL
+from servekit.server.fake import FakeEngine
+from servekit.server.responses import ChatEncoder, CompletionEncoder
+from servekit.server.service import GenerationService, Job
+from tests.server.conftest import Running, serve
+from tests.server.test_real_engine import MODEL, client, server  # noqa: F401  (the fixture)
+
+
+def test_a_fast_client_gets_one_event_per_token_and_the_whole_text(
+        server: Running) -> None:  # noqa: F811
+    c = client(server)
+    messages = [{"role": "user", "content": "Speak, good sir."}]
+    kwargs = dict(model=MODEL, max_tokens=20, temperature=0, logprobs=True, top_logprobs=2,
+                  messages=messages, extra_body={"ignore_eos": True})
+    whole = c.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+    chunks = list(c.chat.completions.create(stream=True, stream_options={"include_usage": True},
+                                            **kwargs))  # type: ignore[call-overload]
+    deltas = [ch for ch in chunks if ch.choices and ch.choices[0].logprobs]
+    assert len(deltas) == whole.usage.completion_tokens == 20  # one event per token
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == \
+        whole.choices[0].message.content
+    assert [e.token for ch in deltas for e in ch.choices[0].logprobs.content] == \
+        [e.token for e in whole.choices[0].logprobs.content]
+    usage = chunks[-1].usage  # the second run may hit the prefix cache: cached tokens differ
+    assert chunks[-1].choices == [] and usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (whole.usage.prompt_tokens, 20)
+
+
+async def _run(service: GenerationService, prompt: list[int], slow: bool) -> list[RequestOutput]:
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    job = Job(service.new_request_id("cmpl"), MODEL, None, [prompt], [(0, params)])
+    await service.admit(job)
+    seen: list[RequestOutput] = []
+
+    async def on_output(i: int, out: RequestOutput) -> None:
+        seen.append(out)
+        if slow and len(seen) == 1:  # a send blocked on a client that stopped reading
+            await anyio.sleep(0.5)
+
+    await service.run(job, on_output)
+    assert job.usage.completion_tokens == 24 and job.finish_reasons == ["length"]
+    return seen
+
+
+@pytest.mark.anyio
+async def test_a_stream_that_falls_behind_sends_merged_deltas_and_loses_nothing() -> None:
+    engine = AsyncEngine(LLMEngine(str(DEMO_MODEL), config=EngineConfig(
+        num_blocks=64, max_num_seqs=4, max_num_batched_tokens=256)))
+    service = GenerationService(engine)
+    service.state.set_ready()
+    prompt = engine.tokenizer.encode("ROMEO:")
+    async with engine:
+        fast = await _run(service, prompt, slow=False)
+        slow = await _run(service, prompt, slow=True)
+    assert [len(o.new_token_ids) for o in fast] == [1] * 24
+    assert len(slow) < len(fast)  # the deltas generated during the stall came as one
+    assert "".join(o.new_text for o in slow) == "".join(o.new_text for o in fast)
+    assert [t for o in slow for t in o.new_token_ids] == [t for o in fast for t in o.new_token_ids]
+
+
+class _Tagging:
+    """A user middleware that rewrites each streamed body part (appends an SSE comment)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("path") != "/v1/completions":
+            await self.app(scope, receive, send)
+            return
+
+        async def tagged(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                message = {**message, "body": message["body"] + b": seen\n\n"}
+            await send(message)
+
+        await self.app(scope, receive, tagged)
+
+
+@pytest.mark.parametrize("rewriting", [False, True])
+def test_streams_go_through_a_user_middleware_that_rewrites_bodies(rewriting: bool) -> None:
+    app = create_app(FakeEngine(model_name="fake"))
+    if rewriting:  # every part of the stream must pass through it, not around it
+        app.add_middleware(_Tagging)
+    body = {"model": "fake", "prompt": "hi", "max_tokens": 40, "stream": True}
+    with serve(app) as running:
+        text = httpx.post(running.url + "/v1/completions", json=body).text
+    parts = [p for p in text.split("\n\n") if p]
+    events = [p.removeprefix("data: ") for p in parts if p.startswith("data: ")]
+    assert events[-1] == "[DONE]" and len(events) == 41  # 40 tokens, one event each
+    assert parts.count(": seen") == (len(events) if rewriting else 0)
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == \
+        "the quick brown fox jumps over the lazy dog the quick brown f"[:40]
+
+
+@given(text=st.text(max_size=8), include_usage=st.booleans(), chat=st.booleans(),
+       choice=st.integers(0, 2))
+def test_a_text_delta_event_is_the_openai_chunk_for_any_text(text: str, include_usage: bool,
+                                                             chat: bool, choice: int) -> None:
+    engine = FakeEngine()
+    params = SamplingParams(max_tokens=4)
+    job = Job("chatcmpl-1" if chat else "cmpl-1", "fake", None, [[1]], [(0, params)] * 3)
+    encoder = (ChatEncoder if chat else CompletionEncoder)(job, engine.tokenizer,
+                                                           include_usage=include_usage)
+    event = encoder.chunk(choice, RequestOutput("r", [1], text, False, None, 1, 1, 0))
+    if not text:
+        assert event == b""
+        return
+    assert event.startswith(b"data: ") and event.endswith(b"\n\n")
+    delta = {"delta": {"content": text}} if chat else {"text": text}
+    expected = {"id": job.request_id, "created": job.created, "model": "fake",
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "choices": [{"index": choice, **delta, "logprobs": None, "finish_reason": None}],
+                **({"usage": None} if include_usage else {})}
+    assert json.loads(event[6:]) == expected

@@ -1,0 +1,62 @@
+"""A hypothesis strategy of JSON schemas over the subset servekit documents (docs/structured.md).
+
+Objects with ``properties`` / ``required`` (nested up to two levels), ``enum``, arrays with
+``minItems`` / ``maxItems``, ``anyOf``, strings with ``maxLength`` or a ``pattern``, integer and
+number ranges, booleans, and ``$ref`` to ``$defs``. Every size is bounded so an output fits in a
+few hundred tokens of the demo model's context.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import strategies as st
+
+_NAMES = st.sampled_from(["name", "age", "city", "tags", "score", "ok", "kind", "id"])
+
+_leaf: st.SearchStrategy[dict[str, Any]] = st.one_of(
+    st.integers(0, 12).map(lambda n: {"type": "string", "maxLength": n}),
+    st.sampled_from([r"[a-z]{1,6}", r"[A-Z][a-z]{0,4}", r"\d{2,3}-\d{2}"]).map(
+        lambda p: {"type": "string", "pattern": p}),
+    st.tuples(st.integers(-50, 50), st.integers(0, 100)).map(
+        lambda t: {"type": "integer", "minimum": t[0], "maximum": t[0] + t[1]}),
+    st.just({"type": "number", "minimum": 0, "maximum": 10}),
+    st.just({"type": "boolean"}),
+    st.lists(st.sampled_from(["red", "green", "blue", "x y", 'q"uote']), min_size=1,
+             max_size=4, unique=True).map(lambda v: {"enum": v}),
+)
+
+
+def _array(items: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
+    return st.tuples(items, st.integers(0, 2), st.integers(0, 2)).map(
+        lambda t: {"type": "array", "items": t[0], "minItems": t[1], "maxItems": t[1] + t[2]})
+
+
+def _object(values: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
+    def build(props: dict[str, dict[str, Any]], data: st.DataObject) -> dict[str, Any]:
+        required = data.draw(st.lists(st.sampled_from(sorted(props)), unique=True)) if props else []
+        return {"type": "object", "properties": props, "required": required,
+                "additionalProperties": False}
+
+    return st.builds(build, st.dictionaries(_NAMES, values, max_size=3), st.data())
+
+
+_value = st.one_of(
+    _leaf,
+    _array(_leaf),
+    st.lists(_leaf, min_size=2, max_size=2).map(lambda xs: {"anyOf": xs}),
+    _object(_leaf),
+)
+
+
+def _with_ref(schema: dict[str, Any], leaf: dict[str, Any]) -> dict[str, Any]:
+    props = dict(schema["properties"])
+    props["ref"] = {"$ref": "#/$defs/leaf"}
+    return {**schema, "properties": props, "required": [*schema["required"], "ref"],
+            "$defs": {"leaf": leaf}}
+
+
+json_schemas: st.SearchStrategy[dict[str, Any]] = st.one_of(
+    _object(_value),
+    st.builds(_with_ref, _object(_leaf), _leaf),
+)

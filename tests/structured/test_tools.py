@@ -1,0 +1,87 @@
+"""Hermes tool calls: parsing, streaming, and calls forced by the grammar."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from servekit.sched.params import InvalidParameterError, SamplingParams
+from servekit.structured.tools import (
+    HermesToolParser,
+    HermesToolStream,
+    guided_for_tool_choice,
+)
+from tests.structured.conftest import make_engine
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                         "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+        "required": ["city", "days"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                         "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["a", "b"], "additionalProperties": False}}},
+]
+TEXT = ('Let me check. <tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Verona", "days": 3}}'
+        '</tool_call> done <tool_call>not json</tool_call> a < b')
+
+
+def test_parse_calls_and_content() -> None:
+    content, calls = HermesToolParser().parse(TEXT)
+    assert [c.name for c in calls] == ["add", "get_weather"]
+    assert json.loads(calls[1].arguments) == {"city": "Verona", "days": 3}
+    assert content == "Let me check.  done <tool_call>not json</tool_call> a < b"
+    assert len({c.id for c in calls}) == 2
+
+
+@settings(max_examples=100, deadline=None)
+@given(cuts=st.lists(st.integers(0, len(TEXT)), max_size=30))
+def test_streamed_deltas_concatenate_to_the_parsed_result(cuts: list[int]) -> None:
+    bounds = [0, *sorted(cuts), len(TEXT)]
+    stream = HermesToolStream()
+    content, calls = "", []
+    for a, b in itertools.pairwise(bounds):
+        c, k = stream.feed(TEXT[a:b])
+        content += c
+        calls += k
+    rest, more = stream.flush()
+    whole_content, whole_calls = HermesToolParser().parse(TEXT)
+    assert content + rest == whole_content
+    assert [(c.name, c.arguments) for c in calls + more] == [
+        (c.name, c.arguments) for c in whole_calls]
+
+
+def test_tool_choice_errors_name_the_field() -> None:
+    with pytest.raises(InvalidParameterError) as info:
+        guided_for_tool_choice(TOOLS, {"type": "function", "function": {"name": "nope"}})
+    assert info.value.param == "tool_choice.function.name"
+    bad = [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]
+    with pytest.raises(InvalidParameterError) as info:
+        guided_for_tool_choice(bad, "required")
+    assert info.value.param == "tools[0].function.parameters"
+    assert guided_for_tool_choice(TOOLS, "auto") is None
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "add"}}])
+def test_forced_calls_from_the_demo_model_validate(demo_dir: Path, choice: Any) -> None:
+    engine = make_engine(demo_dir, num_blocks=128)
+    guided = guided_for_tool_choice(TOOLS, choice)
+    params = [SamplingParams(max_tokens=200, temperature=t, seed=i, guided=guided)
+              for i, t in enumerate([0.0, 1.0, 1.0, 0.7])]
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for r in engine.generate(["ROMEO:"] * 4, params):
+        assert r.finish_reason == "stop", r.text
+        content, calls = HermesToolParser().parse(r.text)
+        assert content == "" and len(calls) == 1
+        if isinstance(choice, dict):
+            assert calls[0].name == "add"
+        jsonschema.validate(json.loads(calls[0].arguments), schemas[calls[0].name])

@@ -1,0 +1,207 @@
+"""The outbox: durable appends, delivery only after every sink committed, bounds and policies,
+and a state machine over outbox + sinks with injected failures in which nothing is lost or
+counted twice."""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from servekit.usage import Outbox, SinkWorker, UsageRecord
+from servekit.usage.sinks.sqlite import SQLiteSink
+
+
+def record(i: int, **kw: Any) -> UsageRecord:
+    return UsageRecord(request_id=f"r{i}", idempotency_key=f"k{i}",
+                       time=datetime(2026, 5, 1, tzinfo=UTC), key_id="kid", tenant="t",
+                       model="m", prompt_tokens=i, completion_tokens=2 * i, **kw)
+
+
+def test_append_then_mark_delivers_with_final_chunk_flag(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", ["a"])
+    sent, lost = box.append(record(1)), box.append(record(2))
+    assert box.take("a").ids == ()  # unconfirmed rows of this process wait for their mark
+    box.mark_sent(sent)
+    box.mark_sent(lost, final_chunk_sent=False)
+    batch = box.take("a")
+    assert batch.ids == (sent, lost)
+    assert [r.final_chunk_sent for r in batch.records] == [True, False]
+    assert batch.records[0] == record(1, final_chunk_sent=True)
+
+
+def test_rows_of_a_dead_process_are_delivered_unconfirmed(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", ["a"])
+    box.append(record(1))
+    box.mark_sent(box.append(record(2)))  # mark buffered, never committed: the process dies
+    del box
+    again = Outbox(tmp_path / "o.db", ["a"])
+    batch = again.take("a")
+    assert [r.idempotency_key for r in batch.records] == ["k1", "k2"]
+    assert not any(r.final_chunk_sent for r in batch.records)
+    assert again.stats().backlog == 2
+
+
+def test_row_deleted_only_when_every_sink_acked(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", ["a", "b"])
+    box.mark_sent(box.append(record(1)))
+    ids = box.take("a").ids
+    box.ack("a", ids)
+    assert box.take("a").ids == () and box.take("b").ids == ids
+    assert box.stats().backlog == 1
+    box.ack("b", ids)
+    assert box.stats().backlog == 0 and box.take("b").ids == ()
+
+
+def test_fail_closed_stops_admitting_past_the_row_bound(tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    box = Outbox(tmp_path / "o.db", ["a"], max_rows=2)
+    box.append(record(1))
+    assert box.admitting()
+    box.append(record(2))
+    assert not box.admitting() and box.stats().over_bound
+    assert box.append(record(3)) is not None  # an admitted request is still recorded
+    assert "refusing new requests" in caplog.text
+    for row in (1, 2, 3):
+        box.mark_sent(row)
+    box.ack("a", box.take("a").ids)
+    assert box.admitting()
+
+
+def test_fail_open_drops_and_counts_past_the_age_bound(tmp_path: Path) -> None:
+    now = [1000.0]
+    box = Outbox(tmp_path / "o.db", ["a"], max_age_s=60, fail_open=True, clock=lambda: now[0])
+    assert box.append(record(1)) is not None
+    now[0] += 61
+    assert box.admitting()  # fail-open keeps serving
+    assert box.append(record(2)) is None
+    assert box.stats().dropped == 1 and box.stats().oldest_age_s == pytest.approx(61)
+
+
+def test_worker_retries_until_the_sink_takes_the_batch(tmp_path: Path) -> None:
+    sink = FlakySink(SQLiteSink(tmp_path / "s.db"))
+    box = Outbox(tmp_path / "o.db", ["s"])
+    for i in range(5):
+        box.mark_sent(box.append(record(i)))
+    worker = SinkWorker(box, "s", sink, batch_size=2)
+    sink.fail_next = "write"
+    with pytest.raises(OSError):
+        worker.run_once()
+    assert worker.drain() == 5 and box.stats().backlog == 0
+    assert sorted(r.idempotency_key for r in sink.inner.read_all()) == [f"k{i}" for i in range(5)]
+
+
+class FlakySink:
+    """A real SQLite sink that fails on demand: before writing, or after committing (the
+    caller sees an error although the batch is stored)."""
+
+    def __init__(self, inner: SQLiteSink) -> None:
+        self.inner = inner
+        self.fail_next: str | None = None
+
+    def write(self, batch: Any) -> None:
+        mode, self.fail_next = self.fail_next, None
+        if mode == "write":
+            raise OSError("injected: write failed")
+        self.inner.write(batch)
+        if mode == "commit":
+            raise OSError("injected: committed, but the reply was lost")
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+SINKS = ("pg", "ch")
+
+
+class OutboxMachine(RuleBasedStateMachine):
+    """Appends, marks, deliveries that fail in every way, crashes and restarts: each sink ends
+    up holding every appended record exactly once, and until then every record is either in
+    the sink or still waiting in the outbox for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="servekit-outbox-sm-"))
+        self.sinks = {n: FlakySink(SQLiteSink(self.dir / f"{n}.db")) for n in SINKS}
+        self.box = Outbox(self.dir / "outbox.db", SINKS)
+        self.appended: dict[str, int] = {}
+        self.unmarked: list[int] = []
+        self.n = 0
+
+    @rule(count=st.integers(1, 4))
+    def append(self, count: int) -> None:
+        for _ in range(count):
+            self.n += 1
+            row = self.box.append(record(self.n))
+            assert row is not None
+            self.appended[f"k{self.n}"] = self.n
+            self.unmarked.append(row)
+
+    @precondition(lambda self: self.unmarked)
+    @rule(sent=st.booleans())
+    def mark(self, sent: bool) -> None:
+        self.box.mark_sent(self.unmarked.pop(0), sent)
+
+    @rule(sink=st.sampled_from(SINKS), failure=st.sampled_from(
+        [None, "write", "commit", "crash_before_ack"]), size=st.integers(1, 5))
+    def deliver(self, sink: str, failure: str | None, size: int) -> None:
+        batch = self.box.take(sink, size)
+        if not batch.ids:
+            return
+        target = self.sinks[sink]
+        target.fail_next = failure if failure in ("write", "commit") else None
+        try:
+            target.write(batch.records)
+        except OSError:
+            return
+        if failure != "crash_before_ack":
+            self.box.ack(sink, batch.ids)
+
+    @rule()
+    def crash_and_restart(self) -> None:
+        # buffered marks die with the process; its rows become deliverable, unconfirmed
+        self.box = Outbox(self.dir / "outbox.db", SINKS)
+        self.unmarked.clear()
+
+    def _waiting(self, sink: str) -> set[str]:
+        db = sqlite3.connect(self.dir / "outbox.db")
+        try:
+            rows = db.execute("SELECT json_extract(payload, '$[0]') FROM outbox o WHERE NOT "
+                              "EXISTS (SELECT 1 FROM delivered d WHERE d.id = o.id AND "
+                              "d.sink = ?)", (sink,)).fetchall()
+        finally:
+            db.close()
+        return {r[0] for r in rows}
+
+    @invariant()
+    def nothing_lost_nothing_doubled(self) -> None:
+        for name, sink in self.sinks.items():
+            stored = sink.inner.read_all()
+            keys = [r.idempotency_key for r in stored]
+            assert len(keys) == len(set(keys))
+            assert set(keys) | self._waiting(name) == set(self.appended)
+            for r in stored:
+                assert r.prompt_tokens == self.appended[r.idempotency_key]
+
+    def teardown(self) -> None:
+        for row in self.unmarked:
+            self.box.mark_sent(row)
+        for name, sink in self.sinks.items():
+            SinkWorker(self.box, name, sink).drain()
+            stored = sink.inner.read_all()
+            assert sorted(r.idempotency_key for r in stored) == sorted(self.appended)
+            assert sum(r.prompt_tokens for r in stored) == sum(self.appended.values())
+            sink.close()
+        assert self.box.stats().backlog == 0
+        self.box.close()
+
+
+TestOutboxMachine = OutboxMachine.TestCase
+TestOutboxMachine.settings = settings(max_examples=30, stateful_step_count=25, deadline=None)

@@ -1,0 +1,89 @@
+"""The usage call path in process: what a record holds for finished, aborted and refused
+requests, the key id, the fail-closed 503, and ``servekit usage``."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from servekit.server.app import create_app
+from servekit.server.cli import main
+from servekit.server.fake import FakeEngine
+from servekit.server.keys import ApiKey, KeyStore
+from servekit.server.usage_path import UsageRecorder
+from servekit.usage.sinks.sqlite import SQLiteSink
+from tests.asgi_server import serve_asgi
+
+SECRET = b"s" * 32
+
+
+def _app(tmp_path: Path, **kw: Any) -> tuple[Any, UsageRecorder]:
+    recorder = UsageRecorder(tmp_path / "data", secret=SECRET, replica="r0", **kw)
+    keys = KeyStore([ApiKey(key="sk-a", tenant="acme")])
+    return create_app(FakeEngine(token_delay=0.01), keys=keys, usage=recorder), recorder
+
+
+def _stored(tmp_path: Path) -> list[Any]:
+    sink = SQLiteSink(tmp_path / "data" / "usage.db")
+    try:
+        return sink.read_all()
+    finally:
+        sink.close()
+
+
+def test_finished_and_aborted_requests_are_recorded(tmp_path: Path) -> None:
+    app, _ = _app(tmp_path)
+    auth = {"authorization": "Bearer sk-a"}
+    with serve_asgi(app) as base:
+        done = httpx.post(f"{base}/v1/completions", headers={**auth, "idempotency-key": "x1"},
+                          json={"model": "fake", "prompt": "a b c", "max_tokens": 4})
+        assert done.status_code == 200
+        with httpx.stream("POST", f"{base}/v1/completions", headers=auth, timeout=10,
+                          json={"model": "fake", "prompt": "a b", "max_tokens": 500,
+                                "stream": True}) as resp:
+            next(resp.iter_lines())  # read a little, then hang up mid-stream
+        aborted_id = resp.headers["x-request-id"]
+    records = {r.request_id: r for r in _stored(tmp_path)}  # the lifespan drained on exit
+    ok = records[done.headers["x-request-id"]]
+    usage = done.json()["usage"]
+    assert (ok.prompt_tokens, ok.completion_tokens) == (usage["prompt_tokens"],
+                                                        usage["completion_tokens"])
+    assert ok.final_chunk_sent and ok.http_status == 200 and ok.tenant == "acme"
+    assert ok.key_id == hmac.new(SECRET, b"sk-a", hashlib.sha256).hexdigest()[:32]
+    assert ok.idempotency_key == f"{ok.key_id}:x1" and ok.replicas == ("r0",)
+    assert "sk-a" not in json.dumps([str(r) for r in records.values()])
+    aborted = records[aborted_id]
+    assert not aborted.final_chunk_sent and aborted.completion_tokens < 500
+
+
+def test_fail_closed_outbox_refuses_with_503(tmp_path: Path) -> None:
+    app, recorder = _app(tmp_path, max_rows=1, urls=["sqlite:///" + str(tmp_path / "x.db")])
+    recorder.start = lambda: None  # type: ignore[method-assign]  # no worker: the outbox fills
+    with serve_asgi(app) as base:
+        body = {"model": "fake", "prompt": "a", "max_tokens": 2}
+        auth = {"authorization": "Bearer sk-a"}
+        assert httpx.post(f"{base}/v1/completions", headers=auth, json=body).status_code == 200
+        refused = httpx.post(f"{base}/v1/completions", headers=auth, json=body)
+    assert refused.status_code == 503 and "usage" in refused.json()["error"]["message"]
+    assert refused.headers["retry-after"]
+
+
+def test_usage_command_reports_totals(tmp_path: Path, capsys: Any) -> None:
+    app, _ = _app(tmp_path)
+    with serve_asgi(app) as base:
+        for n in (2, 3):
+            httpx.post(f"{base}/v1/completions", headers={"authorization": "Bearer sk-a"},
+                       json={"model": "fake", "prompt": "a", "max_tokens": n})
+    db = "sqlite:///" + str(tmp_path / "data" / "usage.db")
+    assert main(["usage", "--db", db, "--by", "tenant", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 1 and rows[0]["tenant"] == "acme" and rows[0]["requests"] == 2
+    assert rows[0]["completion_tokens"] == 5
+    assert main(["usage", "--db", db, "--by", "tenant,model"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["tenant", "model", "requests"] and "acme" in table[1]
