@@ -3,8 +3,9 @@
 Sinks: N records are appended to an outbox, then one SinkWorker drains them in batches of
 1,000 into a real PostgreSQL (started here from Debian's binaries, as the tests do) and into
 chDB; records/s is the drain rate. Server: ``servekit serve --fake`` in a subprocess, 32
-clients streaming 16 tokens for 32-token prompts; the server process's CPU time per request
-(from /proc) with ``--usage none`` and with the default SQLite ledger, rounds alternating.
+clients streaming 16 tokens for 32-token prompts; two servers run side by side, one with
+``--usage none`` and one with the default SQLite ledger, loaded in turn (order alternating)
+each round: each process's CPU time per request (from /proc), and their ratio per round.
 Bars: recording adds < 2 % CPU per request; each sink drains >= 10x the request rate the
 server served in this run.
 """
@@ -96,24 +97,28 @@ async def _load(base: str, n: int) -> None:
             tg.start_soon(one, client, i)
 
 
-def server_round(usage: bool, n: int, data: Path) -> tuple[float, float]:
-    """(server CPU ms per request, requests/s) for one round of ``n`` requests."""
-    from tests.usage.servers import free_port
+class _Server:
+    """A ``servekit serve --fake`` process on a free port, with or without usage recording."""
 
-    port = free_port()
-    proc = _start_server(port, data, usage)
-    try:
-        anyio.run(_load, f"http://127.0.0.1:{port}", 64)  # warm up
-        time.sleep(0.3)
-        cpu0, t0 = _cpu(proc.pid), time.perf_counter()
-        anyio.run(_load, f"http://127.0.0.1:{port}", n)
+    def __init__(self, usage: bool, data: Path) -> None:
+        from tests.usage.servers import free_port
+
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        self.proc = _start_server(port, data, usage)
+        anyio.run(_load, self.base, 64)  # warm up
+
+    def cpu_ms_per_request(self, n: int) -> tuple[float, float]:
+        """(CPU ms per request, requests/s) for ``n`` requests."""
+        cpu0, t0 = _cpu(self.proc.pid), time.perf_counter()
+        anyio.run(_load, self.base, n)
         wall = time.perf_counter() - t0
         time.sleep(0.5)  # the sink worker's share of the round lands in the CPU count
-        cpu = _cpu(proc.pid) - cpu0
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-    return 1000 * cpu / n, n / wall
+        return 1000 * (_cpu(self.proc.pid) - cpu0) / n, n / wall
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
 
 
 def main() -> None:
@@ -136,25 +141,34 @@ def main() -> None:
 
     cpu: dict[bool, list[float]] = {False: [], True: []}
     rate: list[float] = []
-    for r in range(rounds):
-        for usage in (False, True) if r % 2 == 0 else (True, False):
-            ms, rps = server_round(usage, n_requests, root / f"data-{r}-{usage}")
-            cpu[usage].append(ms)
-            rate.append(rps)
+    ratio: list[float] = []
+    servers = {usage: _Server(usage, root / f"data-{usage}") for usage in (False, True)}
+    try:
+        for r in range(rounds):
+            for usage in (False, True) if r % 2 == 0 else (True, False):
+                ms, rps = servers[usage].cpu_ms_per_request(n_requests)
+                cpu[usage].append(ms)
+                rate.append(rps)
+            ratio.append(cpu[True][-1] / cpu[False][-1])
+            print(f"round {r + 1}/{rounds}: usage on/off CPU per request {ratio[-1]:.3f}",
+                  flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
 
     req_rate = statistics.median(rate)
-    base, rec = statistics.median(cpu[False]), statistics.median(cpu[True])
     rows = [
         {"what": "outbox -> PostgreSQL (records/s)", **summary(pg_rates)},
         {"what": "outbox -> ClickHouse/chDB (records/s)", **summary(ch_rates)},
         {"what": "server CPU ms/request, no usage", **summary(cpu[False])},
         {"what": "server CPU ms/request, usage on (SQLite)", **summary(cpu[True])},
+        {"what": "server CPU per request, usage on / off", **summary(ratio)},
         {"what": "server requests/s (32 clients)", **summary(rate)},
     ]
     print_table(rows, ["what", "median", "min", "max"],
                 title=f"usage: {n_records} records per sink round, {n_requests} requests per "
                       f"server round, {rounds} rounds")
-    added = (rec - base) / base
+    added = statistics.median(ratio) - 1.0
     bars = {
         "usage_added_cpu_fraction": bar(added, 0.02, higher_is_better=False),
         "postgres_over_request_rate": bar(statistics.median(pg_rates) / req_rate, 10.0),

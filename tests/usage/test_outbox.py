@@ -173,7 +173,7 @@ class OutboxMachine(RuleBasedStateMachine):
     def _waiting(self, sink: str) -> set[str]:
         db = sqlite3.connect(self.dir / "outbox.db")
         try:
-            rows = db.execute("SELECT json_extract(payload, '$[0]') FROM outbox o WHERE NOT "
+            rows = db.execute("SELECT idempotency_key FROM outbox o WHERE NOT "
                               "EXISTS (SELECT 1 FROM delivered d WHERE d.id = o.id AND "
                               "d.sink = ?)", (sink,)).fetchall()
         finally:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 
 from servekit.server.app import create_app
@@ -87,3 +89,69 @@ def test_usage_command_reports_totals(tmp_path: Path, capsys: Any) -> None:
     assert main(["usage", "--db", db, "--by", "tenant,model"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["tenant", "model", "requests"] and "acme" in table[1]
+
+
+def test_streams_finishing_together_share_one_outbox_commit(tmp_path: Path) -> None:
+    """Streams that end in the same engine step append their records in one transaction
+    (a group commit), each record still its own row, every one delivered."""
+    app, recorder = _app(tmp_path)
+    commits: list[int] = []
+    append_many = recorder.outbox.append_many
+
+    def counted(records: Any) -> list[int | None]:
+        commits.append(len(records))
+        return append_many(records)
+
+    recorder.outbox.append_many = counted  # type: ignore[method-assign]
+    n = 8
+
+    async def burst(base: str) -> None:
+        async with httpx.AsyncClient(timeout=30) as client:
+            async def one() -> None:
+                r = await client.post(f"{base}/v1/completions", headers={
+                    "authorization": "Bearer sk-a"}, json={
+                    "model": "fake", "prompt": "a b", "max_tokens": 20, "stream": True})
+                assert r.status_code == 200 and r.text.rstrip().endswith("[DONE]")
+            async with anyio.create_task_group() as tg:
+                for _ in range(n):
+                    tg.start_soon(one)
+
+    with serve_asgi(app) as base:
+        anyio.run(burst, base)
+    assert sum(commits) == n and len(commits) < n, commits
+    stored = _stored(tmp_path)
+    assert len({r.request_id for r in stored}) == n and all(r.final_chunk_sent for r in stored)
+
+
+def test_a_worker_under_a_trickle_delivers_in_batches_not_per_record(tmp_path: Path) -> None:
+    """While records keep arriving, the worker waits an interval between partial batches (it
+    used to loop at once after any delivery, paying a batch's cost per record)."""
+    from datetime import UTC, datetime
+
+    from servekit.usage import Outbox, SinkWorker, UsageRecord
+
+    writes: list[int] = []
+
+    class CountingSink:
+        def write(self, batch: Any) -> None:
+            writes.append(len(batch))
+            time.sleep(0.005)  # a sink round trip: records keep arriving meanwhile
+
+        def close(self) -> None:
+            pass
+
+    box = Outbox(tmp_path / "o.db", ["c"])
+    worker = SinkWorker(box, "c", CountingSink(), interval_s=0.25)
+    worker.start()
+    try:
+        for i in range(200):  # about 0.4 s of one record per 2 ms
+            row = box.append(UsageRecord(request_id=f"r{i}", idempotency_key=f"k{i}",
+                                         time=datetime.now(UTC), key_id=None, tenant=None,
+                                         model="m"))
+            box.mark_sent(row)
+            box.flush()
+            time.sleep(0.002)
+    finally:
+        worker.stop()
+    assert sum(writes) == 200
+    assert len(writes) <= 8, writes

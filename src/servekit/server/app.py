@@ -419,11 +419,13 @@ class GenerationResponse(Response):
         self.background = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        raw_send = scope.get(_RAW_SEND, send)
         if self.usage is None:
-            return await self._respond(scope, receive, send, scope.get(_RAW_SEND, send))
-        call = self.usage.track(self.job, send, scope)  # the record, around the final message
-        try:  # the record wraps send, so no raw fast path may bypass it
-            await self._respond(scope, receive, call.send, call.send)
+            return await self._respond(scope, receive, send, raw_send)
+        # the record, around the final message (body parts only note the first byte)
+        call = self.usage.track(self.job, send, scope, raw_send)
+        try:
+            await self._respond(scope, receive, call.send, call.send_part)
         finally:
             call.close()  # failed or aborted before the final message: recorded as such
 

@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from servekit.protocol.errors import ServiceUnavailableError
 from servekit.server.keys import ApiKey
 from servekit.server.service import Job
@@ -56,6 +58,7 @@ class UsageRecorder:
                              max_age_s=max_age_s, fail_open=fail_open)
         self.workers: list[SinkWorker] = []
         self._names = names
+        self._group = _GroupCommit(self.outbox)
 
     def start(self) -> None:
         """Open the sinks and start a worker per sink (they drain what a previous run left)."""
@@ -84,9 +87,13 @@ class UsageRecorder:
             return None
         return hmac.new(self.secret, key.key.encode(), hashlib.sha256).hexdigest()[:32]
 
-    def track(self, job: Job, send: Send, scope: dict[str, Any]) -> UsageCall:
-        """The usage of ``job``'s response, recorded through the returned call's ``send``."""
-        return UsageCall(self, job, send, _header(scope, b"idempotency-key"))
+    def track(self, job: Job, send: Send, scope: dict[str, Any],
+              raw_send: Send | None = None) -> UsageCall:
+        """The usage of ``job``'s response, recorded through the returned call's ``send``;
+        mid-stream body parts may go through its ``send_part`` (on ``raw_send``, the server's
+        own send past the middlewares, when given)."""
+        return UsageCall(self, job, send, raw_send or send,
+                         _header(scope, b"idempotency-key"))
 
     def _stored_secret(self) -> bytes:
         path = self.data_dir / "usage-secret"
@@ -103,12 +110,13 @@ class UsageRecorder:
 class UsageCall:
     """One response's usage: wraps ``send``; :meth:`close` records an unfinished request."""
 
-    __slots__ = ("_send", "client_key", "first_at", "job", "recorded", "recorder", "started",
-                 "status", "time")
+    __slots__ = ("_raw", "_send", "client_key", "first_at", "job", "recorded", "recorder",
+                 "started", "status", "time")
 
-    def __init__(self, recorder: UsageRecorder, job: Job, send: Send,
+    def __init__(self, recorder: UsageRecorder, job: Job, send: Send, raw_send: Send,
                  client_key: str | None) -> None:
         self.recorder, self.job, self._send, self.client_key = recorder, job, send, client_key
+        self._raw = raw_send
         self.time = datetime.now(UTC)
         self.started = time.monotonic()
         self.first_at: float | None = None
@@ -126,7 +134,8 @@ class UsageCall:
         if message.get("more_body", False) or self.recorded:
             await self._send(message)
             return
-        row = self._append()
+        with anyio.CancelScope(shield=True):  # the record is written whatever happens next
+            row = await self.recorder._group.append(self._record())
         try:
             await self._send(message)
         except BaseException:
@@ -134,12 +143,20 @@ class UsageCall:
             raise
         self.recorder.outbox.mark_sent(row, final_chunk_sent=True)
 
+    async def send_part(self, message: dict[str, Any]) -> None:
+        """Forward a body part with ``more_body`` set (never the final message) on the raw
+        send: only the time of the first byte matters to the record."""
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+        await self._raw(message)
+
     def close(self) -> None:
         """Record a request that never sent its final message (failed or aborted)."""
         if not self.recorded:
-            self.recorder.outbox.mark_sent(self._append(), final_chunk_sent=False)
+            row = self.recorder.outbox.append(self._record())
+            self.recorder.outbox.mark_sent(row, final_chunk_sent=False)
 
-    def _append(self) -> int | None:
+    def _record(self) -> UsageRecord:
         self.recorded = True
         job, recorder = self.job, self.recorder
         key_id = recorder.key_id(job.key)
@@ -148,14 +165,57 @@ class UsageCall:
                                                else "error")
         now = time.monotonic()
         idem = f"{key_id or '-'}:{self.client_key}" if self.client_key else job.request_id
-        return recorder.outbox.append(UsageRecord(
+        return UsageRecord(
             request_id=job.request_id, idempotency_key=idem, time=self.time, key_id=key_id,
             tenant=job.key.tenant if job.key is not None else None, model=job.model,
             replicas=(recorder.replica,), prompt_tokens=job.usage.prompt_tokens,
             cached_tokens=job.usage.cached_tokens,
             completion_tokens=job.usage.completion_tokens, finish_reason=finish,
             http_status=self.status, ttft=None if self.first_at is None
-            else self.first_at - self.started, total_time=now - self.started))
+            else self.first_at - self.started, total_time=now - self.started)
+
+
+class _GroupCommit:
+    """Appends the records of requests that finish in the same event-loop turn in one
+    transaction: the first waits one turn for the others, then commits them all."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        self._open: _Group | None = None
+
+    async def append(self, record: UsageRecord) -> int | None:
+        """Store ``record`` durably (see :meth:`Outbox.append`); its row id. Not cancellable
+        midway: call it shielded."""
+        group = self._open
+        if group is not None:
+            index = len(group.records)
+            group.records.append(record)
+            await group.done.wait()
+        else:
+            group = self._open = _Group([record])
+            index = 0
+            try:
+                await anyio.sleep(0)  # let the requests finishing in this turn join
+            finally:
+                self._open = None
+                try:
+                    group.ids = self.outbox.append_many(group.records)
+                except Exception as exc:
+                    group.error = exc
+                group.done.set()
+        if group.error is not None:
+            raise group.error
+        return group.ids[index]
+
+
+class _Group:
+    __slots__ = ("done", "error", "ids", "records")
+
+    def __init__(self, records: list[UsageRecord]) -> None:
+        self.records = records
+        self.ids: list[int | None] = []
+        self.error: Exception | None = None
+        self.done = anyio.Event()
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:

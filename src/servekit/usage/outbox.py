@@ -3,8 +3,9 @@
 A SQLite database in WAL mode with ``synchronous=NORMAL``: a commit is a write to the WAL, not
 an fsync, so an append survives a killed process (not a power cut) for tens of microseconds.
 The serving path calls :meth:`Outbox.append` before the final chunk is sent and
-:meth:`Outbox.mark_sent` after; marks are buffered and committed together with the next append
-or take (a group commit). A row appended by a process that died before marking it stays
+:meth:`Outbox.mark_sent` after; marks are buffered in memory and committed by the sink
+worker's next :meth:`take`, so the serving path pays one INSERT per record. A row whose mark
+died with its process (never made, or made within a worker interval of the crash) stays
 *unconfirmed* (``final_chunk_sent`` False) and is delivered as such by the next process.
 
 Sinks drain it through :meth:`take` (a batch of rows this sink has not acknowledged) and
@@ -19,31 +20,39 @@ and drops new records, counting them (fail-open).
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from attrs import frozen
 
-from servekit.usage.record_codec import from_row, to_row
+from servekit.usage.record_codec import COLUMNS, from_row, to_row
 from servekit.usage.sink import UsageRecord
 
 log = logging.getLogger("servekit.usage")
 
-_SCHEMA = """
+# Records are stored as columns in COLUMNS order (no JSON to encode per request); ``state``
+# says what the serving path knows: appended (the final chunk not yet sent), sent, or ended
+# without the final chunk. ``user_version`` marks this layout.
+_LAYOUT = 2
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY, epoch TEXT NOT NULL, created REAL NOT NULL,
-    confirmed INTEGER NOT NULL DEFAULT 0, payload TEXT NOT NULL);
+    state INTEGER NOT NULL DEFAULT 0, {", ".join(COLUMNS)});
 CREATE TABLE IF NOT EXISTS delivered (
     id INTEGER NOT NULL, sink TEXT NOT NULL, PRIMARY KEY (id, sink)) WITHOUT ROWID;
+PRAGMA user_version = {_LAYOUT};
 """
+_APPENDED, _SENT, _UNSENT = 0, 1, 2
+_INSERT = (f"INSERT INTO outbox (epoch, created, {', '.join(COLUMNS)}) "
+           f"VALUES ({', '.join('?' * (len(COLUMNS) + 2))})")
+_TIME = COLUMNS.index("time")
+_FINAL = COLUMNS.index("final_chunk_sent")
 
 
 @frozen(slots=True)
@@ -93,6 +102,10 @@ class Outbox:
         self._over = False
         self._oldest: float | None = None
         db = self._db()
+        layout = db.execute("PRAGMA user_version").fetchone()[0]
+        if layout not in (0, _LAYOUT):
+            raise RuntimeError(f"{self.path} is a usage outbox of another layout ({layout}, this "
+                               f"servekit writes {_LAYOUT}): drain it with that version first")
         db.executescript(_SCHEMA)
         self._backlog = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
         self._refresh_oldest(db)
@@ -102,28 +115,39 @@ class Outbox:
     def append(self, record: UsageRecord) -> int | None:
         """Store ``record`` durably (unconfirmed); its row id, or None if dropped (fail-open,
         over the bound)."""
-        if self._check_bound() and self.fail_open:
-            with self._lock:
-                self._dropped += 1
-            log.error("usage outbox over its bound: dropped the record of %s (fail-open; "
-                      "%d dropped so far)", record.request_id, self._dropped)
-            return None
-        payload = json.dumps(to_row(record), default=_iso, separators=(",", ":"))
+        return self.append_many([record])[0]
+
+    def append_many(self, records: Sequence[UsageRecord]) -> list[int | None]:
+        """:meth:`append` for several records in one transaction (a group commit)."""
+        rows: list[tuple[Any, ...]] = []
+        kept: list[int] = []
+        for i, record in enumerate(records):
+            if self._check_bound() and self.fail_open:
+                with self._lock:
+                    self._dropped += 1
+                log.error("usage outbox over its bound: dropped the record of %s (fail-open; "
+                          "%d dropped so far)", record.request_id, self._dropped)
+                continue
+            values = list(to_row(record))
+            values[_TIME] = values[_TIME].isoformat()  # UTC (to_row converts)
+            rows.append((self._epoch, self._clock(), *values))
+            kept.append(i)
+        ids: list[int | None] = [None] * len(records)
+        if not rows:
+            return ids
         db = self._db()
         with db:
-            self._flush_marks(db)
-            row = db.execute("INSERT INTO outbox (epoch, created, payload) VALUES (?, ?, ?)",
-                             (self._epoch, self._clock(), payload)).lastrowid
+            for i, row in zip(kept, rows, strict=True):
+                ids[i] = db.execute(_INSERT, row).lastrowid
         with self._lock:
-            self._backlog += 1
+            self._backlog += len(rows)
             if self._oldest is None:
                 self._oldest = self._clock()
-        assert row is not None
-        return row
+        return ids
 
     def mark_sent(self, row_id: int | None, final_chunk_sent: bool = True) -> None:
         """The request finished: its row is ready to deliver (``final_chunk_sent`` says whether
-        the client got the end). Committed with the next append or take."""
+        the client got the end). Committed by the next take (or :meth:`flush`)."""
         if row_id is None:
             return
         with self._lock:
@@ -156,11 +180,16 @@ class Outbox:
         with db:
             self._flush_marks(db)
         rows = db.execute(
-            "SELECT id, payload FROM outbox o WHERE (confirmed != 0 OR epoch != ?) AND NOT "
-            "EXISTS (SELECT 1 FROM delivered d WHERE d.id = o.id AND d.sink = ?) "
-            "ORDER BY id LIMIT ?", (self._epoch, sink, limit)).fetchall()
-        return Batch(tuple(r[0] for r in rows),
-                     tuple(from_row(json.loads(r[1])) for r in rows))
+            f"SELECT id, state, {', '.join(COLUMNS)} FROM outbox o WHERE (state != "
+            f"{_APPENDED} OR epoch != ?) AND NOT EXISTS (SELECT 1 FROM delivered d WHERE "
+            "d.id = o.id AND d.sink = ?) ORDER BY id LIMIT ?",
+            (self._epoch, sink, limit)).fetchall()
+        records = []
+        for row in rows:
+            values = list(row[2:])
+            values[_FINAL] = row[1] == _SENT
+            records.append(from_row(values))
+        return Batch(tuple(r[0] for r in rows), tuple(records))
 
     def ack(self, sink: str, ids: Sequence[int]) -> None:
         """``sink`` committed these rows; delete those every sink has now acknowledged."""
@@ -213,9 +242,8 @@ class Outbox:
         with self._lock:
             marks, self._marks = self._marks, []
         if marks:
-            db.executemany("UPDATE outbox SET confirmed = 1, payload = json_set(payload, "
-                           "'$[15]', json(?)) WHERE id = ?",
-                           [("true" if m > 0 else "false", abs(m)) for m in marks])
+            db.executemany("UPDATE outbox SET state = ? WHERE id = ?",
+                           [(_SENT if m > 0 else _UNSENT, abs(m)) for m in marks])
 
     def _refresh_oldest(self, db: sqlite3.Connection) -> None:
         row = db.execute("SELECT created FROM outbox ORDER BY id LIMIT 1").fetchone()
@@ -242,8 +270,3 @@ class Outbox:
         if sink not in self.sinks:
             raise ValueError(f"sink {sink!r} is not one of this outbox's sinks {self.sinks}")
 
-
-def _iso(value: Any) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"cannot store {type(value).__name__} in the outbox")

@@ -29,24 +29,22 @@ def to_row(record: UsageRecord) -> tuple[Any, ...]:
 
 def from_row(row: tuple[Any, ...] | list[Any]) -> UsageRecord:
     """The record a :func:`to_row` tuple (or a sink's row in the same order) describes."""
-    values = dict(zip(COLUMNS, row, strict=True))
-    time = values["time"]
+    (idempotency_key, request_id, time, key_id, tenant, model, replicas, prompt_tokens,
+     cached_tokens, completion_tokens, finish_reason, http_status, queue_time, ttft,
+     total_time, final_chunk_sent, ledger) = row
     if isinstance(time, str):
         time = datetime.fromisoformat(time)
     if time.tzinfo is None:
         time = time.replace(tzinfo=UTC)
-    replicas = values["replicas"] or ""
     return UsageRecord(
-        idempotency_key=values["idempotency_key"], request_id=values["request_id"],
-        time=time.astimezone(UTC), key_id=values["key_id"] or None,
-        tenant=values["tenant"] or None, model=values["model"],
-        replicas=tuple(r for r in replicas.split(",") if r),
-        prompt_tokens=int(values["prompt_tokens"]), cached_tokens=int(values["cached_tokens"]),
-        completion_tokens=int(values["completion_tokens"]),
-        finish_reason=values["finish_reason"] or None, http_status=int(values["http_status"]),
-        queue_time=_opt_float(values["queue_time"]), ttft=_opt_float(values["ttft"]),
-        total_time=float(values["total_time"]),
-        final_chunk_sent=bool(values["final_chunk_sent"]), ledger=bool(values["ledger"]),
+        idempotency_key=idempotency_key, request_id=request_id, time=time.astimezone(UTC),
+        key_id=key_id or None, tenant=tenant or None, model=model,
+        replicas=tuple(r for r in (replicas or "").split(",") if r),
+        prompt_tokens=int(prompt_tokens), cached_tokens=int(cached_tokens),
+        completion_tokens=int(completion_tokens), finish_reason=finish_reason or None,
+        http_status=int(http_status), queue_time=_opt_float(queue_time),
+        ttft=_opt_float(ttft), total_time=float(total_time),
+        final_chunk_sent=bool(final_chunk_sent), ledger=bool(ledger),
     )
 
 

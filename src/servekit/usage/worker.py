@@ -84,5 +84,8 @@ class SinkWorker:
                 continue
             if self._stop.is_set() and not sent:
                 return
-            if not sent and self._stop.wait(self.interval_s):
+            # a full batch means a backlog: take the next at once; otherwise let records
+            # gather for an interval, so a busy server pays the per-batch cost once per
+            # interval rather than once per request
+            if sent < self.batch_size and self._stop.wait(self.interval_s):
                 continue  # loop once more: a last drain before stopping
