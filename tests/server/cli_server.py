@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -77,7 +78,11 @@ def cli_server(*args: str, ready_timeout: float = 120.0) -> Iterator[CliServer]:
         proc.wait(timeout=30)
 
 
+_DATA_DIR = tempfile.mkdtemp(prefix="servekit-test-data-")
+
+
 def _env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # usage records go to a scratch data directory, never the user's ~/.local/share/servekit
+    env = {"SERVEKIT_DATA_DIR": _DATA_DIR, **os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("SERVEKIT_API_KEYS", None)
     return env

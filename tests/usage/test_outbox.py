@@ -4,6 +4,7 @@ counted twice."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import tempfile
 from datetime import UTC, datetime
@@ -205,3 +206,25 @@ class OutboxMachine(RuleBasedStateMachine):
 
 TestOutboxMachine = OutboxMachine.TestCase
 TestOutboxMachine.settings = settings(max_examples=30, stateful_step_count=25, deadline=None)
+
+
+def test_an_outbox_of_the_json_layout_is_migrated_with_its_rows(tmp_path: Path) -> None:
+    """Rows a previous servekit left in the first layout (JSON payloads) are still delivered."""
+    path = tmp_path / "o.db"
+    db = sqlite3.connect(path)
+    db.executescript("""CREATE TABLE outbox (id INTEGER PRIMARY KEY, epoch TEXT NOT NULL,
+        created REAL NOT NULL, confirmed INTEGER NOT NULL DEFAULT 0, payload TEXT NOT NULL);
+        CREATE TABLE delivered (id INTEGER NOT NULL, sink TEXT NOT NULL,
+        PRIMARY KEY (id, sink)) WITHOUT ROWID;""")
+    row = ["k7", "r7", "2026-05-01T00:00:00+00:00", "kid", "t", "m", "", 7, 0, 14, None, 200,
+           None, None, 0.0, True, True]
+    db.execute("INSERT INTO outbox VALUES (5, 'old', 1.0, 1, ?)", (json.dumps(row),))
+    db.commit()
+    db.close()
+    box = Outbox(path, ["a"])
+    batch = box.take("a")
+    assert batch.ids == (5,)
+    assert batch.records[0] == record(7, final_chunk_sent=True)
+    box.mark_sent(box.append(record(8)))
+    box.flush()
+    assert box.take("a").ids == (5, 6)

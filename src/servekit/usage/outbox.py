@@ -20,6 +20,7 @@ and drops new records, counting them (fail-open).
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import threading
@@ -40,14 +41,14 @@ log = logging.getLogger("servekit.usage")
 # says what the serving path knows: appended (the final chunk not yet sent), sent, or ended
 # without the final chunk. ``user_version`` marks this layout.
 _LAYOUT = 2
-_SCHEMA = f"""
+_TABLES = f"""
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY, epoch TEXT NOT NULL, created REAL NOT NULL,
     state INTEGER NOT NULL DEFAULT 0, {", ".join(COLUMNS)});
 CREATE TABLE IF NOT EXISTS delivered (
     id INTEGER NOT NULL, sink TEXT NOT NULL, PRIMARY KEY (id, sink)) WITHOUT ROWID;
-PRAGMA user_version = {_LAYOUT};
 """
+_SCHEMA = f"{_TABLES}PRAGMA user_version = {_LAYOUT};\n"
 _APPENDED, _SENT, _UNSENT = 0, 1, 2
 _INSERT = (f"INSERT INTO outbox (epoch, created, {', '.join(COLUMNS)}) "
            f"VALUES ({', '.join('?' * (len(COLUMNS) + 2))})")
@@ -106,6 +107,7 @@ class Outbox:
         if layout not in (0, _LAYOUT):
             raise RuntimeError(f"{self.path} is a usage outbox of another layout ({layout}, this "
                                f"servekit writes {_LAYOUT}): drain it with that version first")
+        _migrate_json_payloads(db)  # by its columns: a file's user_version may be wrong
         db.executescript(_SCHEMA)
         self._backlog = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
         self._refresh_oldest(db)
@@ -270,3 +272,20 @@ class Outbox:
         if sink not in self.sinks:
             raise ValueError(f"sink {sink!r} is not one of this outbox's sinks {self.sinks}")
 
+
+def _migrate_json_payloads(db: sqlite3.Connection) -> None:
+    """Rewrite an outbox of the first layout (each record a JSON array in ``payload``, a
+    ``confirmed`` flag) into columns, keeping row ids and what each mark said."""
+    names = [r[1] for r in db.execute("PRAGMA table_info(outbox)")]
+    if "payload" not in names:
+        return
+    old = db.execute("SELECT id, epoch, created, confirmed, payload FROM outbox").fetchall()
+    with db:
+        db.execute("DROP TABLE outbox")
+        db.executescript(_TABLES)
+        for row_id, epoch, created, confirmed, payload in old:
+            values = json.loads(payload)
+            state = _APPENDED if not confirmed else (_SENT if values[_FINAL] else _UNSENT)
+            db.execute(f"INSERT INTO outbox (id, epoch, created, state, {', '.join(COLUMNS)}) "
+                       f"VALUES ({', '.join('?' * (len(COLUMNS) + 4))})",
+                       (row_id, epoch, created, state, *values))
