@@ -37,17 +37,10 @@ from servekit.sched.errors import (
 )
 from servekit.sched.output import SchedulerOutput, UpdateResult
 from servekit.sched.params import InvalidParameterError
-from servekit.sched.policy import (
-    SchedulingPolicy,
-    VictimPolicy,
-    make_policy,
-    make_victim_policy,
-)
+from servekit.sched.policy import SchedulingPolicy, VictimPolicy, make_policy, make_victim_policy
 from servekit.sched.request import FINISHED, PREEMPTED, RUNNING, WAITING, FinishReason, Request
 
 _rank = attrgetter("rank")
-
-
 _AT_LEAST_ONE = int_at_least(1, error=InvalidParameterError)
 
 
