@@ -85,20 +85,71 @@ def where_time_goes(rate: float, duration: float) -> dict[str, float]:
     return {k: v / total for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}
 
 
+#: Llama 3.1 8B on one H100 SXM 80GB, FP8 weights, TensorRT-LLM ``trtllm-bench throughput``
+#: (offline, all requests queued at once): total output tokens/s by (input, output) length.
+#: Source: TensorRT-LLM docs, docs/source/performance/perf-overview.md ("Llama 3.1 8B" table,
+#: https://nvidia.github.io/TensorRT-LLM/performance/perf-overview.html).
+PUBLISHED_H100_FP8 = {(128, 128): 28_312, (128, 2048): 22_714, (1000, 1000): 15_220,
+                      (2048, 128): 3_450, (5000, 500): 3_459}
+
+
+def roofline_vs_published(duration: float) -> list[dict[str, Any]]:
+    """The roofline model's offline throughput for Llama-3-8B on H100 with FP8 weights and KV
+    (1 byte, FP8 dense peak 1,979 TFLOP/s), next to the published TensorRT-LLM numbers: a
+    saturating arrival rate, fixed lengths, up to 512 running and an 8,192-token budget."""
+    from attrs import evolve
+
+    model = evolve(MODEL, dtype_bytes=1)
+    step = RooflineModel(model, evolve(DEVICE, peak_flops=1979e12))
+    rows = []
+    for (isl, osl), published in PUBLISHED_H100_FP8.items():
+        rc = ReplicaConfig(count=1, max_num_seqs=512, max_num_batched_tokens=8192)
+        blocks, max_len = fleet_sizes(rc, model, step)
+        rate = 4 * published / osl  # well past saturation: the queue never runs dry
+        wl = workload_from_dict({"rate": rate, "prompt": isl, "output": osl})
+        result = simulate(Scenario(wl, step, blocks, max_len, rc, duration=duration, seed=0,
+                                   vocab_size=model.vocab_size, sample_interval=5.0))
+        predicted = result.throughput["output_tokens_per_s"]
+        rows.append({"isl/osl": f"{isl}/{osl}", "published_tok_s": published,
+                     "roofline_tok_s": predicted, "ratio": predicted / published})
+        print(f"  {isl}/{osl}: roofline {predicted:,.0f} tok/s, published {published:,} "
+              f"({predicted / published:.2f}x)", flush=True)
+    return rows
+
+
 def _extra(parser: Any) -> None:
     parser.add_argument("--validate", action="store_true",
                         help="compare with the real server on the demo model instead")
-    parser.add_argument("--validate-duration", type=float, default=40.0)
+    parser.add_argument("--validate-duration", type=float, default=60.0,
+                        help="seconds of load per level and repeat")
+    parser.add_argument("--validate-repeats", type=int, default=2)
+    parser.add_argument("--sweep-seconds", type=float, default=8.0,
+                        help="seconds per concurrency level of the profiling sweep")
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--published", action="store_true",
+                        help="compare the roofline model with published H100 throughput instead")
 
 
 def main() -> None:
     args = parse_args(__doc__ or "", _extra)
+    if args.published:
+        rows = roofline_vs_published(60.0 if args.quick else 180.0)
+        print_table(rows, ["isl/osl", "published_tok_s", "roofline_tok_s", "ratio"],
+                    "roofline vs published (Llama 3.1 8B, H100, FP8, TensorRT-LLM)")
+        write_json(args.json, "sim_roofline_vs_published", rows, {})
+        return
     if args.validate:
-        rows = validate(args.validate_duration, args.plot)
-        print_table(rows, ["load", "source", "rate", "ttft_p50", "ttft_p90", "itl_p50",
+        rows, extra = validate(args.validate_duration, args.validate_repeats,
+                               args.sweep_seconds, args.plot)
+        print_table(rows, ["load", "repeat", "source", "rate", "ttft_p50", "ttft_p90", "itl_p50",
                            "out_tok_per_s", "goodput_rps", "requests"], "server vs simulator")
-        write_json(args.json, "sim_validation", rows, {})
+        print_table([{"check": k, **v} for k, v in extra["errors"].items()],
+                    ["check", "server", "sim", "error", "tolerance", "holds"],
+                    "simulator vs server (medians over repeats)")
+        bars = {k: bar(v["error"], v["tolerance"], higher_is_better=False)
+                for k, v in extra["errors"].items()}
+        print_bars(bars)
+        write_json(args.json, "sim_validation", rows, bars, **extra)
         return
     quick = args.quick
     rounds = args.rounds or (2 if quick else 3)
@@ -136,38 +187,82 @@ def main() -> None:
 # --------------------------------------------------------------------------- validation
 
 VALIDATE_SEQS, VALIDATE_BUDGET, PROMPT, OUTPUT = 16, 256, 64, 32
+LOADS = (("light", 0.3), ("near saturation", 0.85), ("overloaded", 1.5))
+#: the issue's tolerances: relative error vs the server per metric, by load
+TOLERANCES = {"light": {"ttft_p50": 0.10, "ttft_p90": 0.25, "itl_p50": 0.10,
+                        "out_tok_per_s": 0.10},
+              "near saturation": {"ttft_p50": 0.10, "ttft_p90": 0.25, "itl_p50": 0.10,
+                                  "out_tok_per_s": 0.10},
+              "overloaded": {"goodput_rps": 0.10}}
+
+
+async def _stream(client: Any, port: int, prompt: list[int], output: int) -> list[float]:
+    """One streamed completion; the arrival time of each token (the loop's clock)."""
+    import asyncio
+    import json
+
+    loop = asyncio.get_running_loop()
+    body = {"model": "servekit-demo", "prompt": prompt, "max_tokens": output,
+            "ignore_eos": True, "stream": True, "temperature": 0.0}
+    times: list[float] = []
+    async with client.stream("POST", f"http://127.0.0.1:{port}/v1/completions",
+                             json=body) as resp:
+        async for line in resp.aiter_lines():
+            if (line.startswith("data: ") and line != "data: [DONE]"
+                    and json.loads(line[6:]).get("choices")):
+                times.append(loop.time())
+    return times
+
+
+def _client() -> Any:
+    import httpx
+
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+    return httpx.AsyncClient(timeout=600, limits=limits)
+
+
+async def _sweep(port: int, vocab: int, seconds: float) -> None:
+    """Closed-loop load at 1, 2, 4, ... VALIDATE_SEQS concurrent streams of mixed lengths, so
+    the server's step log sees decode-only and mixed prefill steps of every batch size."""
+    import asyncio
+
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    loop = asyncio.get_running_loop()
+    async with _client() as client:
+        level = 1
+        while level <= VALIDATE_SEQS:
+            async def worker(stop: float) -> None:
+                while loop.time() < stop:
+                    prompt = rng.integers(0, vocab, int(rng.integers(8, 2 * PROMPT))).tolist()
+                    await _stream(client, port, prompt, int(rng.integers(8, 2 * OUTPUT)))
+
+            stop = loop.time() + seconds
+            await asyncio.gather(*(worker(stop) for _ in range(level)))
+            print(f"  profiling sweep: {level} concurrent streams done", flush=True)
+            level *= 2
 
 
 async def _load(port: int, rate: float, duration: float, vocab: int, seed: int) -> dict[str, Any]:
     """Open-loop Poisson load on a running ``servekit serve``; TTFT, ITL and throughput."""
     import asyncio
-    import json
 
-    import httpx
     import numpy as np
 
     rng = np.random.default_rng(seed)
     ttfts: list[float] = []
     itls: list[float] = []
     tokens = 0
+    good = 0
     loop = asyncio.get_running_loop()
     start = loop.time()
-    good = 0
 
-    async def one(client: httpx.AsyncClient, at: float) -> None:
+    async def one(client: Any, at: float) -> None:
         nonlocal tokens, good
         await asyncio.sleep(max(0.0, start + at - loop.time()))
-        body = {"model": "servekit-demo", "prompt": rng.integers(0, vocab, PROMPT).tolist(),
-                "max_tokens": OUTPUT, "ignore_eos": True, "stream": True, "temperature": 0.0}
         t0 = loop.time()
-        times: list[float] = []
-        async with client.stream("POST", f"http://127.0.0.1:{port}/v1/completions",
-                                 json=body) as resp:
-            async for line in resp.aiter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    chunk = json.loads(line[6:])
-                    if chunk.get("choices"):
-                        times.append(loop.time())
+        times = await _stream(client, port, rng.integers(0, vocab, PROMPT).tolist(), OUTPUT)
         if times:
             ttfts.append(times[0] - t0)
             gaps = [b - a for a, b in itertools.pairwise(times)]
@@ -178,18 +273,17 @@ async def _load(port: int, rate: float, duration: float, vocab: int, seed: int) 
 
     arrivals = np.cumsum(rng.exponential(1 / rate, int(rate * duration * 1.5) + 10))
     arrivals = arrivals[arrivals < duration]
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with _client() as client:
         await asyncio.gather(*(one(client, float(a)) for a in arrivals))
     return {"ttft_p50": float(np.percentile(ttfts, 50)), "ttft_p90": float(np.percentile(ttfts, 90)),
             "itl_p50": float(np.percentile(itls, 50)), "out_tok_per_s": tokens / duration,
             "goodput_rps": good / duration, "requests": len(arrivals)}
 
 
-def _sim_row(profile: Any, rate: float, duration: float, seed: int) -> dict[str, Any]:
+def _sim_row(profile: Any, meta: dict[str, Any], rate: float, duration: float,
+             seed: int) -> dict[str, Any]:
     from servekit.sim import SLO
 
-    meta = profile.meta
     rc = ReplicaConfig(count=1, max_num_seqs=VALIDATE_SEQS, max_num_batched_tokens=VALIDATE_BUDGET,
                        num_blocks=meta["num_blocks"])
     wl = workload_from_dict({"rate": rate, "prompt": PROMPT, "output": OUTPUT})
@@ -201,29 +295,36 @@ def _sim_row(profile: Any, rate: float, duration: float, seed: int) -> dict[str,
             "requests": len(r.records)}
 
 
-def validate(duration: float, png: Path | None) -> list[dict[str, Any]]:
-    """Profile the demo engine, then the same Poisson workloads through ``servekit serve`` and
-    the simulator at three loads (fractions of the simulated capacity)."""
+def validate(duration: float, repeats: int, sweep_seconds: float,
+             png: Path | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Profile the demo engine through a running ``servekit serve`` (its ``step_log`` hook),
+    then drive the same Poisson workloads through the server and the simulator at three loads
+    (fractions of the simulated capacity), ``repeats`` times each. Also simulated: the same
+    loads with a profile measured in-process (``servekit sim profile``), for comparison."""
     import asyncio
+    import json
     import socket
     import subprocess
+    import tempfile
 
     import httpx
 
-    from servekit.sim.profile import profile_engine
+    from servekit.sim.profile import profile_engine, profile_step_log
 
-    profile = profile_engine(max_num_seqs=VALIDATE_SEQS, max_num_batched_tokens=VALIDATE_BUDGET,
-                             steps=300)
-    print(f"profile: r2 {profile.meta['r2']:.3f}, median step {profile.meta['median_step'] * 1e3:.1f} ms")
-    capacity = _sim_row(profile, 50.0, 20.0, 0)["out_tok_per_s"] / OUTPUT  # saturated req/s
+    engine_profile = profile_engine(max_num_seqs=VALIDATE_SEQS,
+                                    max_num_batched_tokens=VALIDATE_BUDGET, steps=300)
+    meta = {k: engine_profile.meta[k] for k in ("num_blocks", "max_model_len", "vocab_size")}
+    print(f"in-process profile: r2 {engine_profile.meta['r2']:.3f}, median step "
+          f"{engine_profile.meta['median_step'] * 1e3:.1f} ms", flush=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    step_log = Path(tempfile.mkdtemp(prefix="servekit-steps-")) / "steps.jsonl"
     server = subprocess.Popen(
         [sys.executable, "-m", "servekit.server.cli", "serve", "--port", str(port),
          "--max-num-seqs", str(VALIDATE_SEQS), "--max-num-batched-tokens", str(VALIDATE_BUDGET),
-         "--log-level", "warning"])
-    rows = []
+         "--hook", "step_log:" + json.dumps({"path": str(step_log)}), "--log-level", "warning"])
+    rows: list[dict[str, Any]] = []
     try:
         for _ in range(300):
             try:
@@ -232,20 +333,52 @@ def validate(duration: float, png: Path | None) -> list[dict[str, Any]]:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        vocab = profile.meta["vocab_size"]
-        for name, frac in (("light", 0.3), ("near saturation", 0.85), ("overloaded", 1.5)):
+        vocab = meta["vocab_size"]
+        asyncio.run(_sweep(port, vocab, sweep_seconds))
+        profile = profile_step_log(step_log, meta=meta)
+        print(f"server profile: {profile.meta['steps']} steps, r2 {profile.meta['r2']:.3f}, "
+              f"median step {profile.meta['median_step'] * 1e3:.1f} ms", flush=True)
+        capacity = _sim_row(profile, meta, 50.0, 30.0, 0)["out_tok_per_s"] / OUTPUT
+        for name, frac in LOADS:
             rate = capacity * frac
-            real = asyncio.run(_load(port, rate, duration, vocab, 1))
-            sim = _sim_row(profile, rate, duration, 1)
-            for source, row in (("server", real), ("sim", sim)):
-                rows.append({"load": name, "rate": rate, "source": source, **row})
-            print(f"{name}: server {real}\n{' ' * len(name)}  sim    {sim}")
+            for rep in range(repeats):
+                real = asyncio.run(_load(port, rate, duration, vocab, 1 + rep))
+                sims = {"sim": _sim_row(profile, meta, rate, duration, 1 + rep),
+                        "sim (in-process profile)": _sim_row(engine_profile, meta, rate,
+                                                             duration, 1 + rep)}
+                rows.append({"load": name, "rate": rate, "repeat": rep, "source": "server",
+                             **real})
+                for source, row in sims.items():
+                    rows.append({"load": name, "rate": rate, "repeat": rep, "source": source,
+                                 **row})
+                print(f"{name} #{rep}: server {real}\n  sim {sims['sim']}", flush=True)
     finally:
         server.terminate()
         server.wait(30)
+    summary = _validation_summary(rows)
     if png is not None:
         _plot_validation(rows, png)
-    return rows
+    return rows, {"server_profile": profile.meta, "engine_profile": engine_profile.meta,
+                  "errors": summary}
+
+
+def _median_by(rows: list[dict[str, Any]], load: str, source: str, metric: str) -> float:
+    return float(statistics.median(r[metric] for r in rows
+                                   if r["load"] == load and r["source"] == source))
+
+
+def _validation_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per load and metric: the medians over repeats, the simulator's relative error against
+    the server, and whether it is within the issue's tolerance."""
+    out: dict[str, dict[str, Any]] = {}
+    for load, tolerances in TOLERANCES.items():
+        for metric, tolerance in tolerances.items():
+            real = _median_by(rows, load, "server", metric)
+            sim = _median_by(rows, load, "sim", metric)
+            error = abs(sim - real) / real if real else (0.0 if sim == real else float("inf"))
+            out[f"{load} {metric}"] = {"server": real, "sim": sim, "error": error,
+                                       "tolerance": tolerance, "holds": error <= tolerance}
+    return out
 
 
 def _plot_validation(rows: list[dict[str, Any]], png: Path) -> None:

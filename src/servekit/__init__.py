@@ -79,6 +79,7 @@ _EXPORTS: dict[str, str] = {
     "PrometheusHook": "servekit.metrics",
     "OtelHook": "servekit.metrics",
     "RequestLogHook": "servekit.metrics",
+    "StepLogHook": "servekit.metrics",
     "create_app": "servekit.server",
     "ServerConfig": "servekit.server",
     "GenerationService": "servekit.server",

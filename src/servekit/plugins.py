@@ -100,6 +100,7 @@ BUILTIN: dict[tuple[str, str], str] = {
     ("routing_policy", "round_robin"): "servekit.route.policy:RoundRobinPolicy",
     ("hook", "stats"): "servekit.metrics.stats:StatsHook",
     ("hook", "request_log"): "servekit.metrics.logs:RequestLogHook",
+    ("hook", "step_log"): "servekit.metrics.logs:StepLogHook",
     ("hook", "prometheus"): "servekit.metrics.prometheus:PrometheusHook",
     ("hook", "otel"): "servekit.metrics.otel:OtelHook",
     ("runner", "transformers"): "servekit.engine.runner:ModelRunner",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from servekit.sched.output import StepShape
 from servekit.server.cli import main
 from servekit.sim import ProfiledModel, load_scenario, simulate
 
@@ -114,7 +115,10 @@ def test_profile_measures_the_demo_engine_and_the_profile_drives_a_simulation(
                  "--max-num-batched-tokens", "128"]) == 0
     assert "wrote" in capsys.readouterr().out
     profile = ProfiledModel.load(out)
-    assert profile.meta["steps"] >= 50 and profile.coefficients[0] > 0
+    assert profile.meta["steps"] >= 50
+    # a step takes time; which coefficients carry it depends on the machine's noise (on a loaded
+    # machine the fit can drop the constant term), so the test asks the model, not a coefficient
+    assert profile.step_time(StepShape(0, 1, 16, 16.0)) > 0
     scenario = tmp_path / "s.toml"
     scenario.write_text(f"""
 duration = 20

@@ -37,7 +37,7 @@ from servekit.engine.stop import StopStringMatcher
 from servekit.kv.manager import KVCacheManager
 from servekit.metrics.events import EngineStep
 from servekit.metrics.hooks import HookSet
-from servekit.sched.output import SchedulerOutput
+from servekit.sched.output import SchedulerOutput, shape_of
 from servekit.sched.params import InvalidParameterError, SamplingParams
 from servekit.sched.request import FinishReason, Request
 from servekit.sched.scheduler import Scheduler
@@ -423,9 +423,11 @@ class LLMEngine:
         hooks = self.hooks
         if hooks.wants.engine_step:
             now = self._clock()
-            hooks.on_engine_step(EngineStep(len(plan.out.requests), plan.out.total_num_tokens,
-                                            sched.num_running, sched.num_waiting,
-                                            time.perf_counter() - plan.start, now))
+            shape = shape_of(plan.out)
+            hooks.on_engine_step(EngineStep(
+                len(plan.out.requests), plan.out.total_num_tokens, sched.num_running,
+                sched.num_waiting, time.perf_counter() - plan.start, now, shape.prefill_tokens,
+                shape.decodes, shape.kv_tokens, shape.attention_pairs))
         return outputs
 
     # ------------------------------------------------------------------ batch API

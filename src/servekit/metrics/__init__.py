@@ -10,7 +10,7 @@ from servekit._deprecation import moved_names
 from servekit.metrics.errors import MetricsConfigError
 from servekit.metrics.events import EngineStep, RequestFinished
 from servekit.metrics.hooks import Hook, HookSet
-from servekit.metrics.logs import RequestLogHook
+from servekit.metrics.logs import RequestLogHook, StepLogHook
 from servekit.metrics.otel import OtelHook
 from servekit.metrics.prometheus import PrometheusHook
 from servekit.metrics.stats import Histogram, StatsHook
@@ -26,6 +26,7 @@ __all__ = [
     "RequestFinished",
     "RequestLogHook",
     "StatsHook",
+    "StepLogHook",
 ]
 
 

@@ -89,7 +89,14 @@ class RequestFinished:
 
 @frozen(slots=True)
 class EngineStep:
-    """One engine step ran: its batch, its token count and how long it took."""
+    """One engine step ran: its batch, its token count and how long it took.
+
+    The work it did (what a step-time model is fitted on, see ``servekit.sim``):
+    ``prefill_tokens`` of prefill chunks, ``num_decodes`` rows generating one token each,
+    ``kv_tokens`` of context whose KV the step read (new ones included) and ``attention_pairs``,
+    the query-key pairs computed. ``duration`` runs from scheduling to the step's outputs, as the
+    step ran in its process (a threaded forward's waits for the GIL included).
+    """
 
     batch_size: int
     scheduled_tokens: int
@@ -97,6 +104,10 @@ class EngineStep:
     num_waiting: int
     duration: float
     time: float
+    prefill_tokens: int = 0
+    num_decodes: int = 0
+    kv_tokens: int = 0
+    attention_pairs: float = 0.0
 
 
 @frozen(slots=True)

@@ -1,12 +1,15 @@
-"""Structured request logs: one JSON line per finished request through ``logging``."""
+"""Structured logs: one JSON line per finished request through ``logging``, and a JSON-lines
+file of engine steps (what ``servekit sim profile --step-log`` fits a step-time model on)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
+from pathlib import Path
 from typing import Any
 
-from servekit.metrics.events import RequestFinished
+from servekit.metrics.events import EngineStep, RequestFinished
 from servekit.metrics.hooks import Hook
 from servekit.metrics.stats import time_per_output_token
 
@@ -63,3 +66,32 @@ class RequestLogHook(Hook):
             json.dumps(record, separators=(",", ":")),
             extra={"servekit_request": record},
         )
+
+
+STEP_LOG_FIELDS = ("batch_size", "scheduled_tokens", "num_running", "num_waiting", "duration",
+                   "time", "prefill_tokens", "num_decodes", "kv_tokens", "attention_pairs")
+
+
+class StepLogHook(Hook):
+    """Appends one JSON line per engine step (the fields of :class:`EngineStep`) to ``path``.
+
+    A server started with ``--hook 'step_log:{"path": "steps.jsonl"}'`` records its steps as it
+    serves: this is how the simulator's profiled step-time model is measured through the server.
+    The file is line-buffered, so a reader sees every finished step.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file = self.path.open("a", encoding="utf-8", buffering=1)
+        self._lock = threading.Lock()  # steps may be reported from the engine's worker thread
+
+    def on_engine_step(self, event: EngineStep) -> None:
+        line = json.dumps({name: getattr(event, name) for name in STEP_LOG_FIELDS},
+                          separators=(",", ":"))
+        with self._lock:
+            self._file.write(line + "\n")
+
+    def close(self) -> None:
+        """Close the file."""
+        with self._lock:
+            self._file.close()

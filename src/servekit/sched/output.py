@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from attrs import frozen
+
 from servekit.sched.request import Request
+
+__all__ = ["SchedulerOutput", "StepShape", "UpdateResult", "shape_of"]
 
 
 class SchedulerOutput:
@@ -101,3 +105,36 @@ class UpdateResult:
 
     def __repr__(self) -> str:
         return f"UpdateResult({len(self.requests)} new tokens, {len(self.finished)} finished)"
+
+
+@frozen(slots=True)
+class StepShape:
+    """One step's work: ``prefill_tokens`` (new tokens of prefill chunks), ``decodes`` (rows
+    generating one token), ``kv_tokens`` (context tokens whose KV the step reads, new ones
+    included) and ``attention_pairs`` (query-key pairs computed: sum over entries of
+    ``n * (c + (n + 1) / 2)`` for ``n`` new tokens over ``c`` cached ones)."""
+
+    prefill_tokens: int
+    decodes: int
+    kv_tokens: int
+    attention_pairs: float
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the step computes."""
+        return self.prefill_tokens + self.decodes
+
+
+def shape_of(out: SchedulerOutput) -> StepShape:
+    """The shape of a scheduler step."""
+    nd = out.num_decodes
+    computed = out.num_computed_tokens
+    dec_ctx = sum(computed[:nd]) + nd
+    pairs = float(dec_ctx)
+    pf_tokens = out.total_num_tokens - nd
+    kv = dec_ctx
+    if pf_tokens:
+        for c, n in zip(computed[nd:], out.num_new_tokens[nd:], strict=True):
+            kv += c + n
+            pairs += n * (c + (n + 1) / 2)
+    return StepShape(pf_tokens, nd, kv, pairs)

@@ -122,13 +122,20 @@ def _profile_main(argv: Sequence[str]) -> int:
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--steps", type=int, default=400, help="engine steps to measure")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step-log", type=Path, default=None,
+                        help="fit the steps a server recorded with the step_log hook instead of "
+                        "running the engine here")
     args = parser.parse_args(argv)
-    from servekit.sim.profile import profile_engine
+    from servekit.sim.profile import profile_engine, profile_step_log
 
     try:
-        model = profile_engine(args.model, device=args.device, max_num_seqs=args.max_num_seqs,
-                               max_num_batched_tokens=args.max_num_batched_tokens,
-                               steps=args.steps, seed=args.seed)
+        if args.step_log is not None:
+            model = profile_step_log(args.step_log)
+        else:
+            model = profile_engine(args.model, device=args.device,
+                                   max_num_seqs=args.max_num_seqs,
+                                   max_num_batched_tokens=args.max_num_batched_tokens,
+                                   steps=args.steps, seed=args.seed)
     except SimConfigError as exc:
         print(f"servekit sim profile: error: {exc}", file=sys.stderr)
         return 2

@@ -1,13 +1,18 @@
 """``servekit sim profile``: measure this machine's engine and fit a :class:`ProfiledModel`.
 
-The engine (torch) is imported only when a profile is taken. Steps are timed as the engine
-runs them (schedule, forward and sampling, update) over a workload that sweeps the batch from
-one request to ``max_num_seqs`` with mixed prompt lengths, so the fit sees pure-decode and
-mixed prefill steps.
+Two sources of measured steps:
+
+- :func:`profile_engine` runs an ``LLMEngine`` in-process (torch is imported only then) over a
+  workload that sweeps the batch from one request to ``max_num_seqs`` with mixed prompt lengths,
+  so the fit sees pure-decode and mixed prefill steps.
+- :func:`profile_step_log` fits the steps a running server recorded with the ``step_log`` hook
+  (``servekit serve --hook 'step_log:{"path": "steps.jsonl"}'``): the engine measured through
+  the server, as it serves, with its HTTP work competing for the same cores.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +22,9 @@ import numpy as np
 from servekit.sim.errors import SimConfigError
 from servekit.sim.steptime import ProfiledModel, StepShape, fit_profile, shape_of
 
-__all__ = ["measure_engine", "profile_engine"]
+_STEP_LOG_KEYS = ("prefill_tokens", "num_decodes", "kv_tokens", "attention_pairs", "duration")
+
+__all__ = ["measure_engine", "profile_engine", "profile_step_log", "read_step_log"]
 
 
 def measure_engine(engine: Any, *, max_num_seqs: int, steps: int, seed: int = 0,
@@ -75,21 +82,59 @@ def profile_engine(model: str | Path | None = None, *, device: str = "cpu",
                           device=device)
     engine = LLMEngine(str(path), config=config)
     shapes, seconds = measure_engine(engine, max_num_seqs=max_num_seqs, steps=steps, seed=seed)
+    return _fit_with_quality(shapes, seconds, {
+        "source": "engine", "model": str(path), "device": device, "max_num_seqs": max_num_seqs,
+        "max_num_batched_tokens": max_num_batched_tokens,
+        "num_blocks": engine.runner.num_blocks, "block_size": config.block_size,
+        "max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size,
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+    })
+
+
+def read_step_log(path: str | Path) -> tuple[list[StepShape], list[float]]:
+    """The shapes and durations of the steps in a ``step_log`` file (empty steps skipped)."""
+    shapes: list[StepShape] = []
+    seconds: list[float] = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise SimConfigError("--step-log", f"cannot read {str(path)!r}: {exc.strerror}") from exc
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)
+            values = [step[key] for key in _STEP_LOG_KEYS]
+        except (ValueError, KeyError) as exc:
+            raise SimConfigError("--step-log", f"{path}:{number} is not a step record "
+                                 f"with {', '.join(_STEP_LOG_KEYS)}: {exc}") from exc
+        prefill, decodes, kv, pairs, duration = values
+        if prefill or decodes:
+            shapes.append(StepShape(int(prefill), int(decodes), int(kv), float(pairs)))
+            seconds.append(float(duration))
+    return shapes, seconds
+
+
+def profile_step_log(path: str | Path, *, meta: dict[str, Any] | None = None) -> ProfiledModel:
+    """Fit a profile to the steps a server recorded with the ``step_log`` hook; ``meta`` (the
+    server's configuration: ``num_blocks``, ``max_model_len``, ``vocab_size``...) is kept."""
+    shapes, seconds = read_step_log(path)
+    return _fit_with_quality(shapes, seconds, {"source": "step_log", "step_log": str(path),
+                                               **(meta or {})})
+
+
+def _fit_with_quality(shapes: list[StepShape], seconds: list[float],
+                      meta: dict[str, Any]) -> ProfiledModel:
+    """Fit, and record the fit's quality and the machine in the profile's ``meta``."""
+    import os
+    import platform
+
     fitted = fit_profile(shapes, seconds)
     pred = np.array([fitted.step_time(s) for s in shapes])
     y = np.array(seconds)
     r2 = 1 - float(((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30))
-    import os
-    import platform
-
-    meta = {
-        "model": str(path), "device": device, "max_num_seqs": max_num_seqs,
-        "max_num_batched_tokens": max_num_batched_tokens,
-        "num_blocks": engine.runner.num_blocks, "block_size": config.block_size,
-        "max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size,
-        "steps": len(shapes), "r2": r2, "median_abs_error": float(np.median(np.abs(y - pred))),
-        "median_step": float(np.median(y)), "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "machine": platform.machine(), "python": platform.python_version(),
-    }
+    meta = {**meta, "steps": len(shapes), "r2": r2,
+            "median_abs_error": float(np.median(np.abs(y - pred))),
+            "median_step": float(np.median(y)), "cpu_count": os.cpu_count(),
+            "machine": platform.machine(), "python": platform.python_version()}
     return ProfiledModel(fitted.coefficients, meta=meta)
