@@ -7,6 +7,9 @@ be the start of a tag, and each call is released whole when its closing tag arri
 streamed argument fragments concatenate exactly to the final arguments.
 :func:`guided_for_tool_choice` builds the grammar that forces a call (``required`` or a named
 function), so the call is valid even from a model never trained on tools.
+
+Front ends use a parser through the small :class:`ToolParser` interface, picked from the
+model's chat template by :func:`tool_parser_for` (Hermes today).
 """
 
 from __future__ import annotations
@@ -14,15 +17,15 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from attrs import frozen
 
 from servekit._optional import require
 from servekit.sched.params import GuidedDecoding, InvalidParameterError
 
-__all__ = ["HermesToolParser", "HermesToolStream", "ToolCall", "guided_for_tool_choice",
-           "tool_names"]
+__all__ = ["HermesToolParser", "HermesToolStream", "ToolCall", "ToolParser", "ToolStream",
+           "guided_for_tool_choice", "tool_names", "tool_parser_for"]
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -58,8 +61,41 @@ def _parse_call(body: str) -> ToolCall | None:
     return ToolCall(_new_id(), obj["name"], json.dumps(args, ensure_ascii=False))
 
 
+class ToolStream(Protocol):
+    """Incremental parsing of one output: content safe to emit now, and finished calls."""
+
+    def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
+        """Content released by ``delta`` and the calls it completed."""
+        ...
+
+    def flush(self) -> tuple[str, list[ToolCall]]:
+        """At the end of the output: what is left (an unfinished call comes back as content)."""
+        ...
+
+
+class ToolParser(Protocol):
+    """A model family's tool-call format: parse finished or streamed text, force a call."""
+
+    name: str
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        """``(content, calls)`` of a finished output."""
+        ...
+
+    def stream(self) -> ToolStream:
+        """A fresh incremental parser for one output."""
+        ...
+
+    def guided(self, tools: Sequence[Mapping[str, Any]],
+               tool_choice: str | Mapping[str, Any] | None) -> GuidedDecoding | None:
+        """The constraint forcing a call for ``tool_choice`` (None for auto / none)."""
+        ...
+
+
 class HermesToolParser:
     """Splits finished text into content and tool calls (unparseable blocks stay content)."""
+
+    name = "hermes"
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """``(content, calls)`` of ``text``."""
@@ -67,6 +103,21 @@ class HermesToolParser:
         content, calls = stream.feed(text)
         rest, more = stream.flush()
         return content + rest, calls + more
+
+    def stream(self) -> HermesToolStream:
+        """A fresh :class:`HermesToolStream`."""
+        return HermesToolStream()
+
+    def guided(self, tools: Sequence[Mapping[str, Any]],
+               tool_choice: str | Mapping[str, Any] | None) -> GuidedDecoding | None:
+        """:func:`guided_for_tool_choice`."""
+        return guided_for_tool_choice(tools, tool_choice)
+
+
+def tool_parser_for(chat_template: str | None) -> ToolParser:
+    """The parser of the format a chat template renders tool calls in (Hermes by default:
+    servekit forces calls in its format by grammar, so even a template without tools works)."""
+    return HermesToolParser()
 
 
 class HermesToolStream:
@@ -132,6 +183,9 @@ def tool_names(tools: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any
         fn = tool.get("function")
         if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise InvalidParameterError(f"tools[{i}].function.name", "must be a non-empty string")
+        if fn["name"] in out:
+            raise InvalidParameterError(f"tools[{i}].function.name",
+                                        f"{fn['name']!r} is the name of an earlier tool")
         params = fn.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(params, Mapping) or params.get("type", "object") != "object":
             raise InvalidParameterError(f"tools[{i}].function.parameters",
@@ -170,7 +224,20 @@ def guided_for_tool_choice(tools: Sequence[Mapping[str, Any]],
     try:
         body = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
     except Exception as exc:
-        raise InvalidParameterError("tools", f"a parameters schema is unusable: {exc}") from exc
+        raise _unusable_schema(xgr, tools, exc) from exc
     grammar = xgr.Grammar.concat(xgr.Grammar.from_ebnf(f'root ::= "{OPEN}\\n"'), body,
                                  xgr.Grammar.from_ebnf(f'root ::= "\\n{CLOSE}"'))
     return GuidedDecoding.grammar(str(grammar))
+
+
+def _unusable_schema(xgr: Any, tools: Sequence[Mapping[str, Any]],
+                     exc: Exception) -> InvalidParameterError:
+    """The error naming the first tool whose parameters schema xgrammar cannot use."""
+    for i, tool in enumerate(tools):
+        params = tool["function"].get("parameters", {"type": "object"})
+        try:
+            xgr.Grammar.from_json_schema(json.dumps(params), any_whitespace=False)
+        except Exception as own:
+            return InvalidParameterError(f"tools[{i}].function.parameters",
+                                         f"unusable JSON schema: {own}")
+    return InvalidParameterError("tools", f"the parameters schemas are unusable together: {exc}")
