@@ -222,7 +222,8 @@ def guided_for_tool_choice(tools: Sequence[Mapping[str, Any]],
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
     xgr = require("xgrammar", "structured")
     try:
-        body = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+        body = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False,
+                                            separators=(",", ":"))
     except Exception as exc:
         raise _unusable_schema(xgr, tools, exc) from exc
     grammar = xgr.Grammar.concat(xgr.Grammar.from_ebnf(f'root ::= "{OPEN}\\n"'), body,
