@@ -18,7 +18,8 @@ from attrs import frozen
 from servekit.protocol.errors import InvalidRequestError
 from servekit.protocol.schema import ChatCompletionRequest
 from servekit.sched.params import GuidedDecoding, InvalidParameterError
-from servekit.structured.tools import ToolParser, tool_names, tool_parser_for
+from servekit.structured.tool_parsers import tool_parser_for
+from servekit.structured.tools import ToolParser, tool_names
 
 __all__ = ["ToolPlan", "chat_messages", "compile_guided", "plan_tools"]
 

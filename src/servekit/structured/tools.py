@@ -9,7 +9,8 @@ streamed argument fragments concatenate exactly to the final arguments.
 function), so the call is valid even from a model never trained on tools.
 
 Front ends use a parser through the small :class:`ToolParser` interface, picked from the
-model's chat template by :func:`tool_parser_for` (Hermes today).
+model's chat template by :func:`servekit.structured.tool_parsers.tool_parser_for` (which also
+holds the Llama 3 JSON and Mistral formats).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from servekit._optional import require
 from servekit.sched.params import GuidedDecoding, InvalidParameterError
 
 __all__ = ["HermesToolParser", "HermesToolStream", "ToolCall", "ToolParser", "ToolStream",
-           "guided_for_tool_choice", "tool_names", "tool_parser_for"]
+           "guided_for_tool_choice", "tool_names"]
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -114,12 +115,6 @@ class HermesToolParser:
         return guided_for_tool_choice(tools, tool_choice)
 
 
-def tool_parser_for(chat_template: str | None) -> ToolParser:
-    """The parser of the format a chat template renders tool calls in (Hermes by default:
-    servekit forces calls in its format by grammar, so even a template without tools works)."""
-    return HermesToolParser()
-
-
 class HermesToolStream:
     """Incremental :class:`HermesToolParser`: feed text deltas, get (content, finished calls)."""
 
@@ -195,11 +190,15 @@ def tool_names(tools: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any
 
 
 def guided_for_tool_choice(tools: Sequence[Mapping[str, Any]],
-                           tool_choice: str | Mapping[str, Any] | None) -> GuidedDecoding | None:
-    """The constraint forcing a Hermes tool call for ``tool_choice`` (None for auto / none).
+                           tool_choice: str | Mapping[str, Any] | None, *,
+                           prefix: str = OPEN + "\n", suffix: str = "\n" + CLOSE,
+                           arguments_key: str = "arguments") -> GuidedDecoding | None:
+    """The constraint forcing a tool call for ``tool_choice`` (None for auto / none).
 
     ``"required"``: one call to any of ``tools``; ``{"type": "function", "function": {"name":
     N}}``: one call to ``N`` (unknown names raise InvalidParameterError on ``tool_choice``).
+    The call is ``prefix`` + compact JSON ``{"name": ..., arguments_key: {...}}`` + ``suffix``
+    (Hermes' tags by default; other formats pass their own).
     """
     names = tool_names(tools)
     if tool_choice is None or tool_choice in ("auto", "none"):
@@ -217,8 +216,9 @@ def guided_for_tool_choice(tools: Sequence[Mapping[str, Any]],
         chosen = [str(name)]
     else:
         raise InvalidParameterError("tool_choice", "must be auto, none, required or a function")
-    calls = [{"type": "object", "properties": {"name": {"const": n}, "arguments": names[n]},
-              "required": ["name", "arguments"], "additionalProperties": False} for n in chosen]
+    calls = [{"type": "object", "properties": {"name": {"const": n}, arguments_key: names[n]},
+              "required": ["name", arguments_key], "additionalProperties": False}
+             for n in chosen]
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
     xgr = require("xgrammar", "structured")
     try:
@@ -226,9 +226,17 @@ def guided_for_tool_choice(tools: Sequence[Mapping[str, Any]],
                                             separators=(",", ":"))
     except Exception as exc:
         raise _unusable_schema(xgr, tools, exc) from exc
-    grammar = xgr.Grammar.concat(xgr.Grammar.from_ebnf(f'root ::= "{OPEN}\\n"'), body,
-                                 xgr.Grammar.from_ebnf(f'root ::= "\\n{CLOSE}"'))
+    parts = [xgr.Grammar.from_ebnf(f"root ::= {_literal(prefix)}")] if prefix else []
+    parts.append(body)
+    if suffix:
+        parts.append(xgr.Grammar.from_ebnf(f"root ::= {_literal(suffix)}"))
+    grammar = xgr.Grammar.concat(*parts) if len(parts) > 1 else body
     return GuidedDecoding.grammar(str(grammar))
+
+
+def _literal(text: str) -> str:
+    """``text`` as an EBNF string literal (JSON's escapes are EBNF's)."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def _unusable_schema(xgr: Any, tools: Sequence[Mapping[str, Any]],
