@@ -192,11 +192,11 @@ def create_app(
         key = caller(request)
         check_unsupported(body)
         service.check_model(body.model)
-        tokenizer = service.engine.tokenizer  # type: ignore[union-attr]
         plan = NO_TOOLS
         if body.tools or body.tool_choice is not None:
-            plan = await plan_tools(body, getattr(tokenizer, "chat_template", None))
+            plan = await plan_tools(body, service.chat_template())
         ids = await service.encode_chat(chat_messages(body), plan.prompt_tools)
+        tokenizer = service.engine.tokenizer  # type: ignore[union-attr]
         requested, param = body.max_tokens, "max_tokens"
         if body.max_completion_tokens is not None:
             requested, param = body.max_completion_tokens, "max_completion_tokens"

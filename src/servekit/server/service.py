@@ -226,6 +226,11 @@ class GenerationService:
             out.append(ids)
         return out
 
+    def chat_template(self) -> str | None:
+        """The model's chat template (None when its tokenizer has none); 503 while not ready."""
+        template = getattr(self._engine().tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None
+
     async def encode_chat(self, messages: list[dict[str, Any]],
                           tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of chat messages (and ``tools``, OpenAI function tools) through the model's
