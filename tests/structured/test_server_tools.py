@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,17 +12,18 @@ import httpx
 import jsonschema
 import openai
 import pytest
+import uvicorn
 from hypothesis import HealthCheck, given, settings
 
 from servekit.engine import AsyncEngine, EngineConfig, LLMEngine
 from servekit.engine.outputs import RequestOutput
-from servekit.server import create_app
+from servekit.server import FakeEngine, create_app
 from servekit.server.app import ServerConfig
 from servekit.server.cli import DEMO_MODEL
 from servekit.server.responses import ToolChatEncoder
 from servekit.server.service import Job
 from servekit.structured.tools import HermesToolParser
-from tests.server.conftest import Running, serve
+from tests.server.conftest import Running, free_port, serve
 from tests.structured.strategies import tool_parameters
 
 MODEL = "servekit-demo"
@@ -263,3 +266,34 @@ def test_parallel_tool_calls_false_keeps_only_the_first_call(parallel: bool) -> 
     assert [c["function"]["arguments"] for c in streamed["calls"]] == [
         c["function"]["arguments"] for c in whole["message"]["tool_calls"]]
     assert streamed["finish"] == "tool_calls" and streamed["content"].strip() == "Sure."
+
+
+def test_a_tools_request_while_the_model_loads_is_a_503() -> None:
+    loaded = threading.Event()
+
+    def load() -> FakeEngine:
+        loaded.wait(30)
+        return FakeEngine(max_model_len=256)
+
+    port = free_port()
+    app = create_app(load, config=ServerConfig(model_names=("fake",)))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.02)
+        r = httpx.post(url + "/v1/chat/completions", timeout=10, json={
+            "model": "fake", "messages": USER, "tools": TOOLS, "tool_choice": "required"})
+        assert r.status_code == 503, r.text
+    finally:
+        loaded.set()
+        server.should_exit = True
+        thread.join(timeout=30)
