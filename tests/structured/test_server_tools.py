@@ -14,6 +14,7 @@ import openai
 import pytest
 import uvicorn
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from servekit.engine import AsyncEngine, EngineConfig, LLMEngine
 from servekit.engine.outputs import RequestOutput
@@ -254,13 +255,14 @@ def encode(text: str, *, parallel: bool, stream: bool, cuts: int = 7) -> dict[st
             "calls": calls, "finish": events[-1]["choices"][0]["finish_reason"]}
 
 
-@pytest.mark.parametrize("parallel", [True, False])
-def test_parallel_tool_calls_false_keeps_only_the_first_call(parallel: bool) -> None:
-    whole = encode(TWO_CALLS, parallel=parallel, stream=False)
+@settings(max_examples=60, deadline=None)
+@given(parallel=st.booleans(), cuts=st.integers(1, 40))
+def test_parallel_tool_calls_false_keeps_only_the_first_call(parallel: bool, cuts: int) -> None:
+    whole = encode(TWO_CALLS, parallel=parallel, stream=False, cuts=cuts)
     names = [c["function"]["name"] for c in whole["message"]["tool_calls"]]
     assert names == (["add", "weather"] if parallel else ["add"])
     assert whole["message"]["content"].strip() == "Sure." and whole["finish_reason"] == "tool_calls"
-    streamed = encode(TWO_CALLS, parallel=parallel, stream=True)
+    streamed = encode(TWO_CALLS, parallel=parallel, stream=True, cuts=cuts)
     assert [c["function"]["name"] for c in streamed["calls"]] == names
     assert [c["index"] for c in streamed["calls"]] == list(range(len(names)))
     assert [c["function"]["arguments"] for c in streamed["calls"]] == [
