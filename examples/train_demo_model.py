@@ -32,13 +32,9 @@ BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 
 # Each message is one speech: "<|bos|>SPEAKER:\ncontent\n<|eos|>"; the speaker is the message's
 # "name" when given, else its role in capitals. The generation prompt opens the next speech.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ bos_token }}{{ (message['name'] if message.get('name') else message['role']) | upper }}:\n"
-    "{{ message['content'] }}\n{{ eos_token }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ bos_token }}ASSISTANT:\n{% endif %}"
-)
+# With tools, a SYSTEM speech lists them (Hermes style), assistant tool calls are rendered as
+# <tool_call> blocks and tool results as <tool_response> blocks: the shipped template is kept.
+CHAT_TEMPLATE = (DEFAULT_OUT / "chat_template.jinja").read_text()
 
 
 def split_speeches(text: str) -> list[str]:

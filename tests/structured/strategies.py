@@ -14,17 +14,18 @@ from hypothesis import strategies as st
 
 _NAMES = st.sampled_from(["name", "age", "city", "tags", "score", "ok", "kind", "id"])
 
-_leaf: st.SearchStrategy[dict[str, Any]] = st.one_of(
+_bounded_leaf: st.SearchStrategy[dict[str, Any]] = st.one_of(
     st.integers(0, 12).map(lambda n: {"type": "string", "maxLength": n}),
     st.sampled_from([r"[a-z]{1,6}", r"[A-Z][a-z]{0,4}", r"\d{2,3}-\d{2}"]).map(
         lambda p: {"type": "string", "pattern": p}),
     st.tuples(st.integers(-50, 50), st.integers(0, 100)).map(
         lambda t: {"type": "integer", "minimum": t[0], "maximum": t[0] + t[1]}),
-    st.just({"type": "number", "minimum": 0, "maximum": 10}),
     st.just({"type": "boolean"}),
     st.lists(st.sampled_from(["red", "green", "blue", "x y", 'q"uote']), min_size=1,
              max_size=4, unique=True).map(lambda v: {"enum": v}),
 )
+_leaf: st.SearchStrategy[dict[str, Any]] = st.one_of(
+    _bounded_leaf, st.just({"type": "number", "minimum": 0, "maximum": 10}))
 
 
 def _array(items: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
@@ -32,13 +33,14 @@ def _array(items: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[s
         lambda t: {"type": "array", "items": t[0], "minItems": t[1], "maxItems": t[1] + t[2]})
 
 
-def _object(values: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
+def _object(values: st.SearchStrategy[dict[str, Any]],
+            max_size: int = 3) -> st.SearchStrategy[dict[str, Any]]:
     def build(props: dict[str, dict[str, Any]], data: st.DataObject) -> dict[str, Any]:
         required = data.draw(st.lists(st.sampled_from(sorted(props)), unique=True)) if props else []
         return {"type": "object", "properties": props, "required": required,
                 "additionalProperties": False}
 
-    return st.builds(build, st.dictionaries(_NAMES, values, max_size=3), st.data())
+    return st.builds(build, st.dictionaries(_NAMES, values, max_size=max_size), st.data())
 
 
 _value = st.one_of(
@@ -60,3 +62,7 @@ json_schemas: st.SearchStrategy[dict[str, Any]] = st.one_of(
     _object(_value),
     st.builds(_with_ref, _object(_leaf), _leaf),
 )
+
+#: A tool's parameters: an object of at most two bounded leaves (a number's digits are not
+#: bounded), so the tools section and a forced call fit in the demo model's 256-token context.
+tool_parameters: st.SearchStrategy[dict[str, Any]] = _object(_bounded_leaf, max_size=2)

@@ -22,7 +22,8 @@ from servekit.client.errors import (
     RateLimitError,
 )
 from servekit.client.http import AsyncClient, Client
-from servekit.client.types import ChatCompletion, Completion
+from servekit.client.tools import FunctionTool, ToolRun, function_tool
+from servekit.client.types import ChatCompletion, Completion, ToolCall
 
 __all__ = [
     "APIConnectionError",
@@ -36,6 +37,7 @@ __all__ = [
     "Client",
     "ClientError",
     "Completion",
+    "FunctionTool",
     "GrpcClient",
     "InternalServerError",
     "NotFoundError",
@@ -44,6 +46,9 @@ __all__ = [
     "RateLimitError",
     "RetryPolicy",
     "Timeout",
+    "ToolCall",
+    "ToolRun",
+    "function_tool",
 ]
 
 

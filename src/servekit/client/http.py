@@ -7,7 +7,7 @@ policy, error mapping and stream decoding; only the I/O differs.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import anyio
@@ -24,13 +24,14 @@ from servekit.client._core import (
 )
 from servekit.client.errors import APIConnectionError, APITimeoutError, ClientError
 from servekit.client.structured import parse_message, response_format_for
+from servekit.client.tools import ToolLoop, ToolRun
 from servekit.client.types import ChatCompletion, Completion
 from servekit.protocol.sse import DONE_DATA, aiter_events, iter_events
 
 httpx = require("httpx", "client")
 
 T = TypeVar("T", Completion, ChatCompletion)
-Message = dict[str, str]
+Message = Mapping[str, Any]
 DEFAULT_TIMEOUT = Timeout()
 # A stream that ends without its terminator was cut off (proxy, server crash), not finished.
 _CUT_OFF = "the stream ended before 'data: [DONE]': the response is incomplete"
@@ -103,6 +104,24 @@ class Client(_Base):
         answer as a model instance (or parsed JSON). Raises ParseError unless it ended with stop."""
         done = self.chat(model, messages, response_format=response_format_for(schema), **params)
         return parse_message(done, schema)
+
+    def run_tools(self, model: str, messages: Sequence[Message], tools: Sequence[Any], *,
+                  max_turns: int = 8, tool_choice: Any = None, **params: Any) -> ToolRun:
+        """An agent loop: call the model with ``tools`` (Python functions, sync or async, or
+        :func:`~servekit.client.tools.function_tool` objects), run the functions it asks for,
+        send back their results, until it answers without a call or ``max_turns`` calls were
+        made (then ``ToolRun.completed`` is False). ``tool_choice`` applies to the first turn
+        (``"required"``, or a tool's name, forces a call); later turns are ``auto``. A call to
+        an unknown tool, bad arguments or a function that raises become an error result the
+        model reads, not an exception here. ``params`` go with every call."""
+        loop = ToolLoop.create(messages, tools, max_turns, tool_choice)
+        while loop.more:
+            calls = loop.record(self.chat(model, loop.messages, **loop.request(), **params))
+            if not calls:
+                break
+            for call in calls:
+                loop.run_sync(call)
+        return loop.result()
 
     def stream_complete(self, model: str, prompt: str | Sequence[int], **params: Any) -> Iterator[Completion]:
         """Stream a completion as chunks; the last one carries ``usage``."""
@@ -192,6 +211,18 @@ class AsyncClient(_Base):
         done = await self.chat(model, messages, response_format=response_format_for(schema),
                                **params)
         return parse_message(done, schema)
+
+    async def run_tools(self, model: str, messages: Sequence[Message], tools: Sequence[Any], *,
+                        max_turns: int = 8, tool_choice: Any = None, **params: Any) -> ToolRun:
+        """The async twin of :meth:`Client.run_tools` (sync functions run in worker threads)."""
+        loop = ToolLoop.create(messages, tools, max_turns, tool_choice)
+        while loop.more:
+            calls = loop.record(await self.chat(model, loop.messages, **loop.request(), **params))
+            if not calls:
+                break
+            for call in calls:
+                await loop.run_async(call)
+        return loop.result()
 
     def stream_complete(self, model: str, prompt: str | Sequence[int], **params: Any) -> AsyncIterator[Completion]:
         """Stream a completion as chunks; the last one carries ``usage``."""

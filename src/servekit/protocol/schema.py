@@ -17,8 +17,10 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatMessageParam",
     "CompletionRequest",
+    "FunctionCallParam",
     "StreamOptions",
     "TextPart",
+    "ToolCallParam",
     "bad_request_from_validation",
     "check_text",
 ]
@@ -81,6 +83,23 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCallParam(BaseModel):
+    """The function of an assistant's tool call: ``arguments`` is a JSON object as text."""
+
+    model_config = _STRICT
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class ToolCallParam(BaseModel):
+    """One tool call of an earlier assistant message, sent back in the conversation."""
+
+    model_config = _STRICT
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallParam
+
+
 class ChatMessageParam(BaseModel):
     """One chat message; the model's chat template renders the list."""
 
@@ -88,6 +107,10 @@ class ChatMessageParam(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    #: An assistant message's tool calls.
+    tool_calls: list[ToolCallParam] | None = None
+    #: A ``tool`` message: the id of the call it answers.
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         """The content as one string (text parts joined)."""
@@ -106,7 +129,12 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # [{"type": "function", "function": {"name", "description", "parameters"}}]; checked by
+    # servekit.structured.tools.tool_names (errors name tools[i]...)
     tools: list[Any] | None = None
+    # "auto" | "none" | "required" | {"type": "function", "function": {"name": ...}}
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 def check_text(value: Any, param: str = "") -> None:
@@ -171,6 +199,7 @@ def _param_name(loc: tuple[Any, ...] | list[Any]) -> str:
 
 _FIELD_NAMES: frozenset[str] = frozenset(
     name
-    for model in (CompletionRequest, ChatCompletionRequest, ChatMessageParam, TextPart, StreamOptions)
+    for model in (CompletionRequest, ChatCompletionRequest, ChatMessageParam, TextPart, StreamOptions,
+                  ToolCallParam, FunctionCallParam)
     for name in model.model_fields
 )

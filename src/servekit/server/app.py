@@ -40,9 +40,9 @@ from servekit.server.lifecycle import Phase, ServerState
 from servekit.server.openapi import openapi_document
 from servekit.server.params import build_sampling_params, check_unsupported
 from servekit.server.ratelimit import KeyLimits
-from servekit.server.responses import ChatEncoder, CompletionEncoder, Encoder
+from servekit.server.responses import ChatEncoder, CompletionEncoder, Encoder, ToolChatEncoder
 from servekit.server.service import EngineLike, GenerationService, Job
-from servekit.server.tools import compile_guided
+from servekit.server.tools import NO_TOOLS, chat_messages, compile_guided, plan_tools
 
 if TYPE_CHECKING:
     from servekit.server.usage_path import UsageRecorder
@@ -192,21 +192,29 @@ def create_app(
         key = caller(request)
         check_unsupported(body)
         service.check_model(body.model)
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                    for m in body.messages]
-        ids = await service.encode_chat(messages)
+        plan = NO_TOOLS
+        if body.tools or body.tool_choice is not None:
+            plan = await plan_tools(body, service.chat_template())
+        ids = await service.encode_chat(chat_messages(body), plan.prompt_tools)
+        tokenizer = service.engine.tokenizer  # type: ignore[union-attr]
         requested, param = body.max_tokens, "max_tokens"
         if body.max_completion_tokens is not None:
             requested, param = body.max_completion_tokens, "max_completion_tokens"
         max_tokens = service.resolve_max_tokens(requested, len(ids), param)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         choices = [(0, build_sampling_params(
-            body, max_tokens=max_tokens, logprobs=logprobs,
+            body, max_tokens=max_tokens, logprobs=logprobs, guided=plan.guided,
             seed=None if body.seed is None else body.seed + j)) for j in range(body.n)]
-        await compile_guided(service.engine, choices[0][1].guided)
+        await compile_guided(service.engine, choices[0][1].guided,
+                             "tools" if plan.guided is not None else None)
         job = Job(service.new_request_id("chatcmpl"), body.model, key, [ids], choices)
-        encoder = ChatEncoder(job, service.engine.tokenizer,  # type: ignore[union-attr]
-                              include_usage=_include_usage(body), logprobs=body.logprobs)
+        encoder: Encoder
+        if plan.parser is not None:
+            encoder = ToolChatEncoder(job, tokenizer, parser=plan.parser, parallel=plan.parallel,
+                                      include_usage=_include_usage(body), logprobs=body.logprobs)
+        else:
+            encoder = ChatEncoder(job, tokenizer, include_usage=_include_usage(body),
+                                  logprobs=body.logprobs)
         return await _generation_response(service, job, encoder, body.stream, config, usage)
 
     @app.get("/v1/models", tags=["openai"])

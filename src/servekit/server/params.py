@@ -1,7 +1,7 @@
 """What the server does with a valid OpenAI request body: reject what it cannot honour, build
 the :class:`~servekit.sched.params.SamplingParams` of each choice.
 
-Fields servekit accepts syntactically but cannot honour (``suffix``, ``logit_bias``, ``tools``,
+Fields servekit accepts syntactically but cannot honour (``suffix``, ``logit_bias``,
 ``best_of`` != ``n``) are rejected with a 400 naming them rather than silently dropped.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from servekit.protocol.errors import InvalidRequestError
 from servekit.protocol.schema import ChatCompletionRequest, CompletionRequest, check_text
-from servekit.sched.params import InvalidParameterError, SamplingParams
+from servekit.sched.params import GuidedDecoding, InvalidParameterError, SamplingParams
 from servekit.structured.openai import guided_from_response_format
 
 __all__ = ["build_sampling_params", "check_unsupported"]
@@ -28,17 +28,20 @@ def check_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
         if req.echo and req.logprobs is not None:
             raise InvalidRequestError("echo with logprobs is not supported", param="echo")
     else:
-        if req.tools:
-            raise InvalidRequestError("tools are not supported by this model", param="tools")
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
 
 
 def build_sampling_params(req: CompletionRequest | ChatCompletionRequest, *, max_tokens: int,
-                          logprobs: int | None, seed: int | None) -> SamplingParams:
-    """The request's SamplingParams; an out-of-range value is a 400 naming the field."""
+                          logprobs: int | None, seed: int | None,
+                          guided: GuidedDecoding | None = None) -> SamplingParams:
+    """The request's SamplingParams; an out-of-range value is a 400 naming the field.
+
+    ``guided``: a constraint from elsewhere (a forced tool call), else ``response_format``'s.
+    """
     try:
-        guided = guided_from_response_format(req.response_format)
+        if guided is None:
+            guided = guided_from_response_format(req.response_format)
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if req.temperature is None else req.temperature,

@@ -15,8 +15,9 @@ from typing import Any
 from servekit.engine.outputs import RequestOutput, TokenLogprob
 from servekit.protocol.sse import DONE
 from servekit.server.service import Job
+from servekit.structured.tools import ToolCall, ToolParser, ToolStream
 
-__all__ = ["ChatEncoder", "CompletionEncoder", "Encoder"]
+__all__ = ["ChatEncoder", "CompletionEncoder", "Encoder", "ToolChatEncoder"]
 
 
 class _TokenText:
@@ -204,3 +205,76 @@ class ChatEncoder(Encoder):
                 "message": {"role": "assistant", "content": self.texts[i], "refusal": None},
                 "logprobs": lps, "finish_reason": self.job.finish_reasons[i]}
 
+
+
+class ToolChatEncoder(ChatEncoder):
+    """``/v1/chat/completions`` with tools: tool calls parsed out of the text.
+
+    Streamed, content is released as soon as the parser knows it is not part of a call, and
+    each call goes out whole in one ``delta.tool_calls`` entry (id, type, name, arguments), so
+    the argument fragments of a stream concatenate to exactly the final arguments. With
+    ``parallel=False`` only the first call of a message is kept. A message with calls that
+    ended by itself finishes with ``tool_calls``; one cut by ``max_tokens`` keeps ``length``
+    and its partial text (an unfinished call is content).
+    """
+
+    def __init__(self, job: Job, tokenizer: Any, *, parser: ToolParser, parallel: bool = True,
+                 include_usage: bool = False, logprobs: bool = False) -> None:
+        super().__init__(job, tokenizer, include_usage=include_usage, logprobs=logprobs)
+        self.parser = parser
+        self.parallel = parallel
+        self._streams: list[ToolStream] = [parser.stream() for _ in job.choices]
+        self._sent = [0] * len(job.choices)  # calls streamed per choice
+
+    def chunk(self, i: int, out: RequestOutput) -> bytes:
+        stream = self._streams[i]
+        content, calls = stream.feed(out.new_text)
+        if out.finished:
+            rest, more = stream.flush()
+            content, calls = content + rest, calls + more
+        lp = self._chunk_logprobs(out) if self.want_logprobs and out.logprobs else "null"
+        events = []
+        if content or lp != "null":
+            events.append(self._event(i, self._delta(content), lp, "null"))
+        for call in self._keep(self._sent[i], calls):
+            delta = {"tool_calls": [_call_json(call, self._sent[i])]}
+            self._sent[i] += 1
+            events.append(self._event(i, '"delta":' + json.dumps(delta, ensure_ascii=False),
+                                      "null", "null"))
+        if out.finished:
+            reason = _finish_reason(out.finish_reason, self._sent[i])
+            events.append(self._event(i, '"delta":{}', "null", _quote(reason)))
+        return "".join(events).encode()
+
+    def _event(self, i: int, delta: str, logprobs: str, finish: str) -> str:
+        return (f'{self._prefix}{i},{delta},"logprobs":{logprobs},"finish_reason":{finish}}}]'
+                f'{self._usage_null}}}\n\n')
+
+    def _keep(self, sent: int, calls: list[ToolCall]) -> list[ToolCall]:
+        """The calls to send, given ``sent`` already sent (parallel off: one per message)."""
+        if self.parallel:
+            return calls
+        return calls[:1] if sent == 0 else []
+
+    def _choice(self, i: int) -> dict[str, Any]:
+        choice = super()._choice(i)
+        content, calls = self.parser.parse(self.texts[i])
+        calls = self._keep(0, calls)
+        message = choice["message"]
+        message["content"] = None if calls and not content.strip() else content
+        if calls:
+            message["tool_calls"] = [_call_json(c) for c in calls]
+        choice["finish_reason"] = _finish_reason(self.job.finish_reasons[i], len(calls))
+        return choice
+
+
+def _call_json(call: ToolCall, index: int | None = None) -> dict[str, Any]:
+    """One OpenAI tool call (with its ``index`` in a stream delta)."""
+    body: dict[str, Any] = {"id": call.id, "type": "function",
+                            "function": {"name": call.name, "arguments": call.arguments}}
+    return body if index is None else {"index": index, **body}
+
+
+def _finish_reason(reason: str | None, calls: int) -> str:
+    reason = reason or "stop"
+    return "tool_calls" if calls and reason == "stop" else reason

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import os
 import sys
@@ -225,21 +226,34 @@ class GenerationService:
             out.append(ids)
         return out
 
-    async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Token ids of chat messages through the model's chat template; 400 when bad."""
+    def chat_template(self) -> str | None:
+        """The model's chat template (None when its tokenizer has none); 503 while not ready."""
+        template = getattr(self._engine().tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None
+
+    async def encode_chat(self, messages: list[dict[str, Any]],
+                          tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of chat messages (and ``tools``, OpenAI function tools) through the model's
+        chat template; 400 when bad."""
         engine = self._engine()
         chars = sum(len(m.get("content") or "") for m in messages)
+        if tools or any("tool_calls" in m for m in messages):
+            chars += len(json.dumps(tools, ensure_ascii=False)) + len(json.dumps(
+                [m.get("tool_calls") for m in messages], ensure_ascii=False))
         self._check_chars(chars, "messages")
         if chars > _INLINE_CHARS:
-            ids = await anyio.to_thread.run_sync(self._render_chat, engine, messages)
+            ids = await anyio.to_thread.run_sync(self._render_chat, engine, messages, tools)
         else:
-            ids = self._render_chat(engine, messages)
+            ids = self._render_chat(engine, messages, tools)
         self._check_length(len(ids), "messages")
         return ids
 
     @staticmethod
-    def _render_chat(engine: EngineLike, messages: list[dict[str, Any]]) -> list[int]:
+    def _render_chat(engine: EngineLike, messages: list[dict[str, Any]],
+                     tools: list[dict[str, Any]] | None = None) -> list[int]:
         try:
+            if tools:
+                return render_chat(engine.tokenizer, messages, tools=tools)
             return render_chat(engine.tokenizer, messages)
         except ChatTemplateError as exc:
             raise InvalidRequestError(str(exc), param="messages") from exc

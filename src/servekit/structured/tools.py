@@ -7,6 +7,10 @@ be the start of a tag, and each call is released whole when its closing tag arri
 streamed argument fragments concatenate exactly to the final arguments.
 :func:`guided_for_tool_choice` builds the grammar that forces a call (``required`` or a named
 function), so the call is valid even from a model never trained on tools.
+
+Front ends use a parser through the small :class:`ToolParser` interface, picked from the
+model's chat template by :func:`servekit.structured.tool_parsers.tool_parser_for` (which also
+holds the Llama 3 JSON and Mistral formats).
 """
 
 from __future__ import annotations
@@ -14,15 +18,15 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from attrs import frozen
 
 from servekit._optional import require
 from servekit.sched.params import GuidedDecoding, InvalidParameterError
 
-__all__ = ["HermesToolParser", "HermesToolStream", "ToolCall", "guided_for_tool_choice",
-           "tool_names"]
+__all__ = ["HermesToolParser", "HermesToolStream", "ToolCall", "ToolParser", "ToolStream",
+           "guided_for_tool_choice", "tool_names"]
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -58,8 +62,41 @@ def _parse_call(body: str) -> ToolCall | None:
     return ToolCall(_new_id(), obj["name"], json.dumps(args, ensure_ascii=False))
 
 
+class ToolStream(Protocol):
+    """Incremental parsing of one output: content safe to emit now, and finished calls."""
+
+    def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
+        """Content released by ``delta`` and the calls it completed."""
+        ...
+
+    def flush(self) -> tuple[str, list[ToolCall]]:
+        """At the end of the output: what is left (an unfinished call comes back as content)."""
+        ...
+
+
+class ToolParser(Protocol):
+    """A model family's tool-call format: parse finished or streamed text, force a call."""
+
+    name: str
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        """``(content, calls)`` of a finished output."""
+        ...
+
+    def stream(self) -> ToolStream:
+        """A fresh incremental parser for one output."""
+        ...
+
+    def guided(self, tools: Sequence[Mapping[str, Any]],
+               tool_choice: str | Mapping[str, Any] | None) -> GuidedDecoding | None:
+        """The constraint forcing a call for ``tool_choice`` (None for auto / none)."""
+        ...
+
+
 class HermesToolParser:
     """Splits finished text into content and tool calls (unparseable blocks stay content)."""
+
+    name = "hermes"
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """``(content, calls)`` of ``text``."""
@@ -67,6 +104,15 @@ class HermesToolParser:
         content, calls = stream.feed(text)
         rest, more = stream.flush()
         return content + rest, calls + more
+
+    def stream(self) -> HermesToolStream:
+        """A fresh :class:`HermesToolStream`."""
+        return HermesToolStream()
+
+    def guided(self, tools: Sequence[Mapping[str, Any]],
+               tool_choice: str | Mapping[str, Any] | None) -> GuidedDecoding | None:
+        """:func:`guided_for_tool_choice`."""
+        return guided_for_tool_choice(tools, tool_choice)
 
 
 class HermesToolStream:
@@ -132,6 +178,9 @@ def tool_names(tools: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any
         fn = tool.get("function")
         if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise InvalidParameterError(f"tools[{i}].function.name", "must be a non-empty string")
+        if fn["name"] in out:
+            raise InvalidParameterError(f"tools[{i}].function.name",
+                                        f"{fn['name']!r} is the name of an earlier tool")
         params = fn.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(params, Mapping) or params.get("type", "object") != "object":
             raise InvalidParameterError(f"tools[{i}].function.parameters",
@@ -141,11 +190,15 @@ def tool_names(tools: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any
 
 
 def guided_for_tool_choice(tools: Sequence[Mapping[str, Any]],
-                           tool_choice: str | Mapping[str, Any] | None) -> GuidedDecoding | None:
-    """The constraint forcing a Hermes tool call for ``tool_choice`` (None for auto / none).
+                           tool_choice: str | Mapping[str, Any] | None, *,
+                           prefix: str = OPEN + "\n", suffix: str = "\n" + CLOSE,
+                           arguments_key: str = "arguments") -> GuidedDecoding | None:
+    """The constraint forcing a tool call for ``tool_choice`` (None for auto / none).
 
     ``"required"``: one call to any of ``tools``; ``{"type": "function", "function": {"name":
     N}}``: one call to ``N`` (unknown names raise InvalidParameterError on ``tool_choice``).
+    The call is ``prefix`` + compact JSON ``{"name": ..., arguments_key: {...}}`` + ``suffix``
+    (Hermes' tags by default; other formats pass their own).
     """
     names = tool_names(tools)
     if tool_choice is None or tool_choice in ("auto", "none"):
@@ -163,14 +216,37 @@ def guided_for_tool_choice(tools: Sequence[Mapping[str, Any]],
         chosen = [str(name)]
     else:
         raise InvalidParameterError("tool_choice", "must be auto, none, required or a function")
-    calls = [{"type": "object", "properties": {"name": {"const": n}, "arguments": names[n]},
-              "required": ["name", "arguments"], "additionalProperties": False} for n in chosen]
+    calls = [{"type": "object", "properties": {"name": {"const": n}, arguments_key: names[n]},
+              "required": ["name", arguments_key], "additionalProperties": False}
+             for n in chosen]
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
     xgr = require("xgrammar", "structured")
     try:
-        body = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+        body = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False,
+                                            separators=(",", ":"))
     except Exception as exc:
-        raise InvalidParameterError("tools", f"a parameters schema is unusable: {exc}") from exc
-    grammar = xgr.Grammar.concat(xgr.Grammar.from_ebnf(f'root ::= "{OPEN}\\n"'), body,
-                                 xgr.Grammar.from_ebnf(f'root ::= "\\n{CLOSE}"'))
+        raise _unusable_schema(xgr, tools, exc) from exc
+    parts = [xgr.Grammar.from_ebnf(f"root ::= {_literal(prefix)}")] if prefix else []
+    parts.append(body)
+    if suffix:
+        parts.append(xgr.Grammar.from_ebnf(f"root ::= {_literal(suffix)}"))
+    grammar = xgr.Grammar.concat(*parts) if len(parts) > 1 else body
     return GuidedDecoding.grammar(str(grammar))
+
+
+def _literal(text: str) -> str:
+    """``text`` as an EBNF string literal (JSON's escapes are EBNF's)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _unusable_schema(xgr: Any, tools: Sequence[Mapping[str, Any]],
+                     exc: Exception) -> InvalidParameterError:
+    """The error naming the first tool whose parameters schema xgrammar cannot use."""
+    for i, tool in enumerate(tools):
+        params = tool["function"].get("parameters", {"type": "object"})
+        try:
+            xgr.Grammar.from_json_schema(json.dumps(params), any_whitespace=False)
+        except Exception as own:
+            return InvalidParameterError(f"tools[{i}].function.parameters",
+                                         f"unusable JSON schema: {own}")
+    return InvalidParameterError("tools", f"the parameters schemas are unusable together: {exc}")

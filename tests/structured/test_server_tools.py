@@ -1,0 +1,301 @@
+"""``tools`` / ``tool_choice`` on the real server with the demo model (and its Hermes template)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import jsonschema
+import openai
+import pytest
+import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from servekit.engine import AsyncEngine, EngineConfig, LLMEngine
+from servekit.engine.outputs import RequestOutput
+from servekit.server import FakeEngine, create_app
+from servekit.server.app import ServerConfig
+from servekit.server.cli import DEMO_MODEL
+from servekit.server.responses import ToolChatEncoder
+from servekit.server.service import Job
+from servekit.structured.tools import HermesToolParser
+from tests.server.conftest import Running, free_port, serve
+from tests.structured.strategies import tool_parameters
+
+MODEL = "servekit-demo"
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                     "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city", "days"], "additionalProperties": False}}}
+ADD = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                     "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["a", "b"], "additionalProperties": False}}}
+TOOLS = [WEATHER, ADD]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+USER = [{"role": "user", "content": "Add two and three."}]
+NAMED = {"type": "function", "function": {"name": "add"}}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Running]:
+    engine = AsyncEngine(LLMEngine(str(DEMO_MODEL), config=EngineConfig(num_blocks=256)))
+    app = create_app(engine, config=ServerConfig(model_names=(MODEL,)))
+    with serve(app) as running:
+        yield running
+
+
+def chat(server: Running, **body: Any) -> httpx.Response:
+    return httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                      json={"model": MODEL, "messages": USER, **body})
+
+
+def stream(server: Running, **body: Any) -> tuple[list[dict[str, Any]], str, str]:
+    """The streamed tool calls (arguments joined per index), the content, the finish reason."""
+    calls: dict[int, dict[str, Any]] = {}
+    content, finish = "", ""
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "messages": USER, "stream": True, **body}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for choice in json.loads(line[6:])["choices"]:
+                delta = choice["delta"]
+                content += delta.get("content") or ""
+                for part in delta.get("tool_calls") or ():
+                    call = calls.setdefault(part["index"], {"arguments": ""})
+                    for key in ("id", "type"):
+                        if key in part:
+                            call[key] = part[key]
+                    fn = part.get("function", {})
+                    if "name" in fn:
+                        call["name"] = fn["name"]
+                    call["arguments"] += fn.get("arguments", "")
+                finish = choice["finish_reason"] or finish
+    return [calls[i] for i in sorted(calls)], content, finish
+
+
+def check_call(call: dict[str, Any], name: str | None = None) -> None:
+    assert call["id"].startswith("call_") and call["type"] == "function"
+    fn = call.get("function", call)
+    assert fn["name"] in SCHEMAS and (name is None or fn["name"] == name)
+    jsonschema.validate(json.loads(fn["arguments"]), SCHEMAS[fn["name"]])
+
+
+@pytest.mark.parametrize("choice", ["required", NAMED])
+def test_forced_calls_validate_whole_and_streamed(server: Running, choice: Any) -> None:
+    name = "add" if isinstance(choice, dict) else None
+    for i, temperature in enumerate((0.0, 1.0, 1.0)):
+        body = {"tools": TOOLS, "tool_choice": choice, "temperature": temperature, "seed": i}
+        r = chat(server, **body)
+        assert r.status_code == 200, r.text
+        out = r.json()["choices"][0]
+        assert out["finish_reason"] == "tool_calls", out
+        assert out["message"]["content"] is None
+        [call] = out["message"]["tool_calls"]
+        check_call(call, name)
+        calls, content, finish = stream(server, **body)
+        assert finish == "tool_calls" and content == ""
+        [streamed] = calls
+        check_call(streamed, name)
+        # same seed, same sampling: the stream's joined fragments equal the whole response's
+        assert (streamed["name"], streamed["arguments"]) == (
+            call["function"]["name"], call["function"]["arguments"])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(params=tool_parameters)
+def test_random_parameter_schemas_yield_valid_calls(server: Running,
+                                                    params: dict[str, Any]) -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": params}}
+    r = chat(server, tools=[tool], tool_choice="required", temperature=1.0, seed=7)
+    assert r.status_code == 200, r.text
+    out = r.json()["choices"][0]
+    assert out["finish_reason"] == "tool_calls", out
+    [call] = out["message"]["tool_calls"]
+    assert call["function"]["name"] == "f"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), params)
+
+
+def test_the_openai_client_reads_tool_calls(server: Running) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    done = client.chat.completions.create(model=MODEL, messages=USER,  # type: ignore[arg-type]
+                                          tools=TOOLS, tool_choice="required", temperature=0)
+    choice = done.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls or []
+    assert call.type == "function" and call.function.name in SCHEMAS
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    chunks = client.chat.completions.create(
+        model=MODEL, messages=USER, tools=TOOLS, tool_choice=NAMED,  # type: ignore[arg-type]
+        temperature=0, stream=True)
+    args = "".join(tc.function.arguments or "" for c in chunks for ch in c.choices
+                   for tc in ch.delta.tool_calls or () if tc.function)
+    jsonschema.validate(json.loads(args), SCHEMAS["add"])
+
+
+def test_tool_results_round_trip_through_the_template(server: Running) -> None:
+    first = chat(server, tools=TOOLS, tool_choice=NAMED, temperature=0).json()
+    message = first["choices"][0]["message"]
+    call = message["tool_calls"][0]
+    args = json.loads(call["function"]["arguments"])
+    history = [*USER, message, {"role": "tool", "tool_call_id": call["id"],
+                                "content": str(args["a"] + args["b"])}]
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": history, "tools": TOOLS, "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200, r.text
+    tok = server.service.engine.tokenizer
+    text = tok.apply_chat_template(
+        [*USER, {"role": "assistant", "content": "", "tool_calls": [
+            {"id": call["id"], "type": "function", "function": {"name": "add", "arguments": args}}]},
+         {"role": "tool", "content": str(args["a"] + args["b"])}],
+        tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    call_text = json.dumps({"name": "add", "arguments": args}, separators=(",", ":"))
+    assert f"<tool_call>\n{call_text}\n</tool_call>" in text
+    assert f"TOOL:\n<tool_response>\n{args['a'] + args['b']}\n</tool_response>" in text
+    assert "<tools>\nweather(city, days)\nadd(a, b)\n</tools>" in text
+    assert r.json()["usage"]["prompt_tokens"] == len(tok.encode(text, add_special_tokens=False))
+
+
+def test_plain_messages_render_as_before(server: Running) -> None:
+    tok = server.service.engine.tokenizer
+    messages = [{"role": "system", "content": "Be brief."}, *USER,
+                {"role": "assistant", "content": "Five.", "name": "romeo"}]
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
+        "<|bos|>SYSTEM:\nBe brief.\n<|eos|><|bos|>USER:\nAdd two and three.\n<|eos|>"
+        "<|bos|>ROMEO:\nFive.\n<|eos|><|bos|>ASSISTANT:\n")
+
+
+def test_none_and_auto(server: Running) -> None:
+    plain = chat(server, max_tokens=6, temperature=0).json()
+    none = chat(server, tools=TOOLS, tool_choice="none", max_tokens=6, temperature=0).json()
+    # "none": no tools in the prompt, no parsing: exactly the plain answer
+    keys = ("prompt_tokens", "completion_tokens")
+    assert [none["usage"][k] for k in keys] == [plain["usage"][k] for k in keys]
+    assert none["choices"][0]["message"] == plain["choices"][0]["message"]
+    auto = chat(server, tools=TOOLS, max_tokens=6, temperature=0).json()
+    assert auto["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]  # tools rendered
+    assert auto["choices"][0]["finish_reason"] in ("stop", "length")
+    assert "tool_calls" not in auto["choices"][0]["message"]
+
+
+def test_a_forced_call_cut_by_max_tokens_is_length_with_the_partial_text(server: Running) -> None:
+    out = chat(server, tools=TOOLS, tool_choice=NAMED, max_tokens=16, temperature=0).json()
+    choice = out["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert "tool_calls" not in choice["message"]
+    assert choice["message"]["content"].startswith("<tool_call>\n{\"")
+    calls, content, finish = stream(server, tools=TOOLS, tool_choice=NAMED, max_tokens=16,
+                                    temperature=0)
+    assert (calls, finish) == ([], "length") and content == choice["message"]["content"]
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "array"}}}]}, "tools[0].function.parameters"),
+    ({"tools": [WEATHER, {"type": "function", "function": {"name": "g", "parameters": {
+        "type": "object", "properties": {"x": {"type": "nonsense"}}}}}],
+      "tool_choice": "required"}, "tools[1].function.parameters"),
+    ({"tools": [ADD, ADD]}, "tools[1].function.name"),
+    ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice.function.name"),
+    ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": {"type": "tool"}}, "tool_choice.type"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": "required",
+      "response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": TOOLS, "parallel_tool_calls": "no"}, "parallel_tool_calls"),
+    ({"messages": [{"role": "tool", "content": "3"}]}, "messages.[0].tool_call_id"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
+     "messages.[0].tool_calls"),
+    ({"messages": [*USER, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]},
+     "messages.[1].tool_calls.[0].function.arguments"),
+    ({"messages": [*USER, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f"}}]}]},
+     "messages.[1].tool_calls.[0].function.arguments"),
+])
+def test_bad_tool_fields_are_a_400_naming_the_field(server: Running, body: dict[str, Any],
+                                                     param: str) -> None:
+    r = chat(server, **body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+# -- the encoder alone: scripted outputs the demo model does not write ----------------------
+
+TWO_CALLS = ('Sure. <tool_call>\n{"name":"add","arguments":{"a":1,"b":2}}\n</tool_call>\n'
+             '<tool_call>\n{"name":"weather","arguments":{"city":"Rome","days":2}}\n</tool_call>')
+
+
+def encode(text: str, *, parallel: bool, stream: bool, cuts: int = 7) -> dict[str, Any]:
+    """Run ``text`` through a ToolChatEncoder as deltas of ``cuts`` characters."""
+    job = Job("chatcmpl-x", MODEL, None, [[1, 2]], [(0, None)])  # type: ignore[list-item]
+    job.finish_reasons = ["stop"]
+    enc = ToolChatEncoder(job, None, parser=HermesToolParser(), parallel=parallel)
+    pieces = [text[k:k + cuts] for k in range(0, len(text), cuts)]
+    events = []
+    for n, piece in enumerate(pieces):
+        out = RequestOutput("x", [], piece, n == len(pieces) - 1,
+                            "stop" if n == len(pieces) - 1 else None, 2, n + 1, 0)
+        enc.add(0, out)
+        events += [json.loads(e[6:]) for e in enc.chunk(0, out).decode().split("\n\n") if e]
+    if not stream:
+        return json.loads(enc.body())["choices"][0]  # type: ignore[no-any-return]
+    calls = [tc for e in events for tc in e["choices"][0]["delta"].get("tool_calls", ())]
+    return {"content": "".join(e["choices"][0]["delta"].get("content", "") for e in events),
+            "calls": calls, "finish": events[-1]["choices"][0]["finish_reason"]}
+
+
+@settings(max_examples=60, deadline=None)
+@given(parallel=st.booleans(), cuts=st.integers(1, 40))
+def test_parallel_tool_calls_false_keeps_only_the_first_call(parallel: bool, cuts: int) -> None:
+    whole = encode(TWO_CALLS, parallel=parallel, stream=False, cuts=cuts)
+    names = [c["function"]["name"] for c in whole["message"]["tool_calls"]]
+    assert names == (["add", "weather"] if parallel else ["add"])
+    assert whole["message"]["content"].strip() == "Sure." and whole["finish_reason"] == "tool_calls"
+    streamed = encode(TWO_CALLS, parallel=parallel, stream=True, cuts=cuts)
+    assert [c["function"]["name"] for c in streamed["calls"]] == names
+    assert [c["index"] for c in streamed["calls"]] == list(range(len(names)))
+    assert [c["function"]["arguments"] for c in streamed["calls"]] == [
+        c["function"]["arguments"] for c in whole["message"]["tool_calls"]]
+    assert streamed["finish"] == "tool_calls" and streamed["content"].strip() == "Sure."
+
+
+def test_a_tools_request_while_the_model_loads_is_a_503() -> None:
+    loaded = threading.Event()
+
+    def load() -> FakeEngine:
+        loaded.wait(30)
+        return FakeEngine(max_model_len=256)
+
+    port = free_port()
+    app = create_app(load, config=ServerConfig(model_names=("fake",)))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.02)
+        r = httpx.post(url + "/v1/chat/completions", timeout=10, json={
+            "model": "fake", "messages": USER, "tools": TOOLS, "tool_choice": "required"})
+        assert r.status_code == 503, r.text
+    finally:
+        loaded.set()
+        server.should_exit = True
+        thread.join(timeout=30)
