@@ -4,7 +4,9 @@
    1,000 tokens, one event per token, this file's :func:`stream_tokens` client) beside a bare
    uvicorn ASGI endpoint streaming the identical chunks (``_bare_peers.py``), rounds
    interleaved; the ratio (bar: >= 0.5x the bare endpoint) and each server's CPU microseconds
-   per token; requests/s of short non-streamed completions. The same over gRPC beside it
+   per token; the same with the fake making ``STEP_TOKENS`` tokens per pass of the event loop
+   (``--fake-tokens-per-yield``: one consumer wake-up per several tokens); requests/s of short
+   non-streamed completions. The same over gRPC beside it
    (``bench_grpc.grpc_rows``: GenerateStream, Session, unary, and a bare ``grpc.aio`` server
    streaming the same messages), with ratios.
 2. Coalescing: slow readers (every event takes 20 ms to send) on the demo model in this
@@ -14,7 +16,7 @@
    (bars: < 10 s, < 1 GB), then TTFT and inter-token latency percentiles under Poisson arrivals
    at three rates, plotted into ``benchmarks/results/``.
 
-    python benchmarks/bench_server.py --quick --json benchmarks/results/server-cpu-2026-11-27.json
+    python benchmarks/bench_server.py --quick --json benchmarks/results/server-cpu-2026-12-06.json
 """
 
 from __future__ import annotations
@@ -235,41 +237,61 @@ def timed_stream(url: str, pid: int, concurrency: int, max_tokens: int, streams:
     return tokens / secs, 1e6 * (cpu_seconds(pid) - cpu0) / tokens
 
 
+#: Tokens the fake makes per pass of the event loop in the second servekit row (docs/server.md).
+STEP_TOKENS = 16
+
+
 def bench_fake(quick: bool, rounds: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """``servekit serve --fake`` beside the bare uvicorn SSE peer, rounds interleaved."""
+    """``servekit serve --fake`` (one loop pass per token, and ``STEP_TOKENS`` tokens per pass)
+    beside the bare uvicorn SSE peer, rounds interleaved."""
     server, peer = ServerProcess("--fake"), PeerProcess("sse")
+    stepped = ServerProcess("--fake", "--fake-tokens-per-yield", str(STEP_TOKENS))
     rows: list[dict[str, Any]] = []
     concurrency, max_tokens = 32, 1000
     streams = 64 if quick else 256
-    samples: dict[str, list[float]] = {k: [] for k in ("tps", "cpu", "bare_tps", "bare_cpu",
-                                                      "ratio", "rps")}
+    samples: dict[str, list[float]] = {k: [] for k in (
+        "tps", "cpu", "bare_tps", "bare_cpu", "ratio", "rps", "step_tps", "step_cpu",
+        "step_ratio")}
     try:
-        for url in (server.url, peer.url):
+        for url in (server.url, stepped.url, peer.url):
             asyncio.run(stream_tokens(url, 8, 50, 16))  # warm up
         for _ in range(rounds):
             tps, cpu = timed_stream(server.url, server.proc.pid, concurrency, max_tokens, streams)
+            step_tps, step_cpu = timed_stream(stepped.url, stepped.proc.pid, concurrency,
+                                              max_tokens, streams)
             bare_tps, bare_cpu = timed_stream(peer.url, peer.proc.pid, concurrency, max_tokens,
                                               streams)
             for k, v in (("tps", tps), ("cpu", cpu), ("bare_tps", bare_tps),
-                         ("bare_cpu", bare_cpu), ("ratio", tps / bare_tps)):
+                         ("bare_cpu", bare_cpu), ("ratio", tps / bare_tps),
+                         ("step_tps", step_tps), ("step_cpu", step_cpu),
+                         ("step_ratio", step_tps / bare_tps)):
                 samples[k].append(v)
         for _ in range(rounds):
             n, secs = asyncio.run(short_requests(server.url, 32, 500 if quick else 2000))
             samples["rps"].append(n / secs)
     finally:
         server.stop()
+        stepped.stop()
         peer.stop()
     setting = f"{concurrency} streams x {max_tokens} tok, 1 event/tok"
+    step = f"fake, {STEP_TOKENS} tok per loop pass"
     for scenario, key, row_setting in (
             ("fake: streamed tokens/s", "tps", setting),
             ("bare uvicorn SSE: streamed tokens/s", "bare_tps", setting),
             ("ratio servekit/bare: streamed tokens/s", "ratio", "per round, paired"),
             ("fake: server CPU us/token", "cpu", "server process user+sys"),
             ("bare uvicorn SSE: server CPU us/token", "bare_cpu", "server process user+sys"),
+            (f"{step}: streamed tokens/s", "step_tps", setting),
+            (f"ratio servekit ({step})/bare: streamed tokens/s", "step_ratio",
+             "per round, paired"),
+            (f"{step}: server CPU us/token", "step_cpu", "server process user+sys"),
             ("fake: requests/s", "rps", "32 clients, 8 tok, no stream")):
         rows.append({"scenario": scenario, "setting": row_setting, **summary(samples[key])})
     ratio = summary(samples["ratio"])["median"]
-    return rows, {"server_streamed_tokens_per_s_vs_bare_uvicorn": bar(ratio, 0.5)}
+    step_ratio = summary(samples["step_ratio"])["median"]
+    return rows, {"server_streamed_tokens_per_s_vs_bare_uvicorn": bar(ratio, 0.5),
+                  f"server_streamed_tokens_per_s_vs_bare_uvicorn_{STEP_TOKENS}_tok_per_pass":
+                      bar(step_ratio, 0.5)}
 
 
 def bench_demo(quick: bool, model: str | None) -> tuple[list[dict[str, Any]], dict[str, Any],

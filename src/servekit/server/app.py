@@ -430,10 +430,11 @@ class GenerationResponse(Response):
         raw_send = scope.get(_RAW_SEND, send)
         if self.usage is None:
             return await self._respond(scope, receive, send, raw_send)
-        # the record, around the final message (body parts only note the first byte)
-        call = self.usage.track(self.job, send, scope, raw_send)
+        # the record, around the final message; the first body part notes the first byte, the
+        # parts after it go out raw
+        call = self.usage.track(self.job, send, scope)
         try:
-            await self._respond(scope, receive, call.send, call.send_part)
+            await self._respond(scope, receive, call.send, raw_send)
         finally:
             call.close()  # failed or aborted before the final message: recorded as such
 
@@ -477,35 +478,42 @@ class GenerationResponse(Response):
     async def _stream(self, send: _StallWatch) -> None:
         encoder = self.encoder
         chunk = encoder.chunk
-        started = False
+        opened = started = False  # response start sent; first body part sent
         body = send.body
 
         async def on_output(i: int, out: RequestOutput) -> None:
-            nonlocal started
-            if not started:
-                started = True
+            nonlocal opened, started
+            if started:  # the per-token path: one event, straight to the server's send
+                if out.finish_reason == "error":
+                    raise StatusError(out.error or "the engine failed on this request")
+                data = chunk(i, out)
+                if data:
+                    await body(data)
+                return
+            lead = b""
+            if not opened:
+                opened = True
                 await send(self._start(200, b"text/event-stream"))
-                first = encoder.start()
-                if first:
-                    await send({"type": "http.response.body", "body": first, "more_body": True})
+                lead = encoder.start()
             if out.finish_reason == "error":
                 raise StatusError(out.error or "the engine failed on this request")
-            data = chunk(i, out)
-            if data:
-                await body(data)
+            first = lead + chunk(i, out)
+            if first:  # through the whole send chain (usage notes the first byte there)
+                started = True
+                await send({"type": "http.response.body", "body": first, "more_body": True})
 
         try:
             await self.service.run(self.job, on_output)
         except Exception as exc:
             err = _as_api_error(exc)
-            if not started:
+            if not opened:
                 await self._error(send, err)
                 return
             await send({"type": "http.response.body", "body": error_event(err.body()),
                         "more_body": True})
             await send({"type": "http.response.body", "body": DONE})
             return
-        if not started:  # nothing was generated (cannot happen with max_tokens >= 1)
+        if not opened:  # nothing was generated (cannot happen with max_tokens >= 1)
             await send(self._start(200, b"text/event-stream"))
         await send({"type": "http.response.body", "body": encoder.end()})
 
@@ -528,33 +536,38 @@ class GenerationResponse(Response):
 class _StallWatch:
     """Wraps ``send``; :meth:`watch` cancels a scope when one send waits over ``timeout`` s.
 
-    A client that stops reading blocks ``send`` (flow control). A timestamp per send and one
-    watcher per response cost far less than a cancel scope around every chunk.
+    A client that stops reading blocks ``send`` (flow control). Each send bumps a counter
+    before and after (odd: a send is in flight); the one watcher per response sees a stall as
+    the same odd count for ``timeout`` s. Far cheaper than a cancel scope (or a clock read)
+    around every chunk.
     """
 
-    __slots__ = ("_raw", "_send", "since", "stalled", "timeout")
+    __slots__ = ("_raw", "_send", "seq", "stalled", "timeout")
 
     def __init__(self, send: Any, raw: Any, timeout: float) -> None:
         self._send, self._raw, self.timeout = send, raw, timeout
-        self.since: float | None = None
+        self.seq = 0
         self.stalled = False
 
     async def __call__(self, message: dict[str, Any]) -> None:
-        self.since = time.monotonic()
+        self.seq += 1
         await self._send(message)
-        self.since = None
+        self.seq += 1
 
     async def body(self, data: bytes) -> None:
         """Send a part of the body once the response started (on the raw send, if any)."""
-        self.since = time.monotonic()
+        self.seq += 1
         await self._raw({"type": "http.response.body", "body": data, "more_body": True})
-        self.since = None
+        self.seq += 1
 
     async def watch(self, scope: anyio.CancelScope) -> None:
+        seen, since = 0, 0.0
         while True:
-            await anyio.sleep(self.timeout / 4)
-            since = self.since
-            if since is not None and time.monotonic() - since > self.timeout:
+            await anyio.sleep(self.timeout / 8)
+            seq, now = self.seq, time.monotonic()
+            if seq != seen or not seq & 1:  # moved on, or nothing in flight
+                seen, since = seq, now
+            elif now - since >= self.timeout:
                 self.stalled = True
                 scope.cancel()
                 return

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve an instant fake model (benchmarks, smoke tests)")
     serve.add_argument("--fake-token-delay", type=float, default=None,
                        help="seconds between the fake model's tokens")
+    serve.add_argument("--fake-tokens-per-yield", type=int, default=None,
+                       help="tokens the fake model makes per pass of the event loop (default 1: "
+                            "one wake-up per token, as a stepping engine; docs/server.md)")
     # -- hardening: body, stream and connection limits (docs/server.md) --------------------------
     serve.add_argument("--max-body-bytes", type=int, default=None,
                        help="largest request body, bytes (413 above; default: one prompt of "
@@ -156,6 +159,7 @@ def build_engine(args: argparse.Namespace, hooks: Any = None) -> Any:
 
         return FakeEngine(model_name=(args.served_model_name or ["fake"])[0],
                           token_delay=args.fake_token_delay,
+                          tokens_per_yield=args.fake_tokens_per_yield,
                           max_waiting=args.max_waiting_requests)
     from servekit.engine import AsyncEngine, LLMEngine
 

@@ -9,10 +9,10 @@ engine's observable bookkeeping — KV blocks held per live request, a bounded w
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+import types
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -24,6 +24,7 @@ from servekit.sched.params import SamplingParams
 __all__ = ["FakeEngine", "FakeTokenizer"]
 
 _TEXT = b"the quick brown fox jumps over the lazy dog "
+_CHARS = [chr(b) for b in range(256)]
 
 
 class FakeTokenizer:
@@ -60,14 +61,20 @@ class FakeTokenizer:
 class FakeEngine:
     """Streams ``max_tokens`` tokens per request at once (or ``token_delay`` s apart).
 
-    ``max_running`` requests run at a time and ``max_waiting`` more may wait for a slot; one
-    more raises :class:`~servekit.sched.errors.QueueFullError`. ``num_used_blocks`` counts the KV
-    blocks the live requests would hold with ``block_size``-token blocks, so leaks show.
+    Without a delay, a request yields to the event loop once every ``tokens_per_yield`` tokens
+    (default 1: each token costs its consumer one wake-up, as with a stepping engine that makes
+    one token per request per step; more models an engine whose consumer finds that many deltas
+    waiting at each wake-up, such as multi-token steps). ``max_running`` requests run at a time
+    and ``max_waiting`` more may wait for a slot; one more raises
+    :class:`~servekit.sched.errors.QueueFullError`. ``num_used_blocks`` counts the KV blocks the
+    live requests would hold with ``block_size``-token blocks, so leaks show.
     """
 
     def __init__(self, *, model_name: str = "fake", max_model_len: int = 4096,
                  token_delay: float = 0.0, max_running: int = 1024, max_waiting: int = 1024,
-                 block_size: int = 16) -> None:
+                 block_size: int = 16, tokens_per_yield: int = 1) -> None:
+        if tokens_per_yield < 1:
+            raise ValueError(f"tokens_per_yield must be at least 1, got {tokens_per_yield}")
         self.tokenizer = FakeTokenizer()
         self.model_name = model_name
         self.max_model_len = max_model_len
@@ -75,6 +82,7 @@ class FakeEngine:
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.block_size = block_size
+        self.tokens_per_yield = tokens_per_yield
         self._blocks: dict[str, int] = {}
         self._aborted: set[str] = set()
         self._waiting = 0
@@ -132,29 +140,33 @@ class FakeEngine:
         n_prompt = len(ids)
         self._blocks[rid] = math.ceil(n_prompt / self.block_size)
         try:
-            checkpoint = _loop_checkpoint()
+            checkpoint, every = _loop_checkpoint(), self.tokens_per_yield
             limit = min(params.max_tokens, self.max_model_len - n_prompt)
-            top = params.logprobs
-            text, sent = "", 0  # generated text, and how much of it was emitted
+            top, stops, size = params.logprobs, params.stop, self.block_size
+            text, sent = "", 0  # generated text (kept only to match stop strings), emitted
             for i in range(1, limit + 1):
                 if self.token_delay:
                     await anyio.sleep(self.token_delay)
-                else:
+                elif (i - 1) % every == 0:
                     await checkpoint()
                 if rid in self._aborted:
                     yield RequestOutput(rid, [], "", True, "abort", n_prompt, i - 1, 0)
                     return
                 token = _TEXT[(i - 1) % len(_TEXT)]
-                text += chr(token)
-                self._blocks[rid] = math.ceil((n_prompt + i) / self.block_size)
+                self._blocks[rid] = (n_prompt + i + size - 1) // size
                 lps = None if top is None else [_logprob(token, top)]
-                done, reason, upto = i == limit, "length", len(text)
-                if params.stop:  # like the engine: stop strings are matched, never emitted
-                    cut = min((text.find(s) for s in params.stop if s in text), default=-1)
-                    if cut >= 0:
-                        done, reason, upto = True, "stop", cut
-                    elif not done:
-                        upto -= _held_back(text, params.stop)
+                done = i == limit
+                if not stops:
+                    yield RequestOutput(rid, [token], _CHARS[token], done,
+                                        "length" if done else None, n_prompt, i, 0, lps)
+                    continue
+                text += _CHARS[token]  # like the engine: stop strings are matched, never emitted
+                reason, upto = "length", len(text)
+                cut = min((text.find(s) for s in stops if s in text), default=-1)
+                if cut >= 0:
+                    done, reason, upto = True, "stop", cut
+                elif not done:
+                    upto -= _held_back(text, stops)
                 yield RequestOutput(rid, [token], text[sent:upto], done, reason if done else None,
                                     n_prompt, i, 0, lps)
                 sent = max(sent, upto)
@@ -175,7 +187,13 @@ def _loop_checkpoint() -> Callable[[], Awaitable[None]]:
         import trio
 
         return trio.lowlevel.checkpoint  # type: ignore[no-any-return]
-    return functools.partial(asyncio.sleep, 0)  # anyio's asyncio checkpoint is sleep(0)
+    return _asyncio_yield
+
+
+@types.coroutine
+def _asyncio_yield() -> Generator[None, None, None]:
+    """One pass through the asyncio loop: what ``asyncio.sleep(0)`` does, one frame less."""
+    yield
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:

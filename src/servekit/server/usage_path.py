@@ -87,13 +87,11 @@ class UsageRecorder:
             return None
         return hmac.new(self.secret, key.key.encode(), hashlib.sha256).hexdigest()[:32]
 
-    def track(self, job: Job, send: Send, scope: dict[str, Any],
-              raw_send: Send | None = None) -> UsageCall:
-        """The usage of ``job``'s response, recorded through the returned call's ``send``;
-        mid-stream body parts may go through its ``send_part`` (on ``raw_send``, the server's
-        own send past the middlewares, when given)."""
-        return UsageCall(self, job, send, raw_send or send,
-                         _header(scope, b"idempotency-key"))
+    def track(self, job: Job, send: Send, scope: dict[str, Any]) -> UsageCall:
+        """The usage of ``job``'s response, recorded through the returned call's ``send``
+        (the start, the first body part and the final one must go through it; the body parts
+        between them need not)."""
+        return UsageCall(self, job, send, _header(scope, b"idempotency-key"))
 
     def _stored_secret(self) -> bytes:
         path = self.data_dir / "usage-secret"
@@ -110,13 +108,12 @@ class UsageRecorder:
 class UsageCall:
     """One response's usage: wraps ``send``; :meth:`close` records an unfinished request."""
 
-    __slots__ = ("_raw", "_send", "client_key", "first_at", "job", "recorded", "recorder",
+    __slots__ = ("_send", "client_key", "first_at", "job", "recorded", "recorder",
                  "started", "status", "time")
 
-    def __init__(self, recorder: UsageRecorder, job: Job, send: Send, raw_send: Send,
+    def __init__(self, recorder: UsageRecorder, job: Job, send: Send,
                  client_key: str | None) -> None:
         self.recorder, self.job, self._send, self.client_key = recorder, job, send, client_key
-        self._raw = raw_send
         self.time = datetime.now(UTC)
         self.started = time.monotonic()
         self.first_at: float | None = None
@@ -142,13 +139,6 @@ class UsageCall:
             self.recorder.outbox.mark_sent(row, final_chunk_sent=False)
             raise
         self.recorder.outbox.mark_sent(row, final_chunk_sent=True)
-
-    async def send_part(self, message: dict[str, Any]) -> None:
-        """Forward a body part with ``more_body`` set (never the final message) on the raw
-        send: only the time of the first byte matters to the record."""
-        if self.first_at is None:
-            self.first_at = time.monotonic()
-        await self._raw(message)
 
     def close(self) -> None:
         """Record a request that never sent its final message (failed or aborted)."""

@@ -9,6 +9,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from servekit.engine.outputs import RequestOutput
 from servekit.protocol.grpc_gen import servekit_pb2 as pb
 from servekit.server.grpc.outbox import Outbox
 
@@ -40,13 +41,17 @@ class OutboxMachine(RuleBasedStateMachine):
             return
         ids = list(range(self.next_token, self.next_token + n))
         self.next_token += n
-        chunk = pb.GenerateChunk(index=key[1], text="".join(f"<{i}>" for i in ids),
-                                 token_ids=ids)
+        out = RequestOutput(key[0], ids, "".join(f"<{i}>" for i in ids), False, None, 1,
+                            ids[-1] + 1, 0)
+
+        def chunk(o: RequestOutput) -> pb.GenerateChunk:
+            return pb.GenerateChunk(index=key[1], text=o.new_text, token_ids=o.new_token_ids)
+
         if key[0] == "a":
-            now(self.outbox.put_delta(key[1], chunk))
+            now(self.outbox.put_delta(key[1], out, chunk))
         else:
-            now(self.outbox.put_delta(key, chunk, lambda c: pb.SessionResponse(
-                request_id=key[0], chunk=c)))
+            now(self.outbox.put_delta(key, out, lambda o: pb.SessionResponse(
+                request_id=key[0], chunk=chunk(o))))
         self.sent.setdefault(key, []).extend(ids)
 
     @rule(key=KEYS)

@@ -4,10 +4,11 @@ A grpc.aio ``write`` returns only when the message is on its way, one event-loop
 per message. Writing each engine delta in the generating task would tie generation to the
 slowest reader and pay that round trip per token. Instead the generating side ``put``s deltas
 here without waiting for the wire, and one writer task drains the queue; while a write is in
-flight, further deltas of the same choice are merged into the chunk already queued for it (text
-appended, token ids and logprobs extended, the finish reason carried). A reader that keeps up
-gets one chunk per delta; a slower one gets fewer, larger chunks — an adaptive version of
-vLLM's and SGLang's ``stream_interval``. Nothing a chunk counts is ever dropped.
+flight, further deltas of the same choice join the entry already queued for it, and are merged
+by the engine's own :func:`~servekit.engine.outputs.merge_outputs` (the one merge the HTTP path
+uses too) and encoded when the writer takes them. A reader that keeps up gets one chunk per
+delta; a slower one gets fewer, larger chunks — an adaptive version of vLLM's and SGLang's
+``stream_interval``. Nothing a chunk counts is ever dropped.
 """
 
 from __future__ import annotations
@@ -18,17 +19,22 @@ from typing import Any
 
 import anyio
 
-__all__ = ["Outbox", "merge_chunk"]
+from servekit.engine.outputs import RequestOutput, merge_outputs
+
+__all__ = ["Outbox"]
 
 
-def merge_chunk(target: Any, delta: Any) -> None:
-    """Append ``delta`` (a later GenerateChunk of the same choice) to ``target``."""
-    target.text += delta.text
-    target.token_ids.extend(delta.token_ids)
-    if delta.logprobs:
-        target.logprobs.extend(delta.logprobs)
-    if delta.finish_reason:
-        target.finish_reason = delta.finish_reason
+class _Deltas:
+    """Queued deltas of one choice, encoded into one message when taken."""
+
+    __slots__ = ("encode", "outputs")
+
+    def __init__(self, out: RequestOutput, encode: Callable[[RequestOutput], Any]) -> None:
+        self.outputs = [out]
+        self.encode = encode
+
+    def message(self) -> Any:
+        return self.encode(merge_outputs(self.outputs))
 
 
 class Outbox:
@@ -41,28 +47,23 @@ class Outbox:
     def __init__(self, limit: int = 1024) -> None:
         self.limit = limit
         self._queue: deque[Any] = deque()
-        self._open: dict[Hashable, Any] = {}  # key -> queued chunk later deltas merge into
+        self._open: dict[Hashable, _Deltas] = {}  # key -> queued entry later deltas join
         self._ready = anyio.Event()
         self._space = anyio.Event()
         self._closed = False
 
-    async def put_delta(self, key: Hashable, chunk: Any,
-                        wrap: Callable[[Any], Any] | None = None) -> None:
-        """Queue a delta ``chunk`` of ``key`` (request, choice), or merge it into the queued one.
+    async def put_delta(self, key: Hashable, out: RequestOutput,
+                        encode: Callable[[RequestOutput], Any]) -> None:
+        """Queue a delta ``out`` of ``key`` (request, choice), or join it to the queued one.
 
-        ``wrap`` turns the chunk into the message to send (e.g. a SessionResponse holding it).
+        ``encode`` turns the (merged) delta into the message to send, when the writer takes it.
         """
-        target = self._open.get(key)
-        if target is not None:
-            merge_chunk(target, chunk)
+        entry = self._open.get(key)
+        if entry is not None:
+            entry.outputs.append(out)
             return
-        if wrap is None:
-            self._open[key] = chunk
-            await self.put(chunk)
-        else:
-            message = wrap(chunk)
-            self._open[key] = message.chunk  # the held sub-message: merging mutates it in place
-            await self.put(message)
+        entry = self._open[key] = _Deltas(out, encode)
+        await self.put(entry)
 
     async def put(self, message: Any) -> None:
         """Queue a message as it is (nothing merges into it)."""
@@ -78,8 +79,8 @@ class Outbox:
         self._ready.set()
 
     def take(self) -> list[Any]:
-        """Everything queued, in order; what is taken no longer absorbs deltas."""
-        batch = list(self._queue)
+        """Everything queued, in order, as messages; what is taken no longer absorbs deltas."""
+        batch = [m.message() if isinstance(m, _Deltas) else m for m in self._queue]
         self._queue.clear()
         self._open.clear()
         self._space.set()

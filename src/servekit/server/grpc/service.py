@@ -9,6 +9,7 @@ aborted (their KV blocks freed) and its reservation settled with the real usage.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,7 +19,7 @@ import anyio
 from servekit._optional import require
 from servekit.engine.outputs import RequestOutput
 from servekit.protocol.errors import InvalidRequestError, StatusError
-from servekit.server.grpc.convert import ChunkEncoder, ResponseBuilder, build_job
+from servekit.server.grpc.convert import ChunkEncoder, ResponseBuilder, build_job, check_output
 from servekit.server.grpc.outbox import Outbox
 from servekit.server.grpc.status import grpc_code, to_status, trailing_metadata
 from servekit.server.keys import ApiKey
@@ -139,8 +140,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
         encoder = ChunkEncoder(job)
         chunk, outbox = encoder.chunk, Outbox()
 
+        encoders = [functools.partial(chunk, i) for i in range(len(job.choices))]
+
         async def on_output(i: int, out: RequestOutput) -> None:
-            await outbox.put_delta(i, chunk(i, out))
+            if out.finish_reason == "error":  # raised here, not in the writer
+                check_output(out)
+            await outbox.put_delta(i, out, encoders[i])
 
         error: StatusError | None = None
         async with anyio.create_task_group() as tg:
@@ -206,12 +211,16 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
                     encoder = ChunkEncoder(job)
                     chunk = encoder.chunk
 
-                    def wrap(c: Any) -> Any:
-                        return pb.SessionResponse(request_id=rid, chunk=c)
+                    def encode(i: int, out: RequestOutput) -> Any:
+                        return pb.SessionResponse(request_id=rid, chunk=chunk(i, out))
+
+                    encoders = [functools.partial(encode, i) for i in range(len(job.choices))]
 
                     async def on_output(i: int, out: RequestOutput) -> None:
+                        if out.finish_reason == "error":  # raised here, not in the writer
+                            check_output(out)
                         # queued before any checkpoint: a counted delta is never lost to a Cancel
-                        await outbox.put_delta((rid, i), chunk(i, out), wrap)
+                        await outbox.put_delta((rid, i), out, encoders[i])
 
                     await self.service.run(job, on_output)
                 except Exception as exc:
