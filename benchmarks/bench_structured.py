@@ -5,7 +5,8 @@ The model has a 32k-token vocabulary (mask cost grows with it): a byte-level BPE
 same 64 concurrent requests twice: constrained (``guided`` JSON schema), then unconstrained with
 each request's ``max_tokens`` set to the constrained run's output length and ``ignore_eos``, so
 both runs emit the same tokens per request. Also: the per-step cost of filling and applying the
-bitmask for 64 rows, and compile time per schema, cold and cached.
+bitmask for 64 rows with xgrammar and with llguidance (replaying the constrained outputs token by
+token), and compile time per schema, cold and cached, for both.
 
     .venv/bin/python benchmarks/bench_structured.py --quick --json benchmarks/results/structured.json
 """
@@ -25,7 +26,7 @@ from servekit.engine.config import EngineConfig
 from servekit.engine.engine import LLMEngine
 from servekit.engine.sampler import apply_token_bitmask
 from servekit.sched.params import GuidedDecoding, SamplingParams
-from servekit.structured import GrammarCompiler
+from servekit.structured import GrammarCompiler, grammar_backend
 
 _ROOT = Path(__file__).resolve().parents[1]
 # the corpus lives beside the checkout (../shared/data); a git worktree sits one level deeper
@@ -69,6 +70,25 @@ def build_model(path: Path, corpus: Path, vocab_size: int) -> None:
     fast.save_pretrained(path)
 
 
+def mask_fill_seconds(backend: Any, compiled: Any, outputs: list[list[int]],
+                      vocab_size: int) -> float:
+    """Mean seconds of one batch fill, replaying ``outputs`` token by token: step ``k`` fills
+    the rows of the outputs longer than ``k``, then advances them by their ``k``-th token."""
+    matchers = [compiled.new_matcher() for _ in outputs]
+    words = (vocab_size + 31) // 32
+    total, steps = 0.0, 0
+    for k in range(max(map(len, outputs))):
+        live = [i for i, out in enumerate(outputs) if k < len(out)]
+        bitmask = torch.empty(len(live), words, dtype=torch.int32)
+        t0 = time.perf_counter()
+        backend.fill_bitmask([matchers[i] for i in live], bitmask)
+        total += time.perf_counter() - t0
+        steps += 1
+        for i in live:
+            matchers[i].accept_token(outputs[i][k])
+    return total / steps
+
+
 def run(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]
         ) -> tuple[float, list[Any]]:
     t0 = time.perf_counter()
@@ -86,7 +106,8 @@ def main() -> None:
         build_model(path, CORPUS, 32_000)
         print(f"tokenizer + model built in {time.perf_counter() - t0:.1f} s")
         engine = LLMEngine(path, config=EngineConfig(num_blocks=2048, max_num_seqs=n,
-                                                     max_num_batched_tokens=4096))
+                                                     max_num_batched_tokens=4096,
+                                                     guided_fallback_after=None))
         print(f"tokenizer vocab {len(engine.tokenizer)}, model vocab {engine.vocab_size}, "
               f"{n} concurrent requests")
         lines = CORPUS.read_text().splitlines()
@@ -132,18 +153,31 @@ def main() -> None:
             print(f"round {r}: {tokens} tokens, {stops}/{n} stop, constrained {tokens / t_con:.0f} "
                   f"tok/s, unconstrained {tokens / t_unc:.0f} tok/s")
 
-        # per-step mask cost for 64 rows: fill (xgrammar batch) + apply (sampler)
-        backend = engine.grammars.backend
-        compiled = engine.grammars.compile(guided)
-        matchers = [compiled.new_matcher() for _ in range(n)]
+        # per-step mask cost for 64 rows along the constrained outputs of the last round:
+        # fill (each backend's batch fill) + apply (sampler)
+        outputs = [x.token_ids for x in res]
+        llg = grammar_backend("llguidance", engine.tokenizer, engine.vocab_size,
+                              engine.scheduler.eos_token_ids)
+        fills: dict[str, float] = {}
+        compiles: dict[str, tuple[float, float]] = {"xgrammar": (cold, cached)}
+        for name, backend in (("xgrammar", engine.grammars.backend), ("llguidance", llg)):
+            if name == "llguidance":
+                c = GrammarCompiler(backend)
+                t0 = time.perf_counter()
+                c.compile(guided)
+                llg_cold = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                compiled = c.compile(guided)
+                compiles[name] = (llg_cold, time.perf_counter() - t0)
+                c.close()
+            else:
+                compiled = engine.grammars.compile(guided)
+            fills[name] = mask_fill_seconds(backend, compiled, outputs, engine.vocab_size)
+            print(f"{name}: mask fill {fills[name] * 1e3:.2f} ms per step of {n} rows")
         words = (engine.vocab_size + 31) // 32
         bitmask = torch.empty(n, words, dtype=torch.int32)
         logits = torch.randn(n, engine.vocab_size)
         reps = 20 if args.quick else 100
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            backend.fill_bitmask(matchers, bitmask)
-        fill = (time.perf_counter() - t0) / reps
         t0 = time.perf_counter()
         for _ in range(reps):
             apply_token_bitmask(logits, bitmask, list(range(n)))
@@ -153,15 +187,17 @@ def main() -> None:
     rows.append({"case": "unconstrained tok/s", **summary(unc_tps)})
     rows.append({"case": "json schema tok/s", **summary(con_tps)})
     rows.append({"case": "ratio constrained/unconstrained", **ratio})
-    rows.append({"case": "mask fill, 64 rows (ms/step)", "median": fill * 1e3,
-                 "min": fill * 1e3, "max": fill * 1e3})
-    rows.append({"case": "mask apply, 64 rows (ms/step)", "median": apply * 1e3,
-                 "min": apply * 1e3, "max": apply * 1e3})
-    rows.append({"case": "compile cold (ms)", "median": cold * 1e3, "min": cold * 1e3,
-                 "max": cold * 1e3})
-    rows.append({"case": "compile cached (ms)", "median": cached * 1e3, "min": cached * 1e3,
-                 "max": cached * 1e3})
-    print_table(rows, ["case", "median", "min", "max"], "structured outputs (xgrammar, 32k vocab)")
+    def one(case: str, seconds: float) -> dict[str, Any]:
+        return {"case": case, "median": seconds * 1e3, "min": seconds * 1e3, "max": seconds * 1e3}
+
+    for name, seconds in fills.items():
+        rows.append(one(f"{name} mask fill, 64 rows (ms/step)", seconds))
+    rows.append(one("mask apply, 64 rows (ms/step)", apply))
+    for name, (cold_s, cached_s) in compiles.items():
+        rows.append(one(f"{name} compile cold (ms)", cold_s))
+        rows.append(one(f"{name} compile cached (ms)", cached_s))
+    print_table(rows, ["case", "median", "min", "max"],
+                "structured outputs (throughput with xgrammar; 32k vocab)")
     bars = {"structured outputs: constrained/unconstrained tok/s at 64 concurrent":
             bar(statistics.median(ratios), 0.8)}
     print_bars(bars)

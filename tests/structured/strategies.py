@@ -16,7 +16,9 @@ _NAMES = st.sampled_from(["name", "age", "city", "tags", "score", "ok", "kind", 
 
 _bounded_leaf: st.SearchStrategy[dict[str, Any]] = st.one_of(
     st.integers(0, 12).map(lambda n: {"type": "string", "maxLength": n}),
-    st.sampled_from([r"[a-z]{1,6}", r"[A-Z][a-z]{0,4}", r"\d{2,3}-\d{2}"]).map(
+    # anchored: JSON Schema patterns match anywhere in the string (llguidance follows that;
+    # xgrammar anchors them), and an unanchored one would make jsonschema's check vacuous
+    st.sampled_from([r"^[a-z]{1,6}$", r"^[A-Z][a-z]{0,4}$", r"^\d{2,3}-\d{2}$"]).map(
         lambda p: {"type": "string", "pattern": p}),
     st.tuples(st.integers(-50, 50), st.integers(0, 100)).map(
         lambda t: {"type": "integer", "minimum": t[0], "maximum": t[0] + t[1]}),
@@ -43,12 +45,13 @@ def _object(values: st.SearchStrategy[dict[str, Any]],
     return st.builds(build, st.dictionaries(_NAMES, values, max_size=max_size), st.data())
 
 
-_value = st.one_of(
-    _leaf,
-    _array(_leaf),
-    st.lists(_leaf, min_size=2, max_size=2).map(lambda xs: {"anyOf": xs}),
-    _object(_leaf),
-)
+def _values(leaf: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
+    return st.one_of(
+        leaf,
+        _array(leaf),
+        st.lists(leaf, min_size=2, max_size=2).map(lambda xs: {"anyOf": xs}),
+        _object(leaf),
+    )
 
 
 def _with_ref(schema: dict[str, Any], leaf: dict[str, Any]) -> dict[str, Any]:
@@ -58,10 +61,15 @@ def _with_ref(schema: dict[str, Any], leaf: dict[str, Any]) -> dict[str, Any]:
             "$defs": {"leaf": leaf}}
 
 
-json_schemas: st.SearchStrategy[dict[str, Any]] = st.one_of(
-    _object(_value),
-    st.builds(_with_ref, _object(_leaf), _leaf),
-)
+def _schemas(leaf: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
+    return st.one_of(_object(_values(leaf)), st.builds(_with_ref, _object(leaf), leaf))
+
+
+json_schemas: st.SearchStrategy[dict[str, Any]] = _schemas(_leaf)
+
+#: The same without unbounded numbers: a number's fraction may run on forever under a backend
+#: that does not cap its digits (llguidance), so an output could never finish.
+bounded_json_schemas: st.SearchStrategy[dict[str, Any]] = _schemas(_bounded_leaf)
 
 #: A tool's parameters: an object of at most two bounded leaves (a number's digits are not
 #: bounded), so the tools section and a forced call fit in the demo model's 256-token context.

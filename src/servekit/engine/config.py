@@ -7,7 +7,10 @@ from attrs import frozen
 from servekit.sched.params import InvalidParameterError
 from servekit.sched.policy import SchedulingPolicy, VictimPolicy
 
-__all__ = ["EngineConfig"]
+__all__ = ["GUIDED_BACKENDS", "EngineConfig"]
+
+#: the constrained-decoding backends an engine can use (``servekit.structured``)
+GUIDED_BACKENDS = ("xgrammar", "llguidance")
 
 
 @frozen(slots=True, kw_only=True)
@@ -28,6 +31,11 @@ class EngineConfig:
     ``"transformers"`` (default, :class:`~servekit.engine.runner.ModelRunner`), a plugin's name
     or ``'NAME:{"json": "kwargs"}'``. A runner plugin is called as ``factory(model, *,
     block_size, num_blocks, kv_cache_bytes, dtype, device, **kwargs)``.
+
+    ``guided_backend`` compiles the constraints of guided requests: ``"xgrammar"`` (default) or
+    ``"llguidance"``. With xgrammar, a constraint still compiling after
+    ``guided_fallback_after`` seconds is served by llguidance, which needs no compile step
+    (None: never fall back).
     """
 
     block_size: int = 16
@@ -44,6 +52,8 @@ class EngineConfig:
     victim_policy: str | VictimPolicy | None = None
     runner: str = "transformers"
     seed: int = 0
+    guided_backend: str = "xgrammar"
+    guided_fallback_after: float | None = 2.0
 
     def __attrs_post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
@@ -54,6 +64,15 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise InvalidParameterError(name, f"must be None or an integer >= 1, got {value!r}")
+        if self.guided_backend not in GUIDED_BACKENDS:
+            raise InvalidParameterError(
+                "guided_backend", f"must be one of {', '.join(GUIDED_BACKENDS)}, "
+                f"got {self.guided_backend!r}")
+        after = self.guided_fallback_after
+        if after is not None and (isinstance(after, bool) or not isinstance(after, (int, float))
+                                  or not after > 0):
+            raise InvalidParameterError(
+                "guided_fallback_after", f"must be None or a number of seconds > 0, got {after!r}")
         if not isinstance(self.runner, str):
             raise InvalidParameterError("runner", f"must be a runner plugin spec, got {self.runner!r}")
         if not isinstance(self.policy, (str, SchedulingPolicy)):

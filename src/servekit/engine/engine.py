@@ -169,15 +169,17 @@ class LLMEngine:
 
     @property
     def grammars(self) -> GrammarCompiler:
-        """The grammar compiler of guided requests (xgrammar, built on first use)."""
+        """The grammar compiler of guided requests (the config's ``guided_backend``, built on
+        first use)."""
         if self._grammars is None:
             if self.tokenizer is None:
                 raise InvalidParameterError("guided", "guided decoding needs a tokenizer")
-            from servekit.structured.xgrammar_backend import XGrammarBackend
+            from servekit.structured import grammar_backend
 
-            backend = XGrammarBackend(self.tokenizer, self.vocab_size,
-                                      self.scheduler.eos_token_ids)
-            self._grammars = GrammarCompiler(backend)
+            cfg = self.config
+            self._grammars = GrammarCompiler(grammar_backend(
+                cfg.guided_backend, self.tokenizer, self.vocab_size,
+                self.scheduler.eos_token_ids, fallback_after=cfg.guided_fallback_after))
         return self._grammars
 
     @grammars.setter
