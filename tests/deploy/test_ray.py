@@ -128,6 +128,9 @@ def test_shared_prefix_lands_on_one_replica(client: Any) -> None:
     while len(replica_stats()) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert len(replica_stats()) == 2
+    # the router weighs the load replicas report every routing_stats_period (0.5 s): let a
+    # report taken while the previous tests' requests ran age out, so loads start equal
+    time.sleep(1.5)
     homes: dict[int, set[str]] = {}
     for group in range(8):
         prefix = f"system prompt {group}: " + "you are a helpful assistant. " * 8
