@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import threading
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from typing import Any
 
 import anyio
 from ray import serve
 
 from servekit.engine.outputs import RequestOutput
+from servekit.errors import ServekitError
 from servekit.kv.events import AllBlocksCleared, BlockRemoved, BlockStored
 from servekit.metrics.hooks import Hook, HookSet
 from servekit.sched.params import SamplingParams
@@ -95,10 +96,8 @@ class EngineReplica:
 
     async def abort(self, request_id: str) -> None:
         """Abort ``request_id`` if it runs here (no-op otherwise)."""
-        try:
+        with suppress(KeyError, ServekitError):
             await self.engine.abort(request_id)
-        except KeyError:
-            pass
 
     def info(self) -> dict[str, Any]:
         """What the ingress needs of the engine: its tokenizer (pickled), name and bounds."""

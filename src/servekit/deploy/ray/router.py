@@ -20,7 +20,7 @@ default ``cache_aware``), ``block_size`` and ``hash_algorithm`` (the replicas' K
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -28,80 +28,34 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 from servekit.route import PrefixKey, ReplicaLoad, RouteError, Router
 from servekit.route.kv_index import KVEventIndex
 
-__all__ = ["ServekitRequestRouter"]
+__all__ = ["ReplicaRouting", "ServekitRequestRouter"]
 
 #: The replica method whose calls the policy routes.
 ROUTED_METHOD = "generate"
 
 
-class ServekitRequestRouter(RequestRouter):  # type: ignore[misc]  # ray is untyped
-    """Routes ``generate`` calls with a servekit routing policy (see the module docstring)."""
+class ReplicaRouting:
+    """The routing state of one Ray router, free of Ray types: replicas by name, what each
+    reports (``record_routing_stats``), the KV index, and the requests in flight."""
 
-    def initialize_state(self, policy: str = "cache_aware", block_size: int = 16,
-                         hash_algorithm: str = "xxhash", prefix_blocks: int = 4,
-                         **kwargs: Any) -> None:
-        """Called by Ray Serve with ``request_router_kwargs``."""
+    def __init__(self, policy: str = "cache_aware", block_size: int = 16,
+                 hash_algorithm: str = "xxhash", prefix_blocks: int = 4) -> None:
         self.index = KVEventIndex()
         self.router = Router((), policy=policy, index=self.index,
                              prefix=PrefixKey(block_size, prefix_blocks, hash_algorithm))
         self._versions: dict[str, Any] = {}
-        self._in_flight: dict[str, str] = {}  # Ray's internal request id -> replica name
+        self._in_flight: dict[str, str] = {}  # request id -> replica name
 
-    # ---- Ray's callbacks ------------------------------------------------------------------
-
-    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                              pending_request: PendingRequest | None = None
-                              ) -> list[list[RunningReplica]]:
-        """One rank of the policy's choice, then its fallbacks."""
-        if not candidate_replicas:
-            return []
-        self._sync()
-        by_name = {r.replica_id.unique_id: r for r in candidate_replicas}
-        request = _routed_call(pending_request)
-        if request is None:
-            return [self._least_loaded(candidate_replicas)]
-        token_ids, tenant, cache_salt = request
-        router = self.router
-        exclude = [n for n in router.replicas if n not in by_name]
-        try:
-            route = router.route(token_ids=token_ids, tenant=tenant, cache_salt=cache_salt,
-                                 exclude=exclude)
-        except RouteError:
-            return [self._least_loaded(candidate_replicas)]
-        router.release(route.node, None)  # counted in flight once Ray has sent it
-        ranks = [[by_name[route.node]]]
-        if route.fallbacks:
-            ranks.append([by_name[n] for n in route.fallbacks if n in by_name])
-        return ranks
-
-    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
-                          result: Any) -> None:
-        """Count the request in flight on its replica."""
-        name = replica_id.unique_id
-        if name in self.router.replicas:
-            self.router.acquire(name)
-            self._in_flight[pending_request.metadata.internal_request_id] = name
-
-    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        """The request ended: no longer in flight."""
-        name = self._in_flight.pop(internal_request_id, None)
-        if name is not None and name in self.router.replicas:
-            self.router.release(name, None)
-
-    # ---- internals ------------------------------------------------------------------------
-
-    def _sync(self) -> None:
-        """Membership, reported loads and held blocks from Ray's current replica set."""
+    def sync(self, replicas: Mapping[str, Mapping[str, Any]]) -> None:
+        """Membership, reported loads and held blocks from ``{name: routing stats}``."""
         router, index = self.router, self.index
-        current = {r.replica_id.unique_id: r for r in self.curr_replicas.values()}
-        for name in [n for n in router.replicas if n not in current]:
+        for name in [n for n in router.replicas if n not in replicas]:
             router.remove_replica(name)
             index.remove_replica(name)
             self._versions.pop(name, None)
-        for name, replica in current.items():
+        for name, stats in replicas.items():
             if name not in router.replicas:
                 router.add_replica(name)
-            stats = replica.routing_stats or {}
             if "running" in stats:
                 router.report_load(name, ReplicaLoad(
                     int(stats["running"]), int(stats["waiting"]),
@@ -112,16 +66,75 @@ class ServekitRequestRouter(RequestRouter):  # type: ignore[misc]  # ray is unty
                 index.stored(name, 0, stats.get("blocks", ()))
                 self._versions[name] = version
 
-    def _least_loaded(self, replicas: Sequence[RunningReplica]) -> list[RunningReplica]:
+    def choose(self, candidates: Sequence[str],
+               call: tuple[list[int], str | None, str | None] | None) -> list[list[str]]:
+        """Ranks of candidate names for a ``generate`` call ``(token ids, tenant, salt)``: the
+        policy's choice, then its fallbacks; other calls: every candidate, least loaded first."""
         router = self.router
+        if call is not None:
+            token_ids, tenant, cache_salt = call
+            allowed = set(candidates)
+            try:
+                route = router.route(token_ids=token_ids, tenant=tenant, cache_salt=cache_salt,
+                                     exclude=[n for n in router.replicas if n not in allowed])
+            except RouteError:
+                pass
+            else:
+                router.release(route.node, None)  # counted in flight once it is sent
+                ranks = [[route.node]]
+                if route.fallbacks:
+                    ranks.append(list(route.fallbacks))
+                return ranks
+        return [sorted(candidates, key=self._load)]
 
-        def load(r: RunningReplica) -> int:
-            name = r.replica_id.unique_id
-            reported = router.reported_load(name) if name in router.replicas else None
-            busy = reported.running + reported.waiting if reported is not None else 0
-            return max(busy, router.load(name) if name in router.replicas else 0)
+    def routed(self, request_id: str, name: str) -> None:
+        """A request was sent to ``name``."""
+        if name in self.router.replicas:
+            self.router.acquire(name)
+            self._in_flight[request_id] = name
 
-        return sorted(replicas, key=load)
+    def completed(self, request_id: str) -> None:
+        """A request ended."""
+        name = self._in_flight.pop(request_id, None)
+        if name is not None and name in self.router.replicas:
+            self.router.release(name, None)
+
+    def _load(self, name: str) -> int:
+        router = self.router
+        if name not in router.replicas:
+            return 0
+        reported = router.reported_load(name)
+        busy = reported.running + reported.waiting if reported is not None else 0
+        return max(busy, router.load(name))
+
+
+class ServekitRequestRouter(RequestRouter):  # type: ignore[misc]  # ray is untyped
+    """Routes ``generate`` calls with a servekit routing policy (see the module docstring)."""
+
+    def initialize_state(self, **kwargs: Any) -> None:
+        """Called by Ray Serve with ``request_router_kwargs`` (:class:`ReplicaRouting`'s)."""
+        self.routing = ReplicaRouting(**kwargs)
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None
+                              ) -> list[list[RunningReplica]]:
+        """The policy's choice, then its fallbacks (Ray probes each rank in turn)."""
+        if not candidate_replicas:
+            return []
+        self.routing.sync({r.replica_id.unique_id: r.routing_stats or {}
+                           for r in self.curr_replicas.values()})
+        by_name = {r.replica_id.unique_id: r for r in candidate_replicas}
+        ranks = self.routing.choose(list(by_name), _routed_call(pending_request))
+        return [[by_name[n] for n in rank if n in by_name] for rank in ranks]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
+                          result: Any) -> None:
+        """Count the request in flight on its replica."""
+        self.routing.routed(pending_request.metadata.internal_request_id, replica_id.unique_id)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        """The request ended: no longer in flight."""
+        self.routing.completed(internal_request_id)
 
 
 def _routed_call(pending: PendingRequest | None) -> tuple[list[int], str | None, str | None] | None:
