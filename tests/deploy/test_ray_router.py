@@ -28,8 +28,8 @@ def hashes(prompt: list[int]) -> tuple[int, ...]:
 def test_cache_aware_picks_the_replica_holding_the_prefix() -> None:
     routing = ReplicaRouting("cache_aware")
     routing.sync({"r1": stats(hashes(PROMPT_A)), "r2": stats(hashes(PROMPT_B))})
-    assert routing.choose(["r1", "r2"], (PROMPT_A + [7, 7], None, None))[0] == ["r1"]
-    assert routing.choose(["r1", "r2"], (PROMPT_B + [9], None, None))[0] == ["r2"]
+    assert routing.choose(["r1", "r2"], ([*PROMPT_A, 7, 7], None, None))[0] == ["r1"]
+    assert routing.choose(["r1", "r2"], ([*PROMPT_B, 9], None, None))[0] == ["r2"]
 
 
 def test_the_cache_salt_is_part_of_the_hashes() -> None:

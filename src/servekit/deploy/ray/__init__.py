@@ -18,12 +18,12 @@ from servekit._optional import require
 
 require("ray.serve", "ray")
 
-from servekit.deploy.ray.app import build_app, run  # noqa: E402
-from servekit.deploy.ray.config import RAY_SETTINGS, check_settings, load_settings  # noqa: E402
-from servekit.deploy.ray.ingress import OpenAIIngress  # noqa: E402
-from servekit.deploy.ray.proxy import ReplicaEngine  # noqa: E402
-from servekit.deploy.ray.replica import EngineReplica  # noqa: E402
-from servekit.deploy.ray.router import ServekitRequestRouter  # noqa: E402
+from servekit.deploy.ray.app import build_app, run
+from servekit.deploy.ray.config import RAY_SETTINGS, check_settings, load_settings
+from servekit.deploy.ray.ingress import OpenAIIngress
+from servekit.deploy.ray.proxy import ReplicaEngine
+from servekit.deploy.ray.replica import EngineReplica
+from servekit.deploy.ray.router import ServekitRequestRouter
 
 __all__ = [
     "RAY_SETTINGS",

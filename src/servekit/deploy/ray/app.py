@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import ray
 from ray import serve
@@ -35,18 +35,21 @@ def build_app(args: Mapping[str, Any] | argparse.Namespace | None = None) -> Any
     elif not isinstance(args, argparse.Namespace):
         args = from_mapping(args)
     settings = vars(args).copy()
-    router = RequestRouterConfig(
-        request_router_class=ServekitRequestRouter,
-        request_router_kwargs={"policy": args.routing_policy, "block_size": args.block_size,
-                               "prefix_blocks": args.prefix_blocks},
-        request_routing_stats_period_s=args.routing_stats_period,
-    )
-    replica = EngineReplica.options(
+    router_options: dict[str, Any] = {  # RequestRouterConfig's stub types each kwarg as a dict
+        "request_router_class":
+            f"{ServekitRequestRouter.__module__}.{ServekitRequestRouter.__name__}",
+        "request_router_kwargs": {"policy": args.routing_policy, "block_size": args.block_size,
+                                  "prefix_blocks": args.prefix_blocks},
+        "request_routing_stats_period_s": args.routing_stats_period,
+    }
+    router = RequestRouterConfig(**router_options)
+    # serve.deployment turns the classes into Deployments (the stubs keep the class type)
+    replica = cast(Any, EngineReplica).options(
         num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing_requests,
         ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus},
         request_router_config=router,
     ).bind(settings)
-    return OpenAIIngress.options(
+    return cast(Any, OpenAIIngress).options(
         num_replicas=args.ingress_replicas, max_ongoing_requests=args.max_ongoing_requests,
         ray_actor_options={"num_cpus": args.ingress_cpus},
     ).bind(replica, settings)

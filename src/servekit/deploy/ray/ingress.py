@@ -28,7 +28,7 @@ __all__ = ["OpenAIIngress"]
 class OpenAIIngress:
     """The server's app over ``replica`` (a handle to :class:`EngineReplica`)."""
 
-    async def __init__(self, replica: Any, settings: dict[str, Any]) -> None:
+    async def __init__(self, replica: Any, settings: dict[str, Any]) -> None:  # type: ignore[misc]  # Ray Serve awaits it
         args = argparse.Namespace(**settings)
         info = await replica.info.remote()
         self.engine = ReplicaEngine(replica, info)

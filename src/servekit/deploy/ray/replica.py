@@ -64,7 +64,7 @@ class HeldBlocks(Hook):
 class EngineReplica:
     """One engine per replica. ``settings`` is the checked settings namespace, as a dict."""
 
-    async def __init__(self, settings: dict[str, Any]) -> None:
+    async def __init__(self, settings: dict[str, Any]) -> None:  # type: ignore[misc]  # Ray Serve awaits it
         args = argparse.Namespace(**settings)
         self.held = HeldBlocks()
         hooks = HookSet([self.held, *build_plugins(args).hooks])
