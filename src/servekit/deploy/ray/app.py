@@ -61,6 +61,12 @@ def run(args: argparse.Namespace) -> int:
     serve.start(http_options={"host": args.host, "port": args.port})
     logger.info("servekit on Ray Serve: %d replica(s), routing %s, http://%s:%d%s",
                 args.replicas, args.routing_policy, args.host, args.port, args.route_prefix)
-    serve.run(build_app(args), name=args.app_name, route_prefix=args.route_prefix,
-              blocking=True)
+    try:
+        serve.run(build_app(args), name=args.app_name, route_prefix=args.route_prefix,
+                  blocking=True)
+    except KeyboardInterrupt:  # Ctrl-C / SIGINT: take the application down, then Ray
+        logger.info("interrupted: shutting down the application")
+        serve.shutdown()
+    finally:
+        ray.shutdown()
     return 0
