@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -56,9 +57,10 @@ def build_app(args: Mapping[str, Any] | argparse.Namespace | None = None) -> Any
 
 
 def run(args: argparse.Namespace) -> int:
-    """``servekit ray-serve``: connect to (or start) Ray, deploy, serve until interrupted."""
+    """``servekit ray-serve``: connect to (or start) Ray, deploy, serve until SIGINT/SIGTERM."""
     ray.init(address=args.address or None)
     serve.start(http_options={"host": args.host, "port": args.port})
+    signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own
     logger.info("servekit on Ray Serve: %d replica(s), routing %s, http://%s:%d%s",
                 args.replicas, args.routing_policy, args.host, args.port, args.route_prefix)
     try:
@@ -70,3 +72,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         ray.shutdown()
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM shuts down like Ctrl-C
