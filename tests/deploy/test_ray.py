@@ -4,6 +4,7 @@ and settings that fail fast naming their key."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ served_model_name = "fake"
 
 [engine]
 fake = true
+fake_token_delay = 0.005
 
 [usage]
 data_dir = "data"
@@ -37,12 +39,18 @@ routing_stats_period = 0.5
 
 
 @pytest.fixture(scope="module")
-def app(ray_serve: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory of the application's servekit.toml (its usage data dir is data/)."""
+    return tmp_path_factory.mktemp("ray")
+
+
+@pytest.fixture(scope="module")
+def app(ray_serve: Any, home: Path) -> Iterator[str]:
     """The base URL of the application built from a servekit.toml (two fake replicas)."""
     from servekit.deploy.ray import build_app
 
     serve, port = ray_serve
-    path = tmp_path_factory.mktemp("ray") / "servekit.toml"
+    path = home / "servekit.toml"
     path.write_text(CONFIG)
     serve.run(build_app({"config": str(path)}), name="servekit-test", route_prefix="/")
     try:
@@ -111,6 +119,36 @@ def test_errors_keys_and_metrics_are_the_servers(client: Any, app: str) -> None:
         metrics = http.get("/metrics")
         assert metrics.status_code == 200
         assert "servekit_open_streams" in metrics.text or "servekit_" in metrics.text
+
+
+def test_usage_records_reach_the_ledger(client: Any, home: Path) -> None:
+    client.completions.create(model="fake", prompt="count me", max_tokens=7, user="u")
+    db = home / "data" / "usage.db"
+    deadline = time.monotonic() + 20
+    rows: list[Any] = []
+    while time.monotonic() < deadline:
+        if db.exists():
+            with sqlite3.connect(db) as conn:
+                rows = conn.execute("SELECT model, completion_tokens FROM usage "
+                                    "WHERE completion_tokens = 7").fetchall()
+            if rows:
+                break
+        time.sleep(0.2)
+    assert rows and rows[0][0] == "fake"
+
+
+def test_a_client_that_leaves_aborts_its_request_on_the_replica(app: str) -> None:
+    body = {"model": "fake", "prompt": "Hello", "max_tokens": 3000, "stream": True}  # ~15 s
+    with httpx.Client(base_url=app, timeout=30) as http, \
+            http.stream("POST", "/v1/completions", json=body) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        assert [line for line, _ in zip(lines, range(6), strict=False) if line]
+        assert sum(s["running"] for s in replica_stats().values()) == 1
+    deadline = time.monotonic() + 10
+    while sum(s["running"] for s in replica_stats().values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sum(s["running"] for s in replica_stats().values()) == 0  # aborted, not finished
 
 
 def _served_by(prompt: str, client: Any) -> str:
