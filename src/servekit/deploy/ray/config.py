@@ -68,9 +68,34 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> argpars
 
 
 def from_mapping(options: Mapping[str, Any]) -> argparse.Namespace:
-    """:func:`load_settings` from ``serve run``'s ``key=value`` arguments (``config=PATH``)."""
+    """:func:`load_settings` from ``serve run``'s ``key=value`` arguments (``config=PATH``;
+    any other key is a setting's name, e.g. ``replicas=4``, its text read by the setting's
+    type)."""
     options = dict(options)
-    return load_settings(options.pop("config", None), **options)
+    config = options.pop("config", None)
+    kinds = {s.dest: s.kind for s in ALL_SETTINGS}
+    values = {k: _from_text(k, kinds.get(k), v) if isinstance(v, str) else v
+              for k, v in options.items()}
+    return load_settings(config, **values)
+
+
+def _from_text(name: str, kind: str | None, text: str) -> Any:
+    try:
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text}: must be a number") from None
+    if kind == "bool":
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"{name}={text}: must be true or false")
+        return text.lower() in ("true", "1")
+    if kind in ("str_list", "spec_list"):
+        return text.split(",")
+    if kind == "path":
+        return Path(text)
+    return text
 
 
 def check_settings(args: argparse.Namespace) -> argparse.Namespace:
