@@ -48,6 +48,7 @@ def _run(blocked: tuple[str, ...], code: str) -> subprocess.CompletedProcess[str
     (("prometheus_client",), "from servekit.metrics import PrometheusHook; PrometheusHook('m')",
      "prometheus"),
     (("opentelemetry",), "from servekit.metrics import OtelHook; OtelHook('m')", "otel"),
+    (("ray",), "import servekit.deploy.ray", "ray"),
 ])
 def test_a_missing_extra_is_named(blocked: tuple[str, ...], statement: str, extra: str) -> None:
     result = _run(blocked, f"""
@@ -82,3 +83,14 @@ def test_the_version_comes_from_the_package_metadata() -> None:
     import servekit
 
     assert servekit.__version__ == importlib.metadata.version("servekit")
+
+
+@pytest.mark.slow
+def test_ray_serve_without_ray_names_the_extra() -> None:
+    result = _run(("ray",), """
+        import sys
+        from servekit.server.cli import main
+        sys.exit(main(["ray-serve", "--fake"]))
+    """)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "servekit[ray]" in result.stderr

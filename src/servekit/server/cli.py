@@ -41,7 +41,8 @@ from servekit.server.config import (
 from servekit.server.keys import KeyStore
 from servekit.server.ratelimit import KeyLimits
 
-__all__ = ["DEMO_MODEL", "build_parser", "main"]
+__all__ = ["DEMO_MODEL", "ServerParts", "build_engine", "build_parser", "build_plugins", "main",
+           "served_names", "server_parts"]
 
 logger = logging.getLogger("servekit.server")
 
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_command(sub)
     # -------------------------------------------------------------------------------------------
     _gateway_cli().add_gateway_parser(sub)
+    _deploy_cli().add_ray_parser(sub)
     listing = sub.add_parser("plugins", help="installed plugins")
     listing_sub = listing.add_subparsers(dest="plugins_command", required=True)
     show = listing_sub.add_parser("list", help="every installed plugin by kind")
@@ -210,30 +212,18 @@ def serve(args: argparse.Namespace) -> int:
     require("uvicorn", "server")
     import uvicorn
 
-    from servekit.server.app import ServerConfig, create_app
+    from servekit.server.app import create_app
     from servekit.server.runner import DrainingServer, header_timeout_protocol
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    keys = KeyStore.from_file(args.api_keys) if args.api_keys else KeyStore.from_env()
-    plugged = _plugins(args)
+    parts = server_parts(args)
     if args.model is not None and not args.fake and not Path(args.model).is_dir():
         print(f"servekit serve: --model {str(args.model)!r} is not a directory", file=sys.stderr)
         return 2
-    names = tuple(args.served_model_name) if args.served_model_name else (
-        ("fake",) if args.fake else (_model_name(args),))
-    config = ServerConfig(model_names=names, grace_period=args.grace_period,
-                          max_body_bytes=args.max_body_bytes, send_timeout=args.send_timeout,
-                          rate_limit_fail_open=args.rate_limit_fail_open,
-                          rate_limit_outage_retry_after=args.rate_limit_outage_retry_after,
-                          metrics_style=args.metrics_style,
-                          gateway_secret=os.environ.get("SERVEKIT_GATEWAY_SECRET") or None)
-    hooks = HookSet(plugged.hooks)
-    metrics = _metrics(names[0], args.metrics_style)
-    if metrics is not None:
-        hooks.add(metrics)
-    limits = KeyLimits(store=plugged.store, hooks=hooks, fail_open=config.rate_limit_fail_open,
-                       outage_retry_after=config.rate_limit_outage_retry_after)
+    keys, hooks, metrics, limits, config = (parts.keys, parts.hooks, parts.metrics, parts.limits,
+                                            parts.config)
+    names = config.model_names
     # the engine is built in a worker thread at startup: /health answers while the model loads
     from servekit.server.usage_cli import recorder_from_args
 
@@ -265,14 +255,56 @@ def serve(args: argparse.Namespace) -> int:
 
 
 @attrs.frozen
-class _Plugged:
+class ServerParts:
+    """What :func:`~servekit.server.app.create_app` takes besides the engine, built from the
+    settings as ``servekit serve`` builds them (``servekit ray-serve``'s ingress reuses it)."""
+
+    keys: KeyStore
+    hooks: HookSet
+    metrics: Any  #: the PrometheusHook (also in ``hooks``), or None without prometheus_client
+    limits: KeyLimits
+    config: Any  #: the :class:`~servekit.server.app.ServerConfig`
+
+
+def served_names(args: argparse.Namespace) -> tuple[str, ...]:
+    """The model names clients use: ``--served-model-name``, else ``fake`` or the model's."""
+    if args.served_model_name:
+        return tuple(args.served_model_name)
+    return ("fake",) if args.fake else (_model_name(args),)
+
+
+def server_parts(args: argparse.Namespace) -> ServerParts:
+    """Keys, hooks (plugins + metrics), limits and the server config the settings describe;
+    a bad plugin raises :class:`ConfigError` naming its flag or key."""
+    from servekit.server.app import ServerConfig
+
+    keys = KeyStore.from_file(args.api_keys) if args.api_keys else KeyStore.from_env()
+    plugged = build_plugins(args)
+    names = served_names(args)
+    config = ServerConfig(model_names=names, grace_period=args.grace_period,
+                          max_body_bytes=args.max_body_bytes, send_timeout=args.send_timeout,
+                          rate_limit_fail_open=args.rate_limit_fail_open,
+                          rate_limit_outage_retry_after=args.rate_limit_outage_retry_after,
+                          metrics_style=args.metrics_style,
+                          gateway_secret=os.environ.get("SERVEKIT_GATEWAY_SECRET") or None)
+    hooks = HookSet(plugged.hooks)
+    metrics = _metrics(names[0], args.metrics_style)
+    if metrics is not None:
+        hooks.add(metrics)
+    limits = KeyLimits(store=plugged.store, hooks=hooks, fail_open=config.rate_limit_fail_open,
+                       outage_retry_after=config.rate_limit_outage_retry_after)
+    return ServerParts(keys, hooks, metrics, limits, config)
+
+
+@attrs.frozen
+class Plugged:
     """The plugins ``servekit serve`` builds before it starts: hooks and the limiter store."""
 
     hooks: tuple[Any, ...]
     store: Any
 
 
-def _plugins(args: argparse.Namespace) -> _Plugged:
+def build_plugins(args: argparse.Namespace) -> Plugged:
     """Build the hooks and the limiter store, and check the policies resolve, before the
     server starts: a bad plugin fails fast with the flag or config key that named it."""
     from servekit.limit.store import MemoryStore, store_from_url
@@ -287,7 +319,7 @@ def _plugins(args: argparse.Namespace) -> _Plugged:
         build_checked(args, "policy", lambda: make_policy(args.policy))
         if args.victim_policy is not None:
             build_checked(args, "victim_policy", lambda: make_victim_policy(args.victim_policy))
-    return _Plugged(hooks, store)
+    return Plugged(hooks, store)
 
 
 def list_plugins(kind: str | None = None, as_json: bool = False) -> str:
@@ -325,6 +357,11 @@ def _gateway_cli() -> Any:
     return importlib.import_module("servekit.gateway.cli")
 
 
+def _deploy_cli() -> Any:
+    """``servekit ray-serve``'s module (servekit.deploy sits above the server: reached by name)."""
+    return importlib.import_module("servekit.deploy.cli")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``servekit`` script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -336,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "gateway":
         return int(_gateway_cli().run_gateway(args))
+    if args.command == "ray-serve":
+        return int(_deploy_cli().run_ray_serve(args))
     if args.command == "usage":
         from servekit.server.usage_cli import report
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,15 +121,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("usage_max_age", "usage.max_age", "float", 7 * 86400.0, flag="--usage-max-age"),
 )
 
-_BY_KEY = {s.key: s for s in SETTINGS}
-_SECTIONS = sorted({s.key.partition(".")[0] for s in SETTINGS if "." in s.key})
 #: attribute of the parsed arguments that records where each value came from
 _ORIGINS = "_config_origins"
 
 
-def load_config(path: Path) -> dict[str, Any]:
+def load_config(path: Path, settings: Sequence[Setting] = SETTINGS) -> dict[str, Any]:
     """The settings ``path`` holds, ``{dest: value}``, checked and normalised (specs become
-    ``NAME`` or ``NAME:{json}`` strings, paths are resolved against the file's directory)."""
+    ``NAME`` or ``NAME:{json}`` strings, paths are resolved against the file's directory).
+    ``settings`` is the table of what the file may hold (a command that takes more settings,
+    e.g. ``servekit ray-serve``, passes :data:`SETTINGS` plus its own rows)."""
+    by_key = {s.key: s for s in settings}
+    sections = sorted({s.key.partition(".")[0] for s in settings if "." in s.key})
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -139,31 +141,32 @@ def load_config(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     values: dict[str, Any] = {}
     for name, value in data.items():
-        if name in _BY_KEY:  # a top-level setting (hooks)
-            _put(values, _BY_KEY[name], value, path)
-        elif name in _SECTIONS:
+        if name in by_key:  # a top-level setting (hooks)
+            _put(values, by_key[name], value, path)
+        elif name in sections:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{path}: [{name}] must be a table, got {value!r}")
             for key, item in value.items():
-                setting = _BY_KEY.get(f"{name}.{key}")
+                setting = by_key.get(f"{name}.{key}")
                 if setting is None:
-                    known = ", ".join(s.key.partition(".")[2] for s in SETTINGS
+                    known = ", ".join(s.key.partition(".")[2] for s in settings
                                       if s.key.startswith(name + "."))
                     raise ConfigError(f"{path}: unknown key {name}.{key}; [{name}] takes {known}")
                 _put(values, setting, item, path)
         else:
             raise ConfigError(f"{path}: unknown section or key {name!r}; known: "
-                              f"{', '.join([*_SECTIONS, 'hooks'])}")
+                              f"{', '.join([*sections, 'hooks'])}")
     return values
 
 
-def apply_config(args: argparse.Namespace) -> argparse.Namespace:
+def apply_config(args: argparse.Namespace,
+                 settings: Sequence[Setting] = SETTINGS) -> argparse.Namespace:
     """Fill every setting the command line left unset (None) from ``args.config`` (if given),
     else from its default; record where each value came from (see :func:`origin_of`)."""
     config = getattr(args, "config", None)
-    from_file = load_config(Path(config)) if config is not None else {}
+    from_file = load_config(Path(config), settings) if config is not None else {}
     origins: dict[str, str] = {}
-    for setting in SETTINGS:
+    for setting in settings:
         given = getattr(args, setting.dest, None)
         if given is not None and given != []:
             origins[setting.dest] = setting.option

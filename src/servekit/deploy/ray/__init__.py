@@ -1,0 +1,38 @@
+"""servekit as a Ray Serve application (``pip install 'servekit[ray]'``).
+
+- :class:`EngineReplica`: one engine per replica (the demo model, ``--model`` or the fake),
+  exposing ``generate`` (streamed), ``abort``, ``load`` and ``info`` through Ray handles.
+- :class:`OpenAIIngress`: the reference server's OpenAI app (same endpoints, errors, keys,
+  limits, usage and ``/metrics`` code) over a :class:`ReplicaEngine`, an engine-like proxy
+  that streams from the replica handle.
+- :class:`ServekitRequestRouter`: servekit's routing policies (cache-aware by default) as Ray
+  Serve's custom request router, fed by the replicas' routing stats (load, held KV blocks).
+- :func:`build_app`: the application from a ``servekit.toml`` (``serve run
+  servekit.deploy.ray:build_app config=servekit.toml`` works too).
+
+The request-router interface is a Ray developer API: the extra pins ``ray[serve]`` to the
+tested range.
+"""
+
+from servekit._optional import require
+
+require("ray.serve", "ray")
+
+from servekit.deploy.ray.app import build_app, run
+from servekit.deploy.ray.config import RAY_SETTINGS, check_settings, load_settings
+from servekit.deploy.ray.ingress import OpenAIIngress
+from servekit.deploy.ray.proxy import ReplicaEngine
+from servekit.deploy.ray.replica import EngineReplica
+from servekit.deploy.ray.router import ServekitRequestRouter
+
+__all__ = [
+    "RAY_SETTINGS",
+    "EngineReplica",
+    "OpenAIIngress",
+    "ReplicaEngine",
+    "ServekitRequestRouter",
+    "build_app",
+    "check_settings",
+    "load_settings",
+    "run",
+]

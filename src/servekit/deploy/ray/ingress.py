@@ -1,0 +1,43 @@
+"""The OpenAI-compatible ingress deployment: the reference server's app over the replicas.
+
+It builds exactly what ``servekit serve`` builds from the same settings (keys, hooks, limits,
+usage recorder, server config: :func:`servekit.server.cli.server_parts`) and hands them to
+:func:`servekit.server.app.create_app` with a :class:`~servekit.deploy.ray.proxy.ReplicaEngine`
+as the engine, so endpoints, errors, keys, limits, usage records and ``/metrics`` are the
+server's own code. Ray Serve's HTTP proxy streams the SSE responses. With several ingress
+replicas, rate limits hold across them when ``limits.store`` is a shared Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ray import serve
+
+from servekit.deploy.ray.proxy import ReplicaEngine
+from servekit.server.app import create_app
+from servekit.server.cli import server_parts
+from servekit.server.usage_cli import recorder_from_args
+
+__all__ = ["OpenAIIngress"]
+
+
+@serve.deployment(name="OpenAIIngress")
+@serve.ingress()
+class OpenAIIngress:
+    """The server's app over ``replica`` (a handle to :class:`EngineReplica`)."""
+
+    async def __init__(self, replica: Any, settings: dict[str, Any]) -> None:  # type: ignore[misc]  # Ray Serve awaits it
+        args = argparse.Namespace(**settings)
+        info = await replica.info.remote()
+        self.engine = ReplicaEngine(replica, info)
+        parts = server_parts(args)
+        self._app = create_app(self.engine, keys=parts.keys, hooks=parts.hooks,
+                               limits=parts.limits,
+                               metrics=parts.metrics if parts.metrics is not None else False,
+                               config=parts.config, usage=recorder_from_args(args))
+
+    def __serve_build_asgi_app__(self) -> Any:
+        """Ray Serve's hook for an ASGI app built at replica start."""
+        return self._app

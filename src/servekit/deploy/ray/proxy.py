@@ -1,0 +1,99 @@
+"""An engine-like proxy over the replica deployment: the seam the reference server already has.
+
+:class:`~servekit.server.service.GenerationService` needs of an engine only ``tokenizer``,
+``model_name``, ``max_model_len``, ``generate`` (an async iterator of deltas) and ``abort``
+(:class:`~servekit.server.service.EngineLike`). :class:`ReplicaEngine` gives it those over a
+Ray Serve handle, so the ingress runs the server's own request handling unchanged. Each
+``generate`` is one streaming call (``handle.options(stream=True)``), routed by the deployment's
+request router; leaving it early, or ``abort``, cancels the call, which aborts the request on
+its replica. Errors raised on the replica come back as themselves (a full queue is still a 503,
+a bad token id a 400); a replica that died is a 503.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError
+
+from servekit.engine.outputs import RequestOutput
+from servekit.protocol.errors import ServiceUnavailableError
+from servekit.sched.params import SamplingParams
+
+__all__ = ["ReplicaEngine"]
+
+#: retry-after of the 503 answered when a replica died or Ray refused the request
+_RETRY_AFTER = 1.0
+
+
+class ReplicaEngine:
+    """The engine contract over a replica deployment ``handle`` (``info``: the replica's
+    :meth:`~servekit.deploy.ray.replica.EngineReplica.info`)."""
+
+    coalesces_outputs = False  # the replicas coalesce before the Ray hop
+
+    def __init__(self, handle: Any, info: Mapping[str, Any]) -> None:
+        self._stream = handle.options(stream=True)
+        self.tokenizer: Any = info["tokenizer"]
+        self.model_name: str = info["model_name"]
+        self.max_model_len: int = int(info["max_model_len"])
+        #: requests one replica holds at once (None: unbounded); see admission_capacity
+        self.admission_capacity: int | None = info.get("admission_capacity")
+        self._live: dict[str, Any] = {}
+        self._ids = itertools.count()
+        self._prefix = f"ray-{os.getpid():x}-"
+
+    @property
+    def num_live_requests(self) -> int:
+        """Streams open through this proxy."""
+        return len(self._live)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams, *,
+                       request_id: str | None = None, tenant: str | None = None,
+                       priority: int = 0, cache_salt: str | None = None,
+                       deadline: float | None = None) -> AsyncIterator[RequestOutput]:
+        """The request's deltas, streamed from the replica the router picks.
+
+        ``deadline`` (this process's monotonic clock) is not forwarded: clocks differ across
+        nodes; the ingress's own timeouts and client disconnects abort instead."""
+        rid = request_id if request_id is not None else f"{self._prefix}{next(self._ids)}"
+        response = self._stream.generate.remote(prompt, params, request_id=rid, tenant=tenant,
+                                                priority=priority, cache_salt=cache_salt)
+        self._live[rid] = response
+        finished = False
+        try:
+            async for out in response:
+                finished = out.finished
+                yield out
+        except Exception as exc:
+            raise _unwrap(exc) from None
+        finally:
+            self._live.pop(rid, None)
+            if not finished:
+                response.cancel()
+
+    async def abort(self, request_id: str) -> None:
+        """Cancel ``request_id``'s call (its replica aborts it); no-op when it is done."""
+        response = self._live.get(request_id)
+        if response is not None:
+            response.cancel()
+
+
+def _unwrap(exc: Exception) -> Exception:
+    """The replica's own exception, or a 503 for a replica that is gone or refused."""
+    if isinstance(exc, RayTaskError):
+        cause = exc.cause
+        if isinstance(cause, Exception) and not isinstance(cause, RayActorError):
+            return cause
+    if isinstance(exc, (RayActorError, ActorUnavailableError)):
+        return ServiceUnavailableError(f"the replica serving this request failed "
+                                       f"({type(exc).__name__}); retry",
+                                       retry_after=_RETRY_AFTER, code="replica_failed")
+    if isinstance(exc, BackPressureError):
+        return ServiceUnavailableError("every replica is at max_ongoing_requests; retry later",
+                                       retry_after=_RETRY_AFTER)
+    return exc

@@ -1,0 +1,117 @@
+"""The replica deployment: one engine, reached through Ray handles.
+
+Each replica builds the engine the ``[engine]`` settings describe (as ``servekit serve`` does:
+the demo model, ``engine.model``, or the fake engine), takes its CPU/GPU share from Ray's
+``ray_actor_options``, and serves ``generate`` as a streaming method (one
+:class:`~servekit.engine.outputs.RequestOutput` per item; deltas that queue up while the
+caller is busy come merged). Cancelling the call (the ingress does when its client leaves)
+closes the engine's stream, which aborts the request and frees its blocks.
+``record_routing_stats`` reports the load and the KV blocks the replica holds, which Ray Serve
+hands to :class:`~servekit.deploy.ray.router.ServekitRequestRouter`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, suppress
+from typing import Any
+
+import anyio
+from ray import serve
+
+from servekit.engine.outputs import RequestOutput
+from servekit.errors import ServekitError
+from servekit.kv.events import AllBlocksCleared, BlockRemoved, BlockStored
+from servekit.metrics.hooks import Hook, HookSet
+from servekit.sched.params import SamplingParams
+from servekit.server.cli import build_engine, build_plugins
+from servekit.server.replica_api import replica_load
+from servekit.server.service import admission_capacity
+
+__all__ = ["EngineReplica", "HeldBlocks"]
+
+
+class HeldBlocks(Hook):
+    """The KV block hashes an engine holds, replayed from its KV events (any thread)."""
+
+    def __init__(self) -> None:
+        self._blocks: set[int] = set()
+        self._lock = threading.Lock()
+        self.version = 0
+
+    def on_kv_event(self, event: Any) -> None:
+        """Apply one KV event (:mod:`servekit.kv.events`)."""
+        with self._lock:
+            if isinstance(event, BlockStored):
+                self._blocks.update(event.block_hashes)
+            elif isinstance(event, BlockRemoved):
+                self._blocks.difference_update(event.block_hashes)
+            elif isinstance(event, AllBlocksCleared):
+                self._blocks.clear()
+            else:
+                return
+            self.version += 1
+
+    def snapshot(self) -> tuple[int, list[int]]:
+        """``(version, block hashes)``."""
+        with self._lock:
+            return self.version, list(self._blocks)
+
+
+@serve.deployment(name="EngineReplica")
+class EngineReplica:
+    """One engine per replica. ``settings`` is the checked settings namespace, as a dict."""
+
+    async def __init__(self, settings: dict[str, Any]) -> None:  # type: ignore[misc]  # Ray Serve awaits it
+        args = argparse.Namespace(**settings)
+        self.held = HeldBlocks()
+        hooks = HookSet([self.held, *build_plugins(args).hooks])
+        self.engine: Any = await anyio.to_thread.run_sync(build_engine, args, hooks)
+        self._stack = AsyncExitStack()
+        if hasattr(self.engine, "__aenter__"):
+            await self._stack.enter_async_context(self.engine)
+        self._coalesce = getattr(self.engine, "coalesces_outputs", False)
+        self.requests = 0
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+
+    async def __del__(self) -> None:
+        await self._stack.aclose()
+
+    async def generate(self, prompt: list[int] | str, params: SamplingParams, *,
+                       request_id: str | None = None, tenant: str | None = None,
+                       priority: int = 0, cache_salt: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """The engine's deltas for one request (call with ``handle.options(stream=True)``)."""
+        self.requests += 1
+        extra = {"coalesce": True} if self._coalesce else {}
+        stream = self.engine.generate(prompt, params, request_id=request_id, tenant=tenant,
+                                      priority=priority, cache_salt=cache_salt, **extra)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()
+
+    async def abort(self, request_id: str) -> None:
+        """Abort ``request_id`` if it runs here (no-op otherwise)."""
+        with suppress(KeyError, ServekitError):
+            await self.engine.abort(request_id)
+
+    def info(self) -> dict[str, Any]:
+        """What the ingress needs of the engine: its tokenizer (pickled), name and bounds."""
+        return {"tokenizer": self.engine.tokenizer, "model_name": self.engine.model_name,
+                "max_model_len": int(self.engine.max_model_len),
+                "admission_capacity": admission_capacity(self.engine),
+                "replica": self.replica_id}
+
+    def load(self) -> dict[str, Any]:
+        """``running``, ``waiting``, ``kv_usage`` and the ``requests`` this replica served."""
+        return {**replica_load(self.engine), "requests": self.requests,
+                "replica": self.replica_id}
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Ray Serve calls this every ``routing_stats_period`` s: the load and held blocks."""
+        version, blocks = self.held.snapshot()
+        return {**self.load(), "blocks_version": version, "blocks": blocks}

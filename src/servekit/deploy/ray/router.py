@@ -1,0 +1,148 @@
+"""servekit's routing policies as Ray Serve's custom request router.
+
+Ray Serve asks a :class:`~ray.serve.request_router.RequestRouter` to rank replicas for each
+call (``choose_replicas``); :class:`ServekitRequestRouter` answers with a
+:class:`servekit.route.Router` (the gateway's: routing key, bounded loads, the policy), so the
+cache-aware policy picks the replica for ``generate`` calls: it reads the prompt's token ids from
+the call, hashes its blocks as the replicas' KV cache does, and weighs what each replica holds
+(:class:`~servekit.route.kv_index.KVEventIndex`, rebuilt from the held-block snapshots the
+replicas report in their routing stats) against its load (the reported ``running + waiting``,
+or this router's in-flight count when higher). Other calls (``info``, ``load``) and requests the
+policy cannot route (no key for consistent hashing) go to the least loaded replica.
+
+The ranks Ray gets are ``[[choice], [fallbacks...]]``: Ray still probes a replica's queue and
+moves to the next rank when it is full (``max_ongoing_requests``).
+
+Kwargs (``RequestRouterConfig.request_router_kwargs``): ``policy`` (a routing-policy spec,
+default ``cache_aware``), ``block_size`` and ``hash_algorithm`` (the replicas' KV cache),
+``prefix_blocks`` (how many leading blocks make the routing key).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from servekit.route import PrefixKey, ReplicaLoad, RouteError, Router
+from servekit.route.kv_index import KVEventIndex
+
+__all__ = ["ReplicaRouting", "ServekitRequestRouter"]
+
+#: The replica method whose calls the policy routes.
+ROUTED_METHOD = "generate"
+
+
+class ReplicaRouting:
+    """The routing state of one Ray router, free of Ray types: replicas by name, what each
+    reports (``record_routing_stats``), the KV index, and the requests in flight."""
+
+    def __init__(self, policy: str = "cache_aware", block_size: int = 16,
+                 hash_algorithm: str = "xxhash", prefix_blocks: int = 4) -> None:
+        self.index = KVEventIndex()
+        self.router = Router((), policy=policy, index=self.index,
+                             prefix=PrefixKey(block_size, prefix_blocks, hash_algorithm))
+        self._versions: dict[str, Any] = {}
+        self._in_flight: dict[str, str] = {}  # request id -> replica name
+
+    def sync(self, replicas: Mapping[str, Mapping[str, Any]]) -> None:
+        """Membership, reported loads and held blocks from ``{name: routing stats}``."""
+        router, index = self.router, self.index
+        for name in [n for n in router.replicas if n not in replicas]:
+            router.remove_replica(name)
+            index.remove_replica(name)
+            self._versions.pop(name, None)
+        for name, stats in replicas.items():
+            if name not in router.replicas:
+                router.add_replica(name)
+            if "running" in stats:
+                router.report_load(name, ReplicaLoad(
+                    int(stats["running"]), int(stats["waiting"]),
+                    min(1.0, max(0.0, float(stats["kv_usage"])))))
+            version = stats.get("blocks_version")
+            if version is not None and self._versions.get(name) != version:
+                index.remove_replica(name)
+                index.stored(name, 0, stats.get("blocks", ()))
+                self._versions[name] = version
+
+    def choose(self, candidates: Sequence[str],
+               call: tuple[list[int], str | None, str | None] | None) -> list[list[str]]:
+        """Ranks of candidate names for a ``generate`` call ``(token ids, tenant, salt)``: the
+        policy's choice, then its fallbacks; other calls: every candidate, least loaded first."""
+        router = self.router
+        if call is not None:
+            token_ids, tenant, cache_salt = call
+            allowed = set(candidates)
+            try:
+                route = router.route(token_ids=token_ids, tenant=tenant, cache_salt=cache_salt,
+                                     exclude=[n for n in router.replicas if n not in allowed])
+            except RouteError:
+                pass
+            else:
+                router.release(route.node, None)  # counted in flight once it is sent
+                ranks = [[route.node]]
+                if route.fallbacks:
+                    ranks.append(list(route.fallbacks))
+                return ranks
+        return [sorted(candidates, key=self._load)]
+
+    def routed(self, request_id: str, name: str) -> None:
+        """A request was sent to ``name``."""
+        if name in self.router.replicas:
+            self.router.acquire(name)
+            self._in_flight[request_id] = name
+
+    def completed(self, request_id: str) -> None:
+        """A request ended."""
+        name = self._in_flight.pop(request_id, None)
+        if name is not None and name in self.router.replicas:
+            self.router.release(name, None)
+
+    def _load(self, name: str) -> int:
+        router = self.router
+        if name not in router.replicas:
+            return 0
+        reported = router.reported_load(name)
+        busy = reported.running + reported.waiting if reported is not None else 0
+        return max(busy, router.load(name))
+
+
+class ServekitRequestRouter(RequestRouter):  # type: ignore[misc]  # ray is untyped
+    """Routes ``generate`` calls with a servekit routing policy (see the module docstring)."""
+
+    def initialize_state(self, **kwargs: Any) -> None:
+        """Called by Ray Serve with ``request_router_kwargs`` (:class:`ReplicaRouting`'s)."""
+        self.routing = ReplicaRouting(**kwargs)
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None
+                              ) -> list[list[RunningReplica]]:
+        """The policy's choice, then its fallbacks (Ray probes each rank in turn)."""
+        if not candidate_replicas:
+            return []
+        self.routing.sync({r.replica_id.unique_id: r.routing_stats or {}
+                           for r in self.curr_replicas.values()})
+        by_name = {r.replica_id.unique_id: r for r in candidate_replicas}
+        ranks = self.routing.choose(list(by_name), _routed_call(pending_request))
+        return [[by_name[n] for n in rank if n in by_name] for rank in ranks]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
+                          result: Any) -> None:
+        """Count the request in flight on its replica."""
+        self.routing.routed(pending_request.metadata.internal_request_id, replica_id.unique_id)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        """The request ended: no longer in flight."""
+        self.routing.completed(internal_request_id)
+
+
+def _routed_call(pending: PendingRequest | None) -> tuple[list[int], str | None, str | None] | None:
+    """``(token ids, tenant, cache salt)`` of a ``generate`` call, else None."""
+    if pending is None or pending.metadata.call_method != ROUTED_METHOD or not pending.args:
+        return None
+    prompt = pending.args[0]
+    if not isinstance(prompt, list):
+        return None
+    kwargs = pending.kwargs
+    return prompt, kwargs.get("tenant"), kwargs.get("cache_salt")

@@ -1,0 +1,56 @@
+"""``servekit ray-serve`` settings (no cluster): a bad one fails fast naming its key, from the
+file, ``serve run``'s arguments or the command line."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from servekit.server.config import ConfigError
+from tests._servers import require_module
+
+require_module("ray", "pip install 'servekit[ray]'")
+
+
+@pytest.mark.parametrize(("toml", "key"), [
+    ('[ray]\nrouting_policy = "no_such_policy"\n[engine]\nfake = true\n', "ray.routing_policy"),
+    ("[ray]\nreplicas = 0\n[engine]\nfake = true\n", "ray.replicas"),
+    ('[engine]\nmodel = "no-model-here"\n', "engine.model"),
+    ('[engine]\npolicy = "no_such_policy"\n', "engine.policy"),
+    ("[ray]\nreplica = 2\n", "ray.replica"),
+])
+def test_bad_config_fails_fast_naming_the_key(tmp_path: Path, toml: str, key: str) -> None:
+    from servekit.deploy.ray import build_app
+
+    path = tmp_path / "servekit.toml"
+    path.write_text(toml)
+    (tmp_path / "no-model-here").mkdir()
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build_app({"config": str(path)})
+    assert time.monotonic() - started < 10  # before anything is deployed
+
+
+def test_serve_run_arguments_are_read_by_type(tmp_path: Path) -> None:
+    from servekit.deploy.ray.config import from_mapping
+
+    args = from_mapping({"fake": "true", "replicas": "3", "replica_cpus": "0.25",
+                         "routing_policy": "least_loaded"})
+    assert (args.fake, args.replicas, args.replica_cpus) == (True, 3, 0.25)
+    assert args.routing_policy == "least_loaded"
+    with pytest.raises(ConfigError, match="replicas=two"):
+        from_mapping({"fake": "true", "replicas": "two"})
+    with pytest.raises(ConfigError, match="unknown setting 'replica'"):
+        from_mapping({"replica": "2"})
+
+
+def test_cli_rejects_bad_config_with_the_key(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from servekit.server.cli import main
+
+    path = tmp_path / "servekit.toml"
+    path.write_text("[ray]\nreplicas = 0\n[engine]\nfake = true\n")
+    assert main(["ray-serve", "--config", str(path)]) == 2
+    assert "ray.replicas: must be at least 1, got 0" in capsys.readouterr().err

@@ -1,0 +1,88 @@
+"""The Ray request router's routing state (no cluster): the cache-aware policy reads the held
+blocks and loads replicas report, bounded loads win over a cache hit, membership follows Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests._servers import require_module
+
+require_module("ray", "pip install 'servekit[ray]'")
+
+from servekit.deploy.ray.router import ReplicaRouting  # noqa: E402
+from servekit.route import PrefixKey  # noqa: E402
+
+PROMPT_A = list(range(1, 129))  # 8 blocks of 16
+PROMPT_B = list(range(200, 328))
+
+
+def stats(blocks: tuple[int, ...] = (), running: int = 0, version: int = 1) -> dict[str, object]:
+    return {"running": running, "waiting": 0, "kv_usage": 0.1, "blocks": list(blocks),
+            "blocks_version": version}
+
+
+def hashes(prompt: list[int]) -> tuple[int, ...]:
+    return PrefixKey(16).block_hashes(prompt)
+
+
+def test_cache_aware_picks_the_replica_holding_the_prefix() -> None:
+    routing = ReplicaRouting("cache_aware")
+    routing.sync({"r1": stats(hashes(PROMPT_A)), "r2": stats(hashes(PROMPT_B))})
+    assert routing.choose(["r1", "r2"], ([*PROMPT_A, 7, 7], None, None))[0] == ["r1"]
+    assert routing.choose(["r1", "r2"], ([*PROMPT_B, 9], None, None))[0] == ["r2"]
+
+
+def test_the_cache_salt_is_part_of_the_hashes() -> None:
+    routing = ReplicaRouting("cache_aware")
+    salted = PrefixKey(16).block_hashes(PROMPT_A, "tenant-1")
+    routing.sync({"r1": stats(salted), "r2": stats(hashes(PROMPT_A))})
+    assert routing.choose(["r1", "r2"], (PROMPT_A, "t1", "tenant-1"))[0] == ["r1"]
+    assert routing.choose(["r1", "r2"], (PROMPT_A, None, None))[0] == ["r2"]
+
+
+def test_a_new_snapshot_replaces_the_old_one() -> None:
+    routing = ReplicaRouting("cache_aware")
+    routing.sync({"r1": stats(hashes(PROMPT_A), version=1), "r2": stats()})
+    assert routing.choose(["r1", "r2"], (PROMPT_A, None, None))[0] == ["r1"]
+    routing.sync({"r1": stats(version=2), "r2": stats(hashes(PROMPT_A), version=5)})
+    assert routing.choose(["r1", "r2"], (PROMPT_A, None, None))[0] == ["r2"]
+
+
+def test_bounded_load_beats_a_cache_hit() -> None:
+    routing = ReplicaRouting("cache_aware")
+    routing.sync({"r1": stats(hashes(PROMPT_A), running=40), "r2": stats(running=0)})
+    ranks = routing.choose(["r1", "r2"], (PROMPT_A, None, None))
+    assert ranks == [["r2"], ["r1"]]  # the loaded holder is only the fallback
+
+
+def test_in_flight_counts_follow_ray_callbacks() -> None:
+    routing = ReplicaRouting("least_loaded")
+    routing.sync({"r1": stats(), "r2": stats()})
+    routing.routed("req-1", "r1")
+    routing.routed("req-2", "r1")
+    assert routing.choose(["r1", "r2"], (PROMPT_A, None, None))[0] == ["r2"]
+    assert routing.router.load("r1") == 2
+    routing.completed("req-1")
+    routing.completed("req-2")
+    routing.completed("unknown")  # a call routed before this router knew it: ignored
+    assert routing.router.load("r1") == 0
+    # calls other than generate: every candidate, least loaded first
+    routing.routed("req-3", "r2")
+    assert routing.choose(["r1", "r2"], None) == [["r1", "r2"]]
+
+
+def test_membership_follows_the_replica_set() -> None:
+    routing = ReplicaRouting("cache_aware")
+    routing.sync({"r1": stats(hashes(PROMPT_A)), "r2": stats()})
+    routing.sync({"r2": stats(), "r3": stats()})
+    assert set(routing.router.replicas) == {"r2", "r3"}
+    assert routing.index.cached_blocks(hashes(PROMPT_A)) == {}
+    assert routing.choose(["r2", "r3"], (PROMPT_A, None, None))[0][0] in {"r2", "r3"}
+
+
+@pytest.mark.parametrize("policy", ["consistent_hash", "cache_aware", "power_of_two"])
+def test_a_prompt_shorter_than_a_block_still_routes(policy: str) -> None:
+    routing = ReplicaRouting(policy)
+    routing.sync({"r1": stats(), "r2": stats()})
+    ranks = routing.choose(["r1", "r2"], ([1, 2, 3], None, None))
+    assert sorted(n for rank in ranks for n in rank) == ["r1", "r2"]
