@@ -27,13 +27,19 @@ from servekit.metrics.events import (
     RATE_LIMIT_STORE_ERRORS,
 )
 from servekit.metrics.hooks import HookSet
-from servekit.protocol.errors import PayloadTooLargeError, StatusError, error_body
+from servekit.protocol.errors import (
+    InvalidRequestError,
+    PayloadTooLargeError,
+    StatusError,
+    error_body,
+)
 from servekit.protocol.schema import (
     ChatCompletionRequest,
     CompletionRequest,
     bad_request_from_validation,
 )
 from servekit.protocol.sse import DONE, error_event
+from servekit.sched.params import SamplingParams
 from servekit.server.disconnect import cancel_on_disconnect
 from servekit.server.keys import ApiKey, KeyStore
 from servekit.server.lifecycle import Phase, ServerState
@@ -53,7 +59,12 @@ from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, Response  # noqa: E402
 from starlette.exceptions import HTTPException  # noqa: E402
 
-from servekit.server.replica_api import mount_replica_api  # noqa: E402
+from servekit.server.replica_api import (  # noqa: E402
+    EXTENSIONS_HEADER,
+    mount_replica_api,
+    token_ids_comment,
+    trusted,
+)
 
 __all__ = ["ServerConfig", "create_app"]
 
@@ -176,7 +187,7 @@ def create_app(
                 choices.append((p, build_sampling_params(body, max_tokens=max_tokens,
                                                          logprobs=body.logprobs, seed=seed)))
         await compile_guided(service.engine, choices[0][1].guided if choices else None)
-        job = Job(service.new_request_id("cmpl"), body.model, key, prompts, choices)
+        job = _job(service, request, body, "cmpl", key, prompts, choices)
         echo = None
         if body.echo:
             tok = service.engine.tokenizer  # type: ignore[union-attr]
@@ -184,7 +195,8 @@ def create_app(
         encoder = CompletionEncoder(job, service.engine.tokenizer,  # type: ignore[union-attr]
                                     include_usage=_include_usage(body), echo=echo,
                                     logprobs=body.logprobs is not None)
-        return await _generation_response(service, job, encoder, body.stream, config, usage)
+        return await _generation_response(service, job, encoder, body.stream, config, usage,
+                                          _wants_token_ids(request, body))
 
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -204,10 +216,48 @@ def create_app(
             body, max_tokens=max_tokens, logprobs=logprobs,
             seed=None if body.seed is None else body.seed + j)) for j in range(body.n)]
         await compile_guided(service.engine, choices[0][1].guided)
-        job = Job(service.new_request_id("chatcmpl"), body.model, key, [ids], choices)
+        job = _job(service, request, body, "chatcmpl", key, [ids], choices)
         encoder = ChatEncoder(job, service.engine.tokenizer,  # type: ignore[union-attr]
                               include_usage=_include_usage(body), logprobs=body.logprobs)
-        return await _generation_response(service, job, encoder, body.stream, config, usage)
+        return await _generation_response(service, job, encoder, body.stream, config, usage,
+                                          _wants_token_ids(request, body))
+
+    def _trusted(request: Request) -> bool:
+        return trusted(request, config.gateway_secret)
+
+    def _wants_token_ids(request: Request, body: CompletionRequest | ChatCompletionRequest
+                         ) -> bool:
+        """A trusted gateway asked for each chunk's output token ids (to resume elsewhere)."""
+        asked = request.headers.get(EXTENSIONS_HEADER, "")
+        return bool(body.stream) and "token_ids" in asked.split(",") and _trusted(request)
+
+    def _job(service: GenerationService, request: Request,
+             body: CompletionRequest | ChatCompletionRequest, kind: str, key: ApiKey | None,
+             prompts: list[list[int]], choices: list[tuple[int, SamplingParams]]) -> Job:
+        """The job of a request; a gateway's ``servekit_resume`` continues a cut stream."""
+        resume = body.servekit_resume
+        if resume is None:
+            return Job(service.new_request_id(kind), body.model, key, prompts, choices)
+        if not _trusted(request):
+            raise InvalidRequestError("servekit_resume is accepted only from a trusted gateway",
+                                      param="servekit_resume")
+        if len(choices) != 1:
+            raise InvalidRequestError("servekit_resume needs one prompt and n = 1",
+                                      param="servekit_resume")
+        outputs = resume.output_token_ids
+        vocab = len(service.engine.tokenizer)  # type: ignore[union-attr]
+        if any(t >= vocab for t in outputs):
+            raise InvalidRequestError(f"token ids must be in [0, {vocab})",
+                                      param="servekit_resume.output_token_ids")
+        if len(outputs) >= choices[0][1].max_tokens:
+            raise InvalidRequestError(
+                f"{len(outputs)} resumed tokens leave no room under max_tokens "
+                f"{choices[0][1].max_tokens}", param="servekit_resume.output_token_ids")
+        job = Job(resume.request_id or service.new_request_id(kind), body.model, key, prompts,
+                  choices, resume=list(outputs))
+        if resume.created is not None:
+            job.created = resume.created
+        return job
 
     @app.get("/v1/models", tags=["openai"])
     async def models() -> dict[str, Any]:
@@ -393,12 +443,15 @@ def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
 
 async def _generation_response(service: GenerationService, job: Job, encoder: Encoder,
                                stream: bool, config: ServerConfig,
-                               usage: UsageRecorder | None = None) -> Response:
+                               usage: UsageRecorder | None = None,
+                               token_ids: bool = False) -> Response:
     if usage is not None:
         usage.check_admitting()  # 503 while fail-closed billing is backed up
     headers = (await service.admit(job)).headers  # 429 / 503 here, before anything is sent
+    if token_ids:
+        headers = {**headers, EXTENSIONS_HEADER: "token_ids"}
     return GenerationResponse(service, job, encoder, stream, headers,
-                              send_timeout=config.send_timeout, usage=usage)
+                              send_timeout=config.send_timeout, usage=usage, token_ids=token_ids)
 
 
 class GenerationResponse(Response):
@@ -406,13 +459,17 @@ class GenerationResponse(Response):
 
     Headers go out with the first delta, so an error before it (queue full, engine failure)
     still gets its proper status. A client disconnect cancels the job (aborting its engine
-    requests and settling its rate limit).
+    requests and settling its rate limit). With ``token_ids`` (for a trusted gateway), each
+    delta's output token ids precede its event as a comment line,
+    ``: servekit {"index": i, "token_ids": [...]}``; a resumed job sends no opening chunk
+    (the cut stream already did).
     """
 
     def __init__(self, service: GenerationService, job: Job, encoder: Encoder, stream: bool,
                  headers: dict[str, str], *, send_timeout: float = 30.0,
-                 usage: UsageRecorder | None = None) -> None:
+                 usage: UsageRecorder | None = None, token_ids: bool = False) -> None:
         self.service, self.job, self.encoder, self.stream = service, job, encoder, stream
+        self.token_ids = token_ids
         self.usage = usage
         self.extra_headers = headers
         self.send_timeout = send_timeout
@@ -471,18 +528,22 @@ class GenerationResponse(Response):
         chunk = encoder.chunk
         started = False
         body = send.body
+        with_ids = self.token_ids
+        resumed = self.job.resume is not None
 
         async def on_output(i: int, out: RequestOutput) -> None:
             nonlocal started
             if not started:
                 started = True
                 await send(self._start(200, b"text/event-stream"))
-                first = encoder.start()
+                first = b"" if resumed else encoder.start()
                 if first:
                     await send({"type": "http.response.body", "body": first, "more_body": True})
             if out.finish_reason == "error":
                 raise StatusError(out.error or "the engine failed on this request")
             data = chunk(i, out)
+            if with_ids and out.new_token_ids:
+                data = token_ids_comment(i, out.new_token_ids) + (data or b"\n")
             if data:
                 await body(data)
 

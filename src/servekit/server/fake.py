@@ -19,7 +19,7 @@ import anyio
 
 from servekit.engine.outputs import RequestOutput, TokenLogprob
 from servekit.sched.errors import DuplicateRequestError, QueueFullError
-from servekit.sched.params import SamplingParams
+from servekit.sched.params import InvalidParameterError, SamplingParams
 
 __all__ = ["FakeEngine", "FakeTokenizer"]
 
@@ -111,8 +111,10 @@ class FakeEngine:
     async def generate(self, prompt: str | list[int], params: SamplingParams, *,
                        request_id: str | None = None, tenant: str | None = None,
                        priority: int = 0, cache_salt: str | None = None,
-                       deadline: float | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield one delta per token; closing the iterator early frees the request."""
+                       deadline: float | None = None,
+                       output_token_ids: Sequence[int] = ()) -> AsyncIterator[RequestOutput]:
+        """Yield one delta per token; closing the iterator early frees the request.
+        ``output_token_ids`` resumes after them (this fake's tokens depend on position only)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         rid = request_id if request_id is not None else f"fake-{next(self._ids)}"
         if rid in self._blocks:
@@ -135,8 +137,13 @@ class FakeEngine:
             checkpoint = _loop_checkpoint()
             limit = min(params.max_tokens, self.max_model_len - n_prompt)
             top = params.logprobs
-            text, sent = "", 0  # generated text, and how much of it was emitted
-            for i in range(1, limit + 1):
+            resumed = len(output_token_ids)
+            if resumed >= limit:
+                raise InvalidParameterError("output_token_ids", "leave no room under max_tokens")
+            # generated text, and how much of it the cut-short run emitted
+            text = "".join(chr(_TEXT[i % len(_TEXT)]) for i in range(resumed))
+            sent = len(text) - (_held_back(text, params.stop) if params.stop else 0)
+            for i in range(resumed + 1, limit + 1):
                 if self.token_delay:
                     await anyio.sleep(self.token_delay)
                 else:

@@ -11,7 +11,9 @@ the numbers and resets its index for this replica.
 
 Both reveal internals (which prompts are cached), so they answer only requests that carry the
 shared gateway secret in ``x-servekit-gateway-secret``; without a configured secret they are off
-(404).
+(404). The same secret lets a gateway ask for each streamed event's output token ids
+(``x-servekit-extensions: token_ids``, sent as a ``: servekit {...}`` comment line before the
+event) and resume a cut stream (the ``servekit_resume`` body field), so it can fail over.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ from servekit.kv.events import AllBlocksCleared, BlockRemoved, BlockStored
 from servekit.metrics.hooks import Hook, HookSet
 
 GATEWAY_SECRET_HEADER = "x-servekit-gateway-secret"
+#: A trusted gateway asks for servekit's stream extensions (``token_ids``) in this header;
+#: the replica names the ones it sends in the response's.
+EXTENSIONS_HEADER = "x-servekit-extensions"
+#: How a streamed event's output token ids begin (an SSE comment line, which clients skip).
+TOKEN_IDS_PREFIX = b": servekit "
 _POLL_INTERVAL = 0.01
 
 
@@ -126,6 +133,12 @@ def engine_info(engine: Any, model_names: tuple[str, ...]) -> dict[str, Any]:
         "prefix_caching": bool(getattr(config, "enable_prefix_caching", False)),
         "tokenizer": tokenizer_info(engine.tokenizer),
     }
+
+
+def token_ids_comment(index: int, token_ids: list[int]) -> bytes:
+    """The SSE comment line carrying choice ``index``'s new output token ids."""
+    ids = ",".join(map(str, token_ids))
+    return TOKEN_IDS_PREFIX + f'{{"index":{index},"token_ids":[{ids}]}}\n'.encode()
 
 
 def trusted(request: Request, secret: str | None) -> bool:

@@ -67,8 +67,10 @@ class EngineLike(Protocol):
 
     def generate(self, prompt: str | list[int], params: SamplingParams, *,
                  request_id: str | None = None, tenant: str | None = None, priority: int = 0,
-                 cache_salt: str | None = None, deadline: float | None = None) -> Any:
-        """An async iterator of :class:`RequestOutput` deltas."""
+                 cache_salt: str | None = None, deadline: float | None = None,
+                 output_token_ids: Sequence[int] = ()) -> Any:
+        """An async iterator of :class:`RequestOutput` deltas (``output_token_ids``: resume a
+        generation cut short elsewhere)."""
         ...
 
     async def abort(self, request_id: str) -> None:
@@ -103,6 +105,8 @@ class Job:
     usage: JobUsage = field(factory=JobUsage)
     finish_reasons: list[str | None] = field(factory=list)
     admission: Admission | None = None
+    #: Output token ids a cut-short stream already sent (a gateway's resume; one choice).
+    resume: list[int] | None = None
 
     @property
     def reserved_tokens(self) -> int:
@@ -342,12 +346,15 @@ class GenerationService:
         prompt_index, params = job.choices[i]
         rid = job.request_id if len(job.choices) == 1 else f"{job.request_id}-{i}"
         key = job.key
+        extra: dict[str, Any] = {}
+        if getattr(engine, "coalesces_outputs", False):
+            extra["coalesce"] = True  # deltas queued while the client is slow go out merged
+        if job.resume:
+            extra["output_token_ids"] = job.resume
         stream = engine.generate(
             job.prompts[prompt_index], params, request_id=rid,
             tenant=key.tenant if key is not None else None,
-            cache_salt=key.salt if key is not None else None,
-            # deltas that queue up while this stream waits on its client go out merged
-            **({"coalesce": True} if getattr(engine, "coalesces_outputs", False) else {}))
+            cache_salt=key.salt if key is not None else None, **extra)
         finished = False
         out: RequestOutput | None = None
         try:
