@@ -44,7 +44,7 @@ class ResumeExtension(BaseModel):
     so the continued chunks carry the same ones."""
 
     model_config = _STRICT
-    output_token_ids: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+    output_token_ids: list[Annotated[int, Field(ge=0)]]
     request_id: str | None = Field(default=None, min_length=1, max_length=128)
     created: int | None = Field(default=None, ge=0)
 

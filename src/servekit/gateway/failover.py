@@ -1,0 +1,99 @@
+"""Failover after the first byte: what a relayed stream has sent, and how to resume it.
+
+A servekit replica asked by the trusted gateway (``x-servekit-extensions: token_ids``, with the
+shared secret) precedes each streamed event with a comment line carrying the event's output
+token ids (:func:`servekit.server.replica_api.token_ids_comment`). :class:`StreamTracker` reads
+the upstream bytes event by event, keeps the ids of the events relayed whole, the stream's
+``id`` and ``created``, and whether ``data: [DONE]`` came, and hands back the events without
+those comment lines, so a client sees exactly OpenAI's SSE. When the stream breaks before
+``[DONE]``, :func:`resume_body` is the request that makes another replica continue it: the same
+body plus ``servekit_resume`` (the ids relayed, the stream's id and creation time). The replica
+prefills prompt + those ids, counts them for ``max_tokens``, penalties, stop strings and usage,
+and streams only what follows, so the client sees one continuous stream billed once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["TOKEN_IDS", "StreamTracker", "resumable", "resume_body"]
+
+#: The stream extension the gateway asks replicas for.
+TOKEN_IDS = "token_ids"
+_COMMENT = b": servekit "
+_DONE = b"data: [DONE]"
+_SEP = b"\n\n"
+
+
+class StreamTracker:
+    """Feed the raw bytes of one choice's stream; get back what the client may see."""
+
+    __slots__ = ("_buffer", "created", "done", "request_id", "token_ids")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self.token_ids: list[int] = []
+        self.request_id: str | None = None
+        self.created: int | None = None
+        self.done = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The complete events of ``chunk`` (with what came before), less the id comments;
+        a trailing partial event waits for the next chunk."""
+        data = self._buffer + chunk
+        end = data.rfind(_SEP)
+        if end < 0:
+            self._buffer = data
+            return b""
+        self._buffer = data[end + 2:]
+        out = []
+        for event in data[:end].split(_SEP):
+            if event.startswith(_COMMENT):
+                line, _, event = event.partition(b"\n")
+                self.token_ids += json.loads(line[len(_COMMENT):])["token_ids"]
+                if not event:
+                    continue
+            if event == _DONE:
+                self.done = True
+            elif self.request_id is None and event.startswith(b"data: {"):
+                self._learn(event)
+            out.append(event)
+        return _SEP.join(out) + _SEP if out else b""
+
+    def cut(self) -> None:
+        """The stream broke: drop the partial event it left (never relayed)."""
+        self._buffer = b""
+
+    def _learn(self, event: bytes) -> None:
+        try:
+            doc = json.loads(event[len(b"data: "):])
+        except ValueError:
+            return
+        if isinstance(doc, dict) and isinstance(doc.get("id"), str):
+            self.request_id = doc["id"]
+            created = doc.get("created")
+            self.created = created if isinstance(created, int) else None
+
+
+def resumable(path: str, body: Mapping[str, Any]) -> bool:
+    """Whether a request can fail over after its first byte: a stream of one choice of one
+    prompt (the resume extension continues exactly one sequence)."""
+    if not body.get("stream") or body.get("n", 1) != 1 or body.get("best_of") not in (None, 1):
+        return False
+    if path.endswith("/chat/completions"):
+        return True
+    prompt = body.get("prompt")
+    return isinstance(prompt, str) or (
+        isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) for t in prompt))
+
+
+def resume_body(body: Mapping[str, Any], tracker: StreamTracker) -> bytes:
+    """The request that continues ``tracker``'s stream on another replica."""
+    resume: dict[str, Any] = {"output_token_ids": tracker.token_ids}
+    if tracker.request_id is not None:
+        resume["request_id"] = tracker.request_id
+    if tracker.created is not None:
+        resume["created"] = tracker.created
+    return json.dumps({**body, "servekit_resume": resume}).encode()
