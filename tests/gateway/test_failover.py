@@ -215,3 +215,32 @@ def test_demo_replica_killed_mid_stream_text_equals_the_no_fault_run(
     for result, want in zip(results, expected, strict=True):
         _check_continuous(result, want, n)
         assert result.usage is not None and result.usage["completion_tokens"] == n
+
+
+def test_streams_cut_by_a_drain_fail_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rolling update: a replica told to stop (SIGTERM) ends its streams past the grace
+    period with a ``draining`` error; the gateway resumes them on the other replica."""
+    monkeypatch.setenv("SERVEKIT_GATEWAY_SECRET", SECRET)
+    requests = _requests("fake", 150, {})
+    with ExitStack() as stack:
+        replicas = [stack.enter_context(cli_server("--fake", "--fake-token-delay", "0.02",
+                                                   "--grace-period", "0.2")) for _ in range(2)]
+        app = create_gateway([r.url for r in replicas], secret=SECRET, probe_interval=0.1)
+        gw = stack.enter_context(serve_asgi(app))
+        _wait_ready(gw)
+        expected, _ = asyncio.run(_run(gw, requests))
+
+        async def drain_one() -> list[Result]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                events = [asyncio.Event() for _ in requests]
+                tasks = [asyncio.create_task(_stream(client, gw, path, body, ev))
+                         for (path, body), ev in zip(requests, events, strict=True)]
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 60)
+                _busiest(replicas).proc.terminate()
+                return list(await asyncio.gather(*tasks))
+
+        results = asyncio.run(drain_one())
+        assert _failovers(gw) >= 1
+        assert 'outcome="stream_drained"' in httpx.get(gw + "/metrics").text  # not a reset
+    for result, want in zip(results, expected, strict=True):
+        _check_continuous(result, want, 150)

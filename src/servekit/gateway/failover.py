@@ -7,7 +7,8 @@ the upstream bytes event by event, keeps the ids of the events relayed whole, th
 ``id`` and ``created``, and whether ``data: [DONE]`` came, and hands back the events without
 those comment lines, so a client sees exactly OpenAI's SSE. When the stream breaks before
 ``[DONE]``, :func:`resume_body` is the request that makes another replica continue it: the same
-body plus ``servekit_resume`` (the ids relayed, the stream's id and creation time). The replica
+body plus ``servekit_resume`` (the ids relayed, the stream's id and creation time). A stream
+a draining replica ends with its ``draining`` error event is resumed the same way. The replica
 prefills prompt + those ids, counts them for ``max_tokens``, penalties, stop strings and usage,
 and streams only what follows, so the client sees one continuous stream billed once.
 """
@@ -24,13 +25,14 @@ __all__ = ["TOKEN_IDS", "StreamTracker", "resumable", "resume_body"]
 TOKEN_IDS = "token_ids"
 _COMMENT = b": servekit "
 _DONE = b"data: [DONE]"
+_ERROR = b'data: {"error"'
 _SEP = b"\n\n"
 
 
 class StreamTracker:
     """Feed the raw bytes of one choice's stream; get back what the client may see."""
 
-    __slots__ = ("_buffer", "created", "done", "request_id", "token_ids")
+    __slots__ = ("_buffer", "created", "done", "drained", "request_id", "token_ids")
 
     def __init__(self) -> None:
         self._buffer = b""
@@ -38,6 +40,9 @@ class StreamTracker:
         self.request_id: str | None = None
         self.created: int | None = None
         self.done = False
+        #: The replica ended the stream because it shut down (its error event, code
+        #: ``draining``, and what follows are held back: the stream is to be resumed).
+        self.drained = False
 
     def feed(self, chunk: bytes) -> bytes:
         """The complete events of ``chunk`` (with what came before), less the id comments;
@@ -50,6 +55,8 @@ class StreamTracker:
         self._buffer = data[end + 2:]
         out = []
         for event in data[:end].split(_SEP):
+            if self.drained:
+                continue
             if event.startswith(_COMMENT):
                 line, _, event = event.partition(b"\n")
                 self.token_ids += json.loads(line[len(_COMMENT):])["token_ids"]
@@ -57,6 +64,9 @@ class StreamTracker:
                     continue
             if event == _DONE:
                 self.done = True
+            elif event.startswith(_ERROR) and _drain_error(event):
+                self.drained = True
+                continue
             elif self.request_id is None and event.startswith(b"data: {"):
                 self._learn(event)
             out.append(event)
@@ -65,6 +75,7 @@ class StreamTracker:
     def cut(self) -> None:
         """The stream broke: drop the partial event it left (never relayed)."""
         self._buffer = b""
+        self.drained = False
 
     def _learn(self, event: bytes) -> None:
         try:
@@ -75,6 +86,14 @@ class StreamTracker:
             self.request_id = doc["id"]
             created = doc.get("created")
             self.created = created if isinstance(created, int) else None
+
+
+def _drain_error(event: bytes) -> bool:
+    try:
+        error = json.loads(event[len(b"data: "):])["error"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return isinstance(error, dict) and error.get("code") == "draining"
 
 
 def resumable(path: str, body: Mapping[str, Any]) -> bool:

@@ -4,9 +4,10 @@ Before anything reaches the client, a connect error, a reset, a 503 or a replica
 the request to a replica not yet tried (the router's next choice), while the
 :class:`~servekit.gateway.budget.RetryBudget` allows. A stream is committed once its first
 chunk has arrived. After that, a stream a servekit replica relays with its token ids
-(:mod:`servekit.gateway.failover`) that breaks before ``[DONE]`` (reset, EOF, replica killed)
-is resumed on another replica, up to ``max_failovers`` times, and the client sees one stream;
-when none can resume it, the stream ends with an error event. Any other stream that breaks
+(:mod:`servekit.gateway.failover`) that breaks before ``[DONE]`` (reset, EOF, replica killed),
+or that a draining replica ends with its ``draining`` error, is resumed on another replica, up
+to ``max_failovers`` times, and the client sees one stream; when none can resume it, the
+stream ends with an error event. Any other stream that breaks
 ends early, as the replica left it. A client that goes away closes the upstream connection,
 which aborts the request on the replica.
 """
@@ -178,14 +179,16 @@ class Forwarder:
                     data = tracker.feed(chunk)
                     if data:
                         yield data
-                ok = tracker.done  # EOF without [DONE]: the replica died mid-write
+                # EOF without [DONE]: the replica died mid-write (a drain is no failure)
+                ok = True if tracker.done else (None if tracker.drained else False)
             except httpx.TransportError:
                 ok = False
             finally:
                 await upstream.aclose()
                 self.fleet.router.release(url, ok)
                 self.metrics.outcome(url, "stream_ok" if ok else
-                                     ("stream_cut" if ok is False else "client_gone"))
+                                     ("stream_cut" if ok is False else
+                                      "stream_drained" if tracker.drained else "client_gone"))
             if tracker.done:
                 return
             tracker.cut()
