@@ -20,6 +20,8 @@ from attrs import frozen
 from servekit import __version__
 from servekit._optional import require
 from servekit.engine.outputs import RequestOutput
+from servekit.limit.keyed import KeyLimits
+from servekit.limit.keys import ApiKey, KeyStore
 from servekit.metrics.events import (
     KV_BLOCKS_IN_USE,
     OPEN_STREAMS,
@@ -41,11 +43,9 @@ from servekit.protocol.schema import (
 from servekit.protocol.sse import DONE, error_event
 from servekit.sched.params import SamplingParams
 from servekit.server.disconnect import cancel_on_disconnect
-from servekit.server.keys import ApiKey, KeyStore
 from servekit.server.lifecycle import Phase, ServerState
 from servekit.server.openapi import openapi_document
 from servekit.server.params import build_sampling_params, check_unsupported
-from servekit.server.ratelimit import KeyLimits
 from servekit.server.responses import ChatEncoder, CompletionEncoder, Encoder
 from servekit.server.service import EngineLike, GenerationService, Job
 from servekit.server.tools import compile_guided

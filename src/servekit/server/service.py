@@ -24,13 +24,14 @@ from attrs import define, field
 from servekit.engine.chat import ChatTemplateError, render_chat
 from servekit.engine.outputs import RequestOutput
 from servekit.errors import ServekitError
+from servekit.limit.keyed import Admission, KeyLimits
+from servekit.limit.keys import ApiKey, KeyStore
 from servekit.metrics.events import OPEN_STREAMS, RATE_LIMIT_RESERVATIONS, ResourceGauge
 from servekit.metrics.hooks import HookSet
 from servekit.protocol.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     ServiceUnavailableError,
-    UnauthorizedError,
 )
 from servekit.sched.errors import QueueFullError
 from servekit.sched.params import InvalidParameterError, SamplingParams
@@ -40,9 +41,7 @@ from servekit.server.bounds import (
     max_prompt_chars,
     max_token_chars,
 )
-from servekit.server.keys import ApiKey, KeyStore
 from servekit.server.lifecycle import ServerState
-from servekit.server.ratelimit import Admission, KeyLimits
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -151,16 +150,7 @@ class GenerationService:
 
     def authenticate(self, authorization: str | None) -> ApiKey | None:
         """The caller's key from an ``Authorization: Bearer`` header (None when open); else 401."""
-        if self.keys.open:
-            return None
-        if not authorization:
-            raise UnauthorizedError("You didn't provide an API key: send "
-                                      "'Authorization: Bearer YOUR_KEY'")
-        scheme, _, token = authorization.partition(" ")
-        key = self.keys.authenticate(token.strip()) if scheme.lower() == "bearer" else None
-        if key is None:
-            raise UnauthorizedError("Incorrect API key provided")
-        return key
+        return self.keys.from_authorization(authorization)
 
     def check_model(self, model: str) -> None:
         """404 unless ``model`` is served here."""
