@@ -23,9 +23,12 @@ from attrs import define, field
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from servekit.gateway.budget import RetryBudget
+from servekit.gateway.edge import Edge, usage_total
 from servekit.gateway.failover import TOKEN_IDS, StreamTracker, resumable, resume_body
 from servekit.gateway.fleet import GATEWAY_SECRET_HEADER, Fleet
 from servekit.gateway.metrics import GatewayMetrics
+from servekit.limit.keyed import Admission
+from servekit.protocol.errors import InvalidRequestError, StatusError
 from servekit.protocol.sse import DONE, error_event
 from servekit.route import NoNodeAvailableError
 
@@ -34,6 +37,8 @@ _HOP_HEADERS = frozenset({"host", "content-length", "connection", "keep-alive",
                           "transfer-encoding", "te", "upgrade", "proxy-authorization"})
 _ALL_DOWN_RETRY_AFTER = 1
 EXTENSIONS_HEADER = "x-servekit-extensions"
+TENANT_HEADER = "x-servekit-tenant"  # the caller the gateway authenticated (with the secret)
+CACHE_SALT_HEADER = "x-servekit-cache-salt"
 _PRIVATE_PREFIX = "x-servekit-"  # gateway <-> replica headers: never from or to a client
 
 
@@ -59,42 +64,88 @@ class _Call:
     hashes: list[int] | None
     resumable: bool
     tried: set[str] = field(factory=set)
+    #: Tokens the replicas reported used (prompt + completion), once known.
+    used: int | None = None
 
 
 class Forwarder:
     """Sends requests to the fleet's replicas over one pooled keep-alive client."""
 
     def __init__(self, fleet: Fleet, client: httpx.AsyncClient, budget: RetryBudget,
-                 metrics: GatewayMetrics, max_failovers: int = 3) -> None:
+                 metrics: GatewayMetrics, max_failovers: int = 3,
+                 edge: Edge | None = None) -> None:
         self.fleet, self.client, self.budget, self.metrics = fleet, client, budget, metrics
         self.max_failovers = max_failovers
+        self.edge = edge
 
     async def forward(self, method: str, path: str, headers: Mapping[str, str],
                       body: bytes) -> Response:
         """Forward one request; the response the client gets."""
-        fleet = self.fleet
+        fleet, edge = self.fleet, self.edge
         parsed = _json(body)
         if parsed is not None and "servekit_resume" in parsed:
-            return JSONResponse({"error": {
-                "message": "servekit_resume is set only by the gateway",
-                "type": "invalid_request_error", "param": "servekit_resume", "code": None}},
-                status_code=400)
+            return _status(InvalidRequestError("servekit_resume is set only by the gateway",
+                                               param="servekit_resume"))
+        key = None
+        if edge is not None:
+            try:
+                key = edge.authenticate(headers)
+            except StatusError as exc:
+                return _status(exc)
         ids = hashes = None
         encoder = fleet.encoder()
         if encoder is not None and parsed is not None:
             ids = encoder.request_ids(path, parsed)
-            if ids is not None:
-                hashes = encoder.block_hashes(ids)
+            if ids is not None:  # salted as the replica salts the caller's blocks
+                hashes = encoder.block_hashes(ids, key.salt if key is not None else None)
         stream = bool(parsed.get("stream")) if parsed is not None else False
         out_headers = {k: v for k, v in headers.items() if k.lower() not in _HOP_HEADERS
                        and not k.lower().startswith(_PRIVATE_PREFIX)}
-        can_resume = (fleet.secret is not None and parsed is not None
-                      and resumable(path, parsed))
-        if can_resume and fleet.secret is not None:
-            out_headers[GATEWAY_SECRET_HEADER] = fleet.secret
+        secret = fleet.secret
+        can_resume = secret is not None and parsed is not None and resumable(path, parsed)
+        if secret is not None and (can_resume or key is not None):
+            out_headers[GATEWAY_SECRET_HEADER] = secret
+        if can_resume:
             out_headers[EXTENSIONS_HEADER] = TOKEN_IDS
+        if key is not None and secret is not None:  # the replica trusts our caller
+            out_headers = {k: v for k, v in out_headers.items() if k.lower() != "authorization"}
+            out_headers[TENANT_HEADER] = key.tenant
+            out_headers[CACHE_SALT_HEADER] = key.salt
         call = _Call(method, path, out_headers, body, parsed, stream,
                      headers.get("x-session-id"), ids, hashes, can_resume)
+        if edge is None:
+            return await self._send(call)
+        try:
+            admission, reserved = await edge.reserve(key, path, parsed, ids)
+        except StatusError as exc:
+            return _status(exc)
+        try:
+            response = await self._send(call)
+        except BaseException:
+            await edge.settle(admission, reserved)
+            raise
+        response.headers.update(admission.headers)
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = self._settle_after(response.body_iterator, admission,
+                                                        call, reserved)
+        else:
+            used = call.used if call.used is not None else (
+                0 if response.status_code >= 400 else reserved)
+            await edge.settle(admission, used)
+        return response
+
+    async def _settle_after(self, body: Any, admission: Admission, call: _Call,
+                            reserved: int) -> AsyncIterator[Any]:
+        """Relay a stream, then settle its reservation with what it used."""
+        assert self.edge is not None
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:
+            await self.edge.settle(admission, call.used if call.used is not None else reserved)
+
+    async def _send(self, call: _Call) -> Response:
+        """Route and send ``call``, retrying before the first byte."""
         self.budget.request()
         last: Response | None = None
         while True:
@@ -155,12 +206,13 @@ class Forwarder:
             await upstream.aclose()
             router.release(url, upstream.status_code < 500)
             self.metrics.outcome(url, str(upstream.status_code))
+            call.used = usage_total(content) if upstream.status_code == 200 else None
             return _copy(upstream, content)
         if (call.resumable and upstream.status_code == 200
                 and TOKEN_IDS in upstream.headers.get(EXTENSIONS_HEADER, "")):
             relay = self._relay_resuming(url, upstream, first, chunks, call)
         else:  # not servekit (no token ids): a cut stream ends early
-            relay = self._relay(url, upstream, first, chunks)
+            relay = self._relay(url, upstream, first, chunks, call)
         return StreamingResponse(relay, status_code=upstream.status_code,
                                  headers=_response_headers(upstream))
 
@@ -169,6 +221,7 @@ class Forwarder:
         """Relay a stream with token ids; resume it elsewhere when it breaks before [DONE]."""
         tracker = StreamTracker()
         failovers = 0
+        prompt = len(call.ids) if call.ids is not None else 0
         while True:
             ok: bool | None = None
             try:
@@ -178,7 +231,10 @@ class Forwarder:
                 async for chunk in chunks:
                     data = tracker.feed(chunk)
                     if data:
+                        call.used = prompt + len(tracker.token_ids)
                         yield data
+                if tracker.done and data:  # the replica's own count, when it sent one
+                    call.used = usage_total(data) or call.used
                 # EOF without [DONE]: the replica died mid-write (a drain is no failure)
                 ok = True if tracker.done else (None if tracker.drained else False)
             except httpx.TransportError:
@@ -232,21 +288,30 @@ class Forwarder:
         return url, upstream
 
     async def _relay(self, url: str, upstream: httpx.Response, first: bytes,
-                     chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+                     chunks: AsyncIterator[bytes], call: _Call) -> AsyncIterator[bytes]:
         ok: bool | None = None
+        prev = last = first  # the usage chunk, when asked for, comes right before [DONE]
         try:
             if first:
                 yield first
             async for chunk in chunks:
+                prev, last = last, chunk
                 yield chunk
             ok = upstream.status_code < 500
         except httpx.TransportError:
             ok = False  # cut mid-stream: the client sees its stream end early
         finally:
+            call.used = usage_total(prev + last)
             await upstream.aclose()
             self.fleet.router.release(url, ok)
             self.metrics.outcome(url, "stream_ok" if ok else
                                  ("stream_cut" if ok is False else "client_gone"))
+
+
+def _status(exc: StatusError) -> Response:
+    """An OpenAI error response for ``exc``."""
+    return Response(exc.body(), status_code=exc.status, headers=exc.headers,
+                    media_type="application/json")
 
 
 def _json(body: bytes) -> dict[str, Any] | None:

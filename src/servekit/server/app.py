@@ -61,6 +61,7 @@ from starlette.exceptions import HTTPException  # noqa: E402
 
 from servekit.server.replica_api import (  # noqa: E402
     EXTENSIONS_HEADER,
+    gateway_identity,
     mount_replica_api,
     token_ids_comment,
     trusted,
@@ -167,7 +168,8 @@ def create_app(
     app.openapi = openapi  # type: ignore[method-assign]
 
     app.add_middleware(_BodyLimitMiddleware, service=service)  # type: ignore[arg-type]
-    app.add_middleware(_AuthMiddleware, service=service)  # type: ignore[arg-type]  # outermost
+    app.add_middleware(_AuthMiddleware, service=service,  # type: ignore[arg-type]  # outermost
+                       gateway_secret=config.gateway_secret)
 
     def caller(request: Request) -> ApiKey | None:
         return request.scope.get("servekit.key")  # set by _AuthMiddleware
@@ -298,10 +300,12 @@ def create_app(
 
 
 class _AuthMiddleware:
-    """Authenticates ``/v1/*`` before anything else (even before the body is parsed)."""
+    """Authenticates ``/v1/*`` before anything else (even before the body is parsed). A
+    request from the trusted gateway carries the caller it authenticated instead."""
 
-    def __init__(self, app: Any, service: GenerationService) -> None:
-        self.app, self.service = app, service
+    def __init__(self, app: Any, service: GenerationService,
+                 gateway_secret: str | None = None) -> None:
+        self.app, self.service, self.gateway_secret = app, service, gateway_secret
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and _route_path(scope).startswith("/v1/"):
@@ -310,6 +314,14 @@ class _AuthMiddleware:
                 if name == b"authorization":
                     authorization = value.decode("latin-1")
                     break
+            if self.gateway_secret is not None:
+                headers = {k.decode("latin-1"): v.decode("latin-1")
+                           for k, v in scope["headers"] if k.startswith(b"x-servekit-")}
+                caller = gateway_identity(headers, self.gateway_secret)
+                if caller is not None:
+                    scope["servekit.key"] = caller
+                    await self.app(scope, receive, send)
+                    return
             try:
                 scope["servekit.key"] = self.service.authenticate(authorization)
             except StatusError as exc:
