@@ -44,6 +44,7 @@ def test_any_split_relays_the_events_less_the_comments(
     out = b"".join(tracker.feed(wire[a:b]) for a, b in itertools.pairwise(points))
     assert out == plain
     assert tracker.token_ids == [t for ids, _ in deltas for t in ids]
+    assert tracker.num_tokens == len(tracker.token_ids)
     assert tracker.done is finished
     assert (tracker.request_id, tracker.created) == (
         ("cmpl-1", 7) if any(ev for _, ev in deltas) else (None, None))
@@ -93,3 +94,11 @@ def test_resumable_requests_and_the_resume_body() -> None:
     assert body["servekit_resume"] == {"output_token_ids": [3, 4], "request_id": "cmpl-1",
                                        "created": 7}
     assert body["prompt"] == "x" and body["model"] == "m"
+
+
+def test_num_tokens_counts_without_parsing() -> None:
+    tracker = StreamTracker()
+    tracker.feed(token_ids_comment(0, [1]) + b"\n" + token_ids_comment(0, [2, 3, 4]) + b"\n")
+    assert tracker.num_tokens == 4 and tracker.token_ids == [1, 2, 3, 4]
+    tracker.feed(token_ids_comment(0, [5]) + b"\n")
+    assert tracker.num_tokens == 5 and tracker.token_ids == [1, 2, 3, 4, 5]

@@ -32,11 +32,15 @@ _SEP = b"\n\n"
 class StreamTracker:
     """Feed the raw bytes of one choice's stream; get back what the client may see."""
 
-    __slots__ = ("_buffer", "created", "done", "drained", "request_id", "token_ids")
+    __slots__ = ("_buffer", "_ids", "_parsed", "created", "done", "drained", "num_tokens",
+                 "request_id")
 
     def __init__(self) -> None:
         self._buffer = b""
-        self.token_ids: list[int] = []
+        self._ids: list[bytes] = []  # each comment's id list, parsed only when needed
+        self._parsed: list[int] = []
+        #: Output tokens relayed so far.
+        self.num_tokens = 0
         self.request_id: str | None = None
         self.created: int | None = None
         self.done = False
@@ -59,7 +63,9 @@ class StreamTracker:
                 continue
             if event.startswith(_COMMENT):
                 line, _, event = event.partition(b"\n")
-                self.token_ids += json.loads(line[len(_COMMENT):])["token_ids"]
+                ids = line[line.index(b"[", len(_COMMENT)) + 1:line.rindex(b"]")]
+                self._ids.append(ids)
+                self.num_tokens += ids.count(b",") + 1
                 if not event:
                     continue
             if event == _DONE:
@@ -71,6 +77,14 @@ class StreamTracker:
                 self._learn(event)
             out.append(event)
         return _SEP.join(out) + _SEP if out else b""
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The output token ids of the events relayed whole, in order."""
+        if self._ids:
+            self._parsed += [int(t) for ids in self._ids for t in ids.split(b",")]
+            self._ids = []
+        return list(self._parsed)
 
     def cut(self) -> None:
         """The stream broke: drop the partial event it left (never relayed)."""

@@ -231,7 +231,7 @@ class Forwarder:
                 async for chunk in chunks:
                     data = tracker.feed(chunk)
                     if data:
-                        call.used = prompt + len(tracker.token_ids)
+                        call.used = prompt + tracker.num_tokens
                         yield data
                 if tracker.done and data:  # the replica's own count, when it sent one
                     call.used = usage_total(data) or call.used
