@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -9,7 +11,7 @@ from servekit.gateway.tokens import PromptEncoder
 from servekit.kv.events import AllBlocksCleared, BlockRemoved, BlockStored
 from servekit.server.app import ServerConfig, create_app
 from servekit.server.fake import FakeEngine
-from servekit.server.replica_api import GATEWAY_SECRET_HEADER, KVEventFeed
+from servekit.server.replica_api import EXTENSIONS_HEADER, GATEWAY_SECRET_HEADER, KVEventFeed
 from tests.asgi_server import serve_asgi
 from tests.server.cli_server import cli_server
 
@@ -79,3 +81,105 @@ def test_demo_replica_events_carry_the_gateways_block_hashes(
         stored = [x for e in doc["events"] if e["type"] == "stored" for x in e["block_hashes"]]
         assert stored[:len(expected)] == expected
         assert [e["seq"] for e in doc["events"]] == list(range(len(doc["events"])))
+
+
+def _events(text: str) -> list[str]:
+    return [e for e in text.split("\n\n") if e]
+
+
+def _stream(url: str, headers: dict[str, str], path: str = "/v1/completions",
+            **body: object) -> httpx.Response:
+    payload = {"model": "fake", "max_tokens": 8, "stream": True, **body}
+    if path.endswith("chat/completions"):
+        payload.setdefault("messages", [{"role": "user", "content": "hi"}])
+    else:
+        payload.setdefault("prompt", "hello")
+    return httpx.post(url + path, headers=headers, json=payload, timeout=10)
+
+
+def _split(events: list[str]) -> tuple[list[int], list[str]]:
+    """The token ids of the servekit comment lines, and the events less those lines."""
+    ids: list[int] = []
+    rest = []
+    for event in events:
+        lines = event.split("\n")
+        for line in lines:
+            if line.startswith(": servekit "):
+                doc = json.loads(line[len(": servekit "):])
+                assert doc["index"] == 0
+                ids += doc["token_ids"]
+        kept = "\n".join(x for x in lines if not x.startswith(":"))
+        if kept:
+            rest.append(kept)
+    return ids, rest
+
+
+@pytest.mark.parametrize("sent", [None, "wrong", SECRET])
+def test_token_ids_only_for_the_trusted_gateway(sent: str | None) -> None:
+    app = create_app(FakeEngine(), config=ServerConfig(model_names=("fake",),
+                                                       gateway_secret=SECRET))
+    headers = {EXTENSIONS_HEADER: "token_ids"}
+    if sent:
+        headers[GATEWAY_SECRET_HEADER] = sent
+    with serve_asgi(app) as url:
+        plain = _stream(url, {})
+        r = _stream(url, headers)
+    assert r.status_code == 200
+    ids, rest = _split(_events(r.text))
+    if sent == SECRET:
+        assert r.headers[EXTENSIONS_HEADER] == "token_ids"
+        assert len(ids) == 8 and "".join(map(chr, ids)) == _text(rest)
+    else:
+        assert EXTENSIONS_HEADER not in r.headers and ": servekit" not in r.text and ids == []
+    # less the comment lines, the stream is exactly what a client gets (ids aside)
+    assert [_strip_id(e) for e in rest] == [_strip_id(e) for e in _events(plain.text)]
+
+
+def _strip_id(event: str) -> str:
+    if event == "data: [DONE]":
+        return event
+    doc = json.loads(event[len("data: "):])
+    doc.pop("id"), doc.pop("created")
+    return json.dumps(doc)
+
+
+def _text(events: list[str]) -> str:
+    out = ""
+    for e in events:
+        if e != "data: [DONE]":
+            choice = json.loads(e[len("data: "):])["choices"]
+            if choice:
+                out += choice[0].get("text") or choice[0].get("delta", {}).get("content") or ""
+    return out
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_resume_continues_a_cut_stream_only_for_the_gateway(path: str) -> None:
+    app = create_app(FakeEngine(), config=ServerConfig(model_names=("fake",),
+                                                       gateway_secret=SECRET))
+    trusted = {GATEWAY_SECRET_HEADER: SECRET, EXTENSIONS_HEADER: "token_ids"}
+    options = {"stream_options": {"include_usage": True}}
+    with serve_asgi(app) as url:
+        full = _stream(url, trusted, path, **options)
+        ids, events = _split(_events(full.text))
+        first = json.loads(events[0][len("data: "):])
+        resume = {"output_token_ids": ids[:3], "request_id": first["id"],
+                  "created": first["created"]}
+        refused = _stream(url, {}, path, servekit_resume=resume)
+        wrong = _stream(url, {GATEWAY_SECRET_HEADER: "nope"}, path, servekit_resume=resume)
+        two = _stream(url, trusted, path, n=2, servekit_resume=resume)
+        too_many = _stream(url, trusted, path, servekit_resume={"output_token_ids": ids})
+        r = _stream(url, trusted, path, servekit_resume=resume, **options)
+    for bad in (refused, wrong):
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "servekit_resume"
+    assert two.status_code == 400 and two.json()["error"]["param"] == "servekit_resume"
+    assert too_many.status_code == 400
+    assert too_many.json()["error"]["param"] == "servekit_resume.output_token_ids"
+    assert r.status_code == 200
+    more, rest = _split(_events(r.text))
+    assert more == ids[3:]
+    docs = [json.loads(e[len("data: "):]) for e in rest if e != "data: [DONE]"]
+    assert {(d["id"], d["created"]) for d in docs} == {(first["id"], first["created"])}
+    assert "role" not in r.text  # no opening chunk: the cut stream sent it
+    assert _text(events[:4 if "chat" in path else 3]) + _text(rest) == _text(events)
+    assert docs[-1]["usage"]["completion_tokens"] == 8  # billed for every output once

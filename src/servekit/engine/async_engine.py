@@ -166,16 +166,19 @@ class AsyncEngine:
         cache_salt: str | None = None,
         deadline: float | None = None,
         coalesce: bool = False,
+        output_token_ids: Sequence[int] = (),
     ) -> AsyncGenerator[RequestOutput, None]:
         """Stream a request's deltas; the last has ``finished=True``.
 
         With ``coalesce``, the deltas queued since the consumer last asked come merged into one
         (:func:`~servekit.engine.outputs.merge_outputs`). Raises InvalidParameterError or
         QueueFullError at the first iteration. Breaking out of the iteration, or cancelling the
-        task that iterates, aborts the request.
+        task that iterates, aborts the request. ``output_token_ids`` resumes a generation cut
+        short elsewhere (:meth:`LLMEngine.add_request`).
         """
         queue, rid = self._open(prompt, params, request_id=request_id, tenant=tenant,
-                                priority=priority, cache_salt=cache_salt, deadline=deadline)
+                                priority=priority, cache_salt=cache_salt, deadline=deadline,
+                                output_token_ids=output_token_ids)
         done = False
         try:
             while not done:
@@ -203,13 +206,15 @@ class AsyncEngine:
         priority: int = 0,
         cache_salt: str | None = None,
         deadline: float | None = None,
+        output_token_ids: Sequence[int] = (),
     ) -> tuple[OutputQueue, str]:
         if self._tg is None:
             raise EngineClosedError("the AsyncEngine is not running: use 'async with'")
         if self._failure is not None:  # the loop died: nobody would ever serve this stream
             raise EngineClosedError(f"the engine loop failed: {self._failure!r}")
         rid = self.engine.add_request(prompt, params, request_id=request_id, tenant=tenant,
-                                      priority=priority, cache_salt=cache_salt, deadline=deadline)
+                                      priority=priority, cache_salt=cache_salt, deadline=deadline,
+                                      output_token_ids=output_token_ids)
         queue = self._streams[rid] = OutputQueue(self._loop)
         self._wake.set()
         return queue, rid

@@ -32,7 +32,7 @@ from servekit.engine.config import EngineConfig
 from servekit.engine.detokenize import IncrementalDetokenizer
 from servekit.engine.outputs import GenerationResult, RequestOutput, TokenLogprob
 from servekit.engine.runner import Runner
-from servekit.engine.sampler import Sampler, SamplerOutput, SamplingBatch
+from servekit.engine.sampler import Sampler, SamplerOutput, SamplingBatch, position_seed
 from servekit.engine.stop import StopStringMatcher
 from servekit.kv.manager import KVCacheManager
 from servekit.metrics.events import EngineStep
@@ -83,12 +83,34 @@ class _Tracked:
         self.request = request
         self.detok = IncrementalDetokenizer(tokenizer, request.token_ids) if tokenizer else None
         self.stop = StopStringMatcher(params.stop) if params.stop else None
-        self.generator = None
+        self.generator = None  # reseeded for each output position (position_seed)
         if params.seed is not None and not params.greedy:
-            self.generator = torch.Generator(device=device).manual_seed(params.seed)
+            self.generator = torch.Generator(device=device)
         self.history = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
                         or params.frequency_penalty != 0.0)
         self.matcher: GrammarMatcher | None = None
+        if request.num_output_tokens:
+            self._replay_outputs()
+
+    def _replay_outputs(self) -> None:
+        """Bring the text state of a resumed request where the cut-short run left it: its
+        output tokens go through the detokenizer and the stop strings, their text (already
+        sent by the run that produced them) is dropped, text held back stays held."""
+        request = self.request
+        for token in request.output_token_ids:
+            text = self.detok.step(token) if self.detok is not None else ""
+            if self.stop is not None and self.stop.feed(text)[1]:
+                raise InvalidParameterError(
+                    "output_token_ids", f"already end with the stop string {self.stop.stopped_on!r}")
+
+    def start_matcher(self, grammar: CompiledGrammar) -> None:
+        """The grammar matcher, advanced over a resumed request's output tokens."""
+        matcher = grammar.new_matcher()
+        for token in self.request.output_token_ids:
+            if not matcher.accept_token(token):
+                raise InvalidParameterError(
+                    "output_token_ids", f"token {token} is not allowed by the grammar")
+        self.matcher = matcher
 
 
 class _AwaitingGrammar:
@@ -201,7 +223,7 @@ class LLMEngine:
                     raise InvalidParameterError(
                         f"guided.{tracked.request.params.guided.kind}",  # type: ignore[union-attr]
                         f"grammar compilation took longer than {limit:g} s")
-                tracked.matcher = future.result().new_matcher()
+                tracked.start_matcher(future.result())
                 self.scheduler.add_request(tracked.request)
             except Exception as exc:
                 self._tracked.pop(rid, None)
@@ -222,11 +244,16 @@ class LLMEngine:
         priority: int = 0,
         cache_salt: str | None = None,
         deadline: float | None = None,
+        output_token_ids: Sequence[int] = (),
     ) -> str:
         """Queue a prompt (text or token ids); return its request id.
 
         ``deadline`` is an absolute time on the engine's ``clock`` after which the request is
-        aborted. Raises InvalidParameterError naming the bad field, or the scheduler's QueueFullError.
+        aborted. ``output_token_ids`` resumes a generation cut short elsewhere: the tokens it
+        already produced are prefilled after the prompt and count as output (``max_tokens``,
+        penalties, stop strings, seeded draws by position); the deltas continue its text
+        exactly. Raises InvalidParameterError naming the bad field, or the scheduler's
+        QueueFullError.
         """
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -237,15 +264,18 @@ class LLMEngine:
             raise InvalidParameterError("prompt", f"token ids must be in [0, {vocab})")
         if any(t >= vocab for t in params.stop_token_ids):
             raise InvalidParameterError("stop_token_ids", f"token ids must be < {vocab}")
+        outputs = [int(t) for t in output_token_ids]
+        if any(not 0 <= t < vocab for t in outputs):
+            raise InvalidParameterError("output_token_ids", f"token ids must be in [0, {vocab})")
         rid = request_id if request_id is not None else uuid.uuid4().hex
         request = Request(rid, ids, params, priority=priority, tenant=tenant,
-                          deadline=deadline, cache_salt=cache_salt)
+                          deadline=deadline, cache_salt=cache_salt, output_token_ids=outputs)
         # built before queueing: a failure must not leave an untracked request running
         tracked = _Tracked(request, self.tokenizer, self.runner.device)
         if params.guided is not None:
             future = self.grammars.submit(params.guided)
             if future.done():
-                tracked.matcher = future.result().new_matcher()  # raises a cached compile error
+                tracked.start_matcher(future.result())  # raises a cached compile error
             else:
                 if rid in self._tracked:
                     raise InvalidParameterError("request_id", f"{rid!r} is already in use")
@@ -472,8 +502,9 @@ class LLMEngine:
             if t.matcher is not None:
                 mask_rows.append(i)
                 matchers.append(t.matcher)
-            if t.generator is not None:
-                generators[i] = t.generator
+            if t.generator is not None:  # reseeded per position: the draw is f(seed, i)
+                generators[i] = t.generator.manual_seed(position_seed(
+                    r.params.seed, len(r.token_ids) - r.num_prompt_tokens))  # type: ignore[arg-type]
             if t.history:
                 need_history = True
             if r.params.min_tokens and r.stop_ids and len(r.token_ids) < r.min_len:

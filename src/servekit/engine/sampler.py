@@ -16,9 +16,21 @@ from attrs import define, frozen
 
 from servekit.sched.params import SamplingParams
 
-__all__ = ["Sampler", "SamplerOutput", "SamplingBatch", "apply_token_bitmask"]
+__all__ = ["Sampler", "SamplerOutput", "SamplingBatch", "apply_token_bitmask", "position_seed"]
 
 _NEG_INF = float("-inf")
+_MASK64 = (1 << 64) - 1
+
+
+def position_seed(seed: int, position: int) -> int:
+    """The generator seed of a seeded request's draw for output ``position``: a function of
+    ``(seed, position)`` only (splitmix64), so the same request resumed on another replica,
+    recomputed after preemption or batched differently draws the same noise at each position.
+    """
+    z = ((seed & _MASK64) + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1  # < 2**63: any torch generator takes it
 
 
 @define(slots=True)

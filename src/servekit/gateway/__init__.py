@@ -2,7 +2,9 @@
 
 It learns each replica's tokenizer, KV events and load (:mod:`servekit.server.replica_api`),
 routes by the cache-aware policy (:mod:`servekit.route.cache_aware`), retries before the first
-byte under a retry budget and keeps a circuit breaker per replica. No torch is imported.
+byte under a retry budget, fails over after it by resuming the stream elsewhere
+(:mod:`servekit.gateway.failover`), keeps a circuit breaker per replica, and authenticates and
+limits callers at the edge (:mod:`servekit.gateway.edge`). No torch is imported.
 Names are imported on first use, so ``servekit --help`` works without the extra.
 """
 
@@ -15,6 +17,8 @@ from servekit._optional import require
 
 _EXPORTS = {
     "create_gateway": "servekit.gateway.app",
+    "Edge": "servekit.gateway.edge",
+    "StreamTracker": "servekit.gateway.failover",
     "Fleet": "servekit.gateway.fleet",
     "PromptEncoder": "servekit.gateway.tokens",
     "RetryBudget": "servekit.gateway.budget",

@@ -11,9 +11,12 @@ from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
 from servekit.gateway.budget import RetryBudget
+from servekit.gateway.edge import Edge
 from servekit.gateway.fleet import Fleet
 from servekit.gateway.forward import Forwarder, unavailable
 from servekit.gateway.metrics import GatewayMetrics
+from servekit.limit.keyed import KeyLimits
+from servekit.limit.keys import KeyStore
 from servekit.route.health import NodeHealth
 
 _FORWARDED = ("/v1/completions", "/v1/chat/completions")
@@ -21,22 +24,31 @@ _FORWARDED = ("/v1/completions", "/v1/chat/completions")
 
 def create_gateway(replicas: Sequence[str], *, policy: str = "cache_aware",
                    secret: str | None = None, probe_interval: float = 0.5,
-                   budget: RetryBudget | None = None, max_connections: int = 512) -> FastAPI:
+                   budget: RetryBudget | None = None, max_connections: int = 512,
+                   keys: KeyStore | None = None, limits: KeyLimits | None = None,
+                   max_failovers: int = 3) -> FastAPI:
     """The gateway app over ``replicas`` (base URLs). ``secret`` is the replicas' shared
-    gateway secret (their info, KV events and load); without it routing uses in-flight
-    counts only."""
+    gateway secret (their info, KV events and load, token ids for failover, the caller's
+    tenant and cache salt); without it routing uses in-flight counts only and streams do not
+    fail over after their first byte. ``keys`` and ``limits`` authenticate and limit callers
+    at the edge (:mod:`servekit.gateway.edge`; a Redis store in ``limits`` shares the limits
+    between gateways); without keys the gateway is open."""
     if not replicas:
         raise ValueError("replicas: at least one replica URL is required")
     fleet = Fleet(replicas, policy=policy, secret=secret, probe_interval=probe_interval)
+    keys = keys if keys is not None else KeyStore()
+    edge = None if keys.open else Edge(  # open: no caller has limits either
+        keys, limits if limits is not None else KeyLimits(), fleet)
     metrics = GatewayMetrics()
-    limits = httpx.Limits(max_connections=max_connections,
-                          max_keepalive_connections=max_connections)
+    pool = httpx.Limits(max_connections=max_connections,
+                        max_keepalive_connections=max_connections)
     timeout = httpx.Timeout(connect=2.0, read=None, write=30.0, pool=30.0)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-            app.state.forwarder = Forwarder(fleet, client, budget or RetryBudget(), metrics)
+        async with httpx.AsyncClient(limits=pool, timeout=timeout) as client:
+            app.state.forwarder = Forwarder(fleet, client, budget or RetryBudget(), metrics,
+                                            max_failovers=max_failovers, edge=edge)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(fleet.run, client)
                 yield

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from servekit._optional import require
@@ -22,6 +23,16 @@ def add_gateway_parser(sub: Any) -> None:
                          "consistent_hash, round_robin, or a plugin's name")
     gw.add_argument("--probe-interval", type=float, default=0.5,
                     help="seconds between readiness probes / KV-event polls of each replica")
+    gw.add_argument("--api-keys", type=Path, default=None,
+                    help="JSON file of keys, as servekit serve's (default: $SERVEKIT_API_KEYS, "
+                         "else open)")
+    gw.add_argument("--limiter-store", default=None, metavar="URL",
+                    help="where rate-limit state lives: memory:// (default), "
+                         "redis://host:port/db (shared by every gateway), or a plugin's scheme")
+    gw.add_argument("--rate-limit-fail-open", action="store_true",
+                    help="with the limiter store down, admit unlimited (default: 503)")
+    gw.add_argument("--rate-limit-outage-retry-after", type=float, default=10.0,
+                    help="retry-after seconds of the 503 sent while the store is down")
     gw.add_argument("--log-level", default="info")
 
 
@@ -33,9 +44,16 @@ def run_gateway(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from servekit.limit import KeyLimits, KeyStore
+    from servekit.limit.store import MemoryStore, store_from_url
+
+    keys = KeyStore.from_file(args.api_keys) if args.api_keys else KeyStore.from_env()
+    store = MemoryStore() if args.limiter_store is None else store_from_url(args.limiter_store)
+    limits = KeyLimits(store=store, fail_open=args.rate_limit_fail_open,
+                       outage_retry_after=args.rate_limit_outage_retry_after)
     app = create_gateway(args.replica, policy=args.policy,
                          secret=os.environ.get("SERVEKIT_GATEWAY_SECRET") or None,
-                         probe_interval=args.probe_interval)
+                         probe_interval=args.probe_interval, keys=keys, limits=limits)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 access_log=False, lifespan="on")
     return 0

@@ -42,12 +42,17 @@ class Fleet:
         self.encoders: dict[str, PromptEncoder] = {}
         self.epochs: dict[str, str] = {}
         self.models: dict[str, list[str]] = {}
+        self.max_model_lens: dict[str, int] = {}
 
     def encoder(self) -> PromptEncoder | None:
         """A prompt encoder (replicas of one fleet serve one model with one tokenizer)."""
         for enc in self.encoders.values():
             return enc
         return None
+
+    def max_model_len(self) -> int | None:
+        """The context length the replicas reported (the smallest), None before any did."""
+        return min(self.max_model_lens.values(), default=None)
 
     async def run(self, client: httpx.AsyncClient) -> None:
         """Keep every replica's state current until cancelled."""
@@ -118,4 +123,5 @@ class Fleet:
         resp.raise_for_status()
         info = resp.json()
         self.models[url] = list(info["models"])
+        self.max_model_lens[url] = int(info["max_model_len"])
         self.encoders[url] = await anyio.to_thread.run_sync(PromptEncoder, info)

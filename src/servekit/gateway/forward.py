@@ -3,8 +3,13 @@
 Before anything reaches the client, a connect error, a reset, a 503 or a replica's 429 sends
 the request to a replica not yet tried (the router's next choice), while the
 :class:`~servekit.gateway.budget.RetryBudget` allows. A stream is committed once its first
-chunk has arrived; after that a failure ends the stream. A client that goes away closes the
-upstream connection, which aborts the request on the replica.
+chunk has arrived. After that, a stream a servekit replica relays with its token ids
+(:mod:`servekit.gateway.failover`) that breaks before ``[DONE]`` (reset, EOF, replica killed),
+or that a draining replica ends with its ``draining`` error, is resumed on another replica, up
+to ``max_failovers`` times, and the client sees one stream; when none can resume it, the
+stream ends with an error event. Any other stream that breaks
+ends early, as the replica left it. A client that goes away closes the upstream connection,
+which aborts the request on the replica.
 """
 
 from __future__ import annotations
@@ -14,17 +19,27 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
+from attrs import define, field
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from servekit.gateway.budget import RetryBudget
-from servekit.gateway.fleet import Fleet
+from servekit.gateway.edge import Edge, usage_total
+from servekit.gateway.failover import TOKEN_IDS, StreamTracker, resumable, resume_body
+from servekit.gateway.fleet import GATEWAY_SECRET_HEADER, Fleet
 from servekit.gateway.metrics import GatewayMetrics
+from servekit.limit.keyed import Admission
+from servekit.protocol.errors import InvalidRequestError, StatusError
+from servekit.protocol.sse import DONE, error_event
 from servekit.route import NoNodeAvailableError
 
 RETRYABLE_STATUS = frozenset({429, 503})
 _HOP_HEADERS = frozenset({"host", "content-length", "connection", "keep-alive",
                           "transfer-encoding", "te", "upgrade", "proxy-authorization"})
 _ALL_DOWN_RETRY_AFTER = 1
+EXTENSIONS_HEADER = "x-servekit-extensions"
+TENANT_HEADER = "x-servekit-tenant"  # the caller the gateway authenticated (with the secret)
+CACHE_SALT_HEADER = "x-servekit-cache-salt"
+_PRIVATE_PREFIX = "x-servekit-"  # gateway <-> replica headers: never from or to a client
 
 
 def unavailable(message: str, retry_after: int = _ALL_DOWN_RETRY_AFTER) -> JSONResponse:
@@ -34,42 +49,111 @@ def unavailable(message: str, retry_after: int = _ALL_DOWN_RETRY_AFTER) -> JSONR
                         status_code=503, headers={"retry-after": str(retry_after)})
 
 
+@define(slots=True)
+class _Call:
+    """One client request on its way through the fleet."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    parsed: dict[str, Any] | None
+    stream: bool
+    session: str | None
+    ids: list[int] | None
+    hashes: list[int] | None
+    resumable: bool
+    tried: set[str] = field(factory=set)
+    #: Tokens the replicas reported used (prompt + completion), once known.
+    used: int | None = None
+
+
 class Forwarder:
     """Sends requests to the fleet's replicas over one pooled keep-alive client."""
 
     def __init__(self, fleet: Fleet, client: httpx.AsyncClient, budget: RetryBudget,
-                 metrics: GatewayMetrics) -> None:
+                 metrics: GatewayMetrics, max_failovers: int = 3,
+                 edge: Edge | None = None) -> None:
         self.fleet, self.client, self.budget, self.metrics = fleet, client, budget, metrics
+        self.max_failovers = max_failovers
+        self.edge = edge
 
     async def forward(self, method: str, path: str, headers: Mapping[str, str],
                       body: bytes) -> Response:
         """Forward one request; the response the client gets."""
-        fleet, router = self.fleet, self.fleet.router
+        fleet, edge = self.fleet, self.edge
         parsed = _json(body)
-        session = headers.get("x-session-id")
+        if parsed is not None and "servekit_resume" in parsed:
+            return _status(InvalidRequestError("servekit_resume is set only by the gateway",
+                                               param="servekit_resume"))
+        key = None
+        if edge is not None:
+            try:
+                key = edge.authenticate(headers)
+            except StatusError as exc:
+                return _status(exc)
         ids = hashes = None
         encoder = fleet.encoder()
         if encoder is not None and parsed is not None:
             ids = encoder.request_ids(path, parsed)
-            if ids is not None:
-                hashes = encoder.block_hashes(ids)
+            if ids is not None:  # salted as the replica salts the caller's blocks
+                hashes = encoder.block_hashes(ids, key.salt if key is not None else None)
         stream = bool(parsed.get("stream")) if parsed is not None else False
-        out_headers = {k: v for k, v in headers.items() if k.lower() not in _HOP_HEADERS}
+        out_headers = {k: v for k, v in headers.items() if k.lower() not in _HOP_HEADERS
+                       and not k.lower().startswith(_PRIVATE_PREFIX)}
+        secret = fleet.secret
+        can_resume = secret is not None and parsed is not None and resumable(path, parsed)
+        if secret is not None and (can_resume or key is not None):
+            out_headers[GATEWAY_SECRET_HEADER] = secret
+        if can_resume:
+            out_headers[EXTENSIONS_HEADER] = TOKEN_IDS
+        if key is not None and secret is not None:  # the replica trusts our caller
+            out_headers = {k: v for k, v in out_headers.items() if k.lower() != "authorization"}
+            out_headers[TENANT_HEADER] = key.tenant
+            out_headers[CACHE_SALT_HEADER] = key.salt
+        call = _Call(method, path, out_headers, body, parsed, stream,
+                     headers.get("x-session-id"), ids, hashes, can_resume)
+        if edge is None:
+            return await self._send(call)
+        try:
+            admission, reserved = await edge.reserve(key, path, parsed, ids)
+        except StatusError as exc:
+            return _status(exc)
+        try:
+            response = await self._send(call)
+        except BaseException:
+            await edge.settle(admission, reserved)
+            raise
+        response.headers.update(admission.headers)
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = self._settle_after(response.body_iterator, admission,
+                                                        call, reserved)
+        else:
+            used = call.used if call.used is not None else (
+                0 if response.status_code >= 400 else reserved)
+            await edge.settle(admission, used)
+        return response
+
+    async def _settle_after(self, body: Any, admission: Admission, call: _Call,
+                            reserved: int) -> AsyncIterator[Any]:
+        """Relay a stream, then settle its reservation with what it used."""
+        assert self.edge is not None
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:
+            await self.edge.settle(admission, call.used if call.used is not None else reserved)
+
+    async def _send(self, call: _Call) -> Response:
+        """Route and send ``call``, retrying before the first byte."""
         self.budget.request()
-        tried: set[str] = set()
         last: Response | None = None
         while True:
-            try:
-                route = router.route(session_id=session, token_ids=ids, block_hashes=hashes,
-                                     exclude=tried)
-            except NoNodeAvailableError:
+            url = self._route(call)
+            if url is None:
                 return last if last is not None else unavailable(
                     "no replica is available; retry later")
-            url = route.node
-            tried.add(url)
-            held = fleet.index.cached_blocks(hashes).get(url, 0) if hashes else 0
-            self.metrics.routed(url, "cache_hit" if held else "load")
-            result = await self._attempt(url, method, path, out_headers, body, stream)
+            result = await self._attempt(url, call)
             if isinstance(result, Response):
                 return result
             last = result[1]
@@ -77,11 +161,25 @@ class Forwarder:
                 return last
             self.metrics.retry(url)
 
-    async def _attempt(self, url: str, method: str, path: str, headers: Mapping[str, str],
-                       body: bytes, stream: bool) -> Response | tuple[str, Response]:
+    def _route(self, call: _Call) -> str | None:
+        """The next replica for ``call`` (one it has not tried), or None when none is left."""
+        try:
+            url = self.fleet.router.route(session_id=call.session, token_ids=call.ids,
+                                          block_hashes=call.hashes, exclude=call.tried).node
+        except NoNodeAvailableError:
+            return None
+        call.tried.add(url)
+        hashes = call.hashes
+        held = self.fleet.index.cached_blocks(hashes).get(url, 0) if hashes else 0
+        self.metrics.routed(url, "cache_hit" if held else "load")
+        return url
+
+    async def _attempt(self, url: str, call: _Call) -> Response | tuple[str, Response]:
         """A committed response, or ``("retry", response-if-none-else)``."""
         router = self.fleet.router
-        request = self.client.build_request(method, url + path, headers=headers, content=body)
+        stream = call.stream
+        request = self.client.build_request(call.method, url + call.path, headers=call.headers,
+                                            content=call.body)
         try:
             upstream = await self.client.send(request, stream=True)
         except httpx.TransportError as exc:
@@ -108,27 +206,112 @@ class Forwarder:
             await upstream.aclose()
             router.release(url, upstream.status_code < 500)
             self.metrics.outcome(url, str(upstream.status_code))
+            call.used = usage_total(content) if upstream.status_code == 200 else None
             return _copy(upstream, content)
-        return StreamingResponse(self._relay(url, upstream, first, chunks),
-                                 status_code=upstream.status_code,
+        if (call.resumable and upstream.status_code == 200
+                and TOKEN_IDS in upstream.headers.get(EXTENSIONS_HEADER, "")):
+            relay = self._relay_resuming(url, upstream, first, chunks, call)
+        else:  # not servekit (no token ids): a cut stream ends early
+            relay = self._relay(url, upstream, first, chunks, call)
+        return StreamingResponse(relay, status_code=upstream.status_code,
                                  headers=_response_headers(upstream))
 
+    async def _relay_resuming(self, url: str, upstream: httpx.Response, first: bytes,
+                              chunks: AsyncIterator[bytes], call: _Call) -> AsyncIterator[bytes]:
+        """Relay a stream with token ids; resume it elsewhere when it breaks before [DONE]."""
+        tracker = StreamTracker()
+        failovers = 0
+        prompt = len(call.ids) if call.ids is not None else 0
+        while True:
+            ok: bool | None = None
+            try:
+                data = tracker.feed(first)
+                if data:
+                    yield data
+                async for chunk in chunks:
+                    data = tracker.feed(chunk)
+                    if data:
+                        call.used = prompt + tracker.num_tokens
+                        yield data
+                if tracker.done and data:  # the replica's own count, when it sent one
+                    call.used = usage_total(data) or call.used
+                # EOF without [DONE]: the replica died mid-write (a drain is no failure)
+                ok = True if tracker.done else (None if tracker.drained else False)
+            except httpx.TransportError:
+                ok = False
+            finally:
+                await upstream.aclose()
+                self.fleet.router.release(url, ok)
+                self.metrics.outcome(url, "stream_ok" if ok else
+                                     ("stream_cut" if ok is False else
+                                      "stream_drained" if tracker.drained else "client_gone"))
+            if tracker.done:
+                return
+            tracker.cut()
+            self.metrics.failover(url)
+            resumed = None
+            while resumed is None and failovers < self.max_failovers:
+                failovers += 1
+                resumed = await self._resume(call, tracker)
+            if resumed is None:
+                yield error_event(json.dumps({"error": {
+                    "message": "the replica serving this stream failed and no replica could "
+                               "resume it", "type": "service_unavailable", "param": None,
+                    "code": "stream_interrupted"}}).encode()) + DONE
+                return
+            url, upstream = resumed
+            chunks, first = upstream.aiter_raw(), b""
+
+    async def _resume(self, call: _Call, tracker: StreamTracker
+                      ) -> tuple[str, httpx.Response] | None:
+        """A replica's response continuing ``tracker``'s stream, or None (this try failed)."""
+        assert call.parsed is not None
+        url = self._route(call)
+        if url is None:
+            call.tried.clear()  # every replica failed once: any may take the next try
+            url = self._route(call)
+            if url is None:
+                return None
+        request = self.client.build_request(call.method, url + call.path, headers=call.headers,
+                                            content=resume_body(call.parsed, tracker))
+        try:
+            upstream = await self.client.send(request, stream=True)
+        except httpx.TransportError:
+            self.fleet.router.release(url, False)
+            self.metrics.outcome(url, "connect_error")
+            return None
+        if upstream.status_code != 200:
+            await _read_quietly(upstream)
+            self.fleet.router.release(url, False if upstream.status_code >= 500 else None)
+            self.metrics.outcome(url, str(upstream.status_code))
+            return None
+        return url, upstream
+
     async def _relay(self, url: str, upstream: httpx.Response, first: bytes,
-                     chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+                     chunks: AsyncIterator[bytes], call: _Call) -> AsyncIterator[bytes]:
         ok: bool | None = None
+        prev = last = first  # the usage chunk, when asked for, comes right before [DONE]
         try:
             if first:
                 yield first
             async for chunk in chunks:
+                prev, last = last, chunk
                 yield chunk
             ok = upstream.status_code < 500
         except httpx.TransportError:
             ok = False  # cut mid-stream: the client sees its stream end early
         finally:
+            call.used = usage_total(prev + last)
             await upstream.aclose()
             self.fleet.router.release(url, ok)
             self.metrics.outcome(url, "stream_ok" if ok else
                                  ("stream_cut" if ok is False else "client_gone"))
+
+
+def _status(exc: StatusError) -> Response:
+    """An OpenAI error response for ``exc``."""
+    return Response(exc.body(), status_code=exc.status, headers=exc.headers,
+                    media_type="application/json")
 
 
 def _json(body: bytes) -> dict[str, Any] | None:
@@ -150,7 +333,7 @@ async def _read_quietly(upstream: httpx.Response) -> bytes:
 
 def _response_headers(upstream: httpx.Response) -> dict[str, str]:
     return {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS
-            and k.lower() != "content-encoding"}
+            and k.lower() != "content-encoding" and not k.lower().startswith(_PRIVATE_PREFIX)}
 
 
 def _copy(upstream: httpx.Response, content: bytes) -> Response:

@@ -1,4 +1,5 @@
-"""The gateway's Prometheus metrics: per-replica outcomes, retries and routing decisions."""
+"""The gateway's Prometheus metrics: per-replica outcomes, retries, failovers and routing
+decisions."""
 
 from __future__ import annotations
 
@@ -16,9 +17,16 @@ class GatewayMetrics:
                                       "outcome", ["replica", "outcome"], registry=self.registry)
         self._retries = prom.Counter(f"{prefix}retries", "Retries after a failed attempt",
                                      ["replica"], registry=self.registry)
+        self._failovers = prom.Counter(f"{prefix}failovers", "Streams cut after their first "
+                                       "byte on a replica, resumed elsewhere", ["replica"],
+                                       registry=self.registry)
         self._routes = prom.Counter(f"{prefix}routing_decisions", "Routing decisions by "
                                     "replica and reason", ["replica", "reason"],
                                     registry=self.registry)
+
+    def failover(self, replica: str) -> None:
+        """A stream cut on ``replica`` after its first byte was resumed elsewhere (or tried)."""
+        self._failovers.labels(replica).inc()
 
     def outcome(self, replica: str, outcome: str) -> None:
         """An attempt on ``replica`` ended with ``outcome``."""

@@ -2,6 +2,8 @@
 
 Several named limits per key (RPM, TPM, RPD) checked and taken atomically; reserve at admission
 and settle on completion; sync ``try_acquire`` and async FIFO ``acquire``; OpenAI's headers.
+API keys (:class:`KeyStore`) and per-key RPM/TPM (:class:`KeyLimits`) for the server and the
+gateway's edge.
 Nothing here imports torch; the Redis store imports ``redis`` only when it is created.
 """
 
@@ -13,11 +15,18 @@ from servekit.limit.decision import Decision, LimitStatus, RateLimitExceededErro
 from servekit.limit.decision import RateLimitExceeded as RateLimitExceeded
 from servekit.limit.errors import LimitConfigError, StoreUnavailableError
 from servekit.limit.headers import openai_headers
+from servekit.limit.keyed import Admission, KeyLimits
+from servekit.limit.keys import ApiKey, KeyConfigError, KeyStore
 from servekit.limit.limiter import Limiter
 from servekit.limit.store import MemoryStore, Store, store_from_url
 
 __all__ = [
+    "Admission",
+    "ApiKey",
     "Decision",
+    "KeyConfigError",
+    "KeyLimits",
+    "KeyStore",
     "Limit",
     "LimitConfigError",
     "LimitSet",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.json_schema import SkipJsonSchema
 
 from servekit.protocol.errors import InvalidRequestError
 
@@ -18,6 +19,7 @@ __all__ = [
     "ChatMessageParam",
     "CompletionRequest",
     "FunctionCallParam",
+    "ResumeExtension",
     "StreamOptions",
     "TextPart",
     "ToolCallParam",
@@ -36,6 +38,17 @@ class StreamOptions(BaseModel):
 
     model_config = _STRICT
     include_usage: bool = False
+
+
+class ResumeExtension(BaseModel):
+    """``servekit_resume``: continue a stream another replica cut short (sent only by a trusted
+    gateway): the output token ids it already streamed, and the stream's id and creation time
+    so the continued chunks carry the same ones."""
+
+    model_config = _STRICT
+    output_token_ids: list[Annotated[int, Field(ge=0)]]
+    request_id: str | None = Field(default=None, min_length=1, max_length=128)
+    created: int | None = Field(default=None, ge=0)
 
 
 class _Sampling(BaseModel):
@@ -62,6 +75,8 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     # {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}}
     response_format: dict[str, Any] | None = None
+    # accepted only with the gateway secret (docs/gateway.md): resume a cut stream
+    servekit_resume: SkipJsonSchema[ResumeExtension | None] = Field(default=None, exclude=True)
 
 
 class CompletionRequest(_Sampling):

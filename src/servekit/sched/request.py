@@ -54,6 +54,8 @@ class Request(KVSequence):
     are served first (used by :class:`~servekit.sched.policy.PriorityPolicy`). ``tenant`` groups
     requests for fair share. ``arrival_time`` defaults to the scheduler's clock when added.
     ``deadline`` is an absolute time on the scheduler's clock after which the request is aborted.
+    ``output_token_ids`` resumes a generation elsewhere cut short: tokens already generated,
+    prefilled with the prompt and counted as output (``max_tokens``, penalties, usage).
     """
 
     __slots__ = (
@@ -92,6 +94,7 @@ class Request(KVSequence):
         arrival_time: float | None = None,
         deadline: float | None = None,
         cache_salt: str | None = None,
+        output_token_ids: Sequence[int] = (),
     ) -> None:
         if not isinstance(request_id, str) or not request_id:
             raise InvalidParameterError("request_id", f"must be a non-empty string, got {request_id!r}")
@@ -105,20 +108,27 @@ class Request(KVSequence):
                 raise InvalidParameterError(
                     "prompt_token_ids", f"must be non-negative integers, got {t!r}"
                 )
+        outputs = list(output_token_ids)
+        for t in outputs:
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+                raise InvalidParameterError(
+                    "output_token_ids", f"must be non-negative integers, got {t!r}"
+                )
         if params is None:
             params = SamplingParams()
         elif not isinstance(params, SamplingParams):
             raise InvalidParameterError("params", f"must be SamplingParams, got {type(params).__name__}")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidParameterError("priority", f"must be an integer, got {priority!r}")
-        super().__init__(request_id, tokens, cache_salt)
+        num_prompt = len(tokens)
+        super().__init__(request_id, tokens + outputs, cache_salt)
         self.request_id = request_id
         self.params = params
         self.priority = priority
         self.tenant = tenant
         self.arrival_time = -1.0 if arrival_time is None else float(arrival_time)
         self.deadline = deadline
-        self.num_prompt_tokens = len(tokens)
+        self.num_prompt_tokens = num_prompt
         self.status = WAITING
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None

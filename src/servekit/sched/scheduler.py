@@ -199,6 +199,13 @@ class Scheduler:
             )
         params = request.params
         stop_len = min(prompt_len + params.max_tokens, max_len)
+        known = len(request.token_ids)  # the prompt, plus any resumed output tokens
+        if known >= stop_len:
+            raise InvalidParameterError(
+                "output_token_ids",
+                f"{known - prompt_len} resumed output tokens leave no room under max_tokens "
+                f"{params.max_tokens} / max_model_len {max_len}",
+            )
         bs = self.block_size
         if (stop_len - 1 + bs - 1) // bs > self.kv.num_blocks:
             field = "prompt_token_ids" if prompt_len > self.kv.num_blocks * bs else "max_tokens"
@@ -215,7 +222,7 @@ class Scheduler:
                 raise QueueFullError("max_waiting_requests",
                                 f"{num_waiting} requests are waiting", self.retry_after)
             if (self.max_waiting_tokens is not None
-                    and self._waiting_tokens + prompt_len > self.max_waiting_tokens):
+                    and self._waiting_tokens + known > self.max_waiting_tokens):
                 raise QueueFullError("max_waiting_tokens",
                                 f"{self._waiting_tokens} prompt tokens are waiting", self.retry_after)
         now = self._clock()
@@ -228,7 +235,7 @@ class Scheduler:
         self._recent.pop(rid, None)
         self._requests[rid] = request
         self.policy.push(request)
-        self._waiting_tokens += prompt_len
+        self._waiting_tokens += known
         if request.deadline is not None:
             deadlines = self._deadlines
             if len(deadlines) > 2 * len(self._requests) + 64:  # drop finished requests' entries

@@ -10,11 +10,11 @@ from servekit._optional import require
 require("fastapi", "server")
 
 from servekit._deprecation import moved_names
+from servekit.limit.keyed import Admission, KeyLimits
+from servekit.limit.keys import ApiKey, KeyConfigError, KeyStore
 from servekit.protocol import errors as _errors
 from servekit.server.fake import FakeEngine
-from servekit.server.keys import ApiKey, KeyConfigError, KeyStore
 from servekit.server.lifecycle import Phase, ServerState
-from servekit.server.ratelimit import Admission, KeyLimits
 from servekit.server.service import EngineLike, GenerationService, Job, JobUsage
 
 __all__ = [

@@ -20,6 +20,8 @@ from attrs import frozen
 from servekit import __version__
 from servekit._optional import require
 from servekit.engine.outputs import RequestOutput
+from servekit.limit.keyed import KeyLimits
+from servekit.limit.keys import ApiKey, KeyStore
 from servekit.metrics.events import (
     KV_BLOCKS_IN_USE,
     OPEN_STREAMS,
@@ -27,19 +29,23 @@ from servekit.metrics.events import (
     RATE_LIMIT_STORE_ERRORS,
 )
 from servekit.metrics.hooks import HookSet
-from servekit.protocol.errors import PayloadTooLargeError, StatusError, error_body
+from servekit.protocol.errors import (
+    InvalidRequestError,
+    PayloadTooLargeError,
+    StatusError,
+    error_body,
+)
 from servekit.protocol.schema import (
     ChatCompletionRequest,
     CompletionRequest,
     bad_request_from_validation,
 )
 from servekit.protocol.sse import DONE, error_event
+from servekit.sched.params import SamplingParams
 from servekit.server.disconnect import cancel_on_disconnect
-from servekit.server.keys import ApiKey, KeyStore
 from servekit.server.lifecycle import Phase, ServerState
 from servekit.server.openapi import openapi_document
 from servekit.server.params import build_sampling_params, check_unsupported
-from servekit.server.ratelimit import KeyLimits
 from servekit.server.responses import ChatEncoder, CompletionEncoder, Encoder, ToolChatEncoder
 from servekit.server.service import EngineLike, GenerationService, Job
 from servekit.server.tools import NO_TOOLS, chat_messages, compile_guided, plan_tools
@@ -53,7 +59,13 @@ from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, Response  # noqa: E402
 from starlette.exceptions import HTTPException  # noqa: E402
 
-from servekit.server.replica_api import mount_replica_api  # noqa: E402
+from servekit.server.replica_api import (  # noqa: E402
+    EXTENSIONS_HEADER,
+    gateway_identity,
+    mount_replica_api,
+    token_ids_comment,
+    trusted,
+)
 
 __all__ = ["ServerConfig", "create_app"]
 
@@ -156,7 +168,8 @@ def create_app(
     app.openapi = openapi  # type: ignore[method-assign]
 
     app.add_middleware(_BodyLimitMiddleware, service=service)  # type: ignore[arg-type]
-    app.add_middleware(_AuthMiddleware, service=service)  # type: ignore[arg-type]  # outermost
+    app.add_middleware(_AuthMiddleware, service=service,  # type: ignore[arg-type]  # outermost
+                       gateway_secret=config.gateway_secret)
 
     def caller(request: Request) -> ApiKey | None:
         return request.scope.get("servekit.key")  # set by _AuthMiddleware
@@ -176,7 +189,7 @@ def create_app(
                 choices.append((p, build_sampling_params(body, max_tokens=max_tokens,
                                                          logprobs=body.logprobs, seed=seed)))
         await compile_guided(service.engine, choices[0][1].guided if choices else None)
-        job = Job(service.new_request_id("cmpl"), body.model, key, prompts, choices)
+        job = _job(service, request, body, "cmpl", key, prompts, choices)
         echo = None
         if body.echo:
             tok = service.engine.tokenizer  # type: ignore[union-attr]
@@ -184,7 +197,8 @@ def create_app(
         encoder = CompletionEncoder(job, service.engine.tokenizer,  # type: ignore[union-attr]
                                     include_usage=_include_usage(body), echo=echo,
                                     logprobs=body.logprobs is not None)
-        return await _generation_response(service, job, encoder, body.stream, config, usage)
+        return await _generation_response(service, job, encoder, body.stream, config, usage,
+                                          _wants_token_ids(request, body))
 
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -207,7 +221,7 @@ def create_app(
             seed=None if body.seed is None else body.seed + j)) for j in range(body.n)]
         await compile_guided(service.engine, choices[0][1].guided,
                              "tools" if plan.guided is not None else None)
-        job = Job(service.new_request_id("chatcmpl"), body.model, key, [ids], choices)
+        job = _job(service, request, body, "chatcmpl", key, [ids], choices)
         encoder: Encoder
         if plan.parser is not None:
             encoder = ToolChatEncoder(job, tokenizer, parser=plan.parser, parallel=plan.parallel,
@@ -215,7 +229,45 @@ def create_app(
         else:
             encoder = ChatEncoder(job, tokenizer, include_usage=_include_usage(body),
                                   logprobs=body.logprobs)
-        return await _generation_response(service, job, encoder, body.stream, config, usage)
+        return await _generation_response(service, job, encoder, body.stream, config, usage,
+                                          _wants_token_ids(request, body))
+
+    def _trusted(request: Request) -> bool:
+        return trusted(request, config.gateway_secret)
+
+    def _wants_token_ids(request: Request, body: CompletionRequest | ChatCompletionRequest
+                         ) -> bool:
+        """A trusted gateway asked for each chunk's output token ids (to resume elsewhere)."""
+        asked = request.headers.get(EXTENSIONS_HEADER, "")
+        return bool(body.stream) and "token_ids" in asked.split(",") and _trusted(request)
+
+    def _job(service: GenerationService, request: Request,
+             body: CompletionRequest | ChatCompletionRequest, kind: str, key: ApiKey | None,
+             prompts: list[list[int]], choices: list[tuple[int, SamplingParams]]) -> Job:
+        """The job of a request; a gateway's ``servekit_resume`` continues a cut stream."""
+        resume = body.servekit_resume
+        if resume is None:
+            return Job(service.new_request_id(kind), body.model, key, prompts, choices)
+        if not _trusted(request):
+            raise InvalidRequestError("servekit_resume is accepted only from a trusted gateway",
+                                      param="servekit_resume")
+        if len(choices) != 1:
+            raise InvalidRequestError("servekit_resume needs one prompt and n = 1",
+                                      param="servekit_resume")
+        outputs = resume.output_token_ids
+        vocab = len(service.engine.tokenizer)  # type: ignore[union-attr]
+        if any(t >= vocab for t in outputs):
+            raise InvalidRequestError(f"token ids must be in [0, {vocab})",
+                                      param="servekit_resume.output_token_ids")
+        if len(outputs) >= choices[0][1].max_tokens:
+            raise InvalidRequestError(
+                f"{len(outputs)} resumed tokens leave no room under max_tokens "
+                f"{choices[0][1].max_tokens}", param="servekit_resume.output_token_ids")
+        job = Job(resume.request_id or service.new_request_id(kind), body.model, key, prompts,
+                  choices, resume=list(outputs))
+        if resume.created is not None:
+            job.created = resume.created
+        return job
 
     @app.get("/v1/models", tags=["openai"])
     async def models() -> dict[str, Any]:
@@ -256,10 +308,12 @@ def create_app(
 
 
 class _AuthMiddleware:
-    """Authenticates ``/v1/*`` before anything else (even before the body is parsed)."""
+    """Authenticates ``/v1/*`` before anything else (even before the body is parsed). A
+    request from the trusted gateway carries the caller it authenticated instead."""
 
-    def __init__(self, app: Any, service: GenerationService) -> None:
-        self.app, self.service = app, service
+    def __init__(self, app: Any, service: GenerationService,
+                 gateway_secret: str | None = None) -> None:
+        self.app, self.service, self.gateway_secret = app, service, gateway_secret
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and _route_path(scope).startswith("/v1/"):
@@ -268,6 +322,14 @@ class _AuthMiddleware:
                 if name == b"authorization":
                     authorization = value.decode("latin-1")
                     break
+            if self.gateway_secret is not None:
+                headers = {k.decode("latin-1"): v.decode("latin-1")
+                           for k, v in scope["headers"] if k.startswith(b"x-servekit-")}
+                caller = gateway_identity(headers, self.gateway_secret)
+                if caller is not None:
+                    scope["servekit.key"] = caller
+                    await self.app(scope, receive, send)
+                    return
             try:
                 scope["servekit.key"] = self.service.authenticate(authorization)
             except StatusError as exc:
@@ -401,12 +463,15 @@ def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
 
 async def _generation_response(service: GenerationService, job: Job, encoder: Encoder,
                                stream: bool, config: ServerConfig,
-                               usage: UsageRecorder | None = None) -> Response:
+                               usage: UsageRecorder | None = None,
+                               token_ids: bool = False) -> Response:
     if usage is not None:
         usage.check_admitting()  # 503 while fail-closed billing is backed up
     headers = (await service.admit(job)).headers  # 429 / 503 here, before anything is sent
+    if token_ids:
+        headers = {**headers, EXTENSIONS_HEADER: "token_ids"}
     return GenerationResponse(service, job, encoder, stream, headers,
-                              send_timeout=config.send_timeout, usage=usage)
+                              send_timeout=config.send_timeout, usage=usage, token_ids=token_ids)
 
 
 class GenerationResponse(Response):
@@ -414,13 +479,17 @@ class GenerationResponse(Response):
 
     Headers go out with the first delta, so an error before it (queue full, engine failure)
     still gets its proper status. A client disconnect cancels the job (aborting its engine
-    requests and settling its rate limit).
+    requests and settling its rate limit). With ``token_ids`` (for a trusted gateway), each
+    delta's output token ids precede its event as a comment line,
+    ``: servekit {"index": i, "token_ids": [...]}``; a resumed job sends no opening chunk
+    (the cut stream already did).
     """
 
     def __init__(self, service: GenerationService, job: Job, encoder: Encoder, stream: bool,
                  headers: dict[str, str], *, send_timeout: float = 30.0,
-                 usage: UsageRecorder | None = None) -> None:
+                 usage: UsageRecorder | None = None, token_ids: bool = False) -> None:
         self.service, self.job, self.encoder, self.stream = service, job, encoder, stream
+        self.token_ids = token_ids
         self.usage = usage
         self.extra_headers = headers
         self.send_timeout = send_timeout
@@ -480,6 +549,8 @@ class GenerationResponse(Response):
         chunk = encoder.chunk
         opened = started = False  # response start sent; first body part sent
         body = send.body
+        with_ids = self.token_ids
+        resumed = self.job.resume is not None
 
         async def on_output(i: int, out: RequestOutput) -> None:
             nonlocal opened, started
@@ -487,6 +558,8 @@ class GenerationResponse(Response):
                 if out.finish_reason == "error":
                     raise StatusError(out.error or "the engine failed on this request")
                 data = chunk(i, out)
+                if with_ids and out.new_token_ids:
+                    data = token_ids_comment(i, out.new_token_ids) + (data or b"\n")
                 if data:
                     await body(data)
                 return
@@ -494,10 +567,13 @@ class GenerationResponse(Response):
             if not opened:
                 opened = True
                 await send(self._start(200, b"text/event-stream"))
-                lead = encoder.start()
+                lead = b"" if resumed else encoder.start()  # a resumed stream has opened already
             if out.finish_reason == "error":
                 raise StatusError(out.error or "the engine failed on this request")
-            first = lead + chunk(i, out)
+            first = chunk(i, out)
+            if with_ids and out.new_token_ids:
+                first = token_ids_comment(i, out.new_token_ids) + (first or b"\n")
+            first = lead + first
             if first:  # through the whole send chain (usage notes the first byte there)
                 started = True
                 await send({"type": "http.response.body", "body": first, "more_body": True})

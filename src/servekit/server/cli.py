@@ -30,6 +30,8 @@ import attrs
 
 from servekit import plugins
 from servekit._optional import require
+from servekit.limit.keyed import KeyLimits
+from servekit.limit.keys import KeyStore
 from servekit.metrics.hooks import HookSet
 from servekit.server.config import (
     ConfigError,
@@ -38,8 +40,6 @@ from servekit.server.config import (
     default,
     origin_of,
 )
-from servekit.server.keys import KeyStore
-from servekit.server.ratelimit import KeyLimits
 
 __all__ = ["DEMO_MODEL", "ServerParts", "build_engine", "build_parser", "build_plugins", "main",
            "served_names", "server_parts"]

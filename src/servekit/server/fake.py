@@ -19,7 +19,7 @@ import anyio
 
 from servekit.engine.outputs import RequestOutput, TokenLogprob
 from servekit.sched.errors import DuplicateRequestError, QueueFullError
-from servekit.sched.params import SamplingParams
+from servekit.sched.params import InvalidParameterError, SamplingParams
 
 __all__ = ["FakeEngine", "FakeTokenizer"]
 
@@ -119,8 +119,10 @@ class FakeEngine:
     async def generate(self, prompt: str | list[int], params: SamplingParams, *,
                        request_id: str | None = None, tenant: str | None = None,
                        priority: int = 0, cache_salt: str | None = None,
-                       deadline: float | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield one delta per token; closing the iterator early frees the request."""
+                       deadline: float | None = None,
+                       output_token_ids: Sequence[int] = ()) -> AsyncIterator[RequestOutput]:
+        """Yield one delta per token; closing the iterator early frees the request.
+        ``output_token_ids`` resumes after them (this fake's tokens depend on position only)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         rid = request_id if request_id is not None else f"fake-{next(self._ids)}"
         if rid in self._blocks:
@@ -143,8 +145,14 @@ class FakeEngine:
             checkpoint, every = _loop_checkpoint(), self.tokens_per_yield
             limit = min(params.max_tokens, self.max_model_len - n_prompt)
             top, stops, size = params.logprobs, params.stop, self.block_size
-            text, sent = "", 0  # generated text (kept only to match stop strings), emitted
-            for i in range(1, limit + 1):
+            resumed = len(output_token_ids)
+            if resumed >= limit:
+                raise InvalidParameterError("output_token_ids", "leave no room under max_tokens")
+            # generated text (kept only to match stop strings) and how much of it was emitted,
+            # the cut-short run's included when resuming
+            text = "".join(_CHARS[_TEXT[i % len(_TEXT)]] for i in range(resumed)) if stops else ""
+            sent = len(text) - (_held_back(text, stops) if stops else 0)
+            for i in range(resumed + 1, limit + 1):
                 if self.token_delay:
                     await anyio.sleep(self.token_delay)
                 elif (i - 1) % every == 0:

@@ -11,7 +11,11 @@ the numbers and resets its index for this replica.
 
 Both reveal internals (which prompts are cached), so they answer only requests that carry the
 shared gateway secret in ``x-servekit-gateway-secret``; without a configured secret they are off
-(404).
+(404). The same secret lets a gateway ask for each streamed event's output token ids
+(``x-servekit-extensions: token_ids``, sent as a ``: servekit {...}`` comment line before the
+event) and resume a cut stream (the ``servekit_resume`` body field), so it can fail over, and
+name the caller it authenticated (``x-servekit-tenant``, ``x-servekit-cache-salt``), whose
+limits it enforced.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +35,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from servekit.kv.events import AllBlocksCleared, BlockRemoved, BlockStored
+from servekit.limit.keys import ApiKey
 from servekit.metrics.hooks import Hook, HookSet
 
 GATEWAY_SECRET_HEADER = "x-servekit-gateway-secret"
+#: A trusted gateway asks for servekit's stream extensions (``token_ids``) in this header;
+#: the replica names the ones it sends in the response's.
+EXTENSIONS_HEADER = "x-servekit-extensions"
+#: The caller's tenant and prefix-cache salt, as the trusted gateway authenticated it.
+TENANT_HEADER = "x-servekit-tenant"
+CACHE_SALT_HEADER = "x-servekit-cache-salt"
+#: How a streamed event's output token ids begin (an SSE comment line, which clients skip).
+TOKEN_IDS_PREFIX = b": servekit "
 _POLL_INTERVAL = 0.01
 
 
@@ -128,11 +142,31 @@ def engine_info(engine: Any, model_names: tuple[str, ...]) -> dict[str, Any]:
     }
 
 
+def token_ids_comment(index: int, token_ids: list[int]) -> bytes:
+    """The SSE comment line carrying choice ``index``'s new output token ids."""
+    ids = ",".join(map(str, token_ids))
+    return TOKEN_IDS_PREFIX + f'{{"index":{index},"token_ids":[{ids}]}}\n'.encode()
+
+
 def trusted(request: Request, secret: str | None) -> bool:
     """Whether ``request`` carries the gateway ``secret`` (constant-time compare)."""
-    given = request.headers.get(GATEWAY_SECRET_HEADER)
+    return _secret_matches(request.headers.get(GATEWAY_SECRET_HEADER), secret)
+
+
+def _secret_matches(given: str | None, secret: str | None) -> bool:
     return secret is not None and given is not None and hmac.compare_digest(
         given.encode(), secret.encode())
+
+
+def gateway_identity(headers: Mapping[str, str], secret: str | None) -> ApiKey | None:
+    """The caller as the trusted gateway authenticated it (its tenant and cache salt, no
+    limits: the gateway enforced them), or None when the request does not carry the secret
+    and a tenant. A client cannot set these: without the secret they are ignored."""
+    tenant = headers.get(TENANT_HEADER)
+    if tenant is None or not _secret_matches(headers.get(GATEWAY_SECRET_HEADER), secret):
+        return None
+    salt = headers.get(CACHE_SALT_HEADER)
+    return ApiKey(key=f"gateway:{tenant}:{salt}", tenant=tenant, cache_salt=salt)
 
 
 def mount_replica_api(app: FastAPI, service: Any, hooks: HookSet, secret: str | None) -> None:

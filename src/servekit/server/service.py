@@ -25,13 +25,14 @@ from attrs import define, field
 from servekit.engine.chat import ChatTemplateError, render_chat
 from servekit.engine.outputs import RequestOutput
 from servekit.errors import ServekitError
+from servekit.limit.keyed import Admission, KeyLimits
+from servekit.limit.keys import ApiKey, KeyStore
 from servekit.metrics.events import OPEN_STREAMS, RATE_LIMIT_RESERVATIONS, ResourceGauge
 from servekit.metrics.hooks import HookSet
 from servekit.protocol.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     ServiceUnavailableError,
-    UnauthorizedError,
 )
 from servekit.sched.errors import QueueFullError
 from servekit.sched.params import InvalidParameterError, SamplingParams
@@ -41,9 +42,7 @@ from servekit.server.bounds import (
     max_prompt_chars,
     max_token_chars,
 )
-from servekit.server.keys import ApiKey, KeyStore
 from servekit.server.lifecycle import ServerState
-from servekit.server.ratelimit import Admission, KeyLimits
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -68,8 +67,10 @@ class EngineLike(Protocol):
 
     def generate(self, prompt: str | list[int], params: SamplingParams, *,
                  request_id: str | None = None, tenant: str | None = None, priority: int = 0,
-                 cache_salt: str | None = None, deadline: float | None = None) -> Any:
-        """An async iterator of :class:`RequestOutput` deltas."""
+                 cache_salt: str | None = None, deadline: float | None = None,
+                 output_token_ids: Sequence[int] = ()) -> Any:
+        """An async iterator of :class:`RequestOutput` deltas (``output_token_ids``: resume a
+        generation cut short elsewhere)."""
         ...
 
     async def abort(self, request_id: str) -> None:
@@ -104,6 +105,8 @@ class Job:
     usage: JobUsage = field(factory=JobUsage)
     finish_reasons: list[str | None] = field(factory=list)
     admission: Admission | None = None
+    #: Output token ids a cut-short stream already sent (a gateway's resume; one choice).
+    resume: list[int] | None = None
 
     @property
     def reserved_tokens(self) -> int:
@@ -148,16 +151,7 @@ class GenerationService:
 
     def authenticate(self, authorization: str | None) -> ApiKey | None:
         """The caller's key from an ``Authorization: Bearer`` header (None when open); else 401."""
-        if self.keys.open:
-            return None
-        if not authorization:
-            raise UnauthorizedError("You didn't provide an API key: send "
-                                      "'Authorization: Bearer YOUR_KEY'")
-        scheme, _, token = authorization.partition(" ")
-        key = self.keys.authenticate(token.strip()) if scheme.lower() == "bearer" else None
-        if key is None:
-            raise UnauthorizedError("Incorrect API key provided")
-        return key
+        return self.keys.from_authorization(authorization)
 
     def check_model(self, model: str) -> None:
         """404 unless ``model`` is served here."""
@@ -356,12 +350,15 @@ class GenerationService:
         prompt_index, params = job.choices[i]
         rid = job.request_id if len(job.choices) == 1 else f"{job.request_id}-{i}"
         key = job.key
+        extra: dict[str, Any] = {}
+        if getattr(engine, "coalesces_outputs", False):
+            extra["coalesce"] = True  # deltas queued while the client is slow go out merged
+        if job.resume:
+            extra["output_token_ids"] = job.resume
         stream = engine.generate(
             job.prompts[prompt_index], params, request_id=rid,
             tenant=key.tenant if key is not None else None,
-            cache_salt=key.salt if key is not None else None,
-            # deltas that queue up while this stream waits on its client go out merged
-            **({"coalesce": True} if getattr(engine, "coalesces_outputs", False) else {}))
+            cache_salt=key.salt if key is not None else None, **extra)
         finished = False
         out: RequestOutput | None = None
         try:

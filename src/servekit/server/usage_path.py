@@ -22,8 +22,8 @@ from typing import Any
 
 import anyio
 
+from servekit.limit.keys import ApiKey
 from servekit.protocol.errors import ServiceUnavailableError
-from servekit.server.keys import ApiKey
 from servekit.server.service import Job
 from servekit.usage import Outbox, SinkWorker, UsageRecord, open_sink, sink_name
 

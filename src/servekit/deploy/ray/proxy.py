@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
@@ -55,14 +55,17 @@ class ReplicaEngine:
     async def generate(self, prompt: str | list[int], params: SamplingParams, *,
                        request_id: str | None = None, tenant: str | None = None,
                        priority: int = 0, cache_salt: str | None = None,
-                       deadline: float | None = None) -> AsyncIterator[RequestOutput]:
-        """The request's deltas, streamed from the replica the router picks.
+                       deadline: float | None = None,
+                       output_token_ids: Sequence[int] = ()) -> AsyncIterator[RequestOutput]:
+        """The request's deltas, streamed from the replica the router picks
+        (``output_token_ids`` resumes after them there).
 
         ``deadline`` (this process's monotonic clock) is not forwarded: clocks differ across
         nodes; the ingress's own timeouts and client disconnects abort instead."""
         rid = request_id if request_id is not None else f"{self._prefix}{next(self._ids)}"
         response = self._stream.generate.remote(prompt, params, request_id=rid, tenant=tenant,
-                                                priority=priority, cache_salt=cache_salt)
+                                                priority=priority, cache_salt=cache_salt,
+                                                output_token_ids=list(output_token_ids))
         self._live[rid] = response
         finished = False
         try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, suppress
 from typing import Any
 
@@ -81,11 +81,14 @@ class EngineReplica:
 
     async def generate(self, prompt: list[int] | str, params: SamplingParams, *,
                        request_id: str | None = None, tenant: str | None = None,
-                       priority: int = 0, cache_salt: str | None = None
-                       ) -> AsyncIterator[RequestOutput]:
-        """The engine's deltas for one request (call with ``handle.options(stream=True)``)."""
+                       priority: int = 0, cache_salt: str | None = None,
+                       output_token_ids: Sequence[int] = ()) -> AsyncIterator[RequestOutput]:
+        """The engine's deltas for one request (call with ``handle.options(stream=True)``);
+        ``output_token_ids`` resumes a generation after them."""
         self.requests += 1
-        extra = {"coalesce": True} if self._coalesce else {}
+        extra: dict[str, Any] = {"coalesce": True} if self._coalesce else {}
+        if output_token_ids:
+            extra["output_token_ids"] = list(output_token_ids)
         stream = self.engine.generate(prompt, params, request_id=request_id, tenant=tenant,
                                       priority=priority, cache_salt=cache_salt, **extra)
         try:

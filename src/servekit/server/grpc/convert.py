@@ -12,9 +12,9 @@ from typing import Any
 
 from servekit._optional import require
 from servekit.engine.outputs import RequestOutput, TokenLogprob
+from servekit.limit.keys import ApiKey
 from servekit.protocol.errors import InvalidRequestError, StatusError
 from servekit.sched.params import InvalidParameterError, SamplingParams
-from servekit.server.keys import ApiKey
 from servekit.server.service import GenerationService, Job
 
 require("google.protobuf", "grpc")

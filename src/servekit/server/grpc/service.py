@@ -18,11 +18,11 @@ import anyio
 
 from servekit._optional import require
 from servekit.engine.outputs import RequestOutput
+from servekit.limit.keys import ApiKey
 from servekit.protocol.errors import InvalidRequestError, StatusError
 from servekit.server.grpc.convert import ChunkEncoder, ResponseBuilder, build_job, check_output
 from servekit.server.grpc.outbox import Outbox
 from servekit.server.grpc.status import grpc_code, to_status, trailing_metadata
-from servekit.server.keys import ApiKey
 from servekit.server.service import GenerationService, Job
 
 grpc = require("grpc", "grpc")

@@ -1,0 +1,132 @@
+"""Failover after the first byte: what a relayed stream has sent, and how to resume it.
+
+A servekit replica asked by the trusted gateway (``x-servekit-extensions: token_ids``, with the
+shared secret) precedes each streamed event with a comment line carrying the event's output
+token ids (:func:`servekit.server.replica_api.token_ids_comment`). :class:`StreamTracker` reads
+the upstream bytes event by event, keeps the ids of the events relayed whole, the stream's
+``id`` and ``created``, and whether ``data: [DONE]`` came, and hands back the events without
+those comment lines, so a client sees exactly OpenAI's SSE. When the stream breaks before
+``[DONE]``, :func:`resume_body` is the request that makes another replica continue it: the same
+body plus ``servekit_resume`` (the ids relayed, the stream's id and creation time). A stream
+a draining replica ends with its ``draining`` error event is resumed the same way. The replica
+prefills prompt + those ids, counts them for ``max_tokens``, penalties, stop strings and usage,
+and streams only what follows, so the client sees one continuous stream billed once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["TOKEN_IDS", "StreamTracker", "resumable", "resume_body"]
+
+#: The stream extension the gateway asks replicas for.
+TOKEN_IDS = "token_ids"
+_COMMENT = b": servekit "
+_DONE = b"data: [DONE]"
+_ERROR = b'data: {"error"'
+_SEP = b"\n\n"
+
+
+class StreamTracker:
+    """Feed the raw bytes of one choice's stream; get back what the client may see."""
+
+    __slots__ = ("_buffer", "_ids", "_parsed", "created", "done", "drained", "num_tokens",
+                 "request_id")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._ids: list[bytes] = []  # each comment's id list, parsed only when needed
+        self._parsed: list[int] = []
+        #: Output tokens relayed so far.
+        self.num_tokens = 0
+        self.request_id: str | None = None
+        self.created: int | None = None
+        self.done = False
+        #: The replica ended the stream because it shut down (its error event, code
+        #: ``draining``, and what follows are held back: the stream is to be resumed).
+        self.drained = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The complete events of ``chunk`` (with what came before), less the id comments;
+        a trailing partial event waits for the next chunk."""
+        data = self._buffer + chunk
+        end = data.rfind(_SEP)
+        if end < 0:
+            self._buffer = data
+            return b""
+        self._buffer = data[end + 2:]
+        out = []
+        for event in data[:end].split(_SEP):
+            if self.drained:
+                continue
+            if event.startswith(_COMMENT):
+                line, _, event = event.partition(b"\n")
+                ids = line[line.index(b"[", len(_COMMENT)) + 1:line.rindex(b"]")]
+                self._ids.append(ids)
+                self.num_tokens += ids.count(b",") + 1
+                if not event:
+                    continue
+            if event == _DONE:
+                self.done = True
+            elif event.startswith(_ERROR) and _drain_error(event):
+                self.drained = True
+                continue
+            elif self.request_id is None and event.startswith(b"data: {"):
+                self._learn(event)
+            out.append(event)
+        return _SEP.join(out) + _SEP if out else b""
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The output token ids of the events relayed whole, in order."""
+        if self._ids:
+            self._parsed += [int(t) for ids in self._ids for t in ids.split(b",")]
+            self._ids = []
+        return list(self._parsed)
+
+    def cut(self) -> None:
+        """The stream broke: drop the partial event it left (never relayed)."""
+        self._buffer = b""
+        self.drained = False
+
+    def _learn(self, event: bytes) -> None:
+        try:
+            doc = json.loads(event[len(b"data: "):])
+        except ValueError:
+            return
+        if isinstance(doc, dict) and isinstance(doc.get("id"), str):
+            self.request_id = doc["id"]
+            created = doc.get("created")
+            self.created = created if isinstance(created, int) else None
+
+
+def _drain_error(event: bytes) -> bool:
+    try:
+        error = json.loads(event[len(b"data: "):])["error"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return isinstance(error, dict) and error.get("code") == "draining"
+
+
+def resumable(path: str, body: Mapping[str, Any]) -> bool:
+    """Whether a request can fail over after its first byte: a stream of one choice of one
+    prompt (the resume extension continues exactly one sequence)."""
+    if not body.get("stream") or body.get("n", 1) != 1 or body.get("best_of") not in (None, 1):
+        return False
+    if path.endswith("/chat/completions"):
+        return True
+    prompt = body.get("prompt")
+    return isinstance(prompt, str) or (
+        isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) for t in prompt))
+
+
+def resume_body(body: Mapping[str, Any], tracker: StreamTracker) -> bytes:
+    """The request that continues ``tracker``'s stream on another replica."""
+    resume: dict[str, Any] = {"output_token_ids": tracker.token_ids}
+    if tracker.request_id is not None:
+        resume["request_id"] = tracker.request_id
+    if tracker.created is not None:
+        resume["created"] = tracker.created
+    return json.dumps({**body, "servekit_resume": resume}).encode()
