@@ -11,8 +11,9 @@ import jsonschema
 import pytest
 from pydantic import BaseModel
 
-from servekit.client import FunctionTool, ToolCall, function_tool
-from servekit.client.tools import ToolLoop
+from servekit.client import function_tool
+from servekit.client.tools import FunctionTool, ToolLoop
+from servekit.client.types import ToolCall
 
 
 class Color(enum.Enum):

@@ -11,7 +11,8 @@ import httpx
 import jsonschema
 import pytest
 
-from servekit.client import AsyncClient, Client, ToolRun, function_tool
+from servekit.client import AsyncClient, Client, function_tool
+from servekit.client.tools import ToolRun
 from servekit.client.types import Usage
 from servekit.engine import AsyncEngine, EngineConfig, LLMEngine
 from servekit.server import create_app

@@ -22,8 +22,8 @@ from servekit.client.errors import (
     RateLimitError,
 )
 from servekit.client.http import AsyncClient, Client
-from servekit.client.tools import FunctionTool, ToolRun, function_tool
-from servekit.client.types import ChatCompletion, Completion, ToolCall
+from servekit.client.tools import function_tool
+from servekit.client.types import ChatCompletion, Completion
 
 __all__ = [
     "APIConnectionError",
@@ -37,7 +37,6 @@ __all__ = [
     "Client",
     "ClientError",
     "Completion",
-    "FunctionTool",
     "GrpcClient",
     "InternalServerError",
     "NotFoundError",
@@ -46,8 +45,6 @@ __all__ = [
     "RateLimitError",
     "RetryPolicy",
     "Timeout",
-    "ToolCall",
-    "ToolRun",
     "function_tool",
 ]
 
