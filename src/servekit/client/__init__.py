@@ -22,6 +22,7 @@ from servekit.client.errors import (
     RateLimitError,
 )
 from servekit.client.http import AsyncClient, Client
+from servekit.client.structured import ParseError
 from servekit.client.tools import FunctionTool, ToolRun, function_tool
 from servekit.client.types import ChatCompletion, Completion, ToolCall
 
@@ -42,6 +43,7 @@ __all__ = [
     "InternalServerError",
     "NotFoundError",
     "OverloadedError",
+    "ParseError",
     "PermissionDeniedError",
     "RateLimitError",
     "RetryPolicy",
