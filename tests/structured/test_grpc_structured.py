@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Annotated, Any
 
@@ -253,3 +254,26 @@ def test_run_tools_over_grpc(server: Served, client: GrpcClient) -> None:
     assert seen and run.turns >= 1
     assert run.messages[1]["tool_calls"][0]["function"]["name"] == "add"
     assert run.messages[2]["role"] == "tool" and run.messages[2]["content"] == str(sum(seen[0]))
+
+
+def test_structural_tags_over_grpc(server: Served, client: GrpcClient) -> None:
+    fmt = {"type": "structural_tag", "triggers": ["<tool"], "at_least_one": True,
+           "structures": [{"begin": "<tool=add>", "schema": ADD["function"]["parameters"],
+                           "end": "</tool>"}]}
+    regions = 0
+    for seed in range(3):
+        done = client.complete(model(server), "ROMEO:", response_format=fmt, max_tokens=80,
+                               temperature=1.0, seed=seed)
+        assert done.text.startswith("<tool=add>")
+        for body in re.findall(r"<tool=add>(.*?)</tool>", done.text, re.S):
+            jsonschema.validate(json.loads(body), SCHEMAS["add"])
+            regions += 1
+    assert regions >= 2
+    bad = {**fmt, "structures": [*fmt["structures"],  # type: ignore[list-item]
+                                 {"begin": "<tool=x>", "schema": {"type": "wat"}, "end": ""}]}
+    with pytest.raises(BadRequestError) as info:
+        client.complete(model(server), "ROMEO:", response_format=bad)
+    assert info.value.param == "response_format.structures[1].schema"
+    with pytest.raises(BadRequestError) as info:
+        client.complete(model(server), "ROMEO:", response_format={**fmt, "triggers": ["<x"]})
+    assert info.value.param == "response_format.structures[0].begin"

@@ -151,6 +151,11 @@ def _response_format(fmt: Mapping[str, Any]) -> Any:
             name=spec.get("name", ""), strict=bool(spec.get("strict", False)),
             description=spec.get("description", ""),
             schema=_json(spec["schema"]) if "schema" in spec else ""))
+    out.structures.extend(pb.StructuralTag(begin=t["begin"], schema=_json(t["schema"]),
+                                           end=t["end"]) for t in fmt.get("structures") or ())
+    out.triggers.extend(fmt.get("triggers") or ())
+    out.at_least_one = bool(fmt.get("at_least_one", False))
+    out.stop_after_first = bool(fmt.get("stop_after_first", False))
     return out
 
 

@@ -21,6 +21,7 @@ from attrs import frozen
 from servekit.protocol.errors import InvalidRequestError
 from servekit.protocol.schema import ChatCompletionRequest
 from servekit.sched.params import GuidedDecoding, InvalidParameterError
+from servekit.structured.openai import response_format_param
 from servekit.structured.tool_parsers import tool_parser_for
 from servekit.structured.tools import ToolCall, ToolParser, ToolStream, tool_names
 
@@ -171,6 +172,8 @@ async def compile_guided(engine: Any, guided: GuidedDecoding | None,
     try:
         await anyio.to_thread.run_sync(lambda: inner.grammars.compile(guided))
     except InvalidParameterError as exc:
+        if guided.kind == "structural_tag":  # name the tag whose schema failed
+            param = response_format_param(exc.param)
         raise InvalidRequestError(f"Invalid value for '{param}': {exc}", param=param) from exc
 
 

@@ -94,12 +94,30 @@ class ToolChoice(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., function: _Optional[str] = ...) -> None: ...
 
 class ResponseFormat(_message.Message):
-    __slots__ = ("type", "json_schema")
+    __slots__ = ("type", "json_schema", "structures", "triggers", "at_least_one", "stop_after_first")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURES_FIELD_NUMBER: _ClassVar[int]
+    TRIGGERS_FIELD_NUMBER: _ClassVar[int]
+    AT_LEAST_ONE_FIELD_NUMBER: _ClassVar[int]
+    STOP_AFTER_FIRST_FIELD_NUMBER: _ClassVar[int]
     type: str
     json_schema: JsonSchemaFormat
-    def __init__(self, type: _Optional[str] = ..., json_schema: _Optional[_Union[JsonSchemaFormat, _Mapping]] = ...) -> None: ...
+    structures: _containers.RepeatedCompositeFieldContainer[StructuralTag]
+    triggers: _containers.RepeatedScalarFieldContainer[str]
+    at_least_one: bool
+    stop_after_first: bool
+    def __init__(self, type: _Optional[str] = ..., json_schema: _Optional[_Union[JsonSchemaFormat, _Mapping]] = ..., structures: _Optional[_Iterable[_Union[StructuralTag, _Mapping]]] = ..., triggers: _Optional[_Iterable[str]] = ..., at_least_one: _Optional[bool] = ..., stop_after_first: _Optional[bool] = ...) -> None: ...
+
+class StructuralTag(_message.Message):
+    __slots__ = ("begin", "schema", "end")
+    BEGIN_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    begin: str
+    schema: str
+    end: str
+    def __init__(self, begin: _Optional[str] = ..., schema: _Optional[str] = ..., end: _Optional[str] = ...) -> None: ...
 
 class JsonSchemaFormat(_message.Message):
     __slots__ = ("name", "schema", "strict", "description")

@@ -126,6 +126,13 @@ def _response_format(req: Any) -> dict[str, Any] | None:
         if js.schema:
             spec["schema"] = _json_text(js.schema, "response_format.json_schema.schema")
         out["json_schema"] = spec
+    if rf.type == "structural_tag":
+        out.update(triggers=list(rf.triggers), at_least_one=rf.at_least_one,
+                   stop_after_first=rf.stop_after_first, structures=[
+                       {"begin": t.begin, "end": t.end,
+                        "schema": _json_text(t.schema or "{}",
+                                             f"response_format.structures[{i}].schema")}
+                       for i, t in enumerate(rf.structures)])
     return out
 
 
