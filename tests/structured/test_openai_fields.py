@@ -24,7 +24,26 @@ def test_json_object_and_json_schema() -> None:
     assert g is not None and g.kind == "json_schema" and json.loads(g.value) == schema
 
 
+def test_structural_tag() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    tags = [{"begin": "<f=a>", "schema": schema, "end": "</f>"}]
+    g = guided_from_response_format({"type": "structural_tag", "structures": tags,
+                                     "triggers": ["<f="], "at_least_one": True})
+    assert g == GuidedDecoding.structural_tag(tags, ["<f="], at_least_one=True)
+
+
+TAG = {"begin": "<f=a>", "schema": {}, "end": "</f>"}
+
+
 @pytest.mark.parametrize(("body", "param"), [
+    ({"type": "structural_tag", "triggers": ["<f"]}, "response_format.structures"),
+    ({"type": "structural_tag", "structures": [TAG]}, "response_format.triggers"),
+    ({"type": "structural_tag", "structures": [TAG, {**TAG, "begin": "<g>"}],
+      "triggers": ["<f"]}, "response_format.structures[1].begin"),
+    ({"type": "structural_tag", "structures": [{**TAG, "schema": 3}], "triggers": ["<f"]},
+     "response_format.structures[0].schema"),
+    ({"type": "structural_tag", "structures": [TAG], "triggers": ["<f"],
+      "stop_after_first": "yes"}, "response_format.stop_after_first"),
     ({"type": "xml"}, "response_format.type"),
     ("json", "response_format"),
     ({"type": "json_schema"}, "response_format.json_schema"),

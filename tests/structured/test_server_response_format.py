@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -88,3 +89,25 @@ def test_sdk_parse_sync_and_async(server: Running) -> None:
 
     value = anyio.run(main)
     assert isinstance(value, dict) and 0 <= value["n"] <= 9
+
+
+def test_structural_tag_response_format(server: Running) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
+                                                     "maximum": 9}}, "required": ["n"]}
+    fmt = {"type": "structural_tag", "triggers": ["<n>"], "at_least_one": True,
+           "structures": [{"begin": "<n>", "schema": schema, "end": "</n>"}]}
+    r = httpx.post(server.url + "/v1/completions", timeout=60, json={
+        "model": MODEL, "prompt": "ROMEO:", "max_tokens": 60, "temperature": 0,
+        "response_format": fmt})
+    assert r.status_code == 200, r.text
+    text = r.json()["choices"][0]["text"]
+    assert text.startswith("<n>")
+    bodies = re.findall(r"<n>(.*?)</n>", text, re.S)
+    assert bodies
+    for body in bodies:
+        assert 0 <= json.loads(body)["n"] <= 9
+    bad = {**fmt, "structures": [{"begin": "<n>", "schema": {"type": "wat"}, "end": "</n>"}]}
+    r = httpx.post(server.url + "/v1/completions", json={
+        "model": MODEL, "prompt": "ROMEO:", "response_format": bad})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "response_format.structures[0].schema"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import queue
 import threading
 import time
@@ -31,6 +32,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from servekit._optional import require
+from servekit.client._chat import AsyncChatMethods, ChatMethods
 from servekit.client._core import RetryPolicy, Timeout, _RetryingBase, auth_headers
 from servekit.client.errors import (
     APIConnectionError,
@@ -45,6 +47,7 @@ from servekit.client.types import (
     ChatMessage,
     Completion,
     CompletionChoice,
+    ToolCall,
     Usage,
 )
 
@@ -59,12 +62,13 @@ __all__ = ["AsyncGrpcClient", "AsyncSession", "AsyncSessionCall", "GrpcClient", 
            "SessionCall", "error_from_status"]
 
 T = TypeVar("T", Completion, ChatCompletion)
-Message = Mapping[str, str]
+Message = Mapping[str, Any]
 DEFAULT_TIMEOUT = Timeout()
 DETAILS_KEY = "grpc-status-details-bin"
 
 _FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
-           pb.FINISH_REASON_ABORT: "abort", pb.FINISH_REASON_ERROR: "error"}
+           pb.FINISH_REASON_ABORT: "abort", pb.FINISH_REASON_ERROR: "error",
+           pb.FINISH_REASON_TOOL_CALLS: "tool_calls"}
 # google.rpc.Code -> the HTTP status whose exception class the HTTP client raises
 _HTTP_STATUS = {code_pb2.INVALID_ARGUMENT: 400, code_pb2.UNAUTHENTICATED: 401,
                 code_pb2.PERMISSION_DENIED: 403, code_pb2.NOT_FOUND: 404,
@@ -83,12 +87,13 @@ def build_request(model: str, *, prompt: str | Sequence[int] | None = None,
     """A ``GenerateRequest`` from the HTTP client's arguments (``None`` values are left unset).
 
     ``max_completion_tokens`` is ``max_tokens``; chat's ``logprobs=True`` with ``top_logprobs=k``
-    is ``logprobs=k``. An unknown parameter is a TypeError.
+    is ``logprobs=k``. ``response_format``, ``tools``, ``tool_choice`` and messages' ``tool_calls``
+    take the HTTP API's (OpenAI's) shapes; JSON schemas go as JSON text. An unknown parameter
+    is a TypeError.
     """
     req = pb.GenerateRequest(model=model, request_id=request_id)
     if messages is not None:
-        req.chat.messages.extend(pb.ChatMessage(role=m.get("role", ""), content=m.get("content") or "",
-                                                name=m.get("name") or "") for m in messages)
+        req.chat.messages.extend(_message(m) for m in messages)
     elif isinstance(prompt, str):
         req.prompt = prompt
     elif prompt is not None:
@@ -105,7 +110,16 @@ def build_request(model: str, *, prompt: str | Sequence[int] | None = None,
     stop = params.pop("stop", None)
     if stop is not None:
         req.stop.extend([stop] if isinstance(stop, str) else stop)
-    for name in ("ignore_eos", "user", *_FLOATS, *_INTS):
+    response_format = params.pop("response_format", None)
+    if response_format is not None:
+        req.response_format.CopyFrom(_response_format(response_format))
+    req.tools.extend(_tool(t) for t in params.pop("tools", None) or ())
+    tool_choice = params.pop("tool_choice", None)
+    if isinstance(tool_choice, str):
+        req.tool_choice.mode = tool_choice
+    elif tool_choice is not None:
+        req.tool_choice.function = tool_choice["function"]["name"]
+    for name in ("ignore_eos", "user", "parallel_tool_calls", *_FLOATS, *_INTS):
         if name in params:
             setattr(req, name, params.pop(name))
     params.pop("stream", None)
@@ -113,6 +127,44 @@ def build_request(model: str, *, prompt: str | Sequence[int] | None = None,
     if params:
         raise TypeError(f"unknown parameter(s) for a gRPC request: {sorted(params)}")
     return req
+
+
+def _json(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _message(m: Mapping[str, Any]) -> Any:
+    calls = [pb.ToolCall(id=c.get("id") or "", type=c.get("type") or "function",
+                         function=pb.FunctionCall(name=c["function"]["name"],
+                                                  arguments=_json(c["function"]["arguments"])))
+             for c in m.get("tool_calls") or ()]
+    return pb.ChatMessage(role=m.get("role", ""), content=m.get("content") or "",
+                          name=m.get("name") or "", tool_calls=calls,
+                          tool_call_id=m.get("tool_call_id") or "")
+
+
+def _response_format(fmt: Mapping[str, Any]) -> Any:
+    out = pb.ResponseFormat(type=fmt.get("type", ""))
+    spec = fmt.get("json_schema")
+    if spec is not None:
+        out.json_schema.CopyFrom(pb.JsonSchemaFormat(
+            name=spec.get("name", ""), strict=bool(spec.get("strict", False)),
+            description=spec.get("description", ""),
+            schema=_json(spec["schema"]) if "schema" in spec else ""))
+    out.structures.extend(pb.StructuralTag(begin=t["begin"], schema=_json(t["schema"]),
+                                           end=t["end"]) for t in fmt.get("structures") or ())
+    out.triggers.extend(fmt.get("triggers") or ())
+    out.at_least_one = bool(fmt.get("at_least_one", False))
+    out.stop_after_first = bool(fmt.get("stop_after_first", False))
+    return out
+
+
+def _tool(tool: Mapping[str, Any]) -> Any:
+    fn = tool.get("function") or {}
+    return pb.Tool(type=tool.get("type", ""), function=pb.FunctionDefinition(
+        name=fn.get("name", ""), description=fn.get("description", ""),
+        parameters=_json(fn["parameters"]) if "parameters" in fn else "",
+        strict=bool(fn.get("strict", False))))
 
 
 # -- responses -----------------------------------------------------------------------------
@@ -135,10 +187,14 @@ def _completion(resp: Any) -> Completion:
         for c in resp.choices), _usage(resp.usage))
 
 
+def _tool_calls(calls: Sequence[Any]) -> tuple[ToolCall, ...]:
+    return tuple(ToolCall(c.id, c.function.name, c.function.arguments, c.index) for c in calls)
+
+
 def _chat(resp: Any) -> ChatCompletion:
     return ChatCompletion(resp.id, resp.model, resp.created, tuple(
-        ChatChoice(c.index, ChatMessage("assistant", c.text), _FINISH.get(c.finish_reason),
-                   _logprobs(c.logprobs))
+        ChatChoice(c.index, ChatMessage("assistant", c.text, _tool_calls(c.tool_calls)),
+                   _FINISH.get(c.finish_reason), _logprobs(c.logprobs))
         for c in resp.choices), _usage(resp.usage))
 
 
@@ -158,7 +214,9 @@ class _ChunkParser(Generic[T]):
             return self.cls(chunk.id, self.model, self.created, (), _usage(chunk.usage))
         reason, lps = _FINISH.get(chunk.finish_reason), _logprobs(chunk.logprobs)
         if self.cls is ChatCompletion:
-            choice: Any = ChatChoice(chunk.index, ChatMessage(role, chunk.text), reason, lps)
+            choice: Any = ChatChoice(chunk.index, ChatMessage(role, chunk.text,
+                                                              _tool_calls(chunk.tool_calls)),
+                                     reason, lps)
         else:
             choice = CompletionChoice(chunk.index, chunk.text, reason, lps)
         return self.cls(chunk.id, self.model, self.created, (choice,), None)
@@ -167,6 +225,7 @@ class _ChunkParser(Generic[T]):
 def _collect(cls: type[T], chunks: Sequence[T]) -> T:
     """One whole response from a stream's chunks."""
     texts: dict[int, list[str]] = {}
+    calls: dict[int, list[ToolCall]] = {}
     reasons: dict[int, str | None] = {}
     usage = None
     for chunk in chunks:
@@ -174,12 +233,15 @@ def _collect(cls: type[T], chunks: Sequence[T]) -> T:
         for c in chunk.choices:
             text = c.message.content if isinstance(c, ChatChoice) else c.text
             texts.setdefault(c.index, []).append(text)
+            if isinstance(c, ChatChoice):  # each streamed call is whole
+                calls.setdefault(c.index, []).extend(c.message.tool_calls)
             if c.finish_reason is not None:
                 reasons[c.index] = c.finish_reason
     first = chunks[0] if chunks else None
     choices: tuple[Any, ...]
     if cls is ChatCompletion:
-        choices = tuple(ChatChoice(i, ChatMessage("assistant", "".join(t)), reasons.get(i))
+        choices = tuple(ChatChoice(i, ChatMessage("assistant", "".join(t),
+                                                  tuple(calls.get(i, ()))), reasons.get(i))
                         for i, t in sorted(texts.items()))
     else:
         choices = tuple(CompletionChoice(i, "".join(t), reasons.get(i))
@@ -250,7 +312,7 @@ class _Base(_RetryingBase):
 
 # -- sync ----------------------------------------------------------------------------------
 
-class GrpcClient(_Base):
+class GrpcClient(_Base, ChatMethods):
     """Blocking gRPC client: ``complete``, ``chat``, ``stream_complete``, ``stream_chat``, ``session``.
 
     ``target`` is ``host:port``; ``credentials`` (``grpc.ssl_channel_credentials()``) makes the
@@ -459,7 +521,7 @@ class SessionCall(Generic[T]):
 
 # -- async ---------------------------------------------------------------------------------
 
-class AsyncGrpcClient(_Base):
+class AsyncGrpcClient(_Base, AsyncChatMethods):
     """The asyncio twin of :class:`GrpcClient` (grpc.aio)."""
 
     def __init__(self, target: str = "127.0.0.1:50051", api_key: str | None = None, *,

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import anyio
 
 from servekit._optional import require
+from servekit.client._chat import AsyncChatMethods, ChatMethods
 from servekit.client._core import (
     RetryPolicy,
     Timeout,
@@ -23,8 +24,6 @@ from servekit.client._core import (
     request_body,
 )
 from servekit.client.errors import APIConnectionError, APITimeoutError, ClientError
-from servekit.client.structured import parse_message, response_format_for
-from servekit.client.tools import ToolLoop, ToolRun
 from servekit.client.types import ChatCompletion, Completion
 from servekit.protocol.sse import DONE_DATA, aiter_events, iter_events
 
@@ -67,7 +66,7 @@ def _chat_params(model: str, messages: Sequence[Message], params: dict[str, Any]
     return {"model": model, "messages": list(messages), **params}
 
 
-class Client(_Base):
+class Client(_Base, ChatMethods):
     """Blocking client: ``complete``, ``chat``, their ``stream_*`` twins, and ``models``.
 
     Extra keyword arguments are sent as request fields (``max_tokens``, ``temperature``, ``stop``,
@@ -98,30 +97,6 @@ class Client(_Base):
     def chat(self, model: str, messages: Sequence[Message], **params: Any) -> ChatCompletion:
         """``POST /v1/chat/completions``."""
         return ChatCompletion.from_json(self._post("/chat/completions", _chat_params(model, messages, params)))
-
-    def parse(self, model: str, messages: Sequence[Message], schema: Any, **params: Any) -> Any:
-        """Chat constrained to ``schema`` (a pydantic model class or a JSON schema dict); the
-        answer as a model instance (or parsed JSON). Raises ParseError unless it ended with stop."""
-        done = self.chat(model, messages, response_format=response_format_for(schema), **params)
-        return parse_message(done, schema)
-
-    def run_tools(self, model: str, messages: Sequence[Message], tools: Sequence[Any], *,
-                  max_turns: int = 8, tool_choice: Any = None, **params: Any) -> ToolRun:
-        """An agent loop: call the model with ``tools`` (Python functions, sync or async, or
-        :func:`~servekit.client.tools.function_tool` objects), run the functions it asks for,
-        send back their results, until it answers without a call or ``max_turns`` calls were
-        made (then ``ToolRun.completed`` is False). ``tool_choice`` applies to the first turn
-        (``"required"``, or a tool's name, forces a call); later turns are ``auto``. A call to
-        an unknown tool, bad arguments or a function that raises become an error result the
-        model reads, not an exception here. ``params`` go with every call."""
-        loop = ToolLoop.create(messages, tools, max_turns, tool_choice)
-        while loop.more:
-            calls = loop.record(self.chat(model, loop.messages, **loop.request(), **params))
-            if not calls:
-                break
-            for call in calls:
-                loop.run_sync(call)
-        return loop.result()
 
     def stream_complete(self, model: str, prompt: str | Sequence[int], **params: Any) -> Iterator[Completion]:
         """Stream a completion as chunks; the last one carries ``usage``."""
@@ -178,7 +153,7 @@ class Client(_Base):
             response.close()
 
 
-class AsyncClient(_Base):
+class AsyncClient(_Base, AsyncChatMethods):
     """The async twin of :class:`Client` (anyio: asyncio and trio)."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
@@ -204,25 +179,6 @@ class AsyncClient(_Base):
     async def chat(self, model: str, messages: Sequence[Message], **params: Any) -> ChatCompletion:
         """``POST /v1/chat/completions``."""
         return ChatCompletion.from_json(await self._post("/chat/completions", _chat_params(model, messages, params)))
-
-    async def parse(self, model: str, messages: Sequence[Message], schema: Any,
-                    **params: Any) -> Any:
-        """The async twin of :meth:`Client.parse`."""
-        done = await self.chat(model, messages, response_format=response_format_for(schema),
-                               **params)
-        return parse_message(done, schema)
-
-    async def run_tools(self, model: str, messages: Sequence[Message], tools: Sequence[Any], *,
-                        max_turns: int = 8, tool_choice: Any = None, **params: Any) -> ToolRun:
-        """The async twin of :meth:`Client.run_tools` (sync functions run in worker threads)."""
-        loop = ToolLoop.create(messages, tools, max_turns, tool_choice)
-        while loop.more:
-            calls = loop.record(await self.chat(model, loop.messages, **loop.request(), **params))
-            if not calls:
-                break
-            for call in calls:
-                await loop.run_async(call)
-        return loop.result()
 
     def stream_complete(self, model: str, prompt: str | Sequence[int], **params: Any) -> AsyncIterator[Completion]:
         """Stream a completion as chunks; the last one carries ``usage``."""

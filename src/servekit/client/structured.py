@@ -29,7 +29,8 @@ def response_format_for(schema: Any, *, name: str | None = None) -> dict[str, An
 
 
 def parse_message(completion: ChatCompletion, schema: Any) -> Any:
-    """The first choice's content as a ``schema`` instance (pydantic) or a parsed JSON value."""
+    """The first choice's content as a ``schema`` instance (pydantic) or a parsed JSON value
+    (validated against a dict ``schema`` with ``jsonschema`` when it is installed)."""
     choice = completion.choices[0]
     content = choice.message.content or ""
     if choice.finish_reason != "stop":
@@ -41,6 +42,22 @@ def parse_message(completion: ChatCompletion, schema: Any) -> Any:
         except ValueError as exc:
             raise ParseError(f"the answer does not validate: {exc}") from exc
     try:
-        return json.loads(content)
+        value = json.loads(content)
     except ValueError as exc:
         raise ParseError(f"the answer is not JSON: {exc}") from exc
+    if isinstance(schema, Mapping):
+        _validate(value, schema)
+    return value
+
+
+def _validate(value: Any, schema: Mapping[str, Any]) -> None:
+    """Check ``value`` against ``schema`` with ``jsonschema`` when it is installed (the server
+    enforces the schema by grammar; this catches a server that does not)."""
+    try:
+        import jsonschema
+    except ImportError:  # pragma: no cover - jsonschema is optional on the client
+        return
+    try:
+        jsonschema.validate(value, dict(schema))
+    except jsonschema.ValidationError as exc:
+        raise ParseError(f"the answer does not validate: {exc.message}") from exc

@@ -40,7 +40,7 @@ def _tuple_of_int(value: object) -> tuple[int, ...]:
 
 
 #: The constraint kinds :class:`GuidedDecoding` accepts.
-GUIDED_KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
+GUIDED_KINDS = ("json_schema", "json_object", "regex", "grammar", "choice", "structural_tag")
 
 
 @frozen(slots=True)
@@ -93,6 +93,47 @@ class GuidedDecoding:
             raise InvalidParameterError("guided.choice", "must be a list of strings")
         return cls("choice", json.dumps(list(choices), ensure_ascii=False))
 
+    @classmethod
+    def structural_tag(cls, tags: Sequence[Mapping[str, Any]], triggers: Sequence[str], *,
+                       at_least_one: bool = False, stop_after_first: bool = False
+                       ) -> GuidedDecoding:
+        """Free text in which tagged regions are constrained: once the output contains one of
+        ``triggers``, it must go on with a tag whose ``begin`` starts with that trigger, then
+        JSON valid against the tag's ``schema``, then its ``end``; after that, free text again.
+
+        ``tags``: ``[{"begin": "<tool=add>", "schema": {...}, "end": "</tool>"}, ...]``;
+        ``at_least_one``: the output starts with a tag (no text before the first);
+        ``stop_after_first``: the output ends right after the first tag. The same constraint as
+        xgrammar's ``triggered_tags`` structural tag and llguidance's ``StructTag``.
+        """
+        if isinstance(triggers, str) or isinstance(tags, (str, Mapping)):
+            raise InvalidParameterError("guided.structural_tag",
+                                        "tags and triggers must be lists")
+        try:
+            structures = [{"begin": t["begin"], "schema": t["schema"], "end": t["end"]}
+                          for t in tags]
+        except (KeyError, TypeError) as exc:
+            raise InvalidParameterError("guided.structural_tag",
+                                        f"each tag needs begin, schema and end: {exc}") from exc
+        try:
+            text = json.dumps({"structures": structures, "triggers": list(triggers),
+                               "at_least_one": at_least_one,
+                               "stop_after_first": stop_after_first},
+                              separators=(",", ":"), ensure_ascii=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidParameterError("guided.structural_tag", f"is not JSON: {exc}") from exc
+        return cls("structural_tag", text)
+
+    def tag_spec(self) -> dict[str, Any]:
+        """A ``structural_tag`` constraint's parsed value: ``structures`` (each ``begin``,
+        ``schema``, ``end`` and its ``trigger``), ``triggers``, ``at_least_one``,
+        ``stop_after_first``."""
+        value: dict[str, Any] = json.loads(self.value)
+        for tag in value["structures"]:
+            tag["trigger"] = max((t for t in value["triggers"] if tag["begin"].startswith(t)),
+                                 key=len)
+        return value
+
     def __attrs_post_init__(self) -> None:
         _check("guided", self.kind in GUIDED_KINDS,
                f"kind must be one of {', '.join(GUIDED_KINDS)}, got {self.kind!r}")
@@ -114,6 +155,34 @@ class GuidedDecoding:
                    "must be a non-empty list of non-empty strings")
         elif self.kind in ("regex", "grammar"):
             _check(param, bool(self.value), "must not be empty")
+        elif self.kind == "structural_tag":
+            _check_structural_tag(self.value)
+
+
+def _check_structural_tag(text: str) -> None:
+    param = "guided.structural_tag"
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InvalidParameterError(param, f"is not JSON: {exc}") from exc
+    _check(param, isinstance(value, dict), "must be a JSON object")
+    triggers, structures = value.get("triggers"), value.get("structures")
+    _check(f"{param}.triggers", isinstance(triggers, list) and len(triggers) > 0
+           and all(isinstance(t, str) and t for t in triggers),
+           "must be a non-empty list of non-empty strings")
+    _check(f"{param}.tags", isinstance(structures, list) and len(structures) > 0,
+           "must be a non-empty list")
+    for i, tag in enumerate(structures):
+        at = f"{param}.tags[{i}]"
+        _check(at, isinstance(tag, dict), "must be an object with begin, schema and end")
+        for key in ("begin", "end"):
+            _check(f"{at}.{key}", isinstance(tag.get(key), str), "must be a string")
+        _check(f"{at}.schema", isinstance(tag.get("schema"), (dict, bool)),
+               "must be a JSON schema (an object or boolean)")
+        _check(f"{at}.begin", any(tag["begin"].startswith(t) for t in triggers),
+               "must start with one of the triggers")
+    for key in ("at_least_one", "stop_after_first"):
+        _check(f"{param}.{key}", isinstance(value.get(key, False), bool), "must be a boolean")
 
 
 #: Floor of the float parameters the sampler divides by or compares in float32 (vLLM's

@@ -15,7 +15,8 @@ from typing import Any
 from servekit.engine.outputs import RequestOutput, TokenLogprob
 from servekit.protocol.sse import DONE
 from servekit.server.service import Job
-from servekit.structured.tools import ToolCall, ToolParser, ToolStream
+from servekit.server.tools import ToolOutputs
+from servekit.structured.tools import ToolCall, ToolParser
 
 __all__ = ["ChatEncoder", "CompletionEncoder", "Encoder", "ToolChatEncoder"]
 
@@ -221,28 +222,20 @@ class ToolChatEncoder(ChatEncoder):
     def __init__(self, job: Job, tokenizer: Any, *, parser: ToolParser, parallel: bool = True,
                  include_usage: bool = False, logprobs: bool = False) -> None:
         super().__init__(job, tokenizer, include_usage=include_usage, logprobs=logprobs)
-        self.parser = parser
-        self.parallel = parallel
-        self._streams: list[ToolStream] = [parser.stream() for _ in job.choices]
-        self._sent = [0] * len(job.choices)  # calls streamed per choice
+        self.tools = ToolOutputs(parser, len(job.choices), parallel)
 
     def chunk(self, i: int, out: RequestOutput) -> bytes:
-        stream = self._streams[i]
-        content, calls = stream.feed(out.new_text)
-        if out.finished:
-            rest, more = stream.flush()
-            content, calls = content + rest, calls + more
+        content, calls = self.tools.feed(i, out.new_text, out.finished)
         lp = self._chunk_logprobs(out) if self.want_logprobs and out.logprobs else "null"
         events = []
         if content or lp != "null":
             events.append(self._event(i, self._delta(content), lp, "null"))
-        for call in self._keep(self._sent[i], calls):
-            delta = {"tool_calls": [_call_json(call, self._sent[i])]}
-            self._sent[i] += 1
+        for index, call in calls:
+            delta = {"tool_calls": [_call_json(call, index)]}
             events.append(self._event(i, '"delta":' + json.dumps(delta, ensure_ascii=False),
                                       "null", "null"))
         if out.finished:
-            reason = _finish_reason(out.finish_reason, self._sent[i])
+            reason = ToolOutputs.finish_reason(out.finish_reason, self.tools.sent(i))
             events.append(self._event(i, '"delta":{}', "null", _quote(reason)))
         return "".join(events).encode()
 
@@ -250,21 +243,14 @@ class ToolChatEncoder(ChatEncoder):
         return (f'{self._prefix}{i},{delta},"logprobs":{logprobs},"finish_reason":{finish}}}]'
                 f'{self._usage_null}}}\n\n')
 
-    def _keep(self, sent: int, calls: list[ToolCall]) -> list[ToolCall]:
-        """The calls to send, given ``sent`` already sent (parallel off: one per message)."""
-        if self.parallel:
-            return calls
-        return calls[:1] if sent == 0 else []
-
     def _choice(self, i: int) -> dict[str, Any]:
         choice = super()._choice(i)
-        content, calls = self.parser.parse(self.texts[i])
-        calls = self._keep(0, calls)
+        content, calls = self.tools.parse(self.texts[i])
         message = choice["message"]
         message["content"] = None if calls and not content.strip() else content
         if calls:
             message["tool_calls"] = [_call_json(c) for c in calls]
-        choice["finish_reason"] = _finish_reason(self.job.finish_reasons[i], len(calls))
+        choice["finish_reason"] = ToolOutputs.finish_reason(self.job.finish_reasons[i], len(calls))
         return choice
 
 
@@ -273,8 +259,3 @@ def _call_json(call: ToolCall, index: int | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"id": call.id, "type": "function",
                             "function": {"name": call.name, "arguments": call.arguments}}
     return body if index is None else {"index": index, **body}
-
-
-def _finish_reason(reason: str | None, calls: int) -> str:
-    reason = reason or "stop"
-    return "tool_calls" if calls and reason == "stop" else reason

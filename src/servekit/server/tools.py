@@ -3,13 +3,16 @@
 :func:`plan_tools` turns a chat request's ``tools`` / ``tool_choice`` / ``parallel_tool_calls``
 into a :class:`ToolPlan` (the tools to render into the prompt, the parser, the grammar forcing a
 call); :func:`chat_messages` turns the request's messages, tool calls and tool results included,
-into what the chat template renders; :func:`compile_guided` compiles a constraint in a worker.
+into what the chat template renders; :func:`compile_guided` compiles a constraint in a worker;
+:class:`ToolOutputs` splits each choice's output into content and calls as it streams. The
+HTTP and gRPC front ends share all of them (:func:`plan_tool_fields` and
+:func:`template_messages` take plain values, whatever the transport).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -18,10 +21,12 @@ from attrs import frozen
 from servekit.protocol.errors import InvalidRequestError
 from servekit.protocol.schema import ChatCompletionRequest
 from servekit.sched.params import GuidedDecoding, InvalidParameterError
+from servekit.structured.openai import response_format_param
 from servekit.structured.tool_parsers import tool_parser_for
-from servekit.structured.tools import ToolParser, tool_names
+from servekit.structured.tools import ToolCall, ToolParser, ToolStream, tool_names
 
-__all__ = ["ToolPlan", "chat_messages", "compile_guided", "plan_tools"]
+__all__ = ["ToolOutputs", "ToolPlan", "chat_messages", "compile_guided", "plan_tool_fields",
+           "plan_tools", "template_messages"]
 
 
 @frozen(slots=True)
@@ -46,7 +51,16 @@ NO_TOOLS = ToolPlan()
 async def plan_tools(req: ChatCompletionRequest, chat_template: str | None) -> ToolPlan:
     """The request's :class:`ToolPlan`; a bad field is a 400 naming it (``tools[1].function.
     parameters``, ``tool_choice``, ...). The grammar is built in a worker thread."""
-    choice = req.tool_choice
+    return await plan_tool_fields(req.tools, req.tool_choice, req.parallel_tool_calls,
+                                  req.response_format, chat_template)
+
+
+async def plan_tool_fields(tools: Sequence[Any] | None, choice: str | Mapping[str, Any] | None,
+                           parallel_tool_calls: bool | None,
+                           response_format: Mapping[str, Any] | None,
+                           chat_template: str | None) -> ToolPlan:
+    """:func:`plan_tools` on the fields themselves (OpenAI shapes: ``tools`` entries and a
+    named ``tool_choice`` as dicts), for front ends without an OpenAI request body."""
     if isinstance(choice, str) and choice not in ("auto", "none", "required"):
         raise InvalidRequestError(
             f"Invalid value for 'tool_choice': must be 'auto', 'none', 'required' or "
@@ -55,29 +69,29 @@ async def plan_tools(req: ChatCompletionRequest, chat_template: str | None) -> T
     if isinstance(choice, Mapping) and choice.get("type") != "function":
         raise InvalidRequestError("Invalid value for 'tool_choice.type': must be 'function'",
                                   param="tool_choice.type")
-    if not req.tools:
+    if not tools:
         if choice is not None and choice not in ("auto", "none"):
             raise InvalidRequestError("'tool_choice' needs 'tools': there is no tool to call",
                                       param="tool_choice")
         return NO_TOOLS
-    tools = [dict(t) if isinstance(t, Mapping) else t for t in req.tools]
+    tool_list = [dict(t) if isinstance(t, Mapping) else t for t in tools]
     parser = tool_parser_for(chat_template)
     try:
-        tool_names(tools)  # the shape of every tool, whatever the choice
+        tool_names(tool_list)  # the shape of every tool, whatever the choice
         guided = None
         if choice not in (None, "auto", "none"):
-            guided = await anyio.to_thread.run_sync(parser.guided, tools, choice)
+            guided = await anyio.to_thread.run_sync(parser.guided, tool_list, choice)
     except InvalidParameterError as exc:
         raise InvalidRequestError(f"Invalid value for '{exc.param}': "
                                   f"{str(exc).split(': ', 1)[-1]}", param=exc.param) from exc
-    if guided is not None and _response_format_constrains(req.response_format):
+    if guided is not None and _response_format_constrains(response_format):
         raise InvalidRequestError(
             "response_format cannot be combined with tool_choice 'required' or a named "
             "function: both constrain the output", param="response_format")
+    parallel = parallel_tool_calls is not False
     if choice == "none":  # no call wanted: the model does not see the tools either
-        return ToolPlan(parallel=req.parallel_tool_calls is not False)
-    return ToolPlan(prompt_tools=tools, parser=parser, guided=guided,
-                    parallel=req.parallel_tool_calls is not False)
+        return ToolPlan(parallel=parallel)
+    return ToolPlan(prompt_tools=tool_list, parser=parser, guided=guided, parallel=parallel)
 
 
 def _response_format_constrains(response_format: Mapping[str, Any] | None) -> bool:
@@ -87,28 +101,43 @@ def _response_format_constrains(response_format: Mapping[str, Any] | None) -> bo
 def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
     """The request's messages as the chat template takes them: an assistant's ``tool_calls``
     carry their arguments as objects (HF convention), a tool result its ``tool_call_id``."""
+    return template_messages([
+        {"role": m.role, "content": m.text(), "name": m.name, "tool_call_id": m.tool_call_id,
+         "tool_calls": [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+                        for c in m.tool_calls or ()]}
+        for m in req.messages])
+
+
+def template_messages(messages: Sequence[Mapping[str, Any]], root: str = "messages",
+                      at: str = ".[{}]") -> list[dict[str, Any]]:
+    """Messages (``role``, ``content``, optional ``name``, ``tool_call_id`` and ``tool_calls``
+    as ``{"id", "name", "arguments"}`` with JSON text arguments) as the chat template takes
+    them. Errors name ``root`` + ``at.format(i)`` + the field (``messages.[2].tool_call_id``
+    over HTTP, ``chat.messages[2].tool_call_id`` over gRPC)."""
     out: list[dict[str, Any]] = []
-    for i, m in enumerate(req.messages):
-        msg: dict[str, Any] = {"role": m.role, "content": m.text()}
-        if m.name:
-            msg["name"] = m.name
-        if m.tool_calls:
-            if m.role != "assistant":
+    for i, m in enumerate(messages):
+        field = root + at.format(i)
+        msg: dict[str, Any] = {"role": m["role"], "content": m.get("content")}
+        if m.get("name"):
+            msg["name"] = m["name"]
+        calls = m.get("tool_calls")
+        if calls:
+            if m["role"] != "assistant":
                 raise InvalidRequestError(
-                    f"Invalid value for 'messages.[{i}].tool_calls': only assistant messages "
-                    "carry tool calls", param=f"messages.[{i}].tool_calls")
+                    f"Invalid value for '{field}.tool_calls': only assistant messages "
+                    "carry tool calls", param=f"{field}.tool_calls")
             msg["tool_calls"] = [
-                {"id": call.id, "type": "function", "function": {
-                    "name": call.function.name,
-                    "arguments": _arguments(call.function.arguments,
-                                            f"messages.[{i}].tool_calls.[{j}].function.arguments")}}
-                for j, call in enumerate(m.tool_calls)]
-        if m.role == "tool":
-            if not m.tool_call_id:
+                {"id": call["id"], "type": "function", "function": {
+                    "name": call["name"],
+                    "arguments": _arguments(call["arguments"],
+                                            f"{field}.tool_calls{at.format(j)}.function.arguments")}}
+                for j, call in enumerate(calls)]
+        if m["role"] == "tool":
+            if not m.get("tool_call_id"):
                 raise InvalidRequestError(
-                    f"Missing required parameter: 'messages.[{i}].tool_call_id'",
-                    param=f"messages.[{i}].tool_call_id")
-            msg["tool_call_id"] = m.tool_call_id
+                    f"Missing required parameter: '{field}.tool_call_id'",
+                    param=f"{field}.tool_call_id")
+            msg["tool_call_id"] = m["tool_call_id"]
         out.append(msg)
     return out
 
@@ -143,4 +172,55 @@ async def compile_guided(engine: Any, guided: GuidedDecoding | None,
     try:
         await anyio.to_thread.run_sync(lambda: inner.grammars.compile(guided))
     except InvalidParameterError as exc:
+        if guided.kind == "structural_tag":  # name the tag whose schema failed
+            param = response_format_param(exc.param)
         raise InvalidRequestError(f"Invalid value for '{param}': {exc}", param=param) from exc
+
+
+class ToolOutputs:
+    """Each choice's output split into content and tool calls, streamed or whole, whatever the
+    transport: content is released as soon as it cannot start a call, each call whole (so
+    streamed arguments concatenate to exactly the final ones). ``parallel=False`` keeps only
+    the first call of a message."""
+
+    __slots__ = ("_sent", "_streams", "parallel", "parser")
+
+    def __init__(self, parser: ToolParser, choices: int, parallel: bool = True) -> None:
+        self.parser = parser
+        self.parallel = parallel
+        self._streams: list[ToolStream] = [parser.stream() for _ in range(choices)]
+        self._sent = [0] * choices
+
+    def feed(self, i: int, text: str, finished: bool) -> tuple[str, list[tuple[int, ToolCall]]]:
+        """Choice ``i``'s delta: the content to send now and the calls to send, each with its
+        index in the message (``finished``: the output ended, flush what is held)."""
+        stream = self._streams[i]
+        content, calls = stream.feed(text)
+        if finished:
+            rest, more = stream.flush()
+            content, calls = content + rest, calls + more
+        out = []
+        for call in self._keep(self._sent[i], calls):
+            out.append((self._sent[i], call))
+            self._sent[i] += 1
+        return content, out
+
+    def sent(self, i: int) -> int:
+        """Calls streamed so far for choice ``i``."""
+        return self._sent[i]
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        """A whole output's content and the calls kept."""
+        content, calls = self.parser.parse(text)
+        return content, self._keep(0, calls)
+
+    def _keep(self, sent: int, calls: list[ToolCall]) -> list[ToolCall]:
+        if self.parallel:
+            return calls
+        return calls[:1] if sent == 0 else []
+
+    @staticmethod
+    def finish_reason(reason: str | None, calls: int) -> str:
+        """``tool_calls`` for a message with calls that ended by itself, else ``reason``."""
+        reason = reason or "stop"
+        return "tool_calls" if calls and reason == "stop" else reason

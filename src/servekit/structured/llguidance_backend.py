@@ -13,7 +13,7 @@ from servekit._optional import require
 from servekit.sched.params import GuidedDecoding, InvalidParameterError
 from servekit.structured.backend import GrammarMatcher
 
-__all__ = ["LLGuidanceBackend"]
+__all__ = ["LLGuidanceBackend", "structural_tag_lark"]
 
 # xgrammar's JSON is compact (no whitespace between tokens); llguidance is told the same, so
 # both backends produce the same outputs for the same tokens
@@ -89,6 +89,8 @@ class LLGuidanceBackend:
                 grammar = matcher.grammar_from_regex(spec.value)
             elif spec.kind == "grammar":
                 grammar = llg.grammar_from("grammar", spec.value)
+            elif spec.kind == "structural_tag":
+                grammar = llg.grammar_from("lark", structural_tag_lark(spec))
             else:  # choice: a JSON list of strings
                 grammar = llg.grammar_from("choice", json.dumps(json.loads(spec.value)))
         except Exception as exc:  # malformed input: ValueError and friends
@@ -103,6 +105,35 @@ class LLGuidanceBackend:
         self._fill(self._executor,
                    [(m.inner, i) for i, m in enumerate(matchers)],  # type: ignore[attr-defined]
                    bitmask)
+
+
+def structural_tag_lark(spec: GuidedDecoding) -> str:
+    """The Lark grammar of a ``structural_tag`` constraint, as llguidance's
+    ``StructTag.to_grammar`` writes it (free text up to a trigger, a lazy lexeme, then the
+    tag), plus xgrammar's ``at_least_one`` and ``stop_after_first``. Triggers are text, not
+    special tokens; each tag's JSON uses the same separators as the other JSON constraints."""
+    value = spec.tag_spec()
+    lines = ["%llguidance {}", "tag_end: TAG_TEXT", r"TAG_TEXT: /(.|\n)*/"]
+    tagged, first = [], []
+    for i, tag in enumerate(value["structures"]):
+        schema = tag["schema"]
+        if isinstance(schema, dict):
+            schema = {**schema, "x-guidance": _JSON_OPTIONS}
+        body = f"%json {json.dumps(schema)}" + (f" {json.dumps(tag['end'])}" if tag["end"] else "")
+        rest = tag["begin"][len(tag["trigger"]):]
+        lines.append(f"tag_{i}_trig[lazy]: TAG_TEXT {json.dumps(tag['trigger'])}")
+        lines.append(f"tag_{i}: tag_{i}_trig {json.dumps(rest) if rest else ''} {body}")
+        lines.append(f"first_{i}: {json.dumps(tag['begin'])} {body}")
+        tagged.append(f"tag_{i}")
+        first.append(f"first_{i}")
+    tags, firsts = " | ".join(tagged), " | ".join(first)
+    once = value["stop_after_first"]
+    if value["at_least_one"]:
+        start = f"({firsts})" if once else f"({firsts}) ({tags})* tag_end"
+    else:
+        start = f"({tags}) | tag_end" if once else f"({tags})* tag_end"
+    lines.insert(1, f"start: {start}")
+    return "\n".join(lines) + "\n"
 
 
 def _first_line(exc: BaseException | str) -> str:

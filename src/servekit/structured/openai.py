@@ -7,7 +7,7 @@ from typing import Any
 
 from servekit.sched.params import GuidedDecoding, InvalidParameterError
 
-__all__ = ["guided_from_response_format"]
+__all__ = ["guided_from_response_format", "response_format_param"]
 
 
 def guided_from_response_format(response_format: Mapping[str, Any] | None) -> GuidedDecoding | None:
@@ -15,8 +15,11 @@ def guided_from_response_format(response_format: Mapping[str, Any] | None) -> Gu
 
     ``{"type": "json_object"}`` is any JSON object; ``{"type": "json_schema", "json_schema":
     {"name": ..., "schema": {...}, "strict": bool}}`` follows the schema (always enforced: a
-    non-strict schema is enforced too, which OpenAI allows). Errors name the field, e.g.
-    ``response_format.json_schema.schema``.
+    non-strict schema is enforced too, which OpenAI allows); ``{"type": "structural_tag",
+    "structures": [{"begin", "schema", "end"}], "triggers": [...]}`` (vLLM's and SGLang's
+    shape, plus servekit's optional ``at_least_one`` and ``stop_after_first``) is free text
+    whose tagged regions follow their schemas (:meth:`GuidedDecoding.structural_tag`). Errors
+    name the field, e.g. ``response_format.json_schema.schema``.
     """
     if response_format is None:
         return None
@@ -27,9 +30,12 @@ def guided_from_response_format(response_format: Mapping[str, Any] | None) -> Gu
         return None
     if kind == "json_object":
         return GuidedDecoding.json_object()
+    if kind == "structural_tag":
+        return _structural_tag(response_format)
     if kind != "json_schema":
         raise InvalidParameterError(
-            "response_format.type", f"must be text, json_object or json_schema, got {kind!r}")
+            "response_format.type",
+            f"must be text, json_object, json_schema or structural_tag, got {kind!r}")
     spec = response_format.get("json_schema")
     if not isinstance(spec, Mapping):
         raise InvalidParameterError("response_format.json_schema", "must be an object")
@@ -48,3 +54,27 @@ def guided_from_response_format(response_format: Mapping[str, Any] | None) -> Gu
     except InvalidParameterError as exc:
         raise InvalidParameterError("response_format.json_schema.schema",
                                     str(exc).split(": ", 1)[-1]) from exc
+
+
+def _structural_tag(response_format: Mapping[str, Any]) -> GuidedDecoding:
+    structures = response_format.get("structures")
+    if not isinstance(structures, list):
+        raise InvalidParameterError("response_format.structures", "must be a list")
+    try:
+        return GuidedDecoding.structural_tag(
+            structures, response_format.get("triggers") or [],
+            at_least_one=response_format.get("at_least_one", False),
+            stop_after_first=response_format.get("stop_after_first", False))
+    except InvalidParameterError as exc:
+        raise InvalidParameterError(response_format_param(exc.param),
+                                    str(exc).split(": ", 1)[-1]) from exc
+
+
+def response_format_param(param: str) -> str:
+    """The ``response_format`` field a ``guided.structural_tag...`` error is about (the API
+    calls the tags ``structures``); other names unchanged."""
+    if param.startswith("guided.structural_tag.tags"):
+        return "response_format.structures" + param[len("guided.structural_tag.tags"):]
+    if param.startswith("guided.structural_tag"):
+        return "response_format" + param[len("guided.structural_tag"):]
+    return param

@@ -78,13 +78,36 @@ class XGrammarBackend:
                 grammar = c.compile_regex(spec.value)
             elif spec.kind == "grammar":
                 grammar = c.compile_grammar(spec.value)
+            elif spec.kind == "structural_tag":
+                grammar = c.compile_structural_tag(json.dumps(self._structural_tag(spec)))
             else:  # choice
                 alternatives = " | ".join(json.dumps(s, ensure_ascii=False)
                                           for s in json.loads(spec.value))
                 grammar = c.compile_grammar(f"root ::= {alternatives}")
+        except InvalidParameterError:
+            raise
         except Exception as exc:  # xgrammar raises RuntimeError / ValueError subtypes
             raise InvalidParameterError(f"guided.{spec.kind}", _first_line(exc)) from exc
         return _Compiled(self._xgr, grammar, spec.kind in ("json_schema", "json_object"))
+
+    def _structural_tag(self, spec: GuidedDecoding) -> dict[str, Any]:
+        """xgrammar's ``triggered_tags`` structural tag; each tag's JSON is compact (the
+        grammar of ``compile_json_schema(any_whitespace=False)``), as llguidance's."""
+        value = spec.tag_spec()
+        tags = []
+        for i, tag in enumerate(value["structures"]):
+            try:
+                body = self._xgr.Grammar.from_json_schema(json.dumps(tag["schema"]),
+                                                          any_whitespace=False)
+            except Exception as exc:
+                raise InvalidParameterError(f"guided.structural_tag.tags[{i}].schema",
+                                            _first_line(exc)) from exc
+            tags.append({"type": "tag", "begin": tag["begin"], "end": tag["end"],
+                         "content": {"type": "grammar", "grammar": str(body)}})
+        return {"type": "structural_tag", "format": {
+            "type": "triggered_tags", "triggers": value["triggers"], "tags": tags,
+            "at_least_one": value["at_least_one"],
+            "stop_after_first": value["stop_after_first"]}}
 
     def fill_bitmask(self, matchers: Sequence[GrammarMatcher], bitmask: torch.Tensor) -> None:
         """Fill ``bitmask[i]`` for ``matchers[i]`` (xgrammar's matchers, in parallel)."""

@@ -75,6 +75,12 @@ def test_stream_is_ndjson_of_chunks(http: tuple[str, FakeEngine, Any]) -> None:
      "chat.messages[0].rolle"),
     ({"model": "fake", "prompt": "x", "maxTokens": 1.5}, AUTH, 400, "max_tokens"),
     ({"model": "nope", "prompt": "x"}, AUTH, 404, None),
+    ({"model": "fake", "chat": {"messages": [{"role": "user", "content": "x"}]},
+      "tools": [{"type": "function", "function": {"name": "f"}}],
+      "toolChoice": {"function": "g"}}, AUTH, 400, "tool_choice.function.name"),
+    ({"model": "fake", "prompt": "x", "responseFormat": {
+        "type": "json_schema", "jsonSchema": {"name": "s", "schema": "{oops"}}}, AUTH, 400,
+     "response_format.json_schema.schema"),
 ])
 def test_errors_are_rpc_status_json(http: tuple[str, FakeEngine, Any], body: dict[str, Any],
                                     headers: dict[str, str], status: int,

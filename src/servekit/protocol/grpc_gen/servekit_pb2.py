@@ -27,7 +27,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)servekit/protocol/grpc_gen/servekit.proto\x12\x0bservekit.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17google/rpc/status.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"2\n\x04\x43hat\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.servekit.v1.ChatMessage\"\xee\x04\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x31\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x15.servekit.v1.TokenIdsH\x00\x12!\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x11.servekit.v1.ChatH\x00\x12\x17\n\nmax_tokens\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x08 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\t \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\x0e \x03(\t\x12\x11\n\x04seed\x18\x0f \x01(\x03H\t\x88\x01\x01\x12\t\n\x01n\x18\x10 \x01(\x05\x12\x15\n\x08logprobs\x18\x11 \x01(\x05H\n\x88\x01\x01\x12\x12\n\nignore_eos\x18\x12 \x01(\x08\x12\x0c\n\x04user\x18\x13 \x01(\tB\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.servekit.v1.TopLogprob\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\x97\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.servekit.v1.FinishReason\x12+\n\x08logprobs\x18\x05 \x03(\x0b\x32\x19.servekit.v1.TokenLogprob\"\x87\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12$\n\x07\x63hoices\x18\x04 \x03(\x0b\x32\x13.servekit.v1.Choice\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.servekit.v1.Usage\"\xfc\x01\n\rGenerateChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.servekit.v1.FinishReason\x12+\n\x08logprobs\x18\x06 \x03(\x0b\x32\x19.servekit.v1.TokenLogprob\x12!\n\x05usage\x18\x07 \x01(\x0b\x32\x12.servekit.v1.Usage\x12\r\n\x05\x66inal\x18\x08 \x01(\x08\x12\r\n\x05model\x18\t \x01(\t\x12\x0f\n\x07\x63reated\x18\n \x01(\x03\"\x1c\n\x06\x43\x61ncel\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"q\n\x0eSessionRequest\x12\x30\n\x08generate\x18\x01 \x01(\x0b\x32\x1c.servekit.v1.GenerateRequestH\x00\x12%\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x13.servekit.v1.CancelH\x00\x42\x06\n\x04kind\"\x8e\x01\n\x0fSessionResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\x12+\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x1a.servekit.v1.GenerateChunkH\x00\x12#\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x06\n\x04kind*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xa6\x02\n\nGeneration\x12`\n\x08Generate\x12\x1c.servekit.v1.GenerateRequest\x1a\x1d.servekit.v1.GenerateResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/generate:\x01*\x12l\n\x0eGenerateStream\x12\x1c.servekit.v1.GenerateRequest\x1a\x1a.servekit.v1.GenerateChunk\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/generate:stream:\x01*0\x01\x12H\n\x07Session\x12\x1b.servekit.v1.SessionRequest\x1a\x1c.servekit.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)servekit/protocol/grpc_gen/servekit.proto\x12\x0bservekit.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17google/rpc/status.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"{\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12)\n\ntool_calls\x18\x04 \x03(\x0b\x32\x15.servekit.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"`\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12+\n\x08\x66unction\x18\x03 \x01(\x0b\x32\x19.servekit.v1.FunctionCall\x12\r\n\x05index\x18\x04 \x01(\r\"/\n\x0c\x46unctionCall\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\targuments\x18\x02 \x01(\t\"G\n\x04Tool\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x31\n\x08\x66unction\x18\x02 \x01(\x0b\x32\x1f.servekit.v1.FunctionDefinition\"[\n\x12\x46unctionDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\":\n\nToolChoice\x12\x0e\n\x04mode\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"\xc4\x01\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x32\n\x0bjson_schema\x18\x02 \x01(\x0b\x32\x1d.servekit.v1.JsonSchemaFormat\x12.\n\nstructures\x18\x03 \x03(\x0b\x32\x1a.servekit.v1.StructuralTag\x12\x10\n\x08triggers\x18\x04 \x03(\t\x12\x14\n\x0c\x61t_least_one\x18\x05 \x01(\x08\x12\x18\n\x10stop_after_first\x18\x06 \x01(\x08\";\n\rStructuralTag\x12\r\n\x05\x62\x65gin\x18\x01 \x01(\t\x12\x0e\n\x06schema\x18\x02 \x01(\t\x12\x0b\n\x03\x65nd\x18\x03 \x01(\t\"U\n\x10JsonSchemaFormat\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06schema\x18\x02 \x01(\t\x12\x0e\n\x06strict\x18\x03 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"2\n\x04\x43hat\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.servekit.v1.ChatMessage\"\xae\x06\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x31\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x15.servekit.v1.TokenIdsH\x00\x12!\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x11.servekit.v1.ChatH\x00\x12\x17\n\nmax_tokens\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x08 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\t \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\x0e \x03(\t\x12\x11\n\x04seed\x18\x0f \x01(\x03H\t\x88\x01\x01\x12\t\n\x01n\x18\x10 \x01(\x05\x12\x15\n\x08logprobs\x18\x11 \x01(\x05H\n\x88\x01\x01\x12\x12\n\nignore_eos\x18\x12 \x01(\x08\x12\x0c\n\x04user\x18\x13 \x01(\t\x12\x34\n\x0fresponse_format\x18\x14 \x01(\x0b\x32\x1b.servekit.v1.ResponseFormat\x12 \n\x05tools\x18\x15 \x03(\x0b\x32\x11.servekit.v1.Tool\x12,\n\x0btool_choice\x18\x16 \x01(\x0b\x32\x17.servekit.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x17 \x01(\x08H\x0b\x88\x01\x01\x42\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x16\n\x14_parallel_tool_calls\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.servekit.v1.TopLogprob\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\xc2\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.servekit.v1.FinishReason\x12+\n\x08logprobs\x18\x05 \x03(\x0b\x32\x19.servekit.v1.TokenLogprob\x12)\n\ntool_calls\x18\x06 \x03(\x0b\x32\x15.servekit.v1.ToolCall\"\x87\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12$\n\x07\x63hoices\x18\x04 \x03(\x0b\x32\x13.servekit.v1.Choice\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.servekit.v1.Usage\"\xa7\x02\n\rGenerateChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.servekit.v1.FinishReason\x12+\n\x08logprobs\x18\x06 \x03(\x0b\x32\x19.servekit.v1.TokenLogprob\x12!\n\x05usage\x18\x07 \x01(\x0b\x32\x12.servekit.v1.Usage\x12\r\n\x05\x66inal\x18\x08 \x01(\x08\x12\r\n\x05model\x18\t \x01(\t\x12\x0f\n\x07\x63reated\x18\n \x01(\x03\x12)\n\ntool_calls\x18\x0b \x03(\x0b\x32\x15.servekit.v1.ToolCall\"\x1c\n\x06\x43\x61ncel\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"q\n\x0eSessionRequest\x12\x30\n\x08generate\x18\x01 \x01(\x0b\x32\x1c.servekit.v1.GenerateRequestH\x00\x12%\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x13.servekit.v1.CancelH\x00\x42\x06\n\x04kind\"\x8e\x01\n\x0fSessionResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\x12+\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x1a.servekit.v1.GenerateChunkH\x00\x12#\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x06\n\x04kind*\xaf\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x05\x32\xa6\x02\n\nGeneration\x12`\n\x08Generate\x12\x1c.servekit.v1.GenerateRequest\x1a\x1d.servekit.v1.GenerateResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/generate:\x01*\x12l\n\x0eGenerateStream\x12\x1c.servekit.v1.GenerateRequest\x1a\x1a.servekit.v1.GenerateChunk\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/generate:stream:\x01*0\x01\x12H\n\x07Session\x12\x1b.servekit.v1.SessionRequest\x1a\x1c.servekit.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,34 +38,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATION'].methods_by_name['Generate']._serialized_options = b'\202\323\344\223\002\021\"\014/v1/generate:\001*'
   _globals['_GENERATION'].methods_by_name['GenerateStream']._loaded_options = None
   _globals['_GENERATION'].methods_by_name['GenerateStream']._serialized_options = b'\202\323\344\223\002\030\"\023/v1/generate:stream:\001*'
-  _globals['_FINISHREASON']._serialized_start=1955
-  _globals['_FINISHREASON']._serialized_end=2100
+  _globals['_FINISHREASON']._serialized_start=3018
+  _globals['_FINISHREASON']._serialized_end=3193
   _globals['_TOKENIDS']._serialized_start=113
   _globals['_TOKENIDS']._serialized_end=136
   _globals['_CHATMESSAGE']._serialized_start=138
-  _globals['_CHATMESSAGE']._serialized_end=196
-  _globals['_CHAT']._serialized_start=198
-  _globals['_CHAT']._serialized_end=248
-  _globals['_GENERATEREQUEST']._serialized_start=251
-  _globals['_GENERATEREQUEST']._serialized_end=873
-  _globals['_TOPLOGPROB']._serialized_start=875
-  _globals['_TOPLOGPROB']._serialized_end=922
-  _globals['_TOKENLOGPROB']._serialized_start=924
-  _globals['_TOKENLOGPROB']._serialized_end=1011
-  _globals['_USAGE']._serialized_start=1013
-  _globals['_USAGE']._serialized_end=1115
-  _globals['_CHOICE']._serialized_start=1118
-  _globals['_CHOICE']._serialized_end=1269
-  _globals['_GENERATERESPONSE']._serialized_start=1272
-  _globals['_GENERATERESPONSE']._serialized_end=1407
-  _globals['_GENERATECHUNK']._serialized_start=1410
-  _globals['_GENERATECHUNK']._serialized_end=1662
-  _globals['_CANCEL']._serialized_start=1664
-  _globals['_CANCEL']._serialized_end=1692
-  _globals['_SESSIONREQUEST']._serialized_start=1694
-  _globals['_SESSIONREQUEST']._serialized_end=1807
-  _globals['_SESSIONRESPONSE']._serialized_start=1810
-  _globals['_SESSIONRESPONSE']._serialized_end=1952
-  _globals['_GENERATION']._serialized_start=2103
-  _globals['_GENERATION']._serialized_end=2397
+  _globals['_CHATMESSAGE']._serialized_end=261
+  _globals['_TOOLCALL']._serialized_start=263
+  _globals['_TOOLCALL']._serialized_end=359
+  _globals['_FUNCTIONCALL']._serialized_start=361
+  _globals['_FUNCTIONCALL']._serialized_end=408
+  _globals['_TOOL']._serialized_start=410
+  _globals['_TOOL']._serialized_end=481
+  _globals['_FUNCTIONDEFINITION']._serialized_start=483
+  _globals['_FUNCTIONDEFINITION']._serialized_end=574
+  _globals['_TOOLCHOICE']._serialized_start=576
+  _globals['_TOOLCHOICE']._serialized_end=634
+  _globals['_RESPONSEFORMAT']._serialized_start=637
+  _globals['_RESPONSEFORMAT']._serialized_end=833
+  _globals['_STRUCTURALTAG']._serialized_start=835
+  _globals['_STRUCTURALTAG']._serialized_end=894
+  _globals['_JSONSCHEMAFORMAT']._serialized_start=896
+  _globals['_JSONSCHEMAFORMAT']._serialized_end=981
+  _globals['_CHAT']._serialized_start=983
+  _globals['_CHAT']._serialized_end=1033
+  _globals['_GENERATEREQUEST']._serialized_start=1036
+  _globals['_GENERATEREQUEST']._serialized_end=1850
+  _globals['_TOPLOGPROB']._serialized_start=1852
+  _globals['_TOPLOGPROB']._serialized_end=1899
+  _globals['_TOKENLOGPROB']._serialized_start=1901
+  _globals['_TOKENLOGPROB']._serialized_end=1988
+  _globals['_USAGE']._serialized_start=1990
+  _globals['_USAGE']._serialized_end=2092
+  _globals['_CHOICE']._serialized_start=2095
+  _globals['_CHOICE']._serialized_end=2289
+  _globals['_GENERATERESPONSE']._serialized_start=2292
+  _globals['_GENERATERESPONSE']._serialized_end=2427
+  _globals['_GENERATECHUNK']._serialized_start=2430
+  _globals['_GENERATECHUNK']._serialized_end=2725
+  _globals['_CANCEL']._serialized_start=2727
+  _globals['_CANCEL']._serialized_end=2755
+  _globals['_SESSIONREQUEST']._serialized_start=2757
+  _globals['_SESSIONREQUEST']._serialized_end=2870
+  _globals['_SESSIONRESPONSE']._serialized_start=2873
+  _globals['_SESSIONRESPONSE']._serialized_end=3015
+  _globals['_GENERATION']._serialized_start=3196
+  _globals['_GENERATION']._serialized_end=3490
 # @@protoc_insertion_point(module_scope)

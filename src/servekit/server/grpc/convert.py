@@ -7,15 +7,26 @@ either way in.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from servekit._optional import require
 from servekit.engine.outputs import RequestOutput, TokenLogprob
 from servekit.limit.keys import ApiKey
 from servekit.protocol.errors import InvalidRequestError, StatusError
-from servekit.sched.params import InvalidParameterError, SamplingParams
+from servekit.sched.params import GuidedDecoding, InvalidParameterError, SamplingParams
 from servekit.server.service import GenerationService, Job
+from servekit.server.tools import (
+    NO_TOOLS,
+    ToolOutputs,
+    ToolPlan,
+    compile_guided,
+    plan_tool_fields,
+    template_messages,
+)
+from servekit.structured.openai import guided_from_response_format
+from servekit.structured.tools import ToolCall
 
 require("google.protobuf", "grpc")
 from servekit.protocol.grpc_gen import servekit_pb2 as pb  # noqa: E402
@@ -28,6 +39,7 @@ FINISH_REASONS: dict[str | None, pb.FinishReason] = {
     "length": pb.FINISH_REASON_LENGTH,
     "abort": pb.FINISH_REASON_ABORT,
     "error": pb.FINISH_REASON_ERROR,
+    "tool_calls": pb.FINISH_REASON_TOOL_CALLS,
 }
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 MAX_CHOICES = 16
@@ -36,19 +48,32 @@ MAX_STOP = 16
 DEFAULT_PROMPT_MAX_TOKENS = 16
 
 
-async def build_job(service: GenerationService, req: Any, key: ApiKey | None) -> Job:
-    """Validate a ``GenerateRequest`` and turn it into a job (not yet admitted).
+async def build_job(service: GenerationService, req: Any, key: ApiKey | None
+                    ) -> tuple[Job, ToolPlan]:
+    """Validate a ``GenerateRequest`` and turn it into a job (not yet admitted) and the plan of
+    its tool fields (what the encoders parse calls with).
 
     Raises the server's API errors: 400 naming the field, 404 for an unknown model, 503 when the
-    server is not accepting requests.
+    server is not accepting requests. ``response_format``, ``tools`` and ``tool_choice`` are
+    validated and compiled by the HTTP API's own code (``servekit.server.tools``).
     """
     if not req.model:
         raise InvalidRequestError("Missing required parameter: 'model'", param="model")
     service.check_model(req.model)
     kind = req.WhichOneof("input")
     default_max: int | None = DEFAULT_PROMPT_MAX_TOKENS
+    plan = NO_TOOLS
+    tools, choice = _tools(req), _tool_choice(req)
+    if kind != "chat" and (tools or choice is not None):
+        field = "tools" if tools else "tool_choice"
+        raise InvalidRequestError(f"'{field}' needs a chat request", param=field)
+    response_format = _response_format(req)
     if kind == "chat":
-        ids = await service.encode_chat(_messages(req.chat.messages))
+        if tools or choice is not None:
+            plan = await plan_tool_fields(
+                tools, choice, _opt(req, "parallel_tool_calls", None), response_format,
+                service.chat_template())
+        ids = await service.encode_chat(_messages(req.chat.messages), plan.prompt_tools)
         default_max = None
     elif kind == "prompt":
         if not req.prompt:
@@ -74,9 +99,74 @@ async def build_job(service: GenerationService, req: Any, key: ApiKey | None) ->
     requested = req.max_tokens if req.HasField("max_tokens") else default_max
     max_tokens = service.resolve_max_tokens(requested, len(ids), "max_tokens")
     seed = req.seed if req.HasField("seed") else None
-    choices = [(0, sampling_params(req, max_tokens, None if seed is None else seed + j))
+    guided = plan.guided or _guided(response_format)
+    choices = [(0, sampling_params(req, max_tokens, None if seed is None else seed + j, guided))
                for j in range(n)]
-    return Job(service.new_request_id("gen"), req.model, key, [ids], choices)
+    await compile_guided(service.engine, guided, "tools" if plan.guided is not None else None)
+    return Job(service.new_request_id("gen"), req.model, key, [ids], choices), plan
+
+
+def _json_text(text: str, param: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise InvalidRequestError(f"Invalid value for '{param}': not JSON text: {exc}",
+                                  param=param) from exc
+
+
+def _response_format(req: Any) -> dict[str, Any] | None:
+    """``response_format`` in OpenAI's shape (its schema parsed), for the shared validation."""
+    if not req.HasField("response_format"):
+        return None
+    rf = req.response_format
+    out: dict[str, Any] = {"type": rf.type}
+    if rf.HasField("json_schema"):
+        js = rf.json_schema
+        spec: dict[str, Any] = {"name": js.name, "strict": js.strict}
+        if js.schema:
+            spec["schema"] = _json_text(js.schema, "response_format.json_schema.schema")
+        out["json_schema"] = spec
+    if rf.type == "structural_tag":
+        out.update(triggers=list(rf.triggers), at_least_one=rf.at_least_one,
+                   stop_after_first=rf.stop_after_first, structures=[
+                       {"begin": t.begin, "end": t.end,
+                        "schema": _json_text(t.schema or "{}",
+                                             f"response_format.structures[{i}].schema")}
+                       for i, t in enumerate(rf.structures)])
+    return out
+
+
+def _guided(response_format: Mapping[str, Any] | None) -> GuidedDecoding | None:
+    try:
+        return guided_from_response_format(response_format)
+    except InvalidParameterError as exc:
+        raise InvalidRequestError(f"Invalid value for '{exc.param}': "
+                                  f"{str(exc).split(': ', 1)[-1]}", param=exc.param) from exc
+
+
+def _tools(req: Any) -> list[dict[str, Any]]:
+    """``tools`` in OpenAI's shape (parameters parsed); the shared validation checks the rest."""
+    out = []
+    for i, tool in enumerate(req.tools):
+        fn: dict[str, Any] = {"name": tool.function.name}
+        if tool.function.description:
+            fn["description"] = tool.function.description
+        if tool.function.parameters:
+            fn["parameters"] = _json_text(tool.function.parameters,
+                                          f"tools[{i}].function.parameters")
+        out.append({"type": tool.type, "function": fn})
+    return out
+
+
+def _tool_choice(req: Any) -> str | dict[str, Any] | None:
+    if not req.HasField("tool_choice"):
+        return None
+    which = req.tool_choice.WhichOneof("choice")
+    if which == "mode":
+        return str(req.tool_choice.mode)
+    if which == "function":
+        return {"type": "function", "function": {"name": req.tool_choice.function}}
+    return None
 
 
 def _messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
@@ -87,18 +177,19 @@ def _messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
         if m.role not in ROLES:
             raise InvalidRequestError(f"chat.messages[{i}].role must be one of {sorted(ROLES)}, "
                                   f"got {m.role!r}", param=f"chat.messages[{i}].role")
-        message: dict[str, Any] = {"role": m.role, "content": m.content}
-        if m.name:
-            message["name"] = m.name
-        out.append(message)
-    return out
+        out.append({"role": m.role, "content": m.content, "name": m.name,
+                    "tool_call_id": m.tool_call_id,
+                    "tool_calls": [{"id": c.id, "name": c.function.name,
+                                    "arguments": c.function.arguments} for c in m.tool_calls]})
+    return template_messages(out, root="chat.messages", at="[{}]")
 
 
 def _opt(req: Any, name: str, default: Any) -> Any:
     return getattr(req, name) if req.HasField(name) else default
 
 
-def sampling_params(req: Any, max_tokens: int, seed: int | None) -> SamplingParams:
+def sampling_params(req: Any, max_tokens: int, seed: int | None,
+                    guided: GuidedDecoding | None = None) -> SamplingParams:
     """The request's SamplingParams; an out-of-range value is a 400 naming the field."""
     try:
         return SamplingParams(
@@ -114,6 +205,7 @@ def sampling_params(req: Any, max_tokens: int, seed: int | None) -> SamplingPara
             logprobs=_opt(req, "logprobs", None),
             stop=tuple(req.stop),
             ignore_eos=req.ignore_eos,
+            guided=guided,
         )
     except InvalidParameterError as exc:
         raise InvalidRequestError(str(exc), param=exc.param) from exc
@@ -138,24 +230,48 @@ def _logprobs(items: Sequence[TokenLogprob]) -> list[Any]:
             for lp in items]
 
 
+def _tool_calls(calls: Sequence[tuple[int, ToolCall]]) -> list[Any]:
+    return [pb.ToolCall(id=c.id, type="function", index=index,
+                        function=pb.FunctionCall(name=c.name, arguments=c.arguments))
+            for index, c in calls]
+
+
+def _outputs(job: Job, plan: ToolPlan) -> ToolOutputs | None:
+    return (None if plan.parser is None
+            else ToolOutputs(plan.parser, len(job.choices), plan.parallel))
+
+
 class ChunkEncoder:
-    """One ``GenerateChunk`` per delta; the first carries model and created, :meth:`final` usage."""
+    """One ``GenerateChunk`` per delta; the first carries model and created, :meth:`final` usage.
 
-    __slots__ = ("_first", "_id", "job")
+    With a tool parser in ``plan``, a chunk's ``text`` is content only and the calls a delta
+    completed go out whole in ``tool_calls`` (the HTTP stream's :class:`ToolOutputs`).
+    """
 
-    def __init__(self, job: Job) -> None:
+    __slots__ = ("_first", "_id", "_tools", "job")
+
+    def __init__(self, job: Job, plan: ToolPlan = NO_TOOLS) -> None:
         self.job = job
         self._id = job.request_id
         self._first = True
+        self._tools = _outputs(job, plan)
 
     def chunk(self, i: int, out: RequestOutput) -> Any:
         """The chunk of choice ``i``'s delta ``out`` (raises on an engine failure)."""
         if out.finish_reason == "error":
             check_output(out)
-        msg = pb.GenerateChunk(id=self._id, index=i, text=out.new_text,
-                               token_ids=out.new_token_ids)
+        tools = self._tools
+        if tools is None:
+            msg = pb.GenerateChunk(id=self._id, index=i, text=out.new_text,
+                                   token_ids=out.new_token_ids)
+            reason = out.finish_reason
+        else:
+            content, calls = tools.feed(i, out.new_text, out.finished)
+            msg = pb.GenerateChunk(id=self._id, index=i, text=content,
+                                   token_ids=out.new_token_ids, tool_calls=_tool_calls(calls))
+            reason = ToolOutputs.finish_reason(out.finish_reason, tools.sent(i))
         if out.finished:
-            msg.finish_reason = FINISH_REASONS.get(out.finish_reason, pb.FINISH_REASON_STOP)
+            msg.finish_reason = FINISH_REASONS.get(reason, pb.FINISH_REASON_STOP)
         if out.logprobs:
             msg.logprobs.extend(_logprobs(out.logprobs))
         if self._first:
@@ -187,10 +303,11 @@ def _final_reason(reason: str | None) -> pb.FinishReason:
 class ResponseBuilder:
     """Accumulates every choice's deltas into one ``GenerateResponse``."""
 
-    __slots__ = ("_logprobs", "_texts", "_tokens", "job")
+    __slots__ = ("_logprobs", "_texts", "_tokens", "_tools", "job")
 
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: Job, plan: ToolPlan = NO_TOOLS) -> None:
         self.job = job
+        self._tools = _outputs(job, plan)
         n = len(job.choices)
         self._texts: list[list[str]] = [[] for _ in range(n)]
         self._tokens: list[list[int]] = [[] for _ in range(n)]
@@ -207,11 +324,19 @@ class ResponseBuilder:
     def response(self) -> Any:
         """The whole response (after the job ran)."""
         job = self.job
-        choices = [
-            pb.Choice(index=i, text="".join(self._texts[i]), token_ids=self._tokens[i],
-                      finish_reason=_final_reason(job.finish_reasons[i]),
-                      logprobs=_logprobs(self._logprobs[i]))
-            for i in range(len(job.choices))
-        ]
+        choices = [self._choice(i) for i in range(len(job.choices))]
         return pb.GenerateResponse(id=job.request_id, model=job.model, created=job.created,
                                    choices=choices, usage=usage_message(job))
+
+    def _choice(self, i: int) -> Any:
+        text, reason = "".join(self._texts[i]), self.job.finish_reasons[i]
+        choice = pb.Choice(index=i, text=text, token_ids=self._tokens[i],
+                           finish_reason=_final_reason(reason),
+                           logprobs=_logprobs(self._logprobs[i]))
+        if self._tools is not None:
+            content, calls = self._tools.parse(text)
+            choice.text = content
+            choice.tool_calls.extend(_tool_calls(list(enumerate(calls))))
+            if reason is not None:
+                choice.finish_reason = FINISH_REASONS[ToolOutputs.finish_reason(reason, len(calls))]
+        return choice

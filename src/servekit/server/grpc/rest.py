@@ -29,6 +29,7 @@ from servekit.server.grpc.convert import ChunkEncoder, ResponseBuilder, build_jo
 from servekit.server.grpc.service import as_api_error
 from servekit.server.grpc.status import http_status, metadata_headers, to_status
 from servekit.server.service import GenerationService, Job
+from servekit.server.tools import NO_TOOLS, ToolPlan
 
 require("fastapi", "server")
 require("google.protobuf", "grpc")
@@ -99,7 +100,8 @@ def parse_error_field(message: str) -> str | None:
     return _CAMEL.sub(lambda m: "_" + m.group(1).lower(), path)
 
 
-async def _prepare(service: GenerationService, request: Request, body: bytes) -> tuple[Job, dict[str, str]]:
+async def _prepare(service: GenerationService, request: Request, body: bytes
+                   ) -> tuple[Job, ToolPlan, dict[str, str]]:
     # inside the HTTP app, its middleware has authenticated /v1/* already
     key = request.scope.get("servekit.key", _NO_KEY)
     if key is _NO_KEY:
@@ -114,8 +116,8 @@ async def _prepare(service: GenerationService, request: Request, body: bytes) ->
         text = str(exc).split("\n")[0]
         raise InvalidRequestError(f"invalid request body: {text}",
                               param=parse_error_field(text)) from exc
-    job = await build_job(service, message, key)
-    return job, (await service.admit(job)).headers
+    job, plan = await build_job(service, message, key)
+    return job, plan, (await service.admit(job)).headers
 
 
 def _json(message: Any) -> bytes:
@@ -133,8 +135,8 @@ def error_response(exc: StatusError) -> Response:
 def _unary(service: GenerationService) -> Endpoint:
     async def generate(request: Request) -> Response:
         try:
-            job, headers = await _prepare(service, request, await request.body())
-            builder = ResponseBuilder(job)
+            job, plan, headers = await _prepare(service, request, await request.body())
+            builder = ResponseBuilder(job, plan)
             await service.run(job, builder.add)
         except Exception as exc:
             return error_response(as_api_error(exc))
@@ -146,10 +148,10 @@ def _unary(service: GenerationService) -> Endpoint:
 def _streaming(service: GenerationService) -> Endpoint:
     async def generate_stream(request: Request) -> Response:
         try:
-            job, headers = await _prepare(service, request, await request.body())
+            job, plan, headers = await _prepare(service, request, await request.body())
         except Exception as exc:
             return error_response(as_api_error(exc))
-        return ChunkStream(service, job, headers)
+        return ChunkStream(service, job, headers, plan)
 
     return generate_stream
 
@@ -161,8 +163,9 @@ class ChunkStream(Response):
     a client disconnect cancels the job (engine requests aborted, reservation settled).
     """
 
-    def __init__(self, service: GenerationService, job: Job, headers: dict[str, str]) -> None:
-        self.service, self.job, self.extra_headers = service, job, headers
+    def __init__(self, service: GenerationService, job: Job, headers: dict[str, str],
+                 plan: ToolPlan = NO_TOOLS) -> None:
+        self.service, self.job, self.extra_headers, self.plan = service, job, headers, plan
         self.background = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -177,7 +180,7 @@ class ChunkStream(Response):
         await send({"type": "http.response.start", "status": 200, "headers": headers})
 
     async def _stream(self, scope: Any, send: Any) -> None:
-        encoder = ChunkEncoder(self.job)
+        encoder = ChunkEncoder(self.job, self.plan)
         started = False
 
         async def line(message: Any) -> None:

@@ -24,6 +24,7 @@ from servekit.server.grpc.convert import ChunkEncoder, ResponseBuilder, build_jo
 from servekit.server.grpc.outbox import Outbox
 from servekit.server.grpc.status import grpc_code, to_status, trailing_metadata
 from servekit.server.service import GenerationService, Job
+from servekit.server.tools import ToolPlan
 
 grpc = require("grpc", "grpc")
 from google.protobuf.message import DecodeError  # noqa: E402
@@ -112,18 +113,19 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
                 break
         return self.service.authenticate(authorization)
 
-    async def _admit(self, request: Any, context: Any) -> tuple[Job, dict[str, str]]:
+    async def _admit(self, request: Any, context: Any
+                     ) -> tuple[Job, ToolPlan, dict[str, str]]:
         _check_decoded(request)
-        job = await build_job(self.service, request, self._caller(context))
-        return job, (await self.service.admit(job)).headers
+        job, plan = await build_job(self.service, request, self._caller(context))
+        return job, plan, (await self.service.admit(job)).headers
 
     async def Generate(self, request: Any, context: Any) -> Any:
         """Unary: the whole response."""
         try:
-            job, headers = await self._admit(request, context)
+            job, plan, headers = await self._admit(request, context)
             if headers:
                 await context.send_initial_metadata(_metadata(headers))
-            builder = ResponseBuilder(job)
+            builder = ResponseBuilder(job, plan)
             await self.service.run(job, builder.add)
             return builder.response()
         except Exception as exc:
@@ -132,12 +134,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
     async def GenerateStream(self, request: Any, context: Any) -> None:
         """Server streaming: the deltas as chunks, then the final chunk with the usage."""
         try:
-            job, headers = await self._admit(request, context)
+            job, plan, headers = await self._admit(request, context)
         except Exception as exc:
             await _abort(context, as_api_error(exc))
         if headers:
             await context.send_initial_metadata(_metadata(headers))
-        encoder = ChunkEncoder(job)
+        encoder = ChunkEncoder(job, plan)
         chunk, outbox = encoder.chunk, Outbox()
 
         encoders = [functools.partial(chunk, i) for i in range(len(job.choices))]
@@ -206,9 +208,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
         try:
             with scope:  # a Cancel message cancels it: the job is aborted and settled
                 try:
-                    job = await build_job(self.service, request, key)
+                    job, plan = await build_job(self.service, request, key)
                     await self.service.admit(job)
-                    encoder = ChunkEncoder(job)
+                    encoder = ChunkEncoder(job, plan)
                     chunk = encoder.chunk
 
                     def encode(i: int, out: RequestOutput) -> Any:

@@ -1,0 +1,39 @@
+"""``ToolOutputs`` (shared by the HTTP and gRPC encoders): streamed equals whole, any split."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from servekit.server.tools import ToolOutputs
+from servekit.structured.tools import HermesToolParser
+
+CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+OTHER = '<tool_call>\n{"name": "city", "arguments": {"c": "Rome"}}\n</tool_call>'
+PIECES = ["Sure. ", CALL, " then ", OTHER, "<tool_", "<tool_call>{bad}</tool_call>", "done"]
+
+
+@given(parts=st.lists(st.sampled_from(PIECES), max_size=6), cuts=st.lists(st.integers(0, 400)),
+       parallel=st.booleans())
+def test_streamed_content_and_calls_equal_the_whole_parse(
+        parts: list[str], cuts: list[int], parallel: bool) -> None:
+    text = "".join(parts)
+    bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
+    deltas = [text[a:b] for a, b in itertools.pairwise(bounds)] or [""]
+    outputs = ToolOutputs(HermesToolParser(), 1, parallel)
+    content, calls = "", []
+    for k, delta in enumerate(deltas):
+        got, new = outputs.feed(0, delta, finished=k == len(deltas) - 1)
+        content += got
+        calls += new
+    whole_content, whole_calls = ToolOutputs(HermesToolParser(), 1, parallel).parse(text)
+    assert content == whole_content
+    assert [(c.name, c.arguments) for _, c in calls] == [(c.name, c.arguments)
+                                                         for c in whole_calls]
+    assert [i for i, _ in calls] == list(range(len(calls)))  # indices number the calls
+    assert outputs.sent(0) == len(calls) and (parallel or len(calls) <= 1)
+    reason = ToolOutputs.finish_reason("stop", len(calls))
+    assert reason == ("tool_calls" if calls else "stop")
+    assert ToolOutputs.finish_reason("length", len(calls)) == "length"
