@@ -1,12 +1,16 @@
-"""Engines for the structured tests: the shipped demo model and a tiny seeded Llama."""
+"""Engines for the structured tests (the shipped demo model and a tiny seeded Llama) and a real
+server on the demo model."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+from tests.server.conftest import Running, serve
 
 pytest.importorskip("xgrammar", reason="needs servekit[structured]")
 
@@ -38,3 +42,20 @@ def make_engine(path: Path, **config: Any) -> Any:
     from servekit.engine.engine import LLMEngine
 
     return LLMEngine(path, config=EngineConfig(**config))
+
+
+MODEL = "servekit-demo"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Running]:
+    """A real server on the demo model (one per test module)."""
+    from servekit.engine import AsyncEngine, EngineConfig, LLMEngine
+    from servekit.server import create_app
+    from servekit.server.app import ServerConfig
+    from servekit.server.cli import DEMO_MODEL
+
+    engine = AsyncEngine(LLMEngine(str(DEMO_MODEL), config=EngineConfig(num_blocks=256)))
+    app = create_app(engine, config=ServerConfig(model_names=(MODEL,)))
+    with serve(app) as running:
+        yield running

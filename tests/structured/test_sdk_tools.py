@@ -3,34 +3,20 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Annotated, Any
 
 import anyio
 import httpx
 import jsonschema
-import pytest
 
 from servekit.client import AsyncClient, Client, function_tool
 from servekit.client.tools import ToolRun
 from servekit.client.types import Usage
-from servekit.engine import AsyncEngine, EngineConfig, LLMEngine
-from servekit.server import create_app
-from servekit.server.app import ServerConfig
-from servekit.server.cli import DEMO_MODEL
-from tests.server.conftest import Running, serve
+from tests.server.conftest import Running
 
 MODEL = "servekit-demo"
 USER = [{"role": "user", "content": "What is two plus three?"}]
 Small = Annotated[int, {"minimum": 0, "maximum": 99}]
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[Running]:
-    engine = AsyncEngine(LLMEngine(str(DEMO_MODEL), config=EngineConfig(num_blocks=256)))
-    app = create_app(engine, config=ServerConfig(model_names=(MODEL,)))
-    with serve(app) as running:
-        yield running
 
 
 def check_run(run: ToolRun, seen: list[dict[str, Any]], schema: dict[str, Any]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -12,11 +11,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from servekit.engine import AsyncEngine, EngineConfig, LLMEngine
-from servekit.server import create_app
-from servekit.server.app import ServerConfig
-from servekit.server.cli import DEMO_MODEL
-from tests.server.conftest import Running, serve
+from tests.server.conftest import Running
 
 MODEL = "servekit-demo"
 
@@ -25,14 +20,6 @@ class Character(BaseModel):
     name: str = Field(max_length=16)
     act: int = Field(ge=1, le=5)
     mood: str = Field(max_length=10)
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[Running]:
-    engine = AsyncEngine(LLMEngine(str(DEMO_MODEL), config=EngineConfig(num_blocks=256)))
-    app = create_app(engine, config=ServerConfig(model_names=(MODEL,)))
-    with serve(app) as running:
-        yield running
 
 
 def test_openai_parse_with_a_pydantic_model(server: Running) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -16,15 +15,13 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from servekit.engine import AsyncEngine, EngineConfig, LLMEngine
 from servekit.engine.outputs import RequestOutput
 from servekit.server import FakeEngine, create_app
 from servekit.server.app import ServerConfig
-from servekit.server.cli import DEMO_MODEL
 from servekit.server.responses import ToolChatEncoder
 from servekit.server.service import Job
 from servekit.structured.tools import HermesToolParser
-from tests.server.conftest import Running, free_port, serve
+from tests.server.conftest import Running, free_port
 from tests.structured.strategies import tool_parameters
 
 MODEL = "servekit-demo"
@@ -40,14 +37,6 @@ TOOLS = [WEATHER, ADD]
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 USER = [{"role": "user", "content": "Add two and three."}]
 NAMED = {"type": "function", "function": {"name": "add"}}
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[Running]:
-    engine = AsyncEngine(LLMEngine(str(DEMO_MODEL), config=EngineConfig(num_blocks=256)))
-    app = create_app(engine, config=ServerConfig(model_names=(MODEL,)))
-    with serve(app) as running:
-        yield running
 
 
 def chat(server: Running, **body: Any) -> httpx.Response:

@@ -28,6 +28,7 @@ from servekit.structured.tools import (
     ToolParser,
     _new_id,
     _partial_suffix,
+    call_from_object,
     guided_for_tool_choice,
 )
 
@@ -67,25 +68,11 @@ def _decode_objects(text: str, separator: str) -> list[Any] | None:
         values.append(value)
 
 
-def _call(obj: Any, keys: Sequence[str], new_id: Callable[[], str]) -> ToolCall | None:
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        return None
-    args: Any = next((obj[k] for k in keys if k in obj), {})
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except ValueError:
-            return None
-    if not isinstance(args, dict):
-        return None
-    return ToolCall(new_id(), obj["name"], json.dumps(args, ensure_ascii=False))
-
-
 def _calls(values: list[Any] | None, keys: Sequence[str],
            new_id: Callable[[], str]) -> list[ToolCall] | None:
     if not values:
         return None
-    calls = [_call(v, keys, new_id) for v in values]
+    calls = [call_from_object(v, keys, new_id) for v in values]
     return None if any(c is None for c in calls) else calls  # type: ignore[return-value]
 
 

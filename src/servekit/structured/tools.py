@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from attrs import frozen
@@ -44,22 +44,29 @@ def _new_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
-def _parse_call(body: str) -> ToolCall | None:
-    try:
-        obj = json.loads(body)
-    except ValueError:
-        return None
+def call_from_object(obj: Any, keys: Sequence[str] = ("arguments",),
+                     new_id: Callable[[], str] = _new_id) -> ToolCall | None:
+    """The call a decoded JSON object describes: ``{"name": ..., <key>: {...}}`` with the
+    arguments under the first of ``keys`` present (an object, or a JSON string of one, as some
+    models send); None when it is not a call."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
-    args = obj.get("arguments", {})
-    if isinstance(args, str):  # some models send the arguments as a JSON string
+    args: Any = next((obj[k] for k in keys if k in obj), {})
+    if isinstance(args, str):
         try:
             args = json.loads(args)
         except ValueError:
             return None
     if not isinstance(args, dict):
         return None
-    return ToolCall(_new_id(), obj["name"], json.dumps(args, ensure_ascii=False))
+    return ToolCall(new_id(), obj["name"], json.dumps(args, ensure_ascii=False))
+
+
+def _parse_call(body: str) -> ToolCall | None:
+    try:
+        return call_from_object(json.loads(body))
+    except ValueError:
+        return None
 
 
 class ToolStream(Protocol):
