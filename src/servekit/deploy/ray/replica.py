@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 from ray import serve
 
+from servekit.deploy.ray.autoscale import AUTOSCALING_METRICS
 from servekit.engine.outputs import RequestOutput
 from servekit.errors import ServekitError
 from servekit.kv.events import AllBlocksCleared, BlockRemoved, BlockStored
@@ -113,6 +114,12 @@ class EngineReplica:
         """``running``, ``waiting``, ``kv_usage`` and the ``requests`` this replica served."""
         return {**replica_load(self.engine), "requests": self.requests,
                 "replica": self.replica_id}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's autoscaler calls this: the engine's ``running``, ``waiting`` and
+        ``kv_usage`` (:mod:`servekit.deploy.ray.autoscale`)."""
+        load = replica_load(self.engine)
+        return {name: float(load[name]) for name in AUTOSCALING_METRICS}
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Ray Serve calls this every ``routing_stats_period`` s: the load and held blocks."""
