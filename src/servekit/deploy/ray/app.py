@@ -14,7 +14,7 @@ from ray import serve
 from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouterConfig
 
 from servekit.deploy.ray.autoscale import ServekitAutoscalingPolicy
-from servekit.deploy.ray.config import from_mapping, load_settings
+from servekit.deploy.ray.config import RAY_DEFAULT_ROUTER, from_mapping, load_settings
 from servekit.deploy.ray.ingress import OpenAIIngress
 from servekit.deploy.ray.replica import EngineReplica
 from servekit.deploy.ray.router import ServekitRequestRouter
@@ -45,14 +45,16 @@ def build_app(args: Mapping[str, Any] | argparse.Namespace | None = None) -> Any
                                   "prefix_blocks": args.prefix_blocks},
         "request_routing_stats_period_s": args.routing_stats_period,
     }
-    router = RequestRouterConfig(**router_options)
+    # "ray": Ray Serve's own default router (power of two choices on queue length)
+    router = ({} if args.routing_policy == RAY_DEFAULT_ROUTER
+              else {"request_router_config": RequestRouterConfig(**router_options)})
     # serve.deployment turns the classes into Deployments (the stubs keep the class type)
     scaling = ({"num_replicas": args.replicas} if args.max_replicas is None
                else {"autoscaling_config": autoscaling_config(args)})
     replica = cast(Any, EngineReplica).options(
         **scaling, max_ongoing_requests=args.max_ongoing_requests,
         ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus},
-        request_router_config=router,
+        **router,
     ).bind(settings)
     return cast(Any, OpenAIIngress).options(
         num_replicas=args.ingress_replicas, max_ongoing_requests=args.max_ongoing_requests,

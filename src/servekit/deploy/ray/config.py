@@ -29,7 +29,10 @@ from servekit.server.cli import build_plugins
 from servekit.server.config import SETTINGS, ConfigError, Setting, apply_config, build_checked
 from servekit.server.config import origin_of as _origin
 
-__all__ = ["ALL_SETTINGS", "RAY_SETTINGS", "check_settings", "load_settings"]
+__all__ = ["ALL_SETTINGS", "RAY_DEFAULT_ROUTER", "RAY_SETTINGS", "check_settings", "load_settings"]
+
+#: ``ray.routing_policy`` naming Ray Serve's own default router instead of servekit's.
+RAY_DEFAULT_ROUTER = "ray"
 
 #: The settings only ``servekit ray-serve`` takes.
 RAY_SETTINGS: tuple[Setting, ...] = (
@@ -122,7 +125,8 @@ def check_settings(args: argparse.Namespace) -> argparse.Namespace:
         raise ConfigError(f"{_origin(args, 'routing_stats_period')}: must be > 0 seconds, got "
                           f"{args.routing_stats_period}")
     _check_autoscaling(args)
-    build_checked(args, "routing_policy", lambda: make_routing_policy(args.routing_policy))
+    if args.routing_policy != RAY_DEFAULT_ROUTER:
+        build_checked(args, "routing_policy", lambda: make_routing_policy(args.routing_policy))
     if not args.fake and args.model is not None:
         model = Path(args.model)
         if not (model / "config.json").is_file():
