@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests._servers import require_module
 
@@ -151,3 +153,31 @@ def test_an_aborted_request_is_not_resumed() -> None:
     anyio.run(run)
     assert len(replicas.calls) == 1 and replicas.cancelled >= 1
     assert engine.num_live_requests == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 12), max_size=5), st.integers(1, 40))
+def test_any_failures_up_to_the_bound_leave_the_stream_whole(deaths: list[int],
+                                                              max_tokens: int) -> None:
+    """Whatever the schedule of replica deaths: within the bound the tokens, text and counts
+    are the uninterrupted run's; past it, a 503 and nothing left open."""
+    baseline = anyio.run(collect, ReplicaEngine(ScriptedReplicas([]), INFO), max_tokens)
+    # a death after the stream's last delta never happens: that call finishes first
+    replicas = ScriptedReplicas(list(deaths))
+    engine = ReplicaEngine(replicas, INFO)
+    calls_needed, sent = 0, 0
+    for d in deaths:
+        if sent + d >= max_tokens:
+            break
+        calls_needed, sent = calls_needed + 1, sent + d
+    if calls_needed > engine.max_failovers:
+        with pytest.raises(ServiceUnavailableError):
+            anyio.run(collect, engine, max_tokens)
+    else:
+        outs = anyio.run(collect, engine, max_tokens)
+        assert [t for o in outs for t in o.new_token_ids] == \
+            [t for o in baseline for t in o.new_token_ids]
+        assert "".join(o.new_text for o in outs) == "".join(o.new_text for o in baseline)
+        assert outs[-1].num_output_tokens == max_tokens and outs[-1].finish_reason == "length"
+        assert engine.num_failovers == calls_needed
+    assert engine.num_live_requests == 0 and replicas.engine.num_used_blocks == 0

@@ -99,6 +99,8 @@ class ReplicaEngine:
                         yield out
                     return
                 except Exception as exc:
+                    if finished and _replica_lost(exc):
+                        return  # it died after the last delta: the request is complete
                     if (finished or failovers >= self.max_failovers or rid in self._aborted
                             or not _replica_lost(exc)):
                         raise _unwrap(exc) from None
