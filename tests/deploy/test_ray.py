@@ -13,6 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.deploy._apps import replica_stats as app_replica_stats
+
 pytestmark = pytest.mark.slow
 
 CONFIG = """
@@ -66,13 +68,7 @@ def client(app: str) -> Any:
 
 def replica_stats() -> dict[str, dict[str, Any]]:
     """Each engine replica's own routing stats (requests served, load), by replica id."""
-    import ray
-
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if "#EngineReplica#" in a["name"]]
-    stats = ray.get([ray.get_actor(n, namespace="serve").record_routing_stats.remote()
-                     for n in names])
-    return {s["replica"]: s for s in stats}
+    return app_replica_stats("servekit-test")
 
 
 def test_openai_client_completions_chat_and_stream(client: Any) -> None:

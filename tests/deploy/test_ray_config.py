@@ -54,3 +54,27 @@ def test_cli_rejects_bad_config_with_the_key(tmp_path: Path,
     path.write_text("[ray]\nreplicas = 0\n[engine]\nfake = true\n")
     assert main(["ray-serve", "--config", str(path)]) == 2
     assert "ray.replicas: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_routing_policy_ray_keeps_rays_own_router(tmp_path: Path) -> None:
+    from servekit.deploy.ray import build_app
+
+    path = tmp_path / "servekit.toml"
+    path.write_text('[engine]\nfake = true\n[ray]\nrouting_policy = "ray"\n')
+    ingress = build_app({"config": str(path)})
+    replica = ingress._bound_deployment.init_args[0]._bound_deployment
+    assert replica._deployment_config.request_router_config.request_router_class.endswith(
+        "PowerOfTwoChoicesRequestRouter")
+    path.write_text("[engine]\nfake = true\n")
+    replica = build_app({"config": str(path)})._bound_deployment.init_args[0]._bound_deployment
+    assert replica._deployment_config.request_router_config.request_router_class.endswith(
+        "ServekitRequestRouter")
+
+
+def test_cli_takes_max_replicas(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from servekit.server.cli import main
+
+    path = tmp_path / "servekit.toml"
+    path.write_text("[ray]\nreplicas = 2\n[engine]\nfake = true\n")
+    assert main(["ray-serve", "--config", str(path), "--max-replicas", "1"]) == 2
+    assert "--max-replicas: autoscaling needs" in capsys.readouterr().err  # the flag named

@@ -20,9 +20,12 @@ def add_ray_parser(sub: Any) -> None:
     ray.add_argument("--address", default=None,
                      help="Ray cluster address (default: ray.address, else a local Ray)")
     ray.add_argument("--replicas", type=int, default=None, help="engine replicas")
+    ray.add_argument("--max-replicas", type=int, default=None,
+                     help="autoscale the engine replicas up to this many (ray.max_replicas)")
     ray.add_argument("--routing-policy", default=None, metavar="NAME[:JSON]",
                      help="cache_aware (default), least_loaded, power_of_two, "
-                          "consistent_hash, round_robin or a plugin's name")
+                          "consistent_hash, round_robin, a plugin's name, or ray (Ray "
+                          "Serve's own router)")
     ray.add_argument("--model", type=Path, default=None)
     ray.add_argument("--fake", action="store_true", default=None,
                      help="instant fake replicas (smoke tests)")

@@ -7,6 +7,8 @@
   that streams from the replica handle.
 - :class:`ServekitRequestRouter`: servekit's routing policies (cache-aware by default) as Ray
   Serve's custom request router, fed by the replicas' routing stats (load, held KV blocks).
+- :class:`ServekitAutoscalingPolicy`: Ray Serve's autoscaling on the engines' own load
+  (requests running and waiting, KV usage), when ``ray.max_replicas`` is set.
 - :func:`build_app`: the application from a ``servekit.toml`` (``serve run
   servekit.deploy.ray:build_app config=servekit.toml`` works too).
 
@@ -18,7 +20,8 @@ from servekit._optional import require
 
 require("ray.serve", "ray")
 
-from servekit.deploy.ray.app import build_app, run
+from servekit.deploy.ray.app import autoscaling_config, build_app, run
+from servekit.deploy.ray.autoscale import ServekitAutoscalingPolicy, desired_replicas
 from servekit.deploy.ray.config import RAY_SETTINGS, check_settings, load_settings
 from servekit.deploy.ray.ingress import OpenAIIngress
 from servekit.deploy.ray.proxy import ReplicaEngine
@@ -30,9 +33,12 @@ __all__ = [
     "EngineReplica",
     "OpenAIIngress",
     "ReplicaEngine",
+    "ServekitAutoscalingPolicy",
     "ServekitRequestRouter",
+    "autoscaling_config",
     "build_app",
     "check_settings",
+    "desired_replicas",
     "load_settings",
     "run",
 ]

@@ -5,19 +5,21 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import warnings
 from collections.abc import Mapping
 from typing import Any, cast
 
 import ray
 from ray import serve
-from ray.serve.config import RequestRouterConfig
+from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouterConfig
 
-from servekit.deploy.ray.config import from_mapping, load_settings
+from servekit.deploy.ray.autoscale import ServekitAutoscalingPolicy
+from servekit.deploy.ray.config import RAY_DEFAULT_ROUTER, from_mapping, load_settings
 from servekit.deploy.ray.ingress import OpenAIIngress
 from servekit.deploy.ray.replica import EngineReplica
 from servekit.deploy.ray.router import ServekitRequestRouter
 
-__all__ = ["build_app", "run"]
+__all__ = ["autoscaling_config", "build_app", "run"]
 
 logger = logging.getLogger("servekit.deploy")
 
@@ -43,17 +45,40 @@ def build_app(args: Mapping[str, Any] | argparse.Namespace | None = None) -> Any
                                   "prefix_blocks": args.prefix_blocks},
         "request_routing_stats_period_s": args.routing_stats_period,
     }
-    router = RequestRouterConfig(**router_options)
+    # "ray": Ray Serve's own default router (power of two choices on queue length)
+    router = ({} if args.routing_policy == RAY_DEFAULT_ROUTER
+              else {"request_router_config": RequestRouterConfig(**router_options)})
     # serve.deployment turns the classes into Deployments (the stubs keep the class type)
+    scaling = ({"num_replicas": args.replicas} if args.max_replicas is None
+               else {"autoscaling_config": autoscaling_config(args)})
     replica = cast(Any, EngineReplica).options(
-        num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing_requests,
+        **scaling, max_ongoing_requests=args.max_ongoing_requests,
         ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus},
-        request_router_config=router,
+        **router,
     ).bind(settings)
     return cast(Any, OpenAIIngress).options(
         num_replicas=args.ingress_replicas, max_ongoing_requests=args.max_ongoing_requests,
         ray_actor_options={"num_cpus": args.ingress_cpus},
     ).bind(replica, settings)
+
+
+def autoscaling_config(args: argparse.Namespace) -> AutoscalingConfig:
+    """Ray's autoscaling config of the engine replicas: :class:`ServekitAutoscalingPolicy`
+    between ``min_replicas`` (default ``replicas``) and ``max_replicas``, starting at
+    ``replicas``; metrics every ``autoscaling_interval`` s, averaged over 3 intervals."""
+    policy = AutoscalingPolicy(policy_function=ServekitAutoscalingPolicy, policy_kwargs={
+        "target_requests": (args.target_requests if args.target_requests is not None
+                            else float(args.max_num_seqs)),
+        "target_kv_usage": args.target_kv_usage})
+    with warnings.catch_warnings():  # metrics_interval_s is Ray's (deprecated) only knob per app
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return AutoscalingConfig(
+            min_replicas=args.min_replicas if args.min_replicas is not None else args.replicas,
+            initial_replicas=args.replicas, max_replicas=args.max_replicas,
+            metrics_interval_s=args.autoscaling_interval,
+            look_back_period_s=3 * args.autoscaling_interval,
+            upscale_delay_s=args.upscale_delay, downscale_delay_s=args.downscale_delay,
+            policy=policy)
 
 
 def run(args: argparse.Namespace) -> int:

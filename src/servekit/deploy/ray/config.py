@@ -29,7 +29,10 @@ from servekit.server.cli import build_plugins
 from servekit.server.config import SETTINGS, ConfigError, Setting, apply_config, build_checked
 from servekit.server.config import origin_of as _origin
 
-__all__ = ["ALL_SETTINGS", "RAY_SETTINGS", "check_settings", "load_settings"]
+__all__ = ["ALL_SETTINGS", "RAY_DEFAULT_ROUTER", "RAY_SETTINGS", "check_settings", "load_settings"]
+
+#: ``ray.routing_policy`` naming Ray Serve's own default router instead of servekit's.
+RAY_DEFAULT_ROUTER = "ray"
 
 #: The settings only ``servekit ray-serve`` takes.
 RAY_SETTINGS: tuple[Setting, ...] = (
@@ -48,6 +51,15 @@ RAY_SETTINGS: tuple[Setting, ...] = (
     Setting("prefix_blocks", "ray.prefix_blocks", "int", 4, flag="--prefix-blocks"),
     Setting("routing_stats_period", "ray.routing_stats_period", "float", 1.0,
             flag="--routing-stats-period"),
+    # autoscaling (on when max_replicas is set): servekit.deploy.ray.autoscale
+    Setting("min_replicas", "ray.min_replicas", "int", flag="--min-replicas"),
+    Setting("max_replicas", "ray.max_replicas", "int", flag="--max-replicas"),
+    Setting("target_requests", "ray.target_requests", "float", flag="--target-requests"),
+    Setting("target_kv_usage", "ray.target_kv_usage", "float", 0.8, flag="--target-kv-usage"),
+    Setting("upscale_delay", "ray.upscale_delay", "float", 30.0, flag="--upscale-delay"),
+    Setting("downscale_delay", "ray.downscale_delay", "float", 600.0, flag="--downscale-delay"),
+    Setting("autoscaling_interval", "ray.autoscaling_interval", "float", 10.0,
+            flag="--autoscaling-interval"),
 )
 
 #: Everything ``servekit.toml`` may hold for ``servekit ray-serve``.
@@ -112,7 +124,9 @@ def check_settings(args: argparse.Namespace) -> argparse.Namespace:
     if args.routing_stats_period <= 0:
         raise ConfigError(f"{_origin(args, 'routing_stats_period')}: must be > 0 seconds, got "
                           f"{args.routing_stats_period}")
-    build_checked(args, "routing_policy", lambda: make_routing_policy(args.routing_policy))
+    _check_autoscaling(args)
+    if args.routing_policy != RAY_DEFAULT_ROUTER:
+        build_checked(args, "routing_policy", lambda: make_routing_policy(args.routing_policy))
     if not args.fake and args.model is not None:
         model = Path(args.model)
         if not (model / "config.json").is_file():
@@ -121,3 +135,27 @@ def check_settings(args: argparse.Namespace) -> argparse.Namespace:
     build_plugins(args)  # hooks, limiter store, scheduling policy, engine sizes
     return args
 
+
+
+def _check_autoscaling(args: argparse.Namespace) -> None:
+    for dest, positive in (("target_requests", True), ("autoscaling_interval", True),
+                           ("upscale_delay", False), ("downscale_delay", False)):
+        value = getattr(args, dest)
+        if value is not None and (value <= 0 if positive else value < 0):
+            raise ConfigError(f"{_origin(args, dest)}: must be {'>' if positive else '>='} 0, "
+                              f"got {value}")
+    if not 0 < args.target_kv_usage <= 1:
+        raise ConfigError(f"{_origin(args, 'target_kv_usage')}: must be in (0, 1], got "
+                          f"{args.target_kv_usage}")
+    if args.min_replicas is not None and args.max_replicas is None:
+        raise ConfigError(f"{_origin(args, 'min_replicas')}: autoscaling needs ray.max_replicas "
+                          "too")
+    if args.max_replicas is None:
+        return
+    least = args.min_replicas if args.min_replicas is not None else args.replicas
+    if least < 0:
+        raise ConfigError(f"{_origin(args, 'min_replicas')}: must be >= 0, got {least}")
+    if not least <= args.replicas <= args.max_replicas:
+        raise ConfigError(f"{_origin(args, 'max_replicas')}: autoscaling needs min_replicas "
+                          f"({least}) <= replicas ({args.replicas}) <= max_replicas "
+                          f"({args.max_replicas})")

@@ -7,12 +7,21 @@ Ray Serve handle, so the ingress runs the server's own request handling unchange
 ``generate`` is one streaming call (``handle.options(stream=True)``), routed by the deployment's
 request router; leaving it early, or ``abort``, cancels the call, which aborts the request on
 its replica. Errors raised on the replica come back as themselves (a full queue is still a 503,
-a bad token id a 400); a replica that died is a 503.
+a bad token id a 400).
+
+A replica that dies mid-request (its actor killed, its node gone) fails over: the proxy sends
+the same request, plus the output token ids it has already yielded (``output_token_ids``, the
+engine's resume), to another replica, which prefills prompt + those ids and streams only what
+follows. The caller sees one uninterrupted stream: greedy and seeded generations continue as the
+uninterrupted run would (a seeded draw depends only on ``(seed, position)``), and the counts of
+the last delta cover every output token once. After ``max_failovers`` such failovers the request
+fails with a 503 ``replica_failed``.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -28,6 +37,11 @@ __all__ = ["ReplicaEngine"]
 
 #: retry-after of the 503 answered when a replica died or Ray refused the request
 _RETRY_AFTER = 1.0
+#: Failovers of one request to another replica after the one serving it died (the gateway's
+#: bound too).
+MAX_FAILOVERS = 3
+
+logger = logging.getLogger("servekit.deploy")
 
 
 class ReplicaEngine:
@@ -36,14 +50,19 @@ class ReplicaEngine:
 
     coalesces_outputs = False  # the replicas coalesce before the Ray hop
 
-    def __init__(self, handle: Any, info: Mapping[str, Any]) -> None:
+    def __init__(self, handle: Any, info: Mapping[str, Any], *,
+                 max_failovers: int = MAX_FAILOVERS) -> None:
         self._stream = handle.options(stream=True)
+        self.max_failovers = max_failovers
+        #: Requests resumed on another replica after theirs died (one per failover).
+        self.num_failovers = 0
         self.tokenizer: Any = info["tokenizer"]
         self.model_name: str = info["model_name"]
         self.max_model_len: int = int(info["max_model_len"])
         #: requests one replica holds at once (None: unbounded); see admission_capacity
         self.admission_capacity: int | None = info.get("admission_capacity")
         self._live: dict[str, Any] = {}
+        self._aborted: set[str] = set()
         self._ids = itertools.count()
         self._prefix = f"ray-{os.getpid():x}-"
 
@@ -58,32 +77,58 @@ class ReplicaEngine:
                        deadline: float | None = None,
                        output_token_ids: Sequence[int] = ()) -> AsyncIterator[RequestOutput]:
         """The request's deltas, streamed from the replica the router picks
-        (``output_token_ids`` resumes after them there).
+        (``output_token_ids`` resumes after them there); resumed on another replica when that
+        one dies (see the module docstring).
 
         ``deadline`` (this process's monotonic clock) is not forwarded: clocks differ across
         nodes; the ingress's own timeouts and client disconnects abort instead."""
         rid = request_id if request_id is not None else f"{self._prefix}{next(self._ids)}"
-        response = self._stream.generate.remote(prompt, params, request_id=rid, tenant=tenant,
-                                                priority=priority, cache_salt=cache_salt,
-                                                output_token_ids=list(output_token_ids))
-        self._live[rid] = response
-        finished = False
+        done = list(output_token_ids)  # output ids so far: what a failover resumes after
+        failovers = 0
         try:
-            async for out in response:
-                finished = out.finished
-                yield out
-        except Exception as exc:
-            raise _unwrap(exc) from None
+            while True:
+                response = self._stream.generate.remote(
+                    prompt, params, request_id=rid, tenant=tenant, priority=priority,
+                    cache_salt=cache_salt, output_token_ids=done.copy())
+                self._live[rid] = response
+                finished = False
+                try:
+                    async for out in response:
+                        finished = out.finished
+                        done += out.new_token_ids
+                        yield out
+                    return
+                except Exception as exc:
+                    if finished and _replica_lost(exc):
+                        return  # it died after the last delta: the request is complete
+                    if (finished or failovers >= self.max_failovers or rid in self._aborted
+                            or not _replica_lost(exc)):
+                        raise _unwrap(exc) from None
+                    failovers += 1
+                    self.num_failovers += 1
+                    logger.warning("request %s: its replica failed (%s) after %d output "
+                                   "tokens; resuming on another (failover %d of %d)", rid,
+                                   type(exc).__name__, len(done), failovers, self.max_failovers)
+                finally:
+                    if not finished:
+                        response.cancel()
         finally:
             self._live.pop(rid, None)
-            if not finished:
-                response.cancel()
+            self._aborted.discard(rid)
 
     async def abort(self, request_id: str) -> None:
         """Cancel ``request_id``'s call (its replica aborts it); no-op when it is done."""
         response = self._live.get(request_id)
         if response is not None:
+            self._aborted.add(request_id)  # not to be resumed elsewhere
             response.cancel()
+
+
+def _replica_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the replica serving the call is gone (not the request's fault)."""
+    if isinstance(exc, RayTaskError) and not isinstance(exc, RayActorError):
+        return isinstance(exc.cause, RayActorError)
+    return isinstance(exc, RayActorError)  # ActorDiedError, ActorUnavailableError
 
 
 def _unwrap(exc: Exception) -> Exception:

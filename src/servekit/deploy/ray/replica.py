@@ -4,7 +4,7 @@ Each replica builds the engine the ``[engine]`` settings describe (as ``servekit
 the demo model, ``engine.model``, or the fake engine), takes its CPU/GPU share from Ray's
 ``ray_actor_options``, and serves ``generate`` as a streaming method (one
 :class:`~servekit.engine.outputs.RequestOutput` per item; deltas that queue up while the
-caller is busy come merged). Cancelling the call (the ingress does when its client leaves)
+previous item travels come merged: each item costs a Ray round, not each token). Cancelling the call (the ingress does when its client leaves)
 closes the engine's stream, which aborts the request and frees its blocks.
 ``record_routing_stats`` reports the load and the KV blocks the replica holds, which Ray Serve
 hands to :class:`~servekit.deploy.ray.router.ServekitRequestRouter`.
@@ -13,6 +13,7 @@ hands to :class:`~servekit.deploy.ray.router.ServekitRequestRouter`.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, suppress
@@ -21,7 +22,8 @@ from typing import Any
 import anyio
 from ray import serve
 
-from servekit.engine.outputs import RequestOutput
+from servekit.deploy.ray.autoscale import AUTOSCALING_METRICS
+from servekit.engine.outputs import RequestOutput, merge_outputs
 from servekit.errors import ServekitError
 from servekit.kv.events import AllBlocksCleared, BlockRemoved, BlockStored
 from servekit.metrics.hooks import Hook, HookSet
@@ -30,7 +32,10 @@ from servekit.server.cli import build_engine, build_plugins
 from servekit.server.replica_api import replica_load
 from servekit.server.service import admission_capacity
 
-__all__ = ["EngineReplica", "HeldBlocks"]
+__all__ = ["MERGE_WINDOW", "EngineReplica", "HeldBlocks"]
+
+#: Seconds a replica keeps merging deltas that arrive back to back into one Ray item.
+MERGE_WINDOW = 0.002
 
 
 class HeldBlocks(Hook):
@@ -91,10 +96,47 @@ class EngineReplica:
             extra["output_token_ids"] = list(output_token_ids)
         stream = self.engine.generate(prompt, params, request_id=request_id, tenant=tenant,
                                       priority=priority, cache_salt=cache_salt, **extra)
+        # The engine's deltas are pumped into a queue by a task of their own, and each item
+        # this generator yields merges what queued up since the last, and what keeps arriving
+        # turn after turn of the event loop, for up to MERGE_WINDOW: every item costs a trip
+        # through Ray (about half a millisecond of this loop's time), so a fast engine must not
+        # pay one per token. A turn that brings nothing sends at once. (A Ray Serve replica
+        # always runs on asyncio.)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput | BaseException | None] = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for out in stream:
+                    queue.put_nowait(out)
+                queue.put_nowait(None)
+            except Exception as exc:
+                queue.put_nowait(exc)
+
+        task = asyncio.create_task(pump())
         try:
-            async for out in stream:
-                yield out
+            while True:
+                items = [await queue.get()]
+                until = loop.time() + MERGE_WINDOW
+                while True:
+                    while not queue.empty():
+                        items.append(queue.get_nowait())
+                    if not isinstance(items[-1], RequestOutput) or loop.time() >= until:
+                        break
+                    await asyncio.sleep(0)  # one turn: do more deltas arrive right behind?
+                    if queue.empty():
+                        break
+                outs = [i for i in items if isinstance(i, RequestOutput)]
+                if outs:
+                    yield merge_outputs(outs)
+                if items[-1] is None:
+                    return
+                if isinstance(items[-1], BaseException):
+                    raise items[-1]
         finally:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
             await stream.aclose()
 
     async def abort(self, request_id: str) -> None:
@@ -113,6 +155,12 @@ class EngineReplica:
         """``running``, ``waiting``, ``kv_usage`` and the ``requests`` this replica served."""
         return {**replica_load(self.engine), "requests": self.requests,
                 "replica": self.replica_id}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's autoscaler calls this: the engine's ``running``, ``waiting`` and
+        ``kv_usage`` (:mod:`servekit.deploy.ray.autoscale`)."""
+        load = replica_load(self.engine)
+        return {name: float(load[name]) for name in AUTOSCALING_METRICS}
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Ray Serve calls this every ``routing_stats_period`` s: the load and held blocks."""
