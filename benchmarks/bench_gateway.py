@@ -3,7 +3,10 @@
 1. Overhead: streamed tokens/s and requests/s straight to one fake replica vs through
    ``servekit gateway`` in front of it, side by side in one run. Bar: the gateway keeps >= 0.5
    of direct streamed tokens/s, also with failover on (the gateway secret set: the replica
-   sends token ids, the gateway tracks and strips them). Not yet here: nginx as a plain proxy.
+   sends token ids, the gateway tracks and strips them). Debian's nginx as a plain reverse
+   proxy in front of the same replica, in the same run, is the reference; for each proxy also
+   streamed tokens per CPU-second of the proxy process (two cores are shared by client, proxy
+   and replica).
 2. Routing quality: three replicas that run the real scheduler and prefix cache over a fake
    model whose step time grows with the uncached prompt tokens (``servekit serve
    --fake-model-cost``), a multi-tenant workload with shared system prompts and multi-turn
@@ -21,11 +24,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import pwd
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,18 +69,99 @@ class GatewayProcess(bench_server.ServerProcess):
         self.ready_s = self._wait_ready()
 
 
-def _measure(url: str, rounds: int, quick: bool) -> tuple[list[float], list[float]]:
+_NGINX_CONF = """
+daemon off;
+worker_processes 1;
+{user}pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    upstream replica {{ server {upstream}; keepalive 128; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://replica;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+class NginxProcess:
+    """Debian's nginx as a plain reverse proxy (one worker, keep-alive upstream connections,
+    no buffering so SSE events pass as they come), run in the foreground by this user with a
+    temporary config, pid file and error log."""
+
+    def __init__(self, replica: str) -> None:
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not Path(binary).exists():
+            raise FileNotFoundError("nginx is not installed (apt-get install -y nginx)")
+        self._tmp = tempfile.TemporaryDirectory(prefix="bench-nginx-")
+        tmp = self._tmp.name
+        self.port = bench_server.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # as root, the workers would switch to nobody, who cannot use the temp directory
+        user = f"user {pwd.getpwuid(os.geteuid()).pw_name};\n" if os.geteuid() == 0 else ""
+        conf = Path(tmp) / "nginx.conf"
+        conf.write_text(_NGINX_CONF.format(user=user, tmp=tmp, port=self.port,
+                                           upstream=replica.removeprefix("http://")))
+        self.proc = subprocess.Popen([binary, "-p", tmp, "-c", str(conf), "-e",
+                                      f"{tmp}/error.log"], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nginx exited: {(Path(tmp) / 'error.log').read_text()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("nginx not answering")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._tmp.cleanup()
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and its children (nginx's master and worker)."""
+    total = bench_server.cpu_seconds(pid)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(FileNotFoundError):  # it just exited
+                total += bench_server.cpu_seconds(int(child))
+    return total
+
+
+def _measure_round(url: str, quick: bool, proxy_pid: int | None
+                   ) -> tuple[float, float, float | None]:
+    """One round: streamed tokens/s, requests/s and (with a proxy) streamed tokens per proxy
+    CPU-second."""
     concurrency, max_tokens, streams = 32, 1000, 64 if quick else 256
-    asyncio.run(bench_server.stream_tokens(url, 8, 50, 16))  # warm up
-    tps, rps = [], []
-    for _ in range(rounds):
-        tokens, secs = asyncio.run(bench_server.stream_tokens(url, concurrency, max_tokens,
-                                                              streams))
-        assert tokens == streams * max_tokens, (tokens, streams * max_tokens)
-        tps.append(tokens / secs)
-        n, secs = asyncio.run(bench_server.short_requests(url, 32, 300 if quick else 1000))
-        rps.append(n / secs)
-    return tps, rps
+    cpu0 = tree_cpu_seconds(proxy_pid) if proxy_pid is not None else 0.0
+    tokens, secs = asyncio.run(bench_server.stream_tokens(url, concurrency, max_tokens, streams))
+    assert tokens == streams * max_tokens, (tokens, streams * max_tokens)
+    per_cpu = None
+    if proxy_pid is not None:
+        per_cpu = tokens / max(1e-9, tree_cpu_seconds(proxy_pid) - cpu0)
+    n, rsecs = asyncio.run(bench_server.short_requests(url, 32, 300 if quick else 1000))
+    return tokens / secs, n / rsecs, per_cpu
 
 
 def bench_overhead(quick: bool, rounds: int, secret: str
@@ -82,28 +170,53 @@ def bench_overhead(quick: bool, rounds: int, secret: str
     replica = bench_server.ServerProcess("--fake")
     gateway = GatewayProcess(replica.url)
     failover = GatewayProcess(replica.url, secret)
+    try:
+        nginx: NginxProcess | None = NginxProcess(replica.url)
+    except FileNotFoundError as exc:  # the row is left out, the rest still runs
+        print(f"no nginx row: {exc}")
+        nginx = None
+    targets = [("direct", replica.url, None), ("gateway", gateway.url, gateway.proc.pid),
+               ("gateway+failover", failover.url, failover.proc.pid)]
+    if nginx is not None:
+        targets.insert(1, ("nginx", nginx.url, nginx.proc.pid))
     rows: list[dict[str, Any]] = []
     medians: dict[str, dict[str, float]] = {}
+    samples: dict[str, list[tuple[float, float, float | None]]] = {t[0]: [] for t in targets}
     try:
-        for name, url in (("direct", replica.url), ("gateway", gateway.url),
-                          ("gateway+failover", failover.url)):
-            tps, rps = _measure(url, rounds, quick)
+        for _, url, _ in targets:  # warm up
+            asyncio.run(bench_server.stream_tokens(url, 8, 50, 16))
+        for _ in range(rounds):  # rounds interleaved: a busy spell hits every row alike
+            for name, url, pid in targets:
+                samples[name].append(_measure_round(url, quick, pid))
+        for name, got in samples.items():
+            tps, rps = [g[0] for g in got], [g[1] for g in got]
+            per_cpu = [g[2] for g in got if g[2] is not None]
             medians[name] = {"tps": summary(tps)["median"], "rps": summary(rps)["median"]}
-            for what, vals in (("streamed tokens/s", tps), ("requests/s", rps)):
-                s = summary(vals)
-                rows.append({"scenario": f"{name}: {what}", "median": s["median"],
-                             "min": s["min"], "max": s["max"]})
+            for what, vals in (("streamed tokens/s", tps), ("requests/s", rps),
+                               ("streamed tokens per proxy CPU-second", per_cpu)):
+                if vals:
+                    s = summary(vals)
+                    rows.append({"scenario": f"{name}: {what}", "median": s["median"],
+                                 "min": s["min"], "max": s["max"]})
     finally:
+        if nginx is not None:
+            nginx.stop()
         gateway.stop()
         failover.stop()
         replica.stop()
     bars = {}
-    for name, key in (("gateway", "gateway"), ("gateway+failover", "gateway_failover")):
+    for name, _, _ in targets[1:]:
         ratio_tps = medians[name]["tps"] / medians["direct"]["tps"]
         ratio_rps = medians[name]["rps"] / medians["direct"]["rps"]
         rows.append({"scenario": f"{name} / direct: streamed tokens/s", "median": ratio_tps})
         rows.append({"scenario": f"{name} / direct: requests/s", "median": ratio_rps})
-        bars[f"{key}_streamed_tokens_vs_direct"] = bar(ratio_tps, 0.5)
+        if name != "nginx":  # nginx's row is the reference, not held to a bar
+            key = name.replace("+", "_")
+            bars[f"{key}_streamed_tokens_vs_direct"] = bar(ratio_tps, 0.5)
+    if nginx is not None:
+        for what, key in (("streamed tokens/s", "tps"), ("requests/s", "rps")):
+            ratio = medians["gateway"][key] / medians["nginx"][key]
+            rows.append({"scenario": f"gateway / nginx: {what}", "median": ratio})
     return rows, bars
 
 

@@ -174,7 +174,8 @@ async def stream_tokens(url: str, concurrency: int, max_tokens: int, streams: in
     async def one(conn: Conn) -> int:
         status, chunks = await conn.post("/v1/completions", body)
         assert status == 200, status
-        return sum(c.count(b"data: {") for _, c in chunks)
+        # joined first: a proxy (nginx) may split an event across chunks
+        return b"".join(c for _, c in chunks).count(b"data: {")
 
     return await _run_pool(url, concurrency, streams, one)
 
