@@ -368,7 +368,7 @@ def main() -> None:
                                               secret)
         print_table(r_rows, ["policy", "hit_rate", "uncached_tokens", "ttft_p50_ms", "ttft_p99_ms",
                              "max_over_mean", "requests", "wall_s"],
-                    title="routing quality (3 cost-model replicas; oracle: one with 3x KV)")
+                    title="routing quality (3 cost-model replicas; oracle: one with 3x KV and speed)")
         rows += r_rows
         bars.update(r_bars)
         extra["routing"] = {"cost": COST, "blocks_per_replica": BLOCKS,

@@ -23,6 +23,10 @@ def add_gateway_parser(sub: Any) -> None:
                          "consistent_hash, round_robin, or a plugin's name")
     gw.add_argument("--probe-interval", type=float, default=0.5,
                     help="seconds between readiness probes / KV-event polls of each replica")
+    gw.add_argument("--slow-start", type=float, default=0.0, metavar="SECONDS",
+                    help="ramp a replica that comes back (breaker closed, ready again) from a "
+                         "tenth of its weight to all of it over this many seconds (default 0: "
+                         "off)")
     gw.add_argument("--api-keys", type=Path, default=None,
                     help="JSON file of keys, as servekit serve's (default: $SERVEKIT_API_KEYS, "
                          "else open)")
@@ -53,7 +57,8 @@ def run_gateway(args: argparse.Namespace) -> int:
                        outage_retry_after=args.rate_limit_outage_retry_after)
     app = create_gateway(args.replica, policy=args.policy,
                          secret=os.environ.get("SERVEKIT_GATEWAY_SECRET") or None,
-                         probe_interval=args.probe_interval, keys=keys, limits=limits)
+                         probe_interval=args.probe_interval, keys=keys, limits=limits,
+                         slow_start=args.slow_start)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 access_log=False, lifespan="on")
     return 0

@@ -31,12 +31,14 @@ class Fleet:
 
     def __init__(self, replicas: Sequence[str], *, policy: str = "cache_aware",
                  secret: str | None = None, probe_interval: float = 0.5,
-                 failure_threshold: int = 3, cooldown: float = 2.0) -> None:
+                 failure_threshold: int = 3, cooldown: float = 2.0,
+                 slow_start: float = 0.0) -> None:
         self.urls = tuple(u.rstrip("/") for u in replicas)
         self.index = KVEventIndex()
         self.router = Router(self.urls, policy=policy, index=self.index,
                              health=HealthTracker(failure_threshold=failure_threshold,
-                                                  cooldown=cooldown))
+                                                  cooldown=cooldown),
+                             slow_start=slow_start)
         self.secret = secret
         self.probe_interval = probe_interval
         self.encoders: dict[str, PromptEncoder] = {}
