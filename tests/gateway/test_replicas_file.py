@@ -1,0 +1,93 @@
+"""A replica list that changes at run time: the gateway re-reads ``--replicas-file`` and adds
+and removes real ``servekit serve --fake`` replicas; a removed replica's stream in flight
+finishes; a bad edit keeps the list."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import pytest
+
+from servekit.gateway import create_gateway
+from servekit.gateway.fleet import parse_replicas
+from tests.asgi_server import serve_asgi
+from tests.server.cli_server import cli_server
+
+
+def _until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def _routed(gw: str) -> dict[str, float]:
+    text = httpx.get(gw + "/metrics").text
+    out: dict[str, float] = {}
+    for m in re.finditer(r'^servekit_gateway_routing_decisions_total\{[^}]*replica="([^"]+)"'
+                         r'[^}]*\} (\S+)$', text, re.M):
+        out[m[1]] = out.get(m[1], 0.0) + float(m[2])
+    return out
+
+
+def _send(gw: str, n: int) -> None:
+    for _ in range(n):
+        r = httpx.post(gw + "/v1/completions", timeout=10,
+                       json={"model": "fake", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+
+
+def test_edits_to_the_replicas_file_add_and_remove_replicas(tmp_path: Path) -> None:
+    path = tmp_path / "replicas.txt"
+    with ExitStack() as stack:
+        one = stack.enter_context(cli_server("--fake", "--fake-token-delay", "0.01"))
+        two = stack.enter_context(cli_server("--fake"))
+        path.write_text(f"# the fleet\n{one.url}\n")
+        app = create_gateway([], replicas_file=path, policy="round_robin", probe_interval=0.05)
+        fleet = app.state.fleet
+        gw = stack.enter_context(serve_asgi(app))
+        assert fleet.urls == (one.url,)
+        _send(gw, 4)
+        assert _routed(gw) == {one.url: 4}
+
+        stream: dict[str, str] = {}
+
+        def long_stream() -> None:  # 100 tokens 10 ms apart, still running when one leaves
+            r = httpx.post(gw + "/v1/completions", timeout=30, json={
+                "model": "fake", "prompt": "hi", "max_tokens": 100, "stream": True})
+            stream["text"] = r.text
+
+        reader = threading.Thread(target=long_stream)
+        reader.start()
+        time.sleep(0.3)
+        path.write_text(f"{two.url}\n")
+        _until(lambda: fleet.urls == (two.url,), "replica one never left")
+        assert one.url not in fleet.router.replicas
+        _send(gw, 4)
+        assert _routed(gw) == {one.url: 5, two.url: 4}
+        reader.join(30)
+        assert stream["text"].count("data: {") == 100  # the removed replica's stream finished
+        assert stream["text"].rstrip().endswith("data: [DONE]")
+
+        path.write_text(f"{two.url}\nnot a url\n")  # a bad edit: the list stays
+        time.sleep(0.3)
+        assert fleet.urls == (two.url,)
+        path.write_text(f"{two.url}\n{one.url}/\n")
+        _until(lambda: fleet.urls == (two.url, one.url), "replica one never came back")
+        _until(lambda: httpx.get(gw + "/ready").json()["replicas"].get(one.url) == "up",
+               "replica one not probed")
+        _send(gw, 4)
+        assert _routed(gw) == {one.url: 7, two.url: 6}
+
+
+def test_parse_replicas_names_the_bad_line() -> None:
+    assert parse_replicas("http://a:1\n\n  # c\nhttps://b:2/ # d\n") == ["http://a:1",
+                                                                     "https://b:2/"]
+    with pytest.raises(ValueError, match=r"f:2: not a replica base URL: 'ftp://x'"):
+        parse_replicas("http://a:1\nftp://x\n", "f")
