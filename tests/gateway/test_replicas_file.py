@@ -1,6 +1,6 @@
 """A replica list that changes at run time: the gateway re-reads ``--replicas-file`` and adds
 and removes real ``servekit serve --fake`` replicas; a removed replica's stream in flight
-finishes; a bad edit keeps the list."""
+finishes; a bad edit keeps the list. The admin endpoint does the same for admin keys only."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 
 from servekit.gateway import create_gateway
 from servekit.gateway.fleet import parse_replicas
+from servekit.limit.keys import ApiKey, KeyStore
 from tests.asgi_server import serve_asgi
 from tests.server.cli_server import cli_server
 
@@ -91,3 +92,46 @@ def test_parse_replicas_names_the_bad_line() -> None:
                                                                      "https://b:2/"]
     with pytest.raises(ValueError, match=r"f:2: not a replica base URL: 'ftp://x'"):
         parse_replicas("http://a:1\nftp://x\n", "f")
+
+
+def test_admin_endpoint_replaces_the_replica_list_for_admin_keys_only(tmp_path: Path) -> None:
+    keys = KeyStore([ApiKey("sk-root", tenant="ops", admin=True), ApiKey("sk-user")])
+    with ExitStack() as stack:
+        one = stack.enter_context(cli_server("--fake"))
+        two = stack.enter_context(cli_server("--fake"))
+        app = create_gateway([one.url], keys=keys, policy="round_robin", probe_interval=0.05)
+        gw = stack.enter_context(serve_asgi(app))
+
+        def put(body: object, key: str | None = "sk-root") -> httpx.Response:
+            headers = {"authorization": f"Bearer {key}"} if key else {}
+            return httpx.put(gw + "/admin/replicas", json=body, headers=headers)
+
+        assert put({"replicas": [two.url]}, key=None).status_code == 401
+        assert put({"replicas": [two.url]}, key="sk-wrong").status_code == 401
+        denied = put({"replicas": [two.url]}, key="sk-user")
+        assert denied.status_code == 403 and denied.json()["error"]["code"] == "not_admin"
+        bad = put({"replicas": [two.url, "two"]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "replicas[1]"
+        assert put({"replicas": "x"}).json()["error"]["param"] == "replicas"
+        assert app.state.fleet.urls == (one.url,)  # nothing above changed the list
+
+        done = put({"replicas": [two.url]})  # the --replica one stays
+        assert done.status_code == 200
+        assert [r["url"] for r in done.json()["replicas"]] == [one.url, two.url]
+        _until(lambda: httpx.get(gw + "/ready").json()["replicas"].get(two.url) == "up",
+               "replica two not probed")
+        for _ in range(4):
+            r = httpx.post(gw + "/v1/completions", headers={"authorization": "Bearer sk-user"},
+                           json={"model": "fake", "prompt": "hi", "max_tokens": 2}, timeout=10)
+            assert r.status_code == 200
+        assert _routed(gw) == {one.url: 2, two.url: 2}
+        listed = httpx.get(gw + "/admin/replicas", headers={"authorization": "Bearer sk-root"})
+        assert listed.json() == {"replicas": [{"url": one.url, "state": "up"},
+                                              {"url": two.url, "state": "up"}]}
+
+
+def test_admin_endpoints_are_off_without_an_admin_key() -> None:
+    app = create_gateway(["http://127.0.0.1:9"], keys=KeyStore([ApiKey("sk-user")]))
+    with serve_asgi(app) as gw:
+        r = httpx.get(gw + "/admin/replicas", headers={"authorization": "Bearer sk-user"})
+        assert r.status_code == 404

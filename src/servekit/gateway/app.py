@@ -11,6 +11,7 @@ import httpx
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
+from servekit.gateway.admin import mount_admin
 from servekit.gateway.budget import RetryBudget
 from servekit.gateway.edge import Edge
 from servekit.gateway.fleet import Fleet
@@ -62,6 +63,7 @@ def create_gateway(replicas: Sequence[str], *, policy: str = "cache_aware",
 
     app = FastAPI(title="servekit gateway", lifespan=lifespan)
     app.state.fleet = fleet
+    mount_admin(app, fleet, keys, has_admin=keys.has_admin)
 
     async def forward(request: Request) -> Response:
         forwarder: Forwarder = request.app.state.forwarder

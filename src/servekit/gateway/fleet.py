@@ -217,10 +217,16 @@ def parse_replicas(text: str, source: str = "replicas file") -> list[str]:
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        if not line.startswith(("http://", "https://")) or any(c.isspace() for c in line):
+        if not is_replica_url(line):
             raise ValueError(f"{source}:{number}: not a replica base URL: {line!r}")
         urls.append(line)
     return urls
+
+
+def is_replica_url(text: str) -> bool:
+    """Whether ``text`` looks like a replica's base URL (``http(s)://`` and no spaces)."""
+    return (text.startswith(("http://", "https://")) and len(text) > 8
+            and not any(c.isspace() or c == "#" for c in text))
 
 
 def read_replicas_file(path: Path) -> list[str]:
