@@ -60,7 +60,7 @@ def sessions(*, nonce: str, tenants: int, system_bytes: int, n: int, turns: int,
 
 
 async def replay(url: str, trace: list[Session], *, concurrency: int, max_tokens: int,
-                 think_s: float, stagger_s: float) -> list[dict[str, Any]]:
+                 think_s: float, stagger_s: float, model: str = "fake") -> list[dict[str, Any]]:
     """Run every session's turns through ``url``; per request: session, turn, TTFT (s)."""
     queue = list(trace)
     results: list[dict[str, Any]] = []
@@ -74,7 +74,7 @@ async def replay(url: str, trace: list[Session], *, concurrency: int, max_tokens
                 history = session.system
                 for turn, message in enumerate(session.messages):
                     prompt = f"{history}\nuser: {message}\nassistant:"
-                    body = {"model": "fake", "prompt": prompt, "max_tokens": max_tokens,
+                    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens,
                             "temperature": 0, "stream": True}
                     t0 = time.perf_counter()
                     status, chunks = await conn.post("/v1/completions", body,

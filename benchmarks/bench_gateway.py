@@ -258,18 +258,26 @@ def _routed(gateway_url: str) -> dict[str, float]:
     return counts
 
 
-def _run_policy(name: str, policy: str, replicas: list[str], secret: str, quick: bool,
-                round_no: int) -> dict[str, Any]:
+#: How the trace is replayed on the cost-model replicas.
+REPLAY = {"concurrency": 12, "max_tokens": 16, "think_s": 0.05, "stagger_s": 0.1}
+#: The smaller confirming run on demo-model replicas (context 256 tokens, ~1.8 bytes a token).
+DEMO_WORKLOAD = {"tenants": 4, "system_bytes": 120, "n": 32, "turns": 3, "message_bytes": 24}
+DEMO_REPLAY = {"concurrency": 6, "max_tokens": 6, "think_s": 0.05, "stagger_s": 0.1,
+               "model": "servekit-demo"}
+DEMO_KV_MB = 2  # 63 blocks of 16 tokens per replica (32 KiB each)
+
+
+def _run_policy(name: str, policy: str, replicas: list[str], secret: str, round_no: int,
+                workload: dict[str, Any], how: dict[str, Any]) -> dict[str, Any]:
     """One replay of the trace through a fresh gateway with ``policy`` in front of ``replicas``."""
     gateway = GatewayProcess(replicas, secret, "--policy", policy, "--probe-interval", "0.2")
     try:
         time.sleep(1.0)  # the gateway reads each replica's info before its first request
         before = [_counters(u) for u in replicas]
         trace = sessions(nonce=f"{name}-{round_no}-{os.urandom(4).hex()}", seed=round_no,
-                         **_workload(quick))
+                         **workload)
         t0 = time.perf_counter()
-        results = asyncio.run(replay(gateway.url, trace, concurrency=12, max_tokens=16,
-                                     think_s=0.05, stagger_s=0.1))
+        results = asyncio.run(replay(gateway.url, trace, **how))
         wall = time.perf_counter() - t0
         after = [_counters(u) for u in replicas]
         routed = _routed(gateway.url)
@@ -300,9 +308,11 @@ def bench_routing(quick: bool, rounds: int, secret: str
         for round_no in range(rounds):
             for name, policy in POLICIES:
                 runs.setdefault(name, []).append(_run_policy(
-                    name, policy, [r.url for r in fleet], secret, quick, round_no))
+                    name, policy, [r.url for r in fleet], secret, round_no, _workload(quick),
+                    REPLAY))
             runs.setdefault("oracle", []).append(_run_policy(
-                "oracle", "cache_aware", [oracle.url], secret, quick, round_no))
+                "oracle", "cache_aware", [oracle.url], secret, round_no, _workload(quick),
+                REPLAY))
     finally:
         for proc in (*fleet, oracle):
             proc.stop()
@@ -322,6 +332,24 @@ def bench_routing(quick: bool, rounds: int, secret: str
                                                        1.0, higher_is_better=False)}
     ttfts = {name: [t for r in results for t in r["ttft"]] for name, results in runs.items()}
     return rows, bars, ttfts
+
+
+def bench_routing_demo(secret: str) -> list[dict[str, Any]]:
+    """The smaller run on three demo-model replicas (the real engine and model, CPU):
+    cache-aware vs round-robin, to confirm the TTFT ordering on a real model."""
+    fleet = [bench_server.ServerProcess("--kv-cache-mb", str(DEMO_KV_MB)) for _ in range(3)]
+    rows = []
+    try:
+        for name, policy in POLICIES[:2]:
+            r = _run_policy(name, policy, [p.url for p in fleet], secret, 0, DEMO_WORKLOAD,
+                            DEMO_REPLAY)
+            rows.append({"policy": f"demo model: {name}", **{k: r[k] for k in (
+                "hit_rate", "uncached_tokens", "ttft_p50_ms", "ttft_p99_ms", "max_over_mean",
+                "requests", "wall_s")}})
+    finally:
+        for proc in fleet:
+            proc.stop()
+    return rows
 
 
 def plot_ttft(ttfts: dict[str, list[float]], path: Path) -> None:
@@ -369,10 +397,16 @@ def main() -> None:
         print_table(r_rows, ["policy", "hit_rate", "uncached_tokens", "ttft_p50_ms", "ttft_p99_ms",
                              "max_over_mean", "requests", "wall_s"],
                     title="routing quality (3 cost-model replicas; oracle: one with 3x KV and speed)")
-        rows += r_rows
+        demo_rows = bench_routing_demo(secret)
+        print_table(demo_rows, ["policy", "hit_rate", "uncached_tokens", "ttft_p50_ms",
+                                "ttft_p99_ms", "max_over_mean", "requests", "wall_s"],
+                    title="confirming run: 3 demo-model replicas (real model, CPU)")
+        rows += r_rows + demo_rows
         bars.update(r_bars)
         extra["routing"] = {"cost": COST, "blocks_per_replica": BLOCKS,
-                            "workload": _workload(args.quick)}
+                            "workload": _workload(args.quick), "replay": REPLAY,
+                            "demo": {"workload": DEMO_WORKLOAD, "replay": DEMO_REPLAY,
+                                     "kv_cache_mb": DEMO_KV_MB}}
         plot_ttft(ttfts, RESULTS / "gateway-routing-ttft.png")
     print_bars(bars)
     write_json(args.json, "gateway", rows, bars, **extra)
