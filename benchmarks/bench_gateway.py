@@ -15,7 +15,9 @@
    replica holding the three's KV blocks together). Per policy: the replicas' prefix-cache hit
    rate (their /metrics), client TTFT p50/p99, max/mean of requests per replica. Bars:
    cache-aware reaches >= 0.9 of the oracle's hit rate with max/mean <= 1.25, and its TTFT
-   p50 beats round-robin's. TTFT distributions are plotted into ``benchmarks/results/``.
+   p50 beats round-robin's. TTFT distributions are plotted into ``benchmarks/results/``. A
+   smaller run on three demo-model replicas (the real model, CPU) compares cache-aware and
+   round-robin on a real model.
 
     python benchmarks/bench_gateway.py --quick --json benchmarks/results/gateway-cpu.json
     python benchmarks/bench_gateway.py --quick --part routing   # one part only
