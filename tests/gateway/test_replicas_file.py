@@ -79,6 +79,9 @@ def test_edits_to_the_replicas_file_add_and_remove_replicas(tmp_path: Path) -> N
         path.write_text(f"{two.url}\nnot a url\n")  # a bad edit: the list stays
         time.sleep(0.3)
         assert fleet.urls == (two.url,)
+        path.unlink()  # gone for a while (a replace in progress): the list stays
+        time.sleep(0.3)
+        assert fleet.urls == (two.url,)
         path.write_text(f"{two.url}\n{one.url}/\n")
         _until(lambda: fleet.urls == (two.url, one.url), "replica one never came back")
         _until(lambda: httpx.get(gw + "/ready").json()["replicas"].get(one.url) == "up",

@@ -127,19 +127,22 @@ class Fleet:
     async def _watch_file(self, path: Path) -> None:
         """Re-read ``path`` every ``probe_interval`` seconds; apply it when it changed."""
         last: str | None = None
+        failing = False
         while True:
             try:
                 text = await anyio.Path(path).read_text()
-            except OSError as exc:
-                if last is not None:
+            except OSError as exc:  # e.g. mid-replace: keep the list, say so once
+                if not failing:
                     logger.warning("replicas file %s: %s (keeping the list)", path, exc)
-                text = last or ""
-            if text != last:
-                last = text
-                try:
-                    self.set_replicas(parse_replicas(text, str(path)))
-                except ValueError as exc:
-                    logger.error("%s (keeping the list)", exc)
+                failing = True
+            else:
+                failing = False
+                if text != last:
+                    last = text
+                    try:
+                        self.set_replicas(parse_replicas(text, str(path)))
+                    except ValueError as exc:
+                        logger.error("%s (keeping the list)", exc)
             await anyio.sleep(self.probe_interval)
 
     async def _watch(self, client: httpx.AsyncClient, url: str) -> None:
