@@ -44,6 +44,7 @@ def _send(gw: str, n: int) -> None:
         assert r.status_code == 200, r.text
 
 
+@pytest.mark.slow
 def test_edits_to_the_replicas_file_add_and_remove_replicas(tmp_path: Path) -> None:
     path = tmp_path / "replicas.txt"
     with ExitStack() as stack:
@@ -97,6 +98,7 @@ def test_parse_replicas_names_the_bad_line() -> None:
         parse_replicas("http://a:1\nftp://x\n", "f")
 
 
+@pytest.mark.slow
 def test_admin_endpoint_replaces_the_replica_list_for_admin_keys_only(tmp_path: Path) -> None:
     keys = KeyStore([ApiKey("sk-root", tenant="ops", admin=True), ApiKey("sk-user")])
     with ExitStack() as stack:
