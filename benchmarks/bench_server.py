@@ -116,11 +116,15 @@ class Conn:
         host, port = url.removeprefix("http://").split(":")
         return cls(*await asyncio.open_connection(host, int(port)))
 
-    async def post(self, path: str, body: dict[str, Any]) -> tuple[int, list[tuple[float, bytes]]]:
-        """POST JSON; returns the status and (arrival time, data) per body chunk."""
+    async def post(self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
+                   ) -> tuple[int, list[tuple[float, bytes]]]:
+        """POST JSON (with extra ``headers``); returns the status and (arrival time, data) per
+        body chunk."""
         data = json.dumps(body).encode()
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items()).encode()
         self.writer.write(b"POST %s HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
-                          b"content-length: %d\r\n\r\n%s" % (path.encode(), len(data), data))
+                          b"%scontent-length: %d\r\n\r\n%s" % (path.encode(), extra, len(data),
+                                                                 data))
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
         lower = head.lower()
@@ -170,7 +174,8 @@ async def stream_tokens(url: str, concurrency: int, max_tokens: int, streams: in
     async def one(conn: Conn) -> int:
         status, chunks = await conn.post("/v1/completions", body)
         assert status == 200, status
-        return sum(c.count(b"data: {") for _, c in chunks)
+        # joined first: a proxy (nginx) may split an event across chunks
+        return b"".join(c for _, c in chunks).count(b"data: {")
 
     return await _run_pool(url, concurrency, streams, one)
 

@@ -27,6 +27,16 @@ def test_keys_from_file(tmp_path: Path) -> None:
     assert store.authenticate("sk-c") == ApiKey("sk-c")
     assert store.authenticate("sk-") is None and store.authenticate("") is None
     assert "sk-a" not in repr(a)  # the secret is not printed
+    assert not a.admin and not store.has_admin
+
+
+def test_admin_keys(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": [{"key": "sk-root", "admin": True}, "sk-c"]}))
+    store = KeyStore.from_file(path)
+    root, plain = store.authenticate("sk-root"), store.authenticate("sk-c")
+    assert root is not None and root.admin and plain is not None and not plain.admin
+    assert store.has_admin
 
 
 def test_keys_from_env() -> None:
@@ -47,6 +57,7 @@ def test_each_key_has_its_own_salt_by_default() -> None:
     ({"keys": [{"key": "k", "tpm": "many"}]}, "keys[0].tpm"),
     ({"keys": [{"key": "k", "tenant": 3}]}, "keys[0].tenant"),
     ({"keys": [{"key": "k", "rmp": 3}]}, "unknown field"),
+    ({"keys": [{"key": "k", "admin": "yes"}]}, "keys[0].admin"),
     ({"keys": ["k", "k"]}, "duplicate"),
     ({"nope": []}, "expected"),
 ])

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 import httpx
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
+from servekit.gateway.admin import mount_admin
 from servekit.gateway.budget import RetryBudget
 from servekit.gateway.edge import Edge
 from servekit.gateway.fleet import Fleet
@@ -26,16 +28,21 @@ def create_gateway(replicas: Sequence[str], *, policy: str = "cache_aware",
                    secret: str | None = None, probe_interval: float = 0.5,
                    budget: RetryBudget | None = None, max_connections: int = 512,
                    keys: KeyStore | None = None, limits: KeyLimits | None = None,
-                   max_failovers: int = 3) -> FastAPI:
+                   max_failovers: int = 3, slow_start: float = 0.0,
+                   replicas_file: str | Path | None = None) -> FastAPI:
     """The gateway app over ``replicas`` (base URLs). ``secret`` is the replicas' shared
     gateway secret (their info, KV events and load, token ids for failover, the caller's
     tenant and cache salt); without it routing uses in-flight counts only and streams do not
     fail over after their first byte. ``keys`` and ``limits`` authenticate and limit callers
     at the edge (:mod:`servekit.gateway.edge`; a Redis store in ``limits`` shares the limits
-    between gateways); without keys the gateway is open."""
-    if not replicas:
-        raise ValueError("replicas: at least one replica URL is required")
-    fleet = Fleet(replicas, policy=policy, secret=secret, probe_interval=probe_interval)
+    between gateways); without keys the gateway is open. ``slow_start`` seconds ramp a replica
+    that comes back (:class:`~servekit.route.Router`'s slow start; 0: off). ``replicas_file``
+    lists more replicas, one base URL per line; the gateway re-reads it every
+    ``probe_interval`` seconds and adds and removes replicas as it changes."""
+    if not replicas and replicas_file is None:
+        raise ValueError("replicas: at least one replica URL (or a replicas file) is required")
+    fleet = Fleet(replicas, policy=policy, secret=secret, probe_interval=probe_interval,
+                  slow_start=slow_start, replicas_file=replicas_file)
     keys = keys if keys is not None else KeyStore()
     edge = None if keys.open else Edge(  # open: no caller has limits either
         keys, limits if limits is not None else KeyLimits(), fleet)
@@ -56,6 +63,7 @@ def create_gateway(replicas: Sequence[str], *, policy: str = "cache_aware",
 
     app = FastAPI(title="servekit gateway", lifespan=lifespan)
     app.state.fleet = fleet
+    mount_admin(app, fleet, keys, has_admin=keys.has_admin)
 
     async def forward(request: Request) -> Response:
         forwarder: Forwarder = request.app.state.forwarder

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,11 @@ from servekit._optional import require
 def add_gateway_parser(sub: Any) -> None:
     """Add the ``gateway`` subcommand to the ``servekit`` parser's subparsers."""
     gw = sub.add_parser("gateway", help="front several replicas: cache-aware routing, retries")
-    gw.add_argument("--replica", action="append", required=True, metavar="URL",
+    gw.add_argument("--replica", action="append", default=[], metavar="URL",
                     help="base URL of a replica, e.g. http://10.0.0.5:8000 (repeatable)")
+    gw.add_argument("--replicas-file", type=Path, default=None, metavar="FILE",
+                    help="more replicas, one base URL per line (# comments); re-read every "
+                         "--probe-interval: edits add and remove replicas at run time")
     gw.add_argument("--host", default="127.0.0.1")
     gw.add_argument("--port", type=int, default=8080)
     gw.add_argument("--policy", default="cache_aware", metavar="NAME[:JSON]",
@@ -23,6 +27,10 @@ def add_gateway_parser(sub: Any) -> None:
                          "consistent_hash, round_robin, or a plugin's name")
     gw.add_argument("--probe-interval", type=float, default=0.5,
                     help="seconds between readiness probes / KV-event polls of each replica")
+    gw.add_argument("--slow-start", type=float, default=0.0, metavar="SECONDS",
+                    help="ramp a replica that comes back (breaker closed, ready again) from a "
+                         "tenth of its weight to all of it over this many seconds (default 0: "
+                         "off)")
     gw.add_argument("--api-keys", type=Path, default=None,
                     help="JSON file of keys, as servekit serve's (default: $SERVEKIT_API_KEYS, "
                          "else open)")
@@ -41,6 +49,18 @@ def run_gateway(args: argparse.Namespace) -> int:
     ``$SERVEKIT_GATEWAY_SECRET`` (never a flag: it would show in the process list)."""
     uvicorn = require("uvicorn", "gateway")
     from servekit.gateway.app import create_gateway
+    from servekit.gateway.fleet import read_replicas_file
+
+    if not args.replica and args.replicas_file is None:
+        print("servekit gateway: give --replica URL (repeatable) or --replicas-file FILE",
+              file=sys.stderr)
+        return 2
+    if args.replicas_file is not None:
+        try:
+            read_replicas_file(args.replicas_file)
+        except (OSError, ValueError) as exc:
+            print(f"servekit gateway: --replicas-file: {exc}", file=sys.stderr)
+            return 2
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -53,7 +73,8 @@ def run_gateway(args: argparse.Namespace) -> int:
                        outage_retry_after=args.rate_limit_outage_retry_after)
     app = create_gateway(args.replica, policy=args.policy,
                          secret=os.environ.get("SERVEKIT_GATEWAY_SECRET") or None,
-                         probe_interval=args.probe_interval, keys=keys, limits=limits)
+                         probe_interval=args.probe_interval, keys=keys, limits=limits,
+                         slow_start=args.slow_start, replicas_file=args.replicas_file)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 access_log=False, lifespan="on")
     return 0

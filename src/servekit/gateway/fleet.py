@@ -5,12 +5,19 @@ is taken out of rotation, a ready one put back) and, with the shared gateway sec
 info document once per process ``epoch`` and long-polls its KV events and load into the
 :class:`~servekit.route.KVEventIndex` and the router. Without the secret (a replica that is not
 servekit, or not configured to trust us) routing falls back to in-flight counts.
+
+The replica list can change at run time: :meth:`Fleet.set_replicas` adds and removes replicas
+(a removed one's requests in flight finish; it gets no new ones, and its index entry and watch
+task go), and with ``replicas_file`` the fleet re-reads that file (one base URL per line, ``#``
+comments) every ``probe_interval`` seconds and applies its edits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -18,6 +25,7 @@ import httpx
 
 from servekit.gateway.tokens import PromptEncoder
 from servekit.route import HealthTracker, ReplicaLoad, Router
+from servekit.route.errors import UnknownNodeError
 from servekit.route.health import NodeHealth
 from servekit.route.kv_index import KVEventIndex
 
@@ -31,18 +39,26 @@ class Fleet:
 
     def __init__(self, replicas: Sequence[str], *, policy: str = "cache_aware",
                  secret: str | None = None, probe_interval: float = 0.5,
-                 failure_threshold: int = 3, cooldown: float = 2.0) -> None:
-        self.urls = tuple(u.rstrip("/") for u in replicas)
+                 failure_threshold: int = 3, cooldown: float = 2.0,
+                 slow_start: float = 0.0, replicas_file: str | Path | None = None) -> None:
+        self._static = _distinct(replicas)
+        self.replicas_file = Path(replicas_file) if replicas_file is not None else None
+        from_file = read_replicas_file(self.replicas_file) if self.replicas_file else ()
+        self.urls = _distinct([*self._static, *from_file])
         self.index = KVEventIndex()
         self.router = Router(self.urls, policy=policy, index=self.index,
                              health=HealthTracker(failure_threshold=failure_threshold,
-                                                  cooldown=cooldown))
+                                                  cooldown=cooldown),
+                             slow_start=slow_start)
         self.secret = secret
         self.probe_interval = probe_interval
         self.encoders: dict[str, PromptEncoder] = {}
         self.epochs: dict[str, str] = {}
         self.models: dict[str, list[str]] = {}
         self.max_model_lens: dict[str, int] = {}
+        self._scopes: dict[str, anyio.CancelScope] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._client: httpx.AsyncClient | None = None
 
     def encoder(self) -> PromptEncoder | None:
         """A prompt encoder (replicas of one fleet serve one model with one tokenizer)."""
@@ -55,10 +71,79 @@ class Fleet:
         return min(self.max_model_lens.values(), default=None)
 
     async def run(self, client: httpx.AsyncClient) -> None:
-        """Keep every replica's state current until cancelled."""
+        """Keep every replica's state (and the replicas file's list) current until cancelled."""
         async with anyio.create_task_group() as tg:
-            for url in self.urls:
-                tg.start_soon(self._watch, client, url)
+            self._tg, self._client = tg, client
+            try:
+                for url in self.urls:
+                    self._start(url)
+                if self.replicas_file is not None:
+                    tg.start_soon(self._watch_file, self.replicas_file)
+                await anyio.sleep_forever()
+            finally:
+                self._tg = None
+
+    def release(self, url: str, success: bool | None = True) -> None:
+        """:meth:`Router.release`, ignoring a replica removed while the request was in flight."""
+        with contextlib.suppress(UnknownNodeError):
+            self.router.release(url, success)
+
+    def set_replicas(self, urls: Sequence[str]) -> None:
+        """Make the fleet ``urls`` (plus the replicas given at construction): new ones join
+        (``UP``, watched at once), missing ones leave."""
+        wanted = _distinct([*self._static, *urls])
+        for url in self.urls:
+            if url not in wanted:
+                self._remove(url)
+        for url in wanted:
+            if url not in self.urls:
+                self.router.add_replica(url)
+                if self._tg is not None:
+                    self._start(url)
+                logger.info("replica %s joined", url)
+        self.urls = wanted
+
+    def _remove(self, url: str) -> None:
+        self.router.remove_replica(url)
+        self.index.remove_replica(url)
+        scope = self._scopes.pop(url, None)
+        if scope is not None:
+            scope.cancel()
+        for known in (self.encoders, self.epochs, self.models, self.max_model_lens):
+            known.pop(url, None)  # type: ignore[attr-defined]
+        logger.info("replica %s left", url)
+
+    def _start(self, url: str) -> None:
+        assert self._tg is not None and self._client is not None
+        scope = self._scopes[url] = anyio.CancelScope()
+        client = self._client
+
+        async def watch() -> None:
+            with scope:
+                await self._watch(client, url)
+
+        self._tg.start_soon(watch)
+
+    async def _watch_file(self, path: Path) -> None:
+        """Re-read ``path`` every ``probe_interval`` seconds; apply it when it changed."""
+        last: str | None = None
+        failing = False
+        while True:
+            try:
+                text = await anyio.Path(path).read_text()
+            except OSError as exc:  # e.g. mid-replace: keep the list, say so once
+                if not failing:
+                    logger.warning("replicas file %s: %s (keeping the list)", path, exc)
+                failing = True
+            else:
+                failing = False
+                if text != last:
+                    last = text
+                    try:
+                        self.set_replicas(parse_replicas(text, str(path)))
+                    except ValueError as exc:
+                        logger.error("%s (keeping the list)", exc)
+            await anyio.sleep(self.probe_interval)
 
     async def _watch(self, client: httpx.AsyncClient, url: str) -> None:
         headers = {GATEWAY_SECRET_HEADER: self.secret} if self.secret else {}
@@ -125,3 +210,32 @@ class Fleet:
         self.models[url] = list(info["models"])
         self.max_model_lens[url] = int(info["max_model_len"])
         self.encoders[url] = await anyio.to_thread.run_sync(PromptEncoder, info)
+
+
+def parse_replicas(text: str, source: str = "replicas file") -> list[str]:
+    """Base URLs, one per line (blank lines and ``#`` comments skipped); a line that is not an
+    ``http://`` or ``https://`` URL raises ValueError naming it."""
+    urls = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if not is_replica_url(line):
+            raise ValueError(f"{source}:{number}: not a replica base URL: {line!r}")
+        urls.append(line)
+    return urls
+
+
+def is_replica_url(text: str) -> bool:
+    """Whether ``text`` looks like a replica's base URL (``http(s)://`` and no spaces)."""
+    return (text.startswith(("http://", "https://")) and len(text) > 8
+            and not any(c.isspace() or c == "#" for c in text))
+
+
+def read_replicas_file(path: Path) -> list[str]:
+    """:func:`parse_replicas` of ``path`` (an unreadable file raises OSError)."""
+    return parse_replicas(path.read_text(), str(path))
+
+
+def _distinct(urls: Sequence[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(u.rstrip("/") for u in urls))

@@ -176,19 +176,18 @@ class Forwarder:
 
     async def _attempt(self, url: str, call: _Call) -> Response | tuple[str, Response]:
         """A committed response, or ``("retry", response-if-none-else)``."""
-        router = self.fleet.router
         stream = call.stream
         request = self.client.build_request(call.method, url + call.path, headers=call.headers,
                                             content=call.body)
         try:
             upstream = await self.client.send(request, stream=True)
         except httpx.TransportError as exc:
-            router.release(url, False)
+            self.fleet.release(url, False)
             self.metrics.outcome(url, "connect_error")
             return "retry", unavailable(f"replica unreachable: {type(exc).__name__}")
         if upstream.status_code in RETRYABLE_STATUS:
             content = await _read_quietly(upstream)
-            router.release(url, False if upstream.status_code == 503 else None)
+            self.fleet.release(url, False if upstream.status_code == 503 else None)
             self.metrics.outcome(url, str(upstream.status_code))
             return "retry", _copy(upstream, content)
         chunks = upstream.aiter_raw()
@@ -199,12 +198,12 @@ class Forwarder:
                 first = await anext(chunks, b"")
         except httpx.TransportError as exc:
             await upstream.aclose()
-            router.release(url, False)
+            self.fleet.release(url, False)
             self.metrics.outcome(url, "reset")
             return "retry", unavailable(f"replica failed: {type(exc).__name__}")
         if not stream:
             await upstream.aclose()
-            router.release(url, upstream.status_code < 500)
+            self.fleet.release(url, upstream.status_code < 500)
             self.metrics.outcome(url, str(upstream.status_code))
             call.used = usage_total(content) if upstream.status_code == 200 else None
             return _copy(upstream, content)
@@ -241,7 +240,7 @@ class Forwarder:
                 ok = False
             finally:
                 await upstream.aclose()
-                self.fleet.router.release(url, ok)
+                self.fleet.release(url, ok)
                 self.metrics.outcome(url, "stream_ok" if ok else
                                      ("stream_cut" if ok is False else
                                       "stream_drained" if tracker.drained else "client_gone"))
@@ -277,12 +276,12 @@ class Forwarder:
         try:
             upstream = await self.client.send(request, stream=True)
         except httpx.TransportError:
-            self.fleet.router.release(url, False)
+            self.fleet.release(url, False)
             self.metrics.outcome(url, "connect_error")
             return None
         if upstream.status_code != 200:
             await _read_quietly(upstream)
-            self.fleet.router.release(url, False if upstream.status_code >= 500 else None)
+            self.fleet.release(url, False if upstream.status_code >= 500 else None)
             self.metrics.outcome(url, str(upstream.status_code))
             return None
         return url, upstream
@@ -303,7 +302,7 @@ class Forwarder:
         finally:
             call.used = usage_total(prev + last)
             await upstream.aclose()
-            self.fleet.router.release(url, ok)
+            self.fleet.release(url, ok)
             self.metrics.outcome(url, "stream_ok" if ok else
                                  ("stream_cut" if ok is False else "client_gone"))
 

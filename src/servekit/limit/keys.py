@@ -5,7 +5,8 @@ Keys come from a JSON file or an environment variable::
     {"keys": [{"key": "sk-alice", "tenant": "alice", "rpm": 60, "tpm": 40000,
                "cache_salt": "alice"}]}
 
-or, in the variable, a comma-separated list of bare keys (tenant ``default``, no limits). A key
+(``"admin": true`` marks a key that may also use ``servekit gateway``'s admin endpoints), or,
+in the variable, a comma-separated list of bare keys (tenant ``default``, no limits). A key
 without ``cache_salt`` gets its own salt, derived from the key, so no two keys share cached
 prefixes unless configured to. Lookup hashes the presented key (SHA-256) and compares digests
 with :func:`hmac.compare_digest`, so the time taken does not depend on how much of a key matched.
@@ -38,13 +39,15 @@ class KeyConfigError(ServekitError, ValueError):
 
 @frozen(slots=True)
 class ApiKey:
-    """One API key: its tenant, its per-minute limits (None = unlimited) and its cache salt."""
+    """One API key: its tenant, its per-minute limits (None = unlimited), its cache salt, and
+    whether it is an admin key (the gateway's admin endpoints)."""
 
     key: str = field(repr=False)
     tenant: str = "default"
     rpm: int | None = None
     tpm: int | None = None
     cache_salt: str | None = None
+    admin: bool = False
 
     @property
     def salt(self) -> str:
@@ -72,6 +75,11 @@ class KeyStore:
     def open(self) -> bool:
         """True when no keys are configured: every request is let in."""
         return not self._by_digest
+
+    @property
+    def has_admin(self) -> bool:
+        """True when some key is marked admin."""
+        return any(k.admin for k in self._by_digest.values())
 
     def from_authorization(self, authorization: str | None) -> ApiKey | None:
         """The caller's key from an ``Authorization: Bearer`` header (None when the store is
@@ -133,7 +141,7 @@ def _parse_entries(data: Any, source: str) -> list[ApiKey]:
             entry = {"key": entry}
         if not isinstance(entry, dict):
             raise KeyConfigError(f"{where}: expected an object or a string")
-        unknown = set(entry) - {"key", "tenant", "rpm", "tpm", "cache_salt"}
+        unknown = set(entry) - {"key", "tenant", "rpm", "tpm", "cache_salt", "admin"}
         if unknown:
             raise KeyConfigError(f"{where}: unknown field(s) {sorted(unknown)}")
         key = entry.get("key")
@@ -148,7 +156,10 @@ def _parse_entries(data: Any, source: str) -> list[ApiKey]:
             value = entry.get(name)
             if value is not None and not isinstance(value, str):
                 raise KeyConfigError(f"{where}.{name}: must be a string")
+        admin = entry.get("admin", False)
+        if not isinstance(admin, bool):
+            raise KeyConfigError(f"{where}.admin: must be true or false")
         keys.append(ApiKey(key=key, tenant=entry.get("tenant") or "default",
                            rpm=entry.get("rpm"), tpm=entry.get("tpm"),
-                           cache_salt=entry.get("cache_salt")))
+                           cache_salt=entry.get("cache_salt"), admin=admin))
     return keys

@@ -5,6 +5,7 @@ seconds of the injected clock an ejected node becomes routable again for one pro
 router's dispatch moves it to ``PROBING`` (no other request goes there meanwhile); the probe's
 success brings it ``UP``, its failure ejects it for another cool-down (a probe that never
 reports expires after ``cooldown``). ``mark_down`` takes a node out until ``mark_up``.
+:meth:`HealthTracker.up_for` tells how long ago a node came back ``UP`` (the router's slow start).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class _State:
     health: NodeHealth = NodeHealth.UP
     failures: int = 0
     since: float = 0.0  # when it was ejected, or when its probe was dispatched
+    returned: float | None = None  # when it last came back UP (None: UP since it was added)
 
 
 _AT_LEAST_ONE = int_at_least(1, error=InvalidRouteParameterError)
@@ -85,6 +87,14 @@ class HealthTracker:
         """``node``'s consecutive failures since its last success."""
         return self._get(node).failures
 
+    def up_for(self, node: str, now: float | None = None) -> float | None:
+        """Seconds since ``node`` last came back ``UP`` (after an ejection, a probe or a
+        ``mark_down``); None when it is not ``UP`` or has been since it was added."""
+        s = self._get(node)
+        if s.health is not NodeHealth.UP or s.returned is None:
+            return None
+        return (self.clock() if now is None else now) - s.returned
+
     def routable(self, node: str, now: float | None = None) -> bool:
         """Whether a request may go to ``node`` now (an ejected node after its cool-down, for a
         probe)."""
@@ -106,6 +116,8 @@ class HealthTracker:
     def record_success(self, node: str) -> None:
         """A request to ``node`` succeeded: failures reset, a probing node comes back ``UP``."""
         s = self._get(node)
+        if s.health is NodeHealth.PROBING:
+            s.returned = self.clock()
         if s.health is NodeHealth.UP or s.health is NodeHealth.PROBING:
             s.health, s.failures = NodeHealth.UP, 0
 
@@ -126,6 +138,8 @@ class HealthTracker:
     def mark_up(self, node: str) -> None:
         """Put ``node`` back ``UP`` with no failures (also ends an ejection)."""
         s = self._get(node)
+        if s.health is not NodeHealth.UP:
+            s.returned = self.clock()
         s.health, s.failures = NodeHealth.UP, 0
 
     def _get(self, node: str) -> _State:

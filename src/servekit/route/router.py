@@ -39,6 +39,8 @@ from servekit.route.ring import check_weight
 
 #: Key sources, in the default order of preference.
 KEY_SOURCES = ("session", "prefix", "api_key")
+#: The smallest fraction of its weight a replica gets at the start of its slow start.
+SLOW_START_FLOOR = 0.1
 
 _NON_NEGATIVE = int_at_least(0, error=InvalidRouteParameterError)
 
@@ -76,6 +78,12 @@ class Router:
     defaults to a :class:`HealthTracker` on ``clock``; ``prefix`` says how prompts are hashed
     (it must match the replicas' KV cache). ``index`` tells how many of a request's blocks each
     replica holds; replicas report their own load with :meth:`report_load`.
+
+    ``slow_start`` (seconds, 0: off) ramps a replica that comes back ``UP`` (its breaker
+    closed, or it was marked up again): for that long after its return, policies see its
+    weight scaled by the fraction of the window elapsed (at least :data:`SLOW_START_FLOOR`),
+    so load-aware policies and the bounded-load cap send it a growing share instead of a
+    burst on a cold cache. Policies that ignore weights (round-robin) are not slowed.
     """
 
     def __init__(
@@ -90,8 +98,13 @@ class Router:
         hooks: HookSet | None = None,
         clock: Callable[[], float] = time.monotonic,
         index: CacheIndex | None = None,
+        slow_start: float = 0.0,
     ) -> None:
         bad = [s for s in key_order if s not in KEY_SOURCES]
+        if (isinstance(slow_start, bool) or not isinstance(slow_start, (int, float))
+                or not 0 <= slow_start < float("inf")):
+            raise InvalidRouteParameterError(
+                "slow_start", f"must be a finite number of seconds >= 0, got {slow_start!r}")
         if bad or len(set(key_order)) != len(key_order):
             raise InvalidRouteParameterError(
                 "key_order", f"must be distinct names from {KEY_SOURCES}, got {tuple(key_order)}"
@@ -105,6 +118,7 @@ class Router:
         self.hooks = hooks
         self.clock = clock
         self.index = index
+        self.slow_start = float(slow_start)
         self._weights: dict[str, float] = {}
         self._loads: dict[str, int] = {}
         self._reported: dict[str, ReplicaLoad] = {}
@@ -226,6 +240,8 @@ class Router:
         held = self.index.cached_blocks(hashes) if self.index is not None and hashes else {}
         state, weights, loads, reported = (
             self.health.state, self._weights, self._loads, self._reported)
+        if self.slow_start:
+            weights = {n: self._ramped(n, w, now) for n, w in weights.items()}
         candidates = [
             Candidate(n, weights[n], state(n), loads[n], reported.get(n), held.get(n, 0))
             for n in nodes
@@ -256,6 +272,13 @@ class Router:
             self.health.record_success(name)
         elif success is False:
             self.health.record_failure(name)
+
+    def _ramped(self, name: str, weight: float, now: float) -> float:
+        """``weight`` scaled down while ``name`` is in its slow-start window."""
+        up_for = self.health.up_for(name, now)
+        if up_for is None or up_for >= self.slow_start:
+            return weight
+        return weight * max(SLOW_START_FLOOR, up_for / self.slow_start)
 
     def _acquire(self, name: str, now: float) -> None:
         self._loads[name] += 1

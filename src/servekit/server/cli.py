@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--fake-tokens-per-yield", type=int, default=None,
                        help="tokens the fake model makes per pass of the event loop (default 1: "
                             "one wake-up per token, as a stepping engine; docs/server.md)")
+    serve.add_argument("--fake-model-cost", default=None, metavar="JSON",
+                       help="serve the real engine (scheduler, KV cache, prefix cache, KV "
+                            "events) over a fake model whose steps sleep a cost model, e.g. "
+                            '\'{"base_s": 0.002, "prefill_token_s": 2e-5, "decode_row_s": 1e-4, '
+                            '"num_blocks": 512}\' (servekit.engine.cost_runner)')
     # -- hardening: body, stream and connection limits (docs/server.md) --------------------------
     serve.add_argument("--max-body-bytes", type=int, default=None,
                        help="largest request body, bytes (413 above; default: one prompt of "
@@ -165,14 +170,46 @@ def build_engine(args: argparse.Namespace, hooks: Any = None) -> Any:
                           max_waiting=args.max_waiting_requests)
     from servekit.engine import AsyncEngine, LLMEngine
 
-    path = args.model or DEMO_MODEL
     config = engine_config(args)
-    engine = build_checked(args, "runner",
-                           lambda: LLMEngine(str(path), config=config, hooks=hooks))
+    if args.fake_model_cost is not None:
+        engine = build_checked(args, "fake_model_cost", lambda: _cost_model_engine(
+            args.fake_model_cost, config, hooks))
+    else:
+        path = args.model or DEMO_MODEL
+        engine = build_checked(args, "runner",
+                               lambda: LLMEngine(str(path), config=config, hooks=hooks))
     policy = engine.scheduler.policy
     logger.info("scheduling policy: %s (%s.%s)", args.policy, type(policy).__module__,
                 type(policy).__qualname__)
     return AsyncEngine(engine)
+
+
+def _cost_model_runner(spec: str, config: Any) -> Any:
+    """:class:`~servekit.engine.cost_runner.CostModelRunner` with the keyword arguments of the
+    JSON object ``spec`` (KV sized from the engine settings unless ``spec`` names
+    ``num_blocks``)."""
+    from servekit.engine.cost_runner import CostModelRunner
+
+    try:
+        kwargs = json.loads(spec)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"not valid JSON ({exc}): {spec!r}") from None
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"must be a JSON object, got {spec!r}")
+    try:
+        return CostModelRunner(**{"block_size": config.block_size,
+                                  "kv_cache_bytes": config.kv_cache_bytes, **kwargs})
+    except TypeError as exc:  # an unknown key
+        raise ConfigError(str(exc)) from None
+
+
+def _cost_model_engine(spec: str, config: Any, hooks: Any) -> Any:
+    """The real engine over the cost-model runner and the fake engine's byte-level tokenizer."""
+    from servekit.engine import LLMEngine
+    from servekit.server.fake import FakeTokenizer
+
+    return LLMEngine(_cost_model_runner(spec, config), config=config,
+                     tokenizer=FakeTokenizer(), hooks=hooks)
 
 
 #: EngineConfig fields that come from a setting of another name
@@ -270,7 +307,8 @@ def served_names(args: argparse.Namespace) -> tuple[str, ...]:
     """The model names clients use: ``--served-model-name``, else ``fake`` or the model's."""
     if args.served_model_name:
         return tuple(args.served_model_name)
-    return ("fake",) if args.fake else (_model_name(args),)
+    fake = args.fake or getattr(args, "fake_model_cost", None) is not None
+    return ("fake",) if fake else (_model_name(args),)
 
 
 def server_parts(args: argparse.Namespace) -> ServerParts:
@@ -315,7 +353,10 @@ def build_plugins(args: argparse.Namespace) -> Plugged:
     store = MemoryStore() if args.limiter_store is None else build_checked(
         args, "limiter_store", lambda: store_from_url(args.limiter_store))
     if not args.fake:  # the engine builds its own from the spec; this only checks it early
-        engine_config(args)
+        config = engine_config(args)
+        if args.fake_model_cost is not None:
+            build_checked(args, "fake_model_cost",
+                          lambda: _cost_model_runner(args.fake_model_cost, config))
         build_checked(args, "policy", lambda: make_policy(args.policy))
         if args.victim_policy is not None:
             build_checked(args, "victim_policy", lambda: make_victim_policy(args.victim_policy))

@@ -101,6 +101,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fake", "engine.fake", "bool", False),
     Setting("fake_token_delay", "engine.fake_token_delay", "float", 0.0),
     Setting("fake_tokens_per_yield", "engine.fake_tokens_per_yield", "int", 1),
+    Setting("fake_model_cost", "engine.fake_model_cost", "str"),
     Setting("limiter_store", "limits.store", "str", flag="--limiter-store"),
     # hardening: body, stream and connection limits, store outages, metric names (docs/server.md)
     Setting("max_body_bytes", "server.max_body_bytes", "int"),
