@@ -57,6 +57,8 @@ class EngineCoreClient:
     ``factory(hooks)`` builds the engine in the core process (it must pickle: a module-level
     function or a ``functools.partial`` of one); ``address`` connects to a core started
     elsewhere instead. ``hooks`` receive the engine's metrics events, forwarded from the core.
+    A core started here aborts the requests of a front end it has not heard from for
+    ``frontend_timeout`` seconds (each sends a heartbeat every ``heartbeat_interval``).
     """
 
     #: ``generate`` takes ``coalesce`` (front ends ask for merged deltas when they can).
@@ -65,7 +67,8 @@ class EngineCoreClient:
     def __init__(self, factory: EngineFactory | None = None, *, tokenizer: Any,
                  address: str | None = None, hooks: HookSet | None = None,
                  startup_timeout: float = 300.0, heartbeat_interval: float = 0.2,
-                 core_timeout: float = 10.0, log_level: str = "INFO") -> None:
+                 core_timeout: float = 10.0, frontend_timeout: float = 5.0,
+                 log_level: str = "INFO") -> None:
         if (factory is None) == (address is None):
             raise TypeError("pass either a factory (start a core) or an address (connect to one)")
         self.tokenizer = tokenizer
@@ -75,6 +78,7 @@ class EngineCoreClient:
         self._startup_timeout = startup_timeout
         self._interval = heartbeat_interval
         self._core_timeout = core_timeout
+        self._frontend_timeout = frontend_timeout
         self._log_level = log_level
         self.info: dict[str, Any] = {}
         self.load: dict[str, Any] = {}
@@ -185,7 +189,8 @@ class EngineCoreClient:
         if self._hooks is not None:
             wanted = tuple(m for m in ENGINE_EVENTS if getattr(self._hooks.wants, m[3:]))
         payload = pickle.dumps((self._factory, self.address, {
-            "forward_events": wanted, "parent_pid": os.getpid(), "log_level": self._log_level}))
+            "forward_events": wanted, "parent_pid": os.getpid(), "log_level": self._log_level,
+            "frontend_timeout": self._frontend_timeout}))
         # a fresh interpreter (not multiprocessing's spawn, which re-runs the parent's __main__)
         self._proc = subprocess.Popen([sys.executable, "-m", "servekit.engine.core_process"],
                                       stdin=subprocess.PIPE)

@@ -41,8 +41,8 @@ from servekit.server.config import (
     origin_of,
 )
 
-__all__ = ["DEMO_MODEL", "ServerParts", "build_engine", "build_parser", "build_plugins", "main",
-           "served_names", "server_parts"]
+__all__ = ["DEMO_MODEL", "ServerParts", "build_core_client", "build_engine", "build_local_engine",
+           "build_parser", "build_plugins", "main", "served_names", "server_parts"]
 
 logger = logging.getLogger("servekit.server")
 
@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default=None)
     serve.add_argument("--fake", action="store_true", default=None,
                        help="serve an instant fake model (benchmarks, smoke tests)")
+    serve.add_argument("--engine-process", action="store_true", default=None,
+                       help="run the engine core (scheduler, model, sampler, detokenizer) in a "
+                            "process of its own, fed over ZMQ; tokenizing, HTTP and limits "
+                            "stay in this one (needs servekit[engine-process]; docs/server.md)")
     serve.add_argument("--fake-token-delay", type=float, default=None,
                        help="seconds between the fake model's tokens")
     serve.add_argument("--fake-tokens-per-yield", type=int, default=None,
@@ -155,7 +159,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_engine(args: argparse.Namespace, hooks: Any = None) -> Any:
-    """The engine the arguments ask for (the fake engine, or the real one on a model)."""
+    """The engine the arguments ask for (the fake engine, or the real one on a model), in this
+    process or, with ``--engine-process``, in an engine-core process of its own."""
+    if getattr(args, "engine_process", False):
+        return build_core_client(args, hooks)
+    return build_local_engine(args, hooks)
+
+
+def build_core_client(args: argparse.Namespace, hooks: Any = None) -> Any:
+    """An :class:`~servekit.engine.core_client.EngineCoreClient` that starts the engine the
+    arguments describe in its own process; the tokenizer is loaded here, in the front end."""
+    from servekit.engine.core_client import EngineCoreClient
+
+    if args.fake:
+        from servekit.server.fake import FakeTokenizer
+
+        tokenizer: Any = FakeTokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(args.model or DEMO_MODEL))
+    local = argparse.Namespace(**{**vars(args), "engine_process": False})
+    # by its importable name (pickled for the core), also when this module runs as __main__
+    build = importlib.import_module("servekit.server.cli").build_local_engine
+    return EngineCoreClient(partial(build, local), tokenizer=tokenizer,
+                            hooks=hooks, log_level=args.log_level)
+
+
+def build_local_engine(args: argparse.Namespace, hooks: Any = None) -> Any:
+    """The engine the arguments describe, built in this process."""
     if args.fake:
         from servekit.server.fake import FakeEngine
 
