@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -238,4 +239,5 @@ def test_sigterm_drains_like_in_process_then_stops_the_core() -> None:
     deadline = time.monotonic() + 10
     while os.path.exists(f"/proc/{core}") and time.monotonic() < deadline:
         time.sleep(0.05)  # reaped by the front end (or, once it exited, by init)
-    assert not os.path.exists(f"/proc/{core}") or "zombie" in open(f"/proc/{core}/status").read()
+    status = f"/proc/{core}/status"
+    assert not os.path.exists(status) or "zombie" in Path(status).read_text()

@@ -42,8 +42,10 @@ from servekit.metrics.hooks import HookSet
 from servekit.sched.errors import DuplicateRequestError
 from servekit.sched.params import SamplingParams
 
-zmq = require("zmq", "engine-process")
-msgpack = require("msgpack", "engine-process")
+require("zmq", "engine-process")
+require("msgpack", "engine-process")
+import msgpack  # noqa: E402
+import zmq  # noqa: E402
 import zmq.asyncio  # noqa: E402
 
 __all__ = ["EngineCoreClient"]
@@ -185,7 +187,7 @@ class EngineCoreClient:
     def _spawn(self) -> None:
         self._tmp = tempfile.mkdtemp(prefix="servekit-core-")  # 0700: only this user connects
         self.address = f"ipc://{self._tmp}/engine.sock"
-        wanted = ()
+        wanted: tuple[str, ...] = ()
         if self._hooks is not None:
             wanted = tuple(m for m in ENGINE_EVENTS if getattr(self._hooks.wants, m[3:]))
         payload = pickle.dumps((self._factory, self.address, {

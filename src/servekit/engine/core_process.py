@@ -50,8 +50,10 @@ from servekit.engine.wire import (
 from servekit.metrics.hooks import EVENT_METHODS, Hook, HookSet
 from servekit.sched.errors import DuplicateRequestError
 
-zmq = require("zmq", "engine-process")
-msgpack = require("msgpack", "engine-process")
+require("zmq", "engine-process")
+require("msgpack", "engine-process")
+import msgpack  # noqa: E402
+import zmq  # noqa: E402
 import zmq.asyncio  # noqa: E402
 
 __all__ = ["ENGINE_EVENTS", "EngineCore", "EventForwarder", "engine_load", "run_core"]
@@ -120,7 +122,8 @@ def engine_summary(engine: Any) -> dict[str, Any]:
         capacity = int(sched.max_num_seqs) + int(sched.max_waiting_requests)
     return {
         "model_name": engine.model_name, "max_model_len": int(engine.max_model_len),
-        "block_size": int(getattr(config, "block_size", None) or getattr(engine, "block_size", 16)),
+        "block_size": int(getattr(config, "block_size", None)
+                          or getattr(engine, "block_size", None) or 16),
         "prefix_caching": bool(getattr(config, "enable_prefix_caching", False)),
         "admission_capacity": capacity, "pid": os.getpid(),
     }
