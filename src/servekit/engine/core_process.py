@@ -214,8 +214,14 @@ class EngineCore:
         if resume:
             extra["output_token_ids"] = resume
         try:
+            sampling = params_from_wire(params)
+            grammars = getattr(getattr(self.engine, "engine", None), "grammars", None)
+            if sampling.guided is not None and grammars is not None:
+                # compiled off the loop (cached by spec), as the in-process server does before
+                # admission: a slow compile must not stall every other stream
+                await anyio.to_thread.run_sync(grammars.compile, sampling.guided)
             stream = self.engine.generate(
-                prompt, params_from_wire(params), request_id=rid, tenant=tenant,
+                prompt, sampling, request_id=rid, tenant=tenant,
                 priority=priority, cache_salt=cache_salt, deadline=deadline, **extra)
             async for out in stream:
                 self._queue_output(ident, output_to_wire(out))
