@@ -48,9 +48,36 @@ import msgpack  # noqa: E402
 import zmq  # noqa: E402
 import zmq.asyncio  # noqa: E402
 
-__all__ = ["EngineCoreClient"]
+__all__ = ["EngineCoreClient", "spawn_core", "stop_core"]
 
 logger = logging.getLogger("servekit.engine")
+
+
+def spawn_core(factory: EngineFactory, address: str, *, forward_events: Sequence[str] = (),
+               log_level: str = "INFO", frontend_timeout: float = 5.0) -> subprocess.Popen[bytes]:
+    """Start :func:`~servekit.engine.core_process.run_core` in a fresh interpreter (not
+    multiprocessing's spawn, which re-runs the parent's ``__main__``), serving ``address``;
+    it exits when this process does."""
+    payload = pickle.dumps((factory, address, {
+        "forward_events": tuple(forward_events), "parent_pid": os.getpid(),
+        "log_level": log_level, "frontend_timeout": frontend_timeout}))
+    proc = subprocess.Popen([sys.executable, "-m", "servekit.engine.core_process"],
+                            stdin=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write(payload)
+    proc.stdin.close()
+    logger.info("engine core process started (pid %d)", proc.pid)
+    return proc
+
+
+def stop_core(address: str) -> None:
+    """Ask the core serving ``address`` to stop (it aborts what runs and exits)."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(address)
+    sock.send(msgpack.packb(["shutdown"]))
+    sock.close(linger=1000)  # until the message is out
+    ctx.term()
 
 
 class EngineCoreClient:
@@ -185,21 +212,15 @@ class EngineCoreClient:
                 await self._close(stop_core=True)
 
     def _spawn(self) -> None:
+        assert self._factory is not None
         self._tmp = tempfile.mkdtemp(prefix="servekit-core-")  # 0700: only this user connects
         self.address = f"ipc://{self._tmp}/engine.sock"
         wanted: tuple[str, ...] = ()
         if self._hooks is not None:
             wanted = tuple(m for m in ENGINE_EVENTS if getattr(self._hooks.wants, m[3:]))
-        payload = pickle.dumps((self._factory, self.address, {
-            "forward_events": wanted, "parent_pid": os.getpid(), "log_level": self._log_level,
-            "frontend_timeout": self._frontend_timeout}))
-        # a fresh interpreter (not multiprocessing's spawn, which re-runs the parent's __main__)
-        self._proc = subprocess.Popen([sys.executable, "-m", "servekit.engine.core_process"],
-                                      stdin=subprocess.PIPE)
-        assert self._proc.stdin is not None
-        self._proc.stdin.write(payload)
-        self._proc.stdin.close()
-        logger.info("engine core process started (pid %d)", self._proc.pid)
+        self._proc = spawn_core(self._factory, self.address, forward_events=wanted,
+                                log_level=self._log_level,
+                                frontend_timeout=self._frontend_timeout)
 
     async def _handshake(self) -> None:
         self._send(["hello"])

@@ -100,6 +100,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("runner", "engine.runner", "spec", "transformers"),
     Setting("fake", "engine.fake", "bool", False),
     Setting("engine_process", "engine.process", "bool", False, flag="--engine-process"),
+    Setting("api_processes", "server.api_processes", "int", 1, flag="--api-processes"),
     Setting("fake_token_delay", "engine.fake_token_delay", "float", 0.0),
     Setting("fake_tokens_per_yield", "engine.fake_tokens_per_yield", "int", 1),
     Setting("limiter_store", "limits.store", "str", flag="--limiter-store"),
