@@ -17,8 +17,9 @@
    at three rates, plotted into ``benchmarks/results/``.
 4. ``--engine-process`` (only this part): the demo model under 64 concurrent streams, the
    engine in the server's process vs in an engine-core process of its own
-   (``servekit serve --engine-process``), both servers up at once, rounds interleaved: output
-   tokens/s, client-side inter-token latency p50/p99, and the CPU both processes used.
+   (``servekit serve --engine-process``) and with two front-end processes sharing that core
+   (``--api-processes 2``), all servers up at once, rounds interleaved: output tokens/s,
+   client-side inter-token latency p50/p99, and the CPU all of a server's processes used.
 
     python benchmarks/bench_server.py --quick --json benchmarks/results/server-cpu-2026-12-06.json
     python benchmarks/bench_server.py --quick --engine-process \
@@ -424,7 +425,14 @@ def bench_engine_process(quick: bool, rounds: int, model: str | None) -> list[di
     """The demo model at 64 concurrent streams: engine in process vs in its own process."""
     args = ["--model", model] if model else []
     servers = {"engine in process": ServerProcess(*args),
-               "engine core in its own process": ServerProcess(*args, "--engine-process")}
+               "engine core in its own process": ServerProcess(*args, "--engine-process"),
+               "2 front-end processes, one engine core": ServerProcess(*args,
+                                                                       "--api-processes", "2")}
+    for server in servers.values():  # every front end ready (a new connection may hit any)
+        deadline = time.perf_counter() + 120
+        while sum(httpx.get(server.url + "/ready").status_code == 200 for _ in range(20)) < 20:
+            assert time.perf_counter() < deadline, "front ends not ready"
+            time.sleep(0.2)
     streams, max_tokens = 64, (64 if quick else 128)
     samples: dict[str, dict[str, list[float]]] = {
         name: {"tps": [], "p50": [], "p99": [], "cpu": []} for name in servers}
@@ -455,10 +463,11 @@ def bench_engine_process(quick: bool, rounds: int, model: str | None) -> list[di
                            ("cpu", "server CPU ms per token (all its processes)")):
             rows.append({"scenario": f"demo, {name}: {label}", "setting": setting,
                          **summary(got[key])})
-    local, split = samples.values()
-    rows.append({"scenario": "demo: tokens/s, own process / in process (paired rounds)",
-                 "setting": setting,
-                 **summary([b / a for a, b in zip(local["tps"], split["tps"], strict=True)])})
+    local, split, shared = samples.values()
+    for name, other in (("own process", split), ("2 front ends", shared)):
+        rows.append({"scenario": f"demo: tokens/s, {name} / in process (paired rounds)",
+                     "setting": setting, **summary(
+                         [b / a for a, b in zip(local["tps"], other["tps"], strict=True)])})
     return rows
 
 

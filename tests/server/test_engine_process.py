@@ -241,3 +241,31 @@ def test_sigterm_drains_like_in_process_then_stops_the_core() -> None:
         time.sleep(0.05)  # reaped by the front end (or, once it exited, by init)
     status = f"/proc/{core}/status"
     assert not os.path.exists(status) or "zombie" in Path(status).read_text()
+
+
+def test_two_front_end_processes_share_one_core_and_drain_on_sigterm() -> None:
+    proc, url = _cli("--api-processes", "2", "--fake-token-delay", "0.01")
+    try:
+        deadline = time.monotonic() + 60  # both front ends listening and ready
+        while sum(httpx.get(url + "/ready").status_code == 200 for _ in range(20)) < 20:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        children = _children(proc.pid)
+        assert len(children) == 3  # the core and two front ends
+        served_by = set()
+        for _ in range(24):  # each on a new connection: the kernel spreads them
+            r = httpx.post(url + "/v1/completions",
+                           json={"model": "fake", "prompt": "hi", "max_tokens": 3})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == "the"
+            served_by |= {p for p in children if r.headers["x-request-id"].startswith(
+                f"cmpl-{p:x}")}
+        assert len(served_by) == 2
+        results = asyncio.run(_streams(url, 6, 100, lambda: proc.send_signal(signal.SIGTERM)))
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+    for lines in results:
+        assert lines[-1] == "data: [DONE]" and len(lines) == 101, (len(lines), lines[-3:])
+    time.sleep(0.5)
+    assert not any(os.path.exists(f"/proc/{p}/status") and "zombie" not in
+                   Path(f"/proc/{p}/status").read_text() for p in children)

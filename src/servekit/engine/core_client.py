@@ -90,9 +90,6 @@ class EngineCoreClient:
     ``frontend_timeout`` seconds (each sends a heartbeat every ``heartbeat_interval``).
     """
 
-    #: ``generate`` takes ``coalesce`` (front ends ask for merged deltas when they can).
-    coalesces_outputs = True
-
     def __init__(self, factory: EngineFactory | None = None, *, tokenizer: Any,
                  address: str | None = None, hooks: HookSet | None = None,
                  startup_timeout: float = 300.0, heartbeat_interval: float = 0.2,
@@ -135,6 +132,12 @@ class EngineCoreClient:
     def max_model_len(self) -> int:
         """Longest prompt plus output, in tokens."""
         return int(self.info["max_model_len"])
+
+    @property
+    def coalesces_outputs(self) -> bool:
+        """Whether ``generate`` merges deltas a slow consumer fell behind on (``coalesce``):
+        as the core's engine does (the AsyncEngine does; the fake engine does not)."""
+        return bool(self.info.get("coalesces_outputs", False))
 
     @property
     def block_size(self) -> int:

@@ -126,6 +126,7 @@ def engine_summary(engine: Any) -> dict[str, Any]:
                           or getattr(engine, "block_size", None) or 16),
         "prefix_caching": bool(getattr(config, "enable_prefix_caching", False)),
         "admission_capacity": capacity, "pid": os.getpid(),
+        "coalesces_outputs": bool(getattr(engine, "coalesces_outputs", False)),
     }
 
 
