@@ -298,7 +298,7 @@ class EngineCoreClient:
         if self._tg is None:
             raise EngineClosedError("the EngineCoreClient is not running: use 'async with'")
         if self._failure is not None:
-            raise self._failure
+            raise EngineClosedError(str(self._failure))
         rid = request_id if request_id is not None else f"core-{next(self._ids)}"
         if rid in self._queues:
             raise DuplicateRequestError(rid)
@@ -318,7 +318,9 @@ class EngineCoreClient:
                     done = out.finished
                     yield out
             if not done:
-                error = self._errors.pop(rid, None) or self._failure
+                error = self._errors.pop(rid, None)
+                if error is None and self._failure is not None:
+                    error = EngineClosedError(str(self._failure))
                 if error is not None:
                     raise error
         finally:
@@ -397,6 +399,6 @@ class EngineCoreClient:
         if log and self._queues:
             logger.error("failing %d request(s) in flight: %s", len(self._queues), error)
         for rid, queue in list(self._queues.items()):
-            self._errors[rid] = error
+            self._errors[rid] = type(error)(str(error))  # one instance per request raising it
             queue.close()
         self._queues.clear()

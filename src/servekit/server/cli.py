@@ -180,7 +180,7 @@ def build_core_client(args: argparse.Namespace, hooks: Any = None) -> Any:
     tokenizer = front_end_tokenizer(args)
     if getattr(args, "engine_address", None):  # one of several front ends on a shared core
         return EngineCoreClient(address=args.engine_address, tokenizer=tokenizer, hooks=hooks,
-                                core_timeout=3.0)
+                                core_timeout=5.0)
     return EngineCoreClient(core_factory(args), tokenizer=tokenizer, hooks=hooks,
                             log_level=args.log_level)
 
