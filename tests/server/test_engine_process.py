@@ -269,3 +269,39 @@ def test_two_front_end_processes_share_one_core_and_drain_on_sigterm() -> None:
     time.sleep(0.5)
     assert not any(os.path.exists(f"/proc/{p}/status") and "zombie" not in
                    Path(f"/proc/{p}/status").read_text() for p in children)
+
+
+def test_the_demo_model_in_its_own_process_gives_the_same_tokens_and_forwards_its_events(
+        ) -> None:
+    from servekit.engine import AsyncEngine, LLMEngine
+    from servekit.metrics.hooks import Hook, HookSet
+    from servekit.server.cli import DEMO_MODEL, build_engine, build_parser
+    from servekit.server.config import apply_config
+    from servekit.server.replica_api import KVEventFeed
+
+    class Finished(Hook):
+        def __init__(self) -> None:
+            self.ids: list[str] = []
+
+        def on_request_finished(self, event: Any) -> None:
+            self.ids.append(event.request_id)
+
+    feed, finished = KVEventFeed(), Finished()
+    args = apply_config(build_parser().parse_args(["serve", "--engine-process",
+                                                   "--kv-cache-mb", "16"]))
+    client = build_engine(args, HookSet([feed, finished]))
+    params = SamplingParams(max_tokens=24, temperature=0, logprobs=2)
+    prompt = client.tokenizer.encode("ROMEO:\nWhat light")
+
+    async def run(engine: Any) -> list[Any]:
+        async with engine:
+            return [out async for out in engine.generate(prompt, params, request_id="r")]
+
+    split = anyio.run(run, client)
+    local = anyio.run(run, AsyncEngine(LLMEngine(str(DEMO_MODEL))))
+    assert [o.new_token_ids for o in split] == [o.new_token_ids for o in local]
+    assert "".join(o.new_text for o in split) == "".join(o.new_text for o in local)
+    assert [o.logprobs for o in split] == [o.logprobs for o in local]
+    assert split[-1].finish_reason == "length" and split[-1].num_output_tokens == 24
+    assert finished.ids == ["r"]  # the engine's events reached the front end's hooks
+    assert any(e["type"] == "stored" for e in feed.since(-1))  # and its KV events
