@@ -252,8 +252,7 @@ class EngineCoreClient:
         if self._sock is not None:
             with contextlib.suppress(Exception):
                 self._send(["shutdown"] if stop_core and proc is not None else ["bye"])
-            if proc is not None:  # let the message reach the core before the socket goes
-                await anyio.sleep(0.05)
+            await anyio.sleep(0.05)  # let the message reach the core before the socket goes
             self._sock.close(linger=0)
             self._ctx.term()
             self._sock = None
