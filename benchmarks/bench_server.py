@@ -15,8 +15,15 @@
 3. The demo model (``servekit serve``, the real engine): time until ``/ready`` and peak RSS
    (bars: < 10 s, < 1 GB), then TTFT and inter-token latency percentiles under Poisson arrivals
    at three rates, plotted into ``benchmarks/results/``.
+4. ``--engine-process`` (only this part): the demo model under 64 concurrent streams, the
+   engine in the server's process vs in an engine-core process of its own
+   (``servekit serve --engine-process``) and with two front-end processes sharing that core
+   (``--api-processes 2``), all servers up at once, rounds interleaved: output tokens/s,
+   client-side inter-token latency p50/p99, and the CPU all of a server's processes used.
 
     python benchmarks/bench_server.py --quick --json benchmarks/results/server-cpu-2026-12-06.json
+    python benchmarks/bench_server.py --quick --engine-process \
+        --json benchmarks/results/server-engine-process-cpu-2026-12-06.json
 """
 
 from __future__ import annotations
@@ -392,6 +399,83 @@ def bench_coalescing(quick: bool, rounds: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+async def concurrent_streams(url: str, model: str, streams: int, max_tokens: int
+                             ) -> tuple[int, float, list[float]]:
+    """``streams`` streamed completions at once, each exactly ``max_tokens`` long; (tokens,
+    seconds, gaps between the events of each stream)."""
+    prompts = ["ROMEO:", "JULIET:", "First Citizen:", "KING RICHARD III:", "HAMLET:"]
+    conns = [await Conn.open(url) for _ in range(streams)]
+
+    async def one(i: int, conn: Conn) -> list[float]:
+        body = {"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
+                "stream": True, "temperature": 0.8, "seed": i, "ignore_eos": True}
+        status, chunks = await conn.post("/v1/completions", body)
+        assert status == 200 and chunks[-1][1].endswith(b"data: [DONE]\n\n"), (status, chunks[-1])
+        stamps = [t for t, c in chunks if c.startswith(b"data: {")]
+        return [b - a for a, b in itertools.pairwise(stamps)]
+
+    start = time.perf_counter()
+    gaps = await asyncio.gather(*(one(i, c) for i, c in enumerate(conns)))
+    secs = time.perf_counter() - start
+    for c in conns:
+        c.close()
+    return streams * max_tokens, secs, [g for per in gaps for g in per]
+
+
+def bench_engine_process(quick: bool, rounds: int, model: str | None) -> list[dict[str, Any]]:
+    """The demo model at 64 concurrent streams: engine in process vs in its own process."""
+    args = ["--model", model] if model else []
+    servers = {"engine in process": ServerProcess(*args),
+               "engine core in its own process": ServerProcess(*args, "--engine-process"),
+               "2 front-end processes, one engine core": ServerProcess(*args,
+                                                                       "--api-processes", "2")}
+    for server in servers.values():  # every front end ready (a new connection may hit any)
+        deadline = time.perf_counter() + 120
+        while sum(httpx.get(server.url + "/ready").status_code == 200 for _ in range(20)) < 20:
+            assert time.perf_counter() < deadline, "front ends not ready"
+            time.sleep(0.2)
+    streams, max_tokens = 64, (64 if quick else 128)
+    samples: dict[str, dict[str, list[float]]] = {
+        name: {"tps": [], "p50": [], "p99": [], "cpu": []} for name in servers}
+    try:
+        served = httpx.get(next(iter(servers.values())).url + "/v1/models").json()["data"][0]["id"]
+        for server in servers.values():  # warm up
+            asyncio.run(concurrent_streams(server.url, served, 8, 8))
+        for _ in range(rounds):
+            for name, server in servers.items():
+                pids = [server.proc.pid, *_children(server.proc.pid)]
+                cpu0 = sum(map(cpu_seconds, pids))
+                tokens, secs, gaps = asyncio.run(
+                    concurrent_streams(server.url, served, streams, max_tokens))
+                cpu = sum(map(cpu_seconds, pids)) - cpu0
+                got = samples[name]
+                got["tps"].append(tokens / secs)
+                got["p50"].append(1e3 * pct(gaps, 0.5))
+                got["p99"].append(1e3 * pct(gaps, 0.99))
+                got["cpu"].append(1e3 * cpu / tokens)
+    finally:
+        for server in servers.values():
+            server.stop()
+    setting = f"{streams} streams x {max_tokens} tok"
+    rows = []
+    for name, got in samples.items():
+        for key, label in (("tps", "output tokens/s"), ("p50", "ITL p50 (ms)"),
+                           ("p99", "ITL p99 (ms)"),
+                           ("cpu", "server CPU ms per token (all its processes)")):
+            rows.append({"scenario": f"demo, {name}: {label}", "setting": setting,
+                         **summary(got[key])})
+    local, split, shared = samples.values()
+    for name, other in (("own process", split), ("2 front ends", shared)):
+        rows.append({"scenario": f"demo: tokens/s, {name} / in process (paired rounds)",
+                     "setting": setting, **summary(
+                         [b / a for a, b in zip(local["tps"], other["tps"], strict=True)])})
+    return rows
+
+
 def plot(curves: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -420,9 +504,17 @@ def main() -> None:
         p.add_argument("--model", default=None, help="model dir for part 2 (default: demo)"),
         p.add_argument("--skip-demo", action="store_true", help="only the fake-model part"),
         p.add_argument("--skip-grpc", action="store_true", help="no gRPC rows"),
-        p.add_argument("--skip-coalescing", action="store_true", help="no slow-reader rows")))
+        p.add_argument("--skip-coalescing", action="store_true", help="no slow-reader rows"),
+        p.add_argument("--engine-process", action="store_true",
+                       help="only part 4: engine in process vs in its own process")))
     rounds = args.rounds or (3 if args.quick else 5)
     os.environ.setdefault("PYTHONPATH", str(ROOT / "src"))
+    if args.engine_process:
+        rows = bench_engine_process(args.quick, rounds, args.model)
+        print_table(rows, ["scenario", "setting", "median", "min", "max"],
+                    title="servekit serve: the engine core in its own process (demo model)")
+        write_json(args.json, "server-engine-process", rows, {})
+        return
     rows, bars = bench_fake(args.quick, rounds)
     if not args.skip_grpc:  # the same fake model over gRPC, its server in its own process
         import bench_grpc

@@ -167,3 +167,15 @@ def test_bad_engine_sizes_name_their_origin(
     import re
 
     assert done.returncode == 2 and re.search(message, done.stderr), done.stderr
+
+
+def test_the_engine_process_settings_come_from_the_file_or_the_flags(tmp_path: Path) -> None:
+    path = write(tmp_path, "[engine]\nprocess = true\n\n[server]\napi_processes = 3\n")
+    args = parse("--config", str(path))
+    assert args.engine_process is True and args.api_processes == 3  # type: ignore[attr-defined]
+    args = parse("--config", str(path), "--api-processes", "2")
+    assert args.api_processes == 2  # type: ignore[attr-defined]
+    args = parse()
+    assert args.engine_process is False and args.api_processes == 1  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match=r"server\.api_processes must be an integer"):
+        load_config(write(tmp_path, '[server]\napi_processes = "two"\n'))

@@ -418,18 +418,38 @@ async def _run_engine(service: GenerationService, engine: Any, config: ServerCon
         if not _is_engine(engine):
             engine = await anyio.to_thread.run_sync(engine)
             service.engine = engine
-        await anyio.to_thread.run_sync(service.prepare)
         if config.manage_engine and hasattr(engine, "__aenter__"):
-            async with engine:
+            async with engine:  # entered first: an engine core in another process says its
+                await anyio.to_thread.run_sync(service.prepare)  # bounds once started
                 state.set_ready()
                 logger.info("ready: serving %s", ", ".join(service.model_names))
-                await stop.wait()
+                await _serve_until(stop, engine, state)
         else:
+            await anyio.to_thread.run_sync(service.prepare)
             state.set_ready()
-            await stop.wait()
+            await _serve_until(stop, engine, state)
     except Exception as exc:
         logger.exception("the engine failed")
         state.set_failed(f"{type(exc).__name__}: {exc}")
+
+
+async def _serve_until(stop: anyio.Event, engine: Any, state: ServerState) -> None:
+    """Wait for ``stop``; an engine that can die on its own (an engine core in another process,
+    ``wait_failed``) turns the server to failed when it does: ``/ready`` and new requests 503."""
+    wait_failed = getattr(engine, "wait_failed", None)
+    if wait_failed is None:
+        await stop.wait()
+        return
+
+    async def watch() -> None:
+        error = await wait_failed()
+        logger.error("the engine failed: %s", error)
+        state.set_failed(error)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        await stop.wait()
+        tg.cancel_scope.cancel()
 
 
 def _used_blocks(engine: Any) -> int | None:

@@ -41,7 +41,8 @@ from servekit.server.config import (
     origin_of,
 )
 
-__all__ = ["DEMO_MODEL", "ServerParts", "build_engine", "build_parser", "build_plugins", "main",
+__all__ = ["DEMO_MODEL", "ServerParts", "build_core_client", "build_engine", "build_local_engine",
+           "build_parser", "build_plugins", "core_factory", "front_end_tokenizer", "main",
            "served_names", "server_parts"]
 
 logger = logging.getLogger("servekit.server")
@@ -89,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default=None)
     serve.add_argument("--fake", action="store_true", default=None,
                        help="serve an instant fake model (benchmarks, smoke tests)")
+    serve.add_argument("--engine-process", action="store_true", default=None,
+                       help="run the engine core (scheduler, model, sampler, detokenizer) in a "
+                            "process of its own, fed over ZMQ; tokenizing, HTTP and limits "
+                            "stay in this one (needs servekit[engine-process]; docs/server.md)")
+    serve.add_argument("--api-processes", type=int, default=None,
+                       help="front-end processes sharing one engine core (implies "
+                            "--engine-process; each binds the port with SO_REUSEPORT; "
+                            f"default: {default('api_processes')})")
+    serve.add_argument("--engine-address", default=None, help=argparse.SUPPRESS)  # a worker's
     serve.add_argument("--fake-token-delay", type=float, default=None,
                        help="seconds between the fake model's tokens")
     serve.add_argument("--fake-tokens-per-yield", type=int, default=None,
@@ -160,7 +170,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_engine(args: argparse.Namespace, hooks: Any = None) -> Any:
-    """The engine the arguments ask for (the fake engine, or the real one on a model)."""
+    """The engine the arguments ask for (the fake engine, or the real one on a model), in this
+    process or, with ``--engine-process``, in an engine-core process of its own."""
+    if getattr(args, "engine_process", False) or getattr(args, "engine_address", None):
+        return build_core_client(args, hooks)
+    return build_local_engine(args, hooks)
+
+
+def build_core_client(args: argparse.Namespace, hooks: Any = None) -> Any:
+    """An :class:`~servekit.engine.core_client.EngineCoreClient` that starts the engine the
+    arguments describe in its own process; the tokenizer is loaded here, in the front end."""
+    from servekit.engine.core_client import EngineCoreClient
+
+    tokenizer = front_end_tokenizer(args)
+    if getattr(args, "engine_address", None):  # one of several front ends on a shared core
+        return EngineCoreClient(address=args.engine_address, tokenizer=tokenizer, hooks=hooks,
+                                core_timeout=5.0)
+    return EngineCoreClient(core_factory(args), tokenizer=tokenizer, hooks=hooks,
+                            log_level=args.log_level)
+
+
+def core_factory(args: argparse.Namespace) -> Any:
+    """What the engine-core process calls (with its hooks) to build the engine: picklable."""
+    local = argparse.Namespace(**{**vars(args), "engine_process": False, "engine_address": None,
+                                  "api_processes": 1})
+    # by its importable name (pickled for the core), also when this module runs as __main__
+    build = importlib.import_module("servekit.server.cli").build_local_engine
+    return partial(build, local)
+
+
+def front_end_tokenizer(args: argparse.Namespace) -> Any:
+    """The tokenizer of the engine the arguments describe, loaded in this process."""
+    if args.fake:
+        from servekit.server.fake import FakeTokenizer
+
+        return FakeTokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(args.model or DEMO_MODEL))
+
+
+def build_local_engine(args: argparse.Namespace, hooks: Any = None) -> Any:
+    """The engine the arguments describe, built in this process."""
     if args.fake:
         from servekit.server.fake import FakeEngine
 
@@ -244,9 +295,21 @@ def _model_name(args: argparse.Namespace) -> str:
     return Path(args.model).resolve().name
 
 
-def serve(args: argparse.Namespace) -> int:
-    """Run the server until SIGTERM / Ctrl-C; returns the exit status."""
+def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    """Run the server until SIGTERM / Ctrl-C; returns the exit status (``argv``: the command's
+    own arguments, which ``--api-processes`` front ends are started with)."""
     require("uvicorn", "server")
+    if args.api_processes < 1:
+        raise ConfigError(f"{origin_of(args, 'api_processes')}: must be at least 1")
+    if args.api_processes > 1 and args.engine_address is None:
+        if args.grpc_port is not None:
+            raise ConfigError(f"{origin_of(args, 'api_processes')}: gRPC (--grpc-port) is "
+                              "served by a single front end; drop one of them")
+        from servekit.server.multi import serve_many
+
+        logging.basicConfig(level=args.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return serve_many(args, argv, core_factory(args))
     import uvicorn
 
     from servekit.server.app import create_app
@@ -279,7 +342,11 @@ def serve(args: argparse.Namespace) -> int:
         state, args.grace_period)
     logger.info("servekit serving %s on http://%s:%d/v1 (%s)", ", ".join(names), args.host,
                 args.port, "open: no API keys" if keys.open else f"{len(keys)} API key(s)")
-    if args.grpc_port is None:
+    if args.engine_address is not None:  # one of --api-processes front ends: share the port
+        from servekit.server.multi import reuse_port_socket
+
+        server.run(sockets=[reuse_port_socket(args.host, args.port)])
+    elif args.grpc_port is None:
         server.run()
     else:  # gRPC beside HTTP: one engine, one GenerationService, one drain
         import asyncio
@@ -423,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "serve":
         try:
-            return serve(apply_config(args))
+            return serve(apply_config(args), argv)
         except ConfigError as exc:
             print(f"servekit serve: {exc}", file=sys.stderr)
             return 2

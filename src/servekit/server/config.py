@@ -99,6 +99,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("victim_policy", "engine.victim_policy", "spec"),
     Setting("runner", "engine.runner", "spec", "transformers"),
     Setting("fake", "engine.fake", "bool", False),
+    Setting("engine_process", "engine.process", "bool", False, flag="--engine-process"),
+    Setting("api_processes", "server.api_processes", "int", 1, flag="--api-processes"),
     Setting("fake_token_delay", "engine.fake_token_delay", "float", 0.0),
     Setting("fake_tokens_per_yield", "engine.fake_tokens_per_yield", "int", 1),
     Setting("fake_model_cost", "engine.fake_model_cost", "str"),

@@ -21,7 +21,7 @@ from servekit.engine.outputs import RequestOutput, TokenLogprob
 from servekit.sched.errors import DuplicateRequestError, QueueFullError
 from servekit.sched.params import InvalidParameterError, SamplingParams
 
-__all__ = ["FakeEngine", "FakeTokenizer"]
+__all__ = ["FakeEngine", "FakeTokenizer", "make_fake_engine"]
 
 _TEXT = b"the quick brown fox jumps over the lazy dog "
 _CHARS = [chr(b) for b in range(256)]
@@ -212,3 +212,9 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
 def _logprob(token: int, top: int) -> TokenLogprob:
     alternatives = tuple((token + k, -0.5 * (k + 1)) for k in range(top))
     return TokenLogprob(token, -0.5, alternatives)
+
+
+def make_fake_engine(hooks: Any = None, **kwargs: Any) -> FakeEngine:
+    """A :class:`FakeEngine` from keywords, as an engine-core factory (``hooks`` is ignored: the
+    fake emits no metrics events)."""
+    return FakeEngine(**kwargs)

@@ -54,6 +54,10 @@ class ServerState:
 
     def check_accepting(self) -> None:
         """Raise 503 (with retry-after) unless the server is ready."""
+        if self.phase is Phase.FAILED:
+            raise ServiceUnavailableError(f"the engine failed ({self.error}); retry on another "
+                                          "replica", retry_after=self.retry_after,
+                                          code="engine_failed")
         if self.phase is not Phase.READY:
             code = "draining" if self.phase in (Phase.DRAINING, Phase.STOPPED) else "starting"
             raise ServiceUnavailableError(f"the server is {self.phase.value}; retry on another replica "
@@ -65,7 +69,7 @@ class ServerState:
             self.phase = Phase.READY
 
     def set_failed(self, error: str) -> None:
-        """Startup failed: not ready, not live."""
+        """Startup failed, or the engine died (its core process): not ready, not live."""
         self.phase = Phase.FAILED
         self.error = error
 

@@ -106,6 +106,10 @@ class KVEventFeed(Hook):
 
 def replica_load(engine: Any) -> dict[str, Any]:
     """``{"running", "waiting", "kv_usage"}`` as the engine knows them (zeros for unknowns)."""
+    load = getattr(engine, "load", None)  # an engine core in another process reports its own
+    if isinstance(load, dict) and load:
+        return {"running": int(load["running"]), "waiting": int(load["waiting"]),
+                "kv_usage": float(load["kv_usage"])}
     llm = getattr(engine, "engine", None)  # AsyncEngine -> LLMEngine
     sched = getattr(llm, "scheduler", None)
     if sched is not None:
@@ -137,7 +141,8 @@ def engine_info(engine: Any, model_names: tuple[str, ...]) -> dict[str, Any]:
         "max_model_len": int(engine.max_model_len),
         "block_size": int(block_size),
         "hash_algorithm": "xxhash",
-        "prefix_caching": bool(getattr(config, "enable_prefix_caching", False)),
+        "prefix_caching": bool(getattr(config, "enable_prefix_caching", False)
+                               or getattr(engine, "prefix_caching", False)),
         "tokenizer": tokenizer_info(engine.tokenizer),
     }
 

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import anyio
 from attrs import define, field
 
+from servekit.engine.async_engine import EngineClosedError
 from servekit.engine.chat import ChatTemplateError, render_chat
 from servekit.engine.outputs import RequestOutput
 from servekit.errors import ServekitError
@@ -33,6 +34,7 @@ from servekit.protocol.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     ServiceUnavailableError,
+    StatusError,
 )
 from servekit.sched.errors import QueueFullError
 from servekit.sched.params import InvalidParameterError, SamplingParams
@@ -372,6 +374,9 @@ class GenerationService:
                                   retry_after=exc.retry_after) from exc
         except InvalidParameterError as exc:  # the engine's own checks, e.g. token ids
             raise InvalidRequestError(str(exc), param=exc.param) from exc
+        except EngineClosedError as exc:  # the engine loop (or its core process) is gone
+            raise StatusError(f"The engine stopped before this request finished: {exc}",
+                              code="engine_failed") from exc
         finally:
             if out is not None:  # the counts are cumulative: the last delta has them all
                 per_choice[i] = (out.num_prompt_tokens, out.num_output_tokens,
