@@ -179,3 +179,16 @@ def test_the_engine_process_settings_come_from_the_file_or_the_flags(tmp_path: P
     assert args.engine_process is False and args.api_processes == 1  # type: ignore[attr-defined]
     with pytest.raises(ConfigError, match=r"server\.api_processes must be an integer"):
         load_config(write(tmp_path, '[server]\napi_processes = "two"\n'))
+
+
+def test_the_guided_backend_comes_from_the_file_or_the_flags(tmp_path: Path) -> None:
+    from servekit.server.cli import engine_config
+
+    path = write(tmp_path, '[engine]\nguided_backend = "llguidance"\nguided_fallback_after = 5\n')
+    config = engine_config(parse("--config", str(path)))
+    assert (config.guided_backend, config.guided_fallback_after) == ("llguidance", 5.0)
+    config = engine_config(parse("--guided-fallback-after", "0"))  # 0: never fall back
+    assert (config.guided_backend, config.guided_fallback_after) == ("xgrammar", None)
+    bad = write(tmp_path, '[engine]\nguided_backend = "outlines"\n')
+    with pytest.raises(ConfigError, match=r"servekit\.toml: engine\.guided_backend: "):
+        engine_config(parse("--config", str(bad)))

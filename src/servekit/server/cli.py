@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "JSON object becomes its keyword arguments (default: fcfs)")
     serve.add_argument("--victim-policy", default=None, metavar="NAME[:JSON]",
                        help="preemption-victim policy (default: the scheduling policy's order)")
+    serve.add_argument("--guided-backend", choices=("xgrammar", "llguidance"), default=None,
+                       help="constrained-decoding backend (default: xgrammar)")
+    serve.add_argument("--guided-fallback-after", type=float, default=None, metavar="SECONDS",
+                       help="serve a constraint xgrammar is still compiling after this long "
+                       "with llguidance (default: 2; 0: never)")
     serve.add_argument("--runner", default=None, metavar="NAME[:JSON]",
                        help="model-runner plugin that loads --model (default: transformers)")
     serve.add_argument("--hook", action="append", default=None, metavar="NAME[:JSON]",
@@ -281,7 +286,8 @@ def engine_config(args: argparse.Namespace) -> Any:
             max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
             enable_prefix_caching=args.enable_prefix_caching, device=args.device,
             dtype=args.dtype, policy=args.policy, victim_policy=args.victim_policy,
-            runner=args.runner)
+            runner=args.runner, guided_backend=args.guided_backend,
+            guided_fallback_after=args.guided_fallback_after or None)
     except InvalidParameterError as exc:
         dest = _ENGINE_FIELD_SETTINGS.get(exc.param, exc.param)
         raise ConfigError(f"{origin_of(args, dest)}: {exc}") from exc

@@ -98,6 +98,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("policy", "engine.policy", "spec", "fcfs"),
     Setting("victim_policy", "engine.victim_policy", "spec"),
     Setting("runner", "engine.runner", "spec", "transformers"),
+    Setting("guided_backend", "engine.guided_backend", "str", "xgrammar"),
+    Setting("guided_fallback_after", "engine.guided_fallback_after", "float", 2.0),
     Setting("fake", "engine.fake", "bool", False),
     Setting("engine_process", "engine.process", "bool", False, flag="--engine-process"),
     Setting("api_processes", "server.api_processes", "int", 1, flag="--api-processes"),
