@@ -65,6 +65,15 @@ def _hits(url: str) -> tuple[float, float]:
     return found.get("hits", 0.0), found.get("queries", 0.0)
 
 
+def _idle(router: Any, urls: list[str]) -> bool:
+    """No request in flight through the gateway, and every replica reported none running."""
+    def reported_idle(url: str) -> bool:
+        load = router.reported_load(url)
+        return load is None or load.running + load.waiting == 0
+
+    return all(router.loads[u] == 0 and reported_idle(u) for u in urls)
+
+
 def _complete(gw: str, prompt: str) -> None:
     r = httpx.post(gw + "/v1/completions", timeout=30, json={
         "model": "fake", "prompt": prompt, "max_tokens": 2, "temperature": 0})
@@ -96,6 +105,10 @@ def test_follow_ups_land_where_their_prefix_is_cached() -> None:
         expected = 0
         for turn in range(3):
             for p in prefixes:
+                # a finished request's replica may still report it running for one report
+                # period; with one request in flight the bounded-load cap (1.25 x the mean)
+                # is 1, so that stale report alone would send the follow-up elsewhere
+                _until(partial(_idle, fleet.router, urls), "loads not reported idle")
                 _complete(gw, p + f"user turn {turn}: go on")
                 expected += len(encoder.block_hashes(FakeTokenizer().encode(p))) * 16
         gained = sum(_hits(u)[0] - b[0] for u, b in zip(urls, before, strict=True))

@@ -23,12 +23,16 @@ from servekit.protocol.errors import InvalidRequestError, StatusError
 __all__ = ["mount_admin"]
 
 
-class _Forbidden(StatusError):
+class _NotAdminError(StatusError):
+    """403: the key is valid but not an admin key."""
+
     status = 403
     type = "permission_error"
 
 
-class _NotFound(StatusError):
+class _AdminOffError(StatusError):
+    """404: no key is an admin key, so the admin endpoints do not exist."""
+
     status = 404
     type = "invalid_request_error"
 
@@ -38,10 +42,10 @@ def mount_admin(app: FastAPI, fleet: Fleet, keys: KeyStore, *, has_admin: bool) 
 
     def check(headers: Mapping[str, str]) -> None:
         if not has_admin:
-            raise _NotFound("Not Found")
+            raise _AdminOffError("Not Found")
         key = keys.from_authorization(headers.get("authorization"))
         if key is None or not key.admin:
-            raise _Forbidden("this API key is not an admin key", code="not_admin")
+            raise _NotAdminError("this API key is not an admin key", code="not_admin")
 
     def listing() -> JSONResponse:
         health = fleet.router.health
