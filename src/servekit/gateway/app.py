@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -18,6 +19,9 @@ from servekit.gateway.metrics import GatewayMetrics
 from servekit.limit.keyed import KeyLimits
 from servekit.limit.keys import KeyStore
 from servekit.route.health import NodeHealth
+from servekit.usage.recorder import UsageRecorder
+
+log = logging.getLogger("servekit.gateway")
 
 _FORWARDED = ("/v1/completions", "/v1/chat/completions")
 
@@ -26,15 +30,21 @@ def create_gateway(replicas: Sequence[str], *, policy: str = "cache_aware",
                    secret: str | None = None, probe_interval: float = 0.5,
                    budget: RetryBudget | None = None, max_connections: int = 512,
                    keys: KeyStore | None = None, limits: KeyLimits | None = None,
-                   max_failovers: int = 3) -> FastAPI:
+                   max_failovers: int = 3, usage: UsageRecorder | None = None) -> FastAPI:
     """The gateway app over ``replicas`` (base URLs). ``secret`` is the replicas' shared
     gateway secret (their info, KV events and load, token ids for failover, the caller's
     tenant and cache salt); without it routing uses in-flight counts only and streams do not
     fail over after their first byte. ``keys`` and ``limits`` authenticate and limit callers
     at the edge (:mod:`servekit.gateway.edge`; a Redis store in ``limits`` shares the limits
-    between gateways); without keys the gateway is open."""
+    between gateways); without keys the gateway is open. ``usage`` records the ledger record
+    of each client request (:mod:`servekit.gateway.usage`; the replicas, given the secret,
+    record their attempts for analytics only)."""
     if not replicas:
         raise ValueError("replicas: at least one replica URL is required")
+    if usage is not None and secret is None:
+        log.warning("usage: without the gateway secret the replicas cannot tell this gateway's "
+                    "requests from a client's and write ledger records of their own (counted "
+                    "twice): set SERVEKIT_GATEWAY_SECRET on both, or record on one tier only")
     fleet = Fleet(replicas, policy=policy, secret=secret, probe_interval=probe_interval)
     keys = keys if keys is not None else KeyStore()
     edge = None if keys.open else Edge(  # open: no caller has limits either
@@ -48,11 +58,17 @@ def create_gateway(replicas: Sequence[str], *, policy: str = "cache_aware",
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with httpx.AsyncClient(limits=pool, timeout=timeout) as client:
             app.state.forwarder = Forwarder(fleet, client, budget or RetryBudget(), metrics,
-                                            max_failovers=max_failovers, edge=edge)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(fleet.run, client)
-                yield
-                tg.cancel_scope.cancel()
+                                            max_failovers=max_failovers, edge=edge, usage=usage)
+            if usage is not None:
+                usage.start()
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(fleet.run, client)
+                    yield
+                    tg.cancel_scope.cancel()
+            finally:
+                if usage is not None:
+                    await anyio.to_thread.run_sync(usage.stop)
 
     app = FastAPI(title="servekit gateway", lifespan=lifespan)
     app.state.fleet = fleet
