@@ -199,6 +199,22 @@ class Outbox:
         if not ids:
             return
         db = self._db()
+        deleted = 0
+        if len(self.sinks) == 1:  # acknowledged by every sink: no delivered rows to keep
+            with db:
+                for start in range(0, len(ids), 500):
+                    chunk = list(ids[start:start + 500])
+                    deleted += db.execute(f"DELETE FROM outbox WHERE id IN "
+                                          f"({','.join('?' * len(chunk))})", chunk).rowcount
+        else:
+            deleted = self._ack_shared(db, sink, ids)
+        if deleted:
+            with self._lock:
+                self._backlog -= deleted
+            self._refresh_oldest(db)
+
+    def _ack_shared(self, db: sqlite3.Connection, sink: str, ids: Sequence[int]) -> int:
+        """Record ``sink``'s acks; delete the rows every sink acknowledged; how many."""
         marks = ",".join("?" * len(self.sinks))
         deleted = 0
         with db:
@@ -214,10 +230,7 @@ class Outbox:
                     dq = ",".join("?" * len(done))
                     deleted += db.execute(f"DELETE FROM outbox WHERE id IN ({dq})", done).rowcount
                     db.execute(f"DELETE FROM delivered WHERE id IN ({dq})", done)
-        if deleted:
-            with self._lock:
-                self._backlog -= deleted
-            self._refresh_oldest(db)
+        return deleted
 
     def close(self) -> None:
         """Commit buffered marks and close this thread's connection."""

@@ -104,10 +104,9 @@ class UsageRecorder:
     async def append(self, record: UsageRecord) -> int | None:
         """Store ``record`` durably before the response's final chunk (group commit with the
         requests finishing in the same loop turn); its outbox row id (None: dropped,
-        fail-open). Shielded: the record is written whatever happens to the caller."""
-        with anyio.CancelScope(shield=True):
-            row = await self._group.append(record)
-        return row
+        fail-open). A caller cancelled meanwhile still has its record written (marked as
+        ended without its final chunk)."""
+        return await self._group.append(record)
 
     def append_now(self, record: UsageRecord) -> int | None:
         """:meth:`append` at once, outside the event loop's turn (a request ending early)."""
@@ -131,42 +130,67 @@ class UsageRecorder:
 
 class _GroupCommit:
     """Appends the records of requests that finish in the same event-loop turn in one
-    transaction: the first waits one turn for the others, then commits them all."""
+    transaction: the first waits one turn for the others, then commits them all.
+
+    No cancel scope is needed (a shield costs more than the append's Python part): a caller
+    cancelled while it waits still has its record committed by the group, and the group marks
+    that row as ended without its final chunk (the caller never learns its row id)."""
 
     def __init__(self, outbox: Outbox) -> None:
         self.outbox = outbox
         self._open: _Group | None = None
 
     async def append(self, record: UsageRecord) -> int | None:
-        """Store ``record`` durably (see :meth:`Outbox.append`); its row id. Not cancellable
-        midway: call it shielded."""
+        """Store ``record`` durably (see :meth:`Outbox.append`); its row id."""
         group = self._open
-        if group is not None:
-            index = len(group.records)
-            group.records.append(record)
-            await group.done.wait()
-        else:
+        leader = group is None
+        if group is None:
             group = self._open = _Group([record])
             index = 0
-            try:
-                await anyio.sleep(0)  # let the requests finishing in this turn join
-            finally:
-                self._open = None
+        else:
+            index = len(group.records)
+            group.records.append(record)
+        try:
+            if leader:
                 try:
-                    group.ids = self.outbox.append_many(group.records)
-                except Exception as exc:
-                    group.error = exc
-                group.done.set()
+                    await anyio.sleep(0)  # let the requests finishing in this turn join
+                finally:  # cancelled or not, the group is committed
+                    self._open = None
+                    self._commit(group)
+            else:
+                await group.done.wait()
+        except BaseException:
+            self._abandon(group, index)
+            raise
         if group.error is not None:
             raise group.error
         return group.ids[index]
 
+    def _commit(self, group: _Group) -> None:
+        try:
+            group.ids = self.outbox.append_many(group.records)
+        except Exception as exc:
+            group.error = exc
+        for index in group.abandoned:
+            self._abandon(group, index)
+        group.done.set()
+
+    def _abandon(self, group: _Group, index: int) -> None:
+        """The caller of record ``index`` was cancelled: its row never had a final chunk."""
+        if group.error is not None:
+            return
+        if not group.ids:  # not committed yet: marked right after the commit
+            group.abandoned.append(index)
+        else:
+            self.outbox.mark_sent(group.ids[index], final_chunk_sent=False)
+
 
 class _Group:
-    __slots__ = ("done", "error", "ids", "records")
+    __slots__ = ("abandoned", "done", "error", "ids", "records")
 
     def __init__(self, records: list[UsageRecord]) -> None:
         self.records = records
         self.ids: list[int | None] = []
         self.error: Exception | None = None
+        self.abandoned: list[int] = []
         self.done = anyio.Event()
