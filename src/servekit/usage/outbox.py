@@ -26,7 +26,8 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -138,9 +139,12 @@ class Outbox:
         if not rows:
             return ids
         db = self._db()
-        with db:
-            for i, row in zip(kept, rows, strict=True):
-                ids[i] = db.execute(_INSERT, row).lastrowid
+        if len(rows) == 1:  # one statement is its own transaction: no BEGIN / COMMIT calls
+            ids[kept[0]] = db.execute(_INSERT, rows[0]).lastrowid
+        else:
+            with _transaction(db):
+                for i, row in zip(kept, rows, strict=True):
+                    ids[i] = db.execute(_INSERT, row).lastrowid
         with self._lock:
             self._backlog += len(rows)
             if self._oldest is None:
@@ -158,7 +162,7 @@ class Outbox:
     def flush(self) -> None:
         """Commit buffered marks now."""
         db = self._db()
-        with db:
+        with _transaction(db):
             self._flush_marks(db)
 
     def admitting(self) -> bool:
@@ -179,7 +183,7 @@ class Outbox:
         rows, and every row a previous process left behind."""
         self._check_sink(sink)
         db = self._db()
-        with db:
+        with _transaction(db):
             self._flush_marks(db)
         rows = db.execute(
             f"SELECT id, state, {', '.join(COLUMNS)} FROM outbox o WHERE (state != "
@@ -201,7 +205,7 @@ class Outbox:
         db = self._db()
         deleted = 0
         if len(self.sinks) == 1:  # acknowledged by every sink: no delivered rows to keep
-            with db:
+            with _transaction(db):
                 for start in range(0, len(ids), 500):
                     chunk = list(ids[start:start + 500])
                     deleted += db.execute(f"DELETE FROM outbox WHERE id IN "
@@ -217,7 +221,7 @@ class Outbox:
         """Record ``sink``'s acks; delete the rows every sink acknowledged; how many."""
         marks = ",".join("?" * len(self.sinks))
         deleted = 0
-        with db:
+        with _transaction(db):
             db.executemany("INSERT OR IGNORE INTO delivered (id, sink) VALUES (?, ?)",
                            [(i, sink) for i in ids])
             for start in range(0, len(ids), 500):
@@ -246,7 +250,8 @@ class Outbox:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level="DEFERRED", timeout=30.0,
+            # autocommit: a lone INSERT commits itself; longer work runs in _transaction
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0,
                                  check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
@@ -286,6 +291,18 @@ class Outbox:
             raise ValueError(f"sink {sink!r} is not one of this outbox's sinks {self.sinks}")
 
 
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One transaction on an autocommit connection: committed, or rolled back on error."""
+    db.execute("BEGIN")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 def _migrate_json_payloads(db: sqlite3.Connection) -> None:
     """Rewrite an outbox of the first layout (each record a JSON array in ``payload``, a
     ``confirmed`` flag) into columns, keeping row ids and what each mark said."""
@@ -293,9 +310,11 @@ def _migrate_json_payloads(db: sqlite3.Connection) -> None:
     if "payload" not in names:
         return
     old = db.execute("SELECT id, epoch, created, confirmed, payload FROM outbox").fetchall()
-    with db:
+    with _transaction(db):
         db.execute("DROP TABLE outbox")
-        db.executescript(_TABLES)
+        for statement in _TABLES.split(";"):  # not executescript: it would commit midway
+            if statement.strip():
+                db.execute(statement)
         for row_id, epoch, created, confirmed, payload in old:
             values = json.loads(payload)
             state = _APPENDED if not confirmed else (_SENT if values[_FINAL] else _UNSENT)
