@@ -131,17 +131,15 @@ class Forwarder:
         call = _Call(method, path, out_headers, body, parsed, stream,
                      headers.get("x-session-id"), ids, hashes, can_resume)
         if edge is None:
-            return self._ledgered(await self._send(self._begin(call, key)), call)
+            return self._ledgered(await self._send_recorded(self._begin(call, key)), call)
         try:
             admission, reserved = await edge.reserve(key, path, parsed, ids)
         except StatusError as exc:
             return _status(exc)
         try:
-            response = await self._send(self._begin(call, key))
+            response = await self._send_recorded(self._begin(call, key))
         except BaseException:
             await edge.settle(admission, reserved)
-            if call.ledger is not None:
-                call.ledger.close()
             raise
         response.headers.update(admission.headers)
         if isinstance(response, StreamingResponse):
@@ -160,6 +158,16 @@ class Forwarder:
             call.ledger = Ledger(self.usage, key, call.headers, str(model or ""),
                                  len(call.ids) if call.ids is not None else None)
         return call
+
+    async def _send_recorded(self, call: _Call) -> Response:
+        """:meth:`_send`; a request that fails or is cancelled before it has a response is
+        recorded on the way out."""
+        try:
+            return await self._send(call)
+        except BaseException:
+            if call.ledger is not None:
+                call.ledger.close()
+            raise
 
     @staticmethod
     def _ledgered(response: Response, call: _Call) -> Response:

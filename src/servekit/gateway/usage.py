@@ -132,8 +132,8 @@ class Ledger:
                                                     "completion_tokens")]
             reasons = sorted({r.decode() for r in _FINISH.findall(body)})
             return found[0], found[1], found[2], ",".join(reasons) or None
-        return (self.prompt_ids or 0, 0, tracker.num_tokens if tracker is not None else 0,
-                None)
+        prompt = self.prompt_ids or 0 if self.status < 400 else 0  # a refusal computed nothing
+        return prompt, 0, tracker.num_tokens if tracker is not None else 0, None
 
 
 class LedgerResponse(Response):
