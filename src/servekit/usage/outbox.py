@@ -109,7 +109,8 @@ class Outbox:
         # write() per group, which survives a killed process like a WAL commit does, for a
         # fraction of its CPU); the sink workers move them into the table (_ingest)
         self._journal = Path(f"{self.path}{_JOURNAL}")
-        self._journal_lock = threading.Lock()
+        self._journal_lock = threading.Lock()  # appends and the swap of the journal file
+        self._ingest_lock = threading.Lock()  # one worker moves journals into the table
         self._journal_fd: int | None = None
         self._ingested = 0  # rows with ids up to this are in the table
         db = self._db()
@@ -278,17 +279,18 @@ class Outbox:
     def _ingest(self, db: sqlite3.Connection) -> None:
         """Move the journal's rows into the table: swap in a fresh journal, insert the old
         one's rows in one transaction, then delete it (with any an earlier failure left)."""
-        with self._journal_lock:
-            if self._journal_fd is None:
-                return
-            os.close(self._journal_fd)
-            self._journal_fd = None
-            os.rename(self._journal, f"{self._journal}.{uuid.uuid4().hex}")
-            upto = self._next_id - 1
-        for taken in self.path.parent.glob(f"{self._journal.name}.*"):
-            self._ingest_file(db, taken)
-        with self._lock:
-            self._ingested = max(self._ingested, upto)
+        with self._ingest_lock:
+            with self._journal_lock:
+                if self._journal_fd is None:
+                    return
+                os.close(self._journal_fd)
+                self._journal_fd = None
+                os.rename(self._journal, f"{self._journal}.{uuid.uuid4().hex}")
+                upto = self._next_id - 1
+            for taken in sorted(self.path.parent.glob(f"{self._journal.name}.*")):
+                self._ingest_file(db, taken)
+            with self._lock:
+                self._ingested = max(self._ingested, upto)
 
     def _ingest_file(self, db: sqlite3.Connection, journal: Path) -> None:
         rows = []
