@@ -14,5 +14,4 @@ from servekit.usage.sinks import open_sink, sink_name
 from servekit.usage.worker import SinkWorker
 
 __all__ = ["Batch", "Outbox", "OutboxStats", "SinkWorker", "UsageRecord", "UsageRecorder",
-           "UsageSink",
-           "make_usage_sink", "open_sink", "sink_name"]
+           "UsageSink", "make_usage_sink", "open_sink", "sink_name"]
