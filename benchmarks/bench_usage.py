@@ -5,7 +5,11 @@ Sinks: N records are appended to an outbox, then one SinkWorker drains them in b
 chDB; records/s is the drain rate. Server: ``servekit serve --fake`` in a subprocess, 32
 clients streaming 16 tokens for 32-token prompts; two servers run side by side, one with
 ``--usage none`` and one with the default SQLite ledger, loaded in turn (order alternating)
-each round: each process's CPU time per request (from /proc), and their ratio per round.
+each round: each process's CPU time per request, per thread, from
+``/proc/<pid>/task/<tid>/schedstat`` (nanoseconds; ``/proc/<pid>/stat`` counts 10 ms ticks,
+which resolved a --quick round to ~5 %), split into the main thread (the event loop: the
+serving path), the usage sink workers (threads named ``usage-*``) and the rest, and the
+ratio of the totals per round. ``--server-only`` skips the sink rates.
 Bars: recording adds < 2 % CPU per request; each sink drains >= 10x the request rate the
 server served in this run.
 """
@@ -22,6 +26,7 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -58,9 +63,29 @@ def sink_rate(url: str, n: int, tag: str, data: Path) -> float:
     return n / elapsed
 
 
-def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _thread_cpu(pid: int) -> dict[int, tuple[str, int]]:
+    """Each thread of ``pid``: (its kind: main / usage / other, CPU ns so far)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            ns = int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError):  # the thread ended meanwhile
+            continue
+        tid = int(task.name)
+        out[tid] = ("main" if tid == pid else "usage" if comm.startswith("usage-")
+                    else "other", ns)
+    return out
+
+
+def _cpu_delta(before: dict[int, tuple[str, int]],
+               after: dict[int, tuple[str, int]]) -> dict[str, float]:
+    """CPU seconds per thread kind between two :func:`_thread_cpu` readings (a thread that
+    ended meanwhile is lost; the server's threads live as long as it does)."""
+    kinds = {"main": 0.0, "usage": 0.0, "other": 0.0}
+    for tid, (kind, ns) in after.items():
+        kinds[kind] += (ns - before.get(tid, (kind, 0))[1]) / 1e9
+    return kinds
 
 
 def _start_server(port: int, data: Path, usage: bool) -> subprocess.Popen[bytes]:
@@ -108,60 +133,86 @@ class _Server:
         self.proc = _start_server(port, data, usage)
         anyio.run(_load, self.base, 64)  # warm up
 
-    def cpu_ms_per_request(self, n: int) -> tuple[float, float]:
-        """(CPU ms per request, requests/s) for ``n`` requests."""
-        cpu0, t0 = _cpu(self.proc.pid), time.perf_counter()
+    def cpu_us_per_request(self, n: int) -> tuple[dict[str, float], float]:
+        """(CPU µs per request by thread kind, and "total"; requests/s) for ``n`` requests."""
+        cpu0, t0 = _thread_cpu(self.proc.pid), time.perf_counter()
         anyio.run(_load, self.base, n)
         wall = time.perf_counter() - t0
         time.sleep(0.5)  # the sink worker's share of the round lands in the CPU count
-        return 1000 * (_cpu(self.proc.pid) - cpu0) / n, n / wall
+        used = _cpu_delta(cpu0, _thread_cpu(self.proc.pid))
+        per = {k: 1e6 * v / n for k, v in used.items()}
+        per["total"] = sum(per.values())
+        return per, n / wall
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(30)
 
 
+def _extra(parser: Any) -> None:
+    parser.add_argument("--server-only", action="store_true",
+                        help="only the server CPU part (skip the sink rates)")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="requests per server round (default 300 quick, 2000 full)")
+
+
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__.splitlines()[0], _extra)
     quick = args.quick
     rounds = args.rounds or (3 if quick else 5)
     n_records = 5_000 if quick else 50_000
-    n_requests = 300 if quick else 2_000
+    n_requests = args.requests or (300 if quick else 2_000)
     root = Path(tempfile.mkdtemp(prefix="servekit-bench-usage-"))
 
     from tests.usage.servers import Postgres
 
-    pg = Postgres(root / "pg")
-    try:
-        pg_rates = [sink_rate(pg.dsn, n_records, f"pg{r}", root) for r in range(rounds)]
-    finally:
-        pg.stop()
-    ch_rates = [sink_rate(f"chdb://{root}/chdb", n_records, f"ch{r}", root)
-                for r in range(rounds)]
+    pg_rates: list[float] = []
+    ch_rates: list[float] = []
+    if not args.server_only:
+        pg = Postgres(root / "pg")
+        try:
+            pg_rates = [sink_rate(pg.dsn, n_records, f"pg{r}", root) for r in range(rounds)]
+        finally:
+            pg.stop()
+        ch_rates = [sink_rate(f"chdb://{root}/chdb", n_records, f"ch{r}", root)
+                    for r in range(rounds)]
 
-    cpu: dict[bool, list[float]] = {False: [], True: []}
+    cpu: dict[bool, list[dict[str, float]]] = {False: [], True: []}
     rate: list[float] = []
     ratio: list[float] = []
     servers = {usage: _Server(usage, root / f"data-{usage}") for usage in (False, True)}
     try:
         for r in range(rounds):
             for usage in (False, True) if r % 2 == 0 else (True, False):
-                ms, rps = servers[usage].cpu_ms_per_request(n_requests)
-                cpu[usage].append(ms)
+                us, rps = servers[usage].cpu_us_per_request(n_requests)
+                cpu[usage].append(us)
                 rate.append(rps)
-            ratio.append(cpu[True][-1] / cpu[False][-1])
-            print(f"round {r + 1}/{rounds}: usage on/off CPU per request {ratio[-1]:.3f}",
+            on, off = cpu[True][-1], cpu[False][-1]
+            ratio.append(on["total"] / off["total"])
+            print(f"round {r + 1}/{rounds}: CPU µs/request off {off['total']:.0f} (main "
+                  f"{off['main']:.0f}), on {on['total']:.0f} (main {on['main']:.0f}, usage "
+                  f"{on['usage']:.0f}, other {on['other']:.0f}): ratio {ratio[-1]:.3f}",
                   flush=True)
     finally:
         for server in servers.values():
             server.stop()
 
     req_rate = statistics.median(rate)
-    rows = [
-        {"what": "outbox -> PostgreSQL (records/s)", **summary(pg_rates)},
-        {"what": "outbox -> ClickHouse/chDB (records/s)", **summary(ch_rates)},
-        {"what": "server CPU ms/request, no usage", **summary(cpu[False])},
-        {"what": "server CPU ms/request, usage on (SQLite)", **summary(cpu[True])},
+    rows = []
+    if not args.server_only:
+        rows += [{"what": "outbox -> PostgreSQL (records/s)", **summary(pg_rates)},
+                 {"what": "outbox -> ClickHouse/chDB (records/s)", **summary(ch_rates)}]
+    for usage, label in ((False, "no usage"), (True, "usage on (SQLite)")):
+        for kind in ("total", "main", "usage", "other"):
+            if kind == "usage" and not usage:
+                continue
+            rows.append({"what": f"server CPU µs/request, {label}, {kind} thread"
+                                 f"{'s' if kind in ('total', 'other', 'usage') else ''}",
+                         **summary([c[kind] for c in cpu[usage]])})
+    main_added = [on["main"] - off["main"] for on, off in zip(cpu[True], cpu[False],
+                                                                 strict=True)]
+    rows += [
+        {"what": "added CPU µs/request, main thread (paired rounds)", **summary(main_added)},
         {"what": "server CPU per request, usage on / off", **summary(ratio)},
         {"what": "server requests/s (32 clients)", **summary(rate)},
     ]
@@ -169,11 +220,10 @@ def main() -> None:
                 title=f"usage: {n_records} records per sink round, {n_requests} requests per "
                       f"server round, {rounds} rounds")
     added = statistics.median(ratio) - 1.0
-    bars = {
-        "usage_added_cpu_fraction": bar(added, 0.02, higher_is_better=False),
-        "postgres_over_request_rate": bar(statistics.median(pg_rates) / req_rate, 10.0),
-        "clickhouse_over_request_rate": bar(statistics.median(ch_rates) / req_rate, 10.0),
-    }
+    bars = {"usage_added_cpu_fraction": bar(added, 0.02, higher_is_better=False)}
+    if not args.server_only:
+        bars["postgres_over_request_rate"] = bar(statistics.median(pg_rates) / req_rate, 10.0)
+        bars["clickhouse_over_request_rate"] = bar(statistics.median(ch_rates) / req_rate, 10.0)
     print_bars(bars)
     write_json(args.json, "usage", rows, bars, rounds=rounds, records=n_records,
                requests=n_requests)

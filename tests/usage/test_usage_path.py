@@ -155,3 +155,47 @@ def test_a_worker_under_a_trickle_delivers_in_batches_not_per_record(tmp_path: P
         worker.stop()
     assert sum(writes) == 200
     assert len(writes) <= 8, writes
+
+
+def test_a_cancelled_append_is_written_and_marked_unsent(tmp_path: Path) -> None:
+    """The group commit needs no shield: a caller cancelled while it waits (the group's first,
+    or one that joined) still has its record committed, marked as ended without its final
+    chunk, so the worker delivers it rather than leaving it unconfirmed."""
+    from datetime import UTC, datetime
+
+    from servekit.usage import UsageRecord
+
+    recorder = UsageRecorder(tmp_path / "data", secret=SECRET, replica="r0")
+
+    def record(name: str) -> UsageRecord:
+        return UsageRecord(request_id=name, idempotency_key=name, time=datetime.now(UTC),
+                           key_id=None, tenant=None, model="m")
+
+    rows: dict[str, int | None] = {}
+
+    async def cancelled(name: str) -> None:  # as UsageCall.send does, in a cancelled scope
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            row = await recorder.append(record(name))  # cancelled here (then marked) ...
+            try:
+                await anyio.sleep(0)  # ... or at the final chunk's send
+            except BaseException:
+                recorder.mark_sent(row, final_chunk_sent=False)
+                raise
+            recorder.mark_sent(row, final_chunk_sent=True)
+        assert scope.cancelled_caught
+
+    async def kept(name: str) -> None:
+        rows[name] = await recorder.append(record(name))
+
+    async def main() -> None:
+        await cancelled("alone")  # the group's first, cancelled in its one-turn wait
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(kept, "leader")
+            tg.start_soon(cancelled, "joiner")  # joins the leader's group, then is cancelled
+
+    anyio.run(main)
+    recorder.mark_sent(rows["leader"], final_chunk_sent=True)
+    batch = recorder.outbox.take(recorder.outbox.sinks[0])
+    final = {r.request_id: r.final_chunk_sent for r in batch.records}
+    assert final == {"alone": False, "leader": True, "joiner": False}

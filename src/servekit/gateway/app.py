@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +21,9 @@ from servekit.gateway.metrics import GatewayMetrics
 from servekit.limit.keyed import KeyLimits
 from servekit.limit.keys import KeyStore
 from servekit.route.health import NodeHealth
+from servekit.usage.recorder import UsageRecorder
+
+log = logging.getLogger("servekit.gateway")
 
 _FORWARDED = ("/v1/completions", "/v1/chat/completions")
 
@@ -29,7 +33,8 @@ def create_gateway(replicas: Sequence[str], *, policy: str = "cache_aware",
                    budget: RetryBudget | None = None, max_connections: int = 512,
                    keys: KeyStore | None = None, limits: KeyLimits | None = None,
                    max_failovers: int = 3, slow_start: float = 0.0,
-                   replicas_file: str | Path | None = None) -> FastAPI:
+                   replicas_file: str | Path | None = None,
+                   usage: UsageRecorder | None = None) -> FastAPI:
     """The gateway app over ``replicas`` (base URLs). ``secret`` is the replicas' shared
     gateway secret (their info, KV events and load, token ids for failover, the caller's
     tenant and cache salt); without it routing uses in-flight counts only and streams do not
@@ -38,9 +43,15 @@ def create_gateway(replicas: Sequence[str], *, policy: str = "cache_aware",
     between gateways); without keys the gateway is open. ``slow_start`` seconds ramp a replica
     that comes back (:class:`~servekit.route.Router`'s slow start; 0: off). ``replicas_file``
     lists more replicas, one base URL per line; the gateway re-reads it every
-    ``probe_interval`` seconds and adds and removes replicas as it changes."""
+    ``probe_interval`` seconds and adds and removes replicas as it changes. ``usage`` records
+    the ledger record of each client request (:mod:`servekit.gateway.usage`; the replicas,
+    given the secret, record their attempts for analytics only)."""
     if not replicas and replicas_file is None:
         raise ValueError("replicas: at least one replica URL (or a replicas file) is required")
+    if usage is not None and secret is None:
+        log.warning("usage: without the gateway secret the replicas cannot tell this gateway's "
+                    "requests from a client's and write ledger records of their own (counted "
+                    "twice): set SERVEKIT_GATEWAY_SECRET on both, or record on one tier only")
     fleet = Fleet(replicas, policy=policy, secret=secret, probe_interval=probe_interval,
                   slow_start=slow_start, replicas_file=replicas_file)
     keys = keys if keys is not None else KeyStore()
@@ -55,11 +66,17 @@ def create_gateway(replicas: Sequence[str], *, policy: str = "cache_aware",
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with httpx.AsyncClient(limits=pool, timeout=timeout) as client:
             app.state.forwarder = Forwarder(fleet, client, budget or RetryBudget(), metrics,
-                                            max_failovers=max_failovers, edge=edge)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(fleet.run, client)
-                yield
-                tg.cancel_scope.cancel()
+                                            max_failovers=max_failovers, edge=edge, usage=usage)
+            if usage is not None:
+                usage.start()
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(fleet.run, client)
+                    yield
+                    tg.cancel_scope.cancel()
+            finally:
+                if usage is not None:
+                    await anyio.to_thread.run_sync(usage.stop)
 
     app = FastAPI(title="servekit gateway", lifespan=lifespan)
     app.state.fleet = fleet

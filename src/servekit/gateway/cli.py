@@ -41,6 +41,9 @@ def add_gateway_parser(sub: Any) -> None:
                     help="with the limiter store down, admit unlimited (default: 503)")
     gw.add_argument("--rate-limit-outage-retry-after", type=float, default=10.0,
                     help="retry-after seconds of the 503 sent while the store is down")
+    from servekit.usage.cli import add_usage_flags
+
+    add_usage_flags(gw)  # the gateway writes each client request's ledger record
     gw.add_argument("--log-level", default="info")
 
 
@@ -71,10 +74,16 @@ def run_gateway(args: argparse.Namespace) -> int:
     store = MemoryStore() if args.limiter_store is None else store_from_url(args.limiter_store)
     limits = KeyLimits(store=store, fail_open=args.rate_limit_fail_open,
                        outage_retry_after=args.rate_limit_outage_retry_after)
+    from servekit.usage.cli import recorder_from_args
+
+    # its own outbox file: a gateway may share a data directory (and its sqlite:// sink) with
+    # a replica on the same host
+    usage = recorder_from_args(args, outbox="gateway-usage-outbox.db")
     app = create_gateway(args.replica, policy=args.policy,
                          secret=os.environ.get("SERVEKIT_GATEWAY_SECRET") or None,
                          probe_interval=args.probe_interval, keys=keys, limits=limits,
-                         slow_start=args.slow_start, replicas_file=args.replicas_file)
+                         slow_start=args.slow_start, replicas_file=args.replicas_file,
+                         usage=usage)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 access_log=False, lifespan="on")
     return 0

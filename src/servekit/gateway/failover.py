@@ -24,6 +24,7 @@ __all__ = ["TOKEN_IDS", "StreamTracker", "resumable", "resume_body"]
 #: The stream extension the gateway asks replicas for.
 TOKEN_IDS = "token_ids"
 _COMMENT = b": servekit "
+_USAGE = b': servekit {"usage":'
 _DONE = b"data: [DONE]"
 _ERROR = b'data: {"error"'
 _SEP = b"\n\n"
@@ -33,7 +34,7 @@ class StreamTracker:
     """Feed the raw bytes of one choice's stream; get back what the client may see."""
 
     __slots__ = ("_buffer", "_ids", "_parsed", "created", "done", "drained", "num_tokens",
-                 "request_id")
+                 "request_id", "usage")
 
     def __init__(self) -> None:
         self._buffer = b""
@@ -47,6 +48,9 @@ class StreamTracker:
         #: The replica ended the stream because it shut down (its error event, code
         #: ``draining``, and what follows are held back: the stream is to be resumed).
         self.drained = False
+        #: The usage the replica reported before ``[DONE]`` (extension ``usage``): its
+        #: ``prompt_tokens``, ``completion_tokens``, ``cached_tokens``, ``finish_reason``.
+        self.usage: dict[str, Any] | None = None
 
     def feed(self, chunk: bytes) -> bytes:
         """The complete events of ``chunk`` (with what came before), less the id comments;
@@ -60,6 +64,9 @@ class StreamTracker:
         out = []
         for event in data[:end].split(_SEP):
             if self.drained:
+                continue
+            if event.startswith(_USAGE):
+                self._learn_usage(event)
                 continue
             if event.startswith(_COMMENT):
                 line, _, event = event.partition(b"\n")
@@ -90,6 +97,14 @@ class StreamTracker:
         """The stream broke: drop the partial event it left (never relayed)."""
         self._buffer = b""
         self.drained = False
+
+    def _learn_usage(self, event: bytes) -> None:
+        try:
+            usage = json.loads(event[len(_COMMENT):].partition(b"\n")[0])["usage"]
+        except (ValueError, KeyError, TypeError):
+            return
+        if isinstance(usage, dict):
+            self.usage = usage
 
     def _learn(self, event: bytes) -> None:
         try:

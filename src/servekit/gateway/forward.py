@@ -15,6 +15,7 @@ which aborts the request on the replica.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -27,18 +28,22 @@ from servekit.gateway.edge import Edge, usage_total
 from servekit.gateway.failover import TOKEN_IDS, StreamTracker, resumable, resume_body
 from servekit.gateway.fleet import GATEWAY_SECRET_HEADER, Fleet
 from servekit.gateway.metrics import GatewayMetrics
+from servekit.gateway.usage import ATTEMPT_HEADER, Ledger, LedgerResponse
 from servekit.limit.keyed import Admission
 from servekit.protocol.errors import InvalidRequestError, StatusError
 from servekit.protocol.sse import DONE, error_event
 from servekit.route import NoNodeAvailableError
+from servekit.usage.recorder import UsageRecorder
 
 RETRYABLE_STATUS = frozenset({429, 503})
 _HOP_HEADERS = frozenset({"host", "content-length", "connection", "keep-alive",
                           "transfer-encoding", "te", "upgrade", "proxy-authorization"})
 _ALL_DOWN_RETRY_AFTER = 1
 EXTENSIONS_HEADER = "x-servekit-extensions"
+USAGE = "usage"  # the stream extension: the replica's usage before [DONE]
 TENANT_HEADER = "x-servekit-tenant"  # the caller the gateway authenticated (with the secret)
 CACHE_SALT_HEADER = "x-servekit-cache-salt"
+_DONE = b"data: [DONE]"
 _PRIVATE_PREFIX = "x-servekit-"  # gateway <-> replica headers: never from or to a client
 
 
@@ -66,6 +71,8 @@ class _Call:
     tried: set[str] = field(factory=set)
     #: Tokens the replicas reported used (prompt + completion), once known.
     used: int | None = None
+    #: The client request's ledger record (when the gateway records usage).
+    ledger: Ledger | None = None
 
 
 class Forwarder:
@@ -73,10 +80,11 @@ class Forwarder:
 
     def __init__(self, fleet: Fleet, client: httpx.AsyncClient, budget: RetryBudget,
                  metrics: GatewayMetrics, max_failovers: int = 3,
-                 edge: Edge | None = None) -> None:
+                 edge: Edge | None = None, usage: UsageRecorder | None = None) -> None:
         self.fleet, self.client, self.budget, self.metrics = fleet, client, budget, metrics
         self.max_failovers = max_failovers
         self.edge = edge
+        self.usage = usage
 
     async def forward(self, method: str, path: str, headers: Mapping[str, str],
                       body: bytes) -> Response:
@@ -92,6 +100,12 @@ class Forwarder:
                 key = edge.authenticate(headers)
             except StatusError as exc:
                 return _status(exc)
+        usage = self.usage
+        if usage is not None:
+            try:
+                usage.check_admitting()  # 503 while fail-closed billing is backed up
+            except StatusError as exc:
+                return _status(exc)
         ids = hashes = None
         encoder = fleet.encoder()
         if encoder is not None and parsed is not None:
@@ -103,10 +117,13 @@ class Forwarder:
                        and not k.lower().startswith(_PRIVATE_PREFIX)}
         secret = fleet.secret
         can_resume = secret is not None and parsed is not None and resumable(path, parsed)
-        if secret is not None and (can_resume or key is not None):
+        if secret is not None and (can_resume or key is not None or usage is not None):
             out_headers[GATEWAY_SECRET_HEADER] = secret
-        if can_resume:
-            out_headers[EXTENSIONS_HEADER] = TOKEN_IDS
+        extensions = [TOKEN_IDS] if can_resume else []
+        if secret is not None and usage is not None and stream:
+            extensions.append(USAGE)  # the replica's own count, for the ledger record
+        if extensions:
+            out_headers[EXTENSIONS_HEADER] = ",".join(extensions)
         if key is not None and secret is not None:  # the replica trusts our caller
             out_headers = {k: v for k, v in out_headers.items() if k.lower() != "authorization"}
             out_headers[TENANT_HEADER] = key.tenant
@@ -114,13 +131,13 @@ class Forwarder:
         call = _Call(method, path, out_headers, body, parsed, stream,
                      headers.get("x-session-id"), ids, hashes, can_resume)
         if edge is None:
-            return await self._send(call)
+            return self._ledgered(await self._send_recorded(self._begin(call, key)), call)
         try:
             admission, reserved = await edge.reserve(key, path, parsed, ids)
         except StatusError as exc:
             return _status(exc)
         try:
-            response = await self._send(call)
+            response = await self._send_recorded(self._begin(call, key))
         except BaseException:
             await edge.settle(admission, reserved)
             raise
@@ -132,7 +149,34 @@ class Forwarder:
             used = call.used if call.used is not None else (
                 0 if response.status_code >= 400 else reserved)
             await edge.settle(admission, used)
-        return response
+        return self._ledgered(response, call)
+
+    def _begin(self, call: _Call, key: Any) -> _Call:
+        """Open ``call``'s ledger record when the gateway records usage."""
+        if self.usage is not None:
+            model = call.parsed.get("model") if call.parsed is not None else None
+            call.ledger = Ledger(self.usage, key, call.headers, str(model or ""),
+                                 len(call.ids) if call.ids is not None else None)
+        return call
+
+    async def _send_recorded(self, call: _Call) -> Response:
+        """:meth:`_send`; a request that fails or is cancelled before it has a response is
+        recorded on the way out."""
+        try:
+            return await self._send(call)
+        except BaseException:
+            if call.ledger is not None:
+                call.ledger.close()
+            raise
+
+    @staticmethod
+    def _ledgered(response: Response, call: _Call) -> Response:
+        """``response`` recording ``call``'s ledger record as it goes out."""
+        ledger = call.ledger
+        if ledger is None:
+            return response
+        ledger.status = response.status_code
+        return LedgerResponse(response, ledger, whole=not isinstance(response, StreamingResponse))
 
     async def _settle_after(self, body: Any, admission: Admission, call: _Call,
                             reserved: int) -> AsyncIterator[Any]:
@@ -169,6 +213,8 @@ class Forwarder:
         except NoNodeAvailableError:
             return None
         call.tried.add(url)
+        if call.ledger is not None:
+            call.ledger.replicas.append(url)
         hashes = call.hashes
         held = self.fleet.index.cached_blocks(hashes).get(url, 0) if hashes else 0
         self.metrics.routed(url, "cache_hit" if held else "load")
@@ -177,8 +223,8 @@ class Forwarder:
     async def _attempt(self, url: str, call: _Call) -> Response | tuple[str, Response]:
         """A committed response, or ``("retry", response-if-none-else)``."""
         stream = call.stream
-        request = self.client.build_request(call.method, url + call.path, headers=call.headers,
-                                            content=call.body)
+        request = self.client.build_request(call.method, url + call.path,
+                                            headers=_attempt_headers(call), content=call.body)
         try:
             upstream = await self.client.send(request, stream=True)
         except httpx.TransportError as exc:
@@ -206,19 +252,34 @@ class Forwarder:
             self.fleet.release(url, upstream.status_code < 500)
             self.metrics.outcome(url, str(upstream.status_code))
             call.used = usage_total(content) if upstream.status_code == 200 else None
+            if call.ledger is not None:
+                call.ledger.body = content
+                call.ledger.request_id = upstream.headers.get("x-request-id")
             return _copy(upstream, content)
-        if (call.resumable and upstream.status_code == 200
-                and TOKEN_IDS in upstream.headers.get(EXTENSIONS_HEADER, "")):
-            relay = self._relay_resuming(url, upstream, first, chunks, call)
+        ledger = call.ledger
+        if ledger is not None:
+            ledger.request_id = upstream.headers.get("x-request-id")
+            ledger.first_at = time.monotonic()
+        granted = upstream.headers.get(EXTENSIONS_HEADER, "") if upstream.status_code == 200 \
+            else ""
+        if (call.resumable and TOKEN_IDS in granted) or USAGE in granted:
+            relay = self._relay_tracked(url, upstream, first, chunks, call,
+                                        call.resumable and TOKEN_IDS in granted)
         else:  # not servekit (no token ids): a cut stream ends early
             relay = self._relay(url, upstream, first, chunks, call)
         return StreamingResponse(relay, status_code=upstream.status_code,
                                  headers=_response_headers(upstream))
 
-    async def _relay_resuming(self, url: str, upstream: httpx.Response, first: bytes,
-                              chunks: AsyncIterator[bytes], call: _Call) -> AsyncIterator[bytes]:
-        """Relay a stream with token ids; resume it elsewhere when it breaks before [DONE]."""
+    async def _relay_tracked(self, url: str, upstream: httpx.Response, first: bytes,
+                             chunks: AsyncIterator[bytes], call: _Call,
+                             resume: bool) -> AsyncIterator[bytes]:
+        """Relay a stream with servekit's extensions (stripped); with ``resume`` (token ids),
+        resume it elsewhere when it breaks before [DONE]. The ledger record is appended
+        before the chunk holding [DONE] goes out."""
         tracker = StreamTracker()
+        ledger = call.ledger
+        if ledger is not None:
+            ledger.tracker = tracker
         failovers = 0
         prompt = len(call.ids) if call.ids is not None else 0
         while True:
@@ -226,13 +287,22 @@ class Forwarder:
             try:
                 data = tracker.feed(first)
                 if data:
+                    if tracker.done and ledger is not None:
+                        await ledger.before_final()
                     yield data
                 async for chunk in chunks:
                     data = tracker.feed(chunk)
                     if data:
                         call.used = prompt + tracker.num_tokens
+                        if tracker.done and ledger is not None:
+                            await ledger.before_final()
                         yield data
-                if tracker.done and data:  # the replica's own count, when it sent one
+                if ledger is not None and tracker.done:
+                    ledger.after_final()
+                if tracker.usage is not None:  # the replica's own count
+                    call.used = (_int(tracker.usage.get("prompt_tokens"))
+                                 + _int(tracker.usage.get("completion_tokens")))
+                elif tracker.done and data:  # the usage chunk, when the client asked for it
                     call.used = usage_total(data) or call.used
                 # EOF without [DONE]: the replica died mid-write (a drain is no failure)
                 ok = True if tracker.done else (None if tracker.drained else False)
@@ -244,7 +314,7 @@ class Forwarder:
                 self.metrics.outcome(url, "stream_ok" if ok else
                                      ("stream_cut" if ok is False else
                                       "stream_drained" if tracker.drained else "client_gone"))
-            if tracker.done:
+            if tracker.done or not resume:
                 return
             tracker.cut()
             self.metrics.failover(url)
@@ -253,10 +323,15 @@ class Forwarder:
                 failovers += 1
                 resumed = await self._resume(call, tracker)
             if resumed is None:
+                if ledger is not None:
+                    ledger.failed = True
+                    await ledger.before_final()
                 yield error_event(json.dumps({"error": {
                     "message": "the replica serving this stream failed and no replica could "
                                "resume it", "type": "service_unavailable", "param": None,
                     "code": "stream_interrupted"}}).encode()) + DONE
+                if ledger is not None:
+                    ledger.after_final()
                 return
             url, upstream = resumed
             chunks, first = upstream.aiter_raw(), b""
@@ -271,7 +346,8 @@ class Forwarder:
             url = self._route(call)
             if url is None:
                 return None
-        request = self.client.build_request(call.method, url + call.path, headers=call.headers,
+        request = self.client.build_request(call.method, url + call.path,
+                                            headers=_attempt_headers(call),
                                             content=resume_body(call.parsed, tracker))
         try:
             upstream = await self.client.send(request, stream=True)
@@ -290,21 +366,44 @@ class Forwarder:
                      chunks: AsyncIterator[bytes], call: _Call) -> AsyncIterator[bytes]:
         ok: bool | None = None
         prev = last = first  # the usage chunk, when asked for, comes right before [DONE]
+        ledger = call.ledger
         try:
             if first:
+                if ledger is not None and _DONE in first:
+                    ledger.body = first
+                    await ledger.before_final()
                 yield first
             async for chunk in chunks:
                 prev, last = last, chunk
+                if ledger is not None and _DONE in chunk:
+                    ledger.body = prev + last
+                    await ledger.before_final()
                 yield chunk
+            if ledger is not None:
+                ledger.after_final()
             ok = upstream.status_code < 500
         except httpx.TransportError:
             ok = False  # cut mid-stream: the client sees its stream end early
         finally:
             call.used = usage_total(prev + last)
+            if ledger is not None and ledger.body is None:
+                ledger.body = prev + last
             await upstream.aclose()
             self.fleet.release(url, ok)
             self.metrics.outcome(url, "stream_ok" if ok else
                                  ("stream_cut" if ok is False else "client_gone"))
+
+
+def _attempt_headers(call: _Call) -> dict[str, str]:
+    """The headers of one attempt: with a ledger, its attempt key (the replica records the
+    attempt under it, for analytics only)."""
+    if call.ledger is None:
+        return call.headers
+    return {**call.headers, ATTEMPT_HEADER: call.ledger.next_attempt()}
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) else 0
 
 
 def _status(exc: StatusError) -> Response:

@@ -49,9 +49,10 @@ from servekit.server.params import build_sampling_params, check_unsupported
 from servekit.server.responses import ChatEncoder, CompletionEncoder, Encoder, ToolChatEncoder
 from servekit.server.service import EngineLike, GenerationService, Job
 from servekit.server.tools import NO_TOOLS, chat_messages, compile_guided, plan_tools
+from servekit.server.usage_path import track
 
 if TYPE_CHECKING:
-    from servekit.server.usage_path import UsageRecorder
+    from servekit.usage.recorder import UsageRecorder
 
 require("fastapi", "server")
 from fastapi import FastAPI, Request  # noqa: E402
@@ -60,11 +61,14 @@ from fastapi.responses import JSONResponse, Response  # noqa: E402
 from starlette.exceptions import HTTPException  # noqa: E402
 
 from servekit.server.replica_api import (  # noqa: E402
+    ATTEMPT_HEADER,
     EXTENSIONS_HEADER,
+    USAGE,
     gateway_identity,
     mount_replica_api,
     token_ids_comment,
     trusted,
+    usage_comment,
 )
 
 __all__ = ["ServerConfig", "create_app"]
@@ -198,7 +202,7 @@ def create_app(
                                     include_usage=_include_usage(body), echo=echo,
                                     logprobs=body.logprobs is not None)
         return await _generation_response(service, job, encoder, body.stream, config, usage,
-                                          _wants_token_ids(request, body))
+                                          *_gateway_call(request, body))
 
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -230,16 +234,25 @@ def create_app(
             encoder = ChatEncoder(job, tokenizer, include_usage=_include_usage(body),
                                   logprobs=body.logprobs)
         return await _generation_response(service, job, encoder, body.stream, config, usage,
-                                          _wants_token_ids(request, body))
+                                          *_gateway_call(request, body))
 
     def _trusted(request: Request) -> bool:
         return trusted(request, config.gateway_secret)
 
-    def _wants_token_ids(request: Request, body: CompletionRequest | ChatCompletionRequest
-                         ) -> bool:
-        """A trusted gateway asked for each chunk's output token ids (to resume elsewhere)."""
-        asked = request.headers.get(EXTENSIONS_HEADER, "")
-        return bool(body.stream) and "token_ids" in asked.split(",") and _trusted(request)
+    def _gateway_call(request: Request, body: CompletionRequest | ChatCompletionRequest
+                      ) -> tuple[frozenset[str], str | None]:
+        """For a trusted gateway's attempt: the stream extensions it asked for (each chunk's
+        output token ids, to resume elsewhere; the attempt's usage before ``[DONE]``) and,
+        when the gateway records usage itself, its attempt key (the gateway writes the ledger
+        record: ours is analytics only). Otherwise no extensions and None."""
+        if config.gateway_secret is None or not _trusted(request):
+            return frozenset(), None
+        attempt = request.headers.get(ATTEMPT_HEADER)
+        attempt = attempt[:300] if attempt is not None else None
+        if not body.stream:
+            return frozenset(), attempt
+        asked = request.headers.get(EXTENSIONS_HEADER, "").split(",")
+        return frozenset(e for e in ("token_ids", USAGE) if e in asked), attempt
 
     def _job(service: GenerationService, request: Request,
              body: CompletionRequest | ChatCompletionRequest, kind: str, key: ApiKey | None,
@@ -484,14 +497,16 @@ def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
 async def _generation_response(service: GenerationService, job: Job, encoder: Encoder,
                                stream: bool, config: ServerConfig,
                                usage: UsageRecorder | None = None,
-                               token_ids: bool = False) -> Response:
+                               extensions: frozenset[str] = frozenset(),
+                               attempt: str | None = None) -> Response:
     if usage is not None:
         usage.check_admitting()  # 503 while fail-closed billing is backed up
     headers = (await service.admit(job)).headers  # 429 / 503 here, before anything is sent
-    if token_ids:
-        headers = {**headers, EXTENSIONS_HEADER: "token_ids"}
+    if extensions:
+        headers = {**headers, EXTENSIONS_HEADER: ",".join(sorted(extensions))}
     return GenerationResponse(service, job, encoder, stream, headers,
-                              send_timeout=config.send_timeout, usage=usage, token_ids=token_ids)
+                              send_timeout=config.send_timeout, usage=usage,
+                              extensions=extensions, attempt=attempt)
 
 
 class GenerationResponse(Response):
@@ -499,17 +514,22 @@ class GenerationResponse(Response):
 
     Headers go out with the first delta, so an error before it (queue full, engine failure)
     still gets its proper status. A client disconnect cancels the job (aborting its engine
-    requests and settling its rate limit). With ``token_ids`` (for a trusted gateway), each
-    delta's output token ids precede its event as a comment line,
-    ``: servekit {"index": i, "token_ids": [...]}``; a resumed job sends no opening chunk
-    (the cut stream already did).
+    requests and settling its rate limit). ``extensions`` (for a trusted gateway):
+    ``token_ids``: each delta's output token ids precede its event as a comment line,
+    ``: servekit {"index": i, "token_ids": [...]}``; ``usage``: the job's usage precedes the
+    final ``[DONE]`` as ``: servekit {"usage": {...}}``. A resumed job sends no opening chunk
+    (the cut stream already did). ``attempt``: recorded as one attempt of a gateway's request
+    (analytics only).
     """
 
     def __init__(self, service: GenerationService, job: Job, encoder: Encoder, stream: bool,
                  headers: dict[str, str], *, send_timeout: float = 30.0,
-                 usage: UsageRecorder | None = None, token_ids: bool = False) -> None:
+                 usage: UsageRecorder | None = None,
+                 extensions: frozenset[str] = frozenset(), attempt: str | None = None) -> None:
         self.service, self.job, self.encoder, self.stream = service, job, encoder, stream
-        self.token_ids = token_ids
+        self.token_ids = "token_ids" in extensions
+        self.usage_comment = USAGE in extensions
+        self.attempt = attempt
         self.usage = usage
         self.extra_headers = headers
         self.send_timeout = send_timeout
@@ -521,7 +541,7 @@ class GenerationResponse(Response):
             return await self._respond(scope, receive, send, raw_send)
         # the record, around the final message; the first body part notes the first byte, the
         # parts after it go out raw
-        call = self.usage.track(self.job, send, scope)
+        call = track(self.usage, self.job, send, scope, self.attempt)
         try:
             await self._respond(scope, receive, call.send, raw_send)
         finally:
@@ -607,11 +627,15 @@ class GenerationResponse(Response):
                 return
             await send({"type": "http.response.body", "body": error_event(err.body()),
                         "more_body": True})
-            await send({"type": "http.response.body", "body": DONE})
+            await send({"type": "http.response.body", "body": self._usage_comment() + DONE})
             return
         if not opened:  # nothing was generated (cannot happen with max_tokens >= 1)
             await send(self._start(200, b"text/event-stream"))
-        await send({"type": "http.response.body", "body": encoder.end()})
+        await send({"type": "http.response.body", "body": self._usage_comment() + encoder.end()})
+
+    def _usage_comment(self) -> bytes:
+        """The job's usage for the trusted gateway that asked (its ledger record), or b""."""
+        return usage_comment(self.job.usage, self.job.finish_reasons) if self.usage_comment else b""
 
     async def _whole(self, send: Any) -> None:
         add = self.encoder.add

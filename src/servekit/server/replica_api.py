@@ -13,7 +13,7 @@ Both reveal internals (which prompts are cached), so they answer only requests t
 shared gateway secret in ``x-servekit-gateway-secret``; without a configured secret they are off
 (404). The same secret lets a gateway ask for each streamed event's output token ids
 (``x-servekit-extensions: token_ids``, sent as a ``: servekit {...}`` comment line before the
-event) and resume a cut stream (the ``servekit_resume`` body field), so it can fail over, and
+event) and the job's usage before ``[DONE]`` (``usage``, for its ledger record), and resume a cut stream (the ``servekit_resume`` body field), so it can fail over, and
 name the caller it authenticated (``x-servekit-tenant``, ``x-servekit-cache-salt``), whose
 limits it enforced.
 """
@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import collections
 import hmac
+import json
 import os
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,11 @@ GATEWAY_SECRET_HEADER = "x-servekit-gateway-secret"
 #: A trusted gateway asks for servekit's stream extensions (``token_ids``) in this header;
 #: the replica names the ones it sends in the response's.
 EXTENSIONS_HEADER = "x-servekit-extensions"
+#: The stream extension carrying the job's usage before ``[DONE]`` (the gateway's ledger).
+USAGE = "usage"
+#: The attempt key of a gateway that writes the ledger record itself: the replica records the
+#: attempt under it, for analytics only (``ledger`` False).
+ATTEMPT_HEADER = "x-servekit-attempt"
 #: The caller's tenant and prefix-cache salt, as the trusted gateway authenticated it.
 TENANT_HEADER = "x-servekit-tenant"
 CACHE_SALT_HEADER = "x-servekit-cache-salt"
@@ -151,6 +157,17 @@ def token_ids_comment(index: int, token_ids: list[int]) -> bytes:
     """The SSE comment line carrying choice ``index``'s new output token ids."""
     ids = ",".join(map(str, token_ids))
     return TOKEN_IDS_PREFIX + f'{{"index":{index},"token_ids":[{ids}]}}\n'.encode()
+
+
+def usage_comment(usage: Any, finish_reasons: Sequence[str | None]) -> bytes:
+    """The SSE comment event carrying a job's usage (``prompt_tokens``, ``completion_tokens``,
+    ``cached_tokens``, ``finish_reason``: its choices' reasons, sorted and joined by commas)
+    for the trusted gateway, sent before the final ``[DONE]``."""
+    reasons = ",".join(sorted({r for r in finish_reasons if r is not None}))
+    return TOKEN_IDS_PREFIX + json.dumps({"usage": {
+        "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+        "cached_tokens": usage.cached_tokens, "finish_reason": reasons or None}},
+        separators=(",", ":")).encode() + b"\n\n"
 
 
 def trusted(request: Request, secret: str | None) -> bool:

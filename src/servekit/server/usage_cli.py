@@ -4,49 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # the parser is built on every command: keep the serving path unimported
-    from servekit.server.usage_path import UsageRecorder
+from servekit.usage.cli import add_usage_flags, default_data_dir, recorder_from_args
 
+__all__ = ["add_report_command", "add_serve_flags", "default_data_dir", "recorder_from_args",
+           "report"]
 
-def default_data_dir() -> Path:
-    """``$SERVEKIT_DATA_DIR``, else ``~/.local/share/servekit``."""
-    env = os.environ.get("SERVEKIT_DATA_DIR")
-    return Path(env) if env else Path.home() / ".local" / "share" / "servekit"
-
-
-def add_serve_flags(serve: argparse.ArgumentParser) -> None:
-    """``--usage URL`` (repeatable), ``--data-dir``, the outbox's bound and policy."""
-    serve.add_argument("--usage", action="append", default=None, metavar="URL",
-                       help="usage sink (repeatable): sqlite://usage.db (default, in the data "
-                            "dir), postgresql://..., clickhouse://host:8123/db, chdb://dir, or "
-                            "a usage_sink plugin; 'none' turns usage recording off")
-    serve.add_argument("--data-dir", type=Path, default=None,
-                       help="where the usage outbox, the secret and sqlite:// sinks live "
-                            f"(default: {default_data_dir()})")
-    serve.add_argument("--usage-fail-open", action="store_true", default=None,
-                       help="past the outbox's bound, keep serving and drop (and count) "
-                            "records instead of refusing requests")
-    serve.add_argument("--usage-max-rows", type=int, default=None,
-                       help="outbox bound in undelivered records (default: 1000000)")
-    serve.add_argument("--usage-max-age", type=float, default=None,
-                       help="outbox bound: age in seconds of the oldest undelivered record")
-
-
-def recorder_from_args(args: argparse.Namespace) -> UsageRecorder | None:
-    """The recorder the flags ask for (None with ``--usage none``)."""
-    from servekit.server.usage_path import UsageRecorder
-
-    urls = list(args.usage or [])
-    if urls == ["none"]:
-        return None
-    return UsageRecorder(args.data_dir or default_data_dir(), urls,
-                         max_rows=args.usage_max_rows, max_age_s=args.usage_max_age,
-                         fail_open=bool(args.usage_fail_open))
+#: ``servekit serve``'s usage flags (shared with ``servekit gateway``).
+add_serve_flags = add_usage_flags
 
 
 def add_report_command(sub: Any) -> None:

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +52,9 @@ CREATE TABLE IF NOT EXISTS delivered (
 """
 _SCHEMA = f"{_TABLES}PRAGMA user_version = {_LAYOUT};\n"
 _APPENDED, _SENT, _UNSENT = 0, 1, 2
-_INSERT = (f"INSERT INTO outbox (epoch, created, {', '.join(COLUMNS)}) "
-           f"VALUES ({', '.join('?' * (len(COLUMNS) + 2))})")
+_INSERT_ROW = (f"INSERT OR IGNORE INTO outbox (id, epoch, created, {', '.join(COLUMNS)}) "
+               f"VALUES ({', '.join('?' * (len(COLUMNS) + 3))})")
+_JOURNAL = ".appends"  # the journal file: <outbox path>.appends
 _TIME = COLUMNS.index("time")
 _FINAL = COLUMNS.index("final_chunk_sent")
 
@@ -102,6 +105,14 @@ class Outbox:
         self._dropped = 0
         self._over = False
         self._oldest: float | None = None
+        # the serving path's appends: JSON lines written to an append-only journal file (one
+        # write() per group, which survives a killed process like a WAL commit does, for a
+        # fraction of its CPU); the sink workers move them into the table (_ingest)
+        self._journal = Path(f"{self.path}{_JOURNAL}")
+        self._journal_lock = threading.Lock()  # appends and the swap of the journal file
+        self._ingest_lock = threading.Lock()  # one worker moves journals into the table
+        self._journal_fd: int | None = None
+        self._ingested = 0  # rows with ids up to this are in the table
         db = self._db()
         layout = db.execute("PRAGMA user_version").fetchone()[0]
         if layout not in (0, _LAYOUT):
@@ -109,6 +120,10 @@ class Outbox:
                                f"servekit writes {_LAYOUT}): drain it with that version first")
         _migrate_json_payloads(db)  # by its columns: a file's user_version may be wrong
         db.executescript(_SCHEMA)
+        for left in sorted(self.path.parent.glob(f"{self.path.name}{_JOURNAL}*")):
+            self._ingest_file(db, left)  # a previous process's appends: unconfirmed rows
+        self._next_id = (db.execute("SELECT max(id) FROM outbox").fetchone()[0] or 0) + 1
+        self._ingested = self._next_id - 1
         self._backlog = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
         self._refresh_oldest(db)
 
@@ -120,8 +135,8 @@ class Outbox:
         return self.append_many([record])[0]
 
     def append_many(self, records: Sequence[UsageRecord]) -> list[int | None]:
-        """:meth:`append` for several records in one transaction (a group commit)."""
-        rows: list[tuple[Any, ...]] = []
+        """:meth:`append` for several records in one write to the journal (a group commit)."""
+        rows: list[list[Any]] = []
         kept: list[int] = []
         for i, record in enumerate(records):
             if self._check_bound() and self.fail_open:
@@ -132,15 +147,20 @@ class Outbox:
                 continue
             values = list(to_row(record))
             values[_TIME] = values[_TIME].isoformat()  # UTC (to_row converts)
-            rows.append((self._epoch, self._clock(), *values))
+            rows.append([0, self._epoch, self._clock(), *values])
             kept.append(i)
         ids: list[int | None] = [None] * len(records)
         if not rows:
             return ids
-        db = self._db()
-        with db:
+        with self._journal_lock:
             for i, row in zip(kept, rows, strict=True):
-                ids[i] = db.execute(_INSERT, row).lastrowid
+                row[0] = ids[i] = self._next_id
+                self._next_id += 1
+            if self._journal_fd is None:
+                self._journal_fd = os.open(self._journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                                           0o600)
+            data = "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows)
+            os.write(self._journal_fd, data.encode())
         with self._lock:
             self._backlog += len(rows)
             if self._oldest is None:
@@ -156,9 +176,10 @@ class Outbox:
             self._marks.append(row_id if final_chunk_sent else -row_id)
 
     def flush(self) -> None:
-        """Commit buffered marks now."""
+        """Move journaled appends into the table and commit buffered marks now."""
         db = self._db()
-        with db:
+        self._ingest(db)
+        with _transaction(db):
             self._flush_marks(db)
 
     def admitting(self) -> bool:
@@ -179,7 +200,8 @@ class Outbox:
         rows, and every row a previous process left behind."""
         self._check_sink(sink)
         db = self._db()
-        with db:
+        self._ingest(db)
+        with _transaction(db):
             self._flush_marks(db)
         rows = db.execute(
             f"SELECT id, state, {', '.join(COLUMNS)} FROM outbox o WHERE (state != "
@@ -199,9 +221,25 @@ class Outbox:
         if not ids:
             return
         db = self._db()
+        deleted = 0
+        if len(self.sinks) == 1:  # acknowledged by every sink: no delivered rows to keep
+            with _transaction(db):
+                for start in range(0, len(ids), 500):
+                    chunk = list(ids[start:start + 500])
+                    deleted += db.execute(f"DELETE FROM outbox WHERE id IN "
+                                          f"({','.join('?' * len(chunk))})", chunk).rowcount
+        else:
+            deleted = self._ack_shared(db, sink, ids)
+        if deleted:
+            with self._lock:
+                self._backlog -= deleted
+            self._refresh_oldest(db)
+
+    def _ack_shared(self, db: sqlite3.Connection, sink: str, ids: Sequence[int]) -> int:
+        """Record ``sink``'s acks; delete the rows every sink acknowledged; how many."""
         marks = ",".join("?" * len(self.sinks))
         deleted = 0
-        with db:
+        with _transaction(db):
             db.executemany("INSERT OR IGNORE INTO delivered (id, sink) VALUES (?, ?)",
                            [(i, sink) for i in ids])
             for start in range(0, len(ids), 500):
@@ -214,13 +252,10 @@ class Outbox:
                     dq = ",".join("?" * len(done))
                     deleted += db.execute(f"DELETE FROM outbox WHERE id IN ({dq})", done).rowcount
                     db.execute(f"DELETE FROM delivered WHERE id IN ({dq})", done)
-        if deleted:
-            with self._lock:
-                self._backlog -= deleted
-            self._refresh_oldest(db)
+        return deleted
 
     def close(self) -> None:
-        """Commit buffered marks and close this thread's connection."""
+        """Commit journaled appends and buffered marks; close this thread's connection."""
         self.flush()
         db = getattr(self._local, "db", None)
         if db is not None:
@@ -233,16 +268,46 @@ class Outbox:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level="DEFERRED", timeout=30.0,
+            # autocommit: a lone INSERT commits itself; longer work runs in _transaction
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0,
                                  check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             self._local.db = db
         return db
 
+    def _ingest(self, db: sqlite3.Connection) -> None:
+        """Move the journal's rows into the table: swap in a fresh journal, insert the old
+        one's rows in one transaction, then delete it (with any an earlier failure left)."""
+        with self._ingest_lock:
+            with self._journal_lock:
+                if self._journal_fd is None:
+                    return
+                os.close(self._journal_fd)
+                self._journal_fd = None
+                os.rename(self._journal, f"{self._journal}.{uuid.uuid4().hex}")
+                upto = self._next_id - 1
+            for taken in sorted(self.path.parent.glob(f"{self._journal.name}.*")):
+                self._ingest_file(db, taken)
+            with self._lock:
+                self._ingested = max(self._ingested, upto)
+
+    def _ingest_file(self, db: sqlite3.Connection, journal: Path) -> None:
+        rows = []
+        for line in journal.read_bytes().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a line the killed process left half-written: never acked
+                log.warning("usage outbox: skipped a torn journal line in %s", journal)
+        with _transaction(db):
+            db.executemany(_INSERT_ROW, rows)  # OR IGNORE: ingested before, not yet deleted
+        journal.unlink()
+
     def _flush_marks(self, db: sqlite3.Connection) -> None:
         with self._lock:
-            marks, self._marks = self._marks, []
+            upto = self._ingested
+            marks = [m for m in self._marks if abs(m) <= upto]  # rows in the table
+            self._marks = [m for m in self._marks if abs(m) > upto]
         if marks:
             db.executemany("UPDATE outbox SET state = ? WHERE id = ?",
                            [(_SENT if m > 0 else _UNSENT, abs(m)) for m in marks])
@@ -273,6 +338,18 @@ class Outbox:
             raise ValueError(f"sink {sink!r} is not one of this outbox's sinks {self.sinks}")
 
 
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One transaction on an autocommit connection: committed, or rolled back on error."""
+    db.execute("BEGIN")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 def _migrate_json_payloads(db: sqlite3.Connection) -> None:
     """Rewrite an outbox of the first layout (each record a JSON array in ``payload``, a
     ``confirmed`` flag) into columns, keeping row ids and what each mark said."""
@@ -280,9 +357,11 @@ def _migrate_json_payloads(db: sqlite3.Connection) -> None:
     if "payload" not in names:
         return
     old = db.execute("SELECT id, epoch, created, confirmed, payload FROM outbox").fetchall()
-    with db:
+    with _transaction(db):
         db.execute("DROP TABLE outbox")
-        db.executescript(_TABLES)
+        for statement in _TABLES.split(";"):  # not executescript: it would commit midway
+            if statement.strip():
+                db.execute(statement)
         for row_id, epoch, created, confirmed, payload in old:
             values = json.loads(payload)
             state = _APPENDED if not confirmed else (_SENT if values[_FINAL] else _UNSENT)

@@ -20,7 +20,7 @@ class SinkWorker:
     """Delivers ``outbox`` rows to ``sink`` (registered in the outbox as ``name``)."""
 
     def __init__(self, outbox: Outbox, name: str, sink: UsageSink, *, batch_size: int = 1000,
-                 interval_s: float = 0.2, max_backoff_s: float = 5.0) -> None:
+                 interval_s: float = 0.5, max_backoff_s: float = 5.0) -> None:
         self.outbox = outbox
         self.name = name
         self.sink = sink
@@ -68,6 +68,7 @@ class SinkWorker:
         self.sink.close()
 
     def _loop(self) -> None:
+        _name_os_thread(f"usage-{self.name}")
         backoff = self.interval_s
         while True:
             try:
@@ -89,3 +90,14 @@ class SinkWorker:
             # interval rather than once per request
             if sent < self.batch_size and self._stop.wait(self.interval_s):
                 continue  # loop once more: a last drain before stopping
+
+
+def _name_os_thread(name: str) -> None:
+    """Give the calling thread ``name`` (15 bytes) in the OS too, so per-thread tools
+    (``top -H``, ``/proc/<pid>/task/*/comm``, py-spy) tell the sink worker apart; Linux only,
+    best effort."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
+            f.write(name.encode()[:15].decode(errors="ignore"))
+    except OSError:
+        pass
