@@ -50,28 +50,6 @@ def test_rows_of_a_dead_process_are_delivered_unconfirmed(tmp_path: Path) -> Non
     assert again.stats().backlog == 2
 
 
-def test_appends_go_to_the_journal_and_a_torn_line_is_skipped(tmp_path: Path) -> None:
-    """The serving path writes records to the journal file (one write each), not SQLite; a
-    process killed mid-write leaves a half line, which the next process skips (its write never
-    returned, so no client got that request's final chunk) while keeping every whole one."""
-    box = Outbox(tmp_path / "o.db", ["a"])
-    first = box.append(record(1))
-    box.append(record(2))
-    journal = tmp_path / "o.db.appends"
-    lines = journal.read_bytes().splitlines()
-    assert [json.loads(line)[0] for line in lines] == [first, first + 1]
-    with journal.open("ab") as f:
-        f.write(lines[0][:25])  # the dead process's last, unfinished write
-    del box
-    again = Outbox(tmp_path / "o.db", ["a"])
-    assert not list(tmp_path.glob("o.db.appends*"))  # moved into the table
-    assert [r.idempotency_key for r in again.take("a").records] == ["k1", "k2"]
-    third = again.append(record(3))
-    assert third > first + 1  # ids keep counting after the rows moved in
-    again.mark_sent(third)
-    assert [r.idempotency_key for r in again.take("a").records] == ["k1", "k2", "k3"]
-
-
 def test_row_deleted_only_when_every_sink_acked(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.db", ["a", "b"])
     box.mark_sent(box.append(record(1)))
@@ -201,10 +179,7 @@ class OutboxMachine(RuleBasedStateMachine):
                               "d.sink = ?)", (sink,)).fetchall()
         finally:
             db.close()
-        journaled = set()  # appends not yet moved into the table: one JSON row per line
-        for journal in self.dir.glob("outbox.db.appends*"):
-            journaled |= {json.loads(line)[3] for line in journal.read_bytes().splitlines()}
-        return {r[0] for r in rows} | journaled
+        return {r[0] for r in rows}
 
     @invariant()
     def nothing_lost_nothing_doubled(self) -> None:

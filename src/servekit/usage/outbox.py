@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -52,9 +51,8 @@ CREATE TABLE IF NOT EXISTS delivered (
 """
 _SCHEMA = f"{_TABLES}PRAGMA user_version = {_LAYOUT};\n"
 _APPENDED, _SENT, _UNSENT = 0, 1, 2
-_INSERT_ROW = (f"INSERT OR IGNORE INTO outbox (id, epoch, created, {', '.join(COLUMNS)}) "
-               f"VALUES ({', '.join('?' * (len(COLUMNS) + 3))})")
-_JOURNAL = ".appends"  # the journal file: <outbox path>.appends
+_INSERT = (f"INSERT INTO outbox (epoch, created, {', '.join(COLUMNS)}) "
+           f"VALUES ({', '.join('?' * (len(COLUMNS) + 2))})")
 _TIME = COLUMNS.index("time")
 _FINAL = COLUMNS.index("final_chunk_sent")
 
@@ -105,14 +103,6 @@ class Outbox:
         self._dropped = 0
         self._over = False
         self._oldest: float | None = None
-        # the serving path's appends: JSON lines written to an append-only journal file (one
-        # write() per group, which survives a killed process like a WAL commit does, for a
-        # fraction of its CPU); the sink workers move them into the table (_ingest)
-        self._journal = Path(f"{self.path}{_JOURNAL}")
-        self._journal_lock = threading.Lock()  # appends and the swap of the journal file
-        self._ingest_lock = threading.Lock()  # one worker moves journals into the table
-        self._journal_fd: int | None = None
-        self._ingested = 0  # rows with ids up to this are in the table
         db = self._db()
         layout = db.execute("PRAGMA user_version").fetchone()[0]
         if layout not in (0, _LAYOUT):
@@ -120,10 +110,6 @@ class Outbox:
                                f"servekit writes {_LAYOUT}): drain it with that version first")
         _migrate_json_payloads(db)  # by its columns: a file's user_version may be wrong
         db.executescript(_SCHEMA)
-        for left in sorted(self.path.parent.glob(f"{self.path.name}{_JOURNAL}*")):
-            self._ingest_file(db, left)  # a previous process's appends: unconfirmed rows
-        self._next_id = (db.execute("SELECT max(id) FROM outbox").fetchone()[0] or 0) + 1
-        self._ingested = self._next_id - 1
         self._backlog = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
         self._refresh_oldest(db)
 
@@ -135,8 +121,8 @@ class Outbox:
         return self.append_many([record])[0]
 
     def append_many(self, records: Sequence[UsageRecord]) -> list[int | None]:
-        """:meth:`append` for several records in one write to the journal (a group commit)."""
-        rows: list[list[Any]] = []
+        """:meth:`append` for several records in one transaction (a group commit)."""
+        rows: list[tuple[Any, ...]] = []
         kept: list[int] = []
         for i, record in enumerate(records):
             if self._check_bound() and self.fail_open:
@@ -147,20 +133,18 @@ class Outbox:
                 continue
             values = list(to_row(record))
             values[_TIME] = values[_TIME].isoformat()  # UTC (to_row converts)
-            rows.append([0, self._epoch, self._clock(), *values])
+            rows.append((self._epoch, self._clock(), *values))
             kept.append(i)
         ids: list[int | None] = [None] * len(records)
         if not rows:
             return ids
-        with self._journal_lock:
-            for i, row in zip(kept, rows, strict=True):
-                row[0] = ids[i] = self._next_id
-                self._next_id += 1
-            if self._journal_fd is None:
-                self._journal_fd = os.open(self._journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND,
-                                           0o600)
-            data = "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows)
-            os.write(self._journal_fd, data.encode())
+        db = self._db()
+        if len(rows) == 1:  # one statement is its own transaction: no BEGIN / COMMIT calls
+            ids[kept[0]] = db.execute(_INSERT, rows[0]).lastrowid
+        else:
+            with _transaction(db):
+                for i, row in zip(kept, rows, strict=True):
+                    ids[i] = db.execute(_INSERT, row).lastrowid
         with self._lock:
             self._backlog += len(rows)
             if self._oldest is None:
@@ -176,9 +160,8 @@ class Outbox:
             self._marks.append(row_id if final_chunk_sent else -row_id)
 
     def flush(self) -> None:
-        """Move journaled appends into the table and commit buffered marks now."""
+        """Commit buffered marks now."""
         db = self._db()
-        self._ingest(db)
         with _transaction(db):
             self._flush_marks(db)
 
@@ -200,7 +183,6 @@ class Outbox:
         rows, and every row a previous process left behind."""
         self._check_sink(sink)
         db = self._db()
-        self._ingest(db)
         with _transaction(db):
             self._flush_marks(db)
         rows = db.execute(
@@ -255,7 +237,7 @@ class Outbox:
         return deleted
 
     def close(self) -> None:
-        """Commit journaled appends and buffered marks; close this thread's connection."""
+        """Commit buffered marks and close this thread's connection."""
         self.flush()
         db = getattr(self._local, "db", None)
         if db is not None:
@@ -276,38 +258,9 @@ class Outbox:
             self._local.db = db
         return db
 
-    def _ingest(self, db: sqlite3.Connection) -> None:
-        """Move the journal's rows into the table: swap in a fresh journal, insert the old
-        one's rows in one transaction, then delete it (with any an earlier failure left)."""
-        with self._ingest_lock:
-            with self._journal_lock:
-                if self._journal_fd is None:
-                    return
-                os.close(self._journal_fd)
-                self._journal_fd = None
-                os.rename(self._journal, f"{self._journal}.{uuid.uuid4().hex}")
-                upto = self._next_id - 1
-            for taken in sorted(self.path.parent.glob(f"{self._journal.name}.*")):
-                self._ingest_file(db, taken)
-            with self._lock:
-                self._ingested = max(self._ingested, upto)
-
-    def _ingest_file(self, db: sqlite3.Connection, journal: Path) -> None:
-        rows = []
-        for line in journal.read_bytes().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # a line the killed process left half-written: never acked
-                log.warning("usage outbox: skipped a torn journal line in %s", journal)
-        with _transaction(db):
-            db.executemany(_INSERT_ROW, rows)  # OR IGNORE: ingested before, not yet deleted
-        journal.unlink()
-
     def _flush_marks(self, db: sqlite3.Connection) -> None:
         with self._lock:
-            upto = self._ingested
-            marks = [m for m in self._marks if abs(m) <= upto]  # rows in the table
-            self._marks = [m for m in self._marks if abs(m) > upto]
+            marks, self._marks = self._marks, []
         if marks:
             db.executemany("UPDATE outbox SET state = ? WHERE id = ?",
                            [(_SENT if m > 0 else _UNSENT, abs(m)) for m in marks])
