@@ -221,27 +221,42 @@ def _client() -> Any:
     return httpx.AsyncClient(timeout=600, limits=limits)
 
 
-async def _sweep(port: int, vocab: int, seconds: float) -> None:
+async def _sweep(port: int, vocab: int, seconds: float) -> list[tuple[int, float]]:
     """Closed-loop load at 1, 2, 4, ... VALIDATE_SEQS concurrent streams of mixed lengths, so
-    the server's step log sees decode-only and mixed prefill steps of every batch size."""
+    the server's step log sees decode-only and mixed prefill steps of every batch size; the
+    (prompt length, TTFT) of each request at one stream, for the front end's latency."""
     import asyncio
 
     import numpy as np
 
     rng = np.random.default_rng(7)
     loop = asyncio.get_running_loop()
+    alone: list[tuple[int, float]] = []
     async with _client() as client:
         level = 1
         while level <= VALIDATE_SEQS:
-            async def worker(stop: float) -> None:
+            async def worker(stop: float, level: int) -> None:
                 while loop.time() < stop:
                     prompt = rng.integers(0, vocab, int(rng.integers(8, 2 * PROMPT))).tolist()
-                    await _stream(client, port, prompt, int(rng.integers(8, 2 * OUTPUT)))
+                    t0 = loop.time()
+                    times = await _stream(client, port, prompt, int(rng.integers(8, 2 * OUTPUT)))
+                    if level == 1 and times:
+                        alone.append((len(prompt), times[0] - t0))
 
             stop = loop.time() + seconds
-            await asyncio.gather(*(worker(stop) for _ in range(level)))
+            await asyncio.gather(*(worker(stop, level) for _ in range(level)))
             print(f"  profiling sweep: {level} concurrent streams done", flush=True)
             level *= 2
+    return alone
+
+
+def frontend_latency(profile: Any, alone: list[tuple[int, float]]) -> float:
+    """What the server adds to TTFT beyond the engine's prefill step: the median, over requests
+    that ran alone, of TTFT minus the profile's time for their prefill step (>= 0)."""
+    from servekit.sched.output import StepShape
+
+    gaps = [ttft - profile.step_time(StepShape(n, 0, n, n * (n + 1) / 2)) for n, ttft in alone]
+    return max(0.0, float(statistics.median(gaps))) if gaps else 0.0
 
 
 async def _load(port: int, rate: float, duration: float, vocab: int, seed: int) -> dict[str, Any]:
@@ -281,14 +296,15 @@ async def _load(port: int, rate: float, duration: float, vocab: int, seed: int) 
 
 
 def _sim_row(profile: Any, meta: dict[str, Any], rate: float, duration: float,
-             seed: int) -> dict[str, Any]:
+             seed: int, frontend: float = 0.0) -> dict[str, Any]:
     from servekit.sim import SLO
 
     rc = ReplicaConfig(count=1, max_num_seqs=VALIDATE_SEQS, max_num_batched_tokens=VALIDATE_BUDGET,
                        num_blocks=meta["num_blocks"])
     wl = workload_from_dict({"rate": rate, "prompt": PROMPT, "output": OUTPUT})
     sc = Scenario(wl, profile, meta["num_blocks"], meta["max_model_len"], rc, slo=SLO(1.0, 0.2),
-                  duration=duration, seed=seed, vocab_size=meta["vocab_size"])
+                  duration=duration, seed=seed, vocab_size=meta["vocab_size"],
+                  frontend_latency=frontend)
     r = simulate(sc)
     return {"ttft_p50": r.all.ttft.p50, "ttft_p90": r.all.ttft.p90, "itl_p50": r.all.itl.p50,
             "out_tok_per_s": r.throughput["output_tokens_per_s"], "goodput_rps": r.all.goodput,
@@ -334,18 +350,20 @@ def validate(duration: float, repeats: int, sweep_seconds: float,
                 pass
             time.sleep(0.5)
         vocab = meta["vocab_size"]
-        asyncio.run(_sweep(port, vocab, sweep_seconds))
+        alone = asyncio.run(_sweep(port, vocab, sweep_seconds))
         profile = profile_step_log(step_log, meta=meta)
+        frontend = frontend_latency(profile, alone)
         print(f"server profile: {profile.meta['steps']} steps, r2 {profile.meta['r2']:.3f}, "
-              f"median step {profile.meta['median_step'] * 1e3:.1f} ms", flush=True)
+              f"median step {profile.meta['median_step'] * 1e3:.1f} ms; front end adds "
+              f"{frontend * 1e3:.2f} ms to TTFT ({len(alone)} requests alone)", flush=True)
         capacity = _sim_row(profile, meta, 50.0, 30.0, 0)["out_tok_per_s"] / OUTPUT
         for name, frac in LOADS:
             rate = capacity * frac
             for rep in range(repeats):
                 real = asyncio.run(_load(port, rate, duration, vocab, 1 + rep))
-                sims = {"sim": _sim_row(profile, meta, rate, duration, 1 + rep),
+                sims = {"sim": _sim_row(profile, meta, rate, duration, 1 + rep, frontend),
                         "sim (in-process profile)": _sim_row(engine_profile, meta, rate,
-                                                             duration, 1 + rep)}
+                                                             duration, 1 + rep, frontend)}
                 rows.append({"load": name, "rate": rate, "repeat": rep, "source": "server",
                              **real})
                 for source, row in sims.items():
@@ -359,7 +377,7 @@ def validate(duration: float, repeats: int, sweep_seconds: float,
     if png is not None:
         _plot_validation(rows, png)
     return rows, {"server_profile": profile.meta, "engine_profile": engine_profile.meta,
-                  "errors": summary}
+                  "frontend_latency": frontend, "errors": summary}
 
 
 def _median_by(rows: list[dict[str, Any]], load: str, source: str, metric: str) -> float:

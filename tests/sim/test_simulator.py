@@ -123,3 +123,20 @@ def test_every_arrived_request_is_accounted_for(
     counts = result.all.outcomes
     in_window = [r for r in sim.records if r.arrival <= sc.duration]
     assert sum(counts.values()) == len(in_window)
+
+
+def test_the_front_ends_latency_shifts_what_the_client_sees_and_nothing_else() -> None:
+    base = small_scenario(duration=30.0)
+    shifted = small_scenario(duration=30.0, frontend_latency=0.025)
+    assert shifted.frontend_latency == 0.025
+    a, b = Simulator(base), Simulator(shifted)
+    a.run()
+    b.run()
+    assert len(a.records) == len(b.records)
+    for x, y in zip(a.records, b.records, strict=True):  # the same schedule, seen later
+        assert (x.outcome, x.n_out, x.replica) == (y.outcome, y.n_out, y.replica)
+        if x.first >= 0:
+            assert abs((y.ttft - x.ttft) - 0.025) < 1e-9
+            assert abs(y.tpot - x.tpot) < 1e-9
+        if x.outcome == "finished":
+            assert abs((y.end - y.arrival) - (x.end - x.arrival) - 0.025) < 1e-9

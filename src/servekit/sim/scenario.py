@@ -63,7 +63,14 @@ class SLO:
 
 @frozen(slots=True)
 class Scenario:
-    """Everything one simulation needs."""
+    """Everything one simulation needs.
+
+    ``frontend_latency`` is the time the serving front end adds between the client and the
+    engine (reading and tokenizing the request, streaming each token out): every token reaches
+    the client that much after the engine made it, so TTFT and end-to-end latency grow by it
+    and inter-token latency does not. Measure it through the server (``bench_sim.py
+    --validate`` does); 0 models the engine alone.
+    """
 
     workload: Workload
     step_model: StepTimeModel
@@ -81,6 +88,7 @@ class Scenario:
     model: ModelSpec | None = None
     device: DeviceSpec | None = None
     tp: int = 1
+    frontend_latency: float = 0.0
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -88,7 +96,8 @@ def load_scenario(path: str | Path) -> Scenario:
     return scenario_from_dict(load_toml(path), base=Path(path).parent)
 
 
-_TOP = frozenset({"duration", "warmup", "drain", "seed", "sample_interval", "model", "device",
+_TOP = frozenset({"duration", "warmup", "drain", "seed", "sample_interval", "frontend_latency",
+                  "model", "device",
                   "tp", "profile", "vocab_size", "replicas", "gateways", "slo", "workload"})
 
 
@@ -102,6 +111,7 @@ def scenario_from_dict(data: Mapping[str, Any], base: str | Path | None = None) 
     drain = math.inf if "drain" not in data else number("drain", data["drain"], minimum=0.0)
     seed = integer("seed", data.get("seed", 0), minimum=0)
     sample_interval = number("sample_interval", data.get("sample_interval", 1.0), positive=True)
+    frontend = number("frontend_latency", data.get("frontend_latency", 0.0), minimum=0.0)
     replicas = replica_config(data.get("replicas", {}))
     gateways = gateway_config(data.get("gateways", {}))
     slo = slo_from(data.get("slo", {}))
@@ -124,7 +134,8 @@ def scenario_from_dict(data: Mapping[str, Any], base: str | Path | None = None) 
                     minimum=2)
     workload = workload_from_dict(table("workload", data.get("workload")), "workload", base)
     return Scenario(workload, step_model, num_blocks, max_model_len, replicas, gateways, slo,
-                    duration, warmup, drain, seed, sample_interval, vocab, model, device, tp)
+                    duration, warmup, drain, seed, sample_interval, vocab, model, device, tp,
+                    frontend)
 
 
 def fleet_sizes(replicas: ReplicaConfig, model: ModelSpec | None,

@@ -228,7 +228,7 @@ class Simulator:
         self._close(rec, "cancelled", req.num_output_tokens, None)
 
     def _close(self, rec: Record, outcome: str, n_out: int, success: bool | None) -> None:
-        rec.end, rec.outcome, rec.n_out = self.now, outcome, n_out
+        rec.end, rec.outcome, rec.n_out = self.now + self.scenario.frontend_latency, outcome, n_out
         self.routers[rec.gateway].release(rec.replica, success)
         self._settle(rec, n_out)
         req = rec.request
@@ -273,8 +273,8 @@ class Simulator:
         assert out is not None
         rep.out = None
         rep.steps += 1
-        now = self.now
         res = rep.sched.update(out, [0] * out.num_samples)
+        now = self.now + self.scenario.frontend_latency  # when the client sees this step's tokens
         ttft_slo, warm_itl = self.scenario.slo.ttft, self._itl_warmup
         give_up = self.give_up_after is not None
         for r in res.requests:
@@ -289,7 +289,7 @@ class Simulator:
                 h[iv] = h.get(iv, 0) + 1
             rec.last = now
         sc = self.scenario
-        if sc.warmup <= now <= sc.duration:
+        if sc.warmup <= self.now <= sc.duration:
             self._outputs_in_window += len(res.requests)
         for r in res.finished:
             rec = r.rec  # type: ignore[attr-defined]
