@@ -149,6 +149,10 @@ def _served_by(prompt: str, client: Any) -> str:
     """The replica that served one completion (the one whose request count went up)."""
     before = {r: s["requests"] for r, s in replica_stats().items()}
     client.completions.create(model="fake", prompt=prompt, max_tokens=2)
+    # the replica reports its load every routing_stats_period (0.5 s); until its next report
+    # the router still sees this request running, and with two replicas bounded load (1.25 x
+    # the mean) sends the next one to the other: wait a period so each request starts even
+    time.sleep(0.7)
     after = {r: s["requests"] for r, s in replica_stats().items()}
     grew = [r for r in after if after[r] > before.get(r, 0)]
     assert len(grew) == 1, (before, after)
