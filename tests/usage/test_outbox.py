@@ -61,6 +61,30 @@ def test_row_deleted_only_when_every_sink_acked(tmp_path: Path) -> None:
     assert box.stats().backlog == 0 and box.take("b").ids == ()
 
 
+def test_appends_never_checkpoint_and_acks_keep_the_wal_bounded(tmp_path: Path) -> None:
+    """The serving path only writes the WAL (a checkpoint there stalls the event loop for
+    milliseconds); the sink side's acks checkpoint, so a drained outbox's WAL stays small."""
+    path = tmp_path / "o.db"
+    box = Outbox(path, ["a"])
+    main_size = path.stat().st_size
+    for i in range(3000):  # ~3 MB of WAL frames: past SQLite's 1000-page autocheckpoint
+        box.mark_sent(box.append(record(i)))
+    assert path.stat().st_size == main_size  # nothing copied back into the database file
+    wal = Path(f"{path}-wal")
+    for rnd in range(20):
+        for i in range(300):
+            box.mark_sent(box.append(record(10_000 + rnd * 300 + i)))
+        batch = box.take("a", limit=10_000)
+        box.ack("a", batch.ids)
+    assert box.stats().backlog == 0
+    grown = wal.stat().st_size
+    for rnd in range(20):  # the WAL is reused after each checkpoint: it does not keep growing
+        for i in range(300):
+            box.mark_sent(box.append(record(20_000 + rnd * 300 + i)))
+        box.ack("a", box.take("a", limit=10_000).ids)
+    assert wal.stat().st_size <= grown
+
+
 def test_fail_closed_stops_admitting_past_the_row_bound(tmp_path: Path,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     box = Outbox(tmp_path / "o.db", ["a"], max_rows=2)

@@ -2,6 +2,8 @@
 
 A SQLite database in WAL mode with ``synchronous=NORMAL``: a commit is a write to the WAL, not
 an fsync, so an append survives a killed process (not a power cut) for tens of microseconds.
+No connection checkpoints on its own (``wal_autocheckpoint=0``): the sink workers do, after
+each :meth:`ack`, so the serving path never stalls milliseconds copying the WAL back.
 The serving path calls :meth:`Outbox.append` before the final chunk is sent and
 :meth:`Outbox.mark_sent` after; marks are buffered in memory and committed by the sink
 worker's next :meth:`take`, so the serving path pays one INSERT per record. A row whose mark
@@ -216,6 +218,7 @@ class Outbox:
             with self._lock:
                 self._backlog -= deleted
             self._refresh_oldest(db)
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _ack_shared(self, db: sqlite3.Connection, sink: str, ids: Sequence[int]) -> int:
         """Record ``sink``'s acks; delete the rows every sink acknowledged; how many."""
@@ -241,6 +244,7 @@ class Outbox:
         self.flush()
         db = getattr(self._local, "db", None)
         if db is not None:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
             db.close()
             self._local.db = None
 
@@ -255,6 +259,7 @@ class Outbox:
                                  check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA wal_autocheckpoint=0")  # see the module docstring
             self._local.db = db
         return db
 
