@@ -78,3 +78,28 @@ def test_cli_takes_max_replicas(tmp_path: Path, capsys: pytest.CaptureFixture[st
     path.write_text("[ray]\nreplicas = 2\n[engine]\nfake = true\n")
     assert main(["ray-serve", "--config", str(path), "--max-replicas", "1"]) == 2
     assert "--max-replicas: autoscaling needs" in capsys.readouterr().err  # the flag named
+
+
+def test_one_file_serves_serve_and_ray_serve(tmp_path: Path) -> None:
+    """``servekit serve`` skips ``[ray]`` (ray-serve's table) and still checks its own keys;
+    ``servekit ray-serve`` reads both from the same file and checks ``[ray]``."""
+    from servekit.deploy.ray.config import ALL_SETTINGS
+    from servekit.server.config import load_config
+
+    path = tmp_path / "servekit.toml"
+    path.write_text("[engine]\nmax_num_seqs = 8\n[ray]\nreplicas = 3\n")
+    values = load_config(path)
+    assert values["max_num_seqs"] == 8 and "replicas" not in values
+    assert load_config(path, ALL_SETTINGS)["replicas"] == 3
+    path.write_text("[engine]\nmax_num_seqs = 8\n[ray]\nreplica = 3\n")
+    assert "replica" not in load_config(path)  # not serve's to check
+    with pytest.raises(ConfigError, match=r"unknown key ray\.replica;"):
+        load_config(path, ALL_SETTINGS)
+    path.write_text("[engine]\nmax_num_seq = 8\n[ray]\nreplicas = 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key engine\.max_num_seq;"):
+        load_config(path)  # serve still checks its own tables
+    path.write_text("ray = 3\n")
+    with pytest.raises(ConfigError, match=r"\[ray\] must be a table"):
+        load_config(path, ALL_SETTINGS)
+    with pytest.raises(ConfigError, match=r"unknown section or key 'ray'"):
+        load_config(path)

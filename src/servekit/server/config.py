@@ -126,6 +126,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("usage_max_age", "usage.max_age", "float", 7 * 86400.0, flag="--usage-max-age"),
 )
 
+#: Sections of ``servekit.toml`` that other commands read (``servekit ray-serve``'s ``[ray]``):
+#: a command whose settings do not include them skips them, so one file serves every command.
+OTHER_COMMANDS_SECTIONS: tuple[str, ...] = ("ray",)
+
 #: attribute of the parsed arguments that records where each value came from
 _ORIGINS = "_config_origins"
 
@@ -158,6 +162,8 @@ def load_config(path: Path, settings: Sequence[Setting] = SETTINGS) -> dict[str,
                                       if s.key.startswith(name + "."))
                     raise ConfigError(f"{path}: unknown key {name}.{key}; [{name}] takes {known}")
                 _put(values, setting, item, path)
+        elif name in OTHER_COMMANDS_SECTIONS and isinstance(value, Mapping):
+            continue  # another command's table; that command checks it
         else:
             raise ConfigError(f"{path}: unknown section or key {name!r}; known: "
                               f"{', '.join([*sections, 'hooks'])}")
