@@ -5,6 +5,8 @@ core (keys, limits, generation) other front ends reuse; ``FakeEngine`` is an ins
 tests and benchmarks. Needs ``servekit[server]`` (FastAPI, uvicorn, and the engine's extra).
 """
 
+from typing import TYPE_CHECKING
+
 from servekit._optional import require
 
 require("fastapi", "server")
@@ -16,6 +18,9 @@ from servekit.protocol import errors as _errors
 from servekit.server.fake import FakeEngine
 from servekit.server.lifecycle import Phase, ServerState
 from servekit.server.service import EngineLike, GenerationService, Job, JobUsage
+
+if TYPE_CHECKING:  # imported on first use (below); typed for checkers from here
+    from servekit.server.app import ServerConfig, create_app
 
 __all__ = [
     "Admission",
