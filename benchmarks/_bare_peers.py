@@ -3,11 +3,14 @@
 * :func:`bare_sse_app`: a raw ASGI app under uvicorn (the same uvicorn, protocol and event
   loop as ``servekit serve``) that answers ``POST /v1/completions`` with ``stream: true`` by
   streaming the fake model's text as OpenAI completion chunks, one SSE event per token, built
-  by the same byte template servekit's encoder uses, then ``data: [DONE]``.
+  by the same byte template servekit's encoder uses, then ``data: [DONE]``. It writes as fast
+  as the transport takes the bytes; ``bare_sse_app(step=True)`` (kind ``sse-step``) passes
+  through the event loop once per token, as a stepping engine's consumer does (one wake-up and
+  one write per token per stream), the floor for servekit's one-token-per-pass row.
 * :func:`serve_bare_grpc`: a bare ``grpc.aio`` server answering ``GenerateStream`` with one
   ``GenerateChunk`` per token (the fake model's bytes), then the final chunk: no merging.
 
-Run as ``python _bare_peers.py sse PORT`` or ``python _bare_peers.py grpc PORT``; each prints
+Run as ``python _bare_peers.py sse|sse-step|grpc PORT``; each prints
 ``ready`` once it listens; :class:`PeerProcess` does that for the benchmarks.
 """
 
@@ -27,8 +30,9 @@ from typing import Any
 TEXT = b"the quick brown fox jumps over the lazy dog "  # what servekit's FakeEngine generates
 
 
-def bare_sse_app() -> Any:
-    """An ASGI app streaming completion chunks; the floor for the HTTP front end."""
+def bare_sse_app(step: bool = False) -> Any:
+    """An ASGI app streaming completion chunks; the floor for the HTTP front end (``step``:
+    one pass through the event loop per token)."""
     counter = 0
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -63,15 +67,17 @@ def bare_sse_app() -> Any:
             text = chr(TEXT[i % len(TEXT)])
             event = f'{prefix}{quote(text)},"logprobs":null,"finish_reason":{finish}}}]}}\n\n'
             await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+            if step:
+                await asyncio.sleep(0)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
     return app
 
 
-def serve_bare_sse(port: int) -> None:
+def serve_bare_sse(port: int, step: bool = False) -> None:
     import uvicorn
 
-    config = uvicorn.Config(bare_sse_app(), host="127.0.0.1", port=port, log_level="warning",
+    config = uvicorn.Config(bare_sse_app(step), host="127.0.0.1", port=port, log_level="warning",
                             access_log=False, lifespan="on", http="httptools")
     class Server(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:
@@ -110,7 +116,8 @@ def serve_bare_grpc(port: int) -> None:
 
 
 class PeerProcess:
-    """A bare transport peer from ``_bare_peers.py`` (``sse`` or ``grpc``) in a subprocess."""
+    """A bare transport peer from ``_bare_peers.py`` (``sse``, ``sse-step`` or ``grpc``) in a
+    subprocess."""
 
     def __init__(self, kind: str) -> None:
         with socket.socket() as s:
@@ -137,4 +144,7 @@ class PeerProcess:
 
 if __name__ == "__main__":
     kind, port_arg = sys.argv[1], int(sys.argv[2])
-    serve_bare_sse(port_arg) if kind == "sse" else serve_bare_grpc(port_arg)
+    if kind == "grpc":
+        serve_bare_grpc(port_arg)
+    else:
+        serve_bare_sse(port_arg, step=kind == "sse-step")

@@ -4,7 +4,9 @@
    1,000 tokens, one event per token, this file's :func:`stream_tokens` client) beside a bare
    uvicorn ASGI endpoint streaming the identical chunks (``_bare_peers.py``), rounds
    interleaved; the ratio (bar: >= 0.5x the bare endpoint) and each server's CPU microseconds
-   per token; the same with the fake making ``STEP_TOKENS`` tokens per pass of the event loop
+   per token; the bare endpoint again passing through the event loop once per token (what the
+   fake's one-token-per-pass consumer must do: one wake-up and one write per token) and
+   servekit's ratio to it; the same with the fake making ``STEP_TOKENS`` tokens per pass of the event loop
    (``--fake-tokens-per-yield``: one consumer wake-up per several tokens); requests/s of short
    non-streamed completions. The same over gRPC beside it
    (``bench_grpc.grpc_rows``: GenerateStream, Session, unary, and a bare ``grpc.aio`` server
@@ -255,17 +257,18 @@ STEP_TOKENS = 16
 
 def bench_fake(quick: bool, rounds: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """``servekit serve --fake`` (one loop pass per token, and ``STEP_TOKENS`` tokens per pass)
-    beside the bare uvicorn SSE peer, rounds interleaved."""
-    server, peer = ServerProcess("--fake"), PeerProcess("sse")
+    beside the bare uvicorn SSE peer (and the same peer passing through the loop once per
+    token, as servekit's first row does), rounds interleaved."""
+    server, peer, peer_step = ServerProcess("--fake"), PeerProcess("sse"), PeerProcess("sse-step")
     stepped = ServerProcess("--fake", "--fake-tokens-per-yield", str(STEP_TOKENS))
     rows: list[dict[str, Any]] = []
     concurrency, max_tokens = 32, 1000
     streams = 64 if quick else 256
     samples: dict[str, list[float]] = {k: [] for k in (
         "tps", "cpu", "bare_tps", "bare_cpu", "ratio", "rps", "step_tps", "step_cpu",
-        "step_ratio")}
+        "step_ratio", "pass_tps", "pass_cpu", "pass_ratio")}
     try:
-        for url in (server.url, stepped.url, peer.url):
+        for url in (server.url, stepped.url, peer.url, peer_step.url):
             asyncio.run(stream_tokens(url, 8, 50, 16))  # warm up
         for _ in range(rounds):
             tps, cpu = timed_stream(server.url, server.proc.pid, concurrency, max_tokens, streams)
@@ -273,10 +276,13 @@ def bench_fake(quick: bool, rounds: int) -> tuple[list[dict[str, Any]], dict[str
                                               max_tokens, streams)
             bare_tps, bare_cpu = timed_stream(peer.url, peer.proc.pid, concurrency, max_tokens,
                                               streams)
+            pass_tps, pass_cpu = timed_stream(peer_step.url, peer_step.proc.pid, concurrency,
+                                              max_tokens, streams)
             for k, v in (("tps", tps), ("cpu", cpu), ("bare_tps", bare_tps),
                          ("bare_cpu", bare_cpu), ("ratio", tps / bare_tps),
                          ("step_tps", step_tps), ("step_cpu", step_cpu),
-                         ("step_ratio", step_tps / bare_tps)):
+                         ("step_ratio", step_tps / bare_tps), ("pass_tps", pass_tps),
+                         ("pass_cpu", pass_cpu), ("pass_ratio", tps / pass_tps)):
                 samples[k].append(v)
         for _ in range(rounds):
             n, secs = asyncio.run(short_requests(server.url, 32, 500 if quick else 2000))
@@ -285,6 +291,7 @@ def bench_fake(quick: bool, rounds: int) -> tuple[list[dict[str, Any]], dict[str
         server.stop()
         stepped.stop()
         peer.stop()
+        peer_step.stop()
     setting = f"{concurrency} streams x {max_tokens} tok, 1 event/tok"
     step = f"fake, {STEP_TOKENS} tok per loop pass"
     for scenario, key, row_setting in (
@@ -293,6 +300,11 @@ def bench_fake(quick: bool, rounds: int) -> tuple[list[dict[str, Any]], dict[str
             ("ratio servekit/bare: streamed tokens/s", "ratio", "per round, paired"),
             ("fake: server CPU us/token", "cpu", "server process user+sys"),
             ("bare uvicorn SSE: server CPU us/token", "bare_cpu", "server process user+sys"),
+            ("bare SSE, 1 loop pass/tok: streamed tokens/s", "pass_tps", setting),
+            ("ratio servekit/bare 1 pass/tok: streamed tokens/s", "pass_ratio",
+             "per round, paired"),
+            ("bare SSE, 1 loop pass/tok: server CPU us/token", "pass_cpu",
+             "server process user+sys"),
             (f"{step}: streamed tokens/s", "step_tps", setting),
             (f"ratio servekit ({step})/bare: streamed tokens/s", "step_ratio",
              "per round, paired"),
