@@ -119,7 +119,8 @@ def build_request(model: str, *, prompt: str | Sequence[int] | None = None,
         req.tool_choice.mode = tool_choice
     elif tool_choice is not None:
         req.tool_choice.function = tool_choice["function"]["name"]
-    for name in ("ignore_eos", "user", "parallel_tool_calls", *_FLOATS, *_INTS):
+    for name in ("ignore_eos", "user", "parallel_tool_calls", "skip_special_tokens",
+                 *_FLOATS, *_INTS):
         if name in params:
             setattr(req, name, params.pop(name))
     params.pop("stream", None)

@@ -44,6 +44,11 @@ class ToolPlan:
     guided: GuidedDecoding | None = None
     parallel: bool = True
 
+    @property
+    def keep_special_tokens(self) -> bool:
+        """The parser reads special tokens (``[TOOL_CALLS]``): decode without skipping them."""
+        return self.parser is not None and self.parser.needs_special_tokens
+
 
 NO_TOOLS = ToolPlan()
 

@@ -10,7 +10,8 @@
 Both stream by releasing content while no call can have started and holding the rest, parsed
 whole at the end, so streamed calls equal parsed ones. A call region that does not parse is
 returned as content. Real Llama / Mistral tokenizers mark ``<|python_tag|>`` and
-``[TOOL_CALLS]`` as special tokens: a front end must keep special tokens in the text it parses.
+``[TOOL_CALLS]`` as special tokens, so both parsers set ``needs_special_tokens``: the servers
+then decode such a request's output with ``skip_special_tokens=False``.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class Llama3JsonToolParser:
     """Llama 3.1+ JSON tool calls (the model's whole output is the call)."""
 
     name = "llama3_json"
+    needs_special_tokens = True  # <|python_tag|>
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """``(content, calls)``: all calls, or all content."""
@@ -146,6 +148,7 @@ class MistralToolParser:
     """Mistral's ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]``."""
 
     name = "mistral"
+    needs_special_tokens = True  # [TOOL_CALLS]
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """``(content, calls)``: the text before the tag, and the calls after it."""

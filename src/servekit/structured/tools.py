@@ -82,9 +82,14 @@ class ToolStream(Protocol):
 
 
 class ToolParser(Protocol):
-    """A model family's tool-call format: parse finished or streamed text, force a call."""
+    """A model family's tool-call format: parse finished or streamed text, force a call.
+
+    ``needs_special_tokens``: the format's tags are special tokens on the family's real
+    tokenizers, so a front end decodes the output with ``skip_special_tokens=False``.
+    """
 
     name: str
+    needs_special_tokens: bool
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """``(content, calls)`` of a finished output."""
@@ -104,6 +109,7 @@ class HermesToolParser:
     """Splits finished text into content and tool calls (unparseable blocks stay content)."""
 
     name = "hermes"
+    needs_special_tokens = False  # Qwen's <tool_call> is an added token, but not special
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """``(content, calls)`` of ``text``."""

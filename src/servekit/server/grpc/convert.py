@@ -100,8 +100,8 @@ async def build_job(service: GenerationService, req: Any, key: ApiKey | None
     max_tokens = service.resolve_max_tokens(requested, len(ids), "max_tokens")
     seed = req.seed if req.HasField("seed") else None
     guided = plan.guided or _guided(response_format)
-    choices = [(0, sampling_params(req, max_tokens, None if seed is None else seed + j, guided))
-               for j in range(n)]
+    choices = [(0, sampling_params(req, max_tokens, None if seed is None else seed + j, guided,
+                                   plan.keep_special_tokens)) for j in range(n)]
     await compile_guided(service.engine, guided, "tools" if plan.guided is not None else None)
     return Job(service.new_request_id("gen"), req.model, key, [ids], choices), plan
 
@@ -189,8 +189,11 @@ def _opt(req: Any, name: str, default: Any) -> Any:
 
 
 def sampling_params(req: Any, max_tokens: int, seed: int | None,
-                    guided: GuidedDecoding | None = None) -> SamplingParams:
-    """The request's SamplingParams; an out-of-range value is a 400 naming the field."""
+                    guided: GuidedDecoding | None = None,
+                    keep_special_tokens: bool = False) -> SamplingParams:
+    """The request's SamplingParams; an out-of-range value is a 400 naming the field.
+    ``keep_special_tokens``: the default of ``skip_special_tokens`` is False (the request's
+    own value wins)."""
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -206,6 +209,7 @@ def sampling_params(req: Any, max_tokens: int, seed: int | None,
             stop=tuple(req.stop),
             ignore_eos=req.ignore_eos,
             guided=guided,
+            skip_special_tokens=_opt(req, "skip_special_tokens", not keep_special_tokens),
         )
     except InvalidParameterError as exc:
         raise InvalidRequestError(str(exc), param=exc.param) from exc
