@@ -45,7 +45,8 @@ def chat(server: Running, **body: Any) -> httpx.Response:
 
 
 def stream(server: Running, **body: Any) -> tuple[list[dict[str, Any]], str, str]:
-    """The streamed tool calls (arguments joined per index), the content, the finish reason."""
+    """The streamed tool calls (arguments joined per index, ``fragments``: how many non-empty
+    argument pieces came), the content, the finish reason."""
     calls: dict[int, dict[str, Any]] = {}
     content, finish = "", ""
     with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60, json={
@@ -58,7 +59,7 @@ def stream(server: Running, **body: Any) -> tuple[list[dict[str, Any]], str, str
                 delta = choice["delta"]
                 content += delta.get("content") or ""
                 for part in delta.get("tool_calls") or ():
-                    call = calls.setdefault(part["index"], {"arguments": ""})
+                    call = calls.setdefault(part["index"], {"arguments": "", "fragments": 0})
                     for key in ("id", "type"):
                         if key in part:
                             call[key] = part[key]
@@ -66,6 +67,7 @@ def stream(server: Running, **body: Any) -> tuple[list[dict[str, Any]], str, str
                     if "name" in fn:
                         call["name"] = fn["name"]
                     call["arguments"] += fn.get("arguments", "")
+                    call["fragments"] += bool(fn.get("arguments"))
                 finish = choice["finish_reason"] or finish
     return [calls[i] for i in sorted(calls)], content, finish
 
@@ -96,6 +98,8 @@ def test_forced_calls_validate_whole_and_streamed(server: Running, choice: Any) 
         # same seed, same sampling: the stream's joined fragments equal the whole response's
         assert (streamed["name"], streamed["arguments"]) == (
             call["function"]["name"], call["function"]["arguments"])
+        # the arguments stream as the model writes them, not as one piece at the end
+        assert streamed["fragments"] > 1
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -124,9 +128,18 @@ def test_the_openai_client_reads_tool_calls(server: Running) -> None:
     chunks = client.chat.completions.create(
         model=MODEL, messages=USER, tools=TOOLS, tool_choice=NAMED,  # type: ignore[arg-type]
         temperature=0, stream=True)
-    args = "".join(tc.function.arguments or "" for c in chunks for ch in c.choices
-                   for tc in ch.delta.tool_calls or () if tc.function)
+    pieces = [tc for c in chunks for ch in c.choices for tc in ch.delta.tool_calls or ()]
+    assert pieces[0].id and pieces[0].function and pieces[0].function.name == "add"
+    assert all(tc.id is None and tc.index == 0 for tc in pieces[1:]) and len(pieces) > 2
+    args = "".join(tc.function.arguments or "" for tc in pieces if tc.function)
     jsonschema.validate(json.loads(args), SCHEMAS["add"])
+    # the client's own stream accumulation joins the pieces into the same call
+    with client.chat.completions.stream(
+            model=MODEL, messages=USER, tools=TOOLS, tool_choice=NAMED,  # type: ignore[arg-type]
+            temperature=0) as events:
+        final = events.get_final_completion()
+    [joined] = final.choices[0].message.tool_calls or []
+    assert joined.function.name == "add" and joined.function.arguments == args
 
 
 def test_tool_results_round_trip_through_the_template(server: Running) -> None:
@@ -175,6 +188,11 @@ def test_none_and_auto(server: Running) -> None:
 
 
 def test_a_forced_call_cut_by_max_tokens_is_length_with_the_partial_text(server: Running) -> None:
+    """Cut before the call's head is complete: the partial text is content. Cut later: the call
+    with the arguments written so far (streamed pieces cannot be taken back), whole or not."""
+    full = chat(server, tools=TOOLS, tool_choice=NAMED, temperature=0).json()
+    total = full["usage"]["completion_tokens"]
+    arguments = full["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
     out = chat(server, tools=TOOLS, tool_choice=NAMED, max_tokens=16, temperature=0).json()
     choice = out["choices"][0]
     assert choice["finish_reason"] == "length"
@@ -183,6 +201,20 @@ def test_a_forced_call_cut_by_max_tokens_is_length_with_the_partial_text(server:
     calls, content, finish = stream(server, tools=TOOLS, tool_choice=NAMED, max_tokens=16,
                                     temperature=0)
     assert (calls, finish) == ([], "length") and content == choice["message"]["content"]
+    for limit in range(total - 1, 16, -1):  # the longest cut inside the arguments
+        late = chat(server, tools=TOOLS, tool_choice=NAMED, max_tokens=limit,
+                    temperature=0).json()["choices"][0]
+        [cut] = late["message"]["tool_calls"]
+        if cut["function"]["arguments"] != arguments:
+            break
+    assert late["finish_reason"] == "length" and not late["message"]["content"]
+    assert cut["function"]["arguments"] != arguments
+    assert arguments.startswith(cut["function"]["arguments"]) and cut["function"]["arguments"]
+    calls, content, finish = stream(server, tools=TOOLS, tool_choice=NAMED,
+                                    max_tokens=limit, temperature=0)
+    assert finish == "length" and content == ""
+    assert [(c["name"], c["arguments"]) for c in calls] == [
+        ("add", cut["function"]["arguments"])]
 
 
 @pytest.mark.parametrize(("body", "param"), [
@@ -239,9 +271,16 @@ def encode(text: str, *, parallel: bool, stream: bool, cuts: int = 7) -> dict[st
         events += [json.loads(e[6:]) for e in enc.chunk(0, out).decode().split("\n\n") if e]
     if not stream:
         return json.loads(enc.body())["choices"][0]  # type: ignore[no-any-return]
-    calls = [tc for e in events for tc in e["choices"][0]["delta"].get("tool_calls", ())]
+    calls: dict[int, dict[str, Any]] = {}
+    for e in events:
+        for tc in e["choices"][0]["delta"].get("tool_calls", ()):
+            if "id" in tc:  # a call's first piece: index, id, type, name
+                calls[tc["index"]] = {**tc, "function": dict(tc["function"])}
+            else:
+                calls[tc["index"]]["function"]["arguments"] += tc["function"]["arguments"]
     return {"content": "".join(e["choices"][0]["delta"].get("content", "") for e in events),
-            "calls": calls, "finish": events[-1]["choices"][0]["finish_reason"]}
+            "calls": [calls[i] for i in sorted(calls)],
+            "finish": events[-1]["choices"][0]["finish_reason"]}
 
 
 @settings(max_examples=60, deadline=None)

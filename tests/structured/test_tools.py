@@ -16,6 +16,8 @@ from servekit.sched.params import InvalidParameterError, SamplingParams
 from servekit.structured.tools import (
     HermesToolParser,
     HermesToolStream,
+    ToolCallDelta,
+    collect_calls,
     guided_for_tool_choice,
 )
 from tests.structured.conftest import make_engine
@@ -56,8 +58,56 @@ def test_streamed_deltas_concatenate_to_the_parsed_result(cuts: list[int]) -> No
     rest, more = stream.flush()
     whole_content, whole_calls = HermesToolParser().parse(TEXT)
     assert content + rest == whole_content
-    assert [(c.name, c.arguments) for c in calls + more] == [
+    assert [(c.name, c.arguments) for c in collect_calls(calls + more)] == [
         (c.name, c.arguments) for c in whole_calls]
+
+
+def feed_chars(text: str) -> tuple[str, list[ToolCallDelta]]:
+    """``text`` through a HermesToolStream one character at a time."""
+    stream = HermesToolStream()
+    content, deltas = "", []
+    for ch in text:
+        c, d = stream.feed(ch)
+        content, deltas = content + c, deltas + d
+    rest, more = stream.flush()
+    return content + rest, deltas + more
+
+
+def test_arguments_stream_as_the_model_writes_them() -> None:
+    """Head first (id and name, no arguments), then the arguments object's own text in
+    pieces: the exact text the model wrote, braces inside strings included."""
+    args = '{"city": "Ve{r}ona \\" }", "days": [3, {"x": 1}]}'
+    text = f'Hi <tool_call>\n{{"name": "get_weather", "arguments": {args}}}\n</tool_call> ok'
+    content, deltas = feed_chars(text)
+    assert content == "Hi  ok"
+    head, *rest = deltas
+    assert (head.index, head.name, head.arguments) == (0, "get_weather", "")
+    assert head.id is not None and head.id.startswith("call_")
+    assert all(d.id is None and d.index == 0 for d in rest) and len(rest) == len(args)
+    assert "".join(d.arguments for d in rest) == args
+    [call] = HermesToolParser().parse(text)[1]
+    assert (call.name, call.arguments) == ("get_weather", args)
+
+
+def test_other_call_shapes_go_out_whole_at_the_closing_tag() -> None:
+    text = ('<tool_call>{"arguments": {"a": 1}, "name": "add"}</tool_call>'
+            '<tool_call>{"name": "add", "arguments": "{\\"a\\": 2}"}</tool_call>')
+    content, deltas = feed_chars(text)
+    assert content == ""
+    assert [(d.index, d.name, json.loads(d.arguments)) for d in deltas] == [
+        (0, "add", {"a": 1}), (1, "add", {"a": 2})]
+
+
+def test_a_call_cut_after_its_head_keeps_its_partial_arguments() -> None:
+    """Streamed pieces cannot be taken back: the output's end (max_tokens) leaves the call with
+    the arguments written so far, streamed and parsed alike; cut before the head it is text."""
+    cut = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b'
+    content, deltas = feed_chars(cut)
+    assert content == "" and collect_calls(deltas)[0].arguments == '{"a": 1, "b'
+    assert HermesToolParser().parse(cut)[1][0].arguments == '{"a": 1, "b'
+    early = '<tool_call>\n{"name": "ad'
+    assert feed_chars(early) == (early, [])
+    assert HermesToolParser().parse(early) == (early, [])
 
 
 def test_tool_choice_errors_name_the_field() -> None:

@@ -23,7 +23,7 @@ from servekit.protocol.schema import ChatCompletionRequest
 from servekit.sched.params import GuidedDecoding, InvalidParameterError
 from servekit.structured.openai import response_format_param
 from servekit.structured.tool_parsers import tool_parser_for
-from servekit.structured.tools import ToolCall, ToolParser, ToolStream, tool_names
+from servekit.structured.tools import ToolCall, ToolCallDelta, ToolParser, ToolStream, tool_names
 
 __all__ = ["ToolOutputs", "ToolPlan", "chat_messages", "compile_guided", "plan_tool_fields",
            "plan_tools", "template_messages"]
@@ -184,8 +184,9 @@ async def compile_guided(engine: Any, guided: GuidedDecoding | None,
 
 class ToolOutputs:
     """Each choice's output split into content and tool calls, streamed or whole, whatever the
-    transport: content is released as soon as it cannot start a call, each call whole (so
-    streamed arguments concatenate to exactly the final ones). ``parallel=False`` keeps only
+    transport: content is released as soon as it cannot start a call; a call as
+    :class:`ToolCallDelta` pieces (id and name first, then its arguments text as it grows),
+    so streamed arguments concatenate to exactly the final ones. ``parallel=False`` keeps only
     the first call of a message."""
 
     __slots__ = ("_sent", "_streams", "parallel", "parser")
@@ -196,19 +197,19 @@ class ToolOutputs:
         self._streams: list[ToolStream] = [parser.stream() for _ in range(choices)]
         self._sent = [0] * choices
 
-    def feed(self, i: int, text: str, finished: bool) -> tuple[str, list[tuple[int, ToolCall]]]:
-        """Choice ``i``'s delta: the content to send now and the calls to send, each with its
-        index in the message (``finished``: the output ended, flush what is held)."""
+    def feed(self, i: int, text: str, finished: bool) -> tuple[str, list[ToolCallDelta]]:
+        """Choice ``i``'s delta: the content to send now and the call pieces to send (those of
+        one call merged; ``finished``: the output ended, flush what is held)."""
         stream = self._streams[i]
-        content, calls = stream.feed(text)
+        content, deltas = stream.feed(text)
         if finished:
             rest, more = stream.flush()
-            content, calls = content + rest, calls + more
-        out = []
-        for call in self._keep(self._sent[i], calls):
-            out.append((self._sent[i], call))
-            self._sent[i] += 1
-        return content, out
+            content, deltas = content + rest, deltas + more
+        if not self.parallel:
+            deltas = [d for d in deltas if d.index == 0]
+        deltas = _merge(deltas)
+        self._sent[i] += sum(d.id is not None for d in deltas)
+        return content, deltas
 
     def sent(self, i: int) -> int:
         """Calls streamed so far for choice ``i``."""
@@ -217,15 +218,22 @@ class ToolOutputs:
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """A whole output's content and the calls kept."""
         content, calls = self.parser.parse(text)
-        return content, self._keep(0, calls)
-
-    def _keep(self, sent: int, calls: list[ToolCall]) -> list[ToolCall]:
-        if self.parallel:
-            return calls
-        return calls[:1] if sent == 0 else []
+        return content, calls if self.parallel else calls[:1]
 
     @staticmethod
     def finish_reason(reason: str | None, calls: int) -> str:
         """``tool_calls`` for a message with calls that ended by itself, else ``reason``."""
         reason = reason or "stop"
         return "tool_calls" if calls and reason == "stop" else reason
+
+
+def _merge(deltas: list[ToolCallDelta]) -> list[ToolCallDelta]:
+    """Consecutive pieces of one call as one piece."""
+    out: list[ToolCallDelta] = []
+    for d in deltas:
+        last = out[-1] if out else None
+        if last is not None and last.index == d.index and d.id is None:
+            out[-1] = ToolCallDelta(last.index, last.id, last.name, last.arguments + d.arguments)
+        else:
+            out.append(d)
+    return out

@@ -8,7 +8,8 @@
   templates require.
 
 Both stream by releasing content while no call can have started and holding the rest, parsed
-whole at the end, so streamed calls equal parsed ones. A call region that does not parse is
+whole at the end (each call then goes out as one :class:`ToolCallDelta`), so streamed calls
+equal parsed ones. A call region that does not parse is
 returned as content. Real Llama / Mistral tokenizers mark ``<|python_tag|>`` and
 ``[TOOL_CALLS]`` as special tokens, so both parsers set ``needs_special_tokens``: the servers
 then decode such a request's output with ``skip_special_tokens=False``.
@@ -26,9 +27,11 @@ from servekit.sched.params import GuidedDecoding
 from servekit.structured.tools import (
     HermesToolParser,
     ToolCall,
+    ToolCallDelta,
     ToolParser,
     _new_id,
     _partial_suffix,
+    call_deltas,
     call_from_object,
     guided_for_tool_choice,
 )
@@ -116,7 +119,7 @@ class _LlamaStream:
         self._buffer = ""
         self._mode = ""  # "", "content" or "call"
 
-    def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
+    def feed(self, delta: str) -> tuple[str, list[ToolCallDelta]]:
         if self._mode == "content":
             return delta, []
         self._buffer += delta
@@ -131,11 +134,12 @@ class _LlamaStream:
         self._mode, out, self._buffer = "content", self._buffer, ""
         return out, []
 
-    def flush(self) -> tuple[str, list[ToolCall]]:
+    def flush(self) -> tuple[str, list[ToolCallDelta]]:
         text, self._buffer = self._buffer, ""
         if self._mode == "content" or not text:
             return text, []
-        return self._parser.parse(text)
+        content, calls = self._parser.parse(text)
+        return content, call_deltas(calls, 0)
 
 
 # -- Mistral ---------------------------------------------------------------------------------
@@ -180,7 +184,7 @@ class _MistralStream:
         self._buffer = ""
         self._inside = False
 
-    def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
+    def feed(self, delta: str) -> tuple[str, list[ToolCallDelta]]:
         self._buffer += delta
         if self._inside:
             return "", []
@@ -193,8 +197,9 @@ class _MistralStream:
         out, self._buffer = self._buffer[:cut], self._buffer[cut:]
         return out, []
 
-    def flush(self) -> tuple[str, list[ToolCall]]:
+    def flush(self) -> tuple[str, list[ToolCallDelta]]:
         text, self._buffer, self._inside = self._buffer, "", False
         if not text.startswith(TOOL_CALLS):
             return text, []
-        return self._parser.parse(text)
+        content, calls = self._parser.parse(text)
+        return content, call_deltas(calls, 0)

@@ -26,7 +26,7 @@ from servekit.server.tools import (
     template_messages,
 )
 from servekit.structured.openai import guided_from_response_format
-from servekit.structured.tools import ToolCall
+from servekit.structured.tools import ToolCall, ToolCallDelta
 
 require("google.protobuf", "grpc")
 from servekit.protocol.grpc_gen import servekit_pb2 as pb  # noqa: E402
@@ -234,10 +234,16 @@ def _logprobs(items: Sequence[TokenLogprob]) -> list[Any]:
             for lp in items]
 
 
-def _tool_calls(calls: Sequence[tuple[int, ToolCall]]) -> list[Any]:
-    return [pb.ToolCall(id=c.id, type="function", index=index,
-                        function=pb.FunctionCall(name=c.name, arguments=c.arguments))
-            for index, c in calls]
+def _tool_calls(calls: Sequence[ToolCall | ToolCallDelta]) -> list[Any]:
+    """``ToolCall`` messages of a message's calls (index = place) or a chunk's call pieces
+    (a call's first piece with id, type and name; later ones only arguments)."""
+    out = []
+    for k, c in enumerate(calls):
+        index = c.index if isinstance(c, ToolCallDelta) else k
+        out.append(pb.ToolCall(id=c.id or "", type="function" if c.id else "", index=index,
+                               function=pb.FunctionCall(name=c.name or "",
+                                                        arguments=c.arguments)))
+    return out
 
 
 def _outputs(job: Job, plan: ToolPlan) -> ToolOutputs | None:
@@ -249,7 +255,8 @@ class ChunkEncoder:
     """One ``GenerateChunk`` per delta; the first carries model and created, :meth:`final` usage.
 
     With a tool parser in ``plan``, a chunk's ``text`` is content only and the calls a delta
-    completed go out whole in ``tool_calls`` (the HTTP stream's :class:`ToolOutputs`).
+    produced go out in ``tool_calls``: a call's first piece with id and name, then its arguments
+    as they grow (the HTTP stream's :class:`ToolOutputs`).
     """
 
     __slots__ = ("_first", "_id", "_tools", "job")
@@ -340,7 +347,7 @@ class ResponseBuilder:
         if self._tools is not None:
             content, calls = self._tools.parse(text)
             choice.text = content
-            choice.tool_calls.extend(_tool_calls(list(enumerate(calls))))
+            choice.tool_calls.extend(_tool_calls(calls))
             if reason is not None:
                 choice.finish_reason = FINISH_REASONS[ToolOutputs.finish_reason(reason, len(calls))]
         return choice
