@@ -7,6 +7,7 @@ import threading
 import time
 from typing import Any
 
+import anyio
 import httpx
 import jsonschema
 import openai
@@ -20,6 +21,7 @@ from servekit.server import FakeEngine, create_app
 from servekit.server.app import ServerConfig
 from servekit.server.responses import ToolChatEncoder
 from servekit.server.service import Job
+from servekit.server.tools import plan_tool_fields
 from servekit.structured.tools import HermesToolParser
 from tests.server.conftest import Running, free_port
 from tests.structured.strategies import tool_parameters
@@ -79,27 +81,51 @@ def check_call(call: dict[str, Any], name: str | None = None) -> None:
     jsonschema.validate(json.loads(fn["arguments"]), SCHEMAS[fn["name"]])
 
 
-@pytest.mark.parametrize("choice", ["required", NAMED])
-def test_forced_calls_validate_whole_and_streamed(server: Running, choice: Any) -> None:
+@pytest.mark.parametrize(("choice", "parallel"), [
+    ("required", None), ("required", False), (NAMED, None)])
+def test_forced_calls_validate_whole_and_streamed(server: Running, choice: Any,
+                                                  parallel: bool | None) -> None:
+    """Every forced call validates; ``required`` allows several calls unless
+    ``parallel_tool_calls`` is false, a named function exactly one."""
     name = "add" if isinstance(choice, dict) else None
     for i, temperature in enumerate((0.0, 1.0, 1.0)):
-        body = {"tools": TOOLS, "tool_choice": choice, "temperature": temperature, "seed": i}
+        body = {"tools": TOOLS, "tool_choice": choice, "temperature": temperature, "seed": i,
+                **({} if parallel is None else {"parallel_tool_calls": parallel})}
         r = chat(server, **body)
         assert r.status_code == 200, r.text
         out = r.json()["choices"][0]
         assert out["finish_reason"] == "tool_calls", out
         assert out["message"]["content"] is None
-        [call] = out["message"]["tool_calls"]
-        check_call(call, name)
+        whole = out["message"]["tool_calls"]
+        assert len(whole) >= 1 and ((choice == "required" and parallel is None) or len(whole) == 1)
+        for call in whole:
+            check_call(call, name)
         calls, content, finish = stream(server, **body)
         assert finish == "tool_calls" and content == ""
-        [streamed] = calls
-        check_call(streamed, name)
-        # same seed, same sampling: the stream's joined fragments equal the whole response's
-        assert (streamed["name"], streamed["arguments"]) == (
-            call["function"]["name"], call["function"]["arguments"])
-        # the arguments stream as the model writes them, not as one piece at the end
-        assert streamed["fragments"] > 1
+        assert len(calls) == len(whole)
+        for streamed, call in zip(calls, whole, strict=True):
+            check_call(streamed, name)
+            # same seed, same sampling: the stream's joined fragments equal the whole response's
+            assert (streamed["name"], streamed["arguments"]) == (
+                call["function"]["name"], call["function"]["arguments"])
+            # the arguments stream as the model writes them, not as one piece at the end
+            assert streamed["fragments"] > 1
+
+
+@pytest.mark.parametrize("parallel", [None, True, False])
+def test_parallel_tool_calls_reaches_the_grammar(parallel: bool | None) -> None:
+    """``required`` with ``parallel_tool_calls`` (default true) lets the grammar go on after a
+    call with another one; false stops it after the first."""
+    import xgrammar as xgr
+    from xgrammar.testing import _is_grammar_accept_string
+
+    plan = anyio.run(plan_tool_fields, TOOLS, "required", parallel, None, None)
+    assert plan.guided is not None
+    grammar = xgr.Grammar.from_ebnf(plan.guided.value)
+    one = '<tool_call>\n{"name":"add","arguments":{"a":1,"b":2}}\n</tool_call>'
+    two = one + '<tool_call>\n{"name":"weather","arguments":{"city":"Rome","days":2}}\n</tool_call>'
+    assert _is_grammar_accept_string(grammar, one)
+    assert _is_grammar_accept_string(grammar, two) == (parallel is not False)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from servekit.sched.params import InvalidParameterError, SamplingParams
+from servekit.structured.tool_parsers import Llama3JsonToolParser, MistralToolParser
 from servekit.structured.tools import (
     HermesToolParser,
     HermesToolStream,
@@ -135,3 +136,53 @@ def test_forced_calls_from_the_demo_model_validate(demo_dir: Path, choice: Any) 
         if isinstance(choice, dict):
             assert calls[0].name == "add"
         jsonschema.validate(json.loads(calls[0].arguments), schemas[calls[0].name])
+
+
+ADD_1 = {"name": "add", "arguments": {"a": 1, "b": 2}}
+WEATHER_1 = {"name": "get_weather", "arguments": {"city": "Rome", "days": 2}}
+BAD_ADD = {"name": "add", "arguments": {"a": "one", "b": 2}}
+
+
+def _hermes(calls: list[dict[str, Any]]) -> str:
+    return "".join(f"<tool_call>\n{json.dumps(c, separators=(',', ':'))}\n</tool_call>"
+                   for c in calls)
+
+
+def _mistral(calls: list[dict[str, Any]]) -> str:
+    return "[TOOL_CALLS]" + json.dumps(calls, separators=(",", ":"))
+
+
+def _llama(calls: list[dict[str, Any]]) -> str:
+    return ";".join(json.dumps({"name": c["name"], "parameters": c["arguments"]},
+                               separators=(",", ":")) for c in calls)
+
+
+FORMATS = [(HermesToolParser(), _hermes), (MistralToolParser(), _mistral),
+           (Llama3JsonToolParser(), _llama)]
+
+
+def accepts(guided: Any, text: str) -> bool:
+    import xgrammar as xgr
+    from xgrammar.testing import _is_grammar_accept_string
+
+    return bool(_is_grammar_accept_string(xgr.Grammar.from_ebnf(guided.value), text))
+
+
+@pytest.mark.parametrize(("parser", "render"), FORMATS)
+def test_required_with_parallel_calls_allows_one_or_more(parser: Any, render: Any) -> None:
+    """``required`` with ``parallel``: one call, then optionally more, each valid against its
+    own tool; without ``parallel`` (and for a named function) exactly one."""
+    several = parser.guided(TOOLS, "required", parallel=True)
+    one = parser.guided(TOOLS, "required", parallel=False)
+    named = parser.guided(TOOLS, {"type": "function", "function": {"name": "add"}},
+                          parallel=True)
+    for calls in ([ADD_1], [WEATHER_1, ADD_1], [ADD_1, ADD_1, WEATHER_1]):
+        text = render(calls)
+        assert accepts(several, text), text
+        assert accepts(one, text) == (len(calls) == 1)
+        assert accepts(named, text) == (calls == [ADD_1])
+        parsed = parser.parse(text)[1]
+        assert [(c.name, json.loads(c.arguments)) for c in parsed] == [
+            (c["name"], c["arguments"]) for c in calls]
+    assert not accepts(several, render([ADD_1, BAD_ADD]))  # every call obeys its schema
+    assert not accepts(several, render([]))

@@ -248,7 +248,7 @@ class ToolChatEncoder(ChatEncoder):
         choice = super()._choice(i)
         content, calls = self.tools.parse(self.texts[i])
         message = choice["message"]
-        message["content"] = None if calls and not content.strip() else content
+        message["content"] = ToolOutputs.message_content(content, len(calls))
         if calls:
             message["tool_calls"] = [_call_json(c) for c in calls]
         choice["finish_reason"] = ToolOutputs.finish_reason(self.job.finish_reasons[i], len(calls))

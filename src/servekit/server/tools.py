@@ -81,11 +81,12 @@ async def plan_tool_fields(tools: Sequence[Any] | None, choice: str | Mapping[st
         return NO_TOOLS
     tool_list = [dict(t) if isinstance(t, Mapping) else t for t in tools]
     parser = tool_parser_for(chat_template)
+    parallel = parallel_tool_calls is not False
     try:
         tool_names(tool_list)  # the shape of every tool, whatever the choice
         guided = None
         if choice not in (None, "auto", "none"):
-            guided = await anyio.to_thread.run_sync(parser.guided, tool_list, choice)
+            guided = await anyio.to_thread.run_sync(parser.guided, tool_list, choice, parallel)
     except InvalidParameterError as exc:
         raise InvalidRequestError(f"Invalid value for '{exc.param}': "
                                   f"{str(exc).split(': ', 1)[-1]}", param=exc.param) from exc
@@ -93,7 +94,6 @@ async def plan_tool_fields(tools: Sequence[Any] | None, choice: str | Mapping[st
         raise InvalidRequestError(
             "response_format cannot be combined with tool_choice 'required' or a named "
             "function: both constrain the output", param="response_format")
-    parallel = parallel_tool_calls is not False
     if choice == "none":  # no call wanted: the model does not see the tools either
         return ToolPlan(parallel=parallel)
     return ToolPlan(prompt_tools=tool_list, parser=parser, guided=guided, parallel=parallel)
@@ -187,15 +187,18 @@ class ToolOutputs:
     transport: content is released as soon as it cannot start a call; a call as
     :class:`ToolCallDelta` pieces (id and name first, then its arguments text as it grows),
     so streamed arguments concatenate to exactly the final ones. ``parallel=False`` keeps only
-    the first call of a message."""
+    the first call of a message. Whitespace after a call is held until other content follows
+    (dropped if none does: a message of calls has no content, as :meth:`message_content`)."""
 
-    __slots__ = ("_sent", "_streams", "parallel", "parser")
+    __slots__ = ("_held", "_sent", "_spoke", "_streams", "parallel", "parser")
 
     def __init__(self, parser: ToolParser, choices: int, parallel: bool = True) -> None:
         self.parser = parser
         self.parallel = parallel
         self._streams: list[ToolStream] = [parser.stream() for _ in range(choices)]
         self._sent = [0] * choices
+        self._held = [""] * choices  # whitespace after a call, not sent yet
+        self._spoke = [False] * choices  # content other than whitespace was sent
 
     def feed(self, i: int, text: str, finished: bool) -> tuple[str, list[ToolCallDelta]]:
         """Choice ``i``'s delta: the content to send now and the call pieces to send (those of
@@ -209,6 +212,12 @@ class ToolOutputs:
             deltas = [d for d in deltas if d.index == 0]
         deltas = _merge(deltas)
         self._sent[i] += sum(d.id is not None for d in deltas)
+        if content.strip():
+            content, self._held[i], self._spoke[i] = self._held[i] + content, "", True
+        elif self._sent[i]:
+            content, self._held[i] = "", self._held[i] + content
+        if finished:
+            content, self._held[i] = content + (self._held[i] if self._spoke[i] else ""), ""
         return content, deltas
 
     def sent(self, i: int) -> int:
@@ -219,6 +228,11 @@ class ToolOutputs:
         """A whole output's content and the calls kept."""
         content, calls = self.parser.parse(text)
         return content, calls if self.parallel else calls[:1]
+
+    @staticmethod
+    def message_content(content: str, calls: int) -> str | None:
+        """A whole message's content: None for a message of calls and whitespace."""
+        return None if calls and not content.strip() else content
 
     @staticmethod
     def finish_reason(reason: str | None, calls: int) -> str:

@@ -103,10 +103,12 @@ class Llama3JsonToolParser:
         return _LlamaStream(self)
 
     def guided(self, tools: Sequence[Mapping[str, Any]],
-               tool_choice: str | Mapping[str, Any] | None) -> GuidedDecoding | None:
-        """One call as ``{"name": ..., "parameters": {...}}``."""
+               tool_choice: str | Mapping[str, Any] | None,
+               parallel: bool = False) -> GuidedDecoding | None:
+        """Calls as ``{"name": ..., "parameters": {...}}`` (several separated by ``;``)."""
         return guided_for_tool_choice(tools, tool_choice, prefix="", suffix="",
-                                      arguments_key="parameters")
+                                      arguments_key="parameters", separator=";",
+                                      parallel=parallel)
 
 
 class _LlamaStream:
@@ -169,9 +171,11 @@ class MistralToolParser:
         return _MistralStream(self)
 
     def guided(self, tools: Sequence[Mapping[str, Any]],
-               tool_choice: str | Mapping[str, Any] | None) -> GuidedDecoding | None:
-        """One call as ``[TOOL_CALLS][{"name": ..., "arguments": {...}}]``."""
-        return guided_for_tool_choice(tools, tool_choice, prefix=TOOL_CALLS + "[", suffix="]")
+               tool_choice: str | Mapping[str, Any] | None,
+               parallel: bool = False) -> GuidedDecoding | None:
+        """Calls as ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]``."""
+        return guided_for_tool_choice(tools, tool_choice, prefix=TOOL_CALLS + "[", suffix="]",
+                                      separator=",", parallel=parallel)
 
 
 class _MistralStream:

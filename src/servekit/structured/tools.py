@@ -131,8 +131,10 @@ class ToolParser(Protocol):
         ...
 
     def guided(self, tools: Sequence[Mapping[str, Any]],
-               tool_choice: str | Mapping[str, Any] | None) -> GuidedDecoding | None:
-        """The constraint forcing a call for ``tool_choice`` (None for auto / none)."""
+               tool_choice: str | Mapping[str, Any] | None,
+               parallel: bool = False) -> GuidedDecoding | None:
+        """The constraint forcing calls for ``tool_choice`` (None for auto / none): with
+        ``parallel``, ``required`` allows one or more calls."""
         ...
 
 
@@ -154,9 +156,10 @@ class HermesToolParser:
         return HermesToolStream()
 
     def guided(self, tools: Sequence[Mapping[str, Any]],
-               tool_choice: str | Mapping[str, Any] | None) -> GuidedDecoding | None:
-        """:func:`guided_for_tool_choice`."""
-        return guided_for_tool_choice(tools, tool_choice)
+               tool_choice: str | Mapping[str, Any] | None,
+               parallel: bool = False) -> GuidedDecoding | None:
+        """:func:`guided_for_tool_choice` (calls in their own tags, a newline between)."""
+        return guided_for_tool_choice(tools, tool_choice, parallel=parallel)
 
 
 #: The head of a call whose arguments can stream: ``{"name": "...", "arguments": `` before
@@ -322,16 +325,24 @@ def tool_names(tools: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any
     return out
 
 
+#: The rule of :func:`guided_for_tool_choice`'s grammar around the call schema's ``root``.
+_CALLS_RULE = "servekit_tool_calls"
+
+
 def guided_for_tool_choice(tools: Sequence[Mapping[str, Any]],
                            tool_choice: str | Mapping[str, Any] | None, *,
                            prefix: str = OPEN + "\n", suffix: str = "\n" + CLOSE,
-                           arguments_key: str = "arguments") -> GuidedDecoding | None:
-    """The constraint forcing a tool call for ``tool_choice`` (None for auto / none).
+                           arguments_key: str = "arguments",
+                           separator: str = "\n" + CLOSE + OPEN + "\n",
+                           parallel: bool = False) -> GuidedDecoding | None:
+    """The constraint forcing tool calls for ``tool_choice`` (None for auto / none).
 
-    ``"required"``: one call to any of ``tools``; ``{"type": "function", "function": {"name":
-    N}}``: one call to ``N`` (unknown names raise InvalidParameterError on ``tool_choice``).
-    The call is ``prefix`` + compact JSON ``{"name": ..., arguments_key: {...}}`` + ``suffix``
-    (Hermes' tags by default; other formats pass their own).
+    ``"required"``: a call to any of ``tools`` (with ``parallel``, one or more calls, each to
+    any tool); ``{"type": "function", "function": {"name": N}}``: one call to ``N`` (unknown
+    names raise InvalidParameterError on ``tool_choice``). A call is compact JSON
+    ``{"name": ..., arguments_key: {...}}`` valid against its tool's parameters; the output is
+    ``prefix`` + the calls joined by ``separator`` + ``suffix`` (Hermes' tags by default;
+    other formats pass their own).
     """
     names = tool_names(tools)
     if tool_choice is None or tool_choice in ("auto", "none"):
@@ -346,7 +357,7 @@ def guided_for_tool_choice(tools: Sequence[Mapping[str, Any]],
         if name not in names:
             raise InvalidParameterError("tool_choice.function.name",
                                         f"{name!r} is not one of the tools")
-        chosen = [str(name)]
+        chosen, parallel = [str(name)], False
     else:
         raise InvalidParameterError("tool_choice", "must be auto, none, required or a function")
     calls = [{"type": "object", "properties": {"name": {"const": n}, arguments_key: names[n]},
@@ -359,11 +370,13 @@ def guided_for_tool_choice(tools: Sequence[Mapping[str, Any]],
                                             separators=(",", ":"))
     except Exception as exc:
         raise _unusable_schema(xgr, tools, exc) from exc
-    parts = [xgr.Grammar.from_ebnf(f"root ::= {_literal(prefix)}")] if prefix else []
-    parts.append(body)
-    if suffix:
-        parts.append(xgr.Grammar.from_ebnf(f"root ::= {_literal(suffix)}"))
-    grammar = xgr.Grammar.concat(*parts) if len(parts) > 1 else body
+    sequence = f"root ({_literal(separator)} root)*" if parallel else "root"
+    rule = " ".join(part for part in (_literal(prefix) if prefix else "", sequence,
+                                      _literal(suffix) if suffix else "") if part)
+    if rule == "root":
+        return GuidedDecoding.grammar(str(body))
+    grammar = xgr.Grammar.from_ebnf(f"{body}\n{_CALLS_RULE} ::= {rule}\n",
+                                    root_rule_name=_CALLS_RULE)
     return GuidedDecoding.grammar(str(grammar))
 
 

@@ -346,7 +346,7 @@ class ResponseBuilder:
                            logprobs=_logprobs(self._logprobs[i]))
         if self._tools is not None:
             content, calls = self._tools.parse(text)
-            choice.text = content
+            choice.text = ToolOutputs.message_content(content, len(calls)) or ""
             choice.tool_calls.extend(_tool_calls(calls))
             if reason is not None:
                 choice.finish_reason = FINISH_REASONS[ToolOutputs.finish_reason(reason, len(calls))]
