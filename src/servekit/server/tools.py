@@ -11,7 +11,6 @@ HTTP and gRPC front ends share all of them (:func:`plan_tool_fields` and
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ import anyio
 from attrs import frozen
 
 from servekit.protocol.errors import InvalidRequestError
+from servekit.protocol.messages import template_messages
 from servekit.protocol.schema import ChatCompletionRequest
 from servekit.sched.params import GuidedDecoding, InvalidParameterError
 from servekit.structured.openai import response_format_param
@@ -111,51 +111,6 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
          "tool_calls": [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
                         for c in m.tool_calls or ()]}
         for m in req.messages])
-
-
-def template_messages(messages: Sequence[Mapping[str, Any]], root: str = "messages",
-                      at: str = ".[{}]") -> list[dict[str, Any]]:
-    """Messages (``role``, ``content``, optional ``name``, ``tool_call_id`` and ``tool_calls``
-    as ``{"id", "name", "arguments"}`` with JSON text arguments) as the chat template takes
-    them. Errors name ``root`` + ``at.format(i)`` + the field (``messages.[2].tool_call_id``
-    over HTTP, ``chat.messages[2].tool_call_id`` over gRPC)."""
-    out: list[dict[str, Any]] = []
-    for i, m in enumerate(messages):
-        field = root + at.format(i)
-        msg: dict[str, Any] = {"role": m["role"], "content": m.get("content")}
-        if m.get("name"):
-            msg["name"] = m["name"]
-        calls = m.get("tool_calls")
-        if calls:
-            if m["role"] != "assistant":
-                raise InvalidRequestError(
-                    f"Invalid value for '{field}.tool_calls': only assistant messages "
-                    "carry tool calls", param=f"{field}.tool_calls")
-            msg["tool_calls"] = [
-                {"id": call["id"], "type": "function", "function": {
-                    "name": call["name"],
-                    "arguments": _arguments(call["arguments"],
-                                            f"{field}.tool_calls{at.format(j)}.function.arguments")}}
-                for j, call in enumerate(calls)]
-        if m["role"] == "tool":
-            if not m.get("tool_call_id"):
-                raise InvalidRequestError(
-                    f"Missing required parameter: '{field}.tool_call_id'",
-                    param=f"{field}.tool_call_id")
-            msg["tool_call_id"] = m["tool_call_id"]
-        out.append(msg)
-    return out
-
-
-def _arguments(text: str, param: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise InvalidRequestError(f"Invalid value for '{param}': must be a JSON object as text",
-                                  param=param)
-    return value
 
 
 async def compile_guided(engine: Any, guided: GuidedDecoding | None,
