@@ -186,3 +186,29 @@ def test_required_with_parallel_calls_allows_one_or_more(parser: Any, render: An
             (c["name"], c["arguments"]) for c in calls]
     assert not accepts(several, render([ADD_1, BAD_ADD]))  # every call obeys its schema
     assert not accepts(several, render([]))
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='ab{}[]"\\ <>/\n\t日'),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.text(alphabet='xy{}"\\', max_size=3), inner, max_size=3), max_leaves=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(args=st.dictionaries(st.text(alphabet='ab"{}\\', max_size=4), _json_values, max_size=4),
+       indent=st.sampled_from([None, 1]), cuts=st.lists(st.integers(0, 400), max_size=20))
+def test_streamed_arguments_are_the_written_object_whatever_the_cuts(
+        args: dict[str, Any], indent: int | None, cuts: list[int]) -> None:
+    written = json.dumps(args, indent=indent, ensure_ascii=False)
+    text = f'<tool_call>\n{{"name": "f", "arguments": {written}}}\n</tool_call>'
+    bounds = [0, *sorted(min(c, len(text)) for c in cuts), len(text)]
+    stream = HermesToolStream()
+    deltas: list[ToolCallDelta] = []
+    for a, b in itertools.pairwise(bounds):
+        content, new = stream.feed(text[a:b])
+        assert content == ""
+        deltas += new
+    assert stream.flush() == ("", [])
+    [call] = collect_calls(deltas)
+    assert (call.name, call.arguments) == ("f", written)
+    assert json.loads(call.arguments) == args

@@ -228,9 +228,10 @@ class HermesToolStream:
         text = delta
         while True:
             if self._inside:
+                seen = max(0, len(self._body) - len(CLOSE) + 1)  # no tag ends before this
                 self._body += text
                 text = ""
-                end = self._body.find(CLOSE)
+                end = self._body.find(CLOSE, seen)
                 if end < 0:
                     self._advance(len(self._body) - _partial_suffix(self._body, CLOSE), deltas)
                     break
