@@ -158,7 +158,7 @@ class HermesToolParser:
     def guided(self, tools: Sequence[Mapping[str, Any]],
                tool_choice: str | Mapping[str, Any] | None,
                parallel: bool = False) -> GuidedDecoding | None:
-        """:func:`guided_for_tool_choice` (calls in their own tags, a newline between)."""
+        """:func:`guided_for_tool_choice` (several calls: one tag after another)."""
         return guided_for_tool_choice(tools, tool_choice, parallel=parallel)
 
 
