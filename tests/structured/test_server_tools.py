@@ -17,8 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from servekit.engine.outputs import RequestOutput
+from servekit.sched.params import SamplingParams
 from servekit.server import FakeEngine, create_app
 from servekit.server.app import ServerConfig
+from servekit.server.fake import FakeTokenizer
 from servekit.server.responses import ToolChatEncoder
 from servekit.server.service import Job
 from servekit.server.tools import plan_tool_fields
@@ -283,20 +285,27 @@ TWO_CALLS = ('Sure. <tool_call>\n{"name":"add","arguments":{"a":1,"b":2}}\n</too
              '<tool_call>\n{"name":"weather","arguments":{"city":"Rome","days":2}}\n</tool_call>')
 
 
-def encode(text: str, *, parallel: bool, stream: bool, cuts: int = 7) -> dict[str, Any]:
-    """Run ``text`` through a ToolChatEncoder as deltas of ``cuts`` characters."""
-    job = Job("chatcmpl-x", MODEL, None, [[1, 2]], [(0, None)])  # type: ignore[list-item]
-    job.finish_reasons = ["stop"]
-    enc = ToolChatEncoder(job, None, parser=HermesToolParser(), parallel=parallel)
-    pieces = [text[k:k + cuts] for k in range(0, len(text), cuts)]
+def run_encoder(text: str, *, parallel: bool = True, cuts: int = 7, finish: bool = True,
+                resume: str = "") -> tuple[ToolChatEncoder, list[dict[str, Any]]]:
+    """Run ``text`` through a ToolChatEncoder as deltas of ``cuts`` characters (``resume``: the
+    text a first replica already streamed, handed over as its byte tokens)."""
+    params = SamplingParams(max_tokens=4096)
+    ids = FakeTokenizer().encode(resume, add_special_tokens=False) if resume else None
+    job = Job("chatcmpl-x", MODEL, None, [[1, 2]], [(0, params)], resume=ids)
+    job.finish_reasons = ["stop" if finish else None]
+    enc = ToolChatEncoder(job, FakeTokenizer(), parser=HermesToolParser(), parallel=parallel)
+    pieces = [text[k:k + cuts] for k in range(0, len(text), cuts)] or [""]
     events = []
     for n, piece in enumerate(pieces):
-        out = RequestOutput("x", [], piece, n == len(pieces) - 1,
-                            "stop" if n == len(pieces) - 1 else None, 2, n + 1, 0)
+        last = finish and n == len(pieces) - 1
+        out = RequestOutput("x", [], piece, last, "stop" if last else None, 2, n + 1, 0)
         enc.add(0, out)
         events += [json.loads(e[6:]) for e in enc.chunk(0, out).decode().split("\n\n") if e]
-    if not stream:
-        return json.loads(enc.body())["choices"][0]  # type: ignore[no-any-return]
+    return enc, events
+
+
+def joined(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """A stream's content, calls (pieces joined per index) and finish reason."""
     calls: dict[int, dict[str, Any]] = {}
     for e in events:
         for tc in e["choices"][0]["delta"].get("tool_calls", ()):
@@ -306,7 +315,30 @@ def encode(text: str, *, parallel: bool, stream: bool, cuts: int = 7) -> dict[st
                 calls[tc["index"]]["function"]["arguments"] += tc["function"]["arguments"]
     return {"content": "".join(e["choices"][0]["delta"].get("content", "") for e in events),
             "calls": [calls[i] for i in sorted(calls)],
-            "finish": events[-1]["choices"][0]["finish_reason"]}
+            "finish": events[-1]["choices"][0]["finish_reason"] if events else None}
+
+
+def encode(text: str, *, parallel: bool, stream: bool, cuts: int = 7) -> dict[str, Any]:
+    """``text`` through a ToolChatEncoder: the whole response's choice, or the stream joined."""
+    enc, events = run_encoder(text, parallel=parallel, cuts=cuts)
+    if not stream:
+        return json.loads(enc.body())["choices"][0]  # type: ignore[no-any-return]
+    return joined(events)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cut=st.integers(0, len(TWO_CALLS)), cuts=st.integers(1, 40))
+def test_a_resumed_stream_continues_a_cut_call(cut: int, cuts: int) -> None:
+    """A gateway's failover: one replica streamed the output up to ``cut``, another gets those
+    tokens as ``servekit_resume`` and streams the rest; joined, the two streams are the
+    uncut one (a call cut mid-arguments goes on with its remaining fragments)."""
+    _, first = run_encoder(TWO_CALLS[:cut], cuts=cuts, finish=False)
+    _, second = run_encoder(TWO_CALLS[cut:], cuts=cuts, resume=TWO_CALLS[:cut])
+    _, whole = run_encoder(TWO_CALLS, cuts=cuts)
+    got, want = joined(first + second), joined(whole)
+    assert got["content"] == want["content"] and got["finish"] == want["finish"]
+    assert [(c["index"], c["function"]) for c in got["calls"]] == [
+        (c["index"], c["function"]) for c in want["calls"]]
 
 
 @settings(max_examples=60, deadline=None)

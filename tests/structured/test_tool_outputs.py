@@ -13,7 +13,7 @@ from servekit.structured.tools import HermesToolParser, collect_calls
 CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
 OTHER = '<tool_call>\n{"name": "city", "arguments": {"c": "Rome"}}\n</tool_call>'
 CUT = '<tool_call>\n{"name": "add", "arguments": {"a": "}{\\"'  # head out, arguments open
-PIECES = ["Sure. ", "\n", CALL, " then ", OTHER, "<tool_", "<tool_call>{bad}</tool_call>", "done", CUT,
+PIECES = ["Sure. ", "\n", " \n ", CALL, " then ", OTHER, "<tool_", "<tool_call>{bad}</tool_call>", "done", CUT,
           '<tool_call>{"arguments": {}, "name": "x"}</tool_call>']
 
 
@@ -31,13 +31,9 @@ def test_streamed_content_and_calls_equal_the_whole_parse(
         content += got
         calls += new
     whole_content, whole_calls = ToolOutputs(HermesToolParser(), 1, parallel).parse(text)
-    # whitespace after a call is held, and dropped from a message of calls and whitespace
-    # (whose content is None), unless it came before the first call
-    message = ToolOutputs.message_content(whole_content, len(whole_calls))
-    if message is not None:
-        assert content == message
-    else:
-        assert whole_content.startswith(content) and not content.strip()
+    # trailing whitespace is held, and dropped from a message of calls and whitespace
+    # (whose content is None)
+    assert content == (ToolOutputs.message_content(whole_content, len(whole_calls)) or "")
     joined = collect_calls(calls)
     assert [(c.name, c.arguments) for c in joined] == [(c.name, c.arguments)
                                                        for c in whole_calls]

@@ -217,13 +217,19 @@ class ToolChatEncoder(ChatEncoder):
     stream concatenate to exactly the final arguments. With ``parallel=False`` only the first
     call of a message is kept. A message with calls that ended by itself finishes with
     ``tool_calls``; one cut by ``max_tokens`` keeps ``length`` (a call cut before its head was
-    complete is content; one cut later keeps its partial arguments, streamed or not).
+    complete is content; one cut later keeps its partial arguments, streamed or not). A
+    resumed stream (a gateway's failover) first runs the text already sent through the parser,
+    so a call cut mid-arguments continues with its remaining fragments.
     """
 
     def __init__(self, job: Job, tokenizer: Any, *, parser: ToolParser, parallel: bool = True,
                  include_usage: bool = False, logprobs: bool = False) -> None:
         super().__init__(job, tokenizer, include_usage=include_usage, logprobs=logprobs)
         self.tools = ToolOutputs(parser, len(job.choices), parallel)
+        if job.resume and tokenizer is not None:  # a gateway continues a cut stream: the
+            # parser picks up where the first replica's left off (what it sent is not resent)
+            skip = job.choices[0][1].skip_special_tokens
+            self.tools.feed(0, tokenizer.decode(job.resume, skip_special_tokens=skip), False)
 
     def chunk(self, i: int, out: RequestOutput) -> bytes:
         content, calls = self.tools.feed(i, out.new_text, out.finished)

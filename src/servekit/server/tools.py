@@ -142,8 +142,10 @@ class ToolOutputs:
     transport: content is released as soon as it cannot start a call; a call as
     :class:`ToolCallDelta` pieces (id and name first, then its arguments text as it grows),
     so streamed arguments concatenate to exactly the final ones. ``parallel=False`` keeps only
-    the first call of a message. Whitespace after a call is held until other content follows
-    (dropped if none does: a message of calls has no content, as :meth:`message_content`)."""
+    the first call of a message. Trailing whitespace is held until other content follows, and
+    dropped from a message of calls and whitespace (whose content is None, as
+    :meth:`message_content`), so what streams depends on the text only, not on how it was cut
+    (a resumed stream picks up exactly where the first one stopped)."""
 
     __slots__ = ("_held", "_sent", "_spoke", "_streams", "parallel", "parser")
 
@@ -152,7 +154,7 @@ class ToolOutputs:
         self.parallel = parallel
         self._streams: list[ToolStream] = [parser.stream() for _ in range(choices)]
         self._sent = [0] * choices
-        self._held = [""] * choices  # whitespace after a call, not sent yet
+        self._held = [""] * choices  # trailing whitespace, not sent yet
         self._spoke = [False] * choices  # content other than whitespace was sent
 
     def feed(self, i: int, text: str, finished: bool) -> tuple[str, list[ToolCallDelta]]:
@@ -167,12 +169,17 @@ class ToolOutputs:
             deltas = [d for d in deltas if d.index == 0]
         deltas = _merge(deltas)
         self._sent[i] += sum(d.id is not None for d in deltas)
-        if content.strip():
-            content, self._held[i], self._spoke[i] = self._held[i] + content, "", True
-        elif self._sent[i]:
+        # trailing whitespace waits for more content: a message of calls has none
+        body = content.rstrip()
+        if body:
+            content, self._held[i] = self._held[i] + body, content[len(body):]
+            self._spoke[i] = True
+        else:
             content, self._held[i] = "", self._held[i] + content
         if finished:
-            content, self._held[i] = content + (self._held[i] if self._spoke[i] else ""), ""
+            if self._spoke[i] or not self._sent[i]:
+                content += self._held[i]
+            self._held[i] = ""
         return content, deltas
 
     def sent(self, i: int) -> int:
