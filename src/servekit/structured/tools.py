@@ -162,10 +162,16 @@ class HermesToolParser:
         return guided_for_tool_choice(tools, tool_choice, parallel=parallel)
 
 
-#: The head of a call whose arguments can stream: ``{"name": "...", "arguments": `` before
-#: the arguments object's ``{`` (the order the grammar writes and models are trained on).
-_HEAD = re.compile(r'[ \t\n\r]*\{[ \t\n\r]*"name"[ \t\n\r]*:[ \t\n\r]*("(?:[^"\\]|\\.)*")'
-                   r'[ \t\n\r]*,[ \t\n\r]*"arguments"[ \t\n\r]*:[ \t\n\r]*(?=\{)')
+def _head_pattern(keys: Sequence[str]) -> re.Pattern[str]:
+    """The head of a call whose arguments can stream: ``{"name": "...", "<key>": `` before the
+    arguments object's ``{`` (the order the grammar writes and models are trained on)."""
+    ws = r"[ \t\n\r]*"
+    key = "|".join(re.escape(k) for k in keys)
+    return re.compile(rf'{ws}\{{{ws}"name"{ws}:{ws}("(?:[^"\\]|\\.)*"){ws},{ws}"(?:{key})"{ws}:{ws}'
+                      r"(?=\{)")
+
+
+_HEAD = _head_pattern(("arguments",))
 
 
 class _StreamedCall:
