@@ -7,11 +7,14 @@ writes the family's tag and then a call (:mod:`tests.structured.scripted_model`)
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -158,3 +161,32 @@ def test_sampling_params_carry_the_flag() -> None:
     assert sampling_params(req, 4, None, keep_special_tokens=True).skip_special_tokens is False
     req.skip_special_tokens = True  # the request's own value wins
     assert sampling_params(req, 4, None, keep_special_tokens=True).skip_special_tokens is True
+
+
+def _engine(path: str, hooks: Any = None) -> AsyncEngine:
+    """An engine-core factory (``hooks``: the core's metrics hooks)."""
+    return AsyncEngine(LLMEngine(path, config=EngineConfig(num_blocks=32), hooks=hooks))
+
+
+@pytest.mark.slow  # starts an engine-core process per family
+def test_the_engine_process_carries_the_flag(model_dir: Path, family: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--engine-process``: the params cross the wire with ``skip_special_tokens``."""
+    from servekit.engine.core_client import EngineCoreClient
+    from tests.structured.scripted_model import build_tokenizer
+
+    root = str(Path(__file__).resolve().parents[2])  # the core imports this module's factory
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+
+    async def run() -> list[str]:
+        client = EngineCoreClient(functools.partial(_engine, str(model_dir)),
+                                  tokenizer=build_tokenizer(family), log_level="warning")
+        texts = []
+        async with client:
+            for skip in (False, True):
+                params = SamplingParams(max_tokens=8, temperature=0, skip_special_tokens=skip)
+                texts.append("".join([o.new_text async for o in
+                                      client.generate("hi [/INST]", params)]))
+        return texts
+
+    assert anyio.run(run) == [TAGS[family] + BODIES[family], BODIES[family]]
