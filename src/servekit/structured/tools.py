@@ -108,7 +108,8 @@ class ToolStream(Protocol):
         ...
 
     def flush(self) -> tuple[str, list[ToolCallDelta]]:
-        """At the end of the output: what is left (an unfinished call comes back as content)."""
+        """At the end of the output: what is left (a call cut before its head went out comes
+        back as content; one cut later keeps the arguments sent so far)."""
         ...
 
 
@@ -123,7 +124,7 @@ class ToolParser(Protocol):
     needs_special_tokens: bool
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
-        """``(content, calls)`` of a finished output."""
+        """``(content, calls)`` of a finished output: what :meth:`stream` yields, joined."""
         ...
 
     def stream(self) -> ToolStream:
