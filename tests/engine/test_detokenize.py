@@ -82,3 +82,18 @@ def test_streamed_stop_matches_whole_text_search(text: str, cuts: list[int], sto
         emitted += m.flush()
     at = text.find(stop)
     assert emitted == (text[:at] if at != -1 else text) and stopped == (at != -1)
+
+
+def test_special_tokens_are_kept_only_when_asked() -> None:
+    """``[TOOL_CALLS]`` is a special token on a real tokenizer: dropped by default, kept with
+    ``skip_special_tokens=False`` (what a Mistral tool-call parser needs), on both paths."""
+    from tests.structured.scripted_model import BODIES, TOOL_CALLS, build_tokenizer
+
+    tok = build_tokenizer("mistral")
+    ids = tok.convert_tokens_to_ids([TOOL_CALLS, BODIES["mistral"]])
+    prompt = tok.encode("add [/INST]")
+    for impl in (tok, SlowTokenizer(tok)):
+        kept = IncrementalDetokenizer(impl, prompt, skip_special_tokens=False)
+        assert "".join(kept.step(i) for i in ids) == TOOL_CALLS + BODIES["mistral"]
+        skipped = IncrementalDetokenizer(impl, prompt)
+        assert "".join(skipped.step(i) for i in ids) == BODIES["mistral"]

@@ -121,12 +121,15 @@ def test_forced_calls_parse_and_validate_whole_and_streamed(
                     names[part.index] = part.name or names.get(part.index, "")
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
         assert list(fragments) == [0]
-        # the streamed fragments concatenate to exactly the unary call's arguments
+        # the streamed fragments concatenate to exactly the unary call's arguments, and the
+        # arguments came in pieces as the model wrote them
         assert (names[0], "".join(fragments[0])) == (call.name, call.arguments)
+        assert sum(bool(f) for f in fragments[0]) > 1
         with client.session() as session:
             collected = session.chat(model(server), USER, **kw).result()
+        # a session's result joins the streamed pieces into one call
         [same] = collected.choices[0].message.tool_calls
-        assert (same.name, same.arguments) == (call.name, call.arguments)
+        assert (same.name, same.arguments) == (call.name, call.arguments) and same.id
         assert collected.choices[0].finish_reason == "tool_calls"
     server.wait_idle()
 

@@ -7,6 +7,7 @@ import threading
 import time
 from typing import Any
 
+import anyio
 import httpx
 import jsonschema
 import openai
@@ -16,10 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from servekit.engine.outputs import RequestOutput
+from servekit.sched.params import SamplingParams
 from servekit.server import FakeEngine, create_app
 from servekit.server.app import ServerConfig
+from servekit.server.fake import FakeTokenizer
 from servekit.server.responses import ToolChatEncoder
 from servekit.server.service import Job
+from servekit.server.tools import plan_tool_fields
 from servekit.structured.tools import HermesToolParser
 from tests.server.conftest import Running, free_port
 from tests.structured.strategies import tool_parameters
@@ -45,7 +49,8 @@ def chat(server: Running, **body: Any) -> httpx.Response:
 
 
 def stream(server: Running, **body: Any) -> tuple[list[dict[str, Any]], str, str]:
-    """The streamed tool calls (arguments joined per index), the content, the finish reason."""
+    """The streamed tool calls (arguments joined per index, ``fragments``: how many non-empty
+    argument pieces came), the content, the finish reason."""
     calls: dict[int, dict[str, Any]] = {}
     content, finish = "", ""
     with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60, json={
@@ -58,7 +63,7 @@ def stream(server: Running, **body: Any) -> tuple[list[dict[str, Any]], str, str
                 delta = choice["delta"]
                 content += delta.get("content") or ""
                 for part in delta.get("tool_calls") or ():
-                    call = calls.setdefault(part["index"], {"arguments": ""})
+                    call = calls.setdefault(part["index"], {"arguments": "", "fragments": 0})
                     for key in ("id", "type"):
                         if key in part:
                             call[key] = part[key]
@@ -66,6 +71,7 @@ def stream(server: Running, **body: Any) -> tuple[list[dict[str, Any]], str, str
                     if "name" in fn:
                         call["name"] = fn["name"]
                     call["arguments"] += fn.get("arguments", "")
+                    call["fragments"] += bool(fn.get("arguments"))
                 finish = choice["finish_reason"] or finish
     return [calls[i] for i in sorted(calls)], content, finish
 
@@ -77,25 +83,51 @@ def check_call(call: dict[str, Any], name: str | None = None) -> None:
     jsonschema.validate(json.loads(fn["arguments"]), SCHEMAS[fn["name"]])
 
 
-@pytest.mark.parametrize("choice", ["required", NAMED])
-def test_forced_calls_validate_whole_and_streamed(server: Running, choice: Any) -> None:
+@pytest.mark.parametrize(("choice", "parallel"), [
+    ("required", None), ("required", False), (NAMED, None)])
+def test_forced_calls_validate_whole_and_streamed(server: Running, choice: Any,
+                                                  parallel: bool | None) -> None:
+    """Every forced call validates; ``required`` allows several calls unless
+    ``parallel_tool_calls`` is false, a named function exactly one."""
     name = "add" if isinstance(choice, dict) else None
     for i, temperature in enumerate((0.0, 1.0, 1.0)):
-        body = {"tools": TOOLS, "tool_choice": choice, "temperature": temperature, "seed": i}
+        body = {"tools": TOOLS, "tool_choice": choice, "temperature": temperature, "seed": i,
+                **({} if parallel is None else {"parallel_tool_calls": parallel})}
         r = chat(server, **body)
         assert r.status_code == 200, r.text
         out = r.json()["choices"][0]
         assert out["finish_reason"] == "tool_calls", out
         assert out["message"]["content"] is None
-        [call] = out["message"]["tool_calls"]
-        check_call(call, name)
+        whole = out["message"]["tool_calls"]
+        assert len(whole) >= 1 and ((choice == "required" and parallel is None) or len(whole) == 1)
+        for call in whole:
+            check_call(call, name)
         calls, content, finish = stream(server, **body)
         assert finish == "tool_calls" and content == ""
-        [streamed] = calls
-        check_call(streamed, name)
-        # same seed, same sampling: the stream's joined fragments equal the whole response's
-        assert (streamed["name"], streamed["arguments"]) == (
-            call["function"]["name"], call["function"]["arguments"])
+        assert len(calls) == len(whole)
+        for streamed, call in zip(calls, whole, strict=True):
+            check_call(streamed, name)
+            # same seed, same sampling: the stream's joined fragments equal the whole response's
+            assert (streamed["name"], streamed["arguments"]) == (
+                call["function"]["name"], call["function"]["arguments"])
+            # the arguments stream as the model writes them, not as one piece at the end
+            assert streamed["fragments"] > 1
+
+
+@pytest.mark.parametrize("parallel", [None, True, False])
+def test_parallel_tool_calls_reaches_the_grammar(parallel: bool | None) -> None:
+    """``required`` with ``parallel_tool_calls`` (default true) lets the grammar go on after a
+    call with another one; false stops it after the first."""
+    import xgrammar as xgr
+    from xgrammar.testing import _is_grammar_accept_string
+
+    plan = anyio.run(plan_tool_fields, TOOLS, "required", parallel, None, None)
+    assert plan.guided is not None
+    grammar = xgr.Grammar.from_ebnf(plan.guided.value)
+    one = '<tool_call>\n{"name":"add","arguments":{"a":1,"b":2}}\n</tool_call>'
+    two = one + '<tool_call>\n{"name":"weather","arguments":{"city":"Rome","days":2}}\n</tool_call>'
+    assert _is_grammar_accept_string(grammar, one)
+    assert _is_grammar_accept_string(grammar, two) == (parallel is not False)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -124,9 +156,18 @@ def test_the_openai_client_reads_tool_calls(server: Running) -> None:
     chunks = client.chat.completions.create(
         model=MODEL, messages=USER, tools=TOOLS, tool_choice=NAMED,  # type: ignore[arg-type]
         temperature=0, stream=True)
-    args = "".join(tc.function.arguments or "" for c in chunks for ch in c.choices
-                   for tc in ch.delta.tool_calls or () if tc.function)
+    pieces = [tc for c in chunks for ch in c.choices for tc in ch.delta.tool_calls or ()]
+    assert pieces[0].id and pieces[0].function and pieces[0].function.name == "add"
+    assert all(tc.id is None and tc.index == 0 for tc in pieces[1:]) and len(pieces) > 2
+    args = "".join(tc.function.arguments or "" for tc in pieces if tc.function)
     jsonschema.validate(json.loads(args), SCHEMAS["add"])
+    # the client's own stream accumulation joins the pieces into the same call
+    with client.chat.completions.stream(
+            model=MODEL, messages=USER, tools=TOOLS, tool_choice=NAMED,  # type: ignore[arg-type]
+            temperature=0) as events:
+        final = events.get_final_completion()
+    [joined] = final.choices[0].message.tool_calls or []
+    assert joined.function.name == "add" and joined.function.arguments == args
 
 
 def test_tool_results_round_trip_through_the_template(server: Running) -> None:
@@ -175,6 +216,11 @@ def test_none_and_auto(server: Running) -> None:
 
 
 def test_a_forced_call_cut_by_max_tokens_is_length_with_the_partial_text(server: Running) -> None:
+    """Cut before the call's head is complete: the partial text is content. Cut later: the call
+    with the arguments written so far (streamed pieces cannot be taken back), whole or not."""
+    full = chat(server, tools=TOOLS, tool_choice=NAMED, temperature=0).json()
+    total = full["usage"]["completion_tokens"]
+    arguments = full["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
     out = chat(server, tools=TOOLS, tool_choice=NAMED, max_tokens=16, temperature=0).json()
     choice = out["choices"][0]
     assert choice["finish_reason"] == "length"
@@ -183,6 +229,20 @@ def test_a_forced_call_cut_by_max_tokens_is_length_with_the_partial_text(server:
     calls, content, finish = stream(server, tools=TOOLS, tool_choice=NAMED, max_tokens=16,
                                     temperature=0)
     assert (calls, finish) == ([], "length") and content == choice["message"]["content"]
+    for limit in range(total - 1, 16, -1):  # the longest cut inside the arguments
+        late = chat(server, tools=TOOLS, tool_choice=NAMED, max_tokens=limit,
+                    temperature=0).json()["choices"][0]
+        [cut] = late["message"]["tool_calls"]
+        if cut["function"]["arguments"] != arguments:
+            break
+    assert late["finish_reason"] == "length" and not late["message"]["content"]
+    assert cut["function"]["arguments"] != arguments
+    assert arguments.startswith(cut["function"]["arguments"]) and cut["function"]["arguments"]
+    calls, content, finish = stream(server, tools=TOOLS, tool_choice=NAMED,
+                                    max_tokens=limit, temperature=0)
+    assert finish == "length" and content == ""
+    assert [(c["name"], c["arguments"]) for c in calls] == [
+        ("add", cut["function"]["arguments"])]
 
 
 @pytest.mark.parametrize(("body", "param"), [
@@ -225,23 +285,60 @@ TWO_CALLS = ('Sure. <tool_call>\n{"name":"add","arguments":{"a":1,"b":2}}\n</too
              '<tool_call>\n{"name":"weather","arguments":{"city":"Rome","days":2}}\n</tool_call>')
 
 
-def encode(text: str, *, parallel: bool, stream: bool, cuts: int = 7) -> dict[str, Any]:
-    """Run ``text`` through a ToolChatEncoder as deltas of ``cuts`` characters."""
-    job = Job("chatcmpl-x", MODEL, None, [[1, 2]], [(0, None)])  # type: ignore[list-item]
-    job.finish_reasons = ["stop"]
-    enc = ToolChatEncoder(job, None, parser=HermesToolParser(), parallel=parallel)
-    pieces = [text[k:k + cuts] for k in range(0, len(text), cuts)]
+def run_encoder(text: str, *, parallel: bool = True, cuts: int = 7, finish: bool = True,
+                resume: str = "") -> tuple[ToolChatEncoder, list[dict[str, Any]]]:
+    """Run ``text`` through a ToolChatEncoder as deltas of ``cuts`` characters (``resume``: the
+    text a first replica already streamed, handed over as its byte tokens)."""
+    params = SamplingParams(max_tokens=4096)
+    ids = FakeTokenizer().encode(resume, add_special_tokens=False) if resume else None
+    job = Job("chatcmpl-x", MODEL, None, [[1, 2]], [(0, params)], resume=ids)
+    job.finish_reasons = ["stop" if finish else None]
+    enc = ToolChatEncoder(job, FakeTokenizer(), parser=HermesToolParser(), parallel=parallel)
+    pieces = [text[k:k + cuts] for k in range(0, len(text), cuts)] or [""]
     events = []
     for n, piece in enumerate(pieces):
-        out = RequestOutput("x", [], piece, n == len(pieces) - 1,
-                            "stop" if n == len(pieces) - 1 else None, 2, n + 1, 0)
+        last = finish and n == len(pieces) - 1
+        out = RequestOutput("x", [], piece, last, "stop" if last else None, 2, n + 1, 0)
         enc.add(0, out)
         events += [json.loads(e[6:]) for e in enc.chunk(0, out).decode().split("\n\n") if e]
+    return enc, events
+
+
+def joined(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """A stream's content, calls (pieces joined per index) and finish reason."""
+    calls: dict[int, dict[str, Any]] = {}
+    for e in events:
+        for tc in e["choices"][0]["delta"].get("tool_calls", ()):
+            if "id" in tc:  # a call's first piece: index, id, type, name
+                calls[tc["index"]] = {**tc, "function": dict(tc["function"])}
+            else:
+                calls[tc["index"]]["function"]["arguments"] += tc["function"]["arguments"]
+    return {"content": "".join(e["choices"][0]["delta"].get("content", "") for e in events),
+            "calls": [calls[i] for i in sorted(calls)],
+            "finish": events[-1]["choices"][0]["finish_reason"] if events else None}
+
+
+def encode(text: str, *, parallel: bool, stream: bool, cuts: int = 7) -> dict[str, Any]:
+    """``text`` through a ToolChatEncoder: the whole response's choice, or the stream joined."""
+    enc, events = run_encoder(text, parallel=parallel, cuts=cuts)
     if not stream:
         return json.loads(enc.body())["choices"][0]  # type: ignore[no-any-return]
-    calls = [tc for e in events for tc in e["choices"][0]["delta"].get("tool_calls", ())]
-    return {"content": "".join(e["choices"][0]["delta"].get("content", "") for e in events),
-            "calls": calls, "finish": events[-1]["choices"][0]["finish_reason"]}
+    return joined(events)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cut=st.integers(0, len(TWO_CALLS)), cuts=st.integers(1, 40))
+def test_a_resumed_stream_continues_a_cut_call(cut: int, cuts: int) -> None:
+    """A gateway's failover: one replica streamed the output up to ``cut``, another gets those
+    tokens as ``servekit_resume`` and streams the rest; joined, the two streams are the
+    uncut one (a call cut mid-arguments goes on with its remaining fragments)."""
+    _, first = run_encoder(TWO_CALLS[:cut], cuts=cuts, finish=False)
+    _, second = run_encoder(TWO_CALLS[cut:], cuts=cuts, resume=TWO_CALLS[:cut])
+    _, whole = run_encoder(TWO_CALLS, cuts=cuts)
+    got, want = joined(first + second), joined(whole)
+    assert got["content"] == want["content"] and got["finish"] == want["finish"]
+    assert [(c["index"], c["function"]) for c in got["calls"]] == [
+        (c["index"], c["function"]) for c in want["calls"]]
 
 
 @settings(max_examples=60, deadline=None)

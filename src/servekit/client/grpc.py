@@ -119,7 +119,8 @@ def build_request(model: str, *, prompt: str | Sequence[int] | None = None,
         req.tool_choice.mode = tool_choice
     elif tool_choice is not None:
         req.tool_choice.function = tool_choice["function"]["name"]
-    for name in ("ignore_eos", "user", "parallel_tool_calls", *_FLOATS, *_INTS):
+    for name in ("ignore_eos", "user", "parallel_tool_calls", "skip_special_tokens",
+                 *_FLOATS, *_INTS):
         if name in params:
             setattr(req, name, params.pop(name))
     params.pop("stream", None)
@@ -222,6 +223,17 @@ class _ChunkParser(Generic[T]):
         return self.cls(chunk.id, self.model, self.created, (choice,), None)
 
 
+def _join_calls(pieces: Sequence[ToolCall]) -> tuple[ToolCall, ...]:
+    """A message's calls from its streamed pieces: id and name from a call's first piece,
+    the arguments of all its pieces joined, in index order."""
+    heads: dict[int, ToolCall] = {}
+    args: dict[int, list[str]] = {}
+    for piece in pieces:
+        heads.setdefault(piece.index, piece)
+        args.setdefault(piece.index, []).append(piece.arguments)
+    return tuple(ToolCall(h.id, h.name, "".join(args[i]), i) for i, h in sorted(heads.items()))
+
+
 def _collect(cls: type[T], chunks: Sequence[T]) -> T:
     """One whole response from a stream's chunks."""
     texts: dict[int, list[str]] = {}
@@ -233,7 +245,7 @@ def _collect(cls: type[T], chunks: Sequence[T]) -> T:
         for c in chunk.choices:
             text = c.message.content if isinstance(c, ChatChoice) else c.text
             texts.setdefault(c.index, []).append(text)
-            if isinstance(c, ChatChoice):  # each streamed call is whole
+            if isinstance(c, ChatChoice):  # streamed calls come in pieces
                 calls.setdefault(c.index, []).extend(c.message.tool_calls)
             if c.finish_reason is not None:
                 reasons[c.index] = c.finish_reason
@@ -241,7 +253,7 @@ def _collect(cls: type[T], chunks: Sequence[T]) -> T:
     choices: tuple[Any, ...]
     if cls is ChatCompletion:
         choices = tuple(ChatChoice(i, ChatMessage("assistant", "".join(t),
-                                                  tuple(calls.get(i, ()))), reasons.get(i))
+                                                  _join_calls(calls.get(i, ()))), reasons.get(i))
                         for i, t in sorted(texts.items()))
     else:
         choices = tuple(CompletionChoice(i, "".join(t), reasons.get(i))

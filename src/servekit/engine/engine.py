@@ -81,7 +81,9 @@ class _Tracked:
     def __init__(self, request: Request, tokenizer: Any, device: torch.device) -> None:
         params = request.params
         self.request = request
-        self.detok = IncrementalDetokenizer(tokenizer, request.token_ids) if tokenizer else None
+        self.detok = (IncrementalDetokenizer(tokenizer, request.token_ids,
+                                             skip_special_tokens=params.skip_special_tokens)
+                      if tokenizer else None)
         self.stop = StopStringMatcher(params.stop) if params.stop else None
         self.generator = None  # reseeded for each output position (position_seed)
         if params.seed is not None and not params.greedy:

@@ -3,8 +3,9 @@
 Built from the replica's info document (:mod:`servekit.server.replica_api`): a Hugging Face
 tokenizer rebuilt from its files with transformers' tokenizer classes (no torch), or the fake
 engine's byte-level one. Prompts are encoded as the replica encodes them (text with special
-tokens; chat through the chat template, without adding special tokens twice), so the chained
-block hashes (:mod:`servekit.kv.hashing`, same salt rule) equal the replica's.
+tokens; chat through the chat template with the request's ``tools`` unless ``tool_choice`` is
+``"none"``, earlier tool calls and results included, without adding special tokens twice), so
+the chained block hashes (:mod:`servekit.kv.hashing`, same salt rule) equal the replica's.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from servekit._optional import require
 from servekit.kv.hashing import extend_block_hashes, get_hash_fn
+from servekit.protocol.messages import openai_messages, template_messages
 
 _BYTES_BOS = 256  # the fake engine's byte-level tokenizer: ids 0..255 are bytes, 256 is bos
 
@@ -41,13 +43,15 @@ class PromptEncoder:
             return [_BYTES_BOS, *prompt.encode()]
         return list(self._tokenizer.encode(prompt, add_special_tokens=True))
 
-    def chat_ids(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-        """Token ids of chat ``messages`` rendered with the chat template."""
+    def chat_ids(self, messages: Sequence[Mapping[str, Any]],
+                 tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        """Token ids of chat ``messages`` (and ``tools``) rendered with the chat template."""
         if self._tokenizer is None:
             text = "".join(f"{m.get('role')}: {m.get('content')}\n" for m in messages)
             return list((text + "assistant:").encode())
+        extra = {"tools": [dict(t) for t in tools]} if tools else {}
         text = self._tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=False)
+            list(messages), add_generation_prompt=True, tokenize=False, **extra)
         return list(self._tokenizer.encode(str(text), add_special_tokens=False))
 
     def block_hashes(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[int]:
@@ -63,7 +67,8 @@ class PromptEncoder:
             if path.endswith("/chat/completions"):
                 messages = body.get("messages")
                 if isinstance(messages, list) and messages:
-                    return self.chat_ids([_plain(m) for m in messages])
+                    tools = body.get("tools") if body.get("tool_choice") != "none" else None
+                    return self.chat_ids(template_messages(openai_messages(messages)), tools)
                 return None
             prompt = body.get("prompt")
             if isinstance(prompt, str):
@@ -73,13 +78,3 @@ class PromptEncoder:
         except Exception:  # a malformed body is the replica's to reject, not the router's
             return None
         return None
-
-
-def _plain(message: Any) -> dict[str, Any]:
-    """A chat message with its content as text (parts joined), as the replica renders it."""
-    if not isinstance(message, Mapping):
-        return {"role": "user", "content": str(message)}
-    content = message.get("content")
-    if isinstance(content, list):
-        content = "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
-    return {**message, "content": content or ""}

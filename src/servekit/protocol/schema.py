@@ -73,6 +73,8 @@ class _Sampling(BaseModel):
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
     ignore_eos: bool = False
+    # None: the server's choice (True, or False when the tool-call format needs them)
+    skip_special_tokens: bool | None = None
     # {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}}
     response_format: dict[str, Any] | None = None
     # accepted only with the gateway secret (docs/gateway.md): resume a cut stream

@@ -200,6 +200,8 @@ class SamplingParams:
     sampled token's log-probability plus that many top alternatives (0 = sampled token only).
     Stop strings are matched on the detokenized text and not emitted. ``guided`` constrains the
     output to a JSON schema, regex, grammar or choice (see :class:`GuidedDecoding`).
+    ``skip_special_tokens=False`` keeps special tokens (``[TOOL_CALLS]``, ``<|python_tag|>``)
+    in the output text; ends of sequence and stop tokens are never part of it.
     """
 
     max_tokens: int = 16
@@ -217,6 +219,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     guided: GuidedDecoding | None = None
+    skip_special_tokens: bool = True
 
     def __attrs_post_init__(self) -> None:
         _check("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1,
@@ -245,6 +248,8 @@ class SamplingParams:
                "must be non-negative token ids")
         _check("min_tokens", isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
                f"must be an integer in [0, max_tokens], got {self.min_tokens!r}")
+        _check("skip_special_tokens", isinstance(self.skip_special_tokens, bool),
+               f"must be a boolean, got {self.skip_special_tokens!r}")
         _check("guided", self.guided is None or isinstance(self.guided, GuidedDecoding),
                f"must be a GuidedDecoding, got {type(self.guided).__name__}")
         if self.guided is not None:

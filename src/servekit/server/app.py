@@ -197,7 +197,8 @@ def create_app(
         echo = None
         if body.echo:
             tok = service.engine.tokenizer  # type: ignore[union-attr]
-            echo = [tok.decode(ids, skip_special_tokens=True) for ids in prompts]
+            skip = body.skip_special_tokens is not False
+            echo = [tok.decode(ids, skip_special_tokens=skip) for ids in prompts]
         encoder = CompletionEncoder(job, service.engine.tokenizer,  # type: ignore[union-attr]
                                     include_usage=_include_usage(body), echo=echo,
                                     logprobs=body.logprobs is not None)
@@ -222,6 +223,7 @@ def create_app(
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         choices = [(0, build_sampling_params(
             body, max_tokens=max_tokens, logprobs=logprobs, guided=plan.guided,
+            keep_special_tokens=plan.keep_special_tokens,
             seed=None if body.seed is None else body.seed + j)) for j in range(body.n)]
         await compile_guided(service.engine, choices[0][1].guided,
                              "tools" if plan.guided is not None else None)

@@ -34,10 +34,13 @@ def check_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
 
 def build_sampling_params(req: CompletionRequest | ChatCompletionRequest, *, max_tokens: int,
                           logprobs: int | None, seed: int | None,
-                          guided: GuidedDecoding | None = None) -> SamplingParams:
+                          guided: GuidedDecoding | None = None,
+                          keep_special_tokens: bool = False) -> SamplingParams:
     """The request's SamplingParams; an out-of-range value is a 400 naming the field.
 
     ``guided``: a constraint from elsewhere (a forced tool call), else ``response_format``'s.
+    ``keep_special_tokens``: the default of ``skip_special_tokens`` is False (the tool-call
+    format's tags are special tokens); the request's own value wins.
     """
     try:
         if guided is None:
@@ -56,6 +59,8 @@ def build_sampling_params(req: CompletionRequest | ChatCompletionRequest, *, max
             stop=req.stop,
             ignore_eos=req.ignore_eos,
             guided=guided,
+            skip_special_tokens=(not keep_special_tokens if req.skip_special_tokens is None
+                                 else req.skip_special_tokens),
         )
     except InvalidParameterError as exc:
         raise InvalidRequestError(str(exc), param=exc.param) from exc

@@ -16,7 +16,7 @@ from servekit.engine.outputs import RequestOutput, TokenLogprob
 from servekit.protocol.sse import DONE
 from servekit.server.service import Job
 from servekit.server.tools import ToolOutputs
-from servekit.structured.tools import ToolCall, ToolParser
+from servekit.structured.tools import ToolCall, ToolCallDelta, ToolParser
 
 __all__ = ["ChatEncoder", "CompletionEncoder", "Encoder", "ToolChatEncoder"]
 
@@ -211,18 +211,25 @@ class ChatEncoder(Encoder):
 class ToolChatEncoder(ChatEncoder):
     """``/v1/chat/completions`` with tools: tool calls parsed out of the text.
 
-    Streamed, content is released as soon as the parser knows it is not part of a call, and
-    each call goes out whole in one ``delta.tool_calls`` entry (id, type, name, arguments), so
-    the argument fragments of a stream concatenate to exactly the final arguments. With
-    ``parallel=False`` only the first call of a message is kept. A message with calls that
-    ended by itself finishes with ``tool_calls``; one cut by ``max_tokens`` keeps ``length``
-    and its partial text (an unfinished call is content).
+    Streamed, content is released as soon as the parser knows it is not part of a call; a
+    call's first ``delta.tool_calls`` entry carries its index, id, type and name, later ones
+    its arguments as the model writes them (OpenAI's shape), so the argument fragments of a
+    stream concatenate to exactly the final arguments. With ``parallel=False`` only the first
+    call of a message is kept. A message with calls that ended by itself finishes with
+    ``tool_calls``; one cut by ``max_tokens`` keeps ``length`` (a call cut before its head was
+    complete is content; one cut later keeps its partial arguments, streamed or not). A
+    resumed stream (a gateway's failover) first runs the text already sent through the parser,
+    so a call cut mid-arguments continues with its remaining fragments.
     """
 
     def __init__(self, job: Job, tokenizer: Any, *, parser: ToolParser, parallel: bool = True,
                  include_usage: bool = False, logprobs: bool = False) -> None:
         super().__init__(job, tokenizer, include_usage=include_usage, logprobs=logprobs)
         self.tools = ToolOutputs(parser, len(job.choices), parallel)
+        if job.resume and tokenizer is not None:  # a gateway continues a cut stream: the
+            # parser picks up where the first replica's left off (what it sent is not resent)
+            skip = job.choices[0][1].skip_special_tokens
+            self.tools.feed(0, tokenizer.decode(job.resume, skip_special_tokens=skip), False)
 
     def chunk(self, i: int, out: RequestOutput) -> bytes:
         content, calls = self.tools.feed(i, out.new_text, out.finished)
@@ -230,8 +237,8 @@ class ToolChatEncoder(ChatEncoder):
         events = []
         if content or lp != "null":
             events.append(self._event(i, self._delta(content), lp, "null"))
-        for index, call in calls:
-            delta = {"tool_calls": [_call_json(call, index)]}
+        for piece in calls:
+            delta = {"tool_calls": [_delta_json(piece)]}
             events.append(self._event(i, '"delta":' + json.dumps(delta, ensure_ascii=False),
                                       "null", "null"))
         if out.finished:
@@ -247,15 +254,22 @@ class ToolChatEncoder(ChatEncoder):
         choice = super()._choice(i)
         content, calls = self.tools.parse(self.texts[i])
         message = choice["message"]
-        message["content"] = None if calls and not content.strip() else content
+        message["content"] = ToolOutputs.message_content(content, len(calls))
         if calls:
             message["tool_calls"] = [_call_json(c) for c in calls]
         choice["finish_reason"] = ToolOutputs.finish_reason(self.job.finish_reasons[i], len(calls))
         return choice
 
 
-def _call_json(call: ToolCall, index: int | None = None) -> dict[str, Any]:
-    """One OpenAI tool call (with its ``index`` in a stream delta)."""
-    body: dict[str, Any] = {"id": call.id, "type": "function",
-                            "function": {"name": call.name, "arguments": call.arguments}}
-    return body if index is None else {"index": index, **body}
+def _call_json(call: ToolCall) -> dict[str, Any]:
+    """One OpenAI tool call of a message."""
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _delta_json(piece: ToolCallDelta) -> dict[str, Any]:
+    """One ``delta.tool_calls`` entry: the first of a call with id, type and name."""
+    if piece.id is None:
+        return {"index": piece.index, "function": {"arguments": piece.arguments}}
+    return {"index": piece.index, "id": piece.id, "type": "function",
+            "function": {"name": piece.name, "arguments": piece.arguments}}

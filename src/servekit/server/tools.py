@@ -11,7 +11,6 @@ HTTP and gRPC front ends share all of them (:func:`plan_tool_fields` and
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,11 +18,12 @@ import anyio
 from attrs import frozen
 
 from servekit.protocol.errors import InvalidRequestError
+from servekit.protocol.messages import template_messages
 from servekit.protocol.schema import ChatCompletionRequest
 from servekit.sched.params import GuidedDecoding, InvalidParameterError
 from servekit.structured.openai import response_format_param
 from servekit.structured.tool_parsers import tool_parser_for
-from servekit.structured.tools import ToolCall, ToolParser, ToolStream, tool_names
+from servekit.structured.tools import ToolCall, ToolCallDelta, ToolParser, ToolStream, tool_names
 
 __all__ = ["ToolOutputs", "ToolPlan", "chat_messages", "compile_guided", "plan_tool_fields",
            "plan_tools", "template_messages"]
@@ -43,6 +43,11 @@ class ToolPlan:
     parser: ToolParser | None = None
     guided: GuidedDecoding | None = None
     parallel: bool = True
+
+    @property
+    def keep_special_tokens(self) -> bool:
+        """The parser reads special tokens (``[TOOL_CALLS]``): decode without skipping them."""
+        return self.parser is not None and self.parser.needs_special_tokens
 
 
 NO_TOOLS = ToolPlan()
@@ -76,11 +81,12 @@ async def plan_tool_fields(tools: Sequence[Any] | None, choice: str | Mapping[st
         return NO_TOOLS
     tool_list = [dict(t) if isinstance(t, Mapping) else t for t in tools]
     parser = tool_parser_for(chat_template)
+    parallel = parallel_tool_calls is not False
     try:
         tool_names(tool_list)  # the shape of every tool, whatever the choice
         guided = None
         if choice not in (None, "auto", "none"):
-            guided = await anyio.to_thread.run_sync(parser.guided, tool_list, choice)
+            guided = await anyio.to_thread.run_sync(parser.guided, tool_list, choice, parallel)
     except InvalidParameterError as exc:
         raise InvalidRequestError(f"Invalid value for '{exc.param}': "
                                   f"{str(exc).split(': ', 1)[-1]}", param=exc.param) from exc
@@ -88,7 +94,6 @@ async def plan_tool_fields(tools: Sequence[Any] | None, choice: str | Mapping[st
         raise InvalidRequestError(
             "response_format cannot be combined with tool_choice 'required' or a named "
             "function: both constrain the output", param="response_format")
-    parallel = parallel_tool_calls is not False
     if choice == "none":  # no call wanted: the model does not see the tools either
         return ToolPlan(parallel=parallel)
     return ToolPlan(prompt_tools=tool_list, parser=parser, guided=guided, parallel=parallel)
@@ -106,51 +111,6 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
          "tool_calls": [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
                         for c in m.tool_calls or ()]}
         for m in req.messages])
-
-
-def template_messages(messages: Sequence[Mapping[str, Any]], root: str = "messages",
-                      at: str = ".[{}]") -> list[dict[str, Any]]:
-    """Messages (``role``, ``content``, optional ``name``, ``tool_call_id`` and ``tool_calls``
-    as ``{"id", "name", "arguments"}`` with JSON text arguments) as the chat template takes
-    them. Errors name ``root`` + ``at.format(i)`` + the field (``messages.[2].tool_call_id``
-    over HTTP, ``chat.messages[2].tool_call_id`` over gRPC)."""
-    out: list[dict[str, Any]] = []
-    for i, m in enumerate(messages):
-        field = root + at.format(i)
-        msg: dict[str, Any] = {"role": m["role"], "content": m.get("content")}
-        if m.get("name"):
-            msg["name"] = m["name"]
-        calls = m.get("tool_calls")
-        if calls:
-            if m["role"] != "assistant":
-                raise InvalidRequestError(
-                    f"Invalid value for '{field}.tool_calls': only assistant messages "
-                    "carry tool calls", param=f"{field}.tool_calls")
-            msg["tool_calls"] = [
-                {"id": call["id"], "type": "function", "function": {
-                    "name": call["name"],
-                    "arguments": _arguments(call["arguments"],
-                                            f"{field}.tool_calls{at.format(j)}.function.arguments")}}
-                for j, call in enumerate(calls)]
-        if m["role"] == "tool":
-            if not m.get("tool_call_id"):
-                raise InvalidRequestError(
-                    f"Missing required parameter: '{field}.tool_call_id'",
-                    param=f"{field}.tool_call_id")
-            msg["tool_call_id"] = m["tool_call_id"]
-        out.append(msg)
-    return out
-
-
-def _arguments(text: str, param: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise InvalidRequestError(f"Invalid value for '{param}': must be a JSON object as text",
-                                  param=param)
-    return value
 
 
 async def compile_guided(engine: Any, guided: GuidedDecoding | None,
@@ -179,31 +139,48 @@ async def compile_guided(engine: Any, guided: GuidedDecoding | None,
 
 class ToolOutputs:
     """Each choice's output split into content and tool calls, streamed or whole, whatever the
-    transport: content is released as soon as it cannot start a call, each call whole (so
-    streamed arguments concatenate to exactly the final ones). ``parallel=False`` keeps only
-    the first call of a message."""
+    transport: content is released as soon as it cannot start a call; a call as
+    :class:`ToolCallDelta` pieces (id and name first, then its arguments text as it grows),
+    so streamed arguments concatenate to exactly the final ones. ``parallel=False`` keeps only
+    the first call of a message. Trailing whitespace is held until other content follows, and
+    dropped from a message of calls and whitespace (whose content is None, as
+    :meth:`message_content`), so what streams depends on the text only, not on how it was cut
+    (a resumed stream picks up exactly where the first one stopped)."""
 
-    __slots__ = ("_sent", "_streams", "parallel", "parser")
+    __slots__ = ("_held", "_sent", "_spoke", "_streams", "parallel", "parser")
 
     def __init__(self, parser: ToolParser, choices: int, parallel: bool = True) -> None:
         self.parser = parser
         self.parallel = parallel
         self._streams: list[ToolStream] = [parser.stream() for _ in range(choices)]
         self._sent = [0] * choices
+        self._held = [""] * choices  # trailing whitespace, not sent yet
+        self._spoke = [False] * choices  # content other than whitespace was sent
 
-    def feed(self, i: int, text: str, finished: bool) -> tuple[str, list[tuple[int, ToolCall]]]:
-        """Choice ``i``'s delta: the content to send now and the calls to send, each with its
-        index in the message (``finished``: the output ended, flush what is held)."""
+    def feed(self, i: int, text: str, finished: bool) -> tuple[str, list[ToolCallDelta]]:
+        """Choice ``i``'s delta: the content to send now and the call pieces to send (those of
+        one call merged; ``finished``: the output ended, flush what is held)."""
         stream = self._streams[i]
-        content, calls = stream.feed(text)
+        content, deltas = stream.feed(text)
         if finished:
             rest, more = stream.flush()
-            content, calls = content + rest, calls + more
-        out = []
-        for call in self._keep(self._sent[i], calls):
-            out.append((self._sent[i], call))
-            self._sent[i] += 1
-        return content, out
+            content, deltas = content + rest, deltas + more
+        if not self.parallel:
+            deltas = [d for d in deltas if d.index == 0]
+        deltas = _merge(deltas)
+        self._sent[i] += sum(d.id is not None for d in deltas)
+        # trailing whitespace waits for more content: a message of calls has none
+        body = content.rstrip()
+        if body:
+            content, self._held[i] = self._held[i] + body, content[len(body):]
+            self._spoke[i] = True
+        else:
+            content, self._held[i] = "", self._held[i] + content
+        if finished:
+            if self._spoke[i] or not self._sent[i]:
+                content += self._held[i]
+            self._held[i] = ""
+        return content, deltas
 
     def sent(self, i: int) -> int:
         """Calls streamed so far for choice ``i``."""
@@ -212,15 +189,27 @@ class ToolOutputs:
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """A whole output's content and the calls kept."""
         content, calls = self.parser.parse(text)
-        return content, self._keep(0, calls)
+        return content, calls if self.parallel else calls[:1]
 
-    def _keep(self, sent: int, calls: list[ToolCall]) -> list[ToolCall]:
-        if self.parallel:
-            return calls
-        return calls[:1] if sent == 0 else []
+    @staticmethod
+    def message_content(content: str, calls: int) -> str | None:
+        """A whole message's content: None for a message of calls and whitespace."""
+        return None if calls and not content.strip() else content
 
     @staticmethod
     def finish_reason(reason: str | None, calls: int) -> str:
         """``tool_calls`` for a message with calls that ended by itself, else ``reason``."""
         reason = reason or "stop"
         return "tool_calls" if calls and reason == "stop" else reason
+
+
+def _merge(deltas: list[ToolCallDelta]) -> list[ToolCallDelta]:
+    """Consecutive pieces of one call as one piece."""
+    out: list[ToolCallDelta] = []
+    for d in deltas:
+        last = out[-1] if out else None
+        if last is not None and last.index == d.index and d.id is None:
+            out[-1] = ToolCallDelta(last.index, last.id, last.name, last.arguments + d.arguments)
+        else:
+            out.append(d)
+    return out

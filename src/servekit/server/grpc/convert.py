@@ -26,7 +26,7 @@ from servekit.server.tools import (
     template_messages,
 )
 from servekit.structured.openai import guided_from_response_format
-from servekit.structured.tools import ToolCall
+from servekit.structured.tools import ToolCall, ToolCallDelta
 
 require("google.protobuf", "grpc")
 from servekit.protocol.grpc_gen import servekit_pb2 as pb  # noqa: E402
@@ -100,8 +100,8 @@ async def build_job(service: GenerationService, req: Any, key: ApiKey | None
     max_tokens = service.resolve_max_tokens(requested, len(ids), "max_tokens")
     seed = req.seed if req.HasField("seed") else None
     guided = plan.guided or _guided(response_format)
-    choices = [(0, sampling_params(req, max_tokens, None if seed is None else seed + j, guided))
-               for j in range(n)]
+    choices = [(0, sampling_params(req, max_tokens, None if seed is None else seed + j, guided,
+                                   plan.keep_special_tokens)) for j in range(n)]
     await compile_guided(service.engine, guided, "tools" if plan.guided is not None else None)
     return Job(service.new_request_id("gen"), req.model, key, [ids], choices), plan
 
@@ -189,8 +189,11 @@ def _opt(req: Any, name: str, default: Any) -> Any:
 
 
 def sampling_params(req: Any, max_tokens: int, seed: int | None,
-                    guided: GuidedDecoding | None = None) -> SamplingParams:
-    """The request's SamplingParams; an out-of-range value is a 400 naming the field."""
+                    guided: GuidedDecoding | None = None,
+                    keep_special_tokens: bool = False) -> SamplingParams:
+    """The request's SamplingParams; an out-of-range value is a 400 naming the field.
+    ``keep_special_tokens``: the default of ``skip_special_tokens`` is False (the request's
+    own value wins)."""
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -206,6 +209,7 @@ def sampling_params(req: Any, max_tokens: int, seed: int | None,
             stop=tuple(req.stop),
             ignore_eos=req.ignore_eos,
             guided=guided,
+            skip_special_tokens=_opt(req, "skip_special_tokens", not keep_special_tokens),
         )
     except InvalidParameterError as exc:
         raise InvalidRequestError(str(exc), param=exc.param) from exc
@@ -230,10 +234,16 @@ def _logprobs(items: Sequence[TokenLogprob]) -> list[Any]:
             for lp in items]
 
 
-def _tool_calls(calls: Sequence[tuple[int, ToolCall]]) -> list[Any]:
-    return [pb.ToolCall(id=c.id, type="function", index=index,
-                        function=pb.FunctionCall(name=c.name, arguments=c.arguments))
-            for index, c in calls]
+def _tool_calls(calls: Sequence[ToolCall | ToolCallDelta]) -> list[Any]:
+    """``ToolCall`` messages of a message's calls (index = place) or a chunk's call pieces
+    (a call's first piece with id, type and name; later ones only arguments)."""
+    out = []
+    for k, c in enumerate(calls):
+        index = c.index if isinstance(c, ToolCallDelta) else k
+        out.append(pb.ToolCall(id=c.id or "", type="function" if c.id else "", index=index,
+                               function=pb.FunctionCall(name=c.name or "",
+                                                        arguments=c.arguments)))
+    return out
 
 
 def _outputs(job: Job, plan: ToolPlan) -> ToolOutputs | None:
@@ -245,7 +255,8 @@ class ChunkEncoder:
     """One ``GenerateChunk`` per delta; the first carries model and created, :meth:`final` usage.
 
     With a tool parser in ``plan``, a chunk's ``text`` is content only and the calls a delta
-    completed go out whole in ``tool_calls`` (the HTTP stream's :class:`ToolOutputs`).
+    produced go out in ``tool_calls``: a call's first piece with id and name, then its arguments
+    as they grow (the HTTP stream's :class:`ToolOutputs`).
     """
 
     __slots__ = ("_first", "_id", "_tools", "job")
@@ -335,8 +346,8 @@ class ResponseBuilder:
                            logprobs=_logprobs(self._logprobs[i]))
         if self._tools is not None:
             content, calls = self._tools.parse(text)
-            choice.text = content
-            choice.tool_calls.extend(_tool_calls(list(enumerate(calls))))
+            choice.text = ToolOutputs.message_content(content, len(calls)) or ""
+            choice.tool_calls.extend(_tool_calls(calls))
             if reason is not None:
                 choice.finish_reason = FINISH_REASONS[ToolOutputs.finish_reason(reason, len(calls))]
         return choice
