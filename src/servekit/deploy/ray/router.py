@@ -13,6 +13,11 @@ policy cannot route (no key for consistent hashing) go to the least loaded repli
 The ranks Ray gets are ``[[choice], [fallbacks...]]``: Ray still probes a replica's queue and
 moves to the next rank when it is full (``max_ongoing_requests``).
 
+Each router registers itself (:func:`~servekit.deploy.ray.metrics.register_router`): the
+ingress's ``/metrics`` shows each replica's last reported load from it. (Ray pickles this module
+by value for the handles, so its own globals are copies in each process: the registry lives in
+another module.)
+
 Kwargs (``RequestRouterConfig.request_router_kwargs``): ``policy`` (a routing-policy spec,
 default ``cache_aware``), ``block_size`` and ``hash_algorithm`` (the replicas' KV cache),
 ``prefix_blocks`` (how many leading blocks make the routing key).
@@ -25,6 +30,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from servekit.deploy.ray.metrics import register_router
 from servekit.route import PrefixKey, ReplicaLoad, RouteError, Router
 from servekit.route.kv_index import KVEventIndex
 
@@ -114,6 +120,14 @@ class ServekitRequestRouter(RequestRouter):  # type: ignore[misc]  # ray is unty
     def initialize_state(self, **kwargs: Any) -> None:
         """Called by Ray Serve with ``request_router_kwargs`` (:class:`ReplicaRouting`'s)."""
         self.routing = ReplicaRouting(**kwargs)
+        register_router(self)
+
+    def replica_reports(self) -> dict[str, dict[str, Any]]:
+        """Each current replica's last routing stats (``record_routing_stats``, without the
+        block list), by replica id; ``{}`` for a replica that has not reported yet."""
+        return {r.replica_id.unique_id: {k: v for k, v in (r.routing_stats or {}).items()
+                                         if k != "blocks"}
+                for r in list(self.curr_replicas.values())}
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None
