@@ -153,7 +153,8 @@ def stream(app: str, i: int) -> tuple[str, int | None, str | None]:
             temperature=1.0, **kwargs))
         text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     else:
-        chunks = list(c.completions.create(prompt=f"ROMEO {i}:", temperature=0, **kwargs))
+        chunks = list(c.completions.create(prompt=("ROMEO:", "JULIET:")[i // 2 % 2],
+                                           temperature=0, **kwargs))
         text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
     reasons = [ch.choices[0].finish_reason for ch in chunks
                if ch.choices and ch.choices[0].finish_reason]
