@@ -235,7 +235,7 @@ POLICIES = (("cache-aware", "cache_aware"), ("round-robin", "round_robin"),
             ("consistent-hash", "consistent_hash"))
 
 
-def _workload(quick: bool) -> dict[str, Any]:
+def workload(quick: bool) -> dict[str, Any]:
     return {"tenants": 8, "system_bytes": 1500, "n": 48 if quick else 144, "turns": 5,
             "message_bytes": 150}
 
@@ -269,7 +269,7 @@ DEMO_REPLAY = {"concurrency": 6, "max_tokens": 6, "think_s": 0.05, "stagger_s": 
 DEMO_KV_MB = 2  # 63 blocks of 16 tokens per replica (32 KiB each)
 
 
-def _run_policy(name: str, policy: str, replicas: list[str], secret: str, round_no: int,
+def run_policy(name: str, policy: str, replicas: list[str], secret: str, round_no: int,
                 workload: dict[str, Any], how: dict[str, Any]) -> dict[str, Any]:
     """One replay of the trace through a fresh gateway with ``policy`` in front of ``replicas``."""
     gateway = GatewayProcess(replicas, secret, "--policy", policy, "--probe-interval", "0.2")
@@ -309,11 +309,11 @@ def bench_routing(quick: bool, rounds: int, secret: str
     try:
         for round_no in range(rounds):
             for name, policy in POLICIES:
-                runs.setdefault(name, []).append(_run_policy(
-                    name, policy, [r.url for r in fleet], secret, round_no, _workload(quick),
+                runs.setdefault(name, []).append(run_policy(
+                    name, policy, [r.url for r in fleet], secret, round_no, workload(quick),
                     REPLAY))
-            runs.setdefault("oracle", []).append(_run_policy(
-                "oracle", "cache_aware", [oracle.url], secret, round_no, _workload(quick),
+            runs.setdefault("oracle", []).append(run_policy(
+                "oracle", "cache_aware", [oracle.url], secret, round_no, workload(quick),
                 REPLAY))
     finally:
         for proc in (*fleet, oracle):
@@ -343,7 +343,7 @@ def bench_routing_demo(secret: str) -> list[dict[str, Any]]:
     rows = []
     try:
         for name, policy in POLICIES[:2]:
-            r = _run_policy(name, policy, [p.url for p in fleet], secret, 0, DEMO_WORKLOAD,
+            r = run_policy(name, policy, [p.url for p in fleet], secret, 0, DEMO_WORKLOAD,
                             DEMO_REPLAY)
             rows.append({"policy": f"demo model: {name}", **{k: r[k] for k in (
                 "hit_rate", "uncached_tokens", "ttft_p50_ms", "ttft_p99_ms", "max_over_mean",
@@ -406,7 +406,7 @@ def main() -> None:
         rows += r_rows + demo_rows
         bars.update(r_bars)
         extra["routing"] = {"cost": COST, "blocks_per_replica": BLOCKS,
-                            "workload": _workload(args.quick), "replay": REPLAY,
+                            "workload": workload(args.quick), "replay": REPLAY,
                             "demo": {"workload": DEMO_WORKLOAD, "replay": DEMO_REPLAY,
                                      "kv_cache_mb": DEMO_KV_MB}}
         plot_ttft(ttfts, RESULTS / "gateway-routing-ttft.png")

@@ -6,9 +6,17 @@ call (``choose_replicas``); :class:`ServekitRequestRouter` answers with a
 cache-aware policy picks the replica for ``generate`` calls: it reads the prompt's token ids from
 the call, hashes its blocks as the replicas' KV cache does, and weighs what each replica holds
 (:class:`~servekit.route.kv_index.KVEventIndex`, rebuilt from the held-block snapshots the
-replicas report in their routing stats) against its load (the reported ``running + waiting``,
+replicas report in their routing stats, plus the prompts this router sent each replica since:
+see below) against its load (the reported ``running + waiting``,
 or this router's in-flight count when higher). Other calls (``info``, ``load``) and requests the
 policy cannot route (no key for consistent hashing) go to the least loaded replica.
+
+A report is up to ``routing_stats_period`` old when it arrives (Ray's controller pulls the
+stats and pushes them to every router), where the gateway reads KV events as they happen. So
+the blocks of a prompt this router sends count as held by its replica at once, and keep counting
+across reports for ``sent_ttl`` seconds (by then a report includes them, or the replica did not
+keep them): the next turn of a conversation, or another request with the same system prompt,
+follows the first without waiting for a report.
 
 The ranks Ray gets are ``[[choice], [fallbacks...]]``: Ray still probes a replica's queue and
 moves to the next rank when it is full (``max_ongoing_requests``).
@@ -20,12 +28,15 @@ another module.)
 
 Kwargs (``RequestRouterConfig.request_router_kwargs``): ``policy`` (a routing-policy spec,
 default ``cache_aware``), ``block_size`` and ``hash_algorithm`` (the replicas' KV cache),
-``prefix_blocks`` (how many leading blocks make the routing key).
+``prefix_blocks`` (how many leading blocks make the routing key), ``sent_ttl`` (seconds, default
+2).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -38,6 +49,8 @@ __all__ = ["ReplicaRouting", "ServekitRequestRouter"]
 
 #: The replica method whose calls the policy routes.
 ROUTED_METHOD = "generate"
+#: Seconds a sent prompt's blocks count as held by its replica without a report (default).
+SENT_TTL = 2.0
 
 
 class ReplicaRouting:
@@ -45,12 +58,17 @@ class ReplicaRouting:
     reports (``record_routing_stats``), the KV index, and the requests in flight."""
 
     def __init__(self, policy: str = "cache_aware", block_size: int = 16,
-                 hash_algorithm: str = "xxhash", prefix_blocks: int = 4) -> None:
+                 hash_algorithm: str = "xxhash", prefix_blocks: int = 4,
+                 sent_ttl: float = SENT_TTL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.index = KVEventIndex()
         self.router = Router((), policy=policy, index=self.index,
                              prefix=PrefixKey(block_size, prefix_blocks, hash_algorithm))
+        self.sent_ttl = sent_ttl
+        self.clock = clock
         self._versions: dict[str, Any] = {}
         self._in_flight: dict[str, str] = {}  # request id -> replica name
+        self._sent: deque[tuple[float, str, tuple[int, ...]]] = deque()  # (when, where, blocks)
 
     def sync(self, replicas: Mapping[str, Mapping[str, Any]]) -> None:
         """Membership, reported loads and held blocks from ``{name: routing stats}``."""
@@ -71,6 +89,9 @@ class ReplicaRouting:
                 index.remove_replica(name)
                 index.stored(name, 0, stats.get("blocks", ()))
                 self._versions[name] = version
+                for _, where, blocks in self._recent():
+                    if where == name:
+                        self._hold(name, blocks)
 
     def choose(self, candidates: Sequence[str],
                call: tuple[list[int], str | None, str | None] | None) -> list[list[str]]:
@@ -93,17 +114,37 @@ class ReplicaRouting:
                 return ranks
         return [sorted(candidates, key=self._load)]
 
-    def routed(self, request_id: str, name: str) -> None:
-        """A request was sent to ``name``."""
-        if name in self.router.replicas:
-            self.router.acquire(name)
-            self._in_flight[request_id] = name
+    def routed(self, request_id: str, name: str,
+               call: tuple[list[int], str | None, str | None] | None = None) -> None:
+        """A request (a ``generate`` ``call``, see :meth:`choose`) was sent to ``name``."""
+        if name not in self.router.replicas:
+            return
+        self.router.acquire(name)
+        self._in_flight[request_id] = name
+        if call is not None:
+            token_ids, _, cache_salt = call
+            blocks = tuple(self.router.prefix.block_hashes(token_ids, cache_salt))
+            if blocks:
+                self._sent.append((self.clock(), name, blocks))
+                self._hold(name, blocks)
 
     def completed(self, request_id: str) -> None:
         """A request ended."""
         name = self._in_flight.pop(request_id, None)
         if name is not None and name in self.router.replicas:
             self.router.release(name, None)
+
+    def _recent(self) -> deque[tuple[float, str, tuple[int, ...]]]:
+        """The prompts sent within ``sent_ttl`` (older ones dropped)."""
+        sent, oldest = self._sent, self.clock() - self.sent_ttl
+        while sent and sent[0][0] < oldest:
+            sent.popleft()
+        return sent
+
+    def _hold(self, name: str, blocks: Sequence[int]) -> None:
+        """Count ``blocks`` as held by ``name`` until its next report."""
+        last = self.index.last_seq(name)
+        self.index.stored(name, 0 if last is None else last + 1, blocks)
 
     def _load(self, name: str) -> int:
         router = self.router
@@ -143,8 +184,9 @@ class ServekitRequestRouter(RequestRouter):  # type: ignore[misc]  # ray is unty
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: Any) -> None:
-        """Count the request in flight on its replica."""
-        self.routing.routed(pending_request.metadata.internal_request_id, replica_id.unique_id)
+        """Count the request in flight on its replica, and its prompt's blocks as held there."""
+        self.routing.routed(pending_request.metadata.internal_request_id, replica_id.unique_id,
+                            _routed_call(pending_request))
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         """The request ended: no longer in flight."""
