@@ -125,3 +125,12 @@ def test_only_generate_calls_hold_blocks() -> None:
     routing.routed("short", "r1", ([1, 2, 3], None, None))  # no full block
     assert routing.index.cached_blocks(hashes(PROMPT_A)) == {}
     assert routing.router.load("r1") == 2
+
+
+def test_without_reported_load_only_the_routers_own_in_flight_counts() -> None:
+    routing = ReplicaRouting("cache_aware", reported_load=False)
+    routing.sync({"r1": stats(hashes(PROMPT_A), running=40), "r2": stats(running=0)})
+    assert routing.choose(["r1", "r2"], (PROMPT_A, None, None))[0] == ["r1"]  # a stale report
+    for i in range(3):
+        routing.routed(f"r{i}", "r1")
+    assert routing.choose(["r1", "r2"], (PROMPT_A, None, None)) == [["r2"], ["r1"]]

@@ -43,7 +43,9 @@ def build_app(args: Mapping[str, Any] | argparse.Namespace | None = None) -> Any
             f"{ServekitRequestRouter.__module__}.{ServekitRequestRouter.__name__}",
         "request_router_kwargs": {"policy": args.routing_policy, "block_size": args.block_size,
                                   "prefix_blocks": args.prefix_blocks,
-                                  "sent_ttl": max(SENT_TTL, 4 * args.routing_stats_period)},
+                                  "sent_ttl": max(SENT_TTL, 4 * args.routing_stats_period),
+                                  # one ingress: its router's in-flight counts are exact
+                                  "reported_load": args.ingress_replicas > 1},
         "request_routing_stats_period_s": args.routing_stats_period,
     }
     # "ray": Ray Serve's own default router (power of two choices on queue length)

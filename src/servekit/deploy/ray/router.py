@@ -7,9 +7,10 @@ cache-aware policy picks the replica for ``generate`` calls: it reads the prompt
 the call, hashes its blocks as the replicas' KV cache does, and weighs what each replica holds
 (:class:`~servekit.route.kv_index.KVEventIndex`, rebuilt from the held-block snapshots the
 replicas report in their routing stats, plus the prompts this router sent each replica since:
-see below) against its load (the reported ``running + waiting``,
-or this router's in-flight count when higher). Other calls (``info``, ``load``) and requests the
-policy cannot route (no key for consistent hashing) go to the least loaded replica.
+see below) against its load (the reported ``running + waiting``, or this router's in-flight
+count when higher; only the latter with ``reported_load`` off). Other calls (``info``,
+``load``) and requests the policy cannot route (no key for consistent hashing) go to the least
+loaded replica.
 
 A report is up to ``routing_stats_period`` old when it arrives (Ray's controller pulls the
 stats and pushes them to every router), where the gateway reads KV events as they happen. So
@@ -29,7 +30,9 @@ another module.)
 Kwargs (``RequestRouterConfig.request_router_kwargs``): ``policy`` (a routing-policy spec,
 default ``cache_aware``), ``block_size`` and ``hash_algorithm`` (the replicas' KV cache),
 ``prefix_blocks`` (how many leading blocks make the routing key), ``sent_ttl`` (seconds, default
-2).
+2), ``reported_load`` (default true: weigh the replicas' reported ``running + waiting``; with a
+single ingress replica its router sends every request, so its own in-flight counts are exact
+and a report, a period old, would only lag: ``build_app`` turns it off then).
 """
 
 from __future__ import annotations
@@ -59,12 +62,13 @@ class ReplicaRouting:
 
     def __init__(self, policy: str = "cache_aware", block_size: int = 16,
                  hash_algorithm: str = "xxhash", prefix_blocks: int = 4,
-                 sent_ttl: float = SENT_TTL,
+                 sent_ttl: float = SENT_TTL, reported_load: bool = True,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.index = KVEventIndex()
         self.router = Router((), policy=policy, index=self.index,
                              prefix=PrefixKey(block_size, prefix_blocks, hash_algorithm))
         self.sent_ttl = sent_ttl
+        self.reported_load = reported_load
         self.clock = clock
         self._versions: dict[str, Any] = {}
         self._in_flight: dict[str, str] = {}  # request id -> replica name
@@ -80,7 +84,7 @@ class ReplicaRouting:
         for name, stats in replicas.items():
             if name not in router.replicas:
                 router.add_replica(name)
-            if "running" in stats:
+            if self.reported_load and "running" in stats:
                 router.report_load(name, ReplicaLoad(
                     int(stats["running"]), int(stats["waiting"]),
                     min(1.0, max(0.0, float(stats["kv_usage"])))))
