@@ -102,15 +102,17 @@ def _serve_one(c: Any, prompt: str) -> tuple[str, int]:
 def test_a_shared_prefix_lands_on_one_replica_and_hits_its_prefix_cache(app: str) -> None:
     c = client(app)
     homes: dict[int, set[str]] = {}
-    for group in range(4):
+    for group in range(12):  # until both replicas are some prefix's home (1 in 2048 not)
         # ~110 tokens: its first 64 make the routing key; 4 or more full blocks are shared
         prefix = f"Scene {group}. " + "Enter ROMEO and JULIET, with attendants. " * 4
         served = [_serve_one(c, f"{prefix}Speak {q}:") for q in range(3)]
         homes[group] = {replica for replica, _ in served}
         # the second and third found the prefix's blocks on their replica
         assert all(hits >= 4 * 16 for _, hits in served[1:]), served
+        if group >= 3 and len(set().union(*homes.values())) == 2:
+            break
     assert all(len(h) == 1 for h in homes.values()), homes
-    assert len(set().union(*homes.values())) == 2, homes  # prefixes spread (1 in 8 by chance)
+    assert len(set().union(*homes.values())) == 2, homes  # prefixes spread
 
 
 def metrics(app: str) -> dict[str, dict[str, float]]:
