@@ -237,7 +237,7 @@ POLICIES = (("cache-aware", "cache_aware"), ("round-robin", "round_robin"),
             ("consistent-hash", "consistent_hash"))
 
 
-def _workload(quick: bool) -> dict[str, Any]:
+def workload(quick: bool) -> dict[str, Any]:
     return {"tenants": 8, "system_bytes": 1500, "n": 48 if quick else 144, "turns": 5,
             "message_bytes": 150}
 
@@ -272,7 +272,7 @@ DEMO_REPLAY = {"concurrency": 3, "max_tokens": 4, "think_s": 0.05, "stagger_s": 
 DEMO_KV_MB = 2  # 63 blocks of 16 tokens per replica (32 KiB each)
 
 
-def _run_policy(name: str, policy: str, replicas: list[str], secret: str, round_no: int,
+def run_policy(name: str, policy: str, replicas: list[str], secret: str, round_no: int,
                 workload: dict[str, Any], how: dict[str, Any]) -> dict[str, Any]:
     """One replay of the trace through a fresh gateway with ``policy`` in front of ``replicas``."""
     gateway = GatewayProcess(replicas, secret, "--policy", policy, "--probe-interval", "0.2")
@@ -312,11 +312,11 @@ def bench_routing(quick: bool, rounds: int, secret: str
     try:
         for round_no in range(rounds):
             for name, policy in POLICIES:
-                runs.setdefault(name, []).append(_run_policy(
-                    name, policy, [r.url for r in fleet], secret, round_no, _workload(quick),
+                runs.setdefault(name, []).append(run_policy(
+                    name, policy, [r.url for r in fleet], secret, round_no, workload(quick),
                     REPLAY))
-            runs.setdefault("oracle", []).append(_run_policy(
-                "oracle", "cache_aware", [oracle.url], secret, round_no, _workload(quick),
+            runs.setdefault("oracle", []).append(run_policy(
+                "oracle", "cache_aware", [oracle.url], secret, round_no, workload(quick),
                 REPLAY))
     finally:
         for proc in (*fleet, oracle):
@@ -348,11 +348,11 @@ def bench_routing_demo(secret: str) -> list[dict[str, Any]]:
     policies = POLICIES[:2]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in policies}
     try:
-        _run_policy("warm-up", policies[1][1], urls, secret, 99, DEMO_WORKLOAD, DEMO_REPLAY)
+        run_policy("warm-up", policies[1][1], urls, secret, 99, DEMO_WORKLOAD, DEMO_REPLAY)
         for round_no, order in enumerate((policies, policies[::-1])):
             for name, policy in order:
                 print(f"demo model: {name}, round {round_no + 1}/2", flush=True)
-                runs[name].append(_run_policy(name, policy, urls, secret, round_no,
+                runs[name].append(run_policy(name, policy, urls, secret, round_no,
                                               DEMO_WORKLOAD, DEMO_REPLAY))
     finally:
         for proc in fleet:
@@ -417,7 +417,7 @@ def main() -> None:
         rows += r_rows + demo_rows
         bars.update(r_bars)
         extra["routing"] = {"cost": COST, "blocks_per_replica": BLOCKS,
-                            "workload": _workload(args.quick), "replay": REPLAY,
+                            "workload": workload(args.quick), "replay": REPLAY,
                             "demo": {"workload": DEMO_WORKLOAD, "replay": DEMO_REPLAY,
                                      "kv_cache_mb": DEMO_KV_MB}}
         plot_ttft(ttfts, RESULTS / "gateway-routing-ttft.png")

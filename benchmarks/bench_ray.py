@@ -9,36 +9,39 @@ the previous Ray item travelled, so its events may carry several tokens), TTFT u
 (the hops' latency). Ratios to the gateway and to direct. Bar: the Ray ingress keeps >= 0.5x the
 gateway's streamed tokens/s.
 
-Routing: two fake replicas behind the Ray ingress, a multi-tenant workload (each tenant's
-requests share a long system prompt), sent one at a time in a seeded random order; which replica
-served each request is read from the replicas' request counters. A request "hits" when its
-tenant's prefix was served on that replica before (an unbounded prefix cache); the oracle
-misses only each tenant's first request. servekit's cache-aware router vs Ray Serve's default
-router (``routing_policy = "ray"``: power of two choices on queue length), with servekit's
-consistent-hash router beside them. The fake replicas report no KV events, so the cache-aware
-policy sees no cached blocks here and decides on the reported loads (up to one stats period
-old) and its rendezvous tie-break: this measures routing-key affinity, not the KV index.
+Routing quality: the gateway benchmark's multi-tenant workload (``bench_gateway.py``: tenants
+with long shared system prompts, multi-turn sessions, replayed closed-loop, 12 at a time) on three
+replicas that run the real scheduler and prefix cache over the cost-model fake model
+(``engine.fake_model_cost``, ``servekit serve --fake-model-cost``: real KV events), the same
+trace and replicas three ways in one run: Ray with servekit's cache-aware router (KV index from
+the held blocks the replicas report every ``routing_stats_period``), Ray with Ray Serve's
+default router (``routing_policy = "ray"``: power of two choices on queue length), and
+``servekit gateway --policy cache_aware`` in front of three ``servekit serve
+--fake-model-cost``. Hit rate: the replicas' prefix-cache hits over lookups (prompt tokens).
+Bars: servekit's router in Ray within 5 points of the gateway's cache-aware rate, and above
+Ray's default router's.
 
     python benchmarks/bench_ray.py --quick --json benchmarks/results/ray-cpu-2026-12-06.json
+    python benchmarks/bench_ray.py --quick --part routing   # one part only
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
-import random
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_server
 from _common import bar, parse_args, print_bars, print_table, summary, write_json
-from bench_gateway import GatewayProcess
+from _routing_workload import replay, sessions
+from bench_gateway import BLOCKS, COST, REPLAY, GatewayProcess, run_policy, workload
+from servekit.deploy.ray import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "servekit-bench"
@@ -71,22 +74,20 @@ async def stream_with_ttft(url: str, concurrency: int, max_tokens: int,
 
 
 class RayApp:
-    """The servekit application on a local Ray (one fake engine replica, one ingress)."""
+    """A local Ray with Serve started; :meth:`deploy` (re)places the servekit application."""
 
     def __init__(self) -> None:
         import ray
         from ray import serve
 
-        from servekit.deploy.ray import load_settings
-
+        started = time.perf_counter()
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
                  object_store_memory=100 * 2**20,
                  runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
         port = bench_server.free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         self.url = f"http://127.0.0.1:{port}"
-        self.ready_s = self.deploy(load_settings(fake=True, replicas=1, replica_cpus=1.0,
-                                                 ingress_cpus=1.0))
+        self.ready_s = time.perf_counter() - started
 
     def deploy(self, args: Any) -> float:
         """Deploy the application of ``args`` at ``/`` (replacing the last); seconds taken."""
@@ -98,21 +99,22 @@ class RayApp:
         serve.run(build_app(args), name=APP, route_prefix="/")
         return time.perf_counter() - started
 
-    def served(self) -> dict[str, int]:
-        """Requests served so far by each engine replica of the application."""
+    def replica_stats(self) -> dict[str, dict[str, Any]]:
+        """Each engine replica's routing stats (load, requests served, prefix-cache counters)."""
         import ray
         from ray.exceptions import RayError
 
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                  if f"::{APP}#EngineReplica#" in a["name"]]
-        stats = []
+        stats = {}
         for name in names:  # Ray Serve's replica actor calls the deployment's method
             try:
-                stats.append(ray.get(ray.get_actor(name, namespace="serve")
-                                     .record_routing_stats.remote(), timeout=10))
+                one = ray.get(ray.get_actor(name, namespace="serve")
+                              .record_routing_stats.remote(), timeout=10)
             except (RayError, ValueError):  # still starting, or gone
                 continue
-        return {s["replica"]: int(s["requests"]) for s in stats}
+            stats[one["replica"]] = one
+        return stats
 
     def stop(self) -> None:
         import ray
@@ -122,52 +124,78 @@ class RayApp:
         ray.shutdown()
 
 
-def routing_hit_rates(app: RayApp, quick: bool) -> tuple[dict[str, float], dict[str, float]]:
-    """Prefix hit rate of each router (and the oracle's) on the multi-tenant workload, and the
-    share of the requests each router sent to its busiest replica."""
-    from servekit.deploy.ray import load_settings
-
-    tenants, per_tenant = (8, 6) if quick else (16, 12)
-    work = [t for t in range(tenants) for _ in range(per_tenant)]
-    random.Random(0).shuffle(work)
-    rates = {"oracle": 1 - tenants / len(work)}
-    busiest: dict[str, float] = {}
-    for policy in ("cache_aware", "consistent_hash", "ray"):
-        app.deploy(load_settings(fake=True, replicas=2, replica_cpus=0.5, ingress_cpus=0.5,
-                                 routing_policy=policy, routing_stats_period=0.5))
-        deadline = time.monotonic() + 60
-        while len(app.served()) < 2:
-            assert time.monotonic() < deadline, "replicas did not start"
-            time.sleep(0.2)
-        homes: dict[int, set[str]] = {}
-        hits = 0
-        start = app.served()
-        with httpx.Client(base_url=app.url, timeout=30) as http:
-            for i, tenant in enumerate(work):
-                before = app.served()
-                system = f"tenant {tenant} system prompt. " + "You answer briefly. " * 12
-                r = http.post("/v1/completions", json={
-                    "model": "fake", "prompt": system + f"question {i}?", "max_tokens": 2})
-                assert r.status_code == 200, r.text
-                after = app.served()
-                replica = next(n for n in after if after[n] > before.get(n, 0))
-                hits += replica in homes.setdefault(tenant, set())
-                homes[tenant].add(replica)
-        rates[policy] = hits / len(work)
-        end = app.served()
-        busiest[policy] = max(end[n] - start.get(n, 0) for n in end) / len(work)
-    return rates, busiest
+#: Ray's routing-stats period in the routing runs (the gateway probes its replicas every 0.2 s
+#: and reads their KV events as they come).
+STATS_PERIOD = 0.2
 
 
-def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
-    rounds = args.rounds or (3 if args.quick else 5)
-    concurrency, max_tokens, streams = (16, 500, 32) if args.quick else (32, 1000, 128)
-    idle_n = 10 if args.quick else 30
-    os.environ.setdefault("PYTHONPATH", str(ROOT / "src"))
+def ray_routing(app: RayApp, policy: str, round_no: int, work: dict[str, Any]
+                ) -> dict[str, Any]:
+    """One replay of the trace through the Ray application on three cost-model replicas with
+    ``policy`` (a servekit routing policy, or ``"ray"``)."""
+    app.deploy(load_settings(fake_model_cost=json.dumps({**COST, "num_blocks": BLOCKS}),
+                             replicas=3, replica_cpus=0.5, ingress_cpus=1.0,
+                             routing_policy=policy, routing_stats_period=STATS_PERIOD))
+    deadline = time.monotonic() + 60
+    while len(before := app.replica_stats()) < 3:
+        assert time.monotonic() < deadline, "replicas did not start"
+        time.sleep(0.2)
+    trace = sessions(nonce=f"ray-{policy}-{round_no}-{os.urandom(4).hex()}", seed=round_no,
+                     **work)
+    t0 = time.perf_counter()
+    results = asyncio.run(replay(app.url, trace, **REPLAY))
+    wall = time.perf_counter() - t0
+    after = app.replica_stats()
+    assert set(after) == set(before), "a replica restarted during the replay"
+    delta = {k: [after[r][k] - before[r][k] for r in after]
+             for k in ("prefix_hits", "prefix_queries", "requests")}
+    per_replica = delta["requests"]
+    mean = sum(per_replica) / len(per_replica)
+    ttft = [r["ttft"] for r in results]
+    return {"hit_rate": sum(delta["prefix_hits"]) / sum(delta["prefix_queries"]),
+            "ttft_p50_ms": 1e3 * bench_server.pct(ttft, 0.5),
+            "ttft_p99_ms": 1e3 * bench_server.pct(ttft, 0.99),
+            "max_over_mean": max(per_replica) / mean if mean else float("nan"),
+            "requests": len(results), "wall_s": wall}
+
+
+#: The routing runs: (row label, how).
+ROUTING_RUNS = (("ray + servekit cache_aware router", "cache_aware"),
+                ("ray + Ray's default router (power of two)", "ray"),
+                ("servekit gateway, cache_aware", "gateway"))
+
+
+def routing_quality(app: RayApp, quick: bool, rounds: int) -> dict[str, list[dict[str, Any]]]:
+    """Each of :data:`ROUTING_RUNS` on the same trace (per round), rounds interleaved."""
+    fleet: list[bench_server.ServerProcess] = []
+    os.environ["SERVEKIT_GATEWAY_SECRET"] = secret = os.urandom(8).hex()  # after ray.init
+    try:
+        fleet = [bench_server.ServerProcess("--fake-model-cost", json.dumps(
+            {**COST, "num_blocks": BLOCKS})) for _ in range(3)]
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for round_no in range(rounds):
+            for label, how in ROUTING_RUNS:
+                if how == "gateway":
+                    result = run_policy(label, "cache_aware", [p.url for p in fleet], secret,
+                                        round_no, workload(quick), REPLAY)
+                else:
+                    result = ray_routing(app, how, round_no, workload(quick))
+                runs.setdefault(label, []).append(result)
+    finally:
+        for proc in fleet:
+            proc.stop()
+        os.environ.pop("SERVEKIT_GATEWAY_SECRET", None)
+    return runs
+
+
+def bench_overhead(ray_app: RayApp, quick: bool, rounds: int
+                   ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """Streamed tokens/s and TTFT: the Ray ingress vs the gateway vs direct, rounds interleaved."""
+    concurrency, max_tokens, streams = (16, 500, 32) if quick else (32, 1000, 128)
+    idle_n = 10 if quick else 30
+    ray_app.deploy(load_settings(fake=True, replicas=1, replica_cpus=1.0, ingress_cpus=1.0))
     replica = bench_server.ServerProcess("--fake")
     gateway = GatewayProcess(replica.url)
-    ray_app = RayApp()
     targets = {"ray ingress": ray_app.url, "gateway": gateway.url, "direct": replica.url}
     tps: dict[str, list[float]] = {k: [] for k in targets}
     ttft: dict[str, list[float]] = {k: [] for k in targets}
@@ -186,11 +214,7 @@ def main() -> None:
                 per_event[name].append(tokens / events)
                 _, _, one_at_a_time, _ = asyncio.run(stream_with_ttft(url, 1, 16, idle_n))
                 idle[name] += one_at_a_time
-        gateway.stop()
-        replica.stop()
-        hit_rates, busiest = routing_hit_rates(ray_app, args.quick)
     finally:
-        ray_app.stop()
         gateway.stop()
         replica.stop()
     rows: list[dict[str, Any]] = []
@@ -215,25 +239,55 @@ def main() -> None:
                  "median": medians["gateway"] / medians["direct"]})
     hop = statistics.median(idle["ray ingress"]) - statistics.median(idle["direct"])
     rows.append({"scenario": "Ray's hops, added TTFT one at a time, ms", "median": 1e3 * hop})
-    rows.append({"scenario": "ray app deploy time, s", "median": ray_app.ready_s})
-    for name, rate in hit_rates.items():
-        label = {"cache_aware": "servekit cache_aware router",
-                 "consistent_hash": "servekit consistent_hash router",
-                 "ray": "Ray's default router", "oracle": "oracle"}[name]
-        rows.append({"scenario": f"prefix hit rate: {label}", "median": rate})
-        if name in busiest:
-            rows.append({"scenario": f"busiest replica's share of requests: {label}",
-                         "median": busiest[name]})
-    bars = {"ray_streamed_tokens_vs_gateway": bar(ray_vs_gw, 0.5),
-            "servekit_router_hit_rate_above_rays": bar(
-                hit_rates["cache_aware"] - hit_rates["ray"], 1e-9),
-            "servekit_router_hit_rate_vs_oracle": bar(
-                hit_rates["cache_aware"] / hit_rates["oracle"], 0.9)}
+    bars = {"ray_streamed_tokens_vs_gateway": bar(ray_vs_gw, 0.5)}
+    return rows, bars, {"concurrency": concurrency, "max_tokens": max_tokens,
+                        "streams": streams, "rounds": rounds, "one_at_a_time": idle_n}
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], lambda p: p.add_argument(
+        "--part", choices=("overhead", "routing", "all"), default="all"))
+    os.environ.setdefault("PYTHONPATH", str(ROOT / "src"))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # replicas share two cores
+    ray_app = RayApp()
+    rows: list[dict[str, Any]] = [{"scenario": "ray start + serve.start, s",
+                                   "median": ray_app.ready_s}]
+    bars: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    try:
+        if args.part in ("overhead", "all"):
+            o_rows, o_bars, extra["workload"] = bench_overhead(
+                ray_app, args.quick, args.rounds or (3 if args.quick else 5))
+            rows += o_rows
+            bars.update(o_bars)
+        if args.part in ("routing", "all"):
+            runs = routing_quality(ray_app, args.quick, args.rounds or (1 if args.quick else 3))
+    finally:
+        ray_app.stop()
     print_table(rows, ["scenario", "median", "min", "max"], title="servekit on Ray Serve")
+    if args.part in ("routing", "all"):
+        r_rows, med = [], {}
+        for label, results in runs.items():
+            med[label] = {k: summary([r[k] for r in results])["median"]
+                          for k in ("hit_rate", "ttft_p50_ms", "ttft_p99_ms", "max_over_mean")}
+            r_rows.append({"router": label, **med[label], "requests": results[0]["requests"],
+                           "wall_s": summary([r["wall_s"] for r in results])["median"]})
+        print_table(r_rows, ["router", "hit_rate", "ttft_p50_ms", "ttft_p99_ms",
+                             "max_over_mean", "requests", "wall_s"],
+                    title="routing quality (3 cost-model replicas, the gateway benchmark's "
+                          "multi-tenant trace)")
+        rows += r_rows
+        servekit_ray, ray_default, gateway = (med[label]["hit_rate"]
+                                              for label, _ in ROUTING_RUNS)
+        bars["ray_servekit_router_hit_rate_within_5_points_of_gateway"] = bar(
+            servekit_ray - gateway, -0.05)
+        bars["ray_servekit_router_hit_rate_above_rays_default"] = bar(
+            servekit_ray - ray_default, 1e-9)
+        extra["routing"] = {"cost": COST, "blocks_per_replica": BLOCKS,
+                            "workload": workload(args.quick), "replay": REPLAY,
+                            "ray_routing_stats_period": STATS_PERIOD}
     print_bars(bars)
-    write_json(args.json, "ray", rows, bars,
-               workload={"concurrency": concurrency, "max_tokens": max_tokens,
-                         "streams": streams, "rounds": rounds, "one_at_a_time": idle_n})
+    write_json(args.json, "ray", rows, bars, **extra)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,15 @@ from tests._servers import require_module
 
 require_module("ray", "pip install 'servekit[ray]'")
 
-from ray.exceptions import ActorDiedError, RayTaskError  # noqa: E402
+from ray.exceptions import (  # noqa: E402
+    ActorDiedError,
+    ActorUnavailableError,
+    RayActorError,
+    RayTaskError,
+)
 from ray.serve.exceptions import BackPressureError  # noqa: E402
 
-from servekit.deploy.ray.proxy import ReplicaEngine, _unwrap  # noqa: E402
+from servekit.deploy.ray.proxy import ReplicaEngine, _unwrap, failover_reason  # noqa: E402
 from servekit.engine.outputs import RequestOutput  # noqa: E402
 from servekit.protocol.errors import ServiceUnavailableError  # noqa: E402
 from servekit.sched.errors import QueueFullError  # noqa: E402
@@ -114,7 +119,19 @@ def test_a_dead_replica_is_resumed_after_the_tokens_already_yielded() -> None:
     assert [len(c) for c in replicas.calls] == [0, 7, 12]  # each resume after what was yielded
     assert replicas.calls[2] == [t for o in baseline for t in o.new_token_ids][:12]
     assert engine.num_failovers == 2 and engine.num_live_requests == 0
+    assert engine.failovers == {"actor_died": 2}
     assert replicas.engine.num_used_blocks == 0
+
+
+def test_failovers_count_by_how_ray_reported_the_loss() -> None:
+    assert failover_reason(ActorDiedError()) == "actor_died"
+    assert failover_reason(ActorUnavailableError("restarting", None)) == "actor_unavailable"
+    assert failover_reason(RayActorError()) == "actor_error"
+    assert failover_reason(RayTaskError("generate", "tb", ActorDiedError())) == "actor_died"
+    engine = ReplicaEngine(ScriptedReplicas([4], ActorUnavailableError("restarting", None)),
+                           INFO)
+    assert anyio.run(collect, engine)[-1].num_output_tokens == 30
+    assert engine.failovers == {"actor_unavailable": 1}
 
 
 def test_failovers_are_bounded() -> None:

@@ -86,3 +86,51 @@ def test_a_prompt_shorter_than_a_block_still_routes(policy: str) -> None:
     routing.sync({"r1": stats(), "r2": stats()})
     ranks = routing.choose(["r1", "r2"], ([1, 2, 3], None, None))
     assert sorted(n for rank in ranks for n in rank) == ["r1", "r2"]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_sent_prompt_counts_as_held_by_its_replica_until_reports_must_show_it() -> None:
+    clock = Clock()
+    routing = ReplicaRouting("cache_aware", sent_ttl=2.0, clock=clock)
+    routing.sync({"r1": stats(version=1), "r2": stats(version=1)})
+    first = routing.choose(["r1", "r2"], (PROMPT_A, None, None))[0][0]
+    other = "r2" if first == "r1" else "r1"
+    routing.routed("a", first, (PROMPT_A, None, None))
+    routing.completed("a")
+    # no report has its blocks yet: the next turn (the prompt and more) still follows it
+    assert routing.index.cached_blocks(hashes(PROMPT_A)) == {first: 8}
+    assert routing.choose(["r1", "r2"], ([*PROMPT_A, *range(500, 540)], None, None))[0] \
+        == [first]
+    # a report taken before the prefill (without the blocks) does not drop them...
+    clock.now = 1.0
+    routing.sync({first: stats(version=2), other: stats(version=2)})
+    assert routing.index.cached_blocks(hashes(PROMPT_A)) == {first: 8}
+    # ...until sent_ttl has passed: then only what the replicas report counts
+    clock.now = 2.5
+    routing.sync({first: stats(version=3), other: stats(hashes(PROMPT_A), version=3)})
+    assert routing.index.cached_blocks(hashes(PROMPT_A)) == {other: 8}
+
+
+def test_only_generate_calls_hold_blocks() -> None:
+    routing = ReplicaRouting("cache_aware")
+    routing.sync({"r1": stats(), "r2": stats()})
+    routing.routed("info", "r1")  # not a generate call: no prompt
+    routing.routed("short", "r1", ([1, 2, 3], None, None))  # no full block
+    assert routing.index.cached_blocks(hashes(PROMPT_A)) == {}
+    assert routing.router.load("r1") == 2
+
+
+def test_without_reported_load_only_the_routers_own_in_flight_counts() -> None:
+    routing = ReplicaRouting("cache_aware", reported_load=False)
+    routing.sync({"r1": stats(hashes(PROMPT_A), running=40), "r2": stats(running=0)})
+    assert routing.choose(["r1", "r2"], (PROMPT_A, None, None))[0] == ["r1"]  # a stale report
+    for i in range(3):
+        routing.routed(f"r{i}", "r1")
+    assert routing.choose(["r1", "r2"], (PROMPT_A, None, None)) == [["r2"], ["r1"]]

@@ -17,7 +17,7 @@ from servekit.deploy.ray.autoscale import ServekitAutoscalingPolicy
 from servekit.deploy.ray.config import RAY_DEFAULT_ROUTER, from_mapping, load_settings
 from servekit.deploy.ray.ingress import OpenAIIngress
 from servekit.deploy.ray.replica import EngineReplica
-from servekit.deploy.ray.router import ServekitRequestRouter
+from servekit.deploy.ray.router import SENT_TTL, ServekitRequestRouter
 
 __all__ = ["autoscaling_config", "build_app", "run"]
 
@@ -42,7 +42,10 @@ def build_app(args: Mapping[str, Any] | argparse.Namespace | None = None) -> Any
         "request_router_class":
             f"{ServekitRequestRouter.__module__}.{ServekitRequestRouter.__name__}",
         "request_router_kwargs": {"policy": args.routing_policy, "block_size": args.block_size,
-                                  "prefix_blocks": args.prefix_blocks},
+                                  "prefix_blocks": args.prefix_blocks,
+                                  "sent_ttl": max(SENT_TTL, 4 * args.routing_stats_period),
+                                  # one ingress: its router's in-flight counts are exact
+                                  "reported_load": args.ingress_replicas > 1},
         "request_routing_stats_period_s": args.routing_stats_period,
     }
     # "ray": Ray Serve's own default router (power of two choices on queue length)

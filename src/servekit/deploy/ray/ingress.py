@@ -5,7 +5,9 @@ usage recorder, server config: :func:`servekit.server.cli.server_parts`) and han
 :func:`servekit.server.app.create_app` with a :class:`~servekit.deploy.ray.proxy.ReplicaEngine`
 as the engine, so endpoints, errors, keys, limits, usage records and ``/metrics`` are the
 server's own code. Ray Serve's HTTP proxy streams the SSE responses. With several ingress
-replicas, rate limits hold across them when ``limits.store`` is a shared Redis.
+replicas, rate limits hold across them when ``limits.store`` is a shared Redis. ``/metrics``
+also shows the failovers and each engine replica's reported load
+(:mod:`servekit.deploy.ray.metrics`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from ray import serve
 
+from servekit.deploy.ray.metrics import IngressCollector, replica_reports
 from servekit.deploy.ray.proxy import ReplicaEngine
 from servekit.server.app import create_app
 from servekit.server.cli import server_parts
@@ -33,6 +36,11 @@ class OpenAIIngress:
         info = await replica.info.remote()
         self.engine = ReplicaEngine(replica, info)
         parts = server_parts(args)
+        self.app_name = serve.get_replica_context().app_name
+        if parts.metrics is not None:
+            parts.metrics.registry.register(
+                IngressCollector(lambda: self.engine.failovers,
+                                 lambda: replica_reports(self.app_name)))
         self._app = create_app(self.engine, keys=parts.keys, hooks=parts.hooks,
                                limits=parts.limits,
                                metrics=parts.metrics if parts.metrics is not None else False,

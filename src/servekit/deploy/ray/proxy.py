@@ -15,7 +15,9 @@ engine's resume), to another replica, which prefills prompt + those ids and stre
 follows. The caller sees one uninterrupted stream: greedy and seeded generations continue as the
 uninterrupted run would (a seeded draw depends only on ``(seed, position)``), and the counts of
 the last delta cover every output token once. After ``max_failovers`` such failovers the request
-fails with a 503 ``replica_failed``.
+fails with a 503 ``replica_failed``. :attr:`ReplicaEngine.failovers` counts the resumes by
+reason (``actor_died``, ``actor_unavailable``, ``actor_error``: how Ray reported the loss); the
+ingress shows them on ``/metrics``.
 """
 
 from __future__ import annotations
@@ -23,17 +25,18 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
 from servekit.engine.outputs import RequestOutput
 from servekit.protocol.errors import ServiceUnavailableError
 from servekit.sched.params import SamplingParams
 
-__all__ = ["ReplicaEngine"]
+__all__ = ["ReplicaEngine", "failover_reason"]
 
 #: retry-after of the 503 answered when a replica died or Ray refused the request
 _RETRY_AFTER = 1.0
@@ -54,8 +57,9 @@ class ReplicaEngine:
                  max_failovers: int = MAX_FAILOVERS) -> None:
         self._stream = handle.options(stream=True)
         self.max_failovers = max_failovers
-        #: Requests resumed on another replica after theirs died (one per failover).
-        self.num_failovers = 0
+        #: Requests resumed on another replica after theirs was lost, by reason
+        #: (:func:`failover_reason`; one per failover).
+        self.failovers: Counter[str] = Counter()
         self.tokenizer: Any = info["tokenizer"]
         self.model_name: str = info["model_name"]
         self.max_model_len: int = int(info["max_model_len"])
@@ -65,6 +69,11 @@ class ReplicaEngine:
         self._aborted: set[str] = set()
         self._ids = itertools.count()
         self._prefix = f"ray-{os.getpid():x}-"
+
+    @property
+    def num_failovers(self) -> int:
+        """Requests resumed on another replica, all reasons together."""
+        return sum(self.failovers.values())
 
     @property
     def num_live_requests(self) -> int:
@@ -105,7 +114,7 @@ class ReplicaEngine:
                             or not _replica_lost(exc)):
                         raise _unwrap(exc) from None
                     failovers += 1
-                    self.num_failovers += 1
+                    self.failovers[failover_reason(exc)] += 1
                     logger.warning("request %s: its replica failed (%s) after %d output "
                                    "tokens; resuming on another (failover %d of %d)", rid,
                                    type(exc).__name__, len(done), failovers, self.max_failovers)
@@ -129,6 +138,19 @@ def _replica_lost(exc: BaseException) -> bool:
     if isinstance(exc, RayTaskError) and not isinstance(exc, RayActorError):
         return isinstance(exc.cause, RayActorError)
     return isinstance(exc, RayActorError)  # ActorDiedError, ActorUnavailableError
+
+
+def failover_reason(exc: BaseException) -> str:
+    """How Ray reported a lost replica: ``actor_died`` (its actor is dead: killed, crashed,
+    its node gone), ``actor_unavailable`` (unreachable for now, e.g. restarting) or
+    ``actor_error`` (another :class:`~ray.exceptions.RayActorError`)."""
+    if isinstance(exc, RayTaskError) and not isinstance(exc, RayActorError):
+        exc = exc.cause
+    if isinstance(exc, ActorDiedError):
+        return "actor_died"
+    if isinstance(exc, ActorUnavailableError):
+        return "actor_unavailable"
+    return "actor_error"
 
 
 def _unwrap(exc: Exception) -> Exception:

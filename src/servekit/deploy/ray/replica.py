@@ -6,8 +6,9 @@ the demo model, ``engine.model``, or the fake engine), takes its CPU/GPU share f
 :class:`~servekit.engine.outputs.RequestOutput` per item; deltas that queue up while the
 previous item travels come merged: each item costs a Ray round, not each token). Cancelling the call (the ingress does when its client leaves)
 closes the engine's stream, which aborts the request and frees its blocks.
-``record_routing_stats`` reports the load and the KV blocks the replica holds, which Ray Serve
-hands to :class:`~servekit.deploy.ray.router.ServekitRequestRouter`.
+``record_routing_stats`` reports the load, the prefix-cache counters and the KV blocks the
+replica holds, which Ray Serve hands to :class:`~servekit.deploy.ray.router.ServekitRequestRouter`
+(and the ingress shows on its ``/metrics``).
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from servekit.deploy.ray.autoscale import AUTOSCALING_METRICS
 from servekit.engine.outputs import RequestOutput, merge_outputs
 from servekit.errors import ServekitError
 from servekit.kv.events import AllBlocksCleared, BlockRemoved, BlockStored
+from servekit.metrics.events import CacheStats
 from servekit.metrics.hooks import Hook, HookSet
 from servekit.sched.params import SamplingParams
 from servekit.server.cli import build_engine, build_plugins
 from servekit.server.replica_api import replica_load
 from servekit.server.service import admission_capacity
 
-__all__ = ["MERGE_WINDOW", "EngineReplica", "HeldBlocks"]
+__all__ = ["MERGE_WINDOW", "EngineReplica", "HeldBlocks", "PrefixCacheCounters"]
 
 #: Seconds a replica keeps merging deltas that arrive back to back into one Ray item.
 MERGE_WINDOW = 0.002
@@ -65,6 +67,19 @@ class HeldBlocks(Hook):
             return self.version, list(self._blocks)
 
 
+class PrefixCacheCounters(Hook):
+    """The engine's cumulative prefix-cache counters (prompt tokens looked up and found), from
+    its cache stats (any thread; an engine core in another process forwards them too)."""
+
+    def __init__(self) -> None:
+        self.queries = 0
+        self.hits = 0
+
+    def on_cache_stats(self, event: CacheStats) -> None:
+        """Keep the latest cumulative counts."""
+        self.queries, self.hits = event.prefix_queries, event.prefix_hits
+
+
 @serve.deployment(name="EngineReplica")
 class EngineReplica:
     """One engine per replica. ``settings`` is the checked settings namespace, as a dict."""
@@ -72,7 +87,8 @@ class EngineReplica:
     async def __init__(self, settings: dict[str, Any]) -> None:  # type: ignore[misc]  # Ray Serve awaits it
         args = argparse.Namespace(**settings)
         self.held = HeldBlocks()
-        hooks = HookSet([self.held, *build_plugins(args).hooks])
+        self.prefix = PrefixCacheCounters()
+        hooks = HookSet([self.held, self.prefix, *build_plugins(args).hooks])
         self.engine: Any = await anyio.to_thread.run_sync(build_engine, args, hooks)
         self._stack = AsyncExitStack()
         if hasattr(self.engine, "__aenter__"):
@@ -152,8 +168,10 @@ class EngineReplica:
                 "replica": self.replica_id}
 
     def load(self) -> dict[str, Any]:
-        """``running``, ``waiting``, ``kv_usage`` and the ``requests`` this replica served."""
+        """``running``, ``waiting``, ``kv_usage``, the ``requests`` this replica served and its
+        prefix cache's ``prefix_queries`` and ``prefix_hits`` (prompt tokens, cumulative)."""
         return {**replica_load(self.engine), "requests": self.requests,
+                "prefix_queries": self.prefix.queries, "prefix_hits": self.prefix.hits,
                 "replica": self.replica_id}
 
     def record_autoscaling_stats(self) -> dict[str, float]:

@@ -6,25 +6,45 @@ call (``choose_replicas``); :class:`ServekitRequestRouter` answers with a
 cache-aware policy picks the replica for ``generate`` calls: it reads the prompt's token ids from
 the call, hashes its blocks as the replicas' KV cache does, and weighs what each replica holds
 (:class:`~servekit.route.kv_index.KVEventIndex`, rebuilt from the held-block snapshots the
-replicas report in their routing stats) against its load (the reported ``running + waiting``,
-or this router's in-flight count when higher). Other calls (``info``, ``load``) and requests the
-policy cannot route (no key for consistent hashing) go to the least loaded replica.
+replicas report in their routing stats, plus the prompts this router sent each replica since:
+see below) against its load (the reported ``running + waiting``, or this router's in-flight
+count when higher; only the latter with ``reported_load`` off). Other calls (``info``,
+``load``) and requests the policy cannot route (no key for consistent hashing) go to the least
+loaded replica.
+
+A report is up to ``routing_stats_period`` old when it arrives (Ray's controller pulls the
+stats and pushes them to every router), where the gateway reads KV events as they happen. So
+the blocks of a prompt this router sends count as held by its replica at once, and keep counting
+across reports for ``sent_ttl`` seconds (by then a report includes them, or the replica did not
+keep them): the next turn of a conversation, or another request with the same system prompt,
+follows the first without waiting for a report.
 
 The ranks Ray gets are ``[[choice], [fallbacks...]]``: Ray still probes a replica's queue and
 moves to the next rank when it is full (``max_ongoing_requests``).
 
+Each router registers itself (:func:`~servekit.deploy.ray.metrics.register_router`): the
+ingress's ``/metrics`` shows each replica's last reported load from it. (Ray pickles this module
+by value for the handles, so its own globals are copies in each process: the registry lives in
+another module.)
+
 Kwargs (``RequestRouterConfig.request_router_kwargs``): ``policy`` (a routing-policy spec,
 default ``cache_aware``), ``block_size`` and ``hash_algorithm`` (the replicas' KV cache),
-``prefix_blocks`` (how many leading blocks make the routing key).
+``prefix_blocks`` (how many leading blocks make the routing key), ``sent_ttl`` (seconds, default
+2), ``reported_load`` (default true: weigh the replicas' reported ``running + waiting``; with a
+single ingress replica its router sends every request, so its own in-flight counts are exact
+and a report, a period old, would only lag: ``build_app`` turns it off then).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from servekit.deploy.ray.metrics import register_router
 from servekit.route import PrefixKey, ReplicaLoad, RouteError, Router
 from servekit.route.kv_index import KVEventIndex
 
@@ -32,6 +52,8 @@ __all__ = ["ReplicaRouting", "ServekitRequestRouter"]
 
 #: The replica method whose calls the policy routes.
 ROUTED_METHOD = "generate"
+#: Seconds a sent prompt's blocks count as held by its replica without a report (default).
+SENT_TTL = 2.0
 
 
 class ReplicaRouting:
@@ -39,12 +61,18 @@ class ReplicaRouting:
     reports (``record_routing_stats``), the KV index, and the requests in flight."""
 
     def __init__(self, policy: str = "cache_aware", block_size: int = 16,
-                 hash_algorithm: str = "xxhash", prefix_blocks: int = 4) -> None:
+                 hash_algorithm: str = "xxhash", prefix_blocks: int = 4,
+                 sent_ttl: float = SENT_TTL, reported_load: bool = True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.index = KVEventIndex()
         self.router = Router((), policy=policy, index=self.index,
                              prefix=PrefixKey(block_size, prefix_blocks, hash_algorithm))
+        self.sent_ttl = sent_ttl
+        self.reported_load = reported_load
+        self.clock = clock
         self._versions: dict[str, Any] = {}
         self._in_flight: dict[str, str] = {}  # request id -> replica name
+        self._sent: deque[tuple[float, str, tuple[int, ...]]] = deque()  # (when, where, blocks)
 
     def sync(self, replicas: Mapping[str, Mapping[str, Any]]) -> None:
         """Membership, reported loads and held blocks from ``{name: routing stats}``."""
@@ -56,7 +84,7 @@ class ReplicaRouting:
         for name, stats in replicas.items():
             if name not in router.replicas:
                 router.add_replica(name)
-            if "running" in stats:
+            if self.reported_load and "running" in stats:
                 router.report_load(name, ReplicaLoad(
                     int(stats["running"]), int(stats["waiting"]),
                     min(1.0, max(0.0, float(stats["kv_usage"])))))
@@ -65,6 +93,9 @@ class ReplicaRouting:
                 index.remove_replica(name)
                 index.stored(name, 0, stats.get("blocks", ()))
                 self._versions[name] = version
+                for _, where, blocks in self._recent():
+                    if where == name:
+                        self._hold(name, blocks)
 
     def choose(self, candidates: Sequence[str],
                call: tuple[list[int], str | None, str | None] | None) -> list[list[str]]:
@@ -87,17 +118,37 @@ class ReplicaRouting:
                 return ranks
         return [sorted(candidates, key=self._load)]
 
-    def routed(self, request_id: str, name: str) -> None:
-        """A request was sent to ``name``."""
-        if name in self.router.replicas:
-            self.router.acquire(name)
-            self._in_flight[request_id] = name
+    def routed(self, request_id: str, name: str,
+               call: tuple[list[int], str | None, str | None] | None = None) -> None:
+        """A request (a ``generate`` ``call``, see :meth:`choose`) was sent to ``name``."""
+        if name not in self.router.replicas:
+            return
+        self.router.acquire(name)
+        self._in_flight[request_id] = name
+        if call is not None:
+            token_ids, _, cache_salt = call
+            blocks = tuple(self.router.prefix.block_hashes(token_ids, cache_salt))
+            if blocks:
+                self._sent.append((self.clock(), name, blocks))
+                self._hold(name, blocks)
 
     def completed(self, request_id: str) -> None:
         """A request ended."""
         name = self._in_flight.pop(request_id, None)
         if name is not None and name in self.router.replicas:
             self.router.release(name, None)
+
+    def _recent(self) -> deque[tuple[float, str, tuple[int, ...]]]:
+        """The prompts sent within ``sent_ttl`` (older ones dropped)."""
+        sent, oldest = self._sent, self.clock() - self.sent_ttl
+        while sent and sent[0][0] < oldest:
+            sent.popleft()
+        return sent
+
+    def _hold(self, name: str, blocks: Sequence[int]) -> None:
+        """Count ``blocks`` as held by ``name`` until its next report."""
+        last = self.index.last_seq(name)
+        self.index.stored(name, 0 if last is None else last + 1, blocks)
 
     def _load(self, name: str) -> int:
         router = self.router
@@ -114,6 +165,14 @@ class ServekitRequestRouter(RequestRouter):  # type: ignore[misc]  # ray is unty
     def initialize_state(self, **kwargs: Any) -> None:
         """Called by Ray Serve with ``request_router_kwargs`` (:class:`ReplicaRouting`'s)."""
         self.routing = ReplicaRouting(**kwargs)
+        register_router(self)
+
+    def replica_reports(self) -> dict[str, dict[str, Any]]:
+        """Each current replica's last routing stats (``record_routing_stats``, without the
+        block list), by replica id; ``{}`` for a replica that has not reported yet."""
+        return {r.replica_id.unique_id: {k: v for k, v in (r.routing_stats or {}).items()
+                                         if k != "blocks"}
+                for r in list(self.curr_replicas.values())}
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None
@@ -129,8 +188,9 @@ class ServekitRequestRouter(RequestRouter):  # type: ignore[misc]  # ray is unty
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: Any) -> None:
-        """Count the request in flight on its replica."""
-        self.routing.routed(pending_request.metadata.internal_request_id, replica_id.unique_id)
+        """Count the request in flight on its replica, and its prompt's blocks as held there."""
+        self.routing.routed(pending_request.metadata.internal_request_id, replica_id.unique_id,
+                            _routed_call(pending_request))
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         """The request ended: no longer in flight."""
