@@ -14,6 +14,7 @@ which aborts the request on the replica.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -24,6 +25,7 @@ from attrs import define, field
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from servekit.gateway.budget import RetryBudget
+from servekit.gateway.coalesce import coalesced
 from servekit.gateway.edge import Edge, usage_total
 from servekit.gateway.failover import TOKEN_IDS, StreamTracker, resumable, resume_body
 from servekit.gateway.fleet import GATEWAY_SECRET_HEADER, Fleet
@@ -290,13 +292,14 @@ class Forwarder:
                     if tracker.done and ledger is not None:
                         await ledger.before_final()
                     yield data
-                async for chunk in chunks:
-                    data = tracker.feed(chunk)
-                    if data:
-                        call.used = prompt + tracker.num_tokens
-                        if tracker.done and ledger is not None:
-                            await ledger.before_final()
-                        yield data
+                async with contextlib.aclosing(coalesced(chunks)) as batches:
+                    async for chunk in batches:
+                        data = tracker.feed(chunk)
+                        if data:
+                            call.used = prompt + tracker.num_tokens
+                            if tracker.done and ledger is not None:
+                                await ledger.before_final()
+                            yield data
                 if ledger is not None and tracker.done:
                     ledger.after_final()
                 if tracker.usage is not None:  # the replica's own count
@@ -373,12 +376,13 @@ class Forwarder:
                     ledger.body = first
                     await ledger.before_final()
                 yield first
-            async for chunk in chunks:
-                prev, last = last, chunk
-                if ledger is not None and _DONE in chunk:
-                    ledger.body = prev + last
-                    await ledger.before_final()
-                yield chunk
+            async with contextlib.aclosing(coalesced(chunks)) as batches:
+                async for chunk in batches:
+                    prev, last = last, chunk
+                    if ledger is not None and _DONE in chunk:
+                        ledger.body = prev + last
+                        await ledger.before_final()
+                    yield chunk
             if ledger is not None:
                 ledger.after_final()
             ok = upstream.status_code < 500
