@@ -18,6 +18,7 @@ from servekit.gateway.edge import Edge
 from servekit.gateway.fleet import Fleet
 from servekit.gateway.forward import Forwarder, unavailable
 from servekit.gateway.metrics import GatewayMetrics
+from servekit.gateway.upstream import Upstream
 from servekit.limit.keyed import KeyLimits
 from servekit.limit.keys import KeyStore
 from servekit.route.health import NodeHealth
@@ -65,7 +66,8 @@ def create_gateway(replicas: Sequence[str], *, policy: str = "cache_aware",
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with httpx.AsyncClient(limits=pool, timeout=timeout) as client:
-            app.state.forwarder = Forwarder(fleet, client, budget or RetryBudget(), metrics,
+            upstream = Upstream(connect_timeout=timeout.connect or 2.0, max_idle=max_connections)
+            app.state.forwarder = Forwarder(fleet, upstream, budget or RetryBudget(), metrics,
                                             max_failovers=max_failovers, edge=edge, usage=usage)
             if usage is not None:
                 usage.start()
@@ -75,6 +77,7 @@ def create_gateway(replicas: Sequence[str], *, policy: str = "cache_aware",
                     yield
                     tg.cancel_scope.cancel()
             finally:
+                await upstream.aclose()
                 if usage is not None:
                     await anyio.to_thread.run_sync(usage.stop)
 

@@ -14,7 +14,6 @@ which aborts the request on the replica.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -25,11 +24,11 @@ from attrs import define, field
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from servekit.gateway.budget import RetryBudget
-from servekit.gateway.coalesce import coalesced
 from servekit.gateway.edge import Edge, usage_total
 from servekit.gateway.failover import TOKEN_IDS, StreamTracker, resumable, resume_body
 from servekit.gateway.fleet import GATEWAY_SECRET_HEADER, Fleet
 from servekit.gateway.metrics import GatewayMetrics
+from servekit.gateway.upstream import Upstream, UpstreamResponse
 from servekit.gateway.usage import ATTEMPT_HEADER, Ledger, LedgerResponse
 from servekit.limit.keyed import Admission
 from servekit.protocol.errors import InvalidRequestError, StatusError
@@ -80,7 +79,7 @@ class _Call:
 class Forwarder:
     """Sends requests to the fleet's replicas over one pooled keep-alive client."""
 
-    def __init__(self, fleet: Fleet, client: httpx.AsyncClient, budget: RetryBudget,
+    def __init__(self, fleet: Fleet, client: Upstream, budget: RetryBudget,
                  metrics: GatewayMetrics, max_failovers: int = 3,
                  edge: Edge | None = None, usage: UsageRecorder | None = None) -> None:
         self.fleet, self.client, self.budget, self.metrics = fleet, client, budget, metrics
@@ -225,10 +224,9 @@ class Forwarder:
     async def _attempt(self, url: str, call: _Call) -> Response | tuple[str, Response]:
         """A committed response, or ``("retry", response-if-none-else)``."""
         stream = call.stream
-        request = self.client.build_request(call.method, url + call.path,
-                                            headers=_attempt_headers(call), content=call.body)
         try:
-            upstream = await self.client.send(request, stream=True)
+            upstream = await self.client.send(call.method, url + call.path,
+                                              _attempt_headers(call), call.body)
         except httpx.TransportError as exc:
             self.fleet.release(url, False)
             self.metrics.outcome(url, "connect_error")
@@ -272,7 +270,7 @@ class Forwarder:
         return StreamingResponse(relay, status_code=upstream.status_code,
                                  headers=_response_headers(upstream))
 
-    async def _relay_tracked(self, url: str, upstream: httpx.Response, first: bytes,
+    async def _relay_tracked(self, url: str, upstream: UpstreamResponse, first: bytes,
                              chunks: AsyncIterator[bytes], call: _Call,
                              resume: bool) -> AsyncIterator[bytes]:
         """Relay a stream with servekit's extensions (stripped); with ``resume`` (token ids),
@@ -292,14 +290,13 @@ class Forwarder:
                     if tracker.done and ledger is not None:
                         await ledger.before_final()
                     yield data
-                async with contextlib.aclosing(coalesced(chunks)) as batches:
-                    async for chunk in batches:
-                        data = tracker.feed(chunk)
-                        if data:
-                            call.used = prompt + tracker.num_tokens
-                            if tracker.done and ledger is not None:
-                                await ledger.before_final()
-                            yield data
+                async for chunk in chunks:  # each: all that the socket held
+                    data = tracker.feed(chunk)
+                    if data:
+                        call.used = prompt + tracker.num_tokens
+                        if tracker.done and ledger is not None:
+                            await ledger.before_final()
+                        yield data
                 if ledger is not None and tracker.done:
                     ledger.after_final()
                 if tracker.usage is not None:  # the replica's own count
@@ -340,7 +337,7 @@ class Forwarder:
             chunks, first = upstream.aiter_raw(), b""
 
     async def _resume(self, call: _Call, tracker: StreamTracker
-                      ) -> tuple[str, httpx.Response] | None:
+                      ) -> tuple[str, UpstreamResponse] | None:
         """A replica's response continuing ``tracker``'s stream, or None (this try failed)."""
         assert call.parsed is not None
         url = self._route(call)
@@ -349,11 +346,10 @@ class Forwarder:
             url = self._route(call)
             if url is None:
                 return None
-        request = self.client.build_request(call.method, url + call.path,
-                                            headers=_attempt_headers(call),
-                                            content=resume_body(call.parsed, tracker))
         try:
-            upstream = await self.client.send(request, stream=True)
+            upstream = await self.client.send(call.method, url + call.path,
+                                              _attempt_headers(call),
+                                              resume_body(call.parsed, tracker))
         except httpx.TransportError:
             self.fleet.release(url, False)
             self.metrics.outcome(url, "connect_error")
@@ -365,7 +361,7 @@ class Forwarder:
             return None
         return url, upstream
 
-    async def _relay(self, url: str, upstream: httpx.Response, first: bytes,
+    async def _relay(self, url: str, upstream: UpstreamResponse, first: bytes,
                      chunks: AsyncIterator[bytes], call: _Call) -> AsyncIterator[bytes]:
         ok: bool | None = None
         prev = last = first  # the usage chunk, when asked for, comes right before [DONE]
@@ -376,13 +372,12 @@ class Forwarder:
                     ledger.body = first
                     await ledger.before_final()
                 yield first
-            async with contextlib.aclosing(coalesced(chunks)) as batches:
-                async for chunk in batches:
-                    prev, last = last, chunk
-                    if ledger is not None and _DONE in chunk:
-                        ledger.body = prev + last
-                        await ledger.before_final()
-                    yield chunk
+            async for chunk in chunks:
+                prev, last = last, chunk
+                if ledger is not None and _DONE in chunk:
+                    ledger.body = prev + last
+                    await ledger.before_final()
+                yield chunk
             if ledger is not None:
                 ledger.after_final()
             ok = upstream.status_code < 500
@@ -424,7 +419,7 @@ def _json(body: bytes) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-async def _read_quietly(upstream: httpx.Response) -> bytes:
+async def _read_quietly(upstream: UpstreamResponse) -> bytes:
     try:
         return await upstream.aread()
     except httpx.HTTPError:
@@ -433,11 +428,11 @@ async def _read_quietly(upstream: httpx.Response) -> bytes:
         await upstream.aclose()
 
 
-def _response_headers(upstream: httpx.Response) -> dict[str, str]:
+def _response_headers(upstream: UpstreamResponse) -> dict[str, str]:
     return {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS
             and k.lower() != "content-encoding" and not k.lower().startswith(_PRIVATE_PREFIX)}
 
 
-def _copy(upstream: httpx.Response, content: bytes) -> Response:
+def _copy(upstream: UpstreamResponse, content: bytes) -> Response:
     return Response(content, status_code=upstream.status_code,
                     headers=_response_headers(upstream))
