@@ -18,6 +18,7 @@ from servekit.gateway.edge import Edge
 from servekit.gateway.fleet import Fleet
 from servekit.gateway.forward import Forwarder, unavailable
 from servekit.gateway.metrics import GatewayMetrics
+from servekit.gateway.tracing import GatewayTracer
 from servekit.gateway.upstream import Upstream
 from servekit.limit.keyed import KeyLimits
 from servekit.limit.keys import KeyStore
@@ -35,7 +36,7 @@ def create_gateway(replicas: Sequence[str], *, policy: str = "cache_aware",
                    max_failovers: int = 3, slow_start: float = 0.0,
                    replicas_file: str | Path | None = None,
                    usage: UsageRecorder | None = None, failure_threshold: int = 3,
-                   cooldown: float = 2.0) -> FastAPI:
+                   cooldown: float = 2.0, tracer: GatewayTracer | None = None) -> FastAPI:
     """The gateway app over ``replicas`` (base URLs). ``secret`` is the replicas' shared
     gateway secret (their info, KV events and load, token ids for failover, the caller's
     tenant and cache salt); without it routing uses in-flight counts only and streams do not
@@ -49,7 +50,9 @@ def create_gateway(replicas: Sequence[str], *, policy: str = "cache_aware",
     given the secret, record their attempts for analytics only). A replica's circuit breaker
     opens after ``failure_threshold`` consecutive failures; ``cooldown`` seconds later one
     probe request is let through, and its success closes the breaker (a replica the readiness
-    probe took out is half-open as soon as it is ready again)."""
+    probe took out is half-open as soon as it is ready again). ``tracer`` makes an
+    OpenTelemetry span per client request with a child per replica attempt
+    (:mod:`servekit.gateway.tracing`)."""
     if not replicas and replicas_file is None:
         raise ValueError("replicas: at least one replica URL (or a replicas file) is required")
     if usage is not None and secret is None:
@@ -72,7 +75,8 @@ def create_gateway(replicas: Sequence[str], *, policy: str = "cache_aware",
         async with httpx.AsyncClient(limits=pool, timeout=timeout) as client:
             upstream = Upstream(connect_timeout=timeout.connect or 2.0, max_idle=max_connections)
             app.state.forwarder = Forwarder(fleet, upstream, budget or RetryBudget(), metrics,
-                                            max_failovers=max_failovers, edge=edge, usage=usage)
+                                            max_failovers=max_failovers, edge=edge, usage=usage,
+                                            tracer=tracer)
             if usage is not None:
                 usage.start()
             try:

@@ -28,6 +28,7 @@ from servekit.gateway.edge import Edge, usage_total
 from servekit.gateway.failover import TOKEN_IDS, StreamTracker, resumable, resume_body
 from servekit.gateway.fleet import GATEWAY_SECRET_HEADER, Fleet
 from servekit.gateway.metrics import GatewayMetrics
+from servekit.gateway.tracing import GatewayTracer, RequestTrace, TracedResponse
 from servekit.gateway.upstream import Upstream, UpstreamResponse
 from servekit.gateway.usage import ATTEMPT_HEADER, Ledger, LedgerResponse
 from servekit.limit.keyed import Admission
@@ -74,6 +75,8 @@ class _Call:
     used: int | None = None
     #: The client request's ledger record (when the gateway records usage).
     ledger: Ledger | None = None
+    #: Its OpenTelemetry spans (when the gateway traces).
+    trace: RequestTrace | None = None
 
 
 class Forwarder:
@@ -81,8 +84,10 @@ class Forwarder:
 
     def __init__(self, fleet: Fleet, client: Upstream, budget: RetryBudget,
                  metrics: GatewayMetrics, max_failovers: int = 3,
-                 edge: Edge | None = None, usage: UsageRecorder | None = None) -> None:
+                 edge: Edge | None = None, usage: UsageRecorder | None = None,
+                 tracer: GatewayTracer | None = None) -> None:
         self.fleet, self.client, self.budget, self.metrics = fleet, client, budget, metrics
+        self.tracer = tracer
         self.max_failovers = max_failovers
         self.edge = edge
         self.usage = usage
@@ -90,6 +95,18 @@ class Forwarder:
     async def forward(self, method: str, path: str, headers: Mapping[str, str],
                       body: bytes) -> Response:
         """Forward one request; the response the client gets."""
+        if self.tracer is None:
+            return await self._forward(method, path, headers, body, None)
+        trace = self.tracer.request(method, path)
+        try:
+            response = await self._forward(method, path, headers, body, trace)
+        except BaseException as exc:
+            trace.end(None, exc)
+            raise
+        return TracedResponse(response, trace)
+
+    async def _forward(self, method: str, path: str, headers: Mapping[str, str],
+                       body: bytes, trace: RequestTrace | None) -> Response:
         fleet, edge = self.fleet, self.edge
         parsed = _json(body)
         if parsed is not None and "servekit_resume" in parsed:
@@ -130,7 +147,9 @@ class Forwarder:
             out_headers[TENANT_HEADER] = key.tenant
             out_headers[CACHE_SALT_HEADER] = key.salt
         call = _Call(method, path, out_headers, body, parsed, stream,
-                     headers.get("x-session-id"), ids, hashes, can_resume)
+                     headers.get("x-session-id"), ids, hashes, can_resume, trace=trace)
+        if trace is not None:
+            trace.describe(parsed.get("model") if parsed is not None else None, stream)
         if edge is None:
             return self._ledgered(await self._send_recorded(self._begin(call, key)), call)
         try:
@@ -193,8 +212,10 @@ class Forwarder:
         """Route and send ``call``, retrying before the first byte."""
         self.budget.request()
         last: Response | None = None
+        why = "first"
         while True:
-            url = self._route(call)
+            url = self._route(call, why)
+            why = "retry"
             if url is None:
                 return last if last is not None else unavailable(
                     "no replica is available; retry later")
@@ -206,8 +227,9 @@ class Forwarder:
                 return last
             self.metrics.retry(url)
 
-    def _route(self, call: _Call) -> str | None:
-        """The next replica for ``call`` (one it has not tried), or None when none is left."""
+    def _route(self, call: _Call, why: str) -> str | None:
+        """The next replica for ``call`` (one it has not tried), or None when none is left;
+        ``why`` it is tried (first, retry, resume) goes in its trace."""
         try:
             url = self.fleet.router.route(session_id=call.session, token_ids=call.ids,
                                           block_hashes=call.hashes, exclude=call.tried).node
@@ -219,7 +241,15 @@ class Forwarder:
         hashes = call.hashes
         held = self.fleet.index.cached_blocks(hashes).get(url, 0) if hashes else 0
         self.metrics.routed(url, "cache_hit" if held else "load")
+        if call.trace is not None:
+            call.trace.attempt(url, why, call.headers)
         return url
+
+    def _outcome(self, call: _Call, url: str, outcome: str) -> None:
+        """An attempt of ``call`` on ``url`` ended with ``outcome``."""
+        self.metrics.outcome(url, outcome)
+        if call.trace is not None:
+            call.trace.end_attempt(outcome)
 
     async def _attempt(self, url: str, call: _Call) -> Response | tuple[str, Response]:
         """A committed response, or ``("retry", response-if-none-else)``."""
@@ -229,12 +259,12 @@ class Forwarder:
                                               _attempt_headers(call), call.body)
         except httpx.TransportError as exc:
             self.fleet.release(url, False)
-            self.metrics.outcome(url, "connect_error")
+            self._outcome(call, url, "connect_error")
             return "retry", unavailable(f"replica unreachable: {type(exc).__name__}")
         if upstream.status_code in RETRYABLE_STATUS:
             content = await _read_quietly(upstream)
             self.fleet.release(url, False if upstream.status_code == 503 else None)
-            self.metrics.outcome(url, str(upstream.status_code))
+            self._outcome(call, url, str(upstream.status_code))
             return "retry", _copy(upstream, content)
         chunks = upstream.aiter_raw()
         try:
@@ -245,12 +275,12 @@ class Forwarder:
         except httpx.TransportError as exc:
             await upstream.aclose()
             self.fleet.release(url, False)
-            self.metrics.outcome(url, "reset")
+            self._outcome(call, url, "reset")
             return "retry", unavailable(f"replica failed: {type(exc).__name__}")
         if not stream:
             await upstream.aclose()
             self.fleet.release(url, upstream.status_code < 500)
-            self.metrics.outcome(url, str(upstream.status_code))
+            self._outcome(call, url, str(upstream.status_code))
             call.used = usage_total(content) if upstream.status_code == 200 else None
             if call.ledger is not None:
                 call.ledger.body = content
@@ -311,13 +341,15 @@ class Forwarder:
             finally:
                 await upstream.aclose()
                 self.fleet.release(url, ok)
-                self.metrics.outcome(url, "stream_ok" if ok else
+                self._outcome(call, url, "stream_ok" if ok else
                                      ("stream_cut" if ok is False else
                                       "stream_drained" if tracker.drained else "client_gone"))
             if tracker.done or not resume:
                 return
             tracker.cut()
             self.metrics.failover(url)
+            if call.trace is not None:
+                call.trace.failed_over()
             resumed = None
             while resumed is None and failovers < self.max_failovers:
                 failovers += 1
@@ -340,10 +372,10 @@ class Forwarder:
                       ) -> tuple[str, UpstreamResponse] | None:
         """A replica's response continuing ``tracker``'s stream, or None (this try failed)."""
         assert call.parsed is not None
-        url = self._route(call)
+        url = self._route(call, "resume")
         if url is None:
             call.tried.clear()  # every replica failed once: any may take the next try
-            url = self._route(call)
+            url = self._route(call, "resume")
             if url is None:
                 return None
         try:
@@ -352,12 +384,12 @@ class Forwarder:
                                               resume_body(call.parsed, tracker))
         except httpx.TransportError:
             self.fleet.release(url, False)
-            self.metrics.outcome(url, "connect_error")
+            self._outcome(call, url, "connect_error")
             return None
         if upstream.status_code != 200:
             await _read_quietly(upstream)
             self.fleet.release(url, False if upstream.status_code >= 500 else None)
-            self.metrics.outcome(url, str(upstream.status_code))
+            self._outcome(call, url, str(upstream.status_code))
             return None
         return url, upstream
 
@@ -389,7 +421,7 @@ class Forwarder:
                 ledger.body = prev + last
             await upstream.aclose()
             self.fleet.release(url, ok)
-            self.metrics.outcome(url, "stream_ok" if ok else
+            self._outcome(call, url, "stream_ok" if ok else
                                  ("stream_cut" if ok is False else "client_gone"))
 
 
