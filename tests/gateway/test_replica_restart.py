@@ -44,6 +44,14 @@ def _routed(gw: str, url: str, reason: str | None = None) -> float:
     return total
 
 
+def _breaker(gw: str, url: str) -> str:
+    """The state the gateway's ``replica_state`` gauge gives ``url`` (the one set to 1)."""
+    found = re.findall(r'^servekit_gateway_replica_state\{replica="([^"]+)",state="([^"]+)"\} '
+                       r'1\.0$', httpx.get(gw + "/metrics").text, re.M)
+    [state] = [s for u, s in found if u == url]
+    return state
+
+
 async def _streams(gw: str, n: int, max_tokens: int) -> list[int]:
     """``n`` streams at once; each one's status."""
     body = {"model": "fake", "prompt": "hi", "max_tokens": max_tokens, "stream": True}
@@ -76,12 +84,14 @@ def test_a_killed_replica_that_returns_is_readmitted_through_half_open(
         stack.enter_context(cli_server(*fake, port=port))  # b again: a new process
         _until(lambda: _state(gw, b_url) != "down", "the restarted replica not noticed")
         assert _state(gw, b_url) == "ejected"  # half-open: not in rotation before a probe
+        assert _breaker(gw, b_url) == "ejected"
         before = _routed(gw, b_url)
         # six 1-second streams at once: the first routed to b is its probe, and while it
         # runs nothing else goes there
         assert asyncio.run(_streams(gw, 6, 50)) == [200] * 6
         assert _routed(gw, b_url) - before == 1
         assert _state(gw, b_url) == "up"  # the probe succeeded: the breaker is closed
+        assert _breaker(gw, b_url) == "up"
         before = _routed(gw, b_url)
         assert asyncio.run(_streams(gw, 4, 5)) == [200] * 4
         assert _routed(gw, b_url) - before == 2  # back in the round-robin rotation

@@ -131,6 +131,8 @@ def create_gateway(replicas: Sequence[str], *, policy: str = "cache_aware",
     @app.get("/metrics", tags=["ops"])
     async def prometheus() -> Response:
         """Prometheus metrics of the gateway."""
+        health = fleet.router.health
+        metrics.breaker({u: health.state(u).value for u in fleet.urls})
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
