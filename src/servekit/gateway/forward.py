@@ -315,8 +315,9 @@ class Forwarder:
         while True:
             ok: bool | None = None
             try:
-                data = tracker.feed(first)
+                data = tracker.feed(first)  # may hold the whole stream: one read's worth
                 if data:
+                    call.used = prompt + tracker.num_tokens
                     if tracker.done and ledger is not None:
                         await ledger.before_final()
                     yield data
@@ -342,8 +343,8 @@ class Forwarder:
                 await upstream.aclose()
                 self.fleet.release(url, ok)
                 self._outcome(call, url, "stream_ok" if ok else
-                                     ("stream_cut" if ok is False else
-                                      "stream_drained" if tracker.drained else "client_gone"))
+                              ("stream_cut" if ok is False else
+                               "stream_drained" if tracker.drained else "client_gone"))
             if tracker.done or not resume:
                 return
             tracker.cut()
@@ -422,7 +423,7 @@ class Forwarder:
             await upstream.aclose()
             self.fleet.release(url, ok)
             self._outcome(call, url, "stream_ok" if ok else
-                                 ("stream_cut" if ok is False else "client_gone"))
+                          ("stream_cut" if ok is False else "client_gone"))
 
 
 def _attempt_headers(call: _Call) -> dict[str, str]:
