@@ -50,6 +50,16 @@ class Result:
         return out
 
     @property
+    def texts(self) -> dict[int, str]:
+        """Each choice's text (several choices' events interleave as they come)."""
+        out: dict[int, str] = {}
+        for doc in self.docs:
+            for choice in doc.get("choices") or ():
+                out[choice["index"]] = out.get(choice["index"], "") + (
+                    choice.get("text") or (choice.get("delta") or {}).get("content") or "")
+        return out
+
+    @property
     def usage(self) -> dict[str, Any] | None:
         return self.docs[-1].get("usage") if self.docs else None
 
@@ -113,14 +123,15 @@ def _requests(model: str, max_tokens: int, sampling: dict[str, Any], n: int = 3
 def _check_continuous(result: Result, expected: Result, max_tokens: int) -> None:
     assert result.done, result.raw[-500:]
     assert ": servekit" not in result.raw  # the gateway stripped the token ids
-    assert result.text == expected.text
+    assert result.texts == expected.texts
     assert len({(d["id"], d["created"]) for d in result.docs}) == 1  # one stream
-    assert sum(1 for d in result.docs for c in d.get("choices") or ()
-               if (c.get("delta") or {}).get("role")) <= 1  # one opening chunk, at most
+    opened = [c["index"] for d in result.docs for c in d.get("choices") or ()
+              if (c.get("delta") or {}).get("role")]
+    assert len(opened) == len(set(opened))  # one opening chunk per choice, at most
     assert result.usage is not None and expected.usage is not None
     billed = ("prompt_tokens", "completion_tokens", "total_tokens")  # once, for all outputs
     assert [result.usage[k] for k in billed] == [expected.usage[k] for k in billed]
-    assert result.usage["completion_tokens"] <= max_tokens
+    assert result.usage["completion_tokens"] <= max_tokens * len(result.texts)
 
 
 @pytest.fixture
@@ -134,7 +145,8 @@ def fake_replicas(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[CliServer]]:
 def test_three_replicas_two_gateways_a_sigkill_loses_no_stream(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Two gateways in front of three replicas, streams through both: the replica holding the
-    most is SIGKILLed mid-stream, and every stream ends as in the no-fault run."""
+    most is SIGKILLed mid-stream, and every stream (of one choice or two) ends as in the
+    no-fault run."""
     monkeypatch.setenv("SERVEKIT_GATEWAY_SECRET", SECRET)
     with ExitStack() as stack:
         replicas = [stack.enter_context(cli_server("--fake", "--fake-token-delay", "0.02"))
@@ -143,7 +155,8 @@ def test_three_replicas_two_gateways_a_sigkill_loses_no_stream(
             [r.url for r in replicas], secret=SECRET, probe_interval=0.1))) for _ in range(2)]
         for gw in gws:
             _wait_ready(gw)
-        requests = _requests("fake", 60, {}, 4)  # 8 streams, 4 through each gateway
+        # 10 streams, 5 through each gateway; two of them of two choices each
+        requests = _requests("fake", 60, {}, 4) + _requests("fake", 60, {"n": 2}, 1)
         expected, _ = asyncio.run(_run(gws, requests))
         results, killed = asyncio.run(_run(gws, requests, kill_from=replicas))
         assert killed is not None
@@ -152,6 +165,23 @@ def test_three_replicas_two_gateways_a_sigkill_loses_no_stream(
                    in httpx.get(gw + "/metrics").text for gw in gws)
     for result, want in zip(results, expected, strict=True):
         _check_continuous(result, want, 60)
+        assert len(result.texts) == len(want.texts) >= 1
+
+
+def test_streams_of_several_choices_resume_each_choice(fake_replicas: list[CliServer]) -> None:
+    """n = 2: each choice is resumed from its own token ids and every choice's text equals
+    the no-fault run's (a choice that finished before the cut is not continued:
+    test_replica_api)."""
+    app = create_gateway([r.url for r in fake_replicas], secret=SECRET, probe_interval=0.1)
+    requests = _requests("fake", 80, {"n": 2}, 2)
+    with serve_asgi(app) as gw:
+        _wait_ready(gw)
+        expected, _ = asyncio.run(_run(gw, requests))
+        results, killed = asyncio.run(_run(gw, requests, kill_from=fake_replicas))
+        assert killed is not None and _failovers(gw) >= 1
+    for result, want in zip(results, expected, strict=True):
+        _check_continuous(result, want, 80)
+        assert sorted(result.texts) == [0, 1]
 
 
 def test_no_replica_left_ends_the_stream_with_an_error_event(
@@ -218,13 +248,16 @@ def test_demo_replica_killed_mid_stream_text_equals_the_no_fault_run(
             _wait_ready(url)
         model = httpx.get(replicas[0].url + "/v1/models").json()["data"][0]["id"]
         requests = (_requests(model, n, {"temperature": 0, "ignore_eos": True}, 2)
-                    + _requests(model, n, {"temperature": 0.9, "seed": 7, "ignore_eos": True}, 2))
+                    + _requests(model, n, {"temperature": 0.9, "seed": 7, "ignore_eos": True}, 2)
+                    + _requests(model, n, {"temperature": 0.9, "seed": 3, "ignore_eos": True,
+                                           "n": 2}, 1))
         expected, _ = asyncio.run(_run(gw, requests))
         results, killed = asyncio.run(_run(gw, requests, kill_from=replicas))
         assert killed is not None and sum(_failovers(url) for url in gw) >= 1
     for result, want in zip(results, expected, strict=True):
         _check_continuous(result, want, n)
-        assert result.usage is not None and result.usage["completion_tokens"] == n
+        assert result.usage is not None
+        assert result.usage["completion_tokens"] == n * len(result.texts)
 
 
 def test_streams_cut_by_a_drain_fail_over(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -306,7 +306,8 @@ class Forwarder:
         """Relay a stream with servekit's extensions (stripped); with ``resume`` (token ids),
         resume it elsewhere when it breaks before [DONE]. The ledger record is appended
         before the chunk holding [DONE] goes out."""
-        tracker = StreamTracker()
+        n = call.parsed.get("n", 1) if call.parsed is not None else 1
+        tracker = StreamTracker(n if isinstance(n, int) else 1)
         ledger = call.ledger
         if ledger is not None:
             ledger.tracker = tracker
