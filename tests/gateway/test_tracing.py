@@ -18,6 +18,8 @@ from tests.asgi_server import serve_asgi
 from tests.gateway.test_failover import SECRET, _requests, _run, _wait_ready
 from tests.server.cli_server import cli_server
 
+PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
 
 def test_a_span_per_request_with_its_attempts_as_children(
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -32,8 +34,8 @@ def test_a_span_per_request_with_its_attempts_as_children(
             [r.url for r in replicas], secret=SECRET, probe_interval=0.1,
             tracer=GatewayTracer(provider))))
         _wait_ready(gw)
-        r = httpx.post(gw + "/v1/completions", timeout=10, json={
-            "model": "fake", "prompt": "x", "max_tokens": 3})
+        r = httpx.post(gw + "/v1/completions", timeout=10, headers={"traceparent": PARENT},
+                       json={"model": "fake", "prompt": "x", "max_tokens": 3})
         assert r.status_code == 200
         bad = httpx.post(gw + "/v1/completions", timeout=10, json={
             "model": "fake", "prompt": "x", "servekit_resume": {}})
@@ -54,6 +56,9 @@ def test_a_span_per_request_with_its_attempts_as_children(
     assert children.get(plain.context.span_id) == ["first:200"]
     assert plain.attributes["http.response.status_code"] == 200
     assert plain.attributes["gen_ai.request.model"] == "fake"
+    # a child of the client's own trace
+    assert plain.context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+    assert plain.parent is not None and plain.parent.span_id == 0xB7AD6B7169203331
     assert refused.context.span_id not in children  # refused at the edge: no attempt
     assert refused.attributes["http.response.status_code"] == 400
     # cut on the killed replica, finished by another

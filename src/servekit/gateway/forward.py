@@ -97,7 +97,7 @@ class Forwarder:
         """Forward one request; the response the client gets."""
         if self.tracer is None:
             return await self._forward(method, path, headers, body, None)
-        trace = self.tracer.request(method, path)
+        trace = self.tracer.request(method, path, headers)
         try:
             response = await self._forward(method, path, headers, body, trace)
         except BaseException as exc:
@@ -277,6 +277,11 @@ class Forwarder:
             self.fleet.release(url, False)
             self._outcome(call, url, "reset")
             return "retry", unavailable(f"replica failed: {type(exc).__name__}")
+        except BaseException:  # the client went away before the first byte
+            await upstream.aclose()
+            self.fleet.release(url, None)
+            self._outcome(call, url, "client_gone")
+            raise
         if not stream:
             await upstream.aclose()
             self.fleet.release(url, upstream.status_code < 500)

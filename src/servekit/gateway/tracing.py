@@ -12,7 +12,7 @@ whether it streamed, its status, how many attempts and failovers it took. Each a
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from starlette.responses import Response
@@ -38,9 +38,11 @@ class GatewayTracer:
         provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
         self._tracer = provider.get_tracer("servekit.gateway")
 
-    def request(self, method: str, path: str) -> RequestTrace:
-        """The trace of one client request (its span started now)."""
+    def request(self, method: str, path: str, headers: Mapping[str, str]) -> RequestTrace:
+        """The trace of one client request (its span started now; a child of the client's
+        ``traceparent``, if it sent one)."""
         span = self._tracer.start_span(f"{method} {path}", kind=self._trace.SpanKind.SERVER,
+                                       context=self._propagate.extract(headers),
                                        attributes={"http.request.method": method,
                                                    "url.path": path})
         return RequestTrace(self, span)

@@ -89,6 +89,9 @@ class Upstream:
                 if isinstance(exc, httpx.TransportError):
                     raise
                 raise httpx.WriteError(f"{type(exc).__name__}: {exc}") from exc
+            except BaseException:  # cancelled mid-request: the replica sees the close
+                conn.close()
+                raise
 
     async def aclose(self) -> None:
         """Close the idle connections."""
