@@ -24,7 +24,7 @@ from attrs import define, field
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from servekit.gateway.budget import RetryBudget
-from servekit.gateway.edge import Edge, usage_total
+from servekit.gateway.edge import Edge, cached_total, usage_total
 from servekit.gateway.failover import TOKEN_IDS, StreamTracker, resumable, resume_body
 from servekit.gateway.fleet import GATEWAY_SECRET_HEADER, Fleet
 from servekit.gateway.metrics import GatewayMetrics
@@ -77,6 +77,8 @@ class _Call:
     ledger: Ledger | None = None
     #: Its OpenTelemetry spans (when the gateway traces).
     trace: RequestTrace | None = None
+    #: Prompt tokens the index predicted cached on the replica of the latest attempt.
+    predicted: int | None = None
 
 
 class Forwarder:
@@ -241,9 +243,17 @@ class Forwarder:
         hashes = call.hashes
         held = self.fleet.index.cached_blocks(hashes).get(url, 0) if hashes else 0
         self.metrics.routed(url, "cache_hit" if held else "load")
+        encoder = self.fleet.encoder()
+        call.predicted = held * encoder.block_size if hashes and encoder is not None else None
         if call.trace is not None:
             call.trace.attempt(url, why, call.headers)
         return url
+
+    def _cached(self, call: _Call, url: str, actual: int | None) -> None:
+        """``call``'s request on ``url`` reported ``actual`` cached prompt tokens (None: it
+        did not say); counted beside the prediction, when there was one."""
+        if actual is not None and call.predicted is not None:
+            self.metrics.cached(url, call.predicted, actual)
 
     def _outcome(self, call: _Call, url: str, outcome: str) -> None:
         """An attempt of ``call`` on ``url`` ended with ``outcome``."""
@@ -287,6 +297,8 @@ class Forwarder:
             self.fleet.release(url, upstream.status_code < 500)
             self._outcome(call, url, str(upstream.status_code))
             call.used = usage_total(content) if upstream.status_code == 200 else None
+            if upstream.status_code == 200:
+                self._cached(call, url, cached_total(content))
             if call.ledger is not None:
                 call.ledger.body = content
                 call.ledger.request_id = upstream.headers.get("x-request-id")
@@ -341,6 +353,10 @@ class Forwarder:
                                  + _int(tracker.usage.get("completion_tokens")))
                 elif tracker.done and data:  # the usage chunk, when the client asked for it
                     call.used = usage_total(data) or call.used
+                if tracker.done and failovers == 0:  # a resumed attempt prefilled more
+                    cached = tracker.usage.get("cached_tokens") if tracker.usage else None
+                    self._cached(call, url, cached if isinstance(cached, int) else
+                                 cached_total(data) if data else None)
                 # EOF without [DONE]: the replica died mid-write (a drain is no failure)
                 ok = True if tracker.done else (None if tracker.drained else False)
             except httpx.TransportError:
@@ -420,6 +436,8 @@ class Forwarder:
             if ledger is not None:
                 ledger.after_final()
             ok = upstream.status_code < 500
+            if upstream.status_code == 200:
+                self._cached(call, url, cached_total(prev + last))
         except httpx.TransportError:
             ok = False  # cut mid-stream: the client sees its stream end early
         finally:
