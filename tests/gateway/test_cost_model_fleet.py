@@ -1,6 +1,7 @@
 """Replicas running the real engine over the cost-model runner: their KV events reach the
 gateway's index, and cache-aware routing sends a prompt's follow-ups where its prefix is cached
-(the replicas' own prefix-cache counters show the hits)."""
+(the replicas' own prefix-cache counters show the hits, and the gateway's predicted vs
+reported cached tokens agree)."""
 
 from __future__ import annotations
 
@@ -112,6 +113,10 @@ def test_follow_ups_land_where_their_prefix_is_cached() -> None:
                 _complete(gw, p + f"user turn {turn}: go on")
                 expected += len(encoder.block_hashes(FakeTokenizer().encode(p))) * 16
         gained = sum(_hits(u)[0] - b[0] for u, b in zip(urls, before, strict=True))
+        predicted, reported = _cached(gw)
+        # the gateway's metrics: what its index predicted cached where it routed, and what
+        # those replicas reported (nothing evicted here: the index never over-claims)
+        assert expected <= predicted <= reported
         # every follow-up found its whole prefix cached (later turns may hit more: their own
         # earlier turns share more blocks)
         assert gained >= expected
@@ -119,6 +124,16 @@ def test_follow_ups_land_where_their_prefix_is_cached() -> None:
         owners = {max(fleet.index.cached_blocks(encoder.block_hashes(
             FakeTokenizer().encode(p))).items(), key=lambda kv: kv[1])[0] for p in prefixes}
         assert len(owners) >= 2
+
+
+def _cached(gw: str) -> tuple[float, float]:
+    """The gateway's (predicted, replica-reported) cached prompt tokens, over all replicas."""
+    text = httpx.get(gw + "/metrics").text
+    found = {"predicted_": 0.0, "": 0.0}
+    for m in re.finditer(r"^servekit_gateway_(predicted_)?cached_tokens_total\{[^}]*\} (\S+)$",
+                         text, re.M):
+        found[m[1] or ""] += float(m[2])
+    return found["predicted_"], found[""]
 
 
 def _indexed(index: KVEventIndex, hashes: list[int]) -> bool:

@@ -50,6 +50,16 @@ class Result:
         return out
 
     @property
+    def texts(self) -> dict[int, str]:
+        """Each choice's text (several choices' events interleave as they come)."""
+        out: dict[int, str] = {}
+        for doc in self.docs:
+            for choice in doc.get("choices") or ():
+                out[choice["index"]] = out.get(choice["index"], "") + (
+                    choice.get("text") or (choice.get("delta") or {}).get("content") or "")
+        return out
+
+    @property
     def usage(self) -> dict[str, Any] | None:
         return self.docs[-1].get("usage") if self.docs else None
 
@@ -72,15 +82,16 @@ def _busiest(replicas: list[CliServer]) -> CliServer:
     return replicas[loads.index(max(loads))]
 
 
-async def _run(gw: str, requests: list[tuple[str, dict[str, Any]]],
+async def _run(gw: str | list[str], requests: list[tuple[str, dict[str, Any]]],
                kill_from: list[CliServer] | None = None) -> tuple[list[Result], CliServer | None]:
-    """Stream every request at once; with ``kill_from``, SIGKILL the replica holding the most
-    streams once every stream has sent a few events."""
+    """Stream every request at once (through the gateways ``gw`` in turn); with ``kill_from``,
+    SIGKILL the replica holding the most streams once every stream has sent a few events."""
     killed = None
+    gws = [gw] if isinstance(gw, str) else gw
     async with httpx.AsyncClient(timeout=120) as client:
         events = [asyncio.Event() for _ in requests]
-        tasks = [asyncio.create_task(_stream(client, gw, path, body, ev))
-                 for (path, body), ev in zip(requests, events, strict=True)]
+        tasks = [asyncio.create_task(_stream(client, gws[i % len(gws)], path, body, ev))
+                 for i, ((path, body), ev) in enumerate(zip(requests, events, strict=True))]
         if kill_from is not None:
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 60)
             killed = _busiest(kill_from)
@@ -112,14 +123,15 @@ def _requests(model: str, max_tokens: int, sampling: dict[str, Any], n: int = 3
 def _check_continuous(result: Result, expected: Result, max_tokens: int) -> None:
     assert result.done, result.raw[-500:]
     assert ": servekit" not in result.raw  # the gateway stripped the token ids
-    assert result.text == expected.text
+    assert result.texts == expected.texts
     assert len({(d["id"], d["created"]) for d in result.docs}) == 1  # one stream
-    assert sum(1 for d in result.docs for c in d.get("choices") or ()
-               if (c.get("delta") or {}).get("role")) <= 1  # one opening chunk, at most
+    opened = [c["index"] for d in result.docs for c in d.get("choices") or ()
+              if (c.get("delta") or {}).get("role")]
+    assert len(opened) == len(set(opened))  # one opening chunk per choice, at most
     assert result.usage is not None and expected.usage is not None
     billed = ("prompt_tokens", "completion_tokens", "total_tokens")  # once, for all outputs
     assert [result.usage[k] for k in billed] == [expected.usage[k] for k in billed]
-    assert result.usage["completion_tokens"] <= max_tokens
+    assert result.usage["completion_tokens"] <= max_tokens * len(result.texts)
 
 
 @pytest.fixture
@@ -130,20 +142,46 @@ def fake_replicas(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[CliServer]]:
                for _ in range(2)]
 
 
-def test_fake_replica_killed_mid_stream_every_stream_completes(
-        fake_replicas: list[CliServer]) -> None:
+def test_three_replicas_two_gateways_a_sigkill_loses_no_stream(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two gateways in front of three replicas, streams through both: the replica holding the
+    most is SIGKILLed mid-stream, and every stream (of one choice or two) ends as in the
+    no-fault run."""
+    monkeypatch.setenv("SERVEKIT_GATEWAY_SECRET", SECRET)
+    with ExitStack() as stack:
+        replicas = [stack.enter_context(cli_server("--fake", "--fake-token-delay", "0.02"))
+                    for _ in range(3)]
+        gws = [stack.enter_context(serve_asgi(create_gateway(
+            [r.url for r in replicas], secret=SECRET, probe_interval=0.1))) for _ in range(2)]
+        for gw in gws:
+            _wait_ready(gw)
+        # 10 streams, 5 through each gateway; two of them of two choices each
+        requests = _requests("fake", 60, {}, 4) + _requests("fake", 60, {"n": 2}, 1)
+        expected, _ = asyncio.run(_run(gws, requests))
+        results, killed = asyncio.run(_run(gws, requests, kill_from=replicas))
+        assert killed is not None
+        assert sum(_failovers(gw) for gw in gws) >= 1
+        assert any(f'servekit_gateway_failovers_total{{replica="{killed.url}"}}'
+                   in httpx.get(gw + "/metrics").text for gw in gws)
+    for result, want in zip(results, expected, strict=True):
+        _check_continuous(result, want, 60)
+        assert len(result.texts) == len(want.texts) >= 1
+
+
+def test_streams_of_several_choices_resume_each_choice(fake_replicas: list[CliServer]) -> None:
+    """n = 2: each choice is resumed from its own token ids and every choice's text equals
+    the no-fault run's (a choice that finished before the cut is not continued:
+    test_replica_api)."""
     app = create_gateway([r.url for r in fake_replicas], secret=SECRET, probe_interval=0.1)
-    requests = _requests("fake", 60, {})
+    requests = _requests("fake", 80, {"n": 2}, 2)
     with serve_asgi(app) as gw:
         _wait_ready(gw)
         expected, _ = asyncio.run(_run(gw, requests))
         results, killed = asyncio.run(_run(gw, requests, kill_from=fake_replicas))
-        assert killed is not None
-        assert _failovers(gw) >= 1
-        assert f'servekit_gateway_failovers_total{{replica="{killed.url}"}}' in httpx.get(
-            gw + "/metrics").text
+        assert killed is not None and _failovers(gw) >= 1
     for result, want in zip(results, expected, strict=True):
-        _check_continuous(result, want, 60)
+        _check_continuous(result, want, 80)
+        assert sorted(result.texts) == [0, 1]
 
 
 def test_no_replica_left_ends_the_stream_with_an_error_event(
@@ -197,24 +235,29 @@ def test_a_client_cannot_send_the_resume_extension(fake_replicas: list[CliServer
 @pytest.mark.slow
 def test_demo_replica_killed_mid_stream_text_equals_the_no_fault_run(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Greedy and seeded streams of the demo model (CPU, fp32) resumed on the other replica
-    continue with exactly the tokens of the uninterrupted run."""
+    """Greedy and seeded streams of the demo model (CPU, fp32), through two gateways in front
+    of three replicas, resumed on another replica continue with exactly the tokens of the
+    uninterrupted run."""
     monkeypatch.setenv("SERVEKIT_GATEWAY_SECRET", SECRET)
     n = 40
     with ExitStack() as stack:
-        replicas = [stack.enter_context(cli_server("--kv-cache-mb", "16")) for _ in range(2)]
-        app = create_gateway([r.url for r in replicas], secret=SECRET, probe_interval=0.1)
-        gw = stack.enter_context(serve_asgi(app))
-        _wait_ready(gw)
+        replicas = [stack.enter_context(cli_server("--kv-cache-mb", "16")) for _ in range(3)]
+        gw = [stack.enter_context(serve_asgi(create_gateway(
+            [r.url for r in replicas], secret=SECRET, probe_interval=0.1))) for _ in range(2)]
+        for url in gw:
+            _wait_ready(url)
         model = httpx.get(replicas[0].url + "/v1/models").json()["data"][0]["id"]
         requests = (_requests(model, n, {"temperature": 0, "ignore_eos": True}, 2)
-                    + _requests(model, n, {"temperature": 0.9, "seed": 7, "ignore_eos": True}, 2))
+                    + _requests(model, n, {"temperature": 0.9, "seed": 7, "ignore_eos": True}, 2)
+                    + _requests(model, n, {"temperature": 0.9, "seed": 3, "ignore_eos": True,
+                                           "n": 2}, 1))
         expected, _ = asyncio.run(_run(gw, requests))
         results, killed = asyncio.run(_run(gw, requests, kill_from=replicas))
-        assert killed is not None and _failovers(gw) >= 1
+        assert killed is not None and sum(_failovers(url) for url in gw) >= 1
     for result, want in zip(results, expected, strict=True):
         _check_continuous(result, want, n)
-        assert result.usage is not None and result.usage["completion_tokens"] == n
+        assert result.usage is not None
+        assert result.usage["completion_tokens"] == n * len(result.texts)
 
 
 def test_streams_cut_by_a_drain_fail_over(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -168,11 +168,25 @@ def test_resume_continues_a_cut_stream_only_for_the_gateway(path: str) -> None:
         refused = _stream(url, {}, path, servekit_resume=resume)
         wrong = _stream(url, {GATEWAY_SECRET_HEADER: "nope"}, path, servekit_resume=resume)
         two = _stream(url, trusted, path, n=2, servekit_resume=resume)
+        # choice 0 cut after 3 tokens; choice 1 had finished (all its 8)
+        several = _stream(url, trusted, path, n=2, servekit_resume={"choices": [
+            {"output_token_ids": ids[:3]},
+            {"output_token_ids": ids, "finish_reason": "length"}]}, **options)
+        short = _stream(url, trusted, path, n=2, servekit_resume={"choices": [
+            {"output_token_ids": ids[:3]}]})
         too_many = _stream(url, trusted, path, servekit_resume={"output_token_ids": ids})
         r = _stream(url, trusted, path, servekit_resume=resume, **options)
     for bad in (refused, wrong):
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "servekit_resume"
     assert two.status_code == 400 and two.json()["error"]["param"] == "servekit_resume"
+    assert short.status_code == 400
+    assert short.json()["error"]["param"] == "servekit_resume.choices"
+    assert several.status_code == 200
+    more2, rest2 = _split(_events(several.text))
+    assert more2 == ids[3:]  # only the unfinished choice goes on
+    docs2 = [json.loads(e[len("data: "):]) for e in rest2 if e != "data: [DONE]"]
+    assert {c["index"] for d in docs2 for c in d["choices"]} == {0}
+    assert docs2[-1]["usage"]["completion_tokens"] == 16  # both choices, every output once
     assert too_many.status_code == 400
     assert too_many.json()["error"]["param"] == "servekit_resume.output_token_ids"
     assert r.status_code == 200

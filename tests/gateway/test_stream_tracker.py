@@ -86,7 +86,8 @@ def test_resumable_requests_and_the_resume_body() -> None:
     assert resumable("/v1/completions", {"stream": True, "prompt": [1, 2]})
     assert resumable("/v1/chat/completions", {"stream": True, "messages": []})
     assert not resumable("/v1/completions", {"prompt": "x"})
-    assert not resumable("/v1/completions", {"stream": True, "prompt": "x", "n": 2})
+    assert resumable("/v1/completions", {"stream": True, "prompt": "x", "n": 2})
+    assert not resumable("/v1/completions", {"stream": True, "prompt": "x", "best_of": 2})
     assert not resumable("/v1/completions", {"stream": True, "prompt": ["a", "b"]})
     tracker = StreamTracker()
     tracker.feed(token_ids_comment(0, [3, 4]) + _event(0, "hi"))
@@ -102,3 +103,37 @@ def test_num_tokens_counts_without_parsing() -> None:
     assert tracker.num_tokens == 4 and tracker.token_ids == [1, 2, 3, 4]
     tracker.feed(token_ids_comment(0, [5]) + b"\n")
     assert tracker.num_tokens == 5 and tracker.token_ids == [1, 2, 3, 4, 5]
+
+
+def _choice_event(i: int, text: str, finish: str | None = None) -> bytes:
+    body = {"id": "cmpl-1", "created": 7,
+            "choices": [{"index": i, "text": text, "finish_reason": finish}]}
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+@given(st.lists(st.tuples(st.integers(0, 2), st.lists(st.integers(0, 999), min_size=1,
+                                                      max_size=3)), max_size=20),
+       st.lists(st.integers(0, 10_000), max_size=6))
+def test_several_choices_keep_their_own_ids_and_finish(
+        deltas: list[tuple[int, list[int]]], cuts: list[int]) -> None:
+    """Interleaved choices, however split: each choice's ids in order, and which finished."""
+    wire = b""
+    finished: dict[int, str] = {}
+    for n, (i, ids) in enumerate(deltas):
+        last = all(j != i for j, _ in deltas[n + 1:]) and i != 1  # choice 1 never finishes
+        wire += token_ids_comment(i, ids) + _choice_event(i, "x", "stop" if last else None)
+        if last:
+            finished[i] = "stop"
+    points = sorted({c % (len(wire) + 1) for c in cuts} | {0, len(wire)})
+    tracker = StreamTracker(3)
+    for a, b in itertools.pairwise(points):
+        tracker.feed(wire[a:b])
+    for i in range(3):
+        assert tracker.choice_token_ids(i) == [t for j, ids in deltas if j == i for t in ids]
+    assert tracker.finished == finished
+    assert tracker.num_tokens == sum(len(ids) for _, ids in deltas)
+    body = json.loads(resume_body({"model": "m", "stream": True, "prompt": "x", "n": 3},
+                                  tracker))
+    assert body["servekit_resume"]["choices"] == [
+        {"output_token_ids": tracker.choice_token_ids(i), "finish_reason": finished.get(i)}
+        for i in range(3)]

@@ -72,6 +72,26 @@ def test_manual_marks() -> None:
     assert h.routable("a")
 
 
+def test_readmit_after_mark_down_is_half_open() -> None:
+    clock = FakeClock()
+    h = HealthTracker(failure_threshold=3, cooldown=5.0, clock=clock)
+    h.add("a")
+    h.mark_down("a")
+    clock.now = 1.0
+    h.readmit("a")  # it answers again: one probe decides, no cool-down to sit out
+    assert h.state("a") is NodeHealth.EJECTED and h.routable("a") and h.up_for("a") is None
+    h.dispatched("a")
+    assert h.state("a") is NodeHealth.PROBING and not h.routable("a")  # nothing else goes
+    h.record_failure("a")  # the probe failed: a full cool-down now
+    assert h.state("a") is NodeHealth.EJECTED and not h.routable("a")
+    clock.now = 6.0
+    h.dispatched("a")
+    h.record_success("a")
+    assert h.state("a") is NodeHealth.UP and h.up_for("a") == 0.0  # slow start from here
+    h.readmit("a")  # only a DOWN node is readmitted
+    assert h.state("a") is NodeHealth.UP
+
+
 def test_bad_input() -> None:
     with pytest.raises(InvalidRouteParameterError, match="failure_threshold"):
         HealthTracker(failure_threshold=0)
@@ -136,6 +156,12 @@ class HealthMachine(RuleBasedStateMachine):
         else:
             self.h.mark_down("n")
             self.state = "down"
+
+    @rule()
+    def readmit(self) -> None:
+        self.h.readmit("n")
+        if self.state == "down":
+            self.state, self.streak, self.since = "ejected", 0, self.clock.now - self.COOLDOWN
 
     @invariant()
     def agrees(self) -> None:

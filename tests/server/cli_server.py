@@ -50,9 +50,11 @@ def run_cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[s
 
 
 @contextmanager
-def cli_server(*args: str, ready_timeout: float = 120.0) -> Iterator[CliServer]:
-    """``servekit serve ARGS --port <free>``, until /ready answers 200; killed on exit."""
-    port = free_port()
+def cli_server(*args: str, ready_timeout: float = 120.0,
+               port: int | None = None) -> Iterator[CliServer]:
+    """``servekit serve ARGS --port <free>`` (or ``port``: a restart keeps its URL), until
+    /ready answers 200; killed on exit."""
+    port = free_port() if port is None else port
     proc = subprocess.Popen(
         [sys.executable, "-m", "servekit.server.cli", "serve", *args, "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())

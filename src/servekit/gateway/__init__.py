@@ -4,7 +4,8 @@ It learns each replica's tokenizer, KV events and load (:mod:`servekit.server.re
 routes by the cache-aware policy (:mod:`servekit.route.cache_aware`), retries before the first
 byte under a retry budget, fails over after it by resuming the stream elsewhere
 (:mod:`servekit.gateway.failover`), keeps a circuit breaker per replica, and authenticates and
-limits callers at the edge (:mod:`servekit.gateway.edge`). No torch is imported.
+limits callers at the edge (:mod:`servekit.gateway.edge`), and traces each request with
+OpenTelemetry when asked (:mod:`servekit.gateway.tracing`). No torch is imported.
 Names are imported on first use, so ``servekit --help`` works without the extra.
 """
 
@@ -20,6 +21,7 @@ _EXPORTS = {
     "Edge": "servekit.gateway.edge",
     "StreamTracker": "servekit.gateway.failover",
     "Fleet": "servekit.gateway.fleet",
+    "GatewayTracer": "servekit.gateway.tracing",
     "PromptEncoder": "servekit.gateway.tokens",
     "RetryBudget": "servekit.gateway.budget",
 }

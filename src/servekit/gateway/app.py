@@ -18,9 +18,10 @@ from servekit.gateway.edge import Edge
 from servekit.gateway.fleet import Fleet
 from servekit.gateway.forward import Forwarder, unavailable
 from servekit.gateway.metrics import GatewayMetrics
+from servekit.gateway.tracing import GatewayTracer
+from servekit.gateway.upstream import Upstream
 from servekit.limit.keyed import KeyLimits
 from servekit.limit.keys import KeyStore
-from servekit.route.health import NodeHealth
 from servekit.usage.recorder import UsageRecorder
 
 log = logging.getLogger("servekit.gateway")
@@ -34,7 +35,8 @@ def create_gateway(replicas: Sequence[str], *, policy: str = "cache_aware",
                    keys: KeyStore | None = None, limits: KeyLimits | None = None,
                    max_failovers: int = 3, slow_start: float = 0.0,
                    replicas_file: str | Path | None = None,
-                   usage: UsageRecorder | None = None) -> FastAPI:
+                   usage: UsageRecorder | None = None, failure_threshold: int = 3,
+                   cooldown: float = 2.0, tracer: GatewayTracer | None = None) -> FastAPI:
     """The gateway app over ``replicas`` (base URLs). ``secret`` is the replicas' shared
     gateway secret (their info, KV events and load, token ids for failover, the caller's
     tenant and cache salt); without it routing uses in-flight counts only and streams do not
@@ -45,7 +47,12 @@ def create_gateway(replicas: Sequence[str], *, policy: str = "cache_aware",
     lists more replicas, one base URL per line; the gateway re-reads it every
     ``probe_interval`` seconds and adds and removes replicas as it changes. ``usage`` records
     the ledger record of each client request (:mod:`servekit.gateway.usage`; the replicas,
-    given the secret, record their attempts for analytics only)."""
+    given the secret, record their attempts for analytics only). A replica's circuit breaker
+    opens after ``failure_threshold`` consecutive failures; ``cooldown`` seconds later one
+    probe request is let through, and its success closes the breaker (a replica the readiness
+    probe took out is half-open as soon as it is ready again). ``tracer`` makes an
+    OpenTelemetry span per client request with a child per replica attempt
+    (:mod:`servekit.gateway.tracing`)."""
     if not replicas and replicas_file is None:
         raise ValueError("replicas: at least one replica URL (or a replicas file) is required")
     if usage is not None and secret is None:
@@ -53,7 +60,8 @@ def create_gateway(replicas: Sequence[str], *, policy: str = "cache_aware",
                     "requests from a client's and write ledger records of their own (counted "
                     "twice): set SERVEKIT_GATEWAY_SECRET on both, or record on one tier only")
     fleet = Fleet(replicas, policy=policy, secret=secret, probe_interval=probe_interval,
-                  slow_start=slow_start, replicas_file=replicas_file)
+                  slow_start=slow_start, replicas_file=replicas_file,
+                  failure_threshold=failure_threshold, cooldown=cooldown)
     keys = keys if keys is not None else KeyStore()
     edge = None if keys.open else Edge(  # open: no caller has limits either
         keys, limits if limits is not None else KeyLimits(), fleet)
@@ -65,8 +73,10 @@ def create_gateway(replicas: Sequence[str], *, policy: str = "cache_aware",
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with httpx.AsyncClient(limits=pool, timeout=timeout) as client:
-            app.state.forwarder = Forwarder(fleet, client, budget or RetryBudget(), metrics,
-                                            max_failovers=max_failovers, edge=edge, usage=usage)
+            upstream = Upstream(connect_timeout=timeout.connect or 2.0, max_idle=max_connections)
+            app.state.forwarder = Forwarder(fleet, upstream, budget or RetryBudget(), metrics,
+                                            max_failovers=max_failovers, edge=edge, usage=usage,
+                                            tracer=tracer)
             if usage is not None:
                 usage.start()
             try:
@@ -75,6 +85,7 @@ def create_gateway(replicas: Sequence[str], *, policy: str = "cache_aware",
                     yield
                     tg.cancel_scope.cancel()
             finally:
+                await upstream.aclose()
                 if usage is not None:
                     await anyio.to_thread.run_sync(usage.stop)
 
@@ -107,9 +118,11 @@ def create_gateway(replicas: Sequence[str], *, policy: str = "cache_aware",
 
     @app.get("/ready", tags=["ops"])
     async def ready() -> Response:
-        """200 while at least one replica is in rotation."""
-        states = {u: fleet.router.health.state(u).value for u in fleet.urls}
-        if any(s == NodeHealth.UP.value for s in states.values()):
+        """200 while at least one replica can take a request (in rotation, or half-open
+        with a probe request to let through)."""
+        health = fleet.router.health
+        states = {u: health.state(u).value for u in fleet.urls}
+        if any(health.routable(u) for u in fleet.urls):
             return JSONResponse({"ready": True, "replicas": states})
         return unavailable("no replica is ready") if not states else JSONResponse(
             {"ready": False, "replicas": states}, status_code=503,
@@ -118,6 +131,8 @@ def create_gateway(replicas: Sequence[str], *, policy: str = "cache_aware",
     @app.get("/metrics", tags=["ops"])
     async def prometheus() -> Response:
         """Prometheus metrics of the gateway."""
+        health = fleet.router.health
+        metrics.breaker({u: health.state(u).value for u in fleet.urls})
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app

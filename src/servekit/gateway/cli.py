@@ -31,6 +31,16 @@ def add_gateway_parser(sub: Any) -> None:
                     help="ramp a replica that comes back (breaker closed, ready again) from a "
                          "tenth of its weight to all of it over this many seconds (default 0: "
                          "off)")
+    gw.add_argument("--failure-threshold", type=int, default=3, metavar="N",
+                    help="consecutive failed requests that open a replica's circuit breaker "
+                         "(default 3)")
+    gw.add_argument("--cooldown", type=float, default=2.0, metavar="SECONDS",
+                    help="seconds an open breaker waits before one probe request is let "
+                         "through (half-open; default 2)")
+    gw.add_argument("--otel", action="store_true",
+                    help="an OpenTelemetry span per request, a child per replica attempt, on "
+                         "the global tracer provider (configure it with the OpenTelemetry SDK, "
+                         "e.g. opentelemetry-instrument; extra otel)")
     gw.add_argument("--api-keys", type=Path, default=None,
                     help="JSON file of keys, as servekit serve's (default: $SERVEKIT_API_KEYS, "
                          "else open)")
@@ -53,6 +63,7 @@ def run_gateway(args: argparse.Namespace) -> int:
     uvicorn = require("uvicorn", "gateway")
     from servekit.gateway.app import create_gateway
     from servekit.gateway.fleet import read_replicas_file
+    from servekit.gateway.tracing import GatewayTracer
 
     if not args.replica and args.replicas_file is None:
         print("servekit gateway: give --replica URL (repeatable) or --replicas-file FILE",
@@ -83,6 +94,8 @@ def run_gateway(args: argparse.Namespace) -> int:
                          secret=os.environ.get("SERVEKIT_GATEWAY_SECRET") or None,
                          probe_interval=args.probe_interval, keys=keys, limits=limits,
                          slow_start=args.slow_start, replicas_file=args.replicas_file,
+                         failure_threshold=args.failure_threshold, cooldown=args.cooldown,
+                         tracer=GatewayTracer() if args.otel else None,
                          usage=usage)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 access_log=False, lifespan="on")

@@ -26,6 +26,7 @@ from servekit.limit.keys import ApiKey, KeyStore
 __all__ = ["Edge", "usage_total"]
 
 _TOTAL = re.compile(rb'"total_tokens":\s*(\d+)')
+_CACHED = re.compile(rb'"cached_tokens":\s*(\d+)')
 _DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens of /v1/completions
 
 
@@ -75,4 +76,11 @@ class Edge:
 def usage_total(content: bytes) -> int | None:
     """``usage.total_tokens`` of a response body or a stream's last bytes, if it has one."""
     found = _TOTAL.findall(content)
+    return int(found[-1]) if found else None
+
+
+def cached_total(content: bytes) -> int | None:
+    """The last ``cached_tokens`` (prompt tokens the replica found cached) of a response body
+    or a stream's last bytes, if it has one."""
+    found = _CACHED.findall(content)
     return int(found[-1]) if found else None

@@ -1,7 +1,8 @@
 """The replicas behind a gateway: what each told us, and the loops that keep it current.
 
 Per replica (named by its base URL) one task probes ``/ready`` (a failing or draining replica
-is taken out of rotation, a ready one put back) and, with the shared gateway secret, reads its
+is taken out of rotation; when it is ready again its circuit breaker is half-open: one request
+is let through, and its success puts the replica back in rotation) and, with the shared gateway secret, reads its
 info document once per process ``epoch`` and long-polls its KV events and load into the
 :class:`~servekit.route.KVEventIndex` and the router. Without the secret (a replica that is not
 servekit, or not configured to trust us) routing falls back to in-flight counts.
@@ -160,8 +161,9 @@ class Fleet:
                 health.mark_down(url)
                 await anyio.sleep(self.probe_interval)
                 continue
-            if health.state(url) is NodeHealth.DOWN:
-                health.mark_up(url)
+            if health.state(url) is NodeHealth.DOWN:  # back: half-open, a probe decides
+                logger.info("replica %s is ready: half-open until a request succeeds", url)
+                health.readmit(url)
             if not self.secret:
                 await anyio.sleep(self.probe_interval)
                 continue

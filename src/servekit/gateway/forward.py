@@ -24,10 +24,12 @@ from attrs import define, field
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from servekit.gateway.budget import RetryBudget
-from servekit.gateway.edge import Edge, usage_total
+from servekit.gateway.edge import Edge, cached_total, usage_total
 from servekit.gateway.failover import TOKEN_IDS, StreamTracker, resumable, resume_body
 from servekit.gateway.fleet import GATEWAY_SECRET_HEADER, Fleet
 from servekit.gateway.metrics import GatewayMetrics
+from servekit.gateway.tracing import GatewayTracer, RequestTrace, TracedResponse
+from servekit.gateway.upstream import Upstream, UpstreamResponse
 from servekit.gateway.usage import ATTEMPT_HEADER, Ledger, LedgerResponse
 from servekit.limit.keyed import Admission
 from servekit.protocol.errors import InvalidRequestError, StatusError
@@ -73,15 +75,21 @@ class _Call:
     used: int | None = None
     #: The client request's ledger record (when the gateway records usage).
     ledger: Ledger | None = None
+    #: Its OpenTelemetry spans (when the gateway traces).
+    trace: RequestTrace | None = None
+    #: Prompt tokens the index predicted cached on the replica of the latest attempt.
+    predicted: int | None = None
 
 
 class Forwarder:
     """Sends requests to the fleet's replicas over one pooled keep-alive client."""
 
-    def __init__(self, fleet: Fleet, client: httpx.AsyncClient, budget: RetryBudget,
+    def __init__(self, fleet: Fleet, client: Upstream, budget: RetryBudget,
                  metrics: GatewayMetrics, max_failovers: int = 3,
-                 edge: Edge | None = None, usage: UsageRecorder | None = None) -> None:
+                 edge: Edge | None = None, usage: UsageRecorder | None = None,
+                 tracer: GatewayTracer | None = None) -> None:
         self.fleet, self.client, self.budget, self.metrics = fleet, client, budget, metrics
+        self.tracer = tracer
         self.max_failovers = max_failovers
         self.edge = edge
         self.usage = usage
@@ -89,6 +97,18 @@ class Forwarder:
     async def forward(self, method: str, path: str, headers: Mapping[str, str],
                       body: bytes) -> Response:
         """Forward one request; the response the client gets."""
+        if self.tracer is None:
+            return await self._forward(method, path, headers, body, None)
+        trace = self.tracer.request(method, path, headers)
+        try:
+            response = await self._forward(method, path, headers, body, trace)
+        except BaseException as exc:
+            trace.end(None, exc)
+            raise
+        return TracedResponse(response, trace)
+
+    async def _forward(self, method: str, path: str, headers: Mapping[str, str],
+                       body: bytes, trace: RequestTrace | None) -> Response:
         fleet, edge = self.fleet, self.edge
         parsed = _json(body)
         if parsed is not None and "servekit_resume" in parsed:
@@ -129,7 +149,9 @@ class Forwarder:
             out_headers[TENANT_HEADER] = key.tenant
             out_headers[CACHE_SALT_HEADER] = key.salt
         call = _Call(method, path, out_headers, body, parsed, stream,
-                     headers.get("x-session-id"), ids, hashes, can_resume)
+                     headers.get("x-session-id"), ids, hashes, can_resume, trace=trace)
+        if trace is not None:
+            trace.describe(parsed.get("model") if parsed is not None else None, stream)
         if edge is None:
             return self._ledgered(await self._send_recorded(self._begin(call, key)), call)
         try:
@@ -192,8 +214,10 @@ class Forwarder:
         """Route and send ``call``, retrying before the first byte."""
         self.budget.request()
         last: Response | None = None
+        why = "first"
         while True:
-            url = self._route(call)
+            url = self._route(call, why)
+            why = "retry"
             if url is None:
                 return last if last is not None else unavailable(
                     "no replica is available; retry later")
@@ -205,8 +229,9 @@ class Forwarder:
                 return last
             self.metrics.retry(url)
 
-    def _route(self, call: _Call) -> str | None:
-        """The next replica for ``call`` (one it has not tried), or None when none is left."""
+    def _route(self, call: _Call, why: str) -> str | None:
+        """The next replica for ``call`` (one it has not tried), or None when none is left;
+        ``why`` it is tried (first, retry, resume) goes in its trace."""
         try:
             url = self.fleet.router.route(session_id=call.session, token_ids=call.ids,
                                           block_hashes=call.hashes, exclude=call.tried).node
@@ -218,23 +243,38 @@ class Forwarder:
         hashes = call.hashes
         held = self.fleet.index.cached_blocks(hashes).get(url, 0) if hashes else 0
         self.metrics.routed(url, "cache_hit" if held else "load")
+        encoder = self.fleet.encoder()
+        call.predicted = held * encoder.block_size if hashes and encoder is not None else None
+        if call.trace is not None:
+            call.trace.attempt(url, why, call.headers)
         return url
+
+    def _cached(self, call: _Call, url: str, actual: int | None) -> None:
+        """``call``'s request on ``url`` reported ``actual`` cached prompt tokens (None: it
+        did not say); counted beside the prediction, when there was one."""
+        if actual is not None and call.predicted is not None:
+            self.metrics.cached(url, call.predicted, actual)
+
+    def _outcome(self, call: _Call, url: str, outcome: str) -> None:
+        """An attempt of ``call`` on ``url`` ended with ``outcome``."""
+        self.metrics.outcome(url, outcome)
+        if call.trace is not None:
+            call.trace.end_attempt(outcome)
 
     async def _attempt(self, url: str, call: _Call) -> Response | tuple[str, Response]:
         """A committed response, or ``("retry", response-if-none-else)``."""
         stream = call.stream
-        request = self.client.build_request(call.method, url + call.path,
-                                            headers=_attempt_headers(call), content=call.body)
         try:
-            upstream = await self.client.send(request, stream=True)
+            upstream = await self.client.send(call.method, url + call.path,
+                                              _attempt_headers(call), call.body)
         except httpx.TransportError as exc:
             self.fleet.release(url, False)
-            self.metrics.outcome(url, "connect_error")
+            self._outcome(call, url, "connect_error")
             return "retry", unavailable(f"replica unreachable: {type(exc).__name__}")
         if upstream.status_code in RETRYABLE_STATUS:
             content = await _read_quietly(upstream)
             self.fleet.release(url, False if upstream.status_code == 503 else None)
-            self.metrics.outcome(url, str(upstream.status_code))
+            self._outcome(call, url, str(upstream.status_code))
             return "retry", _copy(upstream, content)
         chunks = upstream.aiter_raw()
         try:
@@ -245,13 +285,20 @@ class Forwarder:
         except httpx.TransportError as exc:
             await upstream.aclose()
             self.fleet.release(url, False)
-            self.metrics.outcome(url, "reset")
+            self._outcome(call, url, "reset")
             return "retry", unavailable(f"replica failed: {type(exc).__name__}")
+        except BaseException:  # the client went away before the first byte
+            await upstream.aclose()
+            self.fleet.release(url, None)
+            self._outcome(call, url, "client_gone")
+            raise
         if not stream:
             await upstream.aclose()
             self.fleet.release(url, upstream.status_code < 500)
-            self.metrics.outcome(url, str(upstream.status_code))
+            self._outcome(call, url, str(upstream.status_code))
             call.used = usage_total(content) if upstream.status_code == 200 else None
+            if upstream.status_code == 200:
+                self._cached(call, url, cached_total(content))
             if call.ledger is not None:
                 call.ledger.body = content
                 call.ledger.request_id = upstream.headers.get("x-request-id")
@@ -270,13 +317,14 @@ class Forwarder:
         return StreamingResponse(relay, status_code=upstream.status_code,
                                  headers=_response_headers(upstream))
 
-    async def _relay_tracked(self, url: str, upstream: httpx.Response, first: bytes,
+    async def _relay_tracked(self, url: str, upstream: UpstreamResponse, first: bytes,
                              chunks: AsyncIterator[bytes], call: _Call,
                              resume: bool) -> AsyncIterator[bytes]:
         """Relay a stream with servekit's extensions (stripped); with ``resume`` (token ids),
         resume it elsewhere when it breaks before [DONE]. The ledger record is appended
         before the chunk holding [DONE] goes out."""
-        tracker = StreamTracker()
+        n = call.parsed.get("n", 1) if call.parsed is not None else 1
+        tracker = StreamTracker(n if isinstance(n, int) else 1)
         ledger = call.ledger
         if ledger is not None:
             ledger.tracker = tracker
@@ -285,12 +333,13 @@ class Forwarder:
         while True:
             ok: bool | None = None
             try:
-                data = tracker.feed(first)
+                data = tracker.feed(first)  # may hold the whole stream: one read's worth
                 if data:
+                    call.used = prompt + tracker.num_tokens
                     if tracker.done and ledger is not None:
                         await ledger.before_final()
                     yield data
-                async for chunk in chunks:
+                async for chunk in chunks:  # each: all that the socket held
                     data = tracker.feed(chunk)
                     if data:
                         call.used = prompt + tracker.num_tokens
@@ -304,6 +353,10 @@ class Forwarder:
                                  + _int(tracker.usage.get("completion_tokens")))
                 elif tracker.done and data:  # the usage chunk, when the client asked for it
                     call.used = usage_total(data) or call.used
+                if tracker.done and failovers == 0:  # a resumed attempt prefilled more
+                    cached = tracker.usage.get("cached_tokens") if tracker.usage else None
+                    self._cached(call, url, cached if isinstance(cached, int) else
+                                 cached_total(data) if data else None)
                 # EOF without [DONE]: the replica died mid-write (a drain is no failure)
                 ok = True if tracker.done else (None if tracker.drained else False)
             except httpx.TransportError:
@@ -311,13 +364,15 @@ class Forwarder:
             finally:
                 await upstream.aclose()
                 self.fleet.release(url, ok)
-                self.metrics.outcome(url, "stream_ok" if ok else
-                                     ("stream_cut" if ok is False else
-                                      "stream_drained" if tracker.drained else "client_gone"))
+                self._outcome(call, url, "stream_ok" if ok else
+                              ("stream_cut" if ok is False else
+                               "stream_drained" if tracker.drained else "client_gone"))
             if tracker.done or not resume:
                 return
             tracker.cut()
             self.metrics.failover(url)
+            if call.trace is not None:
+                call.trace.failed_over()
             resumed = None
             while resumed is None and failovers < self.max_failovers:
                 failovers += 1
@@ -337,32 +392,31 @@ class Forwarder:
             chunks, first = upstream.aiter_raw(), b""
 
     async def _resume(self, call: _Call, tracker: StreamTracker
-                      ) -> tuple[str, httpx.Response] | None:
+                      ) -> tuple[str, UpstreamResponse] | None:
         """A replica's response continuing ``tracker``'s stream, or None (this try failed)."""
         assert call.parsed is not None
-        url = self._route(call)
+        url = self._route(call, "resume")
         if url is None:
             call.tried.clear()  # every replica failed once: any may take the next try
-            url = self._route(call)
+            url = self._route(call, "resume")
             if url is None:
                 return None
-        request = self.client.build_request(call.method, url + call.path,
-                                            headers=_attempt_headers(call),
-                                            content=resume_body(call.parsed, tracker))
         try:
-            upstream = await self.client.send(request, stream=True)
+            upstream = await self.client.send(call.method, url + call.path,
+                                              _attempt_headers(call),
+                                              resume_body(call.parsed, tracker))
         except httpx.TransportError:
             self.fleet.release(url, False)
-            self.metrics.outcome(url, "connect_error")
+            self._outcome(call, url, "connect_error")
             return None
         if upstream.status_code != 200:
             await _read_quietly(upstream)
             self.fleet.release(url, False if upstream.status_code >= 500 else None)
-            self.metrics.outcome(url, str(upstream.status_code))
+            self._outcome(call, url, str(upstream.status_code))
             return None
         return url, upstream
 
-    async def _relay(self, url: str, upstream: httpx.Response, first: bytes,
+    async def _relay(self, url: str, upstream: UpstreamResponse, first: bytes,
                      chunks: AsyncIterator[bytes], call: _Call) -> AsyncIterator[bytes]:
         ok: bool | None = None
         prev = last = first  # the usage chunk, when asked for, comes right before [DONE]
@@ -382,6 +436,8 @@ class Forwarder:
             if ledger is not None:
                 ledger.after_final()
             ok = upstream.status_code < 500
+            if upstream.status_code == 200:
+                self._cached(call, url, cached_total(prev + last))
         except httpx.TransportError:
             ok = False  # cut mid-stream: the client sees its stream end early
         finally:
@@ -390,8 +446,8 @@ class Forwarder:
                 ledger.body = prev + last
             await upstream.aclose()
             self.fleet.release(url, ok)
-            self.metrics.outcome(url, "stream_ok" if ok else
-                                 ("stream_cut" if ok is False else "client_gone"))
+            self._outcome(call, url, "stream_ok" if ok else
+                          ("stream_cut" if ok is False else "client_gone"))
 
 
 def _attempt_headers(call: _Call) -> dict[str, str]:
@@ -420,7 +476,7 @@ def _json(body: bytes) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-async def _read_quietly(upstream: httpx.Response) -> bytes:
+async def _read_quietly(upstream: UpstreamResponse) -> bytes:
     try:
         return await upstream.aread()
     except httpx.HTTPError:
@@ -429,11 +485,11 @@ async def _read_quietly(upstream: httpx.Response) -> bytes:
         await upstream.aclose()
 
 
-def _response_headers(upstream: httpx.Response) -> dict[str, str]:
+def _response_headers(upstream: UpstreamResponse) -> dict[str, str]:
     return {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS
             and k.lower() != "content-encoding" and not k.lower().startswith(_PRIVATE_PREFIX)}
 
 
-def _copy(upstream: httpx.Response, content: bytes) -> Response:
+def _copy(upstream: UpstreamResponse, content: bytes) -> Response:
     return Response(content, status_code=upstream.status_code,
                     headers=_response_headers(upstream))

@@ -1,9 +1,13 @@
-"""The gateway's Prometheus metrics: per-replica outcomes, retries, failovers and routing
-decisions."""
+"""The gateway's Prometheus metrics: per-replica outcomes, retries, failovers, routing
+decisions, predicted vs reported cached prompt tokens and health (circuit-breaker state)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from servekit._optional import require
+
+_STATES = ("up", "ejected", "probing", "down")
 
 
 class GatewayMetrics:
@@ -23,6 +27,30 @@ class GatewayMetrics:
         self._routes = prom.Counter(f"{prefix}routing_decisions", "Routing decisions by "
                                     "replica and reason", ["replica", "reason"],
                                     registry=self.registry)
+        self._predicted = prom.Counter(f"{prefix}predicted_cached_tokens", "Prompt tokens "
+                                       "the KV-event index predicted cached on the replica a "
+                                       "request went to", ["replica"], registry=self.registry)
+        self._cached = prom.Counter(f"{prefix}cached_tokens", "Prompt tokens that replica "
+                                    "reported cached, for the same requests", ["replica"],
+                                    registry=self.registry)
+        self._states = prom.Gauge(f"{prefix}replica_state", "Each replica's health (1 for "
+                                  "its current state)", ["replica", "state"],
+                                  registry=self.registry)
+
+    def breaker(self, states: Mapping[str, str]) -> None:
+        """Each replica's health now (``up``, ``ejected``: breaker open or half-open,
+        ``probing``: its probe request in flight, ``down``: not ready); replicas not in
+        ``states`` are dropped."""
+        gauge = self._states
+        gauge.clear()
+        for replica, state in states.items():
+            for name in _STATES:
+                gauge.labels(replica, name).set(1.0 if name == state else 0.0)
+
+    def cached(self, replica: str, predicted: int, actual: int) -> None:
+        """A request on ``replica``: ``predicted`` cached prompt tokens, ``actual`` reported."""
+        self._predicted.labels(replica).inc(predicted)
+        self._cached.labels(replica).inc(actual)
 
     def failover(self, replica: str) -> None:
         """A stream cut on ``replica`` after its first byte was resumed elsewhere (or tried)."""

@@ -40,13 +40,24 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ResumeExtension(BaseModel):
-    """``servekit_resume``: continue a stream another replica cut short (sent only by a trusted
-    gateway): the output token ids it already streamed, and the stream's id and creation time
-    so the continued chunks carry the same ones."""
+class ResumeChoice(BaseModel):
+    """One choice of a resumed stream of several: the output token ids it already streamed,
+    and its finish reason if it had finished (it is not continued)."""
 
     model_config = _STRICT
     output_token_ids: list[Annotated[int, Field(ge=0)]]
+    finish_reason: str | None = Field(default=None, min_length=1, max_length=32)
+
+
+class ResumeExtension(BaseModel):
+    """``servekit_resume``: continue a stream another replica cut short (sent only by a trusted
+    gateway): the output token ids it already streamed (``output_token_ids`` for one choice,
+    ``choices`` in index order for several), and the stream's id and creation time so the
+    continued chunks carry the same ones."""
+
+    model_config = _STRICT
+    output_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    choices: list[ResumeChoice] | None = Field(default=None, min_length=1, max_length=256)
     request_id: str | None = Field(default=None, min_length=1, max_length=128)
     created: int | None = Field(default=None, ge=0)
 

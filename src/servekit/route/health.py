@@ -4,7 +4,9 @@ A node is ``UP`` until ``failure_threshold`` consecutive failures eject it. Afte
 seconds of the injected clock an ejected node becomes routable again for one probe request: the
 router's dispatch moves it to ``PROBING`` (no other request goes there meanwhile); the probe's
 success brings it ``UP``, its failure ejects it for another cool-down (a probe that never
-reports expires after ``cooldown``). ``mark_down`` takes a node out until ``mark_up``.
+reports expires after ``cooldown``). ``mark_down`` takes a node out until ``mark_up``, or
+until ``readmit``: a node taken out (it stopped answering) that answers again is half-open at
+once, so one probe request decides whether it comes back ``UP``.
 :meth:`HealthTracker.up_for` tells how long ago a node came back ``UP`` (the router's slow start).
 """
 
@@ -141,6 +143,14 @@ class HealthTracker:
         if s.health is not NodeHealth.UP:
             s.returned = self.clock()
         s.health, s.failures = NodeHealth.UP, 0
+
+    def readmit(self, node: str) -> None:
+        """A ``DOWN`` node answers again: half-open, routable for one probe request whose
+        success brings it ``UP`` and whose failure ejects it for a cool-down (other states
+        are left as they are)."""
+        s = self._get(node)
+        if s.health is NodeHealth.DOWN:
+            s.health, s.failures, s.since = NodeHealth.EJECTED, 0, self.clock() - self.cooldown
 
     def _get(self, node: str) -> _State:
         try:

@@ -38,6 +38,7 @@ from servekit.protocol.errors import (
 from servekit.protocol.schema import (
     ChatCompletionRequest,
     CompletionRequest,
+    ResumeExtension,
     bad_request_from_validation,
 )
 from servekit.protocol.sse import DONE, error_event
@@ -266,20 +267,20 @@ def create_app(
         if not _trusted(request):
             raise InvalidRequestError("servekit_resume is accepted only from a trusted gateway",
                                       param="servekit_resume")
-        if len(choices) != 1:
-            raise InvalidRequestError("servekit_resume needs one prompt and n = 1",
-                                      param="servekit_resume")
-        outputs = resume.output_token_ids
+        per_choice = _resumed_choices(resume, len(choices))
         vocab = len(service.engine.tokenizer)  # type: ignore[union-attr]
-        if any(t >= vocab for t in outputs):
-            raise InvalidRequestError(f"token ids must be in [0, {vocab})",
-                                      param="servekit_resume.output_token_ids")
-        if len(outputs) >= choices[0][1].max_tokens:
-            raise InvalidRequestError(
-                f"{len(outputs)} resumed tokens leave no room under max_tokens "
-                f"{choices[0][1].max_tokens}", param="servekit_resume.output_token_ids")
+        for i, (outputs, finished) in enumerate(per_choice):
+            param = ("servekit_resume.output_token_ids" if resume.choices is None
+                     else f"servekit_resume.choices[{i}].output_token_ids")
+            if any(t >= vocab for t in outputs):
+                raise InvalidRequestError(f"token ids must be in [0, {vocab})", param=param)
+            if finished is None and len(outputs) >= choices[i][1].max_tokens:
+                raise InvalidRequestError(
+                    f"{len(outputs)} resumed tokens leave no room under max_tokens "
+                    f"{choices[i][1].max_tokens}", param=param)
         job = Job(resume.request_id or service.new_request_id(kind), body.model, key, prompts,
-                  choices, resume=list(outputs))
+                  choices, resume=[list(o) for o, _ in per_choice],
+                  resume_finished=[f for _, f in per_choice])
         if resume.created is not None:
             job.created = resume.created
         return job
@@ -320,6 +321,25 @@ def create_app(
                             media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+def _resumed_choices(resume: ResumeExtension, n: int) -> list[tuple[list[int], str | None]]:
+    """Per choice of a ``servekit_resume``: the output ids already sent and the finish reason
+    of a choice that had finished; a 400 naming the field when it does not fit ``n``
+    choices."""
+    if (resume.output_token_ids is None) == (resume.choices is None):
+        raise InvalidRequestError("servekit_resume needs output_token_ids (one choice) or "
+                                  "choices (several), not both", param="servekit_resume")
+    if resume.choices is None:
+        assert resume.output_token_ids is not None
+        if n != 1:
+            raise InvalidRequestError("servekit_resume.output_token_ids continues one choice; "
+                                      "several need choices", param="servekit_resume")
+        return [(list(resume.output_token_ids), None)]
+    if len(resume.choices) != n:
+        raise InvalidRequestError(f"servekit_resume.choices must have one entry per choice "
+                                  f"({n})", param="servekit_resume.choices")
+    return [(list(c.output_token_ids), c.finish_reason) for c in resume.choices]
 
 
 class _AuthMiddleware:

@@ -107,8 +107,11 @@ class Job:
     usage: JobUsage = field(factory=JobUsage)
     finish_reasons: list[str | None] = field(factory=list)
     admission: Admission | None = None
-    #: Output token ids a cut-short stream already sent (a gateway's resume; one choice).
-    resume: list[int] | None = None
+    #: Per choice, the output token ids a cut-short stream already sent (a gateway's resume).
+    resume: list[list[int]] | None = None
+    #: Per choice of a resume, the finish reason of a choice that had already finished (it
+    #: is not continued).
+    resume_finished: list[str | None] | None = None
 
     @property
     def reserved_tokens(self) -> int:
@@ -355,8 +358,14 @@ class GenerationService:
         extra: dict[str, Any] = {}
         if getattr(engine, "coalesces_outputs", False):
             extra["coalesce"] = True  # deltas queued while the client is slow go out merged
-        if job.resume:
-            extra["output_token_ids"] = job.resume
+        if job.resume is not None:
+            done = job.resume_finished[i] if job.resume_finished is not None else None
+            if done is not None:  # finished before the cut: counted, not continued
+                per_choice[i] = (len(job.prompts[prompt_index]), len(job.resume[i]), 0)
+                job.finish_reasons[i] = done
+                return
+            if job.resume[i]:
+                extra["output_token_ids"] = job.resume[i]
         stream = engine.generate(
             job.prompts[prompt_index], params, request_id=rid,
             tenant=key.tenant if key is not None else None,

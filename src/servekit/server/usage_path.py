@@ -95,7 +95,7 @@ class UsageCall:
         usage = job.usage
         prompt, completion = usage.prompt_tokens, usage.completion_tokens
         if self.attempt is not None and job.resume:  # this attempt prefilled the replayed ids
-            replayed = min(len(job.resume), completion)
+            replayed = min(sum(map(len, job.resume)), completion)
             prompt, completion = prompt + replayed, completion - replayed
         return UsageRecord(
             request_id=job.request_id, idempotency_key=idem, time=self.time, key_id=key_id,
