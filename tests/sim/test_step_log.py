@@ -54,6 +54,11 @@ def test_every_engine_step_is_logged_with_the_work_it_did(tmp_path: Path) -> Non
     for shape in shapes:  # every step reads at least the KV of the tokens it computes
         assert shape.kv_tokens >= shape.tokens and shape.attention_pairs >= shape.tokens
     assert len(seconds) == len(shapes)
+    # what the front end did around the steps: every request arrived once, every output token
+    # was emitted by exactly one step
+    assert sum(line["arrivals"] for line in lines) == len(prompts)
+    assert lines[0]["arrivals"] == len(prompts)
+    assert sum(line["output_tokens"] for line in lines) == len(prompts) * outputs
 
 
 def test_a_profile_fitted_from_a_step_log_predicts_the_logged_steps(tmp_path: Path) -> None:

@@ -370,7 +370,8 @@ class Simulator:
     def _sample(self) -> None:
         sc = self.scenario
         for rep in self.replicas.values():  # each replica reports its load to every gateway
-            load = ReplicaLoad(rep.sched.num_running, rep.sched.num_waiting,
+            # requests the front end has yet to admit are waiting too
+            load = ReplicaLoad(rep.sched.num_running, rep.sched.num_waiting + len(rep.pending),
                                min(1.0, max(0.0, rep.kv.usage)))
             for router in self.routers:
                 router.report_load(rep.name, load)
@@ -386,7 +387,7 @@ class Simulator:
             kv_usage=sum(r.kv.usage for r in reps) / len(self.replicas),
             kv_usage_max=max(r.kv.usage for r in reps),
             running=sum(r.sched.num_running for r in reps),
-            waiting=sum(r.sched.num_waiting for r in reps),
+            waiting=sum(r.sched.num_waiting + len(r.pending) for r in reps),
             preemptions=sum(r.sched.num_preemptions for r in reps),
         )
 
