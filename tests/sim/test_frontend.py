@@ -219,3 +219,17 @@ def test_a_given_arrival_trace_is_replayed() -> None:
     assert [r.arrival for r in simulate(sc).records] == [a.time for a in trace]
     other = [Arrival(t, 0) for t in (0.5, 1.25, 7.0)]
     assert [r.arrival for r in simulate(sc, arrivals=other).records] == [0.5, 1.25, 7.0]
+
+
+def test_sim_profile_writes_the_fitted_front_end_into_the_profile(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from servekit.server.cli import main
+
+    log, out = tmp_path / "steps.jsonl", tmp_path / "profile.json"
+    _write_log(log, ProfiledModel([2e-3, 4e-5, 3e-4, 0, 0]), FrontendCost(1.5e-3, 2e-4), 5)
+    assert main(["sim", "profile", "--step-log", str(log), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "1.500 ms per request, 0.200 ms per streamed token" in printed
+    data = json.loads(out.read_text())
+    assert data["frontend"] == pytest.approx({"per_request": 1.5e-3, "per_token": 2e-4})
+    assert data["meta"]["source"] == "step_log" and data["meta"]["r2"] > 0.999999
