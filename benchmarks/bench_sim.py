@@ -123,6 +123,10 @@ def _extra(parser: Any) -> None:
     parser.add_argument("--validate-duration", type=float, default=60.0,
                         help="seconds of load per level and repeat")
     parser.add_argument("--validate-repeats", type=int, default=2)
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch threads of the validated engine (server and in-process); "
+                        "1 by default: two threads on this shared 2-core machine spin-wait for "
+                        "each other while other processes run (a 25x slower step was seen)")
     parser.add_argument("--sweep-seconds", type=float, default=8.0,
                         help="seconds per concurrency level of the profiling sweep")
     parser.add_argument("--plot", type=Path, default=None)
@@ -140,7 +144,7 @@ def main() -> None:
         return
     if args.validate:
         rows, extra = validate(args.validate_duration, args.validate_repeats,
-                               args.sweep_seconds, args.plot)
+                               args.sweep_seconds, args.plot, args.torch_threads)
         print_table(rows, ["load", "repeat", "source", "rate", "ttft_p50", "ttft_p90", "itl_p50",
                            "out_tok_per_s", "goodput_rps", "requests"], "server vs simulator")
         print_table([{"check": k, **v} for k, v in extra["errors"].items()],
@@ -321,8 +325,8 @@ def _sim_row(scenario: Scenario, trace: Any = None) -> dict[str, Any]:
             "requests": len(r.records)}
 
 
-def validate(duration: float, repeats: int, sweep_seconds: float,
-             png: Path | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def validate(duration: float, repeats: int, sweep_seconds: float, png: Path | None,
+             torch_threads: int = 1) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Profile the demo engine through a running ``servekit serve`` (its ``step_log`` hook:
     the step profile and the front end's cost), then drive the same Poisson arrival trace
     (drawn once per load and repeat, sent to the server at its times and replayed into the
@@ -331,11 +335,15 @@ def validate(duration: float, repeats: int, sweep_seconds: float,
     constant front-end latency instead, as before), and a profile measured in-process."""
     import asyncio
     import json
+    import os
     import socket
     import subprocess
     import tempfile
 
     import httpx
+    import torch
+
+    torch.set_num_threads(torch_threads)
 
     from servekit.sim.profile import profile_engine, profile_step_log, read_step_log
     from servekit.sim.simulator import arrival_trace
@@ -353,7 +361,8 @@ def validate(duration: float, repeats: int, sweep_seconds: float,
     server = subprocess.Popen(
         [sys.executable, "-m", "servekit.server.cli", "serve", "--port", str(port),
          "--max-num-seqs", str(VALIDATE_SEQS), "--max-num-batched-tokens", str(VALIDATE_BUDGET),
-         "--hook", "step_log:" + json.dumps({"path": str(step_log)}), "--log-level", "warning"])
+         "--hook", "step_log:" + json.dumps({"path": str(step_log)}), "--log-level", "warning"],
+        env={**os.environ, "OMP_NUM_THREADS": str(torch_threads)})
     rows: list[dict[str, Any]] = []
     try:
         for _ in range(300):
@@ -377,9 +386,13 @@ def validate(duration: float, repeats: int, sweep_seconds: float,
               f"{fe.per_token * 1e3 if fe else 0:.3f} ms/token, latency {latency * 1e3:.2f} ms "
               f"(without the cost model: {steps_only_latency * 1e3:.2f} ms; "
               f"{len(alone)} requests alone)", flush=True)
-        # far past saturation, so the probe measures the capacity, not its own rate
-        capacity = _sim_row(_scenario(profile, meta, 400.0, 30.0, 0, latency, fe)
-                            )["out_tok_per_s"] / OUTPUT
+        # the rate at which the simulated replica clears a backlog of 2,000 requests (a probe
+        # at a steady rate far past saturation would measure the front end admitting arrivals)
+        from servekit.sim.workload import Arrival
+
+        backlog = simulate(_scenario(profile, meta, 1.0, 1.0, 0, latency, fe),
+                           arrivals=[Arrival(0.0, 0)] * 2000)
+        capacity = 2000 / max(r.end for r in backlog.records)
         print(f"simulated capacity {capacity:.1f} req/s", flush=True)
         for name, frac in LOADS:
             rate = capacity * frac
@@ -409,6 +422,8 @@ def validate(duration: float, repeats: int, sweep_seconds: float,
     if png is not None:
         _plot_validation(rows, png)
     return rows, {"server_profile": profile.meta, "engine_profile": engine_profile.meta,
+                  "server_coefficients": list(profile.coefficients),
+                  "steps_only_coefficients": list(steps_only.coefficients),
                   "frontend": fe.to_dict() if fe else None, "frontend_latency": latency,
                   "capacity_rps": capacity, "steps_only_latency": steps_only_latency,
                   "errors": summary, "errors_without_frontend_cost": _validation_summary(
