@@ -233,3 +233,17 @@ def test_sim_profile_writes_the_fitted_front_end_into_the_profile(
     data = json.loads(out.read_text())
     assert data["frontend"] == pytest.approx({"per_request": 1.5e-3, "per_token": 2e-4})
     assert data["meta"]["source"] == "step_log" and data["meta"]["r2"] > 0.999999
+
+
+def test_a_log_that_cannot_tell_the_token_cost_from_the_step_gives_it_to_the_step() -> None:
+    from servekit.sim.steptime import fit_with_frontend
+
+    # one token streamed per cycle, always: per_token is indistinguishable from the constant
+    shapes = [StepShape(0, 1, 10 + i % 7, 10.0 + i % 7) for i in range(50)]
+    arrivals = [i % 3 for i in range(50)]
+    seconds = [2e-3 + 1e-3 * a + 5e-4 for a in arrivals]
+    fitted = fit_with_frontend(shapes, arrivals, [1] * 50, seconds)
+    assert fitted.frontend is not None
+    assert fitted.frontend.per_request == pytest.approx(1e-3)
+    assert fitted.frontend.per_token == 0.0
+    assert fitted.step_time(shapes[0]) == pytest.approx(2.5e-3)

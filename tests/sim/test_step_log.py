@@ -119,4 +119,8 @@ def test_a_server_started_with_the_step_log_hook_is_profiled_as_it_serves(
     out = tmp_path / "profile.json"
     assert main(["sim", "profile", "--step-log", str(log), "--out", str(out)]) == 0
     assert "wrote" in capsys.readouterr().out
-    assert ProfiledModel.load(out).meta["steps"] == len(shapes)
+    profile = ProfiledModel.load(out)
+    # fitted on busy cycles: every step but the first of each request (sent one at a time,
+    # each found the engine idle), with the front end's cost
+    assert profile.meta["fitted_on"] == "cycles" and profile.meta["steps"] == len(shapes) - 8
+    assert profile.frontend is not None

@@ -206,7 +206,8 @@ def _fit_with_quality(shapes: list[StepShape], seconds: list[float], meta: dict[
                                             strict=True)])
     y = np.array(seconds)
     r2 = 1 - float(((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30))
-    meta = {**meta, "steps": len(shapes), "r2": r2,
+    meta = {**meta, "steps": len(shapes), "fitted_on": "steps" if cycles is None else "cycles",
+            "r2": r2,
             "median_abs_error": float(np.median(np.abs(y - pred))),
             "median_step": float(np.median(y)), "cpu_count": os.cpu_count(),
             "machine": platform.machine(), "python": platform.python_version()}

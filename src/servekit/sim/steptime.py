@@ -169,6 +169,14 @@ def nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return coef
 
 
+def _explained(x: np.ndarray, y: np.ndarray) -> float:
+    """The share of ``y``'s variance that a least-squares fit on ``x``'s columns explains
+    (1 for a constant ``y``, which the constant column explains)."""
+    sol, *_ = np.linalg.lstsq(x, y, rcond=None)
+    total = float(((y - y.mean()) ** 2).sum())
+    return 1.0 - float(((y - x @ sol) ** 2).sum()) / total if total > 0 else 1.0
+
+
 def fit_profile(shapes: Sequence[StepShape], seconds: Sequence[float], *,
                 meta: Mapping[str, Any] | None = None) -> ProfiledModel:
     """Least squares with non-negative coefficients (features that would go negative are
@@ -187,7 +195,13 @@ def fit_with_frontend(shapes: Sequence[StepShape], arrivals: Sequence[int],
     """Fit the step-time profile and the front-end cost together: ``seconds[i]``, the wall
     time of one cycle (a step and the work the process did around it), ~ profile(``shapes[i]``)
     + per_request · ``arrivals[i]`` + per_token · ``streamed[i]``, by non-negative least
-    squares. The profile returned carries the fitted ``frontend``."""
+    squares. The profile returned carries the fitted ``frontend``.
+
+    The tokens a step streams are mostly the next step's decode rows, so ``per_token`` and the
+    profile's per-decode (and constant) terms are nearly collinear. Where the log cannot
+    tell them apart (the other columns explain 99 % of the streamed tokens' variance, or the
+    fit leaves the step no time of its own), ``per_token`` is dropped (0) and the step's terms
+    absorb it: the same time per cycle, charged as engine time."""
     n = len(shapes)
     if not n == len(arrivals) == len(streamed) == len(seconds):
         raise SimConfigError("shapes", f"need one arrivals, streamed and seconds per shape, "
@@ -197,6 +211,9 @@ def fit_with_frontend(shapes: Sequence[StepShape], arrivals: Sequence[int],
         raise SimConfigError("shapes", f"need >= {width} measured cycles, got {n}")
     x = np.array([(*features(s), a, k) for s, a, k in zip(shapes, arrivals, streamed,
                                                            strict=True)], dtype=np.float64)
-    coef = nnls(x, np.asarray(seconds, dtype=np.float64))
+    y = np.asarray(seconds, dtype=np.float64)
+    coef = nnls(x, y)
+    if _explained(x[:, :-1], x[:, -1]) >= 0.99 or not (coef[:3] > 0).any():
+        coef = np.append(nnls(x[:, :-1], y), 0.0)
     return ProfiledModel([float(c) for c in coef[:-2]], meta=meta,
                          frontend=FrontendCost(float(coef[-2]), float(coef[-1])))
