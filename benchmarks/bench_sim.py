@@ -123,6 +123,10 @@ def _extra(parser: Any) -> None:
     parser.add_argument("--validate-duration", type=float, default=60.0,
                         help="seconds of load per level and repeat")
     parser.add_argument("--validate-repeats", type=int, default=2)
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch threads of the validated engine (server and in-process); "
+                        "1 by default: two threads on this shared 2-core machine spin-wait for "
+                        "each other while other processes run (a 25x slower step was seen)")
     parser.add_argument("--sweep-seconds", type=float, default=8.0,
                         help="seconds per concurrency level of the profiling sweep")
     parser.add_argument("--plot", type=Path, default=None)
@@ -140,12 +144,15 @@ def main() -> None:
         return
     if args.validate:
         rows, extra = validate(args.validate_duration, args.validate_repeats,
-                               args.sweep_seconds, args.plot)
+                               args.sweep_seconds, args.plot, args.torch_threads)
         print_table(rows, ["load", "repeat", "source", "rate", "ttft_p50", "ttft_p90", "itl_p50",
                            "out_tok_per_s", "goodput_rps", "requests"], "server vs simulator")
         print_table([{"check": k, **v} for k, v in extra["errors"].items()],
                     ["check", "server", "sim", "error", "tolerance", "holds"],
                     "simulator vs server (medians over repeats)")
+        print_table([{"check": k, **v} for k, v in extra["errors_without_frontend_cost"].items()],
+                    ["check", "server", "sim", "error", "tolerance", "holds"],
+                    "without the front-end cost (a constant latency, as before)")
         bars = {k: bar(v["error"], v["tolerance"], higher_is_better=False)
                 for k, v in extra["errors"].items()}
         print_bars(bars)
@@ -204,13 +211,18 @@ async def _stream(client: Any, port: int, prompt: list[int], output: int) -> lis
     loop = asyncio.get_running_loop()
     body = {"model": "servekit-demo", "prompt": prompt, "max_tokens": output,
             "ignore_eos": True, "stream": True, "temperature": 0.0}
+    import httpx
+
     times: list[float] = []
-    async with client.stream("POST", f"http://127.0.0.1:{port}/v1/completions",
-                             json=body) as resp:
-        async for line in resp.aiter_lines():
-            if (line.startswith("data: ") and line != "data: [DONE]"
-                    and json.loads(line[6:]).get("choices")):
-                times.append(loop.time())
+    try:
+        async with client.stream("POST", f"http://127.0.0.1:{port}/v1/completions",
+                                 json=body) as resp:
+            async for line in resp.aiter_lines():
+                if (line.startswith("data: ") and line != "data: [DONE]"
+                        and json.loads(line[6:]).get("choices")):
+                    times.append(loop.time())
+    except httpx.HTTPError as exc:  # overloaded: a dropped connection is a failed request
+        print(f"  request failed: {exc!r}", flush=True)
     return times
 
 
@@ -251,16 +263,22 @@ async def _sweep(port: int, vocab: int, seconds: float) -> list[tuple[int, float
 
 
 def frontend_latency(profile: Any, alone: list[tuple[int, float]]) -> float:
-    """What the server adds to TTFT beyond the engine's prefill step: the median, over requests
-    that ran alone, of TTFT minus the profile's time for their prefill step (>= 0)."""
+    """What the server adds to TTFT beyond the engine's prefill step (and, with a front-end
+    cost, beyond admitting the request and streaming its token): the median, over requests
+    that ran alone, of TTFT minus what the simulator charges for them (>= 0)."""
     from servekit.sched.output import StepShape
 
-    gaps = [ttft - profile.step_time(StepShape(n, 0, n, n * (n + 1) / 2)) for n, ttft in alone]
+    fe = profile.frontend
+    charged = 0.0 if fe is None else fe.per_request + fe.per_token
+    gaps = [ttft - charged - profile.step_time(StepShape(n, 0, n, n * (n + 1) / 2))
+            for n, ttft in alone]
     return max(0.0, float(statistics.median(gaps))) if gaps else 0.0
 
 
-async def _load(port: int, rate: float, duration: float, vocab: int, seed: int) -> dict[str, Any]:
-    """Open-loop Poisson load on a running ``servekit serve``; TTFT, ITL and throughput."""
+async def _load(port: int, times: list[float], duration: float, vocab: int,
+                seed: int) -> dict[str, Any]:
+    """Open-loop load on a running ``servekit serve``, one request sent at each of ``times``
+    (the simulator's arrival trace); TTFT, ITL and throughput."""
     import asyncio
 
     import numpy as np
@@ -286,46 +304,55 @@ async def _load(port: int, rate: float, duration: float, vocab: int, seed: int) 
             if times[0] - t0 <= 1.0 and (not gaps or sum(gaps) / len(gaps) <= 0.2):
                 good += 1
 
-    arrivals = np.cumsum(rng.exponential(1 / rate, int(rate * duration * 1.5) + 10))
-    arrivals = arrivals[arrivals < duration]
     async with _client() as client:
-        await asyncio.gather(*(one(client, float(a)) for a in arrivals))
+        await asyncio.gather(*(one(client, a) for a in times))
     return {"ttft_p50": float(np.percentile(ttfts, 50)), "ttft_p90": float(np.percentile(ttfts, 90)),
             "itl_p50": float(np.percentile(itls, 50)), "out_tok_per_s": tokens / duration,
-            "goodput_rps": good / duration, "requests": len(arrivals)}
+            "goodput_rps": good / duration, "requests": len(times)}
 
 
-def _sim_row(profile: Any, meta: dict[str, Any], rate: float, duration: float,
-             seed: int, frontend: float = 0.0) -> dict[str, Any]:
+def _scenario(profile: Any, meta: dict[str, Any], rate: float, duration: float, seed: int,
+              latency: float = 0.0, frontend: Any = None) -> Scenario:
     from servekit.sim import SLO
 
     rc = ReplicaConfig(count=1, max_num_seqs=VALIDATE_SEQS, max_num_batched_tokens=VALIDATE_BUDGET,
                        num_blocks=meta["num_blocks"])
     wl = workload_from_dict({"rate": rate, "prompt": PROMPT, "output": OUTPUT})
-    sc = Scenario(wl, profile, meta["num_blocks"], meta["max_model_len"], rc, slo=SLO(1.0, 0.2),
-                  duration=duration, seed=seed, vocab_size=meta["vocab_size"],
-                  frontend_latency=frontend)
-    r = simulate(sc)
+    return Scenario(wl, profile, meta["num_blocks"], meta["max_model_len"], rc, slo=SLO(1.0, 0.2),
+                    duration=duration, seed=seed, vocab_size=meta["vocab_size"],
+                    frontend_latency=latency, frontend=frontend)
+
+
+def _sim_row(scenario: Scenario, trace: Any = None) -> dict[str, Any]:
+    r = simulate(scenario, arrivals=trace)
     return {"ttft_p50": r.all.ttft.p50, "ttft_p90": r.all.ttft.p90, "itl_p50": r.all.itl.p50,
             "out_tok_per_s": r.throughput["output_tokens_per_s"], "goodput_rps": r.all.goodput,
             "requests": len(r.records)}
 
 
-def validate(duration: float, repeats: int, sweep_seconds: float,
-             png: Path | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Profile the demo engine through a running ``servekit serve`` (its ``step_log`` hook),
-    then drive the same Poisson workloads through the server and the simulator at three loads
-    (fractions of the simulated capacity), ``repeats`` times each. Also simulated: the same
-    loads with a profile measured in-process (``servekit sim profile``), for comparison."""
+def validate(duration: float, repeats: int, sweep_seconds: float, png: Path | None,
+             torch_threads: int = 1) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Profile the demo engine through a running ``servekit serve`` (its ``step_log`` hook:
+    the step profile and the front end's cost), then drive the same Poisson arrival trace
+    (drawn once per load and repeat, sent to the server at its times and replayed into the
+    simulator) at three loads (fractions of the simulated capacity), ``repeats`` times each.
+    Also simulated on the same traces: the server's steps without the front-end cost (a
+    constant front-end latency instead, as before), and a profile measured in-process."""
     import asyncio
     import json
+    import os
     import socket
     import subprocess
     import tempfile
 
     import httpx
+    import torch
 
-    from servekit.sim.profile import profile_engine, profile_step_log
+    torch.set_num_threads(torch_threads)
+
+    from servekit.sim.profile import profile_engine, profile_step_log, read_step_log
+    from servekit.sim.simulator import arrival_trace
+    from servekit.sim.steptime import fit_profile
 
     engine_profile = profile_engine(max_num_seqs=VALIDATE_SEQS,
                                     max_num_batched_tokens=VALIDATE_BUDGET, steps=300)
@@ -339,7 +366,8 @@ def validate(duration: float, repeats: int, sweep_seconds: float,
     server = subprocess.Popen(
         [sys.executable, "-m", "servekit.server.cli", "serve", "--port", str(port),
          "--max-num-seqs", str(VALIDATE_SEQS), "--max-num-batched-tokens", str(VALIDATE_BUDGET),
-         "--hook", "step_log:" + json.dumps({"path": str(step_log)}), "--log-level", "warning"])
+         "--hook", "step_log:" + json.dumps({"path": str(step_log)}), "--log-level", "warning"],
+        env={**os.environ, "OMP_NUM_THREADS": str(torch_threads)})
     rows: list[dict[str, Any]] = []
     try:
         for _ in range(300):
@@ -352,24 +380,46 @@ def validate(duration: float, repeats: int, sweep_seconds: float,
         vocab = meta["vocab_size"]
         alone = asyncio.run(_sweep(port, vocab, sweep_seconds))
         profile = profile_step_log(step_log, meta=meta)
-        frontend = frontend_latency(profile, alone)
-        print(f"server profile: {profile.meta['steps']} steps, r2 {profile.meta['r2']:.3f}, "
-              f"median step {profile.meta['median_step'] * 1e3:.1f} ms; front end adds "
-              f"{frontend * 1e3:.2f} ms to TTFT ({len(alone)} requests alone)", flush=True)
-        capacity = _sim_row(profile, meta, 50.0, 30.0, 0)["out_tok_per_s"] / OUTPUT
+        fe = profile.frontend
+        latency = frontend_latency(profile, alone)
+        # before the front-end cost model: the steps' durations alone, a constant latency
+        steps_only = fit_profile(*read_step_log(step_log))
+        steps_only_latency = frontend_latency(steps_only, alone)
+        print(f"server profile: {profile.meta['steps']} cycles, r2 {profile.meta['r2']:.3f}, "
+              f"median cycle {profile.meta['median_step'] * 1e3:.2f} ms; front end "
+              f"{fe.per_request * 1e3 if fe else 0:.3f} ms/request, "
+              f"{fe.per_token * 1e3 if fe else 0:.3f} ms/token, latency {latency * 1e3:.2f} ms "
+              f"(without the cost model: {steps_only_latency * 1e3:.2f} ms; "
+              f"{len(alone)} requests alone)", flush=True)
+        # the rate at which the simulated replica clears a backlog of 2,000 requests (a probe
+        # at a steady rate far past saturation would measure the front end admitting arrivals)
+        from servekit.sim.workload import Arrival
+
+        backlog = simulate(_scenario(profile, meta, 1.0, 1.0, 0, latency, fe),
+                           arrivals=[Arrival(0.0, 0)] * 2000)
+        capacity = 2000 / max(r.end for r in backlog.records)
+        print(f"simulated capacity {capacity:.1f} req/s", flush=True)
         for name, frac in LOADS:
             rate = capacity * frac
             for rep in range(repeats):
-                real = asyncio.run(_load(port, rate, duration, vocab, 1 + rep))
-                sims = {"sim": _sim_row(profile, meta, rate, duration, 1 + rep, frontend),
-                        "sim (in-process profile)": _sim_row(engine_profile, meta, rate,
-                                                             duration, 1 + rep, frontend)}
+                sc = _scenario(profile, meta, rate, duration, 1 + rep, latency, fe)
+                trace = arrival_trace(sc)
+                real = asyncio.run(_load(port, [a.time for a in trace], duration, vocab,
+                                         1 + rep))
+                sims = {"sim": _sim_row(sc, trace),
+                        "sim (no front-end cost)": _sim_row(_scenario(
+                            steps_only, meta, rate, duration, 1 + rep, steps_only_latency),
+                            trace),
+                        "sim (in-process profile)": _sim_row(_scenario(
+                            engine_profile, meta, rate, duration, 1 + rep,
+                            steps_only_latency), trace)}
                 rows.append({"load": name, "rate": rate, "repeat": rep, "source": "server",
                              **real})
                 for source, row in sims.items():
                     rows.append({"load": name, "rate": rate, "repeat": rep, "source": source,
                                  **row})
-                print(f"{name} #{rep}: server {real}\n  sim {sims['sim']}", flush=True)
+                print(f"{name} #{rep}: server {real}\n  sim {sims['sim']}\n  sim (no front-end "
+                      f"cost) {sims['sim (no front-end cost)']}", flush=True)
     finally:
         server.terminate()
         server.wait(30)
@@ -377,7 +427,12 @@ def validate(duration: float, repeats: int, sweep_seconds: float,
     if png is not None:
         _plot_validation(rows, png)
     return rows, {"server_profile": profile.meta, "engine_profile": engine_profile.meta,
-                  "frontend_latency": frontend, "errors": summary}
+                  "server_coefficients": list(profile.coefficients),
+                  "steps_only_coefficients": list(steps_only.coefficients),
+                  "frontend": fe.to_dict() if fe else None, "frontend_latency": latency,
+                  "capacity_rps": capacity, "steps_only_latency": steps_only_latency,
+                  "errors": summary, "errors_without_frontend_cost": _validation_summary(
+                      rows, "sim (no front-end cost)")}
 
 
 def _median_by(rows: list[dict[str, Any]], load: str, source: str, metric: str) -> float:
@@ -385,14 +440,15 @@ def _median_by(rows: list[dict[str, Any]], load: str, source: str, metric: str) 
                                    if r["load"] == load and r["source"] == source))
 
 
-def _validation_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def _validation_summary(rows: list[dict[str, Any]],
+                        source: str = "sim") -> dict[str, dict[str, Any]]:
     """Per load and metric: the medians over repeats, the simulator's relative error against
     the server, and whether it is within the issue's tolerance."""
     out: dict[str, dict[str, Any]] = {}
     for load, tolerances in TOLERANCES.items():
         for metric, tolerance in tolerances.items():
             real = _median_by(rows, load, "server", metric)
-            sim = _median_by(rows, load, "sim", metric)
+            sim = _median_by(rows, load, source, metric)
             error = abs(sim - real) / real if real else (0.0 if sim == real else float("inf"))
             out[f"{load} {metric}"] = {"server": real, "sim": sim, "error": error,
                                        "tolerance": tolerance, "holds": error <= tolerance}

@@ -84,7 +84,7 @@ def _check_accounting(sim: Simulator) -> None:
     for rep in sim.replicas.values():  # nothing leaked: blocks, requests
         assert not rep.sched.has_unfinished_requests()
         assert rep.kv.num_free_blocks == rep.kv.num_blocks
-        assert not rep.busy
+        assert not rep.busy and not rep.pending
     for router in sim.routers:
         assert all(v == 0 for v in router.loads.values())
     for limiter in sim.limiters.values():
@@ -100,11 +100,12 @@ def _check_accounting(sim: Simulator) -> None:
        queue=st.one_of(st.none(), st.integers(1, 8)), blocks=st.integers(40, 400),
        turns=st.integers(1, 3), seed=st.integers(0, 2**16),
        policy=st.sampled_from(["fcfs", "priority", "fair"]),
-       arrival=st.sampled_from(["poisson", "gamma"]))
+       arrival=st.sampled_from(["poisson", "gamma"]),
+       frontend=st.one_of(st.none(), st.tuples(st.floats(0.0, 0.2), st.floats(0.0, 0.02))))
 def test_every_arrived_request_is_accounted_for(
         rate: float, replicas: int, gateways: int, cancel: float, rpm: float | None,
         queue: int | None, blocks: int, turns: int, seed: int, policy: str,
-        arrival: str) -> None:
+        arrival: str, frontend: tuple[float, float] | None) -> None:
     tenants: list[dict[str, Any]] = [{"name": "a", "weight": 1.0, "priority": 1},
                                      {"name": "b", "weight": 2.0}]
     if rpm is not None:
@@ -116,7 +117,9 @@ def test_every_arrived_request_is_accounted_for(
         duration=20.0, seed=seed, replicas=rc, gateways={"count": gateways},
         workload={"rate": rate, "arrival": arrival, "cv": 2.0, "tenants": tenants,
                   "cancel": {"probability": cancel, "after": 0.5},
-                  "sessions": {"turns": turns, "think_time": 0.5, "user_tokens": 30}})
+                  "sessions": {"turns": turns, "think_time": 0.5, "user_tokens": 30}},
+        **({} if frontend is None else
+           {"frontend": {"per_request": frontend[0], "per_token": frontend[1]}}))
     sim = Simulator(sc)
     result = sim.run()
     _check_accounting(sim)

@@ -54,6 +54,11 @@ def test_every_engine_step_is_logged_with_the_work_it_did(tmp_path: Path) -> Non
     for shape in shapes:  # every step reads at least the KV of the tokens it computes
         assert shape.kv_tokens >= shape.tokens and shape.attention_pairs >= shape.tokens
     assert len(seconds) == len(shapes)
+    # what the front end did around the steps: every request arrived once, every output token
+    # was emitted by exactly one step
+    assert sum(line["arrivals"] for line in lines) == len(prompts)
+    assert lines[0]["arrivals"] == len(prompts)
+    assert sum(line["output_tokens"] for line in lines) == len(prompts) * outputs
 
 
 def test_a_profile_fitted_from_a_step_log_predicts_the_logged_steps(tmp_path: Path) -> None:
@@ -114,4 +119,8 @@ def test_a_server_started_with_the_step_log_hook_is_profiled_as_it_serves(
     out = tmp_path / "profile.json"
     assert main(["sim", "profile", "--step-log", str(log), "--out", str(out)]) == 0
     assert "wrote" in capsys.readouterr().out
-    assert ProfiledModel.load(out).meta["steps"] == len(shapes)
+    profile = ProfiledModel.load(out)
+    # fitted on busy cycles: every step but the first of each request (sent one at a time,
+    # each found the engine idle), with the front end's cost
+    assert profile.meta["fitted_on"] == "cycles" and profile.meta["steps"] == len(shapes) - 8
+    assert profile.frontend is not None

@@ -188,6 +188,7 @@ class LLMEngine:
         self._grammars: GrammarCompiler | None = None
         self._awaiting: dict[str, _AwaitingGrammar] = {}
         self._early: list[RequestOutput] = []  # finished before scheduling (grammar errors)
+        self._arrivals = 0  # requests added since the last step ended (its EngineStep event)
 
     # ------------------------------------------------------------------ guided decoding
 
@@ -270,6 +271,7 @@ class LLMEngine:
         if any(not 0 <= t < vocab for t in outputs):
             raise InvalidParameterError("output_token_ids", f"token ids must be in [0, {vocab})")
         rid = request_id if request_id is not None else uuid.uuid4().hex
+        self._arrivals += 1
         request = Request(rid, ids, params, priority=priority, tenant=tenant,
                           deadline=deadline, cache_salt=cache_salt, output_token_ids=outputs)
         # built before queueing: a failure must not leave an untracked request running
@@ -458,10 +460,12 @@ class LLMEngine:
         if hooks.wants.engine_step:
             now = self._clock()
             shape = shape_of(plan.out)
+            arrivals, self._arrivals = self._arrivals, 0
             hooks.on_engine_step(EngineStep(
                 len(plan.out.requests), plan.out.total_num_tokens, sched.num_running,
                 sched.num_waiting, time.perf_counter() - plan.start, now, shape.prefill_tokens,
-                shape.decodes, shape.kv_tokens, shape.attention_pairs))
+                shape.decodes, shape.kv_tokens, shape.attention_pairs, arrivals,
+                len(result.requests)))
         return outputs
 
     # ------------------------------------------------------------------ batch API

@@ -96,6 +96,10 @@ class EngineStep:
     ``kv_tokens`` of context whose KV the step read (new ones included) and ``attention_pairs``,
     the query-key pairs computed. ``duration`` runs from scheduling to the step's outputs, as the
     step ran in its process (a threaded forward's waits for the GIL included).
+
+    What the serving front end had to do around it (what ``servekit.sim``'s front-end cost is
+    fitted on): ``arrivals``, the requests added to the engine since the previous step ended,
+    and ``output_tokens``, the tokens this step emitted (each streamed out after it).
     """
 
     batch_size: int
@@ -108,6 +112,8 @@ class EngineStep:
     num_decodes: int = 0
     kv_tokens: int = 0
     attention_pairs: float = 0.0
+    arrivals: int = 0
+    output_tokens: int = 0
 
 
 @frozen(slots=True)

@@ -69,7 +69,8 @@ class RequestLogHook(Hook):
 
 
 STEP_LOG_FIELDS = ("batch_size", "scheduled_tokens", "num_running", "num_waiting", "duration",
-                   "time", "prefill_tokens", "num_decodes", "kv_tokens", "attention_pairs")
+                   "time", "prefill_tokens", "num_decodes", "kv_tokens", "attention_pairs",
+                   "arrivals", "output_tokens")
 
 
 class StepLogHook(Hook):

@@ -9,6 +9,7 @@ No torch at import: only ``servekit sim profile`` (:mod:`servekit.sim.profile`) 
 """
 
 from servekit.sim.errors import InfeasibleError, SimConfigError
+from servekit.sim.frontend import FrontendCost
 from servekit.sim.results import SimResult
 from servekit.sim.scenario import (
     SLO,
@@ -18,7 +19,7 @@ from servekit.sim.scenario import (
     load_scenario,
     scenario_from_dict,
 )
-from servekit.sim.simulator import Simulator, simulate
+from servekit.sim.simulator import Simulator, arrival_trace, simulate
 from servekit.sim.specs import DeviceSpec, ModelSpec, device_spec, model_spec
 from servekit.sim.steptime import (
     ProfiledModel,
@@ -33,6 +34,7 @@ from servekit.sim.workload import Workload, workload_from_dict
 __all__ = [
     "SLO",
     "DeviceSpec",
+    "FrontendCost",
     "GatewayConfig",
     "InfeasibleError",
     "ModelSpec",
@@ -46,6 +48,7 @@ __all__ = [
     "StepShape",
     "StepTimeModel",
     "Workload",
+    "arrival_trace",
     "device_spec",
     "fit_profile",
     "load_scenario",

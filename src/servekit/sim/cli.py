@@ -141,8 +141,12 @@ def _profile_main(argv: Sequence[str]) -> int:
         return 2
     model.save(args.out)
     meta = model.meta
-    print(f"measured {meta['steps']} steps; fit r2 {meta['r2']:.3f}, median abs error "
-          f"{meta['median_abs_error'] * 1e3:.2f} ms; wrote {args.out}")
+    fe = model.frontend
+    front = ("" if fe is None else f"; front end {fe.per_request * 1e3:.3f} ms per request, "
+             f"{fe.per_token * 1e3:.3f} ms per streamed token")
+    print(f"measured {meta['steps']} {'steps' if fe is None else 'cycles'}; fit r2 "
+          f"{meta['r2']:.3f}, median abs error {meta['median_abs_error'] * 1e3:.2f} ms"
+          f"{front}; wrote {args.out}")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from servekit.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from servekit.kv.manager import KVCacheManager
@@ -48,7 +49,7 @@ class SimRequest(Request):
 class Replica:
     """One engine replica: its scheduler, its KV cache, and the step in flight."""
 
-    __slots__ = ("busy", "kv", "name", "out", "requests", "sched", "steps")
+    __slots__ = ("busy", "fe_end", "kv", "name", "out", "pending", "requests", "sched", "steps")
 
     def __init__(self, name: str, config: ReplicaConfig, num_blocks: int, max_model_len: int,
                  clock: Callable[[], float], index: KVEventIndex | None = None) -> None:
@@ -66,6 +67,10 @@ class Replica:
         self.out: SchedulerOutput | None = None
         self.steps = 0
         self.requests = 0  # routed here
+        # the front end's work (FrontendCost): requests it has yet to admit, and when the work
+        # queued on this replica's thread ends (-1: none queued)
+        self.pending: list[tuple[Any, SimRequest]] = []
+        self.fe_end = -1.0
 
 
 class KVEventIndex:

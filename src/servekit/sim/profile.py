@@ -7,11 +7,14 @@ Two sources of measured steps:
   so the fit sees pure-decode and mixed prefill steps.
 - :func:`profile_step_log` fits the steps a running server recorded with the ``step_log`` hook
   (``servekit serve --hook 'step_log:{"path": "steps.jsonl"}'``): the engine measured through
-  the server, as it serves, with its HTTP work competing for the same cores.
+  the server, as it serves, with its HTTP work competing for the same cores. A log that
+  records the front end's work (``arrivals``, ``output_tokens``) is fitted as cycles, one
+  step's end to the next, with the front end's cost (:func:`step_log_cycles`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -20,11 +23,19 @@ from typing import Any
 import numpy as np
 
 from servekit.sim.errors import SimConfigError
-from servekit.sim.steptime import ProfiledModel, StepShape, fit_profile, shape_of
+from servekit.sim.steptime import (
+    ProfiledModel,
+    StepShape,
+    fit_profile,
+    fit_with_frontend,
+    shape_of,
+)
 
 _STEP_LOG_KEYS = ("prefill_tokens", "num_decodes", "kv_tokens", "attention_pairs", "duration")
+_CYCLE_KEYS = ("time", "num_running", "num_waiting", "arrivals", "output_tokens")
 
-__all__ = ["measure_engine", "profile_engine", "profile_step_log", "read_step_log"]
+__all__ = ["Cycles", "measure_engine", "profile_engine", "profile_step_log", "read_step_log",
+           "step_log_cycles"]
 
 
 def measure_engine(engine: Any, *, max_num_seqs: int, steps: int, seed: int = 0,
@@ -91,50 +102,113 @@ def profile_engine(model: str | Path | None = None, *, device: str = "cpu",
     })
 
 
-def read_step_log(path: str | Path) -> tuple[list[StepShape], list[float]]:
-    """The shapes and durations of the steps in a ``step_log`` file (empty steps skipped)."""
-    shapes: list[StepShape] = []
-    seconds: list[float] = []
+def _records(path: str | Path) -> list[dict[str, Any]]:
+    """The step records of a ``step_log`` file, each checked for the step's shape keys."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise SimConfigError("--step-log", f"cannot read {str(path)!r}: {exc.strerror}") from exc
+    records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        problem = "not a JSON object"
         try:
             step = json.loads(line)
-            values = [step[key] for key in _STEP_LOG_KEYS]
-        except (ValueError, KeyError) as exc:
-            raise SimConfigError("--step-log", f"{path}:{number} is not a step record "
-                                 f"with {', '.join(_STEP_LOG_KEYS)}: {exc}") from exc
-        prefill, decodes, kv, pairs, duration = values
-        if prefill or decodes:
-            shapes.append(StepShape(int(prefill), int(decodes), int(kv), float(pairs)))
-            seconds.append(float(duration))
-    return shapes, seconds
+        except ValueError as exc:
+            step, problem = None, str(exc)
+        if isinstance(step, dict):
+            missing = [key for key in _STEP_LOG_KEYS if key not in step]
+            if not missing:
+                records.append(step)
+                continue
+            problem = f"no {missing[0]!r}"
+        raise SimConfigError("--step-log", f"{path}:{number} is not a step record "
+                             f"with {', '.join(_STEP_LOG_KEYS)}: {problem}")
+    return records
+
+
+def _shape(step: dict[str, Any]) -> StepShape:
+    return StepShape(int(step["prefill_tokens"]), int(step["num_decodes"]),
+                     int(step["kv_tokens"]), float(step["attention_pairs"]))
+
+
+def read_step_log(path: str | Path) -> tuple[list[StepShape], list[float]]:
+    """The shapes and durations of the steps in a ``step_log`` file (empty steps skipped)."""
+    steps = [s for s in _records(path) if s["prefill_tokens"] or s["num_decodes"]]
+    return [_shape(s) for s in steps], [float(s["duration"]) for s in steps]
+
+
+class Cycles:
+    """A step log as engine cycles, each from one step's end to the next one's: the step's
+    ``shapes``, the ``arrivals`` (requests added in the cycle), the tokens ``streamed`` (the
+    previous step's output, written out during the cycle) and the cycle's wall ``seconds``."""
+
+    def __init__(self) -> None:
+        self.shapes: list[StepShape] = []
+        self.arrivals: list[int] = []
+        self.streamed: list[int] = []
+        self.seconds: list[float] = []
+
+
+def step_log_cycles(path: str | Path) -> Cycles | None:
+    """The busy cycles of a ``step_log`` file; None for a log without the front end's fields
+    (``arrivals``, ``output_tokens``: written by servekit since the front-end cost model).
+
+    A cycle counts only when the engine had work left after the previous step (otherwise it
+    waited, idle, for an arrival) and its step did work."""
+    records = _records(path)
+    if not records or any(key not in s for s in records for key in _CYCLE_KEYS):
+        return None
+    cycles = Cycles()
+    for prev, step in itertools.pairwise(records):
+        if not (prev["num_running"] or prev["num_waiting"]):
+            continue
+        if not (step["prefill_tokens"] or step["num_decodes"]):
+            continue
+        cycles.shapes.append(_shape(step))
+        cycles.arrivals.append(int(step["arrivals"]))
+        cycles.streamed.append(int(prev["output_tokens"]))
+        cycles.seconds.append(float(step["time"]) - float(prev["time"]))
+    return cycles
 
 
 def profile_step_log(path: str | Path, *, meta: dict[str, Any] | None = None) -> ProfiledModel:
     """Fit a profile to the steps a server recorded with the ``step_log`` hook; ``meta`` (the
-    server's configuration: ``num_blocks``, ``max_model_len``, ``vocab_size``...) is kept."""
-    shapes, seconds = read_step_log(path)
-    return _fit_with_quality(shapes, seconds, {"source": "step_log", "step_log": str(path),
-                                               **(meta or {})})
+    server's configuration: ``num_blocks``, ``max_model_len``, ``vocab_size``...) is kept.
+
+    A log with the front end's fields is fitted as busy cycles (:func:`step_log_cycles`),
+    with the front end's cost, which the profile then carries (``frontend``); an older log is
+    fitted on its steps' durations alone."""
+    meta = {"source": "step_log", "step_log": str(path), **(meta or {})}
+    cycles = step_log_cycles(path)
+    if cycles is None:
+        shapes, seconds = read_step_log(path)
+        return _fit_with_quality(shapes, seconds, meta)
+    return _fit_with_quality(cycles.shapes, cycles.seconds, meta, cycles)
 
 
-def _fit_with_quality(shapes: list[StepShape], seconds: list[float],
-                      meta: dict[str, Any]) -> ProfiledModel:
+def _fit_with_quality(shapes: list[StepShape], seconds: list[float], meta: dict[str, Any],
+                      cycles: Cycles | None = None) -> ProfiledModel:
     """Fit, and record the fit's quality and the machine in the profile's ``meta``."""
     import os
     import platform
 
-    fitted = fit_profile(shapes, seconds)
-    pred = np.array([fitted.step_time(s) for s in shapes])
+    if cycles is None:
+        fitted = fit_profile(shapes, seconds)
+        pred = np.array([fitted.step_time(s) for s in shapes])
+    else:
+        fitted = fit_with_frontend(shapes, cycles.arrivals, cycles.streamed, seconds)
+        fe = fitted.frontend
+        assert fe is not None
+        pred = np.array([fitted.step_time(s) + fe.per_request * a + fe.per_token * k
+                         for s, a, k in zip(shapes, cycles.arrivals, cycles.streamed,
+                                            strict=True)])
     y = np.array(seconds)
     r2 = 1 - float(((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30))
-    meta = {**meta, "steps": len(shapes), "r2": r2,
+    meta = {**meta, "steps": len(shapes), "fitted_on": "steps" if cycles is None else "cycles",
+            "r2": r2,
             "median_abs_error": float(np.median(np.abs(y - pred))),
             "median_step": float(np.median(y)), "cpu_count": os.cpu_count(),
             "machine": platform.machine(), "python": platform.python_version()}
-    return ProfiledModel(fitted.coefficients, meta=meta)
+    return ProfiledModel(fitted.coefficients, meta=meta, frontend=fitted.frontend)

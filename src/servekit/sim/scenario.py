@@ -14,6 +14,7 @@ from attrs import frozen
 from servekit.sim._check import integer, join, known_keys, number, table
 from servekit.sim._toml import load_toml
 from servekit.sim.errors import SimConfigError
+from servekit.sim.frontend import FrontendCost, frontend_from
 from servekit.sim.specs import DeviceSpec, ModelSpec, device_spec, model_spec
 from servekit.sim.steptime import ProfiledModel, RooflineModel, StepTimeModel
 from servekit.sim.workload import Workload, workload_from_dict
@@ -70,6 +71,10 @@ class Scenario:
     the client that much after the engine made it, so TTFT and end-to-end latency grow by it
     and inter-token latency does not. Measure it through the server (``bench_sim.py
     --validate`` does); 0 models the engine alone.
+
+    ``frontend`` is the front end's CPU cost (:class:`~servekit.sim.frontend.FrontendCost`),
+    charged serially against each replica's time between its steps; None (the default)
+    charges nothing, and requests join the scheduler the moment they arrive.
     """
 
     workload: Workload
@@ -89,6 +94,7 @@ class Scenario:
     device: DeviceSpec | None = None
     tp: int = 1
     frontend_latency: float = 0.0
+    frontend: FrontendCost | None = None
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -97,7 +103,7 @@ def load_scenario(path: str | Path) -> Scenario:
 
 
 _TOP = frozenset({"duration", "warmup", "drain", "seed", "sample_interval", "frontend_latency",
-                  "model", "device",
+                  "frontend", "model", "device",
                   "tp", "profile", "vocab_size", "replicas", "gateways", "slo", "workload"})
 
 
@@ -129,13 +135,17 @@ def scenario_from_dict(data: Mapping[str, Any], base: str | Path | None = None) 
     else:
         raise SimConfigError("profile", "give a step-time profile, or both model and device "
                              "for the roofline model")
+    if "frontend" in data:
+        frontend_cost: FrontendCost | None = frontend_from(data["frontend"])
+    else:  # a profile fitted through a server carries its front end's cost
+        frontend_cost = getattr(step_model, "frontend", None)
     num_blocks, max_model_len = fleet_sizes(replicas, model, step_model)
     vocab = integer("vocab_size", data.get("vocab_size", model.vocab_size if model else 32_000),
                     minimum=2)
     workload = workload_from_dict(table("workload", data.get("workload")), "workload", base)
     return Scenario(workload, step_model, num_blocks, max_model_len, replicas, gateways, slo,
                     duration, warmup, drain, seed, sample_interval, vocab, model, device, tp,
-                    frontend)
+                    frontend, frontend_cost)
 
 
 def fleet_sizes(replicas: ReplicaConfig, model: ModelSpec | None,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import count
 from typing import Any
 
@@ -33,10 +33,10 @@ from servekit.sim.scenario import Scenario
 from servekit.sim.steptime import shape_of
 from servekit.sim.workload import Arrival, Tenant
 
-__all__ = ["Simulator", "simulate"]
+__all__ = ["Simulator", "arrival_trace", "simulate"]
 
 # event kinds; at equal times they run in this order
-_ARRIVAL, _CANCEL, _STEP, _SAMPLE = 0, 1, 2, 3
+_ARRIVAL, _CANCEL, _STEP, _RESUME, _SAMPLE = 0, 1, 2, 3, 4
 
 #: ``observer(replica_name, now, output)``: called after each schedule(), before the step runs
 StepObserver = Callable[[str, float, SchedulerOutput], None]
@@ -59,7 +59,8 @@ class Simulator:
     """Runs one :class:`~servekit.sim.scenario.Scenario`; :meth:`run` returns the result."""
 
     def __init__(self, scenario: Scenario, *, observer: StepObserver | None = None,
-                 give_up_after: int | None = None) -> None:
+                 give_up_after: int | None = None,
+                 arrivals: Iterable[Arrival] | None = None) -> None:
         self.scenario = sc = scenario
         self.now = 0.0
         self.observer = observer
@@ -79,8 +80,9 @@ class Simulator:
             for g in range(sc.gateways.count)]
         self.limiters: dict[str, Limiter] = dict(make_limiters(sc.workload.tenants, clock))
         self.rng = np.random.default_rng([sc.seed, 1])
-        self._arrivals: Iterator[Arrival] = sc.workload.arrivals(
-            np.random.default_rng([sc.seed, 2]), sc.duration)
+        # new sessions: the scenario's own draw, or a given trace (replayed elsewhere too)
+        self._arrivals: Iterator[Arrival] = (_draw_arrivals(sc) if arrivals is None
+                                             else iter(arrivals))
         self._events: list[tuple[float, int, int, Any]] = []
         self._seq = count()
         self._ids = count()
@@ -94,6 +96,7 @@ class Simulator:
                          for _ in range(wl.system_prompts)]
         self._session_serial = count()
         self._model = sc.step_model
+        self._frontend = sc.frontend
 
     def clock(self) -> float:
         """The simulated time (the parts' injected clock)."""
@@ -124,6 +127,8 @@ class Simulator:
                     self._submit(obj)
             elif kind == _CANCEL:
                 self._cancel(obj)
+            elif kind == _RESUME:
+                self._resume(obj)
             else:
                 self._sample()
                 if events:  # anything left to happen (a busy replica has its step queued)
@@ -193,22 +198,33 @@ class Simulator:
         rec.replica, rec.gateway, rec.session = route.node, s.gateway, s
         req = SimRequest(rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
                          priority=tenant.priority, tenant=tenant.name, arrival_time=now, rec=rec)
-        try:
-            rep.sched.add_request(req)
-        except (QueueFull, InvalidParameterError) as exc:
-            router.release(route.node, None)
-            self._settle(rec, 0)
-            rec.end = now
-            rec.outcome = ("rejected_queue_full" if isinstance(exc, QueueFull)
-                           else "rejected_invalid")
-            return
-        rep.requests += 1
-        rec.request = req
+        frontend = self._frontend
+        if frontend is None:  # the engine alone: the request joins the scheduler at once
+            if not self._add(rep, rec, req):
+                return
+        else:  # the front end admits it first, in the replica's time (see _resume)
+            rep.pending.append((rec, req))
+            self._frontend_work(rep, frontend.per_request)
         wl = sc.workload
         if wl.cancel_probability and self.rng.random() < wl.cancel_probability:
             self._push(now + self.rng.exponential(wl.cancel_after), _CANCEL, rec)
-        if not rep.busy:
+        if frontend is None and not rep.busy:
             self._start_step(rep)
+
+    def _add(self, rep: Replica, rec: Record, req: SimRequest) -> bool:
+        """Add an admitted request to its replica's scheduler; False if it was rejected."""
+        try:
+            rep.sched.add_request(req)
+        except (QueueFull, InvalidParameterError) as exc:
+            self.routers[rec.gateway].release(rec.replica, None)
+            self._settle(rec, 0)
+            rec.end = self.now
+            rec.outcome = ("rejected_queue_full" if isinstance(exc, QueueFull)
+                           else "rejected_invalid")
+            return False
+        rep.requests += 1
+        rec.request = req
+        return True
 
     def _settle(self, rec: Record, used_output: int) -> None:
         if rec.reservation is not None:
@@ -222,13 +238,20 @@ class Simulator:
         if rec.outcome is not None:
             return
         req = rec.request
-        assert req is not None
         rep = self.replicas[rec.replica]
+        if req is None:  # still waiting for the front end to admit it
+            rep.pending = [p for p in rep.pending if p[0] is not rec]
+            self._close(rec, "cancelled", 0, None)
+            return
         rep.sched.abort(rec.id)
         self._close(rec, "cancelled", req.num_output_tokens, None)
 
-    def _close(self, rec: Record, outcome: str, n_out: int, success: bool | None) -> None:
-        rec.end, rec.outcome, rec.n_out = self.now + self.scenario.frontend_latency, outcome, n_out
+    def _close(self, rec: Record, outcome: str, n_out: int, success: bool | None,
+               seen: float | None = None) -> None:
+        """End a request; ``seen``: when the client saw its last token (default: now plus
+        the front end's latency)."""
+        rec.end = self.now + self.scenario.frontend_latency if seen is None else seen
+        rec.outcome, rec.n_out = outcome, n_out
         self.routers[rec.gateway].release(rec.replica, success)
         self._settle(rec, n_out)
         req = rec.request
@@ -274,10 +297,14 @@ class Simulator:
         rep.out = None
         rep.steps += 1
         res = rep.sched.update(out, [0] * out.num_samples)
-        now = self.now + self.scenario.frontend_latency  # when the client sees this step's tokens
+        # when the client sees this step's tokens: the front end streams them one by one
+        now = seen_from = self.now + self.scenario.frontend_latency
+        frontend = self._frontend
+        per_token = frontend.per_token if frontend is not None else 0.0
         ttft_slo, warm_itl = self.scenario.slo.ttft, self._itl_warmup
         give_up = self.give_up_after is not None
         for r in res.requests:
+            now += per_token
             rec = r.rec  # type: ignore[attr-defined]
             if rec.first < 0:
                 rec.first = now
@@ -297,11 +324,43 @@ class Simulator:
                 reason = r.finish_reason
                 ok = reason is FinishReason.STOP or reason is FinishReason.LENGTH
                 self._close(rec, "finished" if ok else "cancelled", r.num_output_tokens,
-                            True if ok else None)
-        if rep.sched.has_unfinished_requests():
+                            True if ok else None,
+                            None if frontend is None else max(rec.last, seen_from))
+        if frontend is not None:  # stream the tokens and admit the arrivals, then step again
+            rep.busy = False
+            self._frontend_work(rep, per_token * len(res.requests)
+                                + frontend.per_request * len(rep.pending))
+        elif rep.sched.has_unfinished_requests():
             self._start_step(rep)
         else:
             rep.busy = False
+
+    # ------------------------------------------------------------------ the front end
+
+    def _frontend_work(self, rep: Replica, seconds: float) -> None:
+        """Charge ``seconds`` of front-end work to the replica's thread: after the step in
+        flight (whose end charges it), else from now or the end of the work already queued."""
+        if rep.busy:
+            return
+        if rep.fe_end < 0:
+            rep.fe_end = self.now + seconds
+            self._push(rep.fe_end, _RESUME, rep)
+        else:
+            rep.fe_end += seconds
+
+    def _resume(self, rep: Replica) -> None:
+        """The front end's work is done: the requests it admitted join the scheduler and the
+        next step starts."""
+        if self.now < rep.fe_end:  # more work was queued meanwhile
+            self._push(rep.fe_end, _RESUME, rep)
+            return
+        rep.fe_end = -1.0
+        pending, rep.pending = rep.pending, []
+        for rec, req in pending:
+            if rec.outcome is None:
+                self._add(rep, rec, req)
+        if rep.sched.has_unfinished_requests():
+            self._start_step(rep)
 
     def _missed(self) -> None:
         self.ttft_misses += 1
@@ -311,7 +370,8 @@ class Simulator:
     def _sample(self) -> None:
         sc = self.scenario
         for rep in self.replicas.values():  # each replica reports its load to every gateway
-            load = ReplicaLoad(rep.sched.num_running, rep.sched.num_waiting,
+            # requests the front end has yet to admit are waiting too
+            load = ReplicaLoad(rep.sched.num_running, rep.sched.num_waiting + len(rep.pending),
                                min(1.0, max(0.0, rep.kv.usage)))
             for router in self.routers:
                 router.report_load(rep.name, load)
@@ -327,14 +387,28 @@ class Simulator:
             kv_usage=sum(r.kv.usage for r in reps) / len(self.replicas),
             kv_usage_max=max(r.kv.usage for r in reps),
             running=sum(r.sched.num_running for r in reps),
-            waiting=sum(r.sched.num_waiting for r in reps),
+            waiting=sum(r.sched.num_waiting + len(r.pending) for r in reps),
             preemptions=sum(r.sched.num_preemptions for r in reps),
         )
 
 
+def arrival_trace(scenario: Scenario) -> list[Arrival]:
+    """The session starts the simulator draws for ``scenario`` (from its seed), in time order:
+    replay them against a real server to compare both on the same arrivals."""
+    return list(_draw_arrivals(scenario))
+
+
+def _draw_arrivals(scenario: Scenario) -> Iterator[Arrival]:
+    return scenario.workload.arrivals(np.random.default_rng([scenario.seed, 2]),
+                                      scenario.duration)
+
+
 def simulate(scenario: Scenario, *, observer: StepObserver | None = None,
-             give_up_after: int | None = None) -> SimResult:
+             give_up_after: int | None = None,
+             arrivals: Iterable[Arrival] | None = None) -> SimResult:
     """Run ``scenario`` once and summarise it (``give_up_after``: stop once more than this
     many measured requests missed the TTFT objective; the result then says
-    ``stopped_early``)."""
-    return Simulator(scenario, observer=observer, give_up_after=give_up_after).run()
+    ``stopped_early``; ``arrivals``: replay this trace of session starts instead of drawing
+    the scenario's, e.g. :func:`arrival_trace` of another scenario)."""
+    return Simulator(scenario, observer=observer, give_up_after=give_up_after,
+                     arrivals=arrivals).run()

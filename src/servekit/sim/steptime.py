@@ -18,6 +18,7 @@ import numpy as np
 from servekit.sched.output import StepShape, shape_of
 from servekit.sim._check import integer, number
 from servekit.sim.errors import SimConfigError
+from servekit.sim.frontend import FrontendCost, frontend_from
 from servekit.sim.specs import DeviceSpec, ModelSpec
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "StepShape",
     "StepTimeModel",
     "fit_profile",
+    "fit_with_frontend",
     "shape_of",
 ]
 
@@ -93,7 +95,7 @@ class RooflineModel:
 PROFILE_FEATURES = ("const", "prefill_tokens", "decodes", "kv_tokens", "attention_pairs")
 
 
-def _features(shape: StepShape) -> tuple[float, float, float, float, float]:
+def features(shape: StepShape) -> tuple[float, float, float, float, float]:
     return (1.0, float(shape.prefill_tokens), float(shape.decodes), float(shape.kv_tokens),
             shape.attention_pairs)
 
@@ -101,10 +103,11 @@ def _features(shape: StepShape) -> tuple[float, float, float, float, float]:
 class ProfiledModel:
     """A linear step-time model fitted to a real engine's steps:
     ``t = c0 + c1·prefill_tokens + c2·decodes + c3·kv_tokens + c4·attention_pairs``
-    (coefficients >= 0)."""
+    (coefficients >= 0). A profile fitted through a server may carry the server's
+    ``frontend`` cost too (:class:`~servekit.sim.frontend.FrontendCost`)."""
 
     def __init__(self, coefficients: Sequence[float], *, meta: Mapping[str, Any] | None = None,
-                 field: str = "profile") -> None:
+                 field: str = "profile", frontend: FrontendCost | None = None) -> None:
         if len(coefficients) != len(PROFILE_FEATURES):
             raise SimConfigError(f"{field}.coefficients",
                                  f"needs {len(PROFILE_FEATURES)} numbers {PROFILE_FEATURES}")
@@ -113,6 +116,7 @@ class ProfiledModel:
         if self.coefficients[0] <= 0 and self.coefficients[1] <= 0 and self.coefficients[2] <= 0:
             raise SimConfigError(f"{field}.coefficients", "a step must take time (all zero)")
         self.meta = dict(meta or {})
+        self.frontend = frontend
 
     def step_time(self, shape: StepShape) -> float:
         """Seconds for a step of ``shape``."""
@@ -122,8 +126,11 @@ class ProfiledModel:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (what :meth:`load` reads)."""
-        return {"kind": "profiled", "features": list(PROFILE_FEATURES),
-                "coefficients": list(self.coefficients), "meta": self.meta}
+        out: dict[str, Any] = {"kind": "profiled", "features": list(PROFILE_FEATURES),
+                               "coefficients": list(self.coefficients), "meta": self.meta}
+        if self.frontend is not None:
+            out["frontend"] = self.frontend.to_dict()
+        return out
 
     def save(self, path: str | Path) -> None:
         """Write the profile as JSON."""
@@ -140,7 +147,34 @@ class ProfiledModel:
             raise SimConfigError(field, f"{path}: invalid JSON: {exc}") from exc
         if not isinstance(data, dict) or data.get("kind") != "profiled":
             raise SimConfigError(field, f"{path}: not a servekit step-time profile")
-        return cls(data.get("coefficients", ()), meta=data.get("meta"), field=field)
+        frontend = (frontend_from(data["frontend"], f"{field}.frontend")
+                    if "frontend" in data else None)
+        return cls(data.get("coefficients", ()), meta=data.get("meta"), field=field,
+                   frontend=frontend)
+
+
+def nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares of ``y`` on the columns of ``x`` with non-negative coefficients: columns
+    whose coefficient would go negative are dropped and the rest refitted."""
+    scale = np.maximum(np.abs(x).max(axis=0), 1e-12)
+    active = list(range(x.shape[1]))
+    coef = np.zeros(x.shape[1])
+    while active:
+        sol, *_ = np.linalg.lstsq(x[:, active] / scale[active], y, rcond=None)
+        sol = sol / scale[active]
+        if (sol >= 0).all():
+            coef[active] = sol
+            break
+        active.pop(int(np.argmin(sol)))
+    return coef
+
+
+def _explained(x: np.ndarray, y: np.ndarray) -> float:
+    """The share of ``y``'s variance that a least-squares fit on ``x``'s columns explains
+    (1 for a constant ``y``, which the constant column explains)."""
+    sol, *_ = np.linalg.lstsq(x, y, rcond=None)
+    total = float(((y - y.mean()) ** 2).sum())
+    return 1.0 - float(((y - x @ sol) ** 2).sum()) / total if total > 0 else 1.0
 
 
 def fit_profile(shapes: Sequence[StepShape], seconds: Sequence[float], *,
@@ -150,17 +184,36 @@ def fit_profile(shapes: Sequence[StepShape], seconds: Sequence[float], *,
     if len(shapes) != len(seconds) or len(shapes) < len(PROFILE_FEATURES):
         raise SimConfigError("shapes", f"need >= {len(PROFILE_FEATURES)} measured steps, "
                              f"got {len(shapes)} shapes and {len(seconds)} times")
-    x = np.array([_features(s) for s in shapes], dtype=np.float64)
-    y = np.asarray(seconds, dtype=np.float64)
-    scale = np.maximum(np.abs(x).max(axis=0), 1e-12)
-    active = list(range(x.shape[1]))
-    coef = np.zeros(x.shape[1])
-    while active:
-        sol, *_ = np.linalg.lstsq(x[:, active] / scale[active], y, rcond=None)
-        sol = sol / scale[active]
-        if (sol >= 0).all():
-            coef[:] = 0
-            coef[active] = sol
-            break
-        active.pop(int(np.argmin(sol)))
+    x = np.array([features(s) for s in shapes], dtype=np.float64)
+    coef = nnls(x, np.asarray(seconds, dtype=np.float64))
     return ProfiledModel([float(c) for c in coef], meta=meta)
+
+
+def fit_with_frontend(shapes: Sequence[StepShape], arrivals: Sequence[int],
+                      streamed: Sequence[int], seconds: Sequence[float], *,
+                      meta: Mapping[str, Any] | None = None) -> ProfiledModel:
+    """Fit the step-time profile and the front-end cost together: ``seconds[i]``, the wall
+    time of one cycle (a step and the work the process did around it), ~ profile(``shapes[i]``)
+    + per_request · ``arrivals[i]`` + per_token · ``streamed[i]``, by non-negative least
+    squares. The profile returned carries the fitted ``frontend``.
+
+    The tokens a step streams are mostly the next step's decode rows, so ``per_token`` and the
+    profile's per-decode (and constant) terms are nearly collinear. Where the log cannot
+    tell them apart (the other columns explain 99 % of the streamed tokens' variance, or the
+    fit leaves the step no time of its own), ``per_token`` is dropped (0) and the step's terms
+    absorb it: the same time per cycle, charged as engine time."""
+    n = len(shapes)
+    if not n == len(arrivals) == len(streamed) == len(seconds):
+        raise SimConfigError("shapes", f"need one arrivals, streamed and seconds per shape, "
+                             f"got {n}, {len(arrivals)}, {len(streamed)} and {len(seconds)}")
+    width = len(PROFILE_FEATURES) + 2
+    if n < width:
+        raise SimConfigError("shapes", f"need >= {width} measured cycles, got {n}")
+    x = np.array([(*features(s), a, k) for s, a, k in zip(shapes, arrivals, streamed,
+                                                           strict=True)], dtype=np.float64)
+    y = np.asarray(seconds, dtype=np.float64)
+    coef = nnls(x, y)
+    if _explained(x[:, :-1], x[:, -1]) >= 0.99 or not (coef[:3] > 0).any():
+        coef = np.append(nnls(x[:, :-1], y), 0.0)
+    return ProfiledModel([float(c) for c in coef[:-2]], meta=meta,
+                         frontend=FrontendCost(float(coef[-2]), float(coef[-1])))
