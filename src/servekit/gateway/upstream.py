@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from servekit.errors import ServekitError
+
 __all__ = ["Upstream", "UpstreamResponse"]
 
 _READ = 64 * 1024
@@ -84,7 +86,7 @@ class Upstream:
                 return await UpstreamResponse._read_head(self, conn, method)
             except (OSError, asyncio.TimeoutError, httpx.TransportError) as exc:
                 conn.close()
-                if reused and isinstance(exc, (_NothingBack, ConnectionError)):
+                if reused and isinstance(exc, (_NoResponseError, ConnectionError)):
                     continue  # the replica had closed this idle connection: a new one
                 if isinstance(exc, httpx.TransportError):
                     raise
@@ -132,8 +134,9 @@ class Upstream:
         return _Conn(key, reader, writer)
 
 
-class _NothingBack(httpx.RemoteProtocolError):
-    """The connection ended before any byte of a response."""
+class _NoResponseError(httpx.RemoteProtocolError, ServekitError):
+    """The connection ended before any byte of a response (an httpx transport error, so the
+    relay's retry and failover paths treat it like httpx's own)."""
 
 
 class UpstreamResponse:
@@ -166,12 +169,12 @@ class UpstreamResponse:
             head = await conn.reader.readuntil(b"\r\n\r\n")
         except asyncio.IncompleteReadError as exc:
             if not exc.partial:
-                raise _NothingBack("the connection closed before a response") from exc
+                raise _NoResponseError("the connection closed before a response") from exc
             raise httpx.RemoteProtocolError("the connection closed mid-head") from exc
         except asyncio.LimitOverrunError as exc:
             raise httpx.RemoteProtocolError("response head too long") from exc
         except OSError as exc:  # reset before any byte came back
-            raise _NothingBack(f"{type(exc).__name__}: {exc}") from exc
+            raise _NoResponseError(f"{type(exc).__name__}: {exc}") from exc
         status_line, *rest = head[:-4].decode("latin-1").split("\r\n")
         try:
             version, code = status_line.split(" ", 2)[:2]
