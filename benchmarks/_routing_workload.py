@@ -92,14 +92,13 @@ async def replay(url: str, trace: list[Session], *, concurrency: int, max_tokens
 
 
 def _reply(chunks: list[tuple[float, bytes]]) -> tuple[str, float]:
-    """The streamed text and the arrival time of its first token."""
+    """The streamed text and the arrival time of its first event (its first token)."""
     text, first = [], None
     for t, chunk in chunks:
         for line in chunk.split(b"\n"):
             if line.startswith(b"data: {"):
-                piece = json.loads(line[6:])["choices"][0]["text"]
-                if piece and first is None:
+                if first is None:  # a seeded-weights model's token may decode to no text
                     first = t
-                text.append(piece)
+                text.append(json.loads(line[6:])["choices"][0]["text"])
     assert first is not None, chunks
     return "".join(text), first

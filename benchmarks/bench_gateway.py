@@ -270,6 +270,33 @@ DEMO_WORKLOAD = {"tenants": 12, "system_bytes": 300, "n": 48, "turns": 2, "messa
 DEMO_REPLAY = {"concurrency": 3, "max_tokens": 4, "think_s": 0.05, "stagger_s": 0.1,
                "model": "servekit-demo"}
 DEMO_KV_MB = 2  # 63 blocks of 16 tokens per replica (32 KiB each)
+#: The same on a long-context model: ~1,000-token system prompts; TTFT is the one token's event.
+LONG_WORKLOAD = {"tenants": 12, "system_bytes": 1800, "n": 36, "turns": 2, "message_bytes": 40}
+LONG_REPLAY = {**DEMO_REPLAY, "max_tokens": 1, "model": "long-context"}
+LONG_KV_MB = 48  # 245 blocks of 16 tokens per replica (192 KiB each): ~4 system prompts
+LONG_CONFIG = {"max_position_embeddings": 2048, "hidden_size": 384, "intermediate_size": 1024,
+               "num_hidden_layers": 6, "num_attention_heads": 6, "num_key_value_heads": 2,
+               "head_dim": 64}
+
+
+def long_context_model(path: Path) -> Path:
+    """A Llama with :data:`LONG_CONFIG` over the demo model's config and tokenizer, seeded
+    weights, saved to ``path`` (no hub download; the engine loads it like any model)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from servekit.server.cli import DEMO_MODEL
+
+    config = json.loads((DEMO_MODEL / "config.json").read_text())
+    for name in ("architectures", "transformers_version"):
+        config.pop(name, None)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**config, **LONG_CONFIG}))
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 "generation_config.json"):
+        shutil.copy(DEMO_MODEL / name, path / name)
+    return path
 
 
 def run_policy(name: str, policy: str, replicas: list[str], secret: str, round_no: int,
@@ -339,27 +366,31 @@ def bench_routing(quick: bool, rounds: int, secret: str
     return rows, bars, ttfts
 
 
-def bench_routing_demo(secret: str) -> list[dict[str, Any]]:
-    """The smaller run on three demo-model replicas (the real engine and model, CPU):
-    cache-aware vs round-robin, to confirm the TTFT ordering on a real model. A throwaway
-    replay warms the replicas; the policies then run in ABBA order; medians of the two."""
-    fleet = [bench_server.ServerProcess("--kv-cache-mb", str(DEMO_KV_MB)) for _ in range(3)]
+def bench_routing_demo(secret: str, *, label: str = "demo model", args: Sequence[str] = (),
+                       workload: dict[str, Any] = DEMO_WORKLOAD,
+                       how: dict[str, Any] = DEMO_REPLAY, kv_mb: int = DEMO_KV_MB
+                       ) -> list[dict[str, Any]]:
+    """The smaller run on three real-model replicas (the real engine and model, CPU; the demo
+    model unless ``args`` name another): cache-aware vs round-robin, to confirm the TTFT
+    ordering on a real model. A throwaway replay warms the replicas; the policies then run in
+    ABBA order; medians of the two."""
+    fleet = [bench_server.ServerProcess(*args, "--kv-cache-mb", str(kv_mb)) for _ in range(3)]
     urls = [p.url for p in fleet]
     policies = POLICIES[:2]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in policies}
     try:
-        run_policy("warm-up", policies[1][1], urls, secret, 99, DEMO_WORKLOAD, DEMO_REPLAY)
+        run_policy("warm-up", policies[1][1], urls, secret, 99, workload, how)
         for round_no, order in enumerate((policies, policies[::-1])):
             for name, policy in order:
-                print(f"demo model: {name}, round {round_no + 1}/2", flush=True)
-                runs[name].append(run_policy(name, policy, urls, secret, round_no,
-                                              DEMO_WORKLOAD, DEMO_REPLAY))
+                print(f"{label}: {name}, round {round_no + 1}/2", flush=True)
+                runs[name].append(run_policy(name, policy, urls, secret, round_no, workload,
+                                             how))
     finally:
         for proc in fleet:
             proc.stop()
     keys = ("hit_rate", "uncached_tokens", "ttft_p50_ms", "ttft_p99_ms", "max_over_mean",
             "wall_s")
-    return [{"policy": f"demo model: {name}",
+    return [{"policy": f"{label}: {name}",
              **{k: summary([r[k] for r in results])["median"] for k in keys},
              "requests": sum(r["requests"] for r in results)}
             for name, results in runs.items()]
@@ -411,15 +442,24 @@ def main() -> None:
                              "max_over_mean", "requests", "wall_s"],
                     title="routing quality (3 cost-model replicas; oracle: one with 3x KV and speed)")
         demo_rows = bench_routing_demo(secret)
+        with tempfile.TemporaryDirectory(prefix="servekit-long-") as tmp:
+            model = long_context_model(Path(tmp))
+            demo_rows += bench_routing_demo(
+                secret, label="2k-context model", args=("--model", str(model),
+                                                        "--served-model-name", "long-context"),
+                workload=LONG_WORKLOAD, how=LONG_REPLAY, kv_mb=LONG_KV_MB)
         print_table(demo_rows, ["policy", "hit_rate", "uncached_tokens", "ttft_p50_ms",
                                 "ttft_p99_ms", "max_over_mean", "requests", "wall_s"],
-                    title="confirming run: 3 demo-model replicas (real model, CPU)")
+                    title="confirming runs: 3 real-model replicas (demo model; 2k-context "
+                          "Llama with seeded weights), CPU")
         rows += r_rows + demo_rows
         bars.update(r_bars)
         extra["routing"] = {"cost": COST, "blocks_per_replica": BLOCKS,
                             "workload": workload(args.quick), "replay": REPLAY,
                             "demo": {"workload": DEMO_WORKLOAD, "replay": DEMO_REPLAY,
-                                     "kv_cache_mb": DEMO_KV_MB}}
+                                     "kv_cache_mb": DEMO_KV_MB},
+                            "long_context": {"workload": LONG_WORKLOAD, "replay": LONG_REPLAY,
+                                             "kv_cache_mb": LONG_KV_MB, "config": LONG_CONFIG}}
         plot_ttft(ttfts, RESULTS / "gateway-routing-ttft.png")
     print_bars(bars)
     write_json(args.json, "gateway", rows, bars, **extra)
