@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +32,7 @@ def replica_actors(app: str, deployment: str = "EngineReplica") -> list[str]:
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
             if f"::{app}#{deployment}#" in a["name"]]
 
+
 def replica_stats(app: str) -> dict[str, dict[str, Any]]:
     """Each live engine replica's own routing stats (requests served, load), by replica id."""
     import ray
@@ -45,3 +47,14 @@ def replica_stats(app: str) -> dict[str, dict[str, Any]]:
             continue
         stats[one["replica"]] = {**one, "actor": name}
     return stats
+
+
+def wait_for_replicas(app: str, n: int, timeout: float = 90) -> dict[str, dict[str, Any]]:
+    """``app``'s replica stats once ``n`` replicas answer (fails after ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = replica_stats(app)
+        if len(stats) >= n:
+            return stats
+        time.sleep(0.2)
+    raise AssertionError(f"{n} replicas not up in {timeout} s: {replica_stats(app)}")

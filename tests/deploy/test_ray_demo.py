@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.deploy._apps import deployed, replica_stats
+from tests.deploy._apps import deployed, replica_stats, wait_for_replicas
 
 pytestmark = pytest.mark.slow
 
@@ -45,18 +45,8 @@ MAX_TOKENS = 200  # the demo model's context is 256 tokens; ~3 ms a token on one
 @pytest.fixture(scope="module")
 def app(ray_serve: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with deployed(ray_serve, tmp_path_factory.mktemp("demo"), CONFIG, APP) as url:
-        wait_for_replicas(2)
+        wait_for_replicas(APP, 2)
         yield url
-
-
-def wait_for_replicas(n: int, timeout: float = 90) -> dict[str, dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = replica_stats(APP)
-        if len(stats) >= n:
-            return stats
-        time.sleep(0.2)
-    raise AssertionError(f"{n} replicas not up in {timeout} s: {replica_stats(APP)}")
 
 
 def client(app: str) -> Any:
@@ -203,7 +193,7 @@ def test_killing_a_replica_mid_stream_leaves_every_stream_complete_and_identical
     failovers = metrics(app)["failovers_total"]
     assert set(failovers) == {"actor_died"}  # each cut stream resumed on the other replica
     assert 1 <= failovers["actor_died"] - failed_over <= killed[0]["running"]
-    wait_for_replicas(2)  # Ray replaces the replica; the app keeps serving
+    wait_for_replicas(APP, 2)  # Ray replaces the replica; the app keeps serving
     after = client(app).completions.create(model=MODEL, prompt="ROMEO:", max_tokens=16,
                                            temperature=0, extra_body={"ignore_eos": True})
     assert after.usage.completion_tokens == 16

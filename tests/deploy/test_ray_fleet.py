@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.deploy._apps import deployed, replica_stats
+from tests.deploy._apps import deployed, replica_stats, wait_for_replicas
 from tests.limit.conftest import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -114,21 +114,11 @@ def run_all(app: str, during: Any = None) -> list[tuple[str, int | None, str | N
         return [f.result() for f in futures]
 
 
-def wait_for_replicas(n: int, timeout: float = 60) -> dict[str, dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = replica_stats(APP)
-        if len(stats) >= n:
-            return stats
-        time.sleep(0.2)
-    raise AssertionError(f"{n} replicas not up in {timeout} s: {replica_stats(APP)}")
-
-
 def test_killing_a_replica_mid_stream_leaves_every_stream_complete_and_identical(
         app: str) -> None:
     import ray
 
-    wait_for_replicas(2)
+    wait_for_replicas(APP, 2)
     baseline = run_all(app)
     assert all(usage == MAX_TOKENS and reason == "length" for _, usage, reason in baseline)
     killed: list[dict[str, Any]] = []
@@ -149,7 +139,7 @@ def test_killing_a_replica_mid_stream_leaves_every_stream_complete_and_identical
     assert killed and killed[0]["running"] >= 1  # streams really were cut
     assert faulted == baseline  # same text, usage counted once, same finish
     # Ray replaces the replica; the app keeps serving
-    wait_for_replicas(2)
+    wait_for_replicas(APP, 2)
     with httpx.Client(base_url=app, timeout=30) as http:
         assert http.get("/ready").json()["ready"] is True
         assert post(http, "sk-b").status_code == 200

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.responses import Response
 
 from servekit._optional import require
+from servekit.gateway.wrapped import WrappedResponse
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, TracerProvider
@@ -112,18 +113,12 @@ class RequestTrace:
         span.end()
 
 
-class TracedResponse(Response):
+class TracedResponse(WrappedResponse):
     """``inner``, ending ``trace`` once it was sent (a stream: after its last byte)."""
 
     def __init__(self, inner: Response, trace: RequestTrace) -> None:
-        self.inner, self.trace = inner, trace
-        self.background = None
-        self.status_code = inner.status_code
-
-    @property
-    def headers(self) -> Any:  # type: ignore[override]
-        """The inner response's headers."""
-        return self.inner.headers
+        super().__init__(inner)
+        self.trace = trace
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         status: int | None = self.status_code

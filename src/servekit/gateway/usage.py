@@ -29,6 +29,7 @@ from typing import Any
 from starlette.responses import Response
 
 from servekit.gateway.failover import StreamTracker
+from servekit.gateway.wrapped import WrappedResponse
 from servekit.limit.keys import ApiKey
 from servekit.usage.recorder import CLIENT_CLOSED, UsageRecorder
 from servekit.usage.sink import UsageRecord
@@ -136,20 +137,14 @@ class Ledger:
         return prompt, 0, tracker.num_tokens if tracker is not None else 0, None
 
 
-class LedgerResponse(Response):
+class LedgerResponse(WrappedResponse):
     """A response that records its ledger record: a ``whole`` one's is appended before its
     body goes out and marked sent after (a stream's relay does that around the chunk holding
     ``[DONE]``); a response that ends otherwise is recorded on the way out."""
 
     def __init__(self, inner: Response, ledger: Ledger, *, whole: bool = True) -> None:
-        self.inner, self.ledger, self.whole = inner, ledger, whole
-        self.background = None
-        self.status_code = inner.status_code
-
-    @property
-    def headers(self) -> Any:  # type: ignore[override]
-        """The inner response's headers."""
-        return self.inner.headers
+        super().__init__(inner)
+        self.ledger, self.whole = ledger, whole
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         ledger = self.ledger

@@ -37,8 +37,8 @@ from servekit.structured.tools import (
     _StreamedCall,
     call_deltas,
     call_from_object,
-    collect_calls,
     guided_for_tool_choice,
+    parse_streamed,
 )
 
 __all__ = ["Llama3JsonToolParser", "MistralToolParser", "tool_parser_for"]
@@ -210,10 +210,7 @@ class Llama3JsonToolParser:
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """``(content, calls)``: all calls, or all content (the stream joined)."""
-        stream = _LlamaStream(self)
-        content, deltas = stream.feed(text)
-        rest, more = stream.flush()
-        return content + rest, collect_calls(deltas + more)
+        return parse_streamed(_LlamaStream(self), text)
 
     def parse_whole(self, text: str) -> tuple[str, list[ToolCall]]:
         """:meth:`parse` without streaming (arguments re-serialised): for call regions whose
@@ -295,10 +292,7 @@ class MistralToolParser:
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """``(content, calls)``: the text before the tag, and the calls after it (the stream
         joined)."""
-        stream = _MistralStream(self)
-        content, deltas = stream.feed(text)
-        rest, more = stream.flush()
-        return content + rest, collect_calls(deltas + more)
+        return parse_streamed(_MistralStream(self), text)
 
     def parse_whole(self, text: str) -> tuple[str, list[ToolCall]]:
         """:meth:`parse` without streaming (arguments re-serialised): for call regions whose

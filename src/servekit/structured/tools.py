@@ -27,8 +27,19 @@ from attrs import frozen
 from servekit._optional import require
 from servekit.sched.params import GuidedDecoding, InvalidParameterError
 
-__all__ = ["HermesToolParser", "HermesToolStream", "ToolCall", "ToolCallDelta", "ToolParser",
-           "ToolStream", "call_deltas", "collect_calls", "guided_for_tool_choice", "tool_names"]
+__all__ = [
+    "HermesToolParser",
+    "HermesToolStream",
+    "ToolCall",
+    "ToolCallDelta",
+    "ToolParser",
+    "ToolStream",
+    "call_deltas",
+    "collect_calls",
+    "guided_for_tool_choice",
+    "parse_streamed",
+    "tool_names",
+]
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -113,6 +124,14 @@ class ToolStream(Protocol):
         ...
 
 
+def parse_streamed(stream: ToolStream, text: str) -> tuple[str, list[ToolCall]]:
+    """``(content, calls)`` of a finished ``text``: what ``stream`` yields for it, joined (so a
+    parser's whole and streamed results cannot differ)."""
+    content, deltas = stream.feed(text)
+    rest, more = stream.flush()
+    return content + rest, collect_calls(deltas + more)
+
+
 class ToolParser(Protocol):
     """A model family's tool-call format: parse finished or streamed text, force a call.
 
@@ -147,10 +166,7 @@ class HermesToolParser:
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """``(content, calls)`` of ``text``: what :class:`HermesToolStream` streams, joined."""
-        stream = HermesToolStream()
-        content, deltas = stream.feed(text)
-        rest, more = stream.flush()
-        return content + rest, collect_calls(deltas + more)
+        return parse_streamed(HermesToolStream(), text)
 
     def stream(self) -> HermesToolStream:
         """A fresh :class:`HermesToolStream`."""
