@@ -118,6 +118,26 @@ def test_a_sent_prompt_counts_as_held_by_its_replica_until_reports_must_show_it(
     assert routing.index.cached_blocks(hashes(PROMPT_A)) == {other: 8}
 
 
+def test_a_request_whose_completion_never_comes_is_dropped_once_its_replica_reports_idle(
+        ) -> None:
+    clock = Clock()
+    routing = ReplicaRouting("cache_aware", sent_ttl=2.0, reported_load=False, clock=clock)
+    routing.sync({"r1": stats(), "r2": stats()})
+    routing.routed("lost", "r1")  # Ray never calls completed for it
+    clock.now = 1.0
+    routing.routed("live", "r1")
+    routing.sync({"r1": stats(), "r2": stats()})  # idle, but the report may predate both
+    assert routing.in_flight("r1") == 2
+    clock.now = 2.5
+    routing.sync({"r1": stats(running=1), "r2": stats()})  # busy: nothing is dropped
+    assert routing.in_flight("r1") == 2
+    routing.sync({"r1": stats(), "r2": stats()})  # idle, sent_ttl after "lost" was sent
+    assert routing.in_flight("r1") == 1  # "live" was sent 1.5 s ago: kept
+    routing.completed("live")
+    routing.completed("lost")  # a late callback changes nothing
+    assert routing.in_flight("r1") == 0
+
+
 def test_only_generate_calls_hold_blocks() -> None:
     routing = ReplicaRouting("cache_aware")
     routing.sync({"r1": stats(), "r2": stats()})

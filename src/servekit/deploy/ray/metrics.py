@@ -9,7 +9,8 @@ registered in the server's registry, adds
 - per engine replica (``replica`` label, Ray's replica id), from the routing stats the replicas
   report to this process's request router every ``ray.routing_stats_period`` s:
   ``servekit_ray_replica_num_requests_running``, ``..._num_requests_waiting``,
-  ``..._kv_cache_usage_perc`` (gauges) and ``servekit_ray_replica_requests_total``,
+  ``..._kv_cache_usage_perc``, ``..._router_in_flight`` (this process's router's own count)
+  (gauges) and ``servekit_ray_replica_requests_total``,
   ``..._prefix_cache_queries_total``, ``..._prefix_cache_hits_total`` (prompt tokens; counters
   of that replica's life). With Ray's default router (``routing_policy = "ray"``) nobody reads
   the reports in this process, and only the failovers are shown.
@@ -36,6 +37,8 @@ _REPLICA_SERIES = (
      False),
     ("kv_usage", "replica_kv_cache_usage_perc",
      "Fraction of the replica's KV cache blocks in use (1 = full).", False),
+    ("router_in_flight", "replica_router_in_flight",
+     "Requests this ingress's router sent to the replica that have not completed.", False),
     ("requests", "replica_requests", "Requests the replica was sent.", True),
     ("prefix_queries", "replica_prefix_cache_queries",
      "Prompt tokens the replica looked up in its prefix cache.", True),

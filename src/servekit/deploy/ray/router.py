@@ -71,7 +71,7 @@ class ReplicaRouting:
         self.reported_load = reported_load
         self.clock = clock
         self._versions: dict[str, Any] = {}
-        self._in_flight: dict[str, str] = {}  # request id -> replica name
+        self._in_flight: dict[str, tuple[str, float]] = {}  # request id -> (replica, sent at)
         self._sent: deque[tuple[float, str, tuple[int, ...]]] = deque()  # (when, where, blocks)
 
     def sync(self, replicas: Mapping[str, Mapping[str, Any]]) -> None:
@@ -88,6 +88,8 @@ class ReplicaRouting:
                 router.report_load(name, ReplicaLoad(
                     int(stats["running"]), int(stats["waiting"]),
                     min(1.0, max(0.0, float(stats["kv_usage"])))))
+            if stats.get("running") == 0 and stats.get("waiting") == 0:
+                self._forget_done(name)
             version = stats.get("blocks_version")
             if version is not None and self._versions.get(name) != version:
                 index.remove_replica(name)
@@ -124,7 +126,7 @@ class ReplicaRouting:
         if name not in self.router.replicas:
             return
         self.router.acquire(name)
-        self._in_flight[request_id] = name
+        self._in_flight[request_id] = (name, self.clock())
         if call is not None:
             token_ids, _, cache_salt = call
             blocks = tuple(self.router.prefix.block_hashes(token_ids, cache_salt))
@@ -134,9 +136,23 @@ class ReplicaRouting:
 
     def completed(self, request_id: str) -> None:
         """A request ended."""
-        name = self._in_flight.pop(request_id, None)
-        if name is not None and name in self.router.replicas:
-            self.router.release(name, None)
+        entry = self._in_flight.pop(request_id, None)
+        if entry is not None and entry[0] in self.router.replicas:
+            self.router.release(entry[0], None)
+
+    def _forget_done(self, name: str) -> None:
+        """``name`` reports nothing running or waiting: requests sent to it more than
+        ``sent_ttl`` ago (reports lag at most that) have ended, whether or not Ray called
+        :meth:`completed` for them (it may not for a cancelled stream); drop them."""
+        oldest = self.clock() - self.sent_ttl
+        for request_id in [r for r, (where, at) in self._in_flight.items()
+                           if where == name and at < oldest]:
+            self.completed(request_id)
+
+    def in_flight(self, name: str) -> int:
+        """Requests this router sent to ``name`` that have not completed (0 if unknown)."""
+        router = self.router
+        return router.load(name) if name in router.replicas else 0
 
     def _recent(self) -> deque[tuple[float, str, tuple[int, ...]]]:
         """The prompts sent within ``sent_ttl`` (older ones dropped)."""
@@ -169,9 +185,11 @@ class ServekitRequestRouter(RequestRouter):  # type: ignore[misc]  # ray is unty
 
     def replica_reports(self) -> dict[str, dict[str, Any]]:
         """Each current replica's last routing stats (``record_routing_stats``, without the
-        block list), by replica id; ``{}`` for a replica that has not reported yet."""
-        return {r.replica_id.unique_id: {k: v for k, v in (r.routing_stats or {}).items()
-                                         if k != "blocks"}
+        block list) and ``router_in_flight`` (this router's own count), by replica id."""
+        routing = self.routing
+        return {r.replica_id.unique_id: {
+                    **{k: v for k, v in (r.routing_stats or {}).items() if k != "blocks"},
+                    "router_in_flight": routing.in_flight(r.replica_id.unique_id)}
                 for r in list(self.curr_replicas.values())}
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
