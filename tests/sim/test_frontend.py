@@ -247,3 +247,19 @@ def test_a_log_that_cannot_tell_the_token_cost_from_the_step_gives_it_to_the_ste
     assert fitted.frontend.per_request == pytest.approx(1e-3)
     assert fitted.frontend.per_token == 0.0
     assert fitted.step_time(shapes[0]) == pytest.approx(2.5e-3)
+
+
+@pytest.mark.parametrize(("arrives", "first"), [(11e-3, 20e-3), (13e-3, 24e-3)])
+def test_a_request_not_admitted_when_the_step_in_flight_ends_misses_the_next_step(
+        arrives: float, first: float) -> None:
+    # 4 ms steps, 2 ms to admit a request. A arrives at 0: admitted at 2, steps run 2-6,
+    # 6-10, 10-14; at 14 the replica's thread pays B's admission (2 ms) before stepping again.
+    # B at 11 ms was admitted by 13, before the step ended: it joins the step at 16-20. B at
+    # 13 ms is still being admitted at 14 (the server's front end parses it beside the step,
+    # and the engine schedules the next step with what is queued when a step ends): it waits
+    # for the step 16-20 to end and is prefilled at 20-24.
+    sc = _one_replica(1.0, FrontendCost(2e-3, 0.0), profile=ProfiledModel([4e-3, 0, 0, 0, 0]),
+                      prompt=8, output=16)
+    records = simulate(sc, arrivals=[Arrival(0.0, 0), Arrival(arrives, 0)]).records
+    assert records[0].first == pytest.approx(6e-3)
+    assert records[1].first == pytest.approx(first)

@@ -49,7 +49,8 @@ class SimRequest(Request):
 class Replica:
     """One engine replica: its scheduler, its KV cache, and the step in flight."""
 
-    __slots__ = ("busy", "fe_end", "kv", "name", "out", "pending", "requests", "sched", "steps")
+    __slots__ = ("busy", "cutoff", "fe_end", "kv", "name", "out", "pending", "requests", "sched",
+                 "steps", "uncharged")
 
     def __init__(self, name: str, config: ReplicaConfig, num_blocks: int, max_model_len: int,
                  clock: Callable[[], float], index: KVEventIndex | None = None) -> None:
@@ -68,9 +69,13 @@ class Replica:
         self.steps = 0
         self.requests = 0  # routed here
         # the front end's work (FrontendCost): requests it has yet to admit, and when the work
-        # queued on this replica's thread ends (-1: none queued)
+        # queued on this replica's thread ends (-1: none queued), how many pending arrivals
+        # came during the step in flight (charged when it ends), and when the last step ended
+        # (-1: the replica was idle): only requests admitted by then join the next step
         self.pending: list[tuple[Any, SimRequest]] = []
         self.fe_end = -1.0
+        self.uncharged = 0
+        self.cutoff = -1.0
 
 
 class KVEventIndex:

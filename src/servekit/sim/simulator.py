@@ -204,7 +204,10 @@ class Simulator:
                 return
         else:  # the front end admits it first, in the replica's time (see _resume)
             rep.pending.append((rec, req))
-            self._frontend_work(rep, frontend.per_request)
+            if rep.busy:  # its admission runs beside the step in flight, charged at its end
+                rep.uncharged += 1
+            else:
+                self._frontend_work(rep, frontend.per_request)
         wl = sc.workload
         if wl.cancel_probability and self.rng.random() < wl.cancel_probability:
             self._push(now + self.rng.exponential(wl.cancel_after), _CANCEL, rec)
@@ -328,8 +331,10 @@ class Simulator:
                             None if frontend is None else max(rec.last, seen_from))
         if frontend is not None:  # stream the tokens and admit the arrivals, then step again
             rep.busy = False
+            rep.cutoff = self.now
             self._frontend_work(rep, per_token * len(res.requests)
-                                + frontend.per_request * len(rep.pending))
+                                + frontend.per_request * rep.uncharged)
+            rep.uncharged = 0
         elif rep.sched.has_unfinished_requests():
             self._start_step(rep)
         else:
@@ -350,17 +355,31 @@ class Simulator:
 
     def _resume(self, rep: Replica) -> None:
         """The front end's work is done: the requests it admitted join the scheduler and the
-        next step starts."""
+        next step starts.
+
+        A request's admission takes ``per_request`` seconds from its arrival, beside the step
+        in flight (the server's event loop parses it while the step runs in a worker thread):
+        one not admitted when that step ended misses the next step, as in the server, where
+        the engine schedules the next step at once with the requests queued by then."""
         if self.now < rep.fe_end:  # more work was queued meanwhile
             self._push(rep.fe_end, _RESUME, rep)
             return
         rep.fe_end = -1.0
+        cutoff = self.now if rep.cutoff < 0 else rep.cutoff
+        rep.cutoff = -1.0
+        cost = self._frontend.per_request if self._frontend is not None else 0.0
         pending, rep.pending = rep.pending, []
         for rec, req in pending:
-            if rec.outcome is None:
+            if rec.outcome is not None:
+                continue
+            if req.arrival_time + cost <= cutoff:
                 self._add(rep, rec, req)
+            else:
+                rep.pending.append((rec, req))
         if rep.sched.has_unfinished_requests():
             self._start_step(rep)
+        elif rep.pending:  # idle: the engine takes the next one as soon as it is admitted
+            self._push(rep.pending[0][1].arrival_time + cost, _RESUME, rep)
 
     def _missed(self) -> None:
         self.ttft_misses += 1
