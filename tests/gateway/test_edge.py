@@ -132,3 +132,30 @@ def test_tenant_and_cache_salt_reach_replicas_only_from_the_gateway() -> None:
             assert httpx.post(rep + "/v1/completions", headers=headers, timeout=10, json={
                 "model": "fake", "prompt": "hi", "max_tokens": 2}).status_code == 200
     assert engine.callers == [("a", KEYS[0].salt), ("b", "bee"), (None, None), (None, None)]
+
+
+@pytest.mark.parametrize("fail_open", [False, True])
+def test_a_redis_outage_at_the_gateway_is_a_503_or_fails_open(
+        redis: RedisServer, replica: CliServer, fail_open: bool) -> None:
+    """Redis stops under a gateway: fail-closed answers 503 ``rate_limit_store_unavailable``
+    (not a 429) with the outage's retry-after; fail-open serves without limit headers; no
+    reservation is left open either way."""
+    limits = KeyLimits(store=RedisStore(redis.url, timeout=0.5), fail_open=fail_open,
+                       outage_retry_after=15)
+    app = create_gateway([replica.url], secret=SECRET, probe_interval=0.1, keys=KeyStore(KEYS),
+                         limits=limits)
+    with serve_asgi(app) as gw:
+        _wait_ready(gw)
+        ok = _post(gw, "sk-a")
+        assert ok.status_code == 200 and ok.headers["x-ratelimit-limit-requests"] == str(RPM)
+        redis.stop()
+        for _ in range(3):
+            r = _post(gw, "sk-a")
+            assert "x-ratelimit-remaining-requests" not in r.headers
+            if fail_open:
+                assert r.status_code == 200, r.text
+            else:
+                assert r.status_code == 503, r.text
+                assert r.json()["error"]["code"] == "rate_limit_store_unavailable"
+                assert r.headers["retry-after"] == "15"
+    assert limits.open_reservations == 0
