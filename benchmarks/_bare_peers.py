@@ -27,6 +27,8 @@ from json.encoder import encode_basestring_ascii as quote  # type: ignore[attr-d
 from pathlib import Path
 from typing import Any
 
+from _common import stop_process
+
 TEXT = b"the quick brown fox jumps over the lazy dog "  # what servekit's FakeEngine generates
 
 
@@ -135,11 +137,7 @@ class PeerProcess:
             raise RuntimeError(f"bare {kind} peer did not start: {err[-2000:]}")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc)
 
 
 if __name__ == "__main__":

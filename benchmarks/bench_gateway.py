@@ -46,7 +46,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_server
-from _common import bar, parse_args, print_bars, print_table, summary, write_json
+from _common import bar, parse_args, print_bars, print_table, stop_process, summary, write_json
 from _routing_workload import replay, sessions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,11 +135,7 @@ class NginxProcess:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc)
         self._tmp.cleanup()
 
 

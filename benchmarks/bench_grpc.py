@@ -30,7 +30,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bare_peers import PeerProcess
-from _common import bar, parse_args, print_bars, print_table, summary, write_json
+from _common import bar, parse_args, print_bars, print_table, stop_process, summary, write_json
 from servekit.protocol.grpc_gen import servekit_pb2 as pb
 from servekit.protocol.grpc_gen import servekit_pb2_grpc as pb_grpc
 
@@ -75,11 +75,7 @@ class GrpcServerProcess:
             raise RuntimeError(f"gRPC server did not start: {err[-2000:]}")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc)
 
 
 def _request(max_tokens: int, rid: str = "") -> Any:
