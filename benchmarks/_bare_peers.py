@@ -4,13 +4,15 @@
   loop as ``servekit serve``) that answers ``POST /v1/completions`` with ``stream: true`` by
   streaming the fake model's text as OpenAI completion chunks, one SSE event per token, built
   by the same byte template servekit's encoder uses, then ``data: [DONE]``. It writes as fast
-  as the transport takes the bytes; ``bare_sse_app(step=True)`` (kind ``sse-step``) passes
-  through the event loop once per token, as a stepping engine's consumer does (one wake-up and
-  one write per token per stream), the floor for servekit's one-token-per-pass row.
+  as the transport takes the bytes; ``bare_sse_app(step=n)`` (kind ``sse-step`` for n = 1,
+  ``sse-stepN`` else) passes through the event loop once every n tokens, as the consumer of an
+  engine making n tokens per request per step does: the floor for servekit's rows with the
+  fake making n tokens per pass; ``-joined`` (``sse-joined``, ``sse-stepN-joined``) writes the
+  events of a pass in one message, as servekit does with the deltas it finds ready together.
 * :func:`serve_bare_grpc`: a bare ``grpc.aio`` server answering ``GenerateStream`` with one
   ``GenerateChunk`` per token (the fake model's bytes), then the final chunk: no merging.
 
-Run as ``python _bare_peers.py sse|sse-step|grpc PORT``; each prints
+Run as ``python _bare_peers.py sse[-stepN][-joined]|grpc PORT``; each prints
 ``ready`` once it listens; :class:`PeerProcess` does that for the benchmarks.
 """
 
@@ -32,9 +34,10 @@ from _common import stop_process
 TEXT = b"the quick brown fox jumps over the lazy dog "  # what servekit's FakeEngine generates
 
 
-def bare_sse_app(step: bool = False) -> Any:
+def bare_sse_app(step: int = 0, joined: bool = False) -> Any:
     """An ASGI app streaming completion chunks; the floor for the HTTP front end (``step``:
-    one pass through the event loop per token)."""
+    one pass through the event loop every ``step`` tokens, 0: none; ``joined``: the events of
+    a pass in one message)."""
     counter = 0
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -64,22 +67,32 @@ def bare_sse_app(step: bool = False) -> Any:
             (b"content-type", b"text/event-stream"), (b"x-request-id", rid.encode()),
             (b"cache-control", b"no-cache")]})
         n = int(request["max_tokens"])
+        pending: list[bytes] = []
         for i in range(n):
             finish = '"length"' if i == n - 1 else "null"
             text = chr(TEXT[i % len(TEXT)])
             event = f'{prefix}{quote(text)},"logprobs":null,"finish_reason":{finish}}}]}}\n\n'
-            await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
-            if step:
-                await asyncio.sleep(0)
+            if joined:
+                pending.append(event.encode())
+            else:
+                await send({"type": "http.response.body", "body": event.encode(),
+                            "more_body": True})
+            if (step and (i + 1) % step == 0) or i == n - 1:
+                if pending:
+                    await send({"type": "http.response.body", "body": b"".join(pending),
+                                "more_body": True})
+                    pending.clear()
+                if step:
+                    await asyncio.sleep(0)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
     return app
 
 
-def serve_bare_sse(port: int, step: bool = False) -> None:
+def serve_bare_sse(port: int, step: int = 0, joined: bool = False) -> None:
     import uvicorn
 
-    config = uvicorn.Config(bare_sse_app(step), host="127.0.0.1", port=port, log_level="warning",
+    config = uvicorn.Config(bare_sse_app(step, joined), host="127.0.0.1", port=port, log_level="warning",
                             access_log=False, lifespan="on", http="httptools")
     class Server(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:
@@ -118,8 +131,8 @@ def serve_bare_grpc(port: int) -> None:
 
 
 class PeerProcess:
-    """A bare transport peer from ``_bare_peers.py`` (``sse``, ``sse-step`` or ``grpc``) in a
-    subprocess."""
+    """A bare transport peer from ``_bare_peers.py`` (``sse[-stepN][-joined]`` or ``grpc``) in
+    a subprocess."""
 
     def __init__(self, kind: str) -> None:
         with socket.socket() as s:
@@ -145,4 +158,7 @@ if __name__ == "__main__":
     if kind == "grpc":
         serve_bare_grpc(port_arg)
     else:
-        serve_bare_sse(port_arg, step=kind == "sse-step")
+        options = kind.split("-")[1:]  # sse[-stepN][-joined]
+        serve_bare_sse(port_arg, step=next((int(o[4:] or 1) for o in options
+                                            if o.startswith("step")), 0),
+                       joined="joined" in options)

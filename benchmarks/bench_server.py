@@ -1,13 +1,15 @@
 """HTTP server benchmark: the reference server in its own process, the client in this one.
 
-1. Fake instant model (``servekit serve --fake``): streamed tokens/s over SSE (32 streams x
-   1,000 tokens, one event per token, this file's :func:`stream_tokens` client) beside a bare
-   uvicorn ASGI endpoint streaming the identical chunks (``_bare_peers.py``), rounds
-   interleaved; the ratio (bar: >= 0.5x the bare endpoint) and each server's CPU microseconds
-   per token; the bare endpoint again passing through the event loop once per token (what the
-   fake's one-token-per-pass consumer must do: one wake-up and one write per token) and
-   servekit's ratio to it; the same with the fake making ``STEP_TOKENS`` tokens per pass of the event loop
-   (``--fake-tokens-per-yield``: one consumer wake-up per several tokens); requests/s of short
+1. Fake model (``servekit serve --fake``): streamed tokens/s over SSE (32 streams x 1,000
+   tokens, one event per token, this file's :func:`stream_tokens` client) beside a bare uvicorn
+   ASGI endpoint streaming the identical chunks (``_bare_peers.py``), rounds interleaved, at
+   three pacings, each side making as many tokens per pass of the event loop as the other: one
+   (a stepping engine's consumer: one wake-up per token), ``STEP_TOKENS``, and a whole
+   completion (instant; the bare peer then writes as fast as the transport takes the bytes).
+   Per pacing the ratio to the issue's peer, one message per event (bar: >= 0.5x), and, where
+   a pass holds several events, to a stricter floor that writes them in one message as
+   servekit does; each server's CPU microseconds per token; servekit at one token per pass
+   against the instant peer (the issue's first, mixed comparison); requests/s of short
    non-streamed completions. The same over gRPC beside it
    (``bench_grpc.grpc_rows``: GenerateStream, Session, unary, and a bare ``grpc.aio`` server
    streaming the same messages), with ratios.
@@ -251,71 +253,87 @@ def timed_stream(url: str, pid: int, concurrency: int, max_tokens: int, streams:
     return tokens / secs, 1e6 * (cpu_seconds(pid) - cpu0) / tokens
 
 
-#: Tokens the fake makes per pass of the event loop in the second servekit row (docs/server.md).
+#: Tokens the fake makes per pass of the event loop in the middle pacing (docs/server.md).
 STEP_TOKENS = 16
 
 
 def bench_fake(quick: bool, rounds: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """``servekit serve --fake`` (one loop pass per token, and ``STEP_TOKENS`` tokens per pass)
-    beside the bare uvicorn SSE peer (and the same peer passing through the loop once per
-    token, as servekit's first row does), rounds interleaved."""
-    server, peer, peer_step = ServerProcess("--fake"), PeerProcess("sse"), PeerProcess("sse-step")
-    stepped = ServerProcess("--fake", "--fake-tokens-per-yield", str(STEP_TOKENS))
-    rows: list[dict[str, Any]] = []
+    """``servekit serve --fake`` beside bare uvicorn SSE peers at three pacings, each side
+    making the same tokens per pass of the event loop (1, ``STEP_TOKENS``, a whole completion),
+    rounds interleaved: the issue's peer (one message per event; the bar) and, where a pass
+    holds several events, a stricter floor writing them in one message as servekit does. Also
+    servekit at one token per pass against the issue's instant peer (mixed pacing), and
+    requests/s of short non-streamed completions."""
     concurrency, max_tokens = 32, 1000
     streams = 64 if quick else 256
-    samples: dict[str, list[float]] = {k: [] for k in (
-        "tps", "cpu", "bare_tps", "bare_cpu", "ratio", "rps", "step_tps", "step_cpu",
-        "step_ratio", "pass_tps", "pass_cpu", "pass_ratio")}
+    pacings = {  # name: (the fake's tokens per pass, the issue's peer, the joined floor)
+        "1 tok per loop pass": (1, "sse-step", None),
+        f"{STEP_TOKENS} tok per loop pass": (STEP_TOKENS, f"sse-step{STEP_TOKENS}",
+                                             f"sse-step{STEP_TOKENS}-joined"),
+        "instant (whole completion per pass)": (max_tokens, "sse", "sse-joined"),
+    }
+    one, *_, instant = pacings
+    procs: dict[str, Any] = {}  # "<pacing>/<side>": the process
+    samples: dict[str, list[float]] = {"mixed": [], "rps": []}
+
+    def measure(key: str) -> float:
+        proc = procs[key]
+        tps, cpu = timed_stream(proc.url, proc.proc.pid, concurrency, max_tokens, streams)
+        samples.setdefault(f"{key}/tps", []).append(tps)
+        samples.setdefault(f"{key}/cpu", []).append(cpu)
+        return tps
+
     try:
-        for url in (server.url, stepped.url, peer.url, peer_step.url):
-            asyncio.run(stream_tokens(url, 8, 50, 16))  # warm up
+        for name, (per_pass, peer, joined) in pacings.items():
+            procs[f"{name}/servekit"] = ServerProcess("--fake", "--fake-tokens-per-yield",
+                                                      str(per_pass))
+            procs[f"{name}/peer"] = PeerProcess(peer)
+            if joined:
+                procs[f"{name}/joined"] = PeerProcess(joined)
+        for proc in procs.values():
+            asyncio.run(stream_tokens(proc.url, 8, 50, 16))  # warm up
         for _ in range(rounds):
-            tps, cpu = timed_stream(server.url, server.proc.pid, concurrency, max_tokens, streams)
-            step_tps, step_cpu = timed_stream(stepped.url, stepped.proc.pid, concurrency,
-                                              max_tokens, streams)
-            bare_tps, bare_cpu = timed_stream(peer.url, peer.proc.pid, concurrency, max_tokens,
-                                              streams)
-            pass_tps, pass_cpu = timed_stream(peer_step.url, peer_step.proc.pid, concurrency,
-                                              max_tokens, streams)
-            for k, v in (("tps", tps), ("cpu", cpu), ("bare_tps", bare_tps),
-                         ("bare_cpu", bare_cpu), ("ratio", tps / bare_tps),
-                         ("step_tps", step_tps), ("step_cpu", step_cpu),
-                         ("step_ratio", step_tps / bare_tps), ("pass_tps", pass_tps),
-                         ("pass_cpu", pass_cpu), ("pass_ratio", tps / pass_tps)):
-                samples[k].append(v)
+            for name in pacings:
+                tps = measure(f"{name}/servekit")
+                for side in ("peer", "joined"):
+                    if f"{name}/{side}" in procs:
+                        samples.setdefault(f"{name}/{side}/ratio", []).append(
+                            tps / measure(f"{name}/{side}"))
+            samples["mixed"].append(samples[f"{one}/servekit/tps"][-1]
+                                    / samples[f"{instant}/peer/tps"][-1])
+        server = procs[f"{one}/servekit"]
         for _ in range(rounds):
             n, secs = asyncio.run(short_requests(server.url, 32, 500 if quick else 2000))
             samples["rps"].append(n / secs)
     finally:
-        server.stop()
-        stepped.stop()
-        peer.stop()
-        peer_step.stop()
+        for proc in procs.values():
+            proc.stop()
+    rows: list[dict[str, Any]] = []
+    bars: dict[str, Any] = {}
     setting = f"{concurrency} streams x {max_tokens} tok, 1 event/tok"
-    step = f"fake, {STEP_TOKENS} tok per loop pass"
-    for scenario, key, row_setting in (
-            ("fake: streamed tokens/s", "tps", setting),
-            ("bare uvicorn SSE: streamed tokens/s", "bare_tps", setting),
-            ("ratio servekit/bare: streamed tokens/s", "ratio", "per round, paired"),
-            ("fake: server CPU us/token", "cpu", "server process user+sys"),
-            ("bare uvicorn SSE: server CPU us/token", "bare_cpu", "server process user+sys"),
-            ("bare SSE, 1 loop pass/tok: streamed tokens/s", "pass_tps", setting),
-            ("ratio servekit/bare 1 pass/tok: streamed tokens/s", "pass_ratio",
-             "per round, paired"),
-            ("bare SSE, 1 loop pass/tok: server CPU us/token", "pass_cpu",
-             "server process user+sys"),
-            (f"{step}: streamed tokens/s", "step_tps", setting),
-            (f"ratio servekit ({step})/bare: streamed tokens/s", "step_ratio",
-             "per round, paired"),
-            (f"{step}: server CPU us/token", "step_cpu", "server process user+sys"),
-            ("fake: requests/s", "rps", "32 clients, 8 tok, no stream")):
+    sides = {"servekit": "servekit --fake", "peer": "bare uvicorn SSE (1 message/event)",
+             "joined": "bare uvicorn SSE (1 message/pass)"}
+
+    def row(scenario: str, key: str, row_setting: str) -> None:
         rows.append({"scenario": scenario, "setting": row_setting, **summary(samples[key])})
-    ratio = summary(samples["ratio"])["median"]
-    step_ratio = summary(samples["step_ratio"])["median"]
-    return rows, {"server_streamed_tokens_per_s_vs_bare_uvicorn": bar(ratio, 0.5),
-                  f"server_streamed_tokens_per_s_vs_bare_uvicorn_{STEP_TOKENS}_tok_per_pass":
-                      bar(step_ratio, 0.5)}
+
+    for name in pacings:
+        for side, label in sides.items():
+            if f"{name}/{side}" not in procs:
+                continue
+            row(f"{label}, {name}: streamed tokens/s", f"{name}/{side}/tps", setting)
+            row(f"{label}, {name}: server CPU us/token", f"{name}/{side}/cpu",
+                "server process user+sys")
+            if side != "servekit":
+                row(f"ratio servekit / {label}, {name}", f"{name}/{side}/ratio",
+                    "per round, paired")
+        slug = name.split(" (")[0].replace(" ", "_")
+        bars[f"server_streamed_tokens_per_s_vs_bare_uvicorn_{slug}"] = bar(
+            summary(samples[f"{name}/peer/ratio"])["median"], 0.5)
+    row(f"ratio servekit {one} / {sides['peer']} instant (mixed pacing)", "mixed",
+        "per round, paired")
+    row("fake: requests/s", "rps", "32 clients, 8 tok, no stream")
+    return rows, bars
 
 
 def bench_demo(quick: bool, model: str | None) -> tuple[list[dict[str, Any]], dict[str, Any],

@@ -46,6 +46,33 @@ async def test_tokens_per_yield_changes_nothing_a_client_sees(params: SamplingPa
             one[-1].finish_reason == "stop"
 
 
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=23),
+    SamplingParams(max_tokens=40, stop=["fox j", "zz"])])
+@pytest.mark.parametrize("n", [1, 7])
+async def test_batched_yields_the_deltas_of_each_pass_together(params: SamplingParams,
+                                                               n: int) -> None:
+    one = await _deltas(FakeEngine(), params)
+    engine = FakeEngine(tokens_per_yield=n)
+    batches = [b async for b in engine.generate("hi", params, batched=True)]
+    assert all(len(b) == n for b in batches[:-1]) and 1 <= len(batches[-1]) <= n
+    assert _key([o for b in batches for o in b]) == _key(one)
+    assert engine.num_used_blocks == 0
+
+
+async def test_an_abort_ends_a_batched_stream_at_the_next_pass() -> None:
+    engine = FakeEngine(tokens_per_yield=4)
+    seen: list[list[RequestOutput]] = []
+    async for batch in engine.generate("hi", SamplingParams(max_tokens=40), request_id="a",
+                                       batched=True):
+        seen.append(batch)
+        if len(seen) == 2:
+            await engine.abort("a")
+    assert [len(b) for b in seen] == [4, 4, 1]
+    assert seen[-1][0].finish_reason == "abort" and seen[-1][0].num_output_tokens == 8
+    assert engine.num_used_blocks == 0
+
+
 @pytest.mark.parametrize("n", [1, 4])
 async def test_a_request_yields_to_the_loop_once_every_n_tokens(n: int,
                                                                 anyio_backend: str) -> None:

@@ -249,3 +249,29 @@ def test_drain_past_the_grace_period_reports_an_error_not_a_truncated_success(
         assert b'"code": "draining"' in body and body.endswith(b"data: [DONE]\n\n")
     else:
         assert sent[0]["status"] == 503 and b'"code": "draining"' in body
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_the_start_up_heap_is_frozen_when_ready_only_when_configured(freeze: bool) -> None:
+    import gc
+
+    from servekit.server.app import ServerConfig
+
+    gc.unfreeze()
+    before = gc.get_freeze_count()
+    try:
+        app = create_app(FakeEngine(), config=ServerConfig(freeze_startup_heap=freeze))
+        with serve(app) as running:
+            assert httpx.get(running.url + "/ready").status_code == 200
+            frozen = gc.get_freeze_count()
+        assert (frozen > before) is freeze  # the engine, the app, the libraries: not walked
+    finally:
+        gc.unfreeze()  # this test process goes on building servers
+
+
+def test_servekit_serve_freezes_its_start_up_heap() -> None:
+    from servekit.server.cli import build_parser, server_parts
+    from servekit.server.config import apply_config
+
+    args = apply_config(build_parser().parse_args(["serve", "--fake"]))
+    assert server_parts(args).config.freeze_startup_heap

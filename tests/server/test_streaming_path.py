@@ -135,11 +135,13 @@ def test_a_text_delta_event_is_the_openai_chunk_for_any_text(text: str, include_
     assert json.loads(event[6:]) == expected
 
 
-async def _sse(app: Any, body: dict[str, Any], send_s: float) -> list[dict[str, Any]]:
+async def _sse(app: Any, body: dict[str, Any], send_s: float,
+               parts: list[bytes] | None = None) -> list[dict[str, Any]]:
     """POST ``body`` to the ASGI ``app``; each body part takes ``send_s`` to send (a client that
-    reads slowly: a blocked send is what flow control does). The stream's JSON events."""
+    reads slowly: a blocked send is what flow control does). The stream's JSON events (the body
+    messages go into ``parts``)."""
     data = json.dumps(body).encode()
-    parts: list[bytes] = []
+    parts = [] if parts is None else parts
     received = False
 
     async def receive() -> dict[str, Any]:
@@ -210,3 +212,65 @@ async def test_over_http_a_slow_reader_gets_merged_events_and_a_fast_one_an_even
     assert logprobs(slow_d) == pytest.approx(logprobs(fast_d), abs=1e-4)
     assert slow_d[-1].choices[0].finish_reason == fast_d[-1].choices[0].finish_reason == "length"
     assert slow[-1]["usage"]["completion_tokens"] == fast[-1]["usage"]["completion_tokens"] == 32
+
+
+async def _fake_stream(engine: FakeEngine, body: dict[str, Any]
+                       ) -> tuple[list[dict[str, Any]], list[bytes]]:
+    app = create_app(engine)
+    parts: list[bytes] = []
+    async with app.router.lifespan_context(app):
+        while not app.state.servekit.state.ready:
+            await anyio.sleep(0.01)
+        events = await _sse(app, body, 0.0, parts)
+    return events, [p for p in parts if p]
+
+
+_CHAT = {"model": "fake", "max_tokens": 40, "stream": True, "messages": [
+    {"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("per_pass", [1, 8, 40])
+async def test_the_deltas_ready_together_go_out_in_one_message_one_event_each(
+        per_pass: int) -> None:
+    events, parts = await _fake_stream(FakeEngine(tokens_per_yield=per_pass), _CHAT)
+    deltas = [e for e in events if e["choices"] and "content" in e["choices"][0]["delta"]
+              and e["choices"][0]["delta"]["content"]]
+    assert len(deltas) == 40  # one event per token, however many were ready at once
+    assert "".join(e["choices"][0]["delta"]["content"] for e in deltas) == \
+        ("the quick brown fox jumps over the lazy dog " * 2)[:40]
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert events[-1]["usage"]["completion_tokens"] == 40
+    # one message per pass of the loop (the first with the role chunk), then the usage + [DONE]
+    assert len(parts) == -(-40 // per_pass) + 1
+
+
+class _FailingMidBatch(FakeEngine):
+    """Yields one batch: two text deltas, then the engine's error for the request."""
+
+    async def generate(self, prompt: Any, params: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        rid = kwargs.get("request_id") or "r"
+        yield [RequestOutput(rid, [116], "t", False, None, 3, 1, 0),
+               RequestOutput(rid, [104], "h", False, None, 3, 2, 0),
+               RequestOutput(rid, [], "", True, "error", 3, 2, 0, error="the GPU fell over")]
+
+
+@pytest.mark.anyio
+async def test_the_deltas_before_an_error_in_the_same_batch_are_sent_then_the_error() -> None:
+    events, _ = await _fake_stream(_FailingMidBatch(), _CHAT)
+    texts = [e["choices"][0]["delta"].get("content") for e in events if e.get("choices")]
+    assert texts == ["", "t", "h"]  # the role chunk, then both deltas
+    assert "the GPU fell over" in events[-1]["error"]["message"]
+
+
+@pytest.mark.anyio
+async def test_an_error_as_the_first_delta_is_an_error_status_not_a_stream() -> None:
+    class FailingAtOnce(FakeEngine):
+        async def generate(self, prompt: Any, params: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+            yield [RequestOutput(kwargs.get("request_id") or "r", [], "", True, "error", 3, 0, 0,
+                                 error="no GPU")]
+
+    app = create_app(FailingAtOnce())
+    with serve(app) as running:
+        reply = httpx.post(running.url + "/v1/chat/completions", json=_CHAT)
+    assert reply.status_code == 500 and "no GPU" in reply.json()["error"]["message"]

@@ -397,7 +397,8 @@ def server_parts(args: argparse.Namespace) -> ServerParts:
                           rate_limit_fail_open=args.rate_limit_fail_open,
                           rate_limit_outage_retry_after=args.rate_limit_outage_retry_after,
                           metrics_style=args.metrics_style,
-                          gateway_secret=os.environ.get("SERVEKIT_GATEWAY_SECRET") or None)
+                          gateway_secret=os.environ.get("SERVEKIT_GATEWAY_SECRET") or None,
+                          freeze_startup_heap=True)  # this process is the server
     hooks = HookSet(plugged.hooks)
     metrics = _metrics(names[0], args.metrics_style)
     if metrics is not None:

@@ -12,7 +12,15 @@ import asyncio
 import itertools
 import math
 import types
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import Any
 
 import anyio
@@ -70,6 +78,9 @@ class FakeEngine:
     live requests would hold with ``block_size``-token blocks, so leaks show.
     """
 
+    #: ``generate`` takes ``batched`` (a front end writes the deltas of one pass at once).
+    yields_batches = True
+
     def __init__(self, *, model_name: str = "fake", max_model_len: int = 4096,
                  token_delay: float = 0.0, max_running: int = 1024, max_waiting: int = 1024,
                  block_size: int = 16, tokens_per_yield: int = 1) -> None:
@@ -120,9 +131,12 @@ class FakeEngine:
                        request_id: str | None = None, tenant: str | None = None,
                        priority: int = 0, cache_salt: str | None = None,
                        deadline: float | None = None,
-                       output_token_ids: Sequence[int] = ()) -> AsyncIterator[RequestOutput]:
+                       output_token_ids: Sequence[int] = (),
+                       batched: bool = False) -> AsyncIterator[Any]:
         """Yield one delta per token; closing the iterator early frees the request.
-        ``output_token_ids`` resumes after them (this fake's tokens depend on position only)."""
+        ``output_token_ids`` resumes after them (this fake's tokens depend on position only).
+        ``batched``: yield lists instead, the deltas of one pass of the event loop each
+        (``tokens_per_yield`` of them; an abort takes effect at the next pass)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         rid = request_id if request_id is not None else f"fake-{next(self._ids)}"
         if rid in self._blocks:
@@ -142,48 +156,67 @@ class FakeEngine:
         n_prompt = len(ids)
         self._blocks[rid] = math.ceil(n_prompt / self.block_size)
         try:
-            checkpoint, every = _loop_checkpoint(), self.tokens_per_yield
             limit = min(params.max_tokens, self.max_model_len - n_prompt)
-            top, stops, size = params.logprobs, params.stop, self.block_size
             resumed = len(output_token_ids)
             if resumed >= limit:
                 raise InvalidParameterError("output_token_ids", "leave no room under max_tokens")
-            # generated text (kept only to match stop strings) and how much of it was emitted,
-            # the cut-short run's included when resuming
-            text = "".join(_CHARS[_TEXT[i % len(_TEXT)]] for i in range(resumed)) if stops else ""
-            sent = len(text) - (_held_back(text, stops) if stops else 0)
-            for i in range(resumed + 1, limit + 1):
+            deltas = self._deltas(rid, n_prompt, params, resumed, limit)
+            checkpoint = _loop_checkpoint()
+            every = 1 if self.token_delay else self.tokens_per_yield
+            made = resumed  # tokens generated so far
+            while True:
                 if self.token_delay:
                     await anyio.sleep(self.token_delay)
-                elif (i - 1) % every == 0:
+                else:
                     await checkpoint()
                 if rid in self._aborted:
-                    yield RequestOutput(rid, [], "", True, "abort", n_prompt, i - 1, 0)
+                    out = RequestOutput(rid, [], "", True, "abort", n_prompt, made, 0)
+                    yield [out] if batched else out
                     return
-                token = _TEXT[(i - 1) % len(_TEXT)]
-                self._blocks[rid] = (n_prompt + i + size - 1) // size
-                lps = None if top is None else [_logprob(token, top)]
-                done = i == limit
-                if not stops:
-                    yield RequestOutput(rid, [token], _CHARS[token], done,
-                                        "length" if done else None, n_prompt, i, 0, lps)
-                    continue
-                text += _CHARS[token]  # like the engine: stop strings are matched, never emitted
-                reason, upto = "length", len(text)
-                cut = min((text.find(s) for s in stops if s in text), default=-1)
-                if cut >= 0:
-                    done, reason, upto = True, "stop", cut
-                elif not done:
-                    upto -= _held_back(text, stops)
-                yield RequestOutput(rid, [token], text[sent:upto], done, reason if done else None,
-                                    n_prompt, i, 0, lps)
-                sent = max(sent, upto)
-                if done:
+                batch = [next(deltas)] if every == 1 else list(itertools.islice(deltas, every))
+                made += len(batch)
+                self._blocks[rid] = (n_prompt + made + self.block_size - 1) // self.block_size
+                if batched:
+                    yield batch
+                else:
+                    for out in batch:
+                        yield out
+                if batch[-1].finished:
                     return
         finally:
             del self._blocks[rid]
             self._aborted.discard(rid)
             self._slots.release()
+
+    @staticmethod
+    def _deltas(rid: str, n_prompt: int, params: SamplingParams, resumed: int,
+                limit: int) -> Iterator[RequestOutput]:
+        """The request's deltas after ``resumed`` tokens, one per token, the last finished."""
+        top, stops = params.logprobs, params.stop
+        # generated text (kept only to match stop strings) and how much of it was emitted,
+        # the cut-short run's included when resuming
+        text = "".join(_CHARS[_TEXT[i % len(_TEXT)]] for i in range(resumed)) if stops else ""
+        sent = len(text) - (_held_back(text, stops) if stops else 0)
+        for i in range(resumed + 1, limit + 1):
+            token = _TEXT[(i - 1) % len(_TEXT)]
+            lps = None if top is None else [_logprob(token, top)]
+            done = i == limit
+            if not stops:
+                yield RequestOutput(rid, [token], _CHARS[token], done,
+                                    "length" if done else None, n_prompt, i, 0, lps)
+                continue
+            text += _CHARS[token]  # like the engine: stop strings are matched, never emitted
+            reason, upto = "length", len(text)
+            cut = min((text.find(s) for s in stops if s in text), default=-1)
+            if cut >= 0:
+                done, reason, upto = True, "stop", cut
+            elif not done:
+                upto -= _held_back(text, stops)
+            yield RequestOutput(rid, [token], text[sent:upto], done, reason if done else None,
+                                n_prompt, i, 0, lps)
+            sent = max(sent, upto)
+            if done:
+                return
 
 
 def _loop_checkpoint() -> Callable[[], Awaitable[None]]:

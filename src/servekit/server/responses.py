@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from json.encoder import encode_basestring_ascii as _quote  # type: ignore[attr-defined]
 from typing import Any
 
@@ -88,6 +89,18 @@ class Encoder(ABC):
         lp = self._chunk_logprobs(out) if self.want_logprobs and out.logprobs else "null"
         return (f'{self._prefix}{i},{self._delta(text)},"logprobs":{lp},'
                 f'"finish_reason":{finish}}}]{self._usage_null}}}\n\n').encode()
+
+    def chunks(self, i: int, outs: Sequence[RequestOutput]) -> bytes:
+        """The events of several deltas that were ready at once, as one piece (the plain text
+        ones from the same template as :meth:`chunk`'s, without a call each)."""
+        head, tail = self._text_heads[i], self._text_tail
+        parts: list[bytes] = []
+        for out in outs:
+            if out.finished or out.logprobs:
+                parts.append(self.chunk(i, out))
+            elif out.new_text:
+                parts += (head, _quote(out.new_text).encode(), tail)
+        return b"".join(parts)
 
     @abstractmethod
     def _delta(self, text: str) -> str:
@@ -230,6 +243,9 @@ class ToolChatEncoder(ChatEncoder):
             # parser picks up where the first replica's left off (what it sent is not resent)
             skip = job.choices[0][1].skip_special_tokens
             self.tools.feed(0, tokenizer.decode(job.resume, skip_special_tokens=skip), False)
+
+    def chunks(self, i: int, outs: Sequence[RequestOutput]) -> bytes:
+        return b"".join([self.chunk(i, out) for out in outs])
 
     def chunk(self, i: int, out: RequestOutput) -> bytes:
         content, calls = self.tools.feed(i, out.new_text, out.finished)

@@ -49,7 +49,7 @@ from servekit.server.lifecycle import ServerState
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["EngineLike", "GenerationService", "Job", "JobUsage", "OnOutput"]
+__all__ = ["EngineLike", "GenerationService", "Job", "JobUsage", "OnOutput", "OnOutputs"]
 
 logger = logging.getLogger("servekit.server")
 
@@ -59,9 +59,18 @@ _INLINE_CHARS = 4096
 #: Called with (choice index, delta) for every engine output, in order per choice.
 OnOutput = Callable[[int, RequestOutput], Awaitable[None]]
 
+#: Called with (choice index, deltas) for the deltas of a choice that were ready together
+#: (one, unless the engine ``yields_batches``), in order per choice.
+OnOutputs = Callable[[int, Sequence[RequestOutput]], Awaitable[None]]
+
 
 class EngineLike(Protocol):
-    """What the server needs of an engine: the AsyncEngine contract (docs/contracts.md)."""
+    """What the server needs of an engine: the AsyncEngine contract (docs/contracts.md).
+
+    Optional: ``coalesces_outputs`` (``generate`` takes ``coalesce=True``: deltas that queued
+    while the consumer was busy come merged into one) and ``yields_batches`` (``generate``
+    takes ``batched=True``: it yields lists, every delta that was ready at once).
+    """
 
     tokenizer: Any
     model_name: str
@@ -321,6 +330,15 @@ class GenerationService:
         complete. However it ends (error, cancellation, a client gone), every engine request
         still running is aborted and the reservation is settled with the real usage.
         """
+        await self._run(job, on_output, batches=False)
+
+    async def run_batches(self, job: Job, on_outputs: OnOutputs) -> None:
+        """As :meth:`run`, but ``on_outputs`` gets the deltas of a choice that were ready at
+        once together (a streaming front end writes them in one message)."""
+        await self._run(job, on_outputs, batches=True)
+
+    async def _run(self, job: Job, callback: Callable[[int, Any], Awaitable[None]],
+                   batches: bool) -> None:
         job.finish_reasons = [None] * len(job.choices)
         per_choice = [(0, 0, 0)] * len(job.choices)  # (prompt, completion, cached) per choice
         streams = self.state
@@ -328,11 +346,11 @@ class GenerationService:
             with streams.track() as scope:
                 self._gauge(OPEN_STREAMS, streams.in_flight)
                 if len(job.choices) == 1:
-                    await self._drive(job, 0, on_output, per_choice)
+                    await self._drive(job, 0, callback, batches, per_choice)
                 else:
                     async with anyio.create_task_group() as tg:
                         for i in range(len(job.choices)):
-                            tg.start_soon(self._drive, job, i, on_output, per_choice)
+                            tg.start_soon(self._drive, job, i, callback, batches, per_choice)
             if scope.cancelled_caught:  # drained past the grace period: not a success
                 raise ServiceUnavailableError("the server shut down before this request finished; "
                                       "retry on another replica", retry_after=self.state.retry_after,
@@ -348,8 +366,8 @@ class GenerationService:
                 self._gauge(RATE_LIMIT_RESERVATIONS, self.limits.open_reservations)
             self._gauge(OPEN_STREAMS, streams.in_flight)
 
-    async def _drive(self, job: Job, i: int, on_output: OnOutput,
-                     per_choice: list[tuple[int, int, int]]) -> None:
+    async def _drive(self, job: Job, i: int, callback: Callable[[int, Any], Awaitable[None]],
+                     batches: bool, per_choice: list[tuple[int, int, int]]) -> None:
         engine = self.engine
         assert engine is not None
         prompt_index, params = job.choices[i]
@@ -358,6 +376,9 @@ class GenerationService:
         extra: dict[str, Any] = {}
         if getattr(engine, "coalesces_outputs", False):
             extra["coalesce"] = True  # deltas queued while the client is slow go out merged
+        batched = getattr(engine, "yields_batches", False)
+        if batched:
+            extra["batched"] = True
         if job.resume is not None:
             done = job.resume_finished[i] if job.resume_finished is not None else None
             if done is not None:  # finished before the cut: counted, not continued
@@ -373,11 +394,17 @@ class GenerationService:
         finished = False
         out: RequestOutput | None = None
         try:
-            async for out in stream:
+            async for item in stream:
+                outs = item if batched else (item,)
+                out = outs[-1]  # only a batch's last delta may be the final one
                 if out.finished:
                     finished = True
                     job.finish_reasons[i] = out.finish_reason
-                await on_output(i, out)
+                if batches:
+                    await callback(i, outs)
+                else:
+                    for one in outs:
+                        await callback(i, one)
         except QueueFullError as exc:
             raise ServiceUnavailableError(f"The server is overloaded ({exc}); retry later",
                                   retry_after=exc.retry_after) from exc
