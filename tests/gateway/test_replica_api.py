@@ -9,9 +9,10 @@ import pytest
 
 from servekit.gateway.tokens import PromptEncoder
 from servekit.kv.events import AllBlocksCleared, BlockRemoved, BlockStored
+from servekit.protocol.replica import EXTENSIONS_HEADER, GATEWAY_SECRET_HEADER
 from servekit.server.app import ServerConfig, create_app
 from servekit.server.fake import FakeEngine
-from servekit.server.replica_api import EXTENSIONS_HEADER, GATEWAY_SECRET_HEADER, KVEventFeed
+from servekit.server.replica_api import KVEventFeed
 from tests.asgi_server import serve_asgi
 from tests.server.cli_server import cli_server
 

@@ -20,12 +20,11 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["TOKEN_IDS", "StreamTracker", "resumable", "resume_body"]
+from servekit.protocol.replica import COMMENT_PREFIX
 
-#: The stream extension the gateway asks replicas for.
-TOKEN_IDS = "token_ids"
-_COMMENT = b": servekit "
-_USAGE = b': servekit {"usage":'
+__all__ = ["StreamTracker", "resumable", "resume_body"]
+
+_USAGE = COMMENT_PREFIX + b'{"usage":'
 _DONE = b"data: [DONE]"
 _ERROR = b'data: {"error"'
 _SEP = b"\n\n"
@@ -74,14 +73,14 @@ class StreamTracker:
             if event.startswith(_USAGE):
                 self._learn_usage(event)
                 continue
-            if event.startswith(_COMMENT):
+            if event.startswith(COMMENT_PREFIX):
                 line, _, event = event.partition(b"\n")
-                ids = line[line.index(b"[", len(_COMMENT)) + 1:line.rindex(b"]")]
+                ids = line[line.index(b"[", len(COMMENT_PREFIX)) + 1:line.rindex(b"]")]
                 by_choice = self._by_choice
                 if by_choice is None:
                     self._ids.append(ids)
                 else:
-                    at = line.index(b":", len(_COMMENT) + 2) + 1  # {"index":I,...
+                    at = line.index(b":", len(COMMENT_PREFIX) + 2) + 1  # {"index":I,...
                     by_choice.setdefault(int(line[at:line.index(b",", at)]), []).append(ids)
                 self.num_tokens += ids.count(b",") + 1
                 if not event:
@@ -118,7 +117,7 @@ class StreamTracker:
 
     def _learn_usage(self, event: bytes) -> None:
         try:
-            usage = json.loads(event[len(_COMMENT):].partition(b"\n")[0])["usage"]
+            usage = json.loads(event[len(COMMENT_PREFIX):].partition(b"\n")[0])["usage"]
         except (ValueError, KeyError, TypeError):
             return
         if isinstance(usage, dict):

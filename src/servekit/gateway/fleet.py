@@ -25,6 +25,7 @@ import anyio
 import httpx
 
 from servekit.gateway.tokens import PromptEncoder
+from servekit.protocol.replica import GATEWAY_SECRET_HEADER
 from servekit.route import HealthTracker, ReplicaLoad, Router
 from servekit.route.errors import UnknownNodeError
 from servekit.route.health import NodeHealth
@@ -32,7 +33,6 @@ from servekit.route.kv_index import KVEventIndex
 
 logger = logging.getLogger(__name__)
 
-GATEWAY_SECRET_HEADER = "x-servekit-gateway-secret"
 
 
 class Fleet:

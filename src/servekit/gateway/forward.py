@@ -25,14 +25,24 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from servekit.gateway.budget import RetryBudget
 from servekit.gateway.edge import Edge, cached_total, usage_total
-from servekit.gateway.failover import TOKEN_IDS, StreamTracker, resumable, resume_body
-from servekit.gateway.fleet import GATEWAY_SECRET_HEADER, Fleet
+from servekit.gateway.failover import StreamTracker, resumable, resume_body
+from servekit.gateway.fleet import Fleet
 from servekit.gateway.metrics import GatewayMetrics
 from servekit.gateway.tracing import GatewayTracer, RequestTrace, TracedResponse
 from servekit.gateway.upstream import Upstream, UpstreamResponse
-from servekit.gateway.usage import ATTEMPT_HEADER, Ledger, LedgerResponse
+from servekit.gateway.usage import Ledger, LedgerResponse
 from servekit.limit.keyed import Admission
 from servekit.protocol.errors import InvalidRequestError, StatusError
+from servekit.protocol.replica import (
+    ATTEMPT_HEADER,
+    CACHE_SALT_HEADER,
+    EXTENSIONS_HEADER,
+    GATEWAY_SECRET_HEADER,
+    PRIVATE_HEADER_PREFIX,
+    TENANT_HEADER,
+    TOKEN_IDS,
+    USAGE,
+)
 from servekit.protocol.sse import DONE, error_event
 from servekit.route import NoNodeAvailableError
 from servekit.usage.recorder import UsageRecorder
@@ -41,12 +51,7 @@ RETRYABLE_STATUS = frozenset({429, 503})
 _HOP_HEADERS = frozenset({"host", "content-length", "connection", "keep-alive",
                           "transfer-encoding", "te", "upgrade", "proxy-authorization"})
 _ALL_DOWN_RETRY_AFTER = 1
-EXTENSIONS_HEADER = "x-servekit-extensions"
-USAGE = "usage"  # the stream extension: the replica's usage before [DONE]
-TENANT_HEADER = "x-servekit-tenant"  # the caller the gateway authenticated (with the secret)
-CACHE_SALT_HEADER = "x-servekit-cache-salt"
 _DONE = b"data: [DONE]"
-_PRIVATE_PREFIX = "x-servekit-"  # gateway <-> replica headers: never from or to a client
 
 
 def unavailable(message: str, retry_after: int = _ALL_DOWN_RETRY_AFTER) -> JSONResponse:
@@ -134,7 +139,7 @@ class Forwarder:
                 hashes = encoder.block_hashes(ids, key.salt if key is not None else None)
         stream = bool(parsed.get("stream")) if parsed is not None else False
         out_headers = {k: v for k, v in headers.items() if k.lower() not in _HOP_HEADERS
-                       and not k.lower().startswith(_PRIVATE_PREFIX)}
+                       and not k.lower().startswith(PRIVATE_HEADER_PREFIX)}
         secret = fleet.secret
         can_resume = secret is not None and parsed is not None and resumable(path, parsed)
         if secret is not None and (can_resume or key is not None or usage is not None):
@@ -487,7 +492,7 @@ async def _read_quietly(upstream: UpstreamResponse) -> bytes:
 
 def _response_headers(upstream: UpstreamResponse) -> dict[str, str]:
     return {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS
-            and k.lower() != "content-encoding" and not k.lower().startswith(_PRIVATE_PREFIX)}
+            and k.lower() != "content-encoding" and not k.lower().startswith(PRIVATE_HEADER_PREFIX)}
 
 
 def _copy(upstream: UpstreamResponse, content: bytes) -> Response:

@@ -34,10 +34,7 @@ from servekit.limit.keys import ApiKey
 from servekit.usage.recorder import CLIENT_CLOSED, UsageRecorder
 from servekit.usage.sink import UsageRecord
 
-__all__ = ["ATTEMPT_HEADER", "Ledger", "LedgerResponse"]
-
-#: The attempt key a replica records its compute under (analytics only).
-ATTEMPT_HEADER = "x-servekit-attempt"
+__all__ = ["Ledger", "LedgerResponse"]
 _NUMBER = {name: re.compile(rb'"' + name.encode() + rb'":\s*(\d+)')
            for name in ("prompt_tokens", "completion_tokens", "cached_tokens")}
 _FINISH = re.compile(rb'"finish_reason":\s*"(\w+)"')

@@ -62,10 +62,13 @@ from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, Response  # noqa: E402
 from starlette.exceptions import HTTPException  # noqa: E402
 
-from servekit.server.replica_api import (  # noqa: E402
+from servekit.protocol.replica import (  # noqa: E402
     ATTEMPT_HEADER,
     EXTENSIONS_HEADER,
+    PRIVATE_HEADER_PREFIX,
     USAGE,
+)
+from servekit.server.replica_api import (  # noqa: E402
     gateway_identity,
     mount_replica_api,
     token_ids_comment,
@@ -76,6 +79,8 @@ from servekit.server.replica_api import (  # noqa: E402
 __all__ = ["ServerConfig", "create_app"]
 
 logger = logging.getLogger("servekit.server")
+
+_PRIVATE_PREFIX = PRIVATE_HEADER_PREFIX.encode()
 
 #: Scope key of the server's own ``send``, set outside the middleware stack (see _raw_send).
 _RAW_SEND = "servekit.raw_send"
@@ -363,7 +368,7 @@ class _AuthMiddleware:
                     break
             if self.gateway_secret is not None:
                 headers = {k.decode("latin-1"): v.decode("latin-1")
-                           for k, v in scope["headers"] if k.startswith(b"x-servekit-")}
+                           for k, v in scope["headers"] if k.startswith(_PRIVATE_PREFIX)}
                 caller = gateway_identity(headers, self.gateway_secret)
                 if caller is not None:
                     scope["servekit.key"] = caller

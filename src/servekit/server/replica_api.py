@@ -38,21 +38,13 @@ from fastapi.responses import JSONResponse
 from servekit.kv.events import AllBlocksCleared, BlockRemoved, BlockStored
 from servekit.limit.keys import ApiKey
 from servekit.metrics.hooks import Hook, HookSet
+from servekit.protocol.replica import (
+    CACHE_SALT_HEADER,
+    COMMENT_PREFIX,
+    GATEWAY_SECRET_HEADER,
+    TENANT_HEADER,
+)
 
-GATEWAY_SECRET_HEADER = "x-servekit-gateway-secret"
-#: A trusted gateway asks for servekit's stream extensions (``token_ids``) in this header;
-#: the replica names the ones it sends in the response's.
-EXTENSIONS_HEADER = "x-servekit-extensions"
-#: The stream extension carrying the job's usage before ``[DONE]`` (the gateway's ledger).
-USAGE = "usage"
-#: The attempt key of a gateway that writes the ledger record itself: the replica records the
-#: attempt under it, for analytics only (``ledger`` False).
-ATTEMPT_HEADER = "x-servekit-attempt"
-#: The caller's tenant and prefix-cache salt, as the trusted gateway authenticated it.
-TENANT_HEADER = "x-servekit-tenant"
-CACHE_SALT_HEADER = "x-servekit-cache-salt"
-#: How a streamed event's output token ids begin (an SSE comment line, which clients skip).
-TOKEN_IDS_PREFIX = b": servekit "
 _POLL_INTERVAL = 0.01
 
 
@@ -156,7 +148,7 @@ def engine_info(engine: Any, model_names: tuple[str, ...]) -> dict[str, Any]:
 def token_ids_comment(index: int, token_ids: list[int]) -> bytes:
     """The SSE comment line carrying choice ``index``'s new output token ids."""
     ids = ",".join(map(str, token_ids))
-    return TOKEN_IDS_PREFIX + f'{{"index":{index},"token_ids":[{ids}]}}\n'.encode()
+    return COMMENT_PREFIX + f'{{"index":{index},"token_ids":[{ids}]}}\n'.encode()
 
 
 def usage_comment(usage: Any, finish_reasons: Sequence[str | None]) -> bytes:
@@ -164,7 +156,7 @@ def usage_comment(usage: Any, finish_reasons: Sequence[str | None]) -> bytes:
     ``cached_tokens``, ``finish_reason``: its choices' reasons, sorted and joined by commas)
     for the trusted gateway, sent before the final ``[DONE]``."""
     reasons = ",".join(sorted({r for r in finish_reasons if r is not None}))
-    return TOKEN_IDS_PREFIX + json.dumps({"usage": {
+    return COMMENT_PREFIX + json.dumps({"usage": {
         "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
         "cached_tokens": usage.cached_tokens, "finish_reason": reasons or None}},
         separators=(",", ":")).encode() + b"\n\n"
