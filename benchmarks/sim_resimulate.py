@@ -13,17 +13,23 @@ script rebuilds each scenario as ``validate`` built it and simulates it again:
 - ``overlap (refit)``: ``serial + max(forward(step), per_request * arrivals + per_token *
   tokens)``, the forward being the run's in-process engine profile and ``serial``,
   ``per_request`` and ``per_token`` fitted (:func:`fit_overlap`) to the cycles the run's
-  profiling sweep logged. Neither was recorded, so both are recovered: the in-process profile
-  from the simulator rows the run recorded with it (:func:`calibrate_forward`), the sweep's
-  cycles from the run's fitted server profile (:func:`sweep_cycles`: the shapes a closed-loop
-  sweep produces, timed as the serial model predicts them, i.e. the data's least-squares
-  summary stands in for the data).
+  profiling sweep logged. The in-process profile's coefficients are the run's
+  ``engine_coefficients`` where the run recorded them; for older runs they are recovered from
+  the simulator rows the run recorded with it (:func:`calibrate_forward`). The sweep's cycles
+  are recovered from the run's fitted server profile (:func:`sweep_cycles`: the shapes a
+  closed-loop sweep produces, timed as the serial model predicts them, i.e. the data's
+  least-squares summary stands in for the data); newer runs keep the real ones in their step
+  log (``step_log``, ``phases``), not used here yet.
 
 It prints, per run and load, the server's medians over its repeats, its own spread (half the
-range between its repeats, relative to their median) and each model's relative error, and the
-output throughput counted the server's way too (every token of the run's requests, whenever it
-came, over the run's duration: the harness's server figure) beside the simulator's (tokens
-emitted within the duration).
+range between its repeats, relative to their median) and each model's relative error. Output
+throughput is counted two ways, as ``bench_sim.py --validate`` now records them:
+``out_tok_per_s``, the tokens emitted within the load's duration (``tokens_in_window``), and
+``sent_tok_per_s``, every token of the load's requests over the duration (the offered load).
+Runs recorded before these fields counted the server's ``out_tok_per_s`` the second way, in
+streamed chunks rather than tokens (a token whose text the detokenizer held back has no chunk
+of its own: ~3 % fewer on the demo model), and kept no per-token times: their server figure is
+shown as ``sent_tok_per_s`` and the first way is not known for the server.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sim import OUTPUT, PROMPT, _scenario
+from bench_sim import OUTPUT, PROMPT, _scenario, sim_row
 from servekit.sched.output import StepShape
 from servekit.sim.frontend import FrontendCost
 from servekit.sim.simulator import _RESUME, Simulator, arrival_trace
@@ -45,7 +51,7 @@ from servekit.sim.steptime import ProfiledModel, features, nnls
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = {"c": "sim-validation-cpu-2026-12-06c.json", "d": "sim-validation-cpu-2026-12-06d.json"}
-METRICS = ("ttft_p50", "ttft_p90", "itl_p50", "out_tok_per_s", "goodput_rps")
+METRICS = ("ttft_p50", "ttft_p90", "itl_p50", "out_tok_per_s", "sent_tok_per_s", "goodput_rps")
 
 
 # --------------------------------------------------------------------------- the overlap model
@@ -183,11 +189,15 @@ def sweep_cycles(profile: ProfiledModel, fe: FrontendCost,
 # --------------------------------------------------------------------------- re-simulation
 
 def _row(sim: Simulator) -> dict[str, Any]:
-    r = sim.run()
-    sc = sim.scenario
-    return {"ttft_p50": r.all.ttft.p50, "ttft_p90": r.all.ttft.p90, "itl_p50": r.all.itl.p50,
-            "out_tok_per_s": r.throughput["output_tokens_per_s"], "goodput_rps": r.all.goodput,
-            "out_tok_per_s_server_way": sum(rec.n_out for rec in sim.records) / sc.duration}
+    return sim_row(sim.run(), sim.scenario.duration)
+
+
+def server_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's server rows, with the throughput named as ``validate`` now records it (before,
+    ``out_tok_per_s`` counted every token of the load's requests: ``sent_tok_per_s``)."""
+    rows = [r for r in doc["rows"] if r["source"] == "server"]
+    return [r if "sent_tok_per_s" in r else {**r, "sent_tok_per_s": r["out_tok_per_s"],
+                                               "out_tok_per_s": None} for r in rows]
 
 
 def _run_models(sim_cls: Any, **kw: Any) -> Any:
@@ -246,7 +256,11 @@ def resimulate(name: str, doc: dict[str, Any], duration: float = 40.0) -> dict[s
     fe = FrontendCost(**doc["frontend"])
     profile = ProfiledModel(doc["server_coefficients"], frontend=fe)
     latency = doc["frontend_latency"]
-    forward, calibration = calibrate_forward(doc, duration)
+    if "engine_coefficients" in doc:
+        forward = ProfiledModel(doc["engine_coefficients"])
+        calibration: dict[str, Any] = {"recorded": True}
+    else:
+        forward, calibration = calibrate_forward(doc, duration)
     shapes, arr, streamed, secs = sweep_cycles(profile, fe)
     x = np.array([features(s) for s in shapes])
     z = np.column_stack([arr, streamed])
@@ -268,9 +282,7 @@ def resimulate(name: str, doc: dict[str, Any], duration: float = 40.0) -> dict[s
                             forward, refit_fe, latency),
     }
     rows = []
-    for row in doc["rows"]:
-        if row["source"] != "server":
-            continue
+    for row in server_rows(doc):
         rows.append(row)
         for model, (run, prof, cost, lat) in models.items():
             sc = _scenario(prof, meta, row["rate"], duration, 1 + row["repeat"], lat, cost)
@@ -282,29 +294,39 @@ def resimulate(name: str, doc: dict[str, Any], duration: float = 40.0) -> dict[s
 
 
 def table(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per load and metric: the server's median and spread, each model's value and error."""
+    """Per load and metric: the server's median and spread (None where not recorded), each
+    model's value and its error against the server."""
     rows = result["rows"]
     out = []
     for load in dict.fromkeys(r["load"] for r in rows):
         for metric in METRICS:
             server = [r[metric] for r in rows if r["load"] == load and r["source"] == "server"]
-            med = statistics.median(server)
-            line: dict[str, Any] = {"run": result["run"], "load": load, "metric": metric,
-                                    "server": med, "server_repeats": server,
-                                    "server_spread": (max(server) - min(server)) / 2 / med}
+            med = None if None in server else statistics.median(server)
+            line: dict[str, Any] = {
+                "run": result["run"], "load": load, "metric": metric, "server": med,
+                "server_repeats": server,
+                "server_spread": None if med is None else (max(server) - min(server)) / 2 / med}
             for model in result["models"]:
-                key = "out_tok_per_s_server_way" if metric == "out_tok_per_s" else metric
-                vals = [r[metric] for r in rows if r["load"] == load and r["source"] == model]
-                sim = statistics.median(vals)
+                sim = statistics.median(r[metric] for r in rows
+                                        if r["load"] == load and r["source"] == model)
                 line[model] = sim
-                line[f"{model} error"] = (sim - med) / med
-                if metric == "out_tok_per_s":
-                    way = statistics.median(r[key] for r in rows
-                                            if r["load"] == load and r["source"] == model)
-                    line[f"{model} server-way"] = way
-                    line[f"{model} server-way error"] = (way - med) / med
+                line[f"{model} error"] = None if med is None else (sim - med) / med
             out.append(line)
     return out
+
+
+def _format(line: dict[str, Any], models: list[str]) -> str:
+    unit = 1e3 if line["metric"].startswith(("ttft", "itl")) else 1.0
+
+    def cell(value: float | None, error: float | None) -> str:
+        if value is None:
+            return f"{'not recorded':>9}"
+        return f"{value * unit:9.4g}" + ("" if error is None else f" ({error:+.1%})")
+
+    server = ("server " + cell(line["server"], None)
+              + ("" if line["server_spread"] is None else f" (spread {line['server_spread']:.0%})"))
+    cells = "  ".join(f"{m} {cell(line[m], line[f'{m} error'])}" for m in models)
+    return f"{line['load']:<16}{line['metric']:<15}{server:<33}{cells}"
 
 
 def main() -> None:
@@ -312,14 +334,15 @@ def main() -> None:
     import os
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", nargs="*", default=list(RUNS))
+    parser.add_argument("--runs", nargs="*", default=list(RUNS),
+                        help=f"recorded runs ({', '.join(RUNS)}) or paths of --validate JSONs")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     load = os.getloadavg()
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     results, lines = [], []
     for name in args.runs:
-        doc = json.loads((RESULTS / RUNS[name]).read_text())
+        doc = json.loads((RESULTS / RUNS[name] if name in RUNS else Path(name)).read_text())
         result = resimulate(name, doc)
         results.append(result)
         fit = result["overlap_fit"]
@@ -327,25 +350,14 @@ def main() -> None:
               f"{fit['per_request'] * 1e3:.2f} ms, per token {fit['per_token'] * 1e3:.3f} ms, "
               f"r2 vs the serial model's sweep cycles {fit['r2_vs_serial_model']:.3f}; forward "
               f"{[round(c * 1e3, 4) for c in fit['forward']]} ms, {fit['forward_calibration']}")
-        same = all(
-            abs(r["ttft_p50"] - s["ttft_p50"]) < 1e-12 and abs(r["itl_p50"] - s["itl_p50"]) < 1e-12
-            for r, s in zip([r for r in result["rows"] if r["source"] == "serial"],
-                            result["recorded_sim"], strict=True))
+        replayed = [r for r in result["rows"] if r["source"] == "serial"]
+        same = all(abs(r[m] - s[m]) < 1e-12 for r, s in zip(replayed, result["recorded_sim"],
+                                                             strict=True)
+                   for m in ("ttft_p50", "itl_p50", "out_tok_per_s"))
         print(f"  serial re-simulation reproduces the recorded simulator rows: {same}")
         for line in table(result):
             lines.append(line)
-            def pct(v: float) -> str:
-                return f"{v:+.0%}"
-            unit = 1e3 if line["metric"].startswith(("ttft", "itl")) else 1.0
-            cells = "  ".join(f"{m} {line[m] * unit:9.3g} ({pct(line[m + ' error'])})"
-                              for m in result["models"])
-            print(f"  {line['load']:<16}{line['metric']:<14}server {line['server'] * unit:9.3g} "
-                  f"(spread {line['server_spread']:.0%})  {cells}")
-            if line["metric"] == "out_tok_per_s":
-                cells = "  ".join(f"{m} {line[m + ' server-way']:9.3g} "
-                                  f"({pct(line[m + ' server-way error'])})"
-                                  for m in result["models"])
-                print(f"  {'':<16}{'(server way)':<14}{'':<35}{cells}")
+            print("  " + _format(line, result["models"]))
     if args.json is not None:
         args.json.write_text(json.dumps({"load_average": list(load),
                                          "results": results, "table": lines},
