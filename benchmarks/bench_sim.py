@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itertools
 
 from _common import bar, parse_args, print_bars, print_table, write_json
-from servekit.sim import ReplicaConfig, Scenario, simulate
+from servekit.sim import ReplicaConfig, Scenario, SimResult, simulate
 from servekit.sim.planner import plan_capacity
+from servekit.sim.results import tokens_in_window
 from servekit.sim.scenario import fleet_sizes
 from servekit.sim.specs import device_spec, model_spec
 from servekit.sim.steptime import RooflineModel
@@ -143,10 +144,13 @@ def main() -> None:
         write_json(args.json, "sim_roofline_vs_published", rows, {})
         return
     if args.validate:
+        steps_out = (None if args.json is None
+                     else args.json.with_name(args.json.stem + "-steps.jsonl.gz"))
         rows, extra = validate(args.validate_duration, args.validate_repeats,
-                               args.sweep_seconds, args.plot, args.torch_threads)
+                               args.sweep_seconds, args.plot, args.torch_threads, steps_out)
         print_table(rows, ["load", "repeat", "source", "rate", "ttft_p50", "ttft_p90", "itl_p50",
-                           "out_tok_per_s", "goodput_rps", "requests"], "server vs simulator")
+                           "out_tok_per_s", "sent_tok_per_s", "goodput_rps", "requests"],
+                    "server vs simulator")
         print_table([{"check": k, **v} for k, v in extra["errors"].items()],
                     ["check", "server", "sim", "error", "tolerance", "holds"],
                     "simulator vs server (medians over repeats)")
@@ -203,27 +207,36 @@ TOLERANCES = {"light": {"ttft_p50": 0.10, "ttft_p90": 0.25, "itl_p50": 0.10,
               "overloaded": {"goodput_rps": 0.10}}
 
 
-async def _stream(client: Any, port: int, prompt: list[int], output: int) -> list[float]:
-    """One streamed completion; the arrival time of each token (the loop's clock)."""
+async def _stream(client: Any, port: int, prompt: list[int],
+                  output: int) -> tuple[list[float], int]:
+    """One streamed completion: the arrival time of each chunk (the loop's clock) and the
+    tokens generated (the usage chunk's). They differ: the server sends no chunk for a token
+    whose text the detokenizer holds back (an incomplete character); its text comes with a
+    later token's chunk (about one token in 32 on the demo model with random prompts)."""
     import asyncio
     import json
 
     loop = asyncio.get_running_loop()
     body = {"model": "servekit-demo", "prompt": prompt, "max_tokens": output,
-            "ignore_eos": True, "stream": True, "temperature": 0.0}
+            "ignore_eos": True, "stream": True, "temperature": 0.0,
+            "stream_options": {"include_usage": True}}
     import httpx
 
     times: list[float] = []
+    tokens = 0
     try:
         async with client.stream("POST", f"http://127.0.0.1:{port}/v1/completions",
                                  json=body) as resp:
             async for line in resp.aiter_lines():
-                if (line.startswith("data: ") and line != "data: [DONE]"
-                        and json.loads(line[6:]).get("choices")):
-                    times.append(loop.time())
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunk = json.loads(line[6:])
+                    if chunk.get("choices"):
+                        times.append(loop.time())
+                    elif chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
     except httpx.HTTPError as exc:  # overloaded: a dropped connection is a failed request
         print(f"  request failed: {exc!r}", flush=True)
-    return times
+    return times, max(tokens, len(times))
 
 
 def _client() -> Any:
@@ -251,7 +264,8 @@ async def _sweep(port: int, vocab: int, seconds: float) -> list[tuple[int, float
                 while loop.time() < stop:
                     prompt = rng.integers(0, vocab, int(rng.integers(8, 2 * PROMPT))).tolist()
                     t0 = loop.time()
-                    times = await _stream(client, port, prompt, int(rng.integers(8, 2 * OUTPUT)))
+                    times, _ = await _stream(client, port, prompt,
+                                             int(rng.integers(8, 2 * OUTPUT)))
                     if level == 1 and times:
                         alone.append((len(prompt), times[0] - t0))
 
@@ -278,37 +292,49 @@ def frontend_latency(profile: Any, alone: list[tuple[int, float]]) -> float:
 async def _load(port: int, times: list[float], duration: float, vocab: int,
                 seed: int) -> dict[str, Any]:
     """Open-loop load on a running ``servekit serve``, one request sent at each of ``times``
-    (the simulator's arrival trace); TTFT, ITL and throughput."""
+    (the simulator's arrival trace); TTFT, ITL and throughput (:func:`load_row`)."""
     import asyncio
 
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    ttfts: list[float] = []
-    itls: list[float] = []
-    tokens = 0
-    good = 0
+    sent: list[tuple[float, list[float], int]] = []  # (send time, chunk times, tokens)
     loop = asyncio.get_running_loop()
     start = loop.time()
 
     async def one(client: Any, at: float) -> None:
-        nonlocal tokens, good
         await asyncio.sleep(max(0.0, start + at - loop.time()))
         t0 = loop.time()
-        times = await _stream(client, port, rng.integers(0, vocab, PROMPT).tolist(), OUTPUT)
-        if times:
-            ttfts.append(times[0] - t0)
-            gaps = [b - a for a, b in itertools.pairwise(times)]
-            itls.extend(gaps)
-            tokens += len(times)
-            if times[0] - t0 <= 1.0 and (not gaps or sum(gaps) / len(gaps) <= 0.2):
-                good += 1
+        times, tokens = await _stream(client, port, rng.integers(0, vocab, PROMPT).tolist(),
+                                      OUTPUT)
+        sent.append((t0 - start, [t - start for t in times], tokens))
 
     async with _client() as client:
         await asyncio.gather(*(one(client, a) for a in times))
+    return load_row(sent, duration, len(times))
+
+
+def load_row(sent: list[tuple[float, list[float], int]], duration: float,
+             requests: int) -> dict[str, Any]:
+    """The server's metrics from each request's send time, its chunks' receive times (seconds
+    from the load's start) and its tokens. Throughput: ``out_tok_per_s``, the tokens received
+    within ``duration`` of the load's start (:func:`tokens_in_window`, the simulator's rule;
+    a token that came without a chunk of its own is counted at the request's last chunk), and
+    ``sent_tok_per_s``, every token of the load's requests over ``duration``: the offered load
+    (past saturation tokens keep coming long after the last request was sent), which is what
+    ``out_tok_per_s`` counted in runs without ``sent_tok_per_s``, in chunks, not tokens."""
+    import numpy as np
+
+    ttfts = [ts[0] - t0 for t0, ts, _ in sent if ts]
+    itls = [b - a for _, ts, _ in sent for a, b in itertools.pairwise(ts)]
+    good = sum(1 for t0, ts, n in sent if ts and ts[0] - t0 <= 1.0
+               and (n < 2 or (ts[-1] - ts[0]) / (n - 1) <= 0.2))  # the simulator's tpot
+    every = [t for _, ts, n in sent for t in (ts + ts[-1:] * (n - len(ts)) if ts else [])]
     return {"ttft_p50": float(np.percentile(ttfts, 50)), "ttft_p90": float(np.percentile(ttfts, 90)),
-            "itl_p50": float(np.percentile(itls, 50)), "out_tok_per_s": tokens / duration,
-            "goodput_rps": good / duration, "requests": len(times)}
+            "itl_p50": float(np.percentile(itls, 50)),
+            "out_tok_per_s": tokens_in_window(every, 0.0, duration) / duration,
+            "sent_tok_per_s": len(every) / duration, "last_token_s": max(every, default=0.0),
+            "goodput_rps": good / duration, "requests": requests}
 
 
 def _scenario(profile: Any, meta: dict[str, Any], rate: float, duration: float, seed: int,
@@ -325,22 +351,37 @@ def _scenario(profile: Any, meta: dict[str, Any], rate: float, duration: float, 
 
 def _sim_row(scenario: Scenario, trace: Any = None) -> dict[str, Any]:
     r = simulate(scenario, arrivals=trace)
+    return sim_row(r, scenario.duration)
+
+
+def sim_row(r: SimResult, duration: float) -> dict[str, Any]:
+    """The simulator's metrics, named as :func:`load_row`'s (``out_tok_per_s``: the tokens its
+    steps emitted within the duration, by the same rule, :func:`tokens_in_window`)."""
     return {"ttft_p50": r.all.ttft.p50, "ttft_p90": r.all.ttft.p90, "itl_p50": r.all.itl.p50,
-            "out_tok_per_s": r.throughput["output_tokens_per_s"], "goodput_rps": r.all.goodput,
-            "requests": len(r.records)}
+            "out_tok_per_s": r.throughput["output_tokens_per_s"],
+            "sent_tok_per_s": sum(rec.n_out for rec in r.records) / duration,
+            "last_token_s": max((rec.end for rec in r.records), default=0.0),
+            "goodput_rps": r.all.goodput, "requests": len(r.records)}
 
 
 def validate(duration: float, repeats: int, sweep_seconds: float, png: Path | None,
-             torch_threads: int = 1) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+             torch_threads: int = 1,
+             steps_out: Path | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Profile the demo engine through a running ``servekit serve`` (its ``step_log`` hook:
     the step profile and the front end's cost), then drive the same Poisson arrival trace
     (drawn once per load and repeat, sent to the server at its times and replayed into the
     simulator) at three loads (fractions of the simulated capacity), ``repeats`` times each.
     Also simulated on the same traces: the server's steps without the front-end cost (a
-    constant front-end latency instead, as before), and a profile measured in-process."""
+    constant front-end latency instead, as before), and a profile measured in-process.
+
+    ``steps_out``: where to keep the server's step log (gzip-compressed), for refitting later
+    models on the cycles it really ran; ``phases`` in the result says when (on the log's
+    ``time`` clock, ``time.monotonic``) the sweep and each load ran."""
     import asyncio
+    import gzip
     import json
     import os
+    import shutil
     import socket
     import subprocess
     import tempfile
@@ -369,6 +410,7 @@ def validate(duration: float, repeats: int, sweep_seconds: float, png: Path | No
          "--hook", "step_log:" + json.dumps({"path": str(step_log)}), "--log-level", "warning"],
         env={**os.environ, "OMP_NUM_THREADS": str(torch_threads)})
     rows: list[dict[str, Any]] = []
+    phases: list[dict[str, Any]] = []
     try:
         for _ in range(300):
             try:
@@ -378,7 +420,9 @@ def validate(duration: float, repeats: int, sweep_seconds: float, png: Path | No
                 pass
             time.sleep(0.5)
         vocab = meta["vocab_size"]
+        began = time.monotonic()
         alone = asyncio.run(_sweep(port, vocab, sweep_seconds))
+        phases.append({"phase": "sweep", "start": began, "end": time.monotonic()})
         profile = profile_step_log(step_log, meta=meta)
         fe = profile.frontend
         latency = frontend_latency(profile, alone)
@@ -404,8 +448,11 @@ def validate(duration: float, repeats: int, sweep_seconds: float, png: Path | No
             for rep in range(repeats):
                 sc = _scenario(profile, meta, rate, duration, 1 + rep, latency, fe)
                 trace = arrival_trace(sc)
+                began = time.monotonic()
                 real = asyncio.run(_load(port, [a.time for a in trace], duration, vocab,
                                          1 + rep))
+                phases.append({"phase": name, "repeat": rep, "start": began,
+                               "end": time.monotonic()})
                 sims = {"sim": _sim_row(sc, trace),
                         "sim (no front-end cost)": _sim_row(_scenario(
                             steps_only, meta, rate, duration, 1 + rep, steps_only_latency),
@@ -423,14 +470,21 @@ def validate(duration: float, repeats: int, sweep_seconds: float, png: Path | No
     finally:
         server.terminate()
         server.wait(30)
+        if steps_out is not None and step_log.exists():
+            steps_out.parent.mkdir(parents=True, exist_ok=True)
+            with step_log.open("rb") as src, gzip.open(steps_out, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            print(f"kept the server's step log in {steps_out}", flush=True)
     summary = _validation_summary(rows)
     if png is not None:
         _plot_validation(rows, png)
     return rows, {"server_profile": profile.meta, "engine_profile": engine_profile.meta,
+                  "engine_coefficients": list(engine_profile.coefficients),
                   "server_coefficients": list(profile.coefficients),
                   "steps_only_coefficients": list(steps_only.coefficients),
                   "frontend": fe.to_dict() if fe else None, "frontend_latency": latency,
                   "capacity_rps": capacity, "steps_only_latency": steps_only_latency,
+                  "step_log": None if steps_out is None else steps_out.name, "phases": phases,
                   "errors": summary, "errors_without_frontend_cost": _validation_summary(
                       rows, "sim (no front-end cost)")}
 

@@ -3,6 +3,7 @@ duration, and ``servekit sim profile --step-log`` fits a step-time model to it."
 
 from __future__ import annotations
 
+import gzip
 import json
 from importlib.resources import files
 from pathlib import Path
@@ -84,6 +85,11 @@ def test_a_profile_fitted_from_a_step_log_predicts_the_logged_steps(tmp_path: Pa
         assert fitted.step_time(shape) == pytest.approx(truth.step_time(shape), rel=1e-6)
     assert fitted.meta["source"] == "step_log" and fitted.meta["num_blocks"] == 99
     assert fitted.meta["r2"] > 0.999999 and fitted.meta["steps"] == len(shapes)
+    # kept gzip-compressed (as bench_sim.py --validate keeps them), the same log reads the same
+    packed = tmp_path / "steps.jsonl.gz"
+    packed.write_bytes(gzip.compress(log.read_bytes()))
+    assert read_step_log(packed) == read_step_log(log)
+    assert profile_step_log(packed).coefficients == fitted.coefficients
 
 
 def test_a_bad_or_missing_step_log_is_an_error_naming_the_option(
@@ -94,6 +100,10 @@ def test_a_bad_or_missing_step_log_is_an_error_naming_the_option(
     bad.write_text('{"prefill_tokens": 1}\n')
     with pytest.raises(SimConfigError, match=r"bad\.jsonl:1 is not a step record"):
         read_step_log(bad)
+    not_gzip = tmp_path / "plain.jsonl.gz"
+    not_gzip.write_text('{"prefill_tokens": 1}\n')
+    with pytest.raises(SimConfigError, match=r"--step-log.*cannot read.*plain\.jsonl\.gz"):
+        read_step_log(not_gzip)
     assert main(["sim", "profile", "--step-log", str(bad), "--out",
                  str(tmp_path / "p.json")]) == 2
     assert "--step-log" in capsys.readouterr().err

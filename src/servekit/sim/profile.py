@@ -14,6 +14,7 @@ Two sources of measured steps:
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
 import time
@@ -103,11 +104,17 @@ def profile_engine(model: str | Path | None = None, *, device: str = "cpu",
 
 
 def _records(path: str | Path) -> list[dict[str, Any]]:
-    """The step records of a ``step_log`` file, each checked for the step's shape keys."""
+    """The step records of a ``step_log`` file (gzip-compressed if its name ends in ``.gz``, as
+    ``bench_sim.py --validate`` keeps them), each checked for the step's shape keys."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise SimConfigError("--step-log", f"cannot read {str(path)!r}: {exc.strerror}") from exc
+        if str(path).endswith(".gz"):
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        else:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:  # a gzip error has no strerror
+        raise SimConfigError("--step-log",
+                             f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

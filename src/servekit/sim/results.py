@@ -14,13 +14,26 @@ if TYPE_CHECKING:
     from servekit.sim.simulator import Simulator
 
 __all__ = ["OUTCOMES", "LatencyStats", "Record", "SimResult", "TenantStats", "Timeline",
-           "summarize"]
+           "in_window", "summarize", "tokens_in_window"]
 
 #: every request ends as exactly one of these ("unfinished": still in flight when the
 #: simulation stopped, only possible with a finite ``drain``)
 OUTCOMES = ("finished", "cancelled", "rejected_rate_limit", "rejected_queue_full",
             "rejected_invalid", "unfinished")
 PERCENTILES = (50, 90, 99)
+
+
+def in_window(time: float, start: float, end: float) -> bool:
+    """Whether an output token emitted at ``time`` counts toward the throughput of the window
+    ``[start, end]``: it does if it was emitted within it, whenever its request arrived (a
+    token emitted after ``end`` is served load of a later window, not of this one)."""
+    return start <= time <= end
+
+
+def tokens_in_window(times: Iterable[float], start: float, end: float) -> int:
+    """How many of the output tokens emitted at ``times`` count toward the window's
+    throughput (:func:`in_window`); output tokens/s is this over ``end - start``."""
+    return sum(1 for t in times if in_window(t, start, end))
 
 
 class Record:
@@ -242,13 +255,13 @@ def summarize(sim: Simulator) -> SimResult:
             if rec.request is not None:
                 rec.n_out = rec.request.num_output_tokens
     window = sc.duration - sc.warmup
-    in_window = [r for r in sim.records if sc.warmup <= r.arrival <= sc.duration]
+    arrived = [r for r in sim.records if in_window(r.arrival, sc.warmup, sc.duration)]
     slo = sc.slo
     tenants: dict[str, TenantStats] = {}
     groups: list[tuple[str, list[Record], list[Mapping[float, int]]]] = [
-        (t.name, [r for r in in_window if r.tenant == t.name], [sim._itl[t.name]])
+        (t.name, [r for r in arrived if r.tenant == t.name], [sim._itl[t.name]])
         for t in sc.workload.tenants]
-    groups.append(("all", in_window, list(sim._itl.values())))
+    groups.append(("all", arrived, list(sim._itl.values())))
     for name, recs, hists in groups:
         outcomes = {k: 0 for k in OUTCOMES}
         for r in recs:
@@ -261,10 +274,10 @@ def summarize(sim: Simulator) -> SimResult:
             _stats(r.end - r.arrival for r in done), good / window,
             good / len(admitted) if admitted else math.nan)
     tail_start = sc.duration - window / 4
-    tail = [r for r in in_window
+    tail = [r for r in arrived
             if r.arrival >= tail_start and r.outcome in ("finished", "unfinished")]
-    finished_in_window = [r for r in sim.records
-                          if r.outcome == "finished" and sc.warmup <= r.end <= sc.duration]
+    finished_in_window = [r for r in sim.records if r.outcome == "finished"
+                          and in_window(r.end, sc.warmup, sc.duration)]
     throughput = {
         "requests_per_s": len(finished_in_window) / window,
         "output_tokens_per_s": sim._outputs_in_window / window,

@@ -28,7 +28,7 @@ from servekit.sched.params import InvalidParameterError, SamplingParams
 from servekit.sched.request import FinishReason
 from servekit.sim.errors import SimConfigError
 from servekit.sim.fleet import KVEventIndex, Replica, SimRequest, make_limiters, make_router
-from servekit.sim.results import Record, SimResult, Timeline, summarize
+from servekit.sim.results import Record, SimResult, Timeline, in_window, summarize
 from servekit.sim.scenario import Scenario
 from servekit.sim.steptime import shape_of
 from servekit.sim.workload import Arrival, Tenant
@@ -319,7 +319,7 @@ class Simulator:
                 h[iv] = h.get(iv, 0) + 1
             rec.last = now
         sc = self.scenario
-        if sc.warmup <= self.now <= sc.duration:
+        if in_window(self.now, sc.warmup, sc.duration):
             self._outputs_in_window += len(res.requests)
         for r in res.finished:
             rec = r.rec  # type: ignore[attr-defined]

@@ -1,0 +1,113 @@
+"""Output throughput counts the tokens emitted within the window, whenever their request arrived:
+the rule (:func:`tokens_in_window`) that ``bench_sim.py --validate`` applies to the server's
+streamed tokens and that the simulator applies to its steps' tokens."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from servekit.sim import Simulator
+from servekit.sim.results import tokens_in_window
+
+from .conftest import small_scenario
+
+
+def test_tokens_streamed_after_the_load_ended_do_not_count() -> None:
+    # an overloaded 10 s load: the queue grows, so the later requests' tokens come after the
+    # load's end (the client's receive times, seconds from the load's start)
+    duration = 10.0
+    streamed = [
+        [0.5, 0.6, 0.7, 0.8],           # served at once
+        [4.0, 6.0, 9.9, 10.0],          # its last token exactly at the end still counts
+        [9.5, 12.0, 15.0, 20.0],        # half of it came after the end
+        [30.0, 31.0, 32.0, 33.0],       # sent at 9 s, every token 20 s after the end
+    ]
+    served = tokens_in_window((t for times in streamed for t in times), 0.0, duration)
+    assert served == 4 + 4 + 1
+    assert served / duration == 0.9
+    # what the harness counted before: every token of every request sent during the load,
+    # over the load's duration, i.e. the offered load (1.6 tok/s), not what was served
+    offered = sum(len(times) for times in streamed) / duration
+    assert offered == 1.6
+    assert offered > served / duration
+
+
+def _bench_sim() -> Any:
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_sim.py"
+    if not path.exists():
+        pytest.skip("benchmarks/ is not beside the tests")
+    spec = importlib.util.spec_from_file_location("bench_sim", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_sim", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_validation_harness_counts_the_servers_tokens_received_within_the_load() -> None:
+    # (send time, the client's receive time of each chunk, tokens), seconds from the load's
+    # start; a token whose text the detokenizer held back came in a later chunk
+    sent = [(0.4, [0.5, 0.6, 0.7, 0.8], 4), (3.9, [4.0, 6.0, 9.9, 10.0], 4),
+            (9.0, [9.5, 12.0, 15.0, 20.0], 4), (9.1, [30.0, 31.0, 32.0, 33.0], 4),
+            (9.2, [9.3, 9.5, 9.75], 4),  # 4 tokens in 3 chunks, all within the load
+            (9.5, [], 0)]  # a dropped connection
+    row = _bench_sim().load_row(sent, 10.0, requests=6)
+    assert row["out_tok_per_s"] == 1.3  # 4 + 4 + 1 + 4 tokens
+    assert row["sent_tok_per_s"] == 2.0  # every token, whenever it came: what it was before
+    assert row["last_token_s"] == 33.0
+    assert row["ttft_p50"] == pytest.approx(0.1)  # of 0.1, 0.1, 0.1, 0.5 and 20.9 s
+    # TTFT within 1 s and a mean ITL within 0.2 s, over tokens as the simulator's: the 5th's
+    # is 0.45 s / 3 gaps (0.225 s over its 2 chunk gaps)
+    assert row["goodput_rps"] == 0.2
+    assert row["requests"] == 6
+
+
+@given(st.lists(st.lists(st.floats(0.0, 100.0), max_size=8), max_size=12),
+       st.floats(0.1, 100.0))
+def test_served_is_at_most_offered_and_equal_once_every_token_came_by_the_end(
+        streamed: list[list[float]], duration: float) -> None:
+    served = tokens_in_window((t for times in streamed for t in times), 0.0, duration)
+    offered = sum(len(times) for times in streamed)
+    assert served <= offered
+    assert (served == offered) == all(t <= duration for times in streamed for t in times)
+
+
+class _EmissionTimes(Simulator):
+    """The simulator, noting the time of every output token its steps emit."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.emitted: list[float] = []
+        for rep in self.replicas.values():
+            update = rep.sched.update
+
+            def noted(out: Any, ids: Any, update: Any = update) -> Any:
+                res = update(out, ids)
+                self.emitted.extend([self.now] * len(res.requests))
+                return res
+
+            rep.sched.update = noted  # type: ignore[method-assign,assignment]
+
+
+def test_the_simulators_throughput_is_the_tokens_its_steps_emitted_within_the_window() -> None:
+    # overloaded (the two replicas serve ~12 req/s), with a warmup: tokens come before the
+    # window and, drained after the arrivals end, long after it
+    sc = small_scenario(duration=30.0, warmup=5.0, workload={"rate": 30.0})
+    sim = _EmissionTimes(sc)
+    result = sim.run()
+    window = sc.duration - sc.warmup
+    served = tokens_in_window(sim.emitted, sc.warmup, sc.duration)
+    assert result.throughput["output_tokens_per_s"] == served / window
+    assert len(sim.emitted) == sum(r.n_out for r in result.records)  # every token was noted
+    late = sum(1 for t in sim.emitted if t > sc.duration)
+    assert late > 0.3 * len(sim.emitted)  # the case the two counts differ in
+    offered = sum(r.n_out for r in result.records
+                  if sc.warmup <= r.arrival <= sc.duration) / window
+    assert offered > 1.5 * served / window
