@@ -210,7 +210,7 @@ def ratio_rows(grpc: list[dict[str, Any]], http: list[dict[str, Any]]) -> list[d
     return [{"scenario": f"ratio gRPC/HTTP: {name}", "setting": "medians",
              "median": median(grpc, g) / median(http, h)}
             for g, h, name in (("gRPC: streamed tokens/s",
-                                "servekit fake, 1 tok per loop pass: streamed tokens/s",
+                                "servekit --fake, 1 tok per loop pass: streamed tokens/s",
                                 "streamed tokens/s"),
                                ("gRPC: requests/s", "fake: requests/s", "requests/s"))]
 
