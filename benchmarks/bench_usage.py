@@ -9,7 +9,10 @@ each round: each process's CPU time per request, per thread, from
 ``/proc/<pid>/task/<tid>/schedstat`` (nanoseconds; ``/proc/<pid>/stat`` counts 10 ms ticks,
 which resolved a --quick round to ~5 %), split into the main thread (the event loop: the
 serving path), the usage sink workers (threads named ``usage-*``) and the rest, and the
-ratio of the totals per round. ``--server-only`` skips the sink rates.
+ratio of the totals per round. ``--server-only`` skips the sink rates. ``--baseline-src DIR``
+adds a third server, usage on, run from another source tree (``DIR`` is put on PYTHONPATH,
+e.g. a ``git worktree`` of the commit before a change), loaded in the same rounds: the
+before / after comparison, paired.
 Bars: recording adds < 2 % CPU per request; each sink drains >= 10x the request rate the
 server served in this run.
 """
@@ -88,12 +91,16 @@ def _cpu_delta(before: dict[int, tuple[str, int]],
     return kinds
 
 
-def _start_server(port: int, data: Path, usage: bool) -> subprocess.Popen[bytes]:
+def _start_server(port: int, data: Path, usage: bool,
+                  src: str | None = None) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "servekit.server.cli", "serve", "--fake", "--port",
             str(port), "--data-dir", str(data), "--log-level", "warning"]
     if not usage:
         argv += ["--usage", "none"]
-    proc = subprocess.Popen(argv, env={**os.environ, "SERVEKIT_API_KEYS": json.dumps(KEYS)})
+    env = {**os.environ, "SERVEKIT_API_KEYS": json.dumps(KEYS)}
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen(argv, env=env)
     for _ in range(600):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
@@ -125,12 +132,12 @@ async def _load(base: str, n: int) -> None:
 class _Server:
     """A ``servekit serve --fake`` process on a free port, with or without usage recording."""
 
-    def __init__(self, usage: bool, data: Path) -> None:
+    def __init__(self, usage: bool, data: Path, src: str | None = None) -> None:
         from tests.usage.servers import free_port
 
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
-        self.proc = _start_server(port, data, usage)
+        self.proc = _start_server(port, data, usage, src)
         anyio.run(_load, self.base, 64)  # warm up
 
     def cpu_us_per_request(self, n: int) -> tuple[dict[str, float], float]:
@@ -154,6 +161,9 @@ def _extra(parser: Any) -> None:
                         help="only the server CPU part (skip the sink rates)")
     parser.add_argument("--requests", type=int, default=None,
                         help="requests per server round (default 300 quick, 2000 full)")
+    parser.add_argument("--baseline-src", default=None, metavar="DIR",
+                        help="also run a usage-on server from this source tree (on "
+                             "PYTHONPATH), in the same rounds")
 
 
 def main() -> None:
@@ -177,22 +187,28 @@ def main() -> None:
         ch_rates = [sink_rate(f"chdb://{root}/chdb", n_records, f"ch{r}", root)
                     for r in range(rounds)]
 
-    cpu: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+    kinds = ["off", "on"] + (["baseline"] if args.baseline_src else [])
+    cpu: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     rate: list[float] = []
-    ratio: list[float] = []
-    servers = {usage: _Server(usage, root / f"data-{usage}") for usage in (False, True)}
+    ratio: dict[str, list[float]] = {"on": [], "baseline": []}
+    servers = {"off": _Server(False, root / "data-off"), "on": _Server(True, root / "data-on")}
+    if args.baseline_src:
+        servers["baseline"] = _Server(True, root / "data-baseline", args.baseline_src)
     try:
         for r in range(rounds):
-            for usage in (False, True) if r % 2 == 0 else (True, False):
-                us, rps = servers[usage].cpu_us_per_request(n_requests)
-                cpu[usage].append(us)
+            for kind in kinds if r % 2 == 0 else kinds[::-1]:
+                us, rps = servers[kind].cpu_us_per_request(n_requests)
+                cpu[kind].append(us)
                 rate.append(rps)
-            on, off = cpu[True][-1], cpu[False][-1]
-            ratio.append(on["total"] / off["total"])
-            print(f"round {r + 1}/{rounds}: CPU µs/request off {off['total']:.0f} (main "
-                  f"{off['main']:.0f}), on {on['total']:.0f} (main {on['main']:.0f}, usage "
-                  f"{on['usage']:.0f}, other {on['other']:.0f}): ratio {ratio[-1]:.3f}",
-                  flush=True)
+            off = cpu["off"][-1]
+            line = f"round {r + 1}/{rounds}: CPU µs/request off {off['total']:.0f}"
+            for kind in kinds[1:]:
+                on = cpu[kind][-1]
+                ratio[kind].append(on["total"] / off["total"])
+                line += (f"; {kind} {on['total']:.0f} (main {on['main']:.0f}, usage "
+                         f"{on['usage']:.0f}, other {on['other']:.0f}): ratio "
+                         f"{ratio[kind][-1]:.3f}")
+            print(line, flush=True)
     finally:
         for server in servers.values():
             server.stop()
@@ -202,31 +218,40 @@ def main() -> None:
     if not args.server_only:
         rows += [{"what": "outbox -> PostgreSQL (records/s)", **summary(pg_rates)},
                  {"what": "outbox -> ClickHouse/chDB (records/s)", **summary(ch_rates)}]
-    for usage, label in ((False, "no usage"), (True, "usage on (SQLite)")):
-        for kind in ("total", "main", "usage", "other"):
-            if kind == "usage" and not usage:
+    labels = {"off": "no usage", "on": "usage on (SQLite)",
+              "baseline": "usage on, baseline src"}
+    for kind in kinds:
+        for part in ("total", "main", "usage", "other"):
+            if part == "usage" and kind == "off":
                 continue
-            rows.append({"what": f"server CPU µs/request, {label}, {kind} thread"
-                                 f"{'s' if kind in ('total', 'other', 'usage') else ''}",
-                         **summary([c[kind] for c in cpu[usage]])})
-    main_added = [on["main"] - off["main"] for on, off in zip(cpu[True], cpu[False],
-                                                                 strict=True)]
-    rows += [
-        {"what": "added CPU µs/request, main thread (paired rounds)", **summary(main_added)},
-        {"what": "server CPU per request, usage on / off", **summary(ratio)},
-        {"what": "server requests/s (32 clients)", **summary(rate)},
-    ]
+            rows.append({"what": f"server CPU µs/request, {labels[kind]}, {part} thread"
+                                 f"{'s' if part in ('total', 'other', 'usage') else ''}",
+                         **summary([c[part] for c in cpu[kind]])})
+    for kind in kinds[1:]:
+        added = [on["main"] - off["main"] for on, off in zip(cpu[kind], cpu["off"],
+                                                             strict=True)]
+        suffix = "" if kind == "on" else ", baseline src"
+        rows += [{"what": f"added CPU µs/request, main thread (paired rounds){suffix}",
+                  **summary(added)},
+                 {"what": f"server CPU per request, usage on / off{suffix}",
+                  **summary(ratio[kind])}]
+    if args.baseline_src:
+        rows.append({"what": "server CPU per request, usage on / baseline src",
+                     **summary([a / b for a, b in zip(ratio["on"], ratio["baseline"],
+                                                      strict=True)])})
+    rows.append({"what": "server requests/s (32 clients)", **summary(rate)})
     print_table(rows, ["what", "median", "min", "max"],
                 title=f"usage: {n_records} records per sink round, {n_requests} requests per "
                       f"server round, {rounds} rounds")
-    added = statistics.median(ratio) - 1.0
+    added = statistics.median(ratio["on"]) - 1.0
     bars = {"usage_added_cpu_fraction": bar(added, 0.02, higher_is_better=False)}
     if not args.server_only:
         bars["postgres_over_request_rate"] = bar(statistics.median(pg_rates) / req_rate, 10.0)
         bars["clickhouse_over_request_rate"] = bar(statistics.median(ch_rates) / req_rate, 10.0)
     print_bars(bars)
     write_json(args.json, "usage", rows, bars, rounds=rounds, records=n_records,
-               requests=n_requests)
+               requests=n_requests, load_average=os.getloadavg(),
+               baseline_src=args.baseline_src)
 
 
 if __name__ == "__main__":
