@@ -253,18 +253,3 @@ def test_an_outbox_of_the_json_layout_is_migrated_with_its_rows(tmp_path: Path) 
     box.flush()
     assert box.take("a").ids == (5, 6)
 
-
-def test_a_new_outbox_has_small_pages_an_existing_one_keeps_its_own(tmp_path: Path) -> None:
-    """A lone record's commit writes whole pages to the WAL: a new outbox uses 1 KiB pages;
-    an outbox made with another page size opens with its own (SQLite cannot change it)."""
-    box = Outbox(tmp_path / "new.db", ["a"])
-    box.mark_sent(box.append(record(1)))
-    assert sqlite3.connect(tmp_path / "new.db").execute("PRAGMA page_size").fetchone() == (1024,)
-    old = sqlite3.connect(tmp_path / "old.db")
-    old.execute("PRAGMA page_size=4096")
-    old.execute("CREATE TABLE t (x)")
-    old.close()
-    kept = Outbox(tmp_path / "old.db", ["a"])
-    kept.mark_sent(kept.append(record(2)))
-    assert [r.idempotency_key for r in kept.take("a").records] == ["k2"]
-    assert sqlite3.connect(tmp_path / "old.db").execute("PRAGMA page_size").fetchone() == (4096,)

@@ -53,7 +53,6 @@ CREATE TABLE IF NOT EXISTS delivered (
 """
 _SCHEMA = f"{_TABLES}PRAGMA user_version = {_LAYOUT};\n"
 _APPENDED, _SENT, _UNSENT = 0, 1, 2
-_PAGE_SIZE = 1024
 _INSERT = (f"INSERT INTO outbox (epoch, created, {', '.join(COLUMNS)}) "
            f"VALUES ({', '.join('?' * (len(COLUMNS) + 2))})")
 _FINAL = COLUMNS.index("final_chunk_sent")
@@ -270,10 +269,6 @@ class Outbox:
             # autocommit: a lone INSERT commits itself; longer work runs in _transaction
             db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0,
                                  check_same_thread=False)
-            # a new file gets 1 KiB pages (an existing one keeps its own): a lone record's
-            # commit writes one page to the WAL, and a row is ~300 bytes, so a smaller page is
-            # a quarter of the WAL bytes and of the checksumming per commit
-            db.execute(f"PRAGMA page_size={_PAGE_SIZE}")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA wal_autocheckpoint=0")  # see the module docstring
