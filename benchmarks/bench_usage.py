@@ -12,7 +12,10 @@ serving path), the usage sink workers (threads named ``usage-*``) and the rest, 
 ratio of the totals per round. ``--server-only`` skips the sink rates. ``--baseline-src DIR``
 adds a third server, usage on, run from another source tree (``DIR`` is put on PYTHONPATH,
 e.g. a ``git worktree`` of the commit before a change), loaded in the same rounds: the
-before / after comparison, paired.
+before / after comparison, paired. ``--together`` loads the servers at the same time in each
+round (each with its own 32 clients) instead of in turn: on a shared machine every server then
+sees the same interference, which pairs rounds far more tightly, at the cost of each serving a
+share of the client's rate (the sink worker's per-batch costs weigh more per request).
 Bars: recording adds < 2 % CPU per request; each sink drains >= 10x the request rate the
 server served in this run.
 """
@@ -142,18 +145,37 @@ class _Server:
 
     def cpu_us_per_request(self, n: int) -> tuple[dict[str, float], float]:
         """(CPU µs per request by thread kind, and "total"; requests/s) for ``n`` requests."""
-        cpu0, t0 = _thread_cpu(self.proc.pid), time.perf_counter()
-        anyio.run(_load, self.base, n)
-        wall = time.perf_counter() - t0
-        time.sleep(0.5)  # the sink worker's share of the round lands in the CPU count
-        used = _cpu_delta(cpu0, _thread_cpu(self.proc.pid))
-        per = {k: 1e6 * v / n for k, v in used.items()}
-        per["total"] = sum(per.values())
-        return per, n / wall
+        return _rounds_together([self], n)[0]
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(30)
+
+
+def _rounds_together(servers: list[_Server], n: int) -> list[tuple[dict[str, float], float]]:
+    """:meth:`_Server.cpu_us_per_request` for each of ``servers``, loaded at the same time."""
+    walls: dict[int, float] = {}
+
+    async def load_all() -> None:
+        async def one(i: int, server: _Server) -> None:
+            t0 = time.perf_counter()
+            await _load(server.base, n)
+            walls[i] = time.perf_counter() - t0
+
+        async with anyio.create_task_group() as tg:
+            for i, server in enumerate(servers):
+                tg.start_soon(one, i, server)
+
+    cpu0 = [_thread_cpu(s.proc.pid) for s in servers]
+    anyio.run(load_all)
+    time.sleep(0.5)  # the sink worker's share of the round lands in the CPU count
+    out = []
+    for i, server in enumerate(servers):
+        used = _cpu_delta(cpu0[i], _thread_cpu(server.proc.pid))
+        per = {k: 1e6 * v / n for k, v in used.items()}
+        per["total"] = sum(per.values())
+        out.append((per, n / walls[i]))
+    return out
 
 
 def _extra(parser: Any) -> None:
@@ -164,6 +186,8 @@ def _extra(parser: Any) -> None:
     parser.add_argument("--baseline-src", default=None, metavar="DIR",
                         help="also run a usage-on server from this source tree (on "
                              "PYTHONPATH), in the same rounds")
+    parser.add_argument("--together", action="store_true",
+                        help="load the servers at the same time in each round, not in turn")
 
 
 def main() -> None:
@@ -196,10 +220,16 @@ def main() -> None:
         servers["baseline"] = _Server(True, root / "data-baseline", args.baseline_src)
     try:
         for r in range(rounds):
-            for kind in kinds if r % 2 == 0 else kinds[::-1]:
-                us, rps = servers[kind].cpu_us_per_request(n_requests)
-                cpu[kind].append(us)
-                rate.append(rps)
+            if args.together:
+                for kind, (us, rps) in zip(kinds, _rounds_together(
+                        [servers[k] for k in kinds], n_requests), strict=True):
+                    cpu[kind].append(us)
+                    rate.append(rps)
+            else:
+                for kind in kinds if r % 2 == 0 else kinds[::-1]:
+                    us, rps = servers[kind].cpu_us_per_request(n_requests)
+                    cpu[kind].append(us)
+                    rate.append(rps)
             off = cpu["off"][-1]
             line = f"round {r + 1}/{rounds}: CPU µs/request off {off['total']:.0f}"
             for kind in kinds[1:]:
@@ -251,7 +281,7 @@ def main() -> None:
     print_bars(bars)
     write_json(args.json, "usage", rows, bars, rounds=rounds, records=n_records,
                requests=n_requests, load_average=os.getloadavg(),
-               baseline_src=args.baseline_src)
+               baseline_src=args.baseline_src, together=args.together)
 
 
 if __name__ == "__main__":
