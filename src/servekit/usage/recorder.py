@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import os
 import socket
 from collections.abc import Sequence
@@ -26,6 +27,8 @@ from servekit.usage.sinks import open_sink, sink_name
 from servekit.usage.worker import SinkWorker
 
 __all__ = ["UsageRecorder", "default_usage_urls"]
+
+log = logging.getLogger("servekit.usage")
 
 CLIENT_CLOSED = 499  # nginx's code for "the client went away before the response ended"
 
@@ -140,9 +143,9 @@ class UsageRecorder:
 
 class _GroupCommit:
     """Appends the rows of requests that finish in the same event-loop turn in one
-    transaction: the first schedules the commit for the loop's next turn, every caller waits
-    for it on a future of its own (bare asyncio futures: an :class:`anyio.Event` and a
-    checkpoint per group cost more than the grouping saves at one record per turn).
+    transaction: the first caller yields one turn for the others to join, then commits them
+    all and goes on at once; the others wait on bare asyncio futures (an :class:`anyio.Event`
+    and a checkpoint per group cost more than the grouping saves at one record per turn).
 
     A caller cancelled while it waits still has its row committed, and the commit marks that
     row as ended without its final chunk (the caller never learns its row id). Off asyncio
@@ -159,14 +162,27 @@ class _GroupCommit:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # not on asyncio
             return self.outbox.append_rows([row])[0]
-        waiter: asyncio.Future[int | None] = loop.create_future()
-        if not self._rows:
-            loop.call_soon(self._commit)
+        if self._rows:  # a group is open: join it
+            waiter: asyncio.Future[int | None] = loop.create_future()
+            self._rows.append(row)
+            self._waiters.append(waiter)
+            return await waiter
         self._rows.append(row)
-        self._waiters.append(waiter)
-        return await waiter
+        try:
+            await asyncio.sleep(0)  # one turn: the requests finishing in this one join
+        except BaseException:  # cancelled: the group is committed all the same
+            try:
+                ids = self._commit()
+            except Exception:  # the followers got the error; this caller is going away
+                log.exception("usage outbox: a group commit failed")
+            else:
+                self.outbox.mark_sent(ids[0], final_chunk_sent=False)
+            raise
+        return self._commit()[0]
 
-    def _commit(self) -> None:
+    def _commit(self) -> list[int | None]:
+        """Commit the open group (the first row is the caller's) and resolve the others'
+        futures; the row ids. An error is raised, and set on every other future."""
         rows, waiters = self._rows, self._waiters
         self._rows, self._waiters = [], []
         try:
@@ -175,9 +191,10 @@ class _GroupCommit:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_exception(exc)
-            return
-        for row_id, waiter in zip(ids, waiters, strict=True):
+            raise
+        for row_id, waiter in zip(ids[1:], waiters, strict=True):
             if waiter.done():  # its caller was cancelled: the row never had a final chunk
                 self.outbox.mark_sent(row_id, final_chunk_sent=False)
             else:
                 waiter.set_result(row_id)
+        return ids
