@@ -9,7 +9,13 @@ each round: each process's CPU time per request, per thread, from
 ``/proc/<pid>/task/<tid>/schedstat`` (nanoseconds; ``/proc/<pid>/stat`` counts 10 ms ticks,
 which resolved a --quick round to ~5 %), split into the main thread (the event loop: the
 serving path), the usage sink workers (threads named ``usage-*``) and the rest, and the
-ratio of the totals per round. ``--server-only`` skips the sink rates.
+ratio of the totals per round. ``--server-only`` skips the sink rates. ``--baseline-src DIR``
+adds a third server, usage on, run from another source tree (``DIR`` is put on PYTHONPATH,
+e.g. a ``git worktree`` of the commit before a change), loaded in the same rounds: the
+before / after comparison, paired. ``--together`` loads the servers at the same time in each
+round (each with its own 32 clients) instead of in turn: on a shared machine every server then
+sees the same interference, which pairs rounds far more tightly, at the cost of each serving a
+share of the client's rate (the sink worker's per-batch costs weigh more per request).
 Bars: recording adds < 2 % CPU per request; each sink drains >= 10x the request rate the
 server served in this run.
 """
@@ -88,12 +94,16 @@ def _cpu_delta(before: dict[int, tuple[str, int]],
     return kinds
 
 
-def _start_server(port: int, data: Path, usage: bool) -> subprocess.Popen[bytes]:
+def _start_server(port: int, data: Path, usage: bool,
+                  src: str | None = None) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "servekit.server.cli", "serve", "--fake", "--port",
             str(port), "--data-dir", str(data), "--log-level", "warning"]
     if not usage:
         argv += ["--usage", "none"]
-    proc = subprocess.Popen(argv, env={**os.environ, "SERVEKIT_API_KEYS": json.dumps(KEYS)})
+    env = {**os.environ, "SERVEKIT_API_KEYS": json.dumps(KEYS)}
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen(argv, env=env)
     for _ in range(600):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
@@ -125,28 +135,47 @@ async def _load(base: str, n: int) -> None:
 class _Server:
     """A ``servekit serve --fake`` process on a free port, with or without usage recording."""
 
-    def __init__(self, usage: bool, data: Path) -> None:
+    def __init__(self, usage: bool, data: Path, src: str | None = None) -> None:
         from tests.usage.servers import free_port
 
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
-        self.proc = _start_server(port, data, usage)
+        self.proc = _start_server(port, data, usage, src)
         anyio.run(_load, self.base, 64)  # warm up
 
     def cpu_us_per_request(self, n: int) -> tuple[dict[str, float], float]:
         """(CPU µs per request by thread kind, and "total"; requests/s) for ``n`` requests."""
-        cpu0, t0 = _thread_cpu(self.proc.pid), time.perf_counter()
-        anyio.run(_load, self.base, n)
-        wall = time.perf_counter() - t0
-        time.sleep(0.5)  # the sink worker's share of the round lands in the CPU count
-        used = _cpu_delta(cpu0, _thread_cpu(self.proc.pid))
-        per = {k: 1e6 * v / n for k, v in used.items()}
-        per["total"] = sum(per.values())
-        return per, n / wall
+        return _rounds_together([self], n)[0]
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(30)
+
+
+def _rounds_together(servers: list[_Server], n: int) -> list[tuple[dict[str, float], float]]:
+    """:meth:`_Server.cpu_us_per_request` for each of ``servers``, loaded at the same time."""
+    walls: dict[int, float] = {}
+
+    async def load_all() -> None:
+        async def one(i: int, server: _Server) -> None:
+            t0 = time.perf_counter()
+            await _load(server.base, n)
+            walls[i] = time.perf_counter() - t0
+
+        async with anyio.create_task_group() as tg:
+            for i, server in enumerate(servers):
+                tg.start_soon(one, i, server)
+
+    cpu0 = [_thread_cpu(s.proc.pid) for s in servers]
+    anyio.run(load_all)
+    time.sleep(0.5)  # the sink worker's share of the round lands in the CPU count
+    out = []
+    for i, server in enumerate(servers):
+        used = _cpu_delta(cpu0[i], _thread_cpu(server.proc.pid))
+        per = {k: 1e6 * v / n for k, v in used.items()}
+        per["total"] = sum(per.values())
+        out.append((per, n / walls[i]))
+    return out
 
 
 def _extra(parser: Any) -> None:
@@ -154,6 +183,11 @@ def _extra(parser: Any) -> None:
                         help="only the server CPU part (skip the sink rates)")
     parser.add_argument("--requests", type=int, default=None,
                         help="requests per server round (default 300 quick, 2000 full)")
+    parser.add_argument("--baseline-src", default=None, metavar="DIR",
+                        help="also run a usage-on server from this source tree (on "
+                             "PYTHONPATH), in the same rounds")
+    parser.add_argument("--together", action="store_true",
+                        help="load the servers at the same time in each round, not in turn")
 
 
 def main() -> None:
@@ -177,22 +211,34 @@ def main() -> None:
         ch_rates = [sink_rate(f"chdb://{root}/chdb", n_records, f"ch{r}", root)
                     for r in range(rounds)]
 
-    cpu: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+    kinds = ["off", "on"] + (["baseline"] if args.baseline_src else [])
+    cpu: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     rate: list[float] = []
-    ratio: list[float] = []
-    servers = {usage: _Server(usage, root / f"data-{usage}") for usage in (False, True)}
+    ratio: dict[str, list[float]] = {"on": [], "baseline": []}
+    servers = {"off": _Server(False, root / "data-off"), "on": _Server(True, root / "data-on")}
+    if args.baseline_src:
+        servers["baseline"] = _Server(True, root / "data-baseline", args.baseline_src)
     try:
         for r in range(rounds):
-            for usage in (False, True) if r % 2 == 0 else (True, False):
-                us, rps = servers[usage].cpu_us_per_request(n_requests)
-                cpu[usage].append(us)
-                rate.append(rps)
-            on, off = cpu[True][-1], cpu[False][-1]
-            ratio.append(on["total"] / off["total"])
-            print(f"round {r + 1}/{rounds}: CPU µs/request off {off['total']:.0f} (main "
-                  f"{off['main']:.0f}), on {on['total']:.0f} (main {on['main']:.0f}, usage "
-                  f"{on['usage']:.0f}, other {on['other']:.0f}): ratio {ratio[-1]:.3f}",
-                  flush=True)
+            if args.together:
+                for kind, (us, rps) in zip(kinds, _rounds_together(
+                        [servers[k] for k in kinds], n_requests), strict=True):
+                    cpu[kind].append(us)
+                    rate.append(rps)
+            else:
+                for kind in kinds if r % 2 == 0 else kinds[::-1]:
+                    us, rps = servers[kind].cpu_us_per_request(n_requests)
+                    cpu[kind].append(us)
+                    rate.append(rps)
+            off = cpu["off"][-1]
+            line = f"round {r + 1}/{rounds}: CPU µs/request off {off['total']:.0f}"
+            for kind in kinds[1:]:
+                on = cpu[kind][-1]
+                ratio[kind].append(on["total"] / off["total"])
+                line += (f"; {kind} {on['total']:.0f} (main {on['main']:.0f}, usage "
+                         f"{on['usage']:.0f}, other {on['other']:.0f}): ratio "
+                         f"{ratio[kind][-1]:.3f}")
+            print(line, flush=True)
     finally:
         for server in servers.values():
             server.stop()
@@ -202,31 +248,40 @@ def main() -> None:
     if not args.server_only:
         rows += [{"what": "outbox -> PostgreSQL (records/s)", **summary(pg_rates)},
                  {"what": "outbox -> ClickHouse/chDB (records/s)", **summary(ch_rates)}]
-    for usage, label in ((False, "no usage"), (True, "usage on (SQLite)")):
-        for kind in ("total", "main", "usage", "other"):
-            if kind == "usage" and not usage:
+    labels = {"off": "no usage", "on": "usage on (SQLite)",
+              "baseline": "usage on, baseline src"}
+    for kind in kinds:
+        for part in ("total", "main", "usage", "other"):
+            if part == "usage" and kind == "off":
                 continue
-            rows.append({"what": f"server CPU µs/request, {label}, {kind} thread"
-                                 f"{'s' if kind in ('total', 'other', 'usage') else ''}",
-                         **summary([c[kind] for c in cpu[usage]])})
-    main_added = [on["main"] - off["main"] for on, off in zip(cpu[True], cpu[False],
-                                                                 strict=True)]
-    rows += [
-        {"what": "added CPU µs/request, main thread (paired rounds)", **summary(main_added)},
-        {"what": "server CPU per request, usage on / off", **summary(ratio)},
-        {"what": "server requests/s (32 clients)", **summary(rate)},
-    ]
+            rows.append({"what": f"server CPU µs/request, {labels[kind]}, {part} thread"
+                                 f"{'s' if part in ('total', 'other', 'usage') else ''}",
+                         **summary([c[part] for c in cpu[kind]])})
+    for kind in kinds[1:]:
+        added = [on["main"] - off["main"] for on, off in zip(cpu[kind], cpu["off"],
+                                                             strict=True)]
+        suffix = "" if kind == "on" else ", baseline src"
+        rows += [{"what": f"added CPU µs/request, main thread (paired rounds){suffix}",
+                  **summary(added)},
+                 {"what": f"server CPU per request, usage on / off{suffix}",
+                  **summary(ratio[kind])}]
+    if args.baseline_src:
+        rows.append({"what": "server CPU per request, usage on / baseline src",
+                     **summary([a / b for a, b in zip(ratio["on"], ratio["baseline"],
+                                                      strict=True)])})
+    rows.append({"what": "server requests/s (32 clients)", **summary(rate)})
     print_table(rows, ["what", "median", "min", "max"],
                 title=f"usage: {n_records} records per sink round, {n_requests} requests per "
                       f"server round, {rounds} rounds")
-    added = statistics.median(ratio) - 1.0
+    added = statistics.median(ratio["on"]) - 1.0
     bars = {"usage_added_cpu_fraction": bar(added, 0.02, higher_is_better=False)}
     if not args.server_only:
         bars["postgres_over_request_rate"] = bar(statistics.median(pg_rates) / req_rate, 10.0)
         bars["clickhouse_over_request_rate"] = bar(statistics.median(ch_rates) / req_rate, 10.0)
     print_bars(bars)
     write_json(args.json, "usage", rows, bars, rounds=rounds, records=n_records,
-               requests=n_requests)
+               requests=n_requests, load_average=os.getloadavg(),
+               baseline_src=args.baseline_src, together=args.together)
 
 
 if __name__ == "__main__":

@@ -252,3 +252,4 @@ def test_an_outbox_of_the_json_layout_is_migrated_with_its_rows(tmp_path: Path) 
     box.mark_sent(box.append(record(8)))
     box.flush()
     assert box.take("a").ids == (5, 6)
+

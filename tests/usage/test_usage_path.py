@@ -96,13 +96,13 @@ def test_streams_finishing_together_share_one_outbox_commit(tmp_path: Path) -> N
     (a group commit), each record still its own row, every one delivered."""
     app, recorder = _app(tmp_path)
     commits: list[int] = []
-    append_many = recorder.outbox.append_many
+    append_rows = recorder.outbox.append_rows
 
-    def counted(records: Any) -> list[int | None]:
-        commits.append(len(records))
-        return append_many(records)
+    def counted(rows: Any) -> list[int | None]:
+        commits.append(len(rows))
+        return append_rows(rows)
 
-    recorder.outbox.append_many = counted  # type: ignore[method-assign]
+    recorder.outbox.append_rows = counted  # type: ignore[method-assign]
     n = 8
 
     async def burst(base: str) -> None:

@@ -21,8 +21,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from servekit.server.service import Job
+from servekit.usage.record_codec import make_row
 from servekit.usage.recorder import CLIENT_CLOSED, UsageRecorder, default_usage_urls
-from servekit.usage.sink import UsageRecord
 
 __all__ = ["CLIENT_CLOSED", "UsageCall", "UsageRecorder", "default_usage_urls", "track"]
 
@@ -66,7 +66,7 @@ class UsageCall:
             await self._send(message)
             return
         recorder = self.recorder
-        row = await recorder.append(self._record())  # shielded: written whatever happens next
+        row = await recorder.append_row(self._row())  # written whatever happens next
         try:
             await self._send(message)
         except BaseException:
@@ -77,16 +77,21 @@ class UsageCall:
     def close(self) -> None:
         """Record a request that never sent its final message (failed or aborted)."""
         if not self.recorded:
-            row = self.recorder.append_now(self._record())
+            row = self.recorder.append_row_now(self._row())
             self.recorder.mark_sent(row, final_chunk_sent=False)
 
-    def _record(self) -> UsageRecord:
+    def _row(self) -> tuple[Any, ...]:
+        """The record as the outbox stores it, built directly (no :class:`UsageRecord`)."""
         self.recorded = True
         job, recorder = self.job, self.recorder
-        key_id = recorder.key_id(job.key)
-        reasons = {r for r in job.finish_reasons if r is not None}
-        finish = ",".join(sorted(reasons)) or ("abort" if self.status == CLIENT_CLOSED
-                                               else "error")
+        key = job.key
+        key_id = recorder.key_id(key)
+        reasons = job.finish_reasons
+        if len(reasons) == 1 and reasons[0] is not None:  # one choice, finished
+            finish = reasons[0]
+        else:
+            finish = ",".join(sorted({r for r in reasons if r is not None})) or (
+                "abort" if self.status == CLIENT_CLOSED else "error")
         now = time.monotonic()
         if self.attempt is None:
             idem = recorder.idempotency_key(key_id, self.client_key, job.request_id)
@@ -97,14 +102,12 @@ class UsageCall:
         if self.attempt is not None and job.resume:  # this attempt prefilled the replayed ids
             replayed = min(sum(map(len, job.resume)), completion)
             prompt, completion = prompt + replayed, completion - replayed
-        return UsageRecord(
-            request_id=job.request_id, idempotency_key=idem, time=self.time, key_id=key_id,
-            tenant=job.key.tenant if job.key is not None else None, model=job.model,
-            replicas=(recorder.replica,), prompt_tokens=prompt,
-            cached_tokens=usage.cached_tokens, completion_tokens=completion,
-            finish_reason=finish, http_status=self.status,
-            ttft=None if self.first_at is None else self.first_at - self.started,
-            total_time=now - self.started, ledger=self.attempt is None)
+        return make_row(
+            idem, job.request_id, self.time.isoformat(), key_id,
+            key.tenant if key is not None else None, job.model, recorder.replica, prompt,
+            usage.cached_tokens, completion, finish, self.status, None,
+            None if self.first_at is None else self.first_at - self.started,
+            now - self.started, False, self.attempt is None)
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:

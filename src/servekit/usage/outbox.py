@@ -35,7 +35,7 @@ from typing import Any
 
 from attrs import frozen
 
-from servekit.usage.record_codec import COLUMNS, from_row, to_row
+from servekit.usage.record_codec import COLUMNS, from_row, stored_row
 from servekit.usage.sink import UsageRecord
 
 log = logging.getLogger("servekit.usage")
@@ -55,8 +55,10 @@ _SCHEMA = f"{_TABLES}PRAGMA user_version = {_LAYOUT};\n"
 _APPENDED, _SENT, _UNSENT = 0, 1, 2
 _INSERT = (f"INSERT INTO outbox (epoch, created, {', '.join(COLUMNS)}) "
            f"VALUES ({', '.join('?' * (len(COLUMNS) + 2))})")
-_TIME = COLUMNS.index("time")
 _FINAL = COLUMNS.index("final_chunk_sent")
+_REQUEST_ID = COLUMNS.index("request_id")
+# what take() reads: the stored columns, final_chunk_sent from what the serving path knew
+_DELIVERED = ", ".join(f"state = {_SENT}" if c == "final_chunk_sent" else c for c in COLUMNS)
 
 
 @frozen(slots=True)
@@ -69,12 +71,26 @@ class OutboxStats:
     over_bound: bool
 
 
-@frozen(slots=True)
 class Batch:
-    """Rows taken for one sink: outbox row ids and their records, in the same order."""
+    """Rows taken for one sink: outbox row ids and their rows, in the same order.
 
-    ids: tuple[int, ...]
-    records: tuple[UsageRecord, ...]
+    ``rows`` are in the stored layout (:func:`~servekit.usage.record_codec.stored_row`: time
+    an ISO-8601 UTC string, the flags 0 / 1), what a sink's ``write_rows`` takes;
+    ``records`` builds the :class:`UsageRecord` of each (for a sink's ``write``)."""
+
+    __slots__ = ("_records", "ids", "rows")
+
+    def __init__(self, ids: tuple[int, ...], rows: Sequence[tuple[Any, ...]]) -> None:
+        self.ids = ids
+        self.rows = rows
+        self._records: tuple[UsageRecord, ...] | None = None
+
+    @property
+    def records(self) -> tuple[UsageRecord, ...]:
+        """The rows as records."""
+        if self._records is None:
+            self._records = tuple(from_row(r) for r in self.rows)
+        return self._records
 
 
 class Outbox:
@@ -120,37 +136,39 @@ class Outbox:
     def append(self, record: UsageRecord) -> int | None:
         """Store ``record`` durably (unconfirmed); its row id, or None if dropped (fail-open,
         over the bound)."""
-        return self.append_many([record])[0]
+        return self.append_rows([stored_row(record)])[0]
 
     def append_many(self, records: Sequence[UsageRecord]) -> list[int | None]:
         """:meth:`append` for several records in one transaction (a group commit)."""
-        rows: list[tuple[Any, ...]] = []
-        kept: list[int] = []
-        for i, record in enumerate(records):
-            if self._check_bound() and self.fail_open:
-                with self._lock:
-                    self._dropped += 1
-                log.error("usage outbox over its bound: dropped the record of %s (fail-open; "
-                          "%d dropped so far)", record.request_id, self._dropped)
-                continue
-            values = list(to_row(record))
-            values[_TIME] = values[_TIME].isoformat()  # UTC (to_row converts)
-            rows.append((self._epoch, self._clock(), *values))
-            kept.append(i)
-        ids: list[int | None] = [None] * len(records)
+        return self.append_rows([stored_row(r) for r in records])
+
+    def append_rows(self, rows: Sequence[tuple[Any, ...]]) -> list[int | None]:
+        """:meth:`append_many` for rows already in the stored layout
+        (:func:`~servekit.usage.record_codec.stored_row`; the server's serving path builds
+        them directly): one transaction; their row ids (all None: dropped, fail-open)."""
         if not rows:
-            return ids
+            return []
+        if self._check_bound() and self.fail_open:
+            with self._lock:
+                self._dropped += len(rows)
+                dropped = self._dropped
+            log.error("usage outbox over its bound: dropped the record of %s (fail-open; %d "
+                      "dropped so far)", ", ".join(str(r[_REQUEST_ID]) for r in rows), dropped)
+            return [None] * len(rows)
+        head = (self._epoch, self._clock())
         db = self._db()
         if len(rows) == 1:  # one statement is its own transaction: no BEGIN / COMMIT calls
-            ids[kept[0]] = db.execute(_INSERT, rows[0]).lastrowid
+            ids: list[int | None] = [db.execute(_INSERT, head + tuple(rows[0])).lastrowid]
         else:
             with _transaction(db):
-                for i, row in zip(kept, rows, strict=True):
-                    ids[i] = db.execute(_INSERT, row).lastrowid
+                db.executemany(_INSERT, [head + tuple(row) for row in rows])
+                last = db.execute("SELECT last_insert_rowid()").fetchone()[0]
+            # the only writer inside its transaction: SQLite numbered the rows max(id) + 1, ...
+            ids = list(range(last - len(rows) + 1, last + 1))
         with self._lock:
             self._backlog += len(rows)
             if self._oldest is None:
-                self._oldest = self._clock()
+                self._oldest = head[1]
         return ids
 
     def mark_sent(self, row_id: int | None, final_chunk_sent: bool = True) -> None:
@@ -188,16 +206,10 @@ class Outbox:
         with _transaction(db):
             self._flush_marks(db)
         rows = db.execute(
-            f"SELECT id, state, {', '.join(COLUMNS)} FROM outbox o WHERE (state != "
-            f"{_APPENDED} OR epoch != ?) AND NOT EXISTS (SELECT 1 FROM delivered d WHERE "
-            "d.id = o.id AND d.sink = ?) ORDER BY id LIMIT ?",
-            (self._epoch, sink, limit)).fetchall()
-        records = []
-        for row in rows:
-            values = list(row[2:])
-            values[_FINAL] = row[1] == _SENT
-            records.append(from_row(values))
-        return Batch(tuple(r[0] for r in rows), tuple(records))
+            f"SELECT id, {_DELIVERED} FROM outbox o WHERE (state != {_APPENDED} OR epoch != ?) "
+            "AND NOT EXISTS (SELECT 1 FROM delivered d WHERE d.id = o.id AND d.sink = ?) "
+            "ORDER BY id LIMIT ?", (self._epoch, sink, limit)).fetchall()
+        return Batch(tuple(r[0] for r in rows), [r[1:] for r in rows])
 
     def ack(self, sink: str, ids: Sequence[int]) -> None:
         """``sink`` committed these rows; delete those every sink has now acknowledged."""

@@ -14,17 +14,38 @@ COLUMNS: tuple[str, ...] = (
     "prompt_tokens", "cached_tokens", "completion_tokens", "finish_reason", "http_status",
     "queue_time", "ttft", "total_time", "final_chunk_sent", "ledger",
 )
+_TIME = COLUMNS.index("time")
+
+
+def make_row(idempotency_key: str, request_id: str, time: Any, key_id: str | None,
+             tenant: str | None, model: str, replicas: str, prompt_tokens: int,
+             cached_tokens: int, completion_tokens: int, finish_reason: str | None,
+             http_status: int, queue_time: float | None, ttft: float | None,
+             total_time: float, final_chunk_sent: bool, ledger: bool) -> tuple[Any, ...]:
+    """A row in :data:`COLUMNS` order from its values as given (``replicas`` joined by
+    commas): the one place the layout is spelled out. The serving path builds its stored row
+    with this directly, without a :class:`UsageRecord` (whose validators cost more than the
+    row); its values come from the server's own counters."""
+    return (idempotency_key, request_id, time, key_id, tenant, model, replicas, prompt_tokens,
+            cached_tokens, completion_tokens, finish_reason, http_status, queue_time, ttft,
+            total_time, final_chunk_sent, ledger)
 
 
 def to_row(record: UsageRecord) -> tuple[Any, ...]:
     """The record as a tuple in :data:`COLUMNS` order (time as UTC datetime, replicas joined)."""
-    return (
+    return make_row(
         record.idempotency_key, record.request_id, record.time.astimezone(UTC), record.key_id,
         record.tenant, record.model, ",".join(record.replicas), record.prompt_tokens,
         record.cached_tokens, record.completion_tokens, record.finish_reason,
         record.http_status, record.queue_time, record.ttft, record.total_time,
-        bool(record.final_chunk_sent), bool(record.ledger),
-    )
+        bool(record.final_chunk_sent), bool(record.ledger))
+
+
+def stored_row(record: UsageRecord) -> tuple[Any, ...]:
+    """:func:`to_row` with the time as an ISO-8601 UTC string: how SQLite (the outbox and the
+    SQLite sink) stores a record, and what :meth:`Outbox.take` hands a sink's ``write_rows``."""
+    row = to_row(record)
+    return (*row[:_TIME], row[_TIME].isoformat(), *row[_TIME + 1:])
 
 
 def from_row(row: tuple[Any, ...] | list[Any]) -> UsageRecord:

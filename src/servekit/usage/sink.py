@@ -71,6 +71,10 @@ class UsageSink(Protocol):
     (durable in the sink), and raises otherwise (the caller keeps the batch and retries);
     writing a record whose ``idempotency_key`` the sink already holds changes nothing, so a
     batch written twice is counted once; ``close()`` flushes and releases connections.
+
+    Optional: ``write_rows(rows)``, the same contract for rows in the outbox's stored layout
+    (:func:`servekit.usage.record_codec.stored_row`); a sink worker calls it instead of
+    ``write`` when the sink has it, so no record is built per row (the SQLite sink does).
     """
 
     def write(self, batch: Sequence[UsageRecord]) -> None:

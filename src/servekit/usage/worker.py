@@ -31,6 +31,8 @@ class SinkWorker:
         self.failures = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # a sink that takes stored rows skips building a record per row (the SQLite sink)
+        self._write_rows = getattr(sink, "write_rows", None)
 
     def run_once(self) -> int:
         """One pass: deliver one batch; how many records it held (0 when idle). Raises what
@@ -38,7 +40,10 @@ class SinkWorker:
         batch = self.outbox.take(self.name, self.batch_size)
         if not batch.ids:
             return 0
-        self.sink.write(batch.records)
+        if self._write_rows is not None:
+            self._write_rows(batch.rows)
+        else:
+            self.sink.write(batch.records)
         self.outbox.ack(self.name, batch.ids)
         self.delivered += len(batch.ids)
         return len(batch.ids)

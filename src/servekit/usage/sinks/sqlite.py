@@ -6,8 +6,9 @@ import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from servekit.usage.record_codec import COLUMNS, from_row, to_row, totals_sql
+from servekit.usage.record_codec import COLUMNS, from_row, stored_row, totals_sql
 from servekit.usage.sink import UsageRecord
 
 _COLUMN_TYPES = {
@@ -38,7 +39,10 @@ class SQLiteSink:
 
     def write(self, batch: Sequence[UsageRecord]) -> None:
         """Commit ``batch``; records whose key is already stored are skipped."""
-        rows = [_sqlite_row(r) for r in batch]
+        self.write_rows([stored_row(r) for r in batch])
+
+    def write_rows(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """:meth:`write` for rows in the outbox's stored layout (the layout of this table)."""
         with self._db:
             self._db.executemany(_INSERT, rows)
 
@@ -57,8 +61,3 @@ class SQLiteSink:
         """Close the connection."""
         self._db.close()
 
-
-def _sqlite_row(record: UsageRecord) -> tuple[object, ...]:
-    row = list(to_row(record))
-    row[COLUMNS.index("time")] = record.time.astimezone(UTC).isoformat()
-    return tuple(row)
