@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
 
 import httpx
 import pytest
 
 from servekit.gateway import RetryBudget, create_gateway
 from tests.asgi_server import serve_asgi
-from tests.server.cli_server import CliServer, cli_server
+from tests.server.cli_server import CliServer, cli_server, cli_servers
 
 SECRET = "gw-secret"
 
@@ -19,8 +18,8 @@ SECRET = "gw-secret"
 @pytest.fixture
 def replicas(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[CliServer]]:
     monkeypatch.setenv("SERVEKIT_GATEWAY_SECRET", SECRET)
-    with ExitStack() as stack:
-        yield [stack.enter_context(cli_server("--fake")) for _ in range(2)]
+    with cli_servers(["--fake"], ["--fake"]) as servers:
+        yield servers
 
 
 def _wait_ready(url: str, ready: bool = True, timeout: float = 15.0) -> None:
@@ -180,7 +179,7 @@ def test_the_index_follows_a_real_replicas_kv_events(monkeypatch: pytest.MonkeyP
     says that replica holds the prompt's blocks (hashes computed at the gateway), and the same
     prompt is routed there again as a cache hit."""
     monkeypatch.setenv("SERVEKIT_GATEWAY_SECRET", SECRET)
-    with cli_server("--kv-cache-mb", "16") as a, cli_server("--kv-cache-mb", "16") as b:
+    with cli_servers(["--kv-cache-mb", "16"], ["--kv-cache-mb", "16"]) as (a, b):
         app = create_gateway([a.url, b.url], secret=SECRET, probe_interval=0.1)
         fleet = app.state.fleet
         with serve_asgi(app) as gw:
