@@ -234,12 +234,12 @@ def test_a_client_cannot_send_the_resume_extension(fake_replicas: list[CliServer
 def test_demo_replica_killed_mid_stream_text_equals_the_no_fault_run(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Greedy and seeded streams of the demo model (CPU, fp32), through two gateways in front
-    of two replicas, resumed on the other replica continue with exactly the tokens of the
-    uninterrupted run (three replicas behind two gateways: the fake-model test above)."""
+    of three replicas, resumed on another replica continue with exactly the tokens of the
+    uninterrupted run."""
     monkeypatch.setenv("SERVEKIT_GATEWAY_SECRET", SECRET)
     n = 40
     with ExitStack() as stack:
-        replicas = stack.enter_context(cli_servers(*[["--kv-cache-mb", "16"]] * 2))
+        replicas = stack.enter_context(cli_servers(*[["--kv-cache-mb", "16"]] * 3))
         gw = [stack.enter_context(serve_asgi(create_gateway(
             [r.url for r in replicas], secret=SECRET, probe_interval=0.1))) for _ in range(2)]
         for url in gw:
