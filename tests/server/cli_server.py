@@ -42,16 +42,11 @@ class CliServer:
         return self.output()
 
 
-def run_cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    """Run ``servekit ARGS`` to completion (for commands that end, or fail, at once; the
-    timeout only guards against a hang: importing torch on a loaded 2-core machine takes seconds)."""
-    return subprocess.run([sys.executable, "-m", "servekit.server.cli", *args],
-                          capture_output=True, text=True, timeout=timeout, env=_env())
-
-
 def run_clis(*argvs: Sequence[str], timeout: float = 120.0
              ) -> list[subprocess.CompletedProcess[str]]:
-    """:func:`run_cli` of each argument list, all started at once (their imports overlap)."""
+    """Run ``servekit ARGS`` to completion for each argument list, all started at once (their
+    imports overlap), for commands that end, or fail, at once; the timeout only guards against
+    a hang: importing torch on a loaded 2-core machine takes seconds."""
     procs = [subprocess.Popen([sys.executable, "-m", "servekit.server.cli", *args],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=_env()) for args in argvs]
