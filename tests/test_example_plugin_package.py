@@ -10,14 +10,15 @@ import httpx
 import pytest
 
 from tests.limit.conftest import RedisServer
-from tests.server.cli_server import cli_server, run_cli
+from tests.server.cli_server import cli_server, run_clis
 
 PLUGINS = {("policy", "deadline"), ("hook", "tenant_tokens"), ("routing_policy", "cache_affinity")}
 
 
 @pytest.mark.slow
 def test_plugins_list_shows_the_example_package() -> None:
-    listed = run_cli("plugins", "list", "--json")
+    # both listings at once: each process imports the server before it prints
+    listed, table = run_clis(["plugins", "list", "--json"], ["plugins", "list", "--kind", "policy"])
     assert listed.returncode == 0, listed.stderr
     rows = [json.loads(line) for line in listed.stdout.splitlines()]
     ours = {(r["kind"], r["name"]): r for r in rows
@@ -27,9 +28,8 @@ def test_plugins_list_shows_the_example_package() -> None:
     assert ours["policy", "deadline"]["target"] == "servekit_example_plugins.deadline:DeadlinePolicy"
     builtin = {(r["kind"], r["name"]) for r in rows if r["distribution"] == "servekit"}
     assert {("policy", "fcfs"), ("limiter_store", "redis"), ("hook", "prometheus")} <= builtin
-    table = run_cli("plugins", "list", "--kind", "policy").stdout
-    assert "deadline" in table and "servekit-example-plugins 0.1.0" in table
-    assert "prometheus" not in table
+    assert "deadline" in table.stdout and "servekit-example-plugins 0.1.0" in table.stdout
+    assert "prometheus" not in table.stdout
 
 
 @pytest.mark.slow

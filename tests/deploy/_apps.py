@@ -22,7 +22,9 @@ def deployed(ray_serve: Any, home: Path, toml: str, name: str) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        serve.delete(name)
+        # not waiting: its replicas drain for Ray's 2 s wait loop while the next module deploys
+        # (each app has its own name and actors; the session's serve.shutdown ends the rest)
+        serve.delete(name, _blocking=False)
 
 
 def replica_actors(app: str, deployment: str = "EngineReplica") -> list[str]:

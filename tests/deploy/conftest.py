@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Iterator
 from types import ModuleType
@@ -24,10 +23,11 @@ def ray_serve() -> Iterator[tuple[ModuleType, int]]:
     ray = require_module("ray", "pip install 'servekit[ray]'")
     from ray import serve
 
-    # workers import servekit as this process does (a worktree's src/ on PYTHONPATH)
+    # workers import servekit as this process does: this local Ray's raylet and its workers
+    # inherit this process's environment (a worktree's src/ on PYTHONPATH); a runtime_env
+    # carrying PYTHONPATH cost serve.start and each deploy about a second more
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
-             log_to_driver=False, runtime_env={"env_vars": {
-                 "PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
+             log_to_driver=False)
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.deploy._apps import deployed
 from tests.deploy._apps import replica_stats as app_replica_stats
 
 pytestmark = pytest.mark.slow
@@ -48,16 +49,8 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def app(ray_serve: Any, home: Path) -> Iterator[str]:
     """The base URL of the application built from a servekit.toml (two fake replicas)."""
-    from servekit.deploy.ray import build_app
-
-    serve, port = ray_serve
-    path = home / "servekit.toml"
-    path.write_text(CONFIG)
-    serve.run(build_app({"config": str(path)}), name="servekit-test", route_prefix="/")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.delete("servekit-test")
+    with deployed(ray_serve, home, CONFIG, "servekit-test") as url:
+        yield url
 
 
 @pytest.fixture

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 
 APP = "servekit-demo-test"
 MODEL = "servekit-demo"
-#: block_size 16: a long shared prefix spans the router's 4 key blocks and more
+#: block_size 16: a long shared prefix spans the router's 4 key blocks and more; 0.75 of the
+#: session Ray's 2 CPUs, so the next module's app fits beside this one while it drains
 CONFIG = """
 [engine]
 kv_cache_mb = 4
@@ -33,8 +34,8 @@ max_num_seqs = 8
 
 [ray]
 replicas = 2
-replica_cpus = 0.5
-ingress_cpus = 0.5
+replica_cpus = 0.25
+ingress_cpus = 0.25
 routing_policy = "cache_aware"
 routing_stats_period = 0.5
 """

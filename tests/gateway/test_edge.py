@@ -45,11 +45,14 @@ def redis() -> Iterator[RedisServer]:
     server.stop()
 
 
-@pytest.fixture
-def replica(monkeypatch: pytest.MonkeyPatch) -> Iterator[CliServer]:
-    monkeypatch.setenv("SERVEKIT_GATEWAY_SECRET", SECRET)
-    with cli_server("--fake") as server:
-        yield server
+@pytest.fixture(scope="module")
+def replica() -> Iterator[CliServer]:
+    """One ``--fake`` replica for the module: every test builds its own gateway, keys and
+    limits in front of it, and none stops it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SERVEKIT_GATEWAY_SECRET", SECRET)
+        with cli_server("--fake") as server:
+            yield server
 
 
 def test_two_gateways_sharing_redis_give_a_key_its_limit_in_total(

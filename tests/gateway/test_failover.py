@@ -17,9 +17,10 @@ import pytest
 
 from servekit.gateway import create_gateway
 from tests.asgi_server import serve_asgi
-from tests.server.cli_server import CliServer, cli_server
+from tests.server.cli_server import CliServer, cli_server, cli_servers
 
 SECRET = "failover-secret"
+FAKE = ["--fake", "--fake-token-delay", "0.02"]
 
 
 def _wait_ready(url: str, timeout: float = 30.0) -> None:
@@ -137,9 +138,8 @@ def _check_continuous(result: Result, expected: Result, max_tokens: int) -> None
 @pytest.fixture
 def fake_replicas(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[CliServer]]:
     monkeypatch.setenv("SERVEKIT_GATEWAY_SECRET", SECRET)
-    with ExitStack() as stack:
-        yield [stack.enter_context(cli_server("--fake", "--fake-token-delay", "0.02"))
-               for _ in range(2)]
+    with cli_servers(*[FAKE] * 2) as servers:
+        yield servers
 
 
 def test_three_replicas_two_gateways_a_sigkill_loses_no_stream(
@@ -149,8 +149,7 @@ def test_three_replicas_two_gateways_a_sigkill_loses_no_stream(
     no-fault run."""
     monkeypatch.setenv("SERVEKIT_GATEWAY_SECRET", SECRET)
     with ExitStack() as stack:
-        replicas = [stack.enter_context(cli_server("--fake", "--fake-token-delay", "0.02"))
-                    for _ in range(3)]
+        replicas = stack.enter_context(cli_servers(*[FAKE] * 3))
         gws = [stack.enter_context(serve_asgi(create_gateway(
             [r.url for r in replicas], secret=SECRET, probe_interval=0.1))) for _ in range(2)]
         for gw in gws:
@@ -187,7 +186,7 @@ def test_streams_of_several_choices_resume_each_choice(fake_replicas: list[CliSe
 def test_no_replica_left_ends_the_stream_with_an_error_event(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SERVEKIT_GATEWAY_SECRET", SECRET)
-    with cli_server("--fake", "--fake-token-delay", "0.02") as replica:
+    with cli_server(*FAKE) as replica:
         app = create_gateway([replica.url], secret=SECRET, probe_interval=0.1)
         with serve_asgi(app) as gw:
             _wait_ready(gw)
@@ -205,8 +204,7 @@ def test_without_the_secret_a_cut_stream_ends_as_today(
     gateway does not fail over after the first byte: the stream ends where it was cut."""
     monkeypatch.setenv("SERVEKIT_GATEWAY_SECRET", SECRET)
     with ExitStack() as stack:
-        replicas = [stack.enter_context(cli_server("--fake", "--fake-token-delay", "0.02"))
-                    for _ in range(2)]
+        replicas = stack.enter_context(cli_servers(*[FAKE] * 2))
         app = create_gateway([r.url for r in replicas], secret=None, probe_interval=0.1)
         with serve_asgi(app) as gw:
             _wait_ready(gw)
@@ -241,7 +239,7 @@ def test_demo_replica_killed_mid_stream_text_equals_the_no_fault_run(
     monkeypatch.setenv("SERVEKIT_GATEWAY_SECRET", SECRET)
     n = 40
     with ExitStack() as stack:
-        replicas = [stack.enter_context(cli_server("--kv-cache-mb", "16")) for _ in range(3)]
+        replicas = stack.enter_context(cli_servers(*[["--kv-cache-mb", "16"]] * 3))
         gw = [stack.enter_context(serve_asgi(create_gateway(
             [r.url for r in replicas], secret=SECRET, probe_interval=0.1))) for _ in range(2)]
         for url in gw:
@@ -266,8 +264,7 @@ def test_streams_cut_by_a_drain_fail_over(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("SERVEKIT_GATEWAY_SECRET", SECRET)
     requests = _requests("fake", 150, {})
     with ExitStack() as stack:
-        replicas = [stack.enter_context(cli_server("--fake", "--fake-token-delay", "0.02",
-                                                   "--grace-period", "0.2")) for _ in range(2)]
+        replicas = stack.enter_context(cli_servers(*[[*FAKE, "--grace-period", "0.2"]] * 2))
         app = create_gateway([r.url for r in replicas], secret=SECRET, probe_interval=0.1)
         gw = stack.enter_context(serve_asgi(app))
         _wait_ready(gw)

@@ -4,23 +4,32 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
 
 import httpx
 import pytest
 
 from servekit.gateway import RetryBudget, create_gateway
 from tests.asgi_server import serve_asgi
-from tests.server.cli_server import CliServer, cli_server
+from tests.server.cli_server import CliServer, cli_server, cli_servers
 
 SECRET = "gw-secret"
 
 
 @pytest.fixture
 def replicas(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[CliServer]]:
+    """Two ``--fake`` replicas of the test's own, for the tests that kill them."""
     monkeypatch.setenv("SERVEKIT_GATEWAY_SECRET", SECRET)
-    with ExitStack() as stack:
-        yield [stack.enter_context(cli_server("--fake")) for _ in range(2)]
+    with cli_servers(["--fake"], ["--fake"]) as servers:
+        yield servers
+
+
+@pytest.fixture(scope="module")
+def live_replicas() -> Iterator[list[CliServer]]:
+    """Two ``--fake`` replicas shared by the tests that only send requests through them."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SERVEKIT_GATEWAY_SECRET", SECRET)
+        with cli_servers(["--fake"], ["--fake"]) as servers:
+            yield servers
 
 
 def _wait_ready(url: str, ready: bool = True, timeout: float = 15.0) -> None:
@@ -35,8 +44,8 @@ def _complete(url: str, stream: bool = False, **extra: object) -> httpx.Response
         "model": "fake", "prompt": "hello there", "max_tokens": 5, "stream": stream, **extra})
 
 
-def test_forwards_completions_chat_streams_and_models(replicas: list[CliServer]) -> None:
-    app = create_gateway([r.url for r in replicas], secret=SECRET, probe_interval=0.1)
+def test_forwards_completions_chat_streams_and_models(live_replicas: list[CliServer]) -> None:
+    app = create_gateway([r.url for r in live_replicas], secret=SECRET, probe_interval=0.1)
     with serve_asgi(app) as gw:
         _wait_ready(gw)
         r = _complete(gw)
@@ -148,7 +157,7 @@ def test_a_client_disconnect_aborts_the_request_on_the_replica(
             assert _replica_metric(replica.url, "kv_blocks_in_use") == 0
 
 
-def test_servekit_gateway_command(replicas: list[CliServer]) -> None:
+def test_servekit_gateway_command(live_replicas: list[CliServer]) -> None:
     import subprocess
     import sys
 
@@ -157,7 +166,7 @@ def test_servekit_gateway_command(replicas: list[CliServer]) -> None:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "servekit.server.cli", "gateway",
                              "--port", str(port), "--probe-interval", "0.1",
-                             *[a for r in replicas for a in ("--replica", r.url)]])
+                             *[a for r in live_replicas for a in ("--replica", r.url)]])
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
@@ -180,7 +189,7 @@ def test_the_index_follows_a_real_replicas_kv_events(monkeypatch: pytest.MonkeyP
     says that replica holds the prompt's blocks (hashes computed at the gateway), and the same
     prompt is routed there again as a cache hit."""
     monkeypatch.setenv("SERVEKIT_GATEWAY_SECRET", SECRET)
-    with cli_server("--kv-cache-mb", "16") as a, cli_server("--kv-cache-mb", "16") as b:
+    with cli_servers(["--kv-cache-mb", "16"], ["--kv-cache-mb", "16"]) as (a, b):
         app = create_gateway([a.url, b.url], secret=SECRET, probe_interval=0.1)
         fleet = app.state.fleet
         with serve_asgi(app) as gw:

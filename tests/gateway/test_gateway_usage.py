@@ -8,7 +8,6 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from servekit.usage import UsageRecord, UsageRecorder
 from servekit.usage.sinks.sqlite import SQLiteSink
 from tests.asgi_server import serve_asgi
 from tests.gateway.test_failover import Result, _busiest, _wait_ready
-from tests.server.cli_server import CliServer, cli_server
+from tests.server.cli_server import CliServer, cli_servers
 
 SECRET = "usage-secret"
 KEYS = {"sk-a": "acme", "sk-b": "beta"}
@@ -43,11 +42,10 @@ def _rows(tmp_path: Path) -> list[UsageRecord]:
 @pytest.fixture
 def replicas(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[list[CliServer]]:
     monkeypatch.setenv("SERVEKIT_GATEWAY_SECRET", SECRET)
-    with ExitStack() as stack:
-        yield [stack.enter_context(cli_server(
-            "--fake", "--fake-token-delay", "0.02", "--grace-period", "0.2",
-            "--data-dir", str(tmp_path / f"replica{i}"), "--usage", _sink(tmp_path)))
-            for i in range(2)]
+    with cli_servers(*[["--fake", "--fake-token-delay", "0.02", "--grace-period", "0.2",
+                        "--data-dir", str(tmp_path / f"replica{i}"), "--usage", _sink(tmp_path)]
+                       for i in range(2)]) as servers:
+        yield servers
 
 
 def _gateway(replicas: list[CliServer], tmp_path: Path) -> Any:

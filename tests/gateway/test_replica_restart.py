@@ -18,7 +18,7 @@ import pytest
 
 from servekit.gateway import create_gateway
 from tests.asgi_server import free_port, serve_asgi
-from tests.server.cli_server import cli_server
+from tests.server.cli_server import cli_server, cli_servers
 
 SECRET = "restart-secret"
 
@@ -71,8 +71,7 @@ def test_a_killed_replica_that_returns_is_readmitted_through_half_open(
     port = free_port()
     b_url = f"http://127.0.0.1:{port}"
     with ExitStack() as stack:
-        a = stack.enter_context(cli_server(*fake))
-        b = stack.enter_context(cli_server(*fake, port=port))
+        a, b = stack.enter_context(cli_servers(fake, fake, ports=[free_port(), port]))
         # a long cool-down: a probe that fails, or never reports, cannot be retried here
         gw = stack.enter_context(serve_asgi(create_gateway(
             [a.url, b_url], policy="round_robin", secret=SECRET, probe_interval=0.1,
@@ -109,8 +108,8 @@ def test_a_restarted_replica_is_not_routed_to_for_blocks_it_lost(
     body: dict[str, Any] = {"model": "fake", "max_tokens": 2, "temperature": 0,
                             "prompt": "system: you are terse. " * 10}  # 14 full blocks
     with ExitStack() as stack:
-        procs = {u: stack.enter_context(cli_server("--fake-model-cost", _COST, port=p))
-                 for u, p in zip(urls, ports, strict=True)}
+        procs = dict(zip(urls, stack.enter_context(cli_servers(
+            *[["--fake-model-cost", _COST]] * 2, ports=ports)), strict=True))
         app = create_gateway(urls, secret=SECRET, probe_interval=0.1)
         gw = stack.enter_context(serve_asgi(app))
         fleet = app.state.fleet

@@ -18,7 +18,7 @@ from servekit.gateway import create_gateway
 from servekit.gateway.fleet import parse_replicas
 from servekit.limit.keys import ApiKey, KeyStore
 from tests.asgi_server import serve_asgi
-from tests.server.cli_server import cli_server
+from tests.server.cli_server import cli_servers
 
 
 def _until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
@@ -48,8 +48,8 @@ def _send(gw: str, n: int) -> None:
 def test_edits_to_the_replicas_file_add_and_remove_replicas(tmp_path: Path) -> None:
     path = tmp_path / "replicas.txt"
     with ExitStack() as stack:
-        one = stack.enter_context(cli_server("--fake", "--fake-token-delay", "0.01"))
-        two = stack.enter_context(cli_server("--fake"))
+        one, two = stack.enter_context(cli_servers(["--fake", "--fake-token-delay", "0.01"],
+                                                   ["--fake"]))
         path.write_text(f"# the fleet\n{one.url}\n")
         app = create_gateway([], replicas_file=path, policy="round_robin", probe_interval=0.05)
         fleet = app.state.fleet
@@ -102,8 +102,7 @@ def test_parse_replicas_names_the_bad_line() -> None:
 def test_admin_endpoint_replaces_the_replica_list_for_admin_keys_only(tmp_path: Path) -> None:
     keys = KeyStore([ApiKey("sk-root", tenant="ops", admin=True), ApiKey("sk-user")])
     with ExitStack() as stack:
-        one = stack.enter_context(cli_server("--fake"))
-        two = stack.enter_context(cli_server("--fake"))
+        one, two = stack.enter_context(cli_servers(["--fake"], ["--fake"]))
         app = create_gateway([one.url], keys=keys, policy="round_robin", probe_interval=0.05)
         gw = stack.enter_context(serve_asgi(app))
 

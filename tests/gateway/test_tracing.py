@@ -16,7 +16,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from servekit.gateway import GatewayTracer, create_gateway
 from tests.asgi_server import serve_asgi
 from tests.gateway.test_failover import SECRET, _requests, _run, _wait_ready
-from tests.server.cli_server import cli_server
+from tests.server.cli_server import cli_servers
 
 PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -28,8 +28,7 @@ def test_a_span_per_request_with_its_attempts_as_children(
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     with ExitStack() as stack:
-        replicas = [stack.enter_context(cli_server("--fake", "--fake-token-delay", "0.02"))
-                    for _ in range(2)]
+        replicas = stack.enter_context(cli_servers(*[["--fake", "--fake-token-delay", "0.02"]] * 2))
         gw = stack.enter_context(serve_asgi(create_gateway(
             [r.url for r in replicas], secret=SECRET, probe_interval=0.1,
             tracer=GatewayTracer(provider))))

@@ -8,7 +8,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import httpx
@@ -42,11 +43,18 @@ class CliServer:
         return self.output()
 
 
-def run_cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    """Run ``servekit ARGS`` to completion (for commands that end, or fail, at once; the
-    timeout only guards against a hang: importing torch on a loaded 2-core machine takes seconds)."""
-    return subprocess.run([sys.executable, "-m", "servekit.server.cli", *args],
-                          capture_output=True, text=True, timeout=timeout, env=_env())
+def run_clis(*argvs: Sequence[str], timeout: float = 120.0
+             ) -> list[subprocess.CompletedProcess[str]]:
+    """Run ``servekit ARGS`` to completion for each argument list, as many at once as there
+    are CPUs (their imports overlap; more would only contend), for commands that end, or fail,
+    at once; the timeout only guards against a hang: importing torch on a loaded 2-core
+    machine takes seconds."""
+    def run(args: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "servekit.server.cli", *args],
+                              capture_output=True, text=True, timeout=timeout, env=_env())
+
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        return list(pool.map(run, argvs))
 
 
 @contextmanager
@@ -54,30 +62,60 @@ def cli_server(*args: str, ready_timeout: float = 120.0,
                port: int | None = None) -> Iterator[CliServer]:
     """``servekit serve ARGS --port <free>`` (or ``port``: a restart keeps its URL), until
     /ready answers 200; killed on exit."""
-    port = free_port() if port is None else port
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "servekit.server.cli", "serve", *args, "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
-    server = CliServer(proc, f"http://127.0.0.1:{port}")
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if proc.poll() is not None:
-                server._reader.join(timeout=5)
-                raise AssertionError(f"servekit serve exited with {proc.returncode}:\n"
-                                     f"{server.output()}")
-            try:
-                if httpx.get(server.url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"servekit serve not ready:\n{server.output()}")
-            time.sleep(0.1)
+    with cli_servers(args, ready_timeout=ready_timeout,
+                     ports=None if port is None else [port]) as (server,):
         yield server
+
+
+@contextmanager
+def cli_servers(*argvs: Sequence[str], ready_timeout: float = 120.0,
+                ports: Sequence[int] | None = None) -> Iterator[list[CliServer]]:
+    """One ``servekit serve`` per argument list, as :func:`cli_server`, all started at once:
+    their imports (torch, seconds each) overlap instead of queueing."""
+    ports = list(ports) if ports is not None else _free_ports(len(argvs))
+    servers: list[CliServer] = []
+    try:
+        for args, port in zip(argvs, ports, strict=True):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "servekit.server.cli", "serve", *args,
+                 "--port", str(port)],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+            servers.append(CliServer(proc, f"http://127.0.0.1:{port}"))
+        deadline = time.monotonic() + ready_timeout
+        for server in servers:
+            _wait_ready(server, deadline)
+        yield servers
     finally:
-        proc.kill()
-        proc.wait(timeout=30)
+        for server in servers:
+            server.proc.kill()
+        for server in servers:
+            server.proc.wait(timeout=30)
+
+
+def _free_ports(n: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < n:  # two free_port() calls may hand out the same port
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def _wait_ready(server: CliServer, deadline: float) -> None:
+    proc = server.proc
+    while True:
+        if proc.poll() is not None:
+            server._reader.join(timeout=5)
+            raise AssertionError(f"servekit serve exited with {proc.returncode}:\n"
+                                 f"{server.output()}")
+        try:
+            if httpx.get(server.url + "/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"servekit serve not ready:\n{server.output()}")
+        time.sleep(0.1)
 
 
 _DATA_DIR = tempfile.mkdtemp(prefix="servekit-test-data-")

@@ -4,6 +4,8 @@ real server configured by file against a real redis-server."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -12,7 +14,7 @@ import pytest
 from servekit.server.cli import build_parser
 from servekit.server.config import ConfigError, apply_config, load_config
 from tests.limit.conftest import RedisServer
-from tests.server.cli_server import cli_server, run_cli
+from tests.server.cli_server import cli_servers, run_clis
 
 GOOD = """
 hooks = ["stats", { name = "request_log", args = { model_name = "m" } }]
@@ -89,8 +91,7 @@ def test_bad_values_name_the_file_and_the_key(tmp_path: Path, text: str, message
         load_config(write(tmp_path, text))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("text", "flags", "message"), [
+BAD_PLUGINS = [
     ("[engine]\npolicy = 'lifo'", (), r"servekit\.toml: engine\.policy: no policy plugin named 'lifo'"),
     ("[engine]\npolicy = 'priority:{\"aging_rate\": -1}'", (),
      r"engine\.policy: policy plugin 'priority' \(servekit\) rejected .*aging_rate"),
@@ -98,15 +99,33 @@ def test_bad_values_name_the_file_and_the_key(tmp_path: Path, text: str, message
     ("[limits]\nstore = 'etcd://x'", (), r"limits\.store: no limiter_store plugin named 'etcd'"),
     ("", ("--policy", "fair:{\"weights\": 3}"), r"--policy: policy plugin 'fair'"),
     ("", ("--hook", "stats:{\"x\": 1}"), r"--hook: hook plugin 'stats' \(servekit\) rejected"),
-])
+]
+BAD_ENGINE_SIZES = [
+    ("[engine]\nblock_size = 0", (), r"servekit\.toml: engine\.block_size: block_size: must be"),
+    ("", ("--max-num-seqs", "0"), r"^servekit serve: --max-num-seqs: max_num_seqs: must be"),
+    ("[engine]\nkv_cache_mb = 0", (), r"engine\.kv_cache_mb: kv_cache_bytes: must be"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_serves(tmp_path_factory: pytest.TempPathFactory
+               ) -> dict[tuple[str, tuple[str, ...]], subprocess.CompletedProcess[str]]:
+    """``servekit serve`` run to its exit on each bad file or flags of BAD_PLUGINS and
+    BAD_ENGINE_SIZES, all at once: each process imports torch before it fails."""
+    cases = [(text, flags) for text, flags, _ in BAD_PLUGINS + BAD_ENGINE_SIZES]
+    argvs = [["serve", "--config", str(write(tmp_path_factory.mktemp("bad"), text)), *flags,
+              "--port", "1"] for text, flags in cases]
+    return dict(zip(cases, run_clis(*argvs, timeout=120), strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("text", "flags", "message"), BAD_PLUGINS)
 def test_bad_plugins_fail_before_the_server_starts(
-        tmp_path: Path, text: str, flags: tuple[str, ...], message: str) -> None:
-    path = write(tmp_path, text)
-    done = run_cli("serve", "--config", str(path), *flags, "--port", "1", timeout=60)
+        bad_serves: dict[tuple[str, tuple[str, ...]], subprocess.CompletedProcess[str]],
+        text: str, flags: tuple[str, ...], message: str) -> None:
+    done = bad_serves[text, flags]
     assert done.returncode == 2
     assert done.stderr.startswith("servekit serve: ")
-    import re
-
     assert re.search(message, done.stderr), done.stderr
 
 
@@ -132,7 +151,10 @@ policy = {{ name = "priority", args = {{ aging_rate = 0.5 }} }}
 [limits]
 store = "{redis.url}"
 """)
-        with cli_server("--config", str(path), "--policy", "fair") as server:
+        # both processes start at once (their imports overlap); the second is queried only
+        # after the first's requests
+        with cli_servers(["--config", str(path), "--policy", "fair"],
+                         ["--config", str(path)]) as (server, fresh):
             out = server.wait_for_output("scheduling policy: fair")  # the flag wins
             assert "servekit.sched.policy.FairSharePolicy" in out
             auth = {"authorization": "Bearer sk-bob"}
@@ -145,27 +167,21 @@ store = "{redis.url}"
             assert limited.status_code == 429 and "retry-after" in limited.headers
             assert httpx.post(server.url + "/v1/completions", json=body,
                               timeout=60).status_code == 401  # the keys file is in force
-        with cli_server("--config", str(path)) as server:  # the file's policy without a flag
-            server.wait_for_output("servekit.sched.policy.PriorityPolicy")
-            # the limit lives in Redis, so a fresh server process still sees bob's request
-            assert httpx.post(server.url + "/v1/completions", json=body, headers=auth,
+            server.proc.kill()
+            fresh.wait_for_output("servekit.sched.policy.PriorityPolicy")  # the file's policy
+            # the limit lives in Redis, so another server process still sees bob's request
+            assert httpx.post(fresh.url + "/v1/completions", json=body, headers=auth,
                               timeout=60).status_code == 429
     finally:
         redis.stop()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("text", "flags", "message"), [
-    ("[engine]\nblock_size = 0", (), r"servekit\.toml: engine\.block_size: block_size: must be"),
-    ("", ("--max-num-seqs", "0"), r"^servekit serve: --max-num-seqs: max_num_seqs: must be"),
-    ("[engine]\nkv_cache_mb = 0", (), r"engine\.kv_cache_mb: kv_cache_bytes: must be"),
-])
+@pytest.mark.parametrize(("text", "flags", "message"), BAD_ENGINE_SIZES)
 def test_bad_engine_sizes_name_their_origin(
-        tmp_path: Path, text: str, flags: tuple[str, ...], message: str) -> None:
-    done = run_cli("serve", "--config", str(write(tmp_path, text)), *flags, "--port", "1",
-                   timeout=60)
-    import re
-
+        bad_serves: dict[tuple[str, tuple[str, ...]], subprocess.CompletedProcess[str]],
+        text: str, flags: tuple[str, ...], message: str) -> None:
+    done = bad_serves[text, flags]
     assert done.returncode == 2 and re.search(message, done.stderr), done.stderr
 
 
