@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from servekit.engine import AsyncEngine, EngineConfig, LLMEngine
-from servekit.engine.outputs import RequestOutput
+from servekit.engine.outputs import RequestOutput, TokenLogprob
 from servekit.sched.params import SamplingParams
 from servekit.server import create_app
 from servekit.server.app import ServerConfig
@@ -133,6 +133,23 @@ def test_a_text_delta_event_is_the_openai_chunk_for_any_text(text: str, include_
                 "choices": [{"index": choice, **delta, "logprobs": None, "finish_reason": None}],
                 **({"usage": None} if include_usage else {})}
     assert json.loads(event[6:]) == expected
+
+
+@given(texts=st.lists(st.text(max_size=4), min_size=1, max_size=6), chat=st.booleans(),
+       finished=st.booleans(), with_logprobs=st.booleans(), include_usage=st.booleans())
+def test_the_events_of_a_batch_are_its_deltas_events_byte_for_byte(
+        texts: list[str], chat: bool, finished: bool, with_logprobs: bool,
+        include_usage: bool) -> None:
+    engine = FakeEngine()
+    job = Job("chatcmpl-1" if chat else "cmpl-1", "fake", None, [[1]],
+              [(0, SamplingParams(max_tokens=8, logprobs=1 if with_logprobs else None))] * 2)
+    encoder = (ChatEncoder if chat else CompletionEncoder)(
+        job, engine.tokenizer, include_usage=include_usage, logprobs=with_logprobs)
+    outs = [RequestOutput("r", [97], text, finished and k == len(texts) - 1,
+                          "length" if finished and k == len(texts) - 1 else None, 1, k + 1, 0,
+                          [TokenLogprob(97, -0.5, ((97, -0.5),))] if with_logprobs else None)
+            for k, text in enumerate(texts)]
+    assert encoder.chunks(1, outs) == b"".join(encoder.chunk(1, o) for o in outs)
 
 
 async def _sse(app: Any, body: dict[str, Any], send_s: float,

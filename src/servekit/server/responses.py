@@ -245,6 +245,7 @@ class ToolChatEncoder(ChatEncoder):
             self.tools.feed(0, tokenizer.decode(job.resume, skip_special_tokens=skip), False)
 
     def chunks(self, i: int, outs: Sequence[RequestOutput]) -> bytes:
+        """Each delta through the tool parser, in order (no plain-text shortcut here)."""
         return b"".join([self.chunk(i, out) for out in outs])
 
     def chunk(self, i: int, out: RequestOutput) -> bytes:
