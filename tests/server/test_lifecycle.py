@@ -127,7 +127,8 @@ def _cli(*args: str) -> tuple[subprocess.Popen[bytes], str]:
             if httpx.get(url + "/ready", timeout=1).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
-            time.sleep(0.05)
+            pass
+        time.sleep(0.05)  # a 503 while the engine loads waits too, not only a refused connection
     proc.kill()
     raise TimeoutError(proc.stdout.read().decode() if proc.stdout else "")
 
