@@ -86,12 +86,8 @@ class UsageCall:
         job, recorder = self.job, self.recorder
         key = job.key
         key_id = recorder.key_id(key)
-        reasons = job.finish_reasons
-        if len(reasons) == 1 and reasons[0] is not None:  # one choice, finished
-            finish = reasons[0]
-        else:
-            finish = ",".join(sorted({r for r in reasons if r is not None})) or (
-                "abort" if self.status == CLIENT_CLOSED else "error")
+        finish = ",".join(sorted({r for r in job.finish_reasons if r is not None})) or (
+            "abort" if self.status == CLIENT_CLOSED else "error")
         now = time.monotonic()
         if self.attempt is None:
             idem = recorder.idempotency_key(key_id, self.client_key, job.request_id)
