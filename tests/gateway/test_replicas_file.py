@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -139,3 +140,29 @@ def test_admin_endpoints_are_off_without_an_admin_key() -> None:
     with serve_asgi(app) as gw:
         r = httpx.get(gw + "/admin/replicas", headers={"authorization": "Bearer sk-user"})
         assert r.status_code == 404
+
+
+def test_a_watch_that_finds_its_replica_gone_ends_without_stopping_the_fleet() -> None:
+    # the race the full suite hit: the replica's /ready answered, then (before the watch task
+    # resumed, so before its cancellation could land) the replicas file removed it
+    import anyio
+
+    from servekit.gateway.fleet import Fleet
+
+    async def ready_app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    with serve_asgi(ready_app) as url:
+        fleet = Fleet([], policy="round_robin", probe_interval=0.01)
+        fleet.set_replicas([url])
+        fleet.set_replicas([])  # gone before the watch ever ran
+
+        async def watch_once() -> None:
+            async with httpx.AsyncClient() as client:
+                with anyio.fail_after(5):
+                    await fleet._watch(client, url)  # returns instead of raising
+
+        anyio.run(watch_once)

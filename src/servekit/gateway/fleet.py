@@ -147,6 +147,15 @@ class Fleet:
             await anyio.sleep(self.probe_interval)
 
     async def _watch(self, client: httpx.AsyncClient, url: str) -> None:
+        """Poll ``url``'s readiness (and KV events) until it leaves the fleet. Its removal
+        cancels this task, but a task whose await had already completed sees that only at
+        its next await: it may find the replica gone first, which ends the watch too (it
+        used to raise out of the fleet's task group and stop every watch, the replicas
+        file's included)."""
+        with contextlib.suppress(UnknownNodeError):
+            await self._poll(client, url)
+
+    async def _poll(self, client: httpx.AsyncClient, url: str) -> None:
         headers = {GATEWAY_SECRET_HEADER: self.secret} if self.secret else {}
         health = self.router.health
         after = -1
