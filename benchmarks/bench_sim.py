@@ -128,6 +128,13 @@ def _extra(parser: Any) -> None:
                         help="torch threads of the validated engine (server and in-process); "
                         "1 by default: two threads on this shared 2-core machine spin-wait for "
                         "each other while other processes run (a 25x slower step was seen)")
+    parser.add_argument("--max-waiting", type=int, default=32,
+                        help="the server's (and the simulated replica's) waiting-queue bound: "
+                        "overloaded, both shed what does not fit and goodput is a steady "
+                        "state; 1024, the server's default, measured the load's first seconds")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="let the server and the load generator share every CPU (by "
+                        "default the server runs on CPU 0 and the load generator on the others)")
     parser.add_argument("--sweep-seconds", type=float, default=8.0,
                         help="seconds per concurrency level of the profiling sweep")
     parser.add_argument("--plot", type=Path, default=None)
@@ -147,7 +154,8 @@ def main() -> None:
         steps_out = (None if args.json is None
                      else args.json.with_name(args.json.stem + "-steps.jsonl.gz"))
         rows, extra = validate(args.validate_duration, args.validate_repeats,
-                               args.sweep_seconds, args.plot, args.torch_threads, steps_out)
+                               args.sweep_seconds, args.plot, args.torch_threads, steps_out,
+                               max_waiting=args.max_waiting, pin=not args.no_pin)
         print_table(rows, ["load", "repeat", "source", "rate", "ttft_p50", "ttft_p90", "itl_p50",
                            "out_tok_per_s", "sent_tok_per_s", "goodput_rps", "requests"],
                     "server vs simulator")
@@ -207,43 +215,47 @@ TOLERANCES = {"light": {"ttft_p50": 0.10, "ttft_p90": 0.25, "itl_p50": 0.10,
               "overloaded": {"goodput_rps": 0.10}}
 
 
-async def _stream(client: Any, port: int, prompt: list[int],
-                  output: int) -> tuple[list[float], int]:
-    """One streamed completion: the arrival time of each chunk (the loop's clock) and the
-    tokens generated (the usage chunk's). They differ: the server sends no chunk for a token
-    whose text the detokenizer holds back (an incomplete character); its text comes with a
-    later token's chunk (about one token in 32 on the demo model with random prompts)."""
+async def _stream(port: int, prompt: list[int], output: int) -> tuple[list[float], int]:
+    """One streamed completion on a new connection: the arrival time of each chunk with a
+    token (``time.perf_counter``) and the tokens generated (the usage chunk's). They differ:
+    the server sends no chunk for a token whose text the detokenizer holds back (an incomplete
+    character); its text comes with a later token's chunk (about one token in 32 on the demo
+    model with random prompts). A rejected request (the queue full) has neither.
+
+    The client is ``bench_server.Conn``, not httpx: overloaded, httpx's pool took ~14 ms of
+    CPU per request with a thousand connections open, and the load generator, not the server,
+    set the pace."""
     import asyncio
     import json
 
-    loop = asyncio.get_running_loop()
+    from bench_server import Conn
+
     body = {"model": "servekit-demo", "prompt": prompt, "max_tokens": output,
             "ignore_eos": True, "stream": True, "temperature": 0.0,
             "stream_options": {"include_usage": True}}
-    import httpx
-
     times: list[float] = []
     tokens = 0
     try:
-        async with client.stream("POST", f"http://127.0.0.1:{port}/v1/completions",
-                                 json=body) as resp:
-            async for line in resp.aiter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    chunk = json.loads(line[6:])
-                    if chunk.get("choices"):
-                        times.append(loop.time())
-                    elif chunk.get("usage"):
-                        tokens = chunk["usage"]["completion_tokens"]
-    except httpx.HTTPError as exc:  # overloaded: a dropped connection is a failed request
+        conn = await Conn.open(f"http://127.0.0.1:{port}")
+        try:
+            status, chunks = await conn.post("/v1/completions", body)
+        finally:
+            conn.close()
+    except (OSError, asyncio.IncompleteReadError) as exc:  # overloaded: a dropped connection
         print(f"  request failed: {exc!r}", flush=True)
+        return times, tokens
+    if status != 200:
+        return times, tokens
+    for at, data in chunks:  # one chunk may carry several events (deltas ready together)
+        for event in data.split(b"\n\n"):
+            if not event.startswith(b"data: {"):
+                continue
+            chunk = json.loads(event[6:])
+            if chunk.get("choices"):
+                times.append(at)
+            elif chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
     return times, max(tokens, len(times))
-
-
-def _client() -> Any:
-    import httpx
-
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
-    return httpx.AsyncClient(timeout=600, limits=limits)
 
 
 async def _sweep(port: int, vocab: int, seconds: float) -> list[tuple[int, float]]:
@@ -255,24 +267,21 @@ async def _sweep(port: int, vocab: int, seconds: float) -> list[tuple[int, float
     import numpy as np
 
     rng = np.random.default_rng(7)
-    loop = asyncio.get_running_loop()
     alone: list[tuple[int, float]] = []
-    async with _client() as client:
-        level = 1
-        while level <= VALIDATE_SEQS:
-            async def worker(stop: float, level: int) -> None:
-                while loop.time() < stop:
-                    prompt = rng.integers(0, vocab, int(rng.integers(8, 2 * PROMPT))).tolist()
-                    t0 = loop.time()
-                    times, _ = await _stream(client, port, prompt,
-                                             int(rng.integers(8, 2 * OUTPUT)))
-                    if level == 1 and times:
-                        alone.append((len(prompt), times[0] - t0))
+    level = 1
+    while level <= VALIDATE_SEQS:
+        async def worker(stop: float, level: int) -> None:
+            while time.perf_counter() < stop:
+                prompt = rng.integers(0, vocab, int(rng.integers(8, 2 * PROMPT))).tolist()
+                t0 = time.perf_counter()
+                times, _ = await _stream(port, prompt, int(rng.integers(8, 2 * OUTPUT)))
+                if level == 1 and times:
+                    alone.append((len(prompt), times[0] - t0))
 
-            stop = loop.time() + seconds
-            await asyncio.gather(*(worker(stop, level) for _ in range(level)))
-            print(f"  profiling sweep: {level} concurrent streams done", flush=True)
-            level *= 2
+        stop = time.perf_counter() + seconds
+        await asyncio.gather(*(worker(stop, level) for _ in range(level)))
+        print(f"  profiling sweep: {level} concurrent streams done", flush=True)
+        level *= 2
     return alone
 
 
@@ -299,18 +308,15 @@ async def _load(port: int, times: list[float], duration: float, vocab: int,
 
     rng = np.random.default_rng(seed)
     sent: list[tuple[float, list[float], int]] = []  # (send time, chunk times, tokens)
-    loop = asyncio.get_running_loop()
-    start = loop.time()
+    start = time.perf_counter()  # _stream's clock
 
-    async def one(client: Any, at: float) -> None:
-        await asyncio.sleep(max(0.0, start + at - loop.time()))
-        t0 = loop.time()
-        times, tokens = await _stream(client, port, rng.integers(0, vocab, PROMPT).tolist(),
-                                      OUTPUT)
+    async def one(at: float) -> None:
+        await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+        t0 = time.perf_counter()
+        times, tokens = await _stream(port, rng.integers(0, vocab, PROMPT).tolist(), OUTPUT)
         sent.append((t0 - start, [t - start for t in times], tokens))
 
-    async with _client() as client:
-        await asyncio.gather(*(one(client, a) for a in times))
+    await asyncio.gather(*(one(a) for a in times))
     return load_row(sent, duration, len(times))
 
 
@@ -338,11 +344,12 @@ def load_row(sent: list[tuple[float, list[float], int]], duration: float,
 
 
 def _scenario(profile: Any, meta: dict[str, Any], rate: float, duration: float, seed: int,
-              latency: float = 0.0, frontend: Any = None) -> Scenario:
+              latency: float = 0.0, frontend: Any = None,
+              max_waiting: int | None = None) -> Scenario:
     from servekit.sim import SLO
 
     rc = ReplicaConfig(count=1, max_num_seqs=VALIDATE_SEQS, max_num_batched_tokens=VALIDATE_BUDGET,
-                       num_blocks=meta["num_blocks"])
+                       num_blocks=meta["num_blocks"], max_waiting_requests=max_waiting)
     wl = workload_from_dict({"rate": rate, "prompt": PROMPT, "output": OUTPUT})
     return Scenario(wl, profile, meta["num_blocks"], meta["max_model_len"], rc, slo=SLO(1.0, 0.2),
                     duration=duration, seed=seed, vocab_size=meta["vocab_size"],
@@ -365,8 +372,8 @@ def sim_row(r: SimResult, duration: float) -> dict[str, Any]:
 
 
 def validate(duration: float, repeats: int, sweep_seconds: float, png: Path | None,
-             torch_threads: int = 1,
-             steps_out: Path | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+             torch_threads: int = 1, steps_out: Path | None = None, *, max_waiting: int = 32,
+             pin: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Profile the demo engine through a running ``servekit serve`` (its ``step_log`` hook:
     the step profile and the front end's cost), then drive the same Poisson arrival trace
     (drawn once per load and repeat, sent to the server at its times and replayed into the
@@ -376,7 +383,13 @@ def validate(duration: float, repeats: int, sweep_seconds: float, png: Path | No
 
     ``steps_out``: where to keep the server's step log (gzip-compressed), for refitting later
     models on the cycles it really ran; ``phases`` in the result says when (on the log's
-    ``time`` clock, ``time.monotonic``) the sweep and each load ran."""
+    ``time`` clock, ``time.monotonic``) the sweep and each load ran.
+
+    ``max_waiting``: the waiting-queue bound of the server and of the simulated replica.
+    ``pin``: the server runs on CPU 0 and this process (the load generator, which parses every
+    streamed chunk in Python) on the other CPUs, so the load generator's work, which grows
+    with the load, does not take the server's CPU at random moments: unpinned, repeats of one
+    near-saturation load differed 4x in TTFT p50 with the same throughput."""
     import asyncio
     import gzip
     import json
@@ -404,11 +417,18 @@ def validate(duration: float, repeats: int, sweep_seconds: float, png: Path | No
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     step_log = Path(tempfile.mkdtemp(prefix="servekit-steps-")) / "steps.jsonl"
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = pin and len(cpus) > 1
     server = subprocess.Popen(
         [sys.executable, "-m", "servekit.server.cli", "serve", "--port", str(port),
          "--max-num-seqs", str(VALIDATE_SEQS), "--max-num-batched-tokens", str(VALIDATE_BUDGET),
+         "--max-waiting-requests", str(max_waiting),
          "--hook", "step_log:" + json.dumps({"path": str(step_log)}), "--log-level", "warning"],
-        env={**os.environ, "OMP_NUM_THREADS": str(torch_threads)})
+        env={**os.environ, "OMP_NUM_THREADS": str(torch_threads)},
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus[:1])) if pin else None)
+    if pin:
+        os.sched_setaffinity(0, cpus[1:])
+        print(f"server pinned to CPU {cpus[0]}, load generator to {cpus[1:]}", flush=True)
     rows: list[dict[str, Any]] = []
     phases: list[dict[str, Any]] = []
     try:
@@ -439,14 +459,14 @@ def validate(duration: float, repeats: int, sweep_seconds: float, png: Path | No
         # at a steady rate far past saturation would measure the front end admitting arrivals)
         from servekit.sim.workload import Arrival
 
-        backlog = simulate(_scenario(profile, meta, 1.0, 1.0, 0, latency, fe),
+        backlog = simulate(_scenario(profile, meta, 1.0, 1.0, 0, latency, fe, max_waiting=None),
                            arrivals=[Arrival(0.0, 0)] * 2000)
         capacity = 2000 / max(r.end for r in backlog.records)
         print(f"simulated capacity {capacity:.1f} req/s", flush=True)
         for name, frac in LOADS:
             rate = capacity * frac
             for rep in range(repeats):
-                sc = _scenario(profile, meta, rate, duration, 1 + rep, latency, fe)
+                sc = _scenario(profile, meta, rate, duration, 1 + rep, latency, fe, max_waiting)
                 trace = arrival_trace(sc)
                 began = time.monotonic()
                 real = asyncio.run(_load(port, [a.time for a in trace], duration, vocab,
@@ -455,11 +475,11 @@ def validate(duration: float, repeats: int, sweep_seconds: float, png: Path | No
                                "end": time.monotonic()})
                 sims = {"sim": _sim_row(sc, trace),
                         "sim (no front-end cost)": _sim_row(_scenario(
-                            steps_only, meta, rate, duration, 1 + rep, steps_only_latency),
-                            trace),
+                            steps_only, meta, rate, duration, 1 + rep, steps_only_latency,
+                            max_waiting=max_waiting), trace),
                         "sim (in-process profile)": _sim_row(_scenario(
                             engine_profile, meta, rate, duration, 1 + rep,
-                            steps_only_latency), trace)}
+                            steps_only_latency, max_waiting=max_waiting), trace)}
                 rows.append({"load": name, "rate": rate, "repeat": rep, "source": "server",
                              **real})
                 for source, row in sims.items():
@@ -470,6 +490,8 @@ def validate(duration: float, repeats: int, sweep_seconds: float, png: Path | No
     finally:
         server.terminate()
         server.wait(30)
+        if pin:
+            os.sched_setaffinity(0, cpus)
         if steps_out is not None and step_log.exists():
             steps_out.parent.mkdir(parents=True, exist_ok=True)
             with step_log.open("rb") as src, gzip.open(steps_out, "wb") as dst:
@@ -484,6 +506,7 @@ def validate(duration: float, repeats: int, sweep_seconds: float, png: Path | No
                   "steps_only_coefficients": list(steps_only.coefficients),
                   "frontend": fe.to_dict() if fe else None, "frontend_latency": latency,
                   "capacity_rps": capacity, "steps_only_latency": steps_only_latency,
+                  "max_waiting": max_waiting, "pinned": pin,
                   "step_log": None if steps_out is None else steps_out.name, "phases": phases,
                   "errors": summary, "errors_without_frontend_cost": _validation_summary(
                       rows, "sim (no front-end cost)")}

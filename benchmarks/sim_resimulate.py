@@ -285,7 +285,8 @@ def resimulate(name: str, doc: dict[str, Any], duration: float = 40.0) -> dict[s
     for row in server_rows(doc):
         rows.append(row)
         for model, (run, prof, cost, lat) in models.items():
-            sc = _scenario(prof, meta, row["rate"], duration, 1 + row["repeat"], lat, cost)
+            sc = _scenario(prof, meta, row["rate"], duration, 1 + row["repeat"], lat, cost,
+                           doc.get("max_waiting"))  # recorded since the bound was set
             rows.append({"load": row["load"], "repeat": row["repeat"], "source": model,
                          "rate": row["rate"], **run(sc, arrival_trace(sc))})
     recorded = [r for r in doc["rows"] if r["source"] == "sim"]

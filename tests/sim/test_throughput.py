@@ -109,3 +109,51 @@ def test_the_simulators_throughput_is_the_tokens_its_steps_emitted_within_the_wi
     offered = sum(r.n_out for r in result.records
                   if sc.warmup <= r.arrival <= sc.duration) / window
     assert offered > 1.5 * served / window
+
+
+async def _sse_server(responses: list[bytes]) -> tuple[Any, int]:
+    """A server on 127.0.0.1 that answers each connection's request with the next of
+    ``responses`` (raw HTTP/1.1 bytes)."""
+    import asyncio
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        writer.write(responses.pop(0))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def _chunked(*events: list[bytes]) -> bytes:
+    """A 200 SSE response, one HTTP chunk per list of events (events ready together)."""
+    body = b"".join(b"%x\r\n%s\r\n" % (len(b"".join(e)), b"".join(e)) for e in events)
+    return (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n" + body + b"0\r\n\r\n")
+
+
+def test_the_validation_harness_reads_every_token_of_a_chunk_and_the_usage() -> None:
+    import asyncio
+
+    bench = _bench_sim()
+    token = b'data: {"choices":[{"index":0,"text":"a"}]}\n\n'
+    usage = b'data: {"choices":[],"usage":{"completion_tokens":5}}\n\n'
+    rejected = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                b"content-length: 2\r\n\r\n{}")
+
+    async def run() -> list[tuple[list[float], int]]:
+        # two tokens ready together in one chunk, one alone, the usage (one token held back by
+        # the detokenizer: 5 tokens, 4 chunks' worth of events), then a request refused
+        server, port = await _sse_server([
+            _chunked([token, token], [token], [token], [usage, b"data: [DONE]\n\n"]), rejected])
+        async with server:
+            return [await bench._stream(port, [1, 2, 3], 5) for _ in range(2)]
+
+    (times, tokens), refused = asyncio.run(run())
+    assert len(times) == 4 and times == sorted(times)
+    assert times[0] == times[1]  # one chunk: one arrival time for both of its tokens
+    assert tokens == 5
+    assert refused == ([], 0)
