@@ -12,6 +12,13 @@ count when higher; only the latter with ``reported_load`` off). Other calls (``i
 ``load``) and requests the policy cannot route (no key for consistent hashing) go to the least
 loaded replica.
 
+A request counts in flight on its replica from ``on_request_routed`` until its call is done
+(success, error, cancelled, replica lost): a done callback registered on the call's result right
+after the count releases it, once. (Not Ray's ``on_request_completed``: Ray registers its own
+callback before it awaits the replica's acceptance, so a call that ends while this router's loop
+is busy reaches ``on_request_completed`` before ``on_request_routed`` and its count would never
+be released; and it fires for a rejected attempt too, under the same request id as the retry.)
+
 A report is up to ``routing_stats_period`` old when it arrives (Ray's controller pulls the
 stats and pushes them to every router), where the gateway reads KV events as they happen. So
 the blocks of a prompt this router sends count as held by its replica at once, and keep counting
@@ -37,6 +44,7 @@ and a report, a period old, would only lag: ``build_app`` turns it off then).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -71,7 +79,7 @@ class ReplicaRouting:
         self.reported_load = reported_load
         self.clock = clock
         self._versions: dict[str, Any] = {}
-        self._in_flight: dict[str, tuple[str, float]] = {}  # request id -> (replica, sent at)
+        self._in_flight: dict[str, str] = {}  # request id -> replica
         self._sent: deque[tuple[float, str, tuple[int, ...]]] = deque()  # (when, where, blocks)
 
     def sync(self, replicas: Mapping[str, Mapping[str, Any]]) -> None:
@@ -88,8 +96,6 @@ class ReplicaRouting:
                 router.report_load(name, ReplicaLoad(
                     int(stats["running"]), int(stats["waiting"]),
                     min(1.0, max(0.0, float(stats["kv_usage"])))))
-            if stats.get("running") == 0 and stats.get("waiting") == 0:
-                self._forget_done(name)
             version = stats.get("blocks_version")
             if version is not None and self._versions.get(name) != version:
                 index.remove_replica(name)
@@ -122,11 +128,12 @@ class ReplicaRouting:
 
     def routed(self, request_id: str, name: str,
                call: tuple[list[int], str | None, str | None] | None = None) -> None:
-        """A request (a ``generate`` ``call``, see :meth:`choose`) was sent to ``name``."""
+        """A request (a ``generate`` ``call``, see :meth:`choose`) was sent to ``name``: in
+        flight there until :meth:`completed`."""
         if name not in self.router.replicas:
             return
         self.router.acquire(name)
-        self._in_flight[request_id] = (name, self.clock())
+        self._in_flight[request_id] = name
         if call is not None:
             token_ids, _, cache_salt = call
             blocks = tuple(self.router.prefix.block_hashes(token_ids, cache_salt))
@@ -135,19 +142,10 @@ class ReplicaRouting:
                 self._hold(name, blocks)
 
     def completed(self, request_id: str) -> None:
-        """A request ended."""
-        entry = self._in_flight.pop(request_id, None)
-        if entry is not None and entry[0] in self.router.replicas:
-            self.router.release(entry[0], None)
-
-    def _forget_done(self, name: str) -> None:
-        """``name`` reports nothing running or waiting: requests sent to it more than
-        ``sent_ttl`` ago (reports lag at most that) have ended, whether or not Ray called
-        :meth:`completed` for them (it may not for a cancelled stream); drop them."""
-        oldest = self.clock() - self.sent_ttl
-        for request_id in [r for r, (where, at) in self._in_flight.items()
-                           if where == name and at < oldest]:
-            self.completed(request_id)
+        """A request :meth:`routed` ended (no-op for any other id, or a second time)."""
+        name = self._in_flight.pop(request_id, None)
+        if name is not None and name in self.router.replicas:
+            self.router.release(name, None)
 
     def in_flight(self, name: str) -> int:
         """Requests this router sent to ``name`` that have not completed (0 if unknown)."""
@@ -206,13 +204,16 @@ class ServekitRequestRouter(RequestRouter):  # type: ignore[misc]  # ray is unty
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: Any) -> None:
-        """Count the request in flight on its replica, and its prompt's blocks as held there."""
-        self.routing.routed(pending_request.metadata.internal_request_id, replica_id.unique_id,
-                            _routed_call(pending_request))
-
-    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        """The request ended: no longer in flight."""
-        self.routing.completed(internal_request_id)
+        """Count the request in flight on its replica until ``result`` (Ray's
+        ``ReplicaResult`` of the call) is done, and its prompt's blocks as held there (see the
+        module docstring)."""
+        request_id = pending_request.metadata.internal_request_id
+        self.routing.routed(request_id, replica_id.unique_id, _routed_call(pending_request))
+        # registered after the count: on a call already done Ray runs it at once; from any
+        # thread, so the release goes through this router's loop, as every other hook runs
+        loop = asyncio.get_running_loop()
+        result.add_done_callback(
+            lambda _: loop.call_soon_threadsafe(self.routing.completed, request_id))
 
 
 def _routed_call(pending: PendingRequest | None) -> tuple[list[int], str | None, str | None] | None:
