@@ -22,7 +22,7 @@ from servekit.sim import (
     simulate,
     workload_from_dict,
 )
-from servekit.sim.profile import profile_step_log, step_log_cycles
+from servekit.sim.profile import profile_step_log, speed_factor, step_log_cycles
 from servekit.sim.steptime import StepShape
 from servekit.sim.workload import Arrival
 
@@ -30,9 +30,10 @@ from .conftest import small_scenario
 
 
 def _write_log(path: Path, truth: ProfiledModel, cost: FrontendCost, seed: int,
-               n: int = 300) -> None:
+               n: int = 300, slower_from: int | None = None, slower: float = 1.0) -> None:
     """A step log of a busy server whose cycles take exactly profile + front-end cost, with an
-    idle gap now and then (those cycles must not be fitted)."""
+    idle gap now and then (those cycles must not be fitted); from step ``slower_from`` on, the
+    machine runs ``slower`` times slower."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -46,8 +47,9 @@ def _write_log(path: Path, truth: ProfiledModel, cost: FrontendCost, seed: int,
                               float(decodes * ctx + prefill * (prefill + 1) / 2))
             arrivals = int(rng.integers(0, 5))
             idle = i % 25 == 24  # nothing left after this step: the next one waits for a request
-            step = truth.step_time(shape)
-            now += step + cost.per_request * arrivals + cost.per_token * prev_tokens
+            speed = slower if slower_from is not None and i >= slower_from else 1.0
+            step = truth.step_time(shape) * speed
+            now += step + (cost.per_request * arrivals + cost.per_token * prev_tokens) * speed
             tokens = decodes + (1 if prefill else 0) + int(rng.integers(0, 3))
             file.write(json.dumps({
                 "batch_size": 1, "scheduled_tokens": shape.tokens,
@@ -83,6 +85,37 @@ def test_the_fit_recovers_a_known_front_end_cost_from_a_step_log(
     path = log.parent / "profile.json"
     fitted.save(path)
     assert ProfiledModel.load(path).frontend == fitted.frontend
+
+
+def test_a_slower_stretch_of_a_step_log_is_measured_and_the_profile_scaled_to_it(
+        tmp_path: Path) -> None:
+    truth = ProfiledModel([2e-3, 4e-5, 3e-4, 1e-6, 2e-9], frontend=FrontendCost(1e-3, 1e-4))
+    assert truth.frontend is not None
+    log = tmp_path / "steps.jsonl"
+    _write_log(log, truth, truth.frontend, 3, n=400, slower_from=200, slower=1.08)
+    times = [json.loads(line)["time"] for line in log.read_text().splitlines()]
+    before = step_log_cycles(log, window=(times[0], times[199]))
+    after = step_log_cycles(log, window=(times[200], times[-1]))
+    whole = step_log_cycles(log)
+    assert before is not None and after is not None and whole is not None
+    assert len(before.seconds) + len(after.seconds) == len(whole.seconds)
+    assert speed_factor(truth, before) == pytest.approx(1.0)
+    assert speed_factor(truth, after) == pytest.approx(1.08)
+    assert 1.0 < speed_factor(truth, whole) < 1.08
+    # the profile at the slower speed predicts the slower cycles: steps and front end alike
+    slow = truth.scaled(1.08)
+    assert speed_factor(slow, after) == pytest.approx(1.0)
+    assert slow.frontend is not None
+    assert slow.frontend.per_request == pytest.approx(1.08e-3)
+    assert slow.frontend.per_token == pytest.approx(1.08e-4)
+    assert slow.step_time(StepShape(64, 3, 100, 2000.0)) == pytest.approx(
+        1.08 * truth.step_time(StepShape(64, 3, 100, 2000.0)))
+    with pytest.raises(SimConfigError, match="factor"):
+        truth.scaled(0.0)
+    nothing = step_log_cycles(log, window=(times[-1] + 1, times[-1] + 2))
+    assert nothing is not None and not nothing.seconds
+    with pytest.raises(SimConfigError, match="cycles"):
+        speed_factor(truth, nothing)
 
 
 def test_a_step_log_without_the_front_end_fields_fits_the_steps_alone(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from servekit.sim.errors import SimConfigError
+from servekit.sim.frontend import FrontendCost
 from servekit.sim.steptime import (
     ProfiledModel,
     StepShape,
@@ -36,7 +37,7 @@ _STEP_LOG_KEYS = ("prefill_tokens", "num_decodes", "kv_tokens", "attention_pairs
 _CYCLE_KEYS = ("time", "num_running", "num_waiting", "arrivals", "output_tokens")
 
 __all__ = ["Cycles", "measure_engine", "profile_engine", "profile_step_log", "read_step_log",
-           "step_log_cycles"]
+           "speed_factor", "step_log_cycles"]
 
 
 def measure_engine(engine: Any, *, max_num_seqs: int, steps: int, seed: int = 0,
@@ -158,17 +159,22 @@ class Cycles:
         self.seconds: list[float] = []
 
 
-def step_log_cycles(path: str | Path) -> Cycles | None:
+def step_log_cycles(path: str | Path, *,
+                    window: tuple[float, float] | None = None) -> Cycles | None:
     """The busy cycles of a ``step_log`` file; None for a log without the front end's fields
     (``arrivals``, ``output_tokens``: written by servekit since the front-end cost model).
 
     A cycle counts only when the engine had work left after the previous step (otherwise it
-    waited, idle, for an arrival) and its step did work."""
+    waited, idle, for an arrival) and its step did work. ``window``: only the cycles whose
+    step ended within ``(start, end)`` on the log's ``time`` clock (``time.monotonic``)."""
     records = _records(path)
     if not records or any(key not in s for s in records for key in _CYCLE_KEYS):
         return None
+    start, end = window if window is not None else (-np.inf, np.inf)
     cycles = Cycles()
     for prev, step in itertools.pairwise(records):
+        if not start <= float(step["time"]) <= end:
+            continue
         if not (prev["num_running"] or prev["num_waiting"]):
             continue
         if not (step["prefill_tokens"] or step["num_decodes"]):
@@ -178,6 +184,19 @@ def step_log_cycles(path: str | Path) -> Cycles | None:
         cycles.streamed.append(int(prev["output_tokens"]))
         cycles.seconds.append(float(step["time"]) - float(prev["time"]))
     return cycles
+
+
+def speed_factor(profile: ProfiledModel, cycles: Cycles) -> float:
+    """How much longer ``cycles`` took than ``profile`` (with its front-end cost) predicts:
+    their measured seconds over the predicted, in total (> 1: the machine ran slower than when
+    the profile was fitted). ``profile.scaled(factor)`` is then the profile at that speed."""
+    fe = profile.frontend or FrontendCost()
+    predicted = sum(profile.step_time(s) + fe.per_request * a + fe.per_token * k
+                    for s, a, k in zip(cycles.shapes, cycles.arrivals, cycles.streamed,
+                                       strict=True))
+    if not cycles.seconds or predicted <= 0:
+        raise SimConfigError("cycles", "no busy cycles to compare the profile with")
+    return float(sum(cycles.seconds)) / predicted
 
 
 def profile_step_log(path: str | Path, *, meta: dict[str, Any] | None = None) -> ProfiledModel:

@@ -124,6 +124,16 @@ class ProfiledModel:
         return (c0 + c1 * shape.prefill_tokens + c2 * shape.decodes + c3 * shape.kv_tokens
                 + c4 * shape.attention_pairs)
 
+    def scaled(self, factor: float) -> ProfiledModel:
+        """This profile, and its front-end cost, on a machine ``factor`` times slower (> 1) or
+        faster (< 1), e.g. :func:`~servekit.sim.profile.speed_factor` of a later run."""
+        factor = number("factor", factor, positive=True)
+        fe = self.frontend
+        return ProfiledModel([c * factor for c in self.coefficients],
+                             meta={**self.meta, "scaled": factor},
+                             frontend=None if fe is None else FrontendCost(
+                                 fe.per_request * factor, fe.per_token * factor))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (what :meth:`load` reads)."""
         out: dict[str, Any] = {"kind": "profiled", "features": list(PROFILE_FEATURES),
