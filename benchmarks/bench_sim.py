@@ -212,7 +212,7 @@ def main() -> None:
 VALIDATE_SEQS, VALIDATE_BUDGET, PROMPT, OUTPUT = 16, 256, 64, 32
 LOADS = (("light", 0.3), ("near saturation", 0.85), ("overloaded", 1.5))
 #: the simulator with the server profile rescaled to the machine's speed during the load
-#: (``speed_factor`` of the load's own logged cycles): the validation's checks
+#: (``speed_factors`` of the load's own logged cycles): the validation's checks
 AT_RUN_SPEED = "sim (at the run's speed)"
 #: the issue's tolerances: relative error vs the server per metric, by load
 TOLERANCES = {"light": {"ttft_p50": 0.10, "ttft_p90": 0.25, "itl_p50": 0.10,
@@ -393,12 +393,13 @@ def validate(duration: float, repeats: int, sweep_seconds: float, png: Path | No
     ``time`` clock, ``time.monotonic``) the sweep and each load ran.
 
     The checks (``errors``) compare the server with the simulator at the speed the machine
-    ran each load: the server profile scaled by ``speed_factor`` of the cycles the server
-    logged during that load (one number per load and repeat, from step durations alone, never
-    from the metrics compared). This shared 2-core machine's speed drifts by up to ~10 % from
-    minute to minute, and at 0.85 of capacity a 7 % slower minute doubles the queueing, which no
-    model fitted a minute earlier can know. ``errors_at_sweep_speed`` is the comparison
-    without it.
+    ran each load: the server profile scaled by the ``speed_factors`` of the cycles the server
+    logged during that load (two numbers per load and repeat, the steps' and the front end's,
+    from the logged cycle times alone, never from the metrics compared). This shared 2-core
+    machine's speed drifts by up to ~10 % from minute to minute, and at 0.85 of capacity a 7 %
+    slower minute doubles the queueing, which no model fitted a minute earlier can know; the
+    front end's cost per request differs between the closed-loop sweep and an open-loop load.
+    ``errors_at_sweep_speed`` is the comparison without them.
 
     ``max_waiting``: the waiting-queue bound of the server and of the simulated replica.
     ``pin``: the server runs on CPU 0 and this process (the load generator, which parses every
@@ -423,7 +424,7 @@ def validate(duration: float, repeats: int, sweep_seconds: float, png: Path | No
         profile_engine,
         profile_step_log,
         read_step_log,
-        speed_factor,
+        speed_factors,
         step_log_cycles,
     )
     from servekit.sim.simulator import arrival_trace
@@ -521,14 +522,14 @@ def validate(duration: float, repeats: int, sweep_seconds: float, png: Path | No
     for phase in phases[1:]:  # each load and repeat, at the speed the machine ran it
         cycles = step_log_cycles(step_log, window=(phase["start"], phase["end"]))
         assert cycles is not None  # this servekit's step log has the cycle fields
-        phase["speed_factor"] = factor = speed_factor(profile, cycles)
-        at_speed = profile.scaled(factor)
+        phase["speed_factors"] = factors = speed_factors(profile, cycles)
+        at_speed = profile.scaled(*factors)
         sc = _scenario(at_speed, meta, phase["rate"], duration, 1 + phase["repeat"], latency,
                        at_speed.frontend, max_waiting)
         rows.append({"load": phase["phase"], "rate": phase["rate"], "repeat": phase["repeat"],
                      "source": AT_RUN_SPEED, **_sim_row(sc, arrival_trace(sc))})
-        print(f"{phase['phase']} #{phase['repeat']}: the server ran {factor:.3f}x the "
-              f"profile's cycle time", flush=True)
+        print(f"{phase['phase']} #{phase['repeat']}: the server's steps took {factors[0]:.3f}x "
+              f"the profile's time, its front end {factors[1]:.3f}x", flush=True)
     summary = _validation_summary(rows, AT_RUN_SPEED)
     if png is not None:
         _plot_validation(rows, png)

@@ -22,7 +22,7 @@ from servekit.sim import (
     simulate,
     workload_from_dict,
 )
-from servekit.sim.profile import profile_step_log, speed_factor, step_log_cycles
+from servekit.sim.profile import profile_step_log, speed_factors, step_log_cycles
 from servekit.sim.steptime import StepShape
 from servekit.sim.workload import Arrival
 
@@ -30,10 +30,11 @@ from .conftest import small_scenario
 
 
 def _write_log(path: Path, truth: ProfiledModel, cost: FrontendCost, seed: int,
-               n: int = 300, slower_from: int | None = None, slower: float = 1.0) -> None:
+               n: int = 300, slower_from: int | None = None,
+               slower: tuple[float, float] = (1.0, 1.0)) -> None:
     """A step log of a busy server whose cycles take exactly profile + front-end cost, with an
     idle gap now and then (those cycles must not be fitted); from step ``slower_from`` on, the
-    machine runs ``slower`` times slower."""
+    steps and the front end's work take ``slower`` times as long."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -47,9 +48,10 @@ def _write_log(path: Path, truth: ProfiledModel, cost: FrontendCost, seed: int,
                               float(decodes * ctx + prefill * (prefill + 1) / 2))
             arrivals = int(rng.integers(0, 5))
             idle = i % 25 == 24  # nothing left after this step: the next one waits for a request
-            speed = slower if slower_from is not None and i >= slower_from else 1.0
-            step = truth.step_time(shape) * speed
-            now += step + (cost.per_request * arrivals + cost.per_token * prev_tokens) * speed
+            step_speed, fe_speed = (slower if slower_from is not None and i >= slower_from
+                                    else (1.0, 1.0))
+            step = truth.step_time(shape) * step_speed
+            now += step + (cost.per_request * arrivals + cost.per_token * prev_tokens) * fe_speed
             tokens = decodes + (1 if prefill else 0) + int(rng.integers(0, 3))
             file.write(json.dumps({
                 "batch_size": 1, "scheduled_tokens": shape.tokens,
@@ -87,35 +89,47 @@ def test_the_fit_recovers_a_known_front_end_cost_from_a_step_log(
     assert ProfiledModel.load(path).frontend == fitted.frontend
 
 
+@pytest.mark.parametrize("slower", [(1.08, 1.08), (1.0, 1.3), (0.9, 1.15)])
 def test_a_slower_stretch_of_a_step_log_is_measured_and_the_profile_scaled_to_it(
-        tmp_path: Path) -> None:
+        tmp_path: Path, slower: tuple[float, float]) -> None:
     truth = ProfiledModel([2e-3, 4e-5, 3e-4, 1e-6, 2e-9], frontend=FrontendCost(1e-3, 1e-4))
-    assert truth.frontend is not None
     log = tmp_path / "steps.jsonl"
-    _write_log(log, truth, truth.frontend, 3, n=400, slower_from=200, slower=1.08)
+    _write_log(log, truth, FrontendCost(1e-3, 1e-4), 3, n=400, slower_from=200, slower=slower)
     times = [json.loads(line)["time"] for line in log.read_text().splitlines()]
     before = step_log_cycles(log, window=(times[0], times[199]))
     after = step_log_cycles(log, window=(times[200], times[-1]))
     whole = step_log_cycles(log)
     assert before is not None and after is not None and whole is not None
     assert len(before.seconds) + len(after.seconds) == len(whole.seconds)
-    assert speed_factor(truth, before) == pytest.approx(1.0)
-    assert speed_factor(truth, after) == pytest.approx(1.08)
-    assert 1.0 < speed_factor(truth, whole) < 1.08
-    # the profile at the slower speed predicts the slower cycles: steps and front end alike
-    slow = truth.scaled(1.08)
-    assert speed_factor(slow, after) == pytest.approx(1.0)
+    assert speed_factors(truth, before) == pytest.approx((1.0, 1.0))
+    assert speed_factors(truth, after) == pytest.approx(slower)
+    # the profile at those speeds predicts the slower cycles: steps and front end apart
+    slow = truth.scaled(*slower)
+    assert speed_factors(slow, after) == pytest.approx((1.0, 1.0))
     assert slow.frontend is not None
-    assert slow.frontend.per_request == pytest.approx(1.08e-3)
-    assert slow.frontend.per_token == pytest.approx(1.08e-4)
-    assert slow.step_time(StepShape(64, 3, 100, 2000.0)) == pytest.approx(
-        1.08 * truth.step_time(StepShape(64, 3, 100, 2000.0)))
-    with pytest.raises(SimConfigError, match="factor"):
-        truth.scaled(0.0)
-    nothing = step_log_cycles(log, window=(times[-1] + 1, times[-1] + 2))
+    assert slow.frontend.per_request == pytest.approx(1e-3 * slower[1])
+    assert slow.frontend.per_token == pytest.approx(1e-4 * slower[1])
+    shape = StepShape(64, 3, 100, 2000.0)
+    assert slow.step_time(shape) == pytest.approx(slower[0] * truth.step_time(shape))
+
+
+def test_speed_factors_of_no_cycles_or_a_bad_factor_are_errors(tmp_path: Path) -> None:
+    truth = ProfiledModel([2e-3, 4e-5, 3e-4, 1e-6, 2e-9], frontend=FrontendCost(1e-3, 1e-4))
+    log = tmp_path / "steps.jsonl"
+    _write_log(log, truth, FrontendCost(1e-3, 1e-4), 3, n=50)
+    last = json.loads(log.read_text().splitlines()[-1])["time"]
+    nothing = step_log_cycles(log, window=(last + 1, last + 2))
     assert nothing is not None and not nothing.seconds
     with pytest.raises(SimConfigError, match="cycles"):
-        speed_factor(truth, nothing)
+        speed_factors(truth, nothing)
+    with pytest.raises(SimConfigError, match="factor"):
+        truth.scaled(0.0)
+    # no front-end cost to compare: the steps' factor stands for both
+    cycles = step_log_cycles(log)
+    assert cycles is not None
+    bare = ProfiledModel(truth.coefficients)
+    step, front = speed_factors(bare, cycles)
+    assert step == front and step > 1.0  # the cycles' front-end work lands on the steps
 
 
 def test_a_step_log_without_the_front_end_fields_fits_the_steps_alone(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from servekit.sim.steptime import (
     StepShape,
     fit_profile,
     fit_with_frontend,
+    nnls,
     shape_of,
 )
 
@@ -37,7 +38,7 @@ _STEP_LOG_KEYS = ("prefill_tokens", "num_decodes", "kv_tokens", "attention_pairs
 _CYCLE_KEYS = ("time", "num_running", "num_waiting", "arrivals", "output_tokens")
 
 __all__ = ["Cycles", "measure_engine", "profile_engine", "profile_step_log", "read_step_log",
-           "speed_factor", "step_log_cycles"]
+           "speed_factors", "step_log_cycles"]
 
 
 def measure_engine(engine: Any, *, max_num_seqs: int, steps: int, seed: int = 0,
@@ -186,17 +187,26 @@ def step_log_cycles(path: str | Path, *,
     return cycles
 
 
-def speed_factor(profile: ProfiledModel, cycles: Cycles) -> float:
-    """How much longer ``cycles`` took than ``profile`` (with its front-end cost) predicts:
-    their measured seconds over the predicted, in total (> 1: the machine ran slower than when
-    the profile was fitted). ``profile.scaled(factor)`` is then the profile at that speed."""
+def speed_factors(profile: ProfiledModel, cycles: Cycles) -> tuple[float, float]:
+    """How much longer than ``profile`` predicts the ``cycles``' steps and their front-end work
+    took: ``(step, frontend)``, the non-negative least-squares weights of the two predicted
+    parts of each cycle's time (> 1: slower than when the profile was fitted). A profile
+    without a front-end cost, or cycles with no front-end work, get the step's factor for
+    both. ``profile.scaled(*factors)`` is the profile at those speeds."""
     fe = profile.frontend or FrontendCost()
-    predicted = sum(profile.step_time(s) + fe.per_request * a + fe.per_token * k
-                    for s, a, k in zip(cycles.shapes, cycles.arrivals, cycles.streamed,
-                                       strict=True))
-    if not cycles.seconds or predicted <= 0:
+    steps = np.array([profile.step_time(s) for s in cycles.shapes])
+    frontend = np.array([fe.per_request * a + fe.per_token * k
+                         for a, k in zip(cycles.arrivals, cycles.streamed, strict=True)])
+    if not cycles.seconds or steps.sum() <= 0:
         raise SimConfigError("cycles", "no busy cycles to compare the profile with")
-    return float(sum(cycles.seconds)) / predicted
+    seconds = np.asarray(cycles.seconds, dtype=np.float64)
+    if frontend.sum() <= 0:
+        step = float(seconds.sum() / steps.sum())
+        return step, step
+    step, front = nnls(np.column_stack([steps, frontend]), seconds)
+    if step <= 0:
+        raise SimConfigError("cycles", "the cycles leave the profile's steps no time")
+    return float(step), float(front) if front > 0 else float(step)
 
 
 def profile_step_log(path: str | Path, *, meta: dict[str, Any] | None = None) -> ProfiledModel:

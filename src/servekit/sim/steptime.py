@@ -124,15 +124,18 @@ class ProfiledModel:
         return (c0 + c1 * shape.prefill_tokens + c2 * shape.decodes + c3 * shape.kv_tokens
                 + c4 * shape.attention_pairs)
 
-    def scaled(self, factor: float) -> ProfiledModel:
-        """This profile, and its front-end cost, on a machine ``factor`` times slower (> 1) or
-        faster (< 1), e.g. :func:`~servekit.sim.profile.speed_factor` of a later run."""
+    def scaled(self, factor: float, frontend_factor: float | None = None) -> ProfiledModel:
+        """This profile on a machine ``factor`` times slower (> 1) or faster (< 1) at steps and
+        ``frontend_factor`` (default ``factor``) at its front-end work, e.g. the
+        :func:`~servekit.sim.profile.speed_factors` of a later run."""
         factor = number("factor", factor, positive=True)
+        front = number("frontend_factor", factor if frontend_factor is None else frontend_factor,
+                       minimum=0.0)
         fe = self.frontend
         return ProfiledModel([c * factor for c in self.coefficients],
-                             meta={**self.meta, "scaled": factor},
+                             meta={**self.meta, "scaled": [factor, front]},
                              frontend=None if fe is None else FrontendCost(
-                                 fe.per_request * factor, fe.per_token * factor))
+                                 fe.per_request * front, fe.per_token * front))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (what :meth:`load` reads)."""
