@@ -21,6 +21,10 @@ script rebuilds each scenario as ``validate`` built it and simulates it again:
   least-squares summary stands in for the data); newer runs keep the real ones in their step
   log (``step_log``, ``phases``), not used here yet.
 
+``--speeds`` checks runs of the current harness (their step logs kept) at each load's measured
+speed instead: ``speed_factors`` as ``bench_sim.py --validate`` applies it, one factor for steps
+and front end together, and the sweep's profile as fitted (:func:`rescaled`).
+
 It prints, per run and load, the server's medians over its repeats, its own spread (half the
 range between its repeats, relative to their median) and each model's relative error. Output
 throughput is counted two ways, as ``bench_sim.py --validate`` now records them:
@@ -294,6 +298,45 @@ def resimulate(name: str, doc: dict[str, Any], duration: float = 40.0) -> dict[s
             "models": list(models)}
 
 
+RESCALINGS = ("two factors", "one factor", "sim")
+
+
+def rescaled(doc: dict[str, Any], path: Path, duration: float = 40.0) -> dict[str, Any]:
+    """A run of the current harness (a kept step log, ``phases``) checked three ways: the
+    server profile rescaled to each load's measured speed by ``speed_factors`` (steps and front
+    end apart, as ``bench_sim.py --validate`` does since 2026-12-07 02:15), by one factor for
+    both (the cycles' measured time over the predicted, the first version), and as fitted on
+    the sweep (the run's own ``sim`` rows)."""
+    from bench_sim import _validation_summary
+    from servekit.sim.profile import speed_factors, step_log_cycles
+
+    log = path.parent / doc["step_log"]
+    fe = FrontendCost(**doc["frontend"])
+    profile = ProfiledModel(doc["server_coefficients"], frontend=fe)
+    rows = [r for r in doc["rows"] if r["source"] in ("server", "sim")]
+    factors = []
+    for phase in doc["phases"][1:]:
+        cycles = step_log_cycles(log, window=(phase["start"], phase["end"]))
+        assert cycles is not None
+        predicted = sum(profile.step_time(s) + fe.per_request * a + fe.per_token * k
+                        for s, a, k in zip(cycles.shapes, cycles.arrivals, cycles.streamed,
+                                           strict=True))
+        one = sum(cycles.seconds) / predicted
+        two = speed_factors(profile, cycles)
+        factors.append({"load": phase["phase"], "repeat": phase["repeat"], "one": one,
+                        "two": list(two)})
+        rate = next(r["rate"] for r in rows if r["load"] == phase["phase"]
+                    and r["repeat"] == phase["repeat"])
+        for source, scaled in (("two factors", profile.scaled(*two)),
+                               ("one factor", profile.scaled(one))):
+            sc = _scenario(scaled, _meta(doc), rate, duration, 1 + phase["repeat"],
+                           doc["frontend_latency"], scaled.frontend, doc.get("max_waiting"))
+            rows.append({"load": phase["phase"], "repeat": phase["repeat"], "rate": rate,
+                         "source": source, **_row(Simulator(sc, arrivals=arrival_trace(sc)))})
+    return {"run": path.name, "factors": factors,
+            "checks": {source: _validation_summary(rows, source) for source in RESCALINGS}}
+
+
 def table(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Per load and metric: the server's median and spread (None where not recorded), each
     model's value and its error against the server."""
@@ -338,9 +381,29 @@ def main() -> None:
     parser.add_argument("--runs", nargs="*", default=list(RUNS),
                         help=f"recorded runs ({', '.join(RUNS)}) or paths of --validate JSONs")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--speeds", action="store_true",
+                        help="check runs of the current harness (paths of --validate JSONs "
+                        "with their step logs) at each load's measured speed, two ways")
     args = parser.parse_args()
     load = os.getloadavg()
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    if args.speeds:
+        checked = []
+        for name in args.runs:
+            path = Path(name)
+            result = rescaled(json.loads(path.read_text()), path)
+            checked.append(result)
+            print(f"\n{result['run']}")
+            for source, checks in result["checks"].items():
+                worst = max(checks.items(), key=lambda kv: kv[1]["error"] / kv[1]["tolerance"])
+                missed = [f"{k} {v['error']:.1%}" for k, v in checks.items() if not v["holds"]]
+                print(f"  {source:<12} {sum(v['holds'] for v in checks.values())} of "
+                      f"{len(checks)} hold; largest {worst[0]} {worst[1]['error']:.1%}"
+                      + (f"; missed: {', '.join(missed)}" if missed else ""))
+        if args.json is not None:
+            args.json.write_text(json.dumps({"load_average": list(load), "results": checked},
+                                            indent=1) + "\n")
+        return
     results, lines = [], []
     for name in args.runs:
         doc = json.loads((RESULTS / RUNS[name] if name in RUNS else Path(name)).read_text())
