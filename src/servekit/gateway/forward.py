@@ -270,14 +270,13 @@ class Forwarder:
         """A committed response, or ``("retry", response-if-none-else)``."""
         stream = call.stream
         try:
-            upstream = await self.client.send(call.method, url + call.path,
-                                              _attempt_headers(call), call.body)
+            upstream = await self._open(url, call, call.body)
         except httpx.TransportError as exc:
             self.fleet.release(url, False)
             self._outcome(call, url, "connect_error")
             return "retry", unavailable(f"replica unreachable: {type(exc).__name__}")
         if upstream.status_code in RETRYABLE_STATUS:
-            content = await _read_quietly(upstream)
+            content = await self._drain(url, call, upstream)
             self.fleet.release(url, False if upstream.status_code == 503 else None)
             self._outcome(call, url, str(upstream.status_code))
             return "retry", _copy(upstream, content)
@@ -294,8 +293,7 @@ class Forwarder:
             return "retry", unavailable(f"replica failed: {type(exc).__name__}")
         except BaseException:  # the client went away before the first byte
             await upstream.aclose()
-            self.fleet.release(url, None)
-            self._outcome(call, url, "client_gone")
+            self._gone(call, url)
             raise
         if not stream:
             await upstream.aclose()
@@ -407,19 +405,44 @@ class Forwarder:
             if url is None:
                 return None
         try:
-            upstream = await self.client.send(call.method, url + call.path,
-                                              _attempt_headers(call),
-                                              resume_body(call.parsed, tracker))
+            upstream = await self._open(url, call, resume_body(call.parsed, tracker))
         except httpx.TransportError:
             self.fleet.release(url, False)
             self._outcome(call, url, "connect_error")
             return None
         if upstream.status_code != 200:
-            await _read_quietly(upstream)
+            await self._drain(url, call, upstream)
             self.fleet.release(url, False if upstream.status_code >= 500 else None)
             self._outcome(call, url, str(upstream.status_code))
             return None
         return url, upstream
+
+    async def _open(self, url: str, call: _Call, body: bytes) -> UpstreamResponse:
+        """Send ``call`` (with ``body``) to ``url``, which :meth:`_route` counted in flight;
+        the response once its head arrived. A transport error is the caller's to count; any
+        other way out (the client gone while the head is awaited) releases ``url`` here."""
+        try:
+            return await self.client.send(call.method, url + call.path,
+                                          _attempt_headers(call), body)
+        except httpx.TransportError:
+            raise
+        except BaseException:
+            self._gone(call, url)
+            raise
+
+    async def _drain(self, url: str, call: _Call, upstream: UpstreamResponse) -> bytes:
+        """The body of ``url``'s refusal, read and closed; the client gone meanwhile
+        releases ``url`` here (the caller releases it otherwise)."""
+        try:
+            return await _read_quietly(upstream)
+        except BaseException:
+            self._gone(call, url)
+            raise
+
+    def _gone(self, call: _Call, url: str) -> None:
+        """``call``'s attempt on ``url`` ended without an outcome: the client went away."""
+        self.fleet.release(url, None)
+        self._outcome(call, url, "client_gone")
 
     async def _relay(self, url: str, upstream: UpstreamResponse, first: bytes,
                      chunks: AsyncIterator[bytes], call: _Call) -> AsyncIterator[bytes]:

@@ -1,0 +1,138 @@
+"""The forwarder's accounting, driven directly: every replica a request was routed to is
+released exactly once, and every upstream response it opened is closed, however the request
+ends — answered, retried, failed over, or cancelled (the client gone) at any await.
+
+The upstream is scripted per attempt (what each ``send`` does); a ``hang_*`` step parks the
+request at one await, and the test cancels it there, as Starlette cancels a relay whose
+client went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import httpx
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from starlette.responses import StreamingResponse
+
+from servekit.gateway.budget import RetryBudget
+from servekit.gateway.fleet import Fleet
+from servekit.gateway.forward import Forwarder
+from servekit.gateway.metrics import GatewayMetrics
+from servekit.gateway.upstream import Upstream
+from servekit.protocol.replica import EXTENSIONS_HEADER, TOKEN_IDS
+from servekit.server.replica_api import token_ids_comment
+
+REPLICAS = ["http://r0", "http://r1", "http://r2"]
+#: What one attempt's upstream does. ``cut``: a stream that sends one token, then resets.
+STEPS = ["ok", "connect_error", "503", "429", "cut", "reset_first",
+         "hang_head", "hang_retry_body", "hang_first", "hang_mid"]
+
+
+def _event(i: int) -> bytes:
+    doc = {"id": "cmpl-1", "created": 1, "object": "text_completion",
+           "choices": [{"index": 0, "text": f"t{i}", "finish_reason": None}]}
+    return token_ids_comment(0, [i]) + b"data: " + json.dumps(doc).encode() + b"\n\n"
+
+
+class _Response:
+    """One scripted upstream response (the shape of an UpstreamResponse)."""
+
+    def __init__(self, script: _Script, step: str, status: int, stream: bool) -> None:
+        self.script, self.step, self.status_code = script, step, status
+        self.stream = stream
+        self.headers = httpx.Headers({EXTENSIONS_HEADER: TOKEN_IDS} if status == 200 else {})
+        self.closed = False
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        step = self.step
+        if step in ("hang_retry_body", "hang_first"):
+            await self.script.hang()
+        if step == "reset_first":
+            raise httpx.ReadError("reset before the first byte")
+        if self.status_code != 200:
+            yield b'{"error": {"message": "busy"}}'
+            return
+        if not self.stream:
+            yield b'{"usage": {"total_tokens": 3}}'
+            return
+        yield _event(1)
+        if step == "hang_mid":
+            await self.script.hang()
+        if step == "cut":
+            raise httpx.ReadError("the replica died mid-stream")
+        yield _event(2) + b"data: [DONE]\n\n"
+
+    async def aread(self) -> bytes:
+        return b"".join([piece async for piece in self.aiter_raw()])
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class _Script:
+    """An upstream whose attempts follow ``steps`` (then ``ok``)."""
+
+    def __init__(self, steps: list[str], stream: bool) -> None:
+        self.steps, self.stream = list(steps), stream
+        self.responses: list[_Response] = []
+        self.parked = asyncio.Event()
+
+    async def hang(self) -> None:
+        self.parked.set()
+        await asyncio.Event().wait()  # until cancelled
+
+    async def send(self, method: str, url: str, headers: Any, body: bytes = b"") -> _Response:
+        step = self.steps.pop(0) if self.steps else "ok"
+        if step == "connect_error":
+            raise httpx.ConnectError("refused")
+        if step == "hang_head":
+            await self.hang()
+        status = {"503": 503, "429": 429, "hang_retry_body": 503}.get(step, 200)
+        response = _Response(self, step, status, self.stream)
+        self.responses.append(response)
+        return response
+
+
+async def _run(steps: list[str], stream: bool) -> tuple[Fleet, _Script, bool]:
+    fleet = Fleet(REPLICAS, secret="s", failure_threshold=100)
+    script = _Script(steps, stream)
+    forwarder = Forwarder(fleet, cast(Upstream, script),
+                          RetryBudget(ratio=1.0, min_retries=1000), GatewayMetrics())
+    body = json.dumps({"model": "m", "prompt": "hi", "max_tokens": 4, "stream": stream})
+
+    async def client() -> None:
+        response = await forwarder.forward("POST", "/v1/completions", {}, body.encode())
+        if isinstance(response, StreamingResponse):
+            async for _ in response.body_iterator:
+                pass
+
+    task = asyncio.ensure_future(client())
+    parked = asyncio.ensure_future(script.parked.wait())
+    await asyncio.wait({task, parked}, return_when=asyncio.FIRST_COMPLETED)
+    cancelled = not task.done()
+    if cancelled:  # the client went away where the script parked the request
+        task.cancel()
+    parked.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        assert cancelled
+    return fleet, script, cancelled
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(st.sampled_from(STEPS), max_size=6), stream=st.booleans())
+@example(steps=["hang_head"], stream=False)  # cancelled awaiting the first replica's head
+@example(steps=["hang_retry_body"], stream=False)  # ... reading a 503 before the retry
+@example(steps=["cut", "hang_head"], stream=True)  # ... awaiting the resuming replica's head
+@example(steps=["cut", "hang_retry_body"], stream=True)  # ... reading its refusal
+def test_every_routed_request_is_released_once_and_every_response_closed(
+        steps: list[str], stream: bool) -> None:
+    fleet, script, _ = asyncio.run(_run(steps, stream))
+    assert fleet.router.loads == dict.fromkeys(REPLICAS, 0)
+    assert all(r.closed for r in script.responses), [r.step for r in script.responses]
