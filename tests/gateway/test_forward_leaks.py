@@ -10,20 +10,25 @@ client went away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import httpx
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 
 from servekit.gateway.budget import RetryBudget
+from servekit.gateway.edge import Edge
 from servekit.gateway.fleet import Fleet
 from servekit.gateway.forward import Forwarder
 from servekit.gateway.metrics import GatewayMetrics
 from servekit.gateway.upstream import Upstream
+from servekit.limit import ApiKey, KeyLimits, KeyStore
 from servekit.protocol.replica import EXTENSIONS_HEADER, TOKEN_IDS
 from servekit.server.replica_api import token_ids_comment
 
@@ -136,3 +141,46 @@ def test_every_routed_request_is_released_once_and_every_response_closed(
     fleet, script, _ = asyncio.run(_run(steps, stream))
     assert fleet.router.loads == dict.fromkeys(REPLICAS, 0)
     assert all(r.closed for r in script.responses), [r.step for r in script.responses]
+
+
+async def _serve_one(spec: str) -> None:
+    """One stream through the edge and the forwarder, sent as Starlette sends it to a client
+    that goes away: under ASGI 2.4 its ``send`` raises at the response start (Starlette never
+    starts the body); under 2.3 the first body part blocks (the client stopped reading) and
+    the disconnect cancels the send, the relay suspended at its yield. Checked as the response
+    ends, with the response (and its body) still referenced: not when the garbage collector,
+    or the event loop's shutdown, closes the body."""
+    fleet = Fleet(REPLICAS, secret="s", failure_threshold=100)
+    script = _Script([], stream=True)
+    limits = KeyLimits()
+    edge = Edge(KeyStore([ApiKey("sk-t", tpm=1000)]), limits, fleet)
+    forwarder = Forwarder(fleet, cast(Upstream, script),
+                          RetryBudget(ratio=1.0, min_retries=1000), GatewayMetrics(), edge=edge)
+    body = json.dumps({"model": "m", "prompt": "hi", "max_tokens": 4, "stream": True})
+    response = await forwarder.forward("POST", "/v1/completions",
+                                       {"authorization": "Bearer sk-t"}, body.encode())
+    assert limits.open_reservations == 1
+    gone = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if spec == "2.4":
+            raise OSError("the client went away")
+        if message["type"] == "http.response.body":
+            gone.set()
+            await asyncio.Event().wait()  # blocked until cancelled
+
+    scope = {"type": "http", "asgi": {"spec_version": spec}}
+    with contextlib.suppress(ClientDisconnect):
+        await response(scope, receive, send)
+    assert fleet.router.loads == dict.fromkeys(REPLICAS, 0)
+    assert [r.closed for r in script.responses] == [True]  # the replica sees the abort
+    assert limits.open_reservations == 0
+
+
+@pytest.mark.parametrize("spec", ["2.4", "2.3"])
+def test_a_stream_whose_client_went_away_is_released_when_its_response_ends(spec: str) -> None:
+    asyncio.run(_serve_one(spec))

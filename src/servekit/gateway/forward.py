@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
+import anyio
 import httpx
 from attrs import define, field
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -31,7 +32,6 @@ from servekit.gateway.metrics import GatewayMetrics
 from servekit.gateway.tracing import GatewayTracer, RequestTrace, TracedResponse
 from servekit.gateway.upstream import Upstream, UpstreamResponse
 from servekit.gateway.usage import Ledger, LedgerResponse
-from servekit.limit.keyed import Admission
 from servekit.protocol.errors import InvalidRequestError, StatusError
 from servekit.protocol.replica import (
     ATTEMPT_HEADER,
@@ -84,6 +84,34 @@ class _Call:
     trace: RequestTrace | None = None
     #: Prompt tokens the index predicted cached on the replica of the latest attempt.
     predicted: int | None = None
+    #: The attempt (replica, response) a committed stream hands its relay, until the relay
+    #: has released it (if the relay never starts, the response's end releases it).
+    handed: tuple[str, UpstreamResponse] | None = None
+
+
+class _RelayResponse(StreamingResponse):
+    """A relayed stream that is over when its response is: however the response ends, its
+    body is closed and then ``on_close`` runs (shielded). Starlette leaves a body it stopped
+    reading (the client gone) to the garbage collector, and never starts one whose response
+    start failed (an ASGI 2.4 server's ``send`` raises once the client is gone): the relay's
+    cleanup (the upstream connection, whose close aborts the request on the replica; the
+    replica's in-flight count; the edge's reservation) waits for neither."""
+
+    def __init__(self, body: AsyncIterator[bytes], status_code: int,
+                 headers: Mapping[str, str]) -> None:
+        super().__init__(body, status_code=status_code, headers=headers)
+        self.on_close: list[Callable[[], Awaitable[None]]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                for close in self.on_close:
+                    await close()
 
 
 class Forwarder:
@@ -169,9 +197,12 @@ class Forwarder:
             await edge.settle(admission, reserved)
             raise
         response.headers.update(admission.headers)
-        if isinstance(response, StreamingResponse):
-            response.body_iterator = self._settle_after(response.body_iterator, admission,
-                                                        call, reserved)
+        if isinstance(response, _RelayResponse):
+
+            async def settle() -> None:  # with what the stream used, once it is over
+                await edge.settle(admission, call.used if call.used is not None else reserved)
+
+            response.on_close.append(settle)
         else:
             used = call.used if call.used is not None else (
                 0 if response.status_code >= 400 else reserved)
@@ -204,16 +235,6 @@ class Forwarder:
             return response
         ledger.status = response.status_code
         return LedgerResponse(response, ledger, whole=not isinstance(response, StreamingResponse))
-
-    async def _settle_after(self, body: Any, admission: Admission, call: _Call,
-                            reserved: int) -> AsyncIterator[Any]:
-        """Relay a stream, then settle its reservation with what it used."""
-        assert self.edge is not None
-        try:
-            async for chunk in body:
-                yield chunk
-        finally:
-            await self.edge.settle(admission, call.used if call.used is not None else reserved)
 
     async def _send(self, call: _Call) -> Response:
         """Route and send ``call``, retrying before the first byte."""
@@ -317,8 +338,18 @@ class Forwarder:
                                         call.resumable and TOKEN_IDS in granted)
         else:  # not servekit (no token ids): a cut stream ends early
             relay = self._relay(url, upstream, first, chunks, call)
-        return StreamingResponse(relay, status_code=upstream.status_code,
-                                 headers=_response_headers(upstream))
+        call.handed = url, upstream
+        response = _RelayResponse(relay, upstream.status_code, _response_headers(upstream))
+        response.on_close.append(lambda: self._unrelayed(call))
+        return response
+
+    async def _unrelayed(self, call: _Call) -> None:
+        """The response is over and its relay never started: end the attempt it was handed."""
+        handed, call.handed = call.handed, None
+        if handed is not None:
+            url, upstream = handed
+            await upstream.aclose()
+            self._gone(call, url)
 
     async def _relay_tracked(self, url: str, upstream: UpstreamResponse, first: bytes,
                              chunks: AsyncIterator[bytes], call: _Call,
@@ -365,6 +396,7 @@ class Forwarder:
             except httpx.TransportError:
                 ok = False
             finally:
+                call.handed = None
                 await upstream.aclose()
                 self.fleet.release(url, ok)
                 self._outcome(call, url, "stream_ok" if ok else
@@ -472,6 +504,7 @@ class Forwarder:
             call.used = usage_total(prev + last)
             if ledger is not None and ledger.body is None:
                 ledger.body = prev + last
+            call.handed = None
             await upstream.aclose()
             self.fleet.release(url, ok)
             self._outcome(call, url, "stream_ok" if ok else
