@@ -86,10 +86,14 @@ class _Script:
         self.steps, self.stream = list(steps), stream
         self.responses: list[_Response] = []
         self.parked = asyncio.Event()
+        self.parks = 0
+        #: Set: the requests parked go on (else they wait until cancelled).
+        self.gate = asyncio.Event()
 
     async def hang(self) -> None:
+        self.parks += 1
         self.parked.set()
-        await asyncio.Event().wait()  # until cancelled
+        await self.gate.wait()
 
     async def send(self, method: str, url: str, headers: Any, body: bytes = b"") -> _Response:
         step = self.steps.pop(0) if self.steps else "ok"
@@ -184,3 +188,43 @@ async def _serve_one(spec: str) -> None:
 @pytest.mark.parametrize("spec", ["2.4", "2.3"])
 def test_a_stream_whose_client_went_away_is_released_when_its_response_ends(spec: str) -> None:
     asyncio.run(_serve_one(spec))
+
+
+def test_a_release_after_the_replica_left_and_came_back_is_not_counted_on_its_return() -> None:
+    """A replica that leaves the fleet (a replicas-file edit, or a file read mid-write) while a
+    stream is in flight there and comes back before it ends: its return starts a new count,
+    which the old stream's end must not take from (it raised out of the relay, the router
+    finding no request in flight, or took another request's count)."""
+
+    async def main() -> None:
+        fleet = Fleet(["http://static"], secret="s", failure_threshold=100)
+        fleet.set_replicas(["http://r"])
+        fleet.router.health.mark_down("http://static")  # every request goes to r
+        script = _Script(["hang_mid", "hang_mid"], stream=True)
+        forwarder = Forwarder(fleet, cast(Upstream, script),
+                              RetryBudget(ratio=1.0, min_retries=1000), GatewayMetrics())
+        body = json.dumps({"model": "m", "prompt": "hi", "max_tokens": 4, "stream": True})
+
+        async def client() -> None:
+            response = await forwarder.forward("POST", "/v1/completions", {}, body.encode())
+            assert isinstance(response, StreamingResponse)
+            async for _ in response.body_iterator:
+                pass
+
+        old = asyncio.ensure_future(client())
+        await script.parked.wait()  # the old stream is in flight on r
+        fleet.set_replicas([])
+        fleet.set_replicas(["http://r"])  # r is back: nothing in flight on it
+        new = asyncio.ensure_future(client())  # one stream on r's return
+        while script.parks < 2:
+            await asyncio.sleep(0)
+        assert fleet.router.loads["http://r"] == 1
+        old.cancel()  # the old stream ends (its client went away)
+        with contextlib.suppress(asyncio.CancelledError):
+            await old
+        assert fleet.router.loads["http://r"] == 1  # the new stream is still counted
+        script.gate.set()
+        await new
+        assert fleet.router.loads["http://r"] == 0
+
+    asyncio.run(main())

@@ -87,6 +87,8 @@ class _Call:
     #: The attempt (replica, response) a committed stream hands its relay, until the relay
     #: has released it (if the relay never starts, the response's end releases it).
     handed: tuple[str, UpstreamResponse] | None = None
+    #: The incarnation (:attr:`Fleet.joined`) of the replica of the latest attempt.
+    joined: int | None = None
 
 
 class _RelayResponse(StreamingResponse):
@@ -264,6 +266,7 @@ class Forwarder:
         except NoNodeAvailableError:
             return None
         call.tried.add(url)
+        call.joined = self.fleet.joined.get(url)
         if call.ledger is not None:
             call.ledger.replicas.append(url)
         hashes = call.hashes
@@ -293,12 +296,12 @@ class Forwarder:
         try:
             upstream = await self._open(url, call, call.body)
         except httpx.TransportError as exc:
-            self.fleet.release(url, False)
+            self._release(call, url, False)
             self._outcome(call, url, "connect_error")
             return "retry", unavailable(f"replica unreachable: {type(exc).__name__}")
         if upstream.status_code in RETRYABLE_STATUS:
             content = await self._drain(url, call, upstream)
-            self.fleet.release(url, False if upstream.status_code == 503 else None)
+            self._release(call, url, False if upstream.status_code == 503 else None)
             self._outcome(call, url, str(upstream.status_code))
             return "retry", _copy(upstream, content)
         chunks = upstream.aiter_raw()
@@ -309,7 +312,7 @@ class Forwarder:
                 first = await anext(chunks, b"")
         except httpx.TransportError as exc:
             await upstream.aclose()
-            self.fleet.release(url, False)
+            self._release(call, url, False)
             self._outcome(call, url, "reset")
             return "retry", unavailable(f"replica failed: {type(exc).__name__}")
         except BaseException:  # the client went away before the first byte
@@ -318,7 +321,7 @@ class Forwarder:
             raise
         if not stream:
             await upstream.aclose()
-            self.fleet.release(url, upstream.status_code < 500)
+            self._release(call, url, upstream.status_code < 500)
             self._outcome(call, url, str(upstream.status_code))
             call.used = usage_total(content) if upstream.status_code == 200 else None
             if upstream.status_code == 200:
@@ -398,7 +401,7 @@ class Forwarder:
             finally:
                 call.handed = None
                 await upstream.aclose()
-                self.fleet.release(url, ok)
+                self._release(call, url, ok)
                 self._outcome(call, url, "stream_ok" if ok else
                               ("stream_cut" if ok is False else
                                "stream_drained" if tracker.drained else "client_gone"))
@@ -439,12 +442,12 @@ class Forwarder:
         try:
             upstream = await self._open(url, call, resume_body(call.parsed, tracker))
         except httpx.TransportError:
-            self.fleet.release(url, False)
+            self._release(call, url, False)
             self._outcome(call, url, "connect_error")
             return None
         if upstream.status_code != 200:
             await self._drain(url, call, upstream)
-            self.fleet.release(url, False if upstream.status_code >= 500 else None)
+            self._release(call, url, False if upstream.status_code >= 500 else None)
             self._outcome(call, url, str(upstream.status_code))
             return None
         return url, upstream
@@ -471,9 +474,14 @@ class Forwarder:
             self._gone(call, url)
             raise
 
+    def _release(self, call: _Call, url: str, success: bool | None) -> None:
+        """``call``'s attempt on ``url`` ended: released on the replica it was routed to, not
+        on its return (when it left the fleet and came back meanwhile)."""
+        self.fleet.release(url, success, call.joined)
+
     def _gone(self, call: _Call, url: str) -> None:
         """``call``'s attempt on ``url`` ended without an outcome: the client went away."""
-        self.fleet.release(url, None)
+        self._release(call, url, None)
         self._outcome(call, url, "client_gone")
 
     async def _relay(self, url: str, upstream: UpstreamResponse, first: bytes,
@@ -506,7 +514,7 @@ class Forwarder:
                 ledger.body = prev + last
             call.handed = None
             await upstream.aclose()
-            self.fleet.release(url, ok)
+            self._release(call, url, ok)
             self._outcome(call, url, "stream_ok" if ok else
                           ("stream_cut" if ok is False else "client_gone"))
 
