@@ -199,3 +199,43 @@ def test_a_cancelled_append_is_written_and_marked_unsent(tmp_path: Path) -> None
     batch = recorder.outbox.take(recorder.outbox.sinks[0])
     final = {r.request_id: r.final_chunk_sent for r in batch.records}
     assert final == {"alone": False, "leader": True, "joiner": False}
+
+
+def test_a_joiner_cancelled_after_its_row_id_came_still_has_its_row_marked(
+        tmp_path: Path) -> None:
+    """A caller that joined a group commit and is cancelled by a plain ``task.cancel()`` (Ray
+    Serve's on a client disconnect) after the commit resolved its row id but before it ran
+    again never gets the id, so it cannot mark its row: the append marks it as ended without
+    its final chunk (it used to stay unconfirmed, undelivered until the process restarted)."""
+    import asyncio
+    from datetime import UTC, datetime
+
+    from servekit.usage import UsageRecord
+
+    recorder = UsageRecorder(tmp_path / "data", secret=SECRET, replica="r0")
+
+    def record(name: str) -> UsageRecord:
+        return UsageRecord(request_id=name, idempotency_key=name, time=datetime.now(UTC),
+                           key_id=None, tenant=None, model="m")
+
+    async def main() -> int | None:
+        leader = asyncio.ensure_future(recorder.append(record("leader")))
+        joiner = asyncio.ensure_future(recorder.append(record("joiner")))
+        await asyncio.sleep(0)  # the leader opened a group and waits a turn; the joiner joined
+        assert not leader.done() and not joiner.done()
+        await asyncio.sleep(0)  # the leader committed: the joiner's id is set, not yet taken
+        assert leader.done() and not joiner.done()
+        joiner.cancel()
+        try:
+            await joiner
+        except asyncio.CancelledError:
+            pass
+        else:
+            raise AssertionError("the joiner was not cancelled")
+        return leader.result()
+
+    leader_row = asyncio.run(main())
+    recorder.mark_sent(leader_row, final_chunk_sent=True)
+    batch = recorder.outbox.take(recorder.outbox.sinks[0])
+    final = {r.request_id: r.final_chunk_sent for r in batch.records}
+    assert final == {"leader": True, "joiner": False}

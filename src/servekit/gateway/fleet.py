@@ -16,6 +16,7 @@ comments) every ``probe_interval`` seconds and applies its edits.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +47,9 @@ class Fleet:
         self.replicas_file = Path(replicas_file) if replicas_file is not None else None
         from_file = read_replicas_file(self.replicas_file) if self.replicas_file else ()
         self.urls = _distinct([*self._static, *from_file])
+        self._joins = itertools.count()
+        #: Each replica's incarnation: a new number each time it joins the fleet.
+        self.joined: dict[str, int] = {url: next(self._joins) for url in self.urls}
         self.index = KVEventIndex()
         self.router = Router(self.urls, policy=policy, index=self.index,
                              health=HealthTracker(failure_threshold=failure_threshold,
@@ -84,8 +88,12 @@ class Fleet:
             finally:
                 self._tg = None
 
-    def release(self, url: str, success: bool | None = True) -> None:
-        """:meth:`Router.release`, ignoring a replica removed while the request was in flight."""
+    def release(self, url: str, success: bool | None = True, joined: int | None = None) -> None:
+        """:meth:`Router.release`, ignoring a replica removed while the request was in flight;
+        ``joined``, its incarnation when the request was routed (:attr:`joined`): a replica
+        that left and came back since starts a new count, which this release leaves alone."""
+        if joined is not None and self.joined.get(url) != joined:
+            return
         with contextlib.suppress(UnknownNodeError):
             self.router.release(url, success)
 
@@ -99,6 +107,7 @@ class Fleet:
         for url in wanted:
             if url not in self.urls:
                 self.router.add_replica(url)
+                self.joined[url] = next(self._joins)
                 if self._tg is not None:
                     self._start(url)
                 logger.info("replica %s joined", url)
@@ -106,6 +115,7 @@ class Fleet:
 
     def _remove(self, url: str) -> None:
         self.router.remove_replica(url)
+        self.joined.pop(url, None)
         self.index.remove_replica(url)
         scope = self._scopes.pop(url, None)
         if scope is not None:

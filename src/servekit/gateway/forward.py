@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
+import anyio
 import httpx
 from attrs import define, field
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -31,7 +32,6 @@ from servekit.gateway.metrics import GatewayMetrics
 from servekit.gateway.tracing import GatewayTracer, RequestTrace, TracedResponse
 from servekit.gateway.upstream import Upstream, UpstreamResponse
 from servekit.gateway.usage import Ledger, LedgerResponse
-from servekit.limit.keyed import Admission
 from servekit.protocol.errors import InvalidRequestError, StatusError
 from servekit.protocol.replica import (
     ATTEMPT_HEADER,
@@ -84,6 +84,38 @@ class _Call:
     trace: RequestTrace | None = None
     #: Prompt tokens the index predicted cached on the replica of the latest attempt.
     predicted: int | None = None
+    #: The attempt (replica, response) a committed stream hands its relay, until the relay
+    #: has released it (if the relay never starts, the response's end releases it).
+    handed: tuple[str, UpstreamResponse] | None = None
+    #: The incarnation (:attr:`Fleet.joined`) of the replica of the latest attempt.
+    joined: int | None = None
+
+
+class _RelayResponse(StreamingResponse):
+    """A relayed stream that is over when its response is: however the response ends, its
+    body is closed and then ``on_close`` runs (shielded). Starlette leaves a body it stopped
+    reading (the client gone) to the garbage collector, and never starts one whose response
+    start failed (an ASGI 2.4 server's ``send`` raises once the client is gone): the relay's
+    cleanup (the upstream connection, whose close aborts the request on the replica; the
+    replica's in-flight count; the edge's reservation) waits for neither."""
+
+    def __init__(self, body: AsyncIterator[bytes], status_code: int,
+                 headers: Mapping[str, str]) -> None:
+        super().__init__(body, status_code=status_code, headers=headers)
+        self.on_close: list[Callable[[], Awaitable[None]]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    aclose = getattr(self.body_iterator, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+                finally:
+                    for close in self.on_close:
+                        await close()
 
 
 class Forwarder:
@@ -169,9 +201,12 @@ class Forwarder:
             await edge.settle(admission, reserved)
             raise
         response.headers.update(admission.headers)
-        if isinstance(response, StreamingResponse):
-            response.body_iterator = self._settle_after(response.body_iterator, admission,
-                                                        call, reserved)
+        if isinstance(response, _RelayResponse):
+
+            async def settle() -> None:  # with what the stream used, once it is over
+                await edge.settle(admission, call.used if call.used is not None else reserved)
+
+            response.on_close.append(settle)
         else:
             used = call.used if call.used is not None else (
                 0 if response.status_code >= 400 else reserved)
@@ -205,16 +240,6 @@ class Forwarder:
         ledger.status = response.status_code
         return LedgerResponse(response, ledger, whole=not isinstance(response, StreamingResponse))
 
-    async def _settle_after(self, body: Any, admission: Admission, call: _Call,
-                            reserved: int) -> AsyncIterator[Any]:
-        """Relay a stream, then settle its reservation with what it used."""
-        assert self.edge is not None
-        try:
-            async for chunk in body:
-                yield chunk
-        finally:
-            await self.edge.settle(admission, call.used if call.used is not None else reserved)
-
     async def _send(self, call: _Call) -> Response:
         """Route and send ``call``, retrying before the first byte."""
         self.budget.request()
@@ -243,6 +268,7 @@ class Forwarder:
         except NoNodeAvailableError:
             return None
         call.tried.add(url)
+        call.joined = self.fleet.joined.get(url)
         if call.ledger is not None:
             call.ledger.replicas.append(url)
         hashes = call.hashes
@@ -270,15 +296,14 @@ class Forwarder:
         """A committed response, or ``("retry", response-if-none-else)``."""
         stream = call.stream
         try:
-            upstream = await self.client.send(call.method, url + call.path,
-                                              _attempt_headers(call), call.body)
+            upstream = await self._open(url, call, call.body)
         except httpx.TransportError as exc:
-            self.fleet.release(url, False)
+            self._release(call, url, False)
             self._outcome(call, url, "connect_error")
             return "retry", unavailable(f"replica unreachable: {type(exc).__name__}")
         if upstream.status_code in RETRYABLE_STATUS:
-            content = await _read_quietly(upstream)
-            self.fleet.release(url, False if upstream.status_code == 503 else None)
+            content = await self._drain(url, call, upstream)
+            self._release(call, url, False if upstream.status_code == 503 else None)
             self._outcome(call, url, str(upstream.status_code))
             return "retry", _copy(upstream, content)
         chunks = upstream.aiter_raw()
@@ -289,17 +314,16 @@ class Forwarder:
                 first = await anext(chunks, b"")
         except httpx.TransportError as exc:
             await upstream.aclose()
-            self.fleet.release(url, False)
+            self._release(call, url, False)
             self._outcome(call, url, "reset")
             return "retry", unavailable(f"replica failed: {type(exc).__name__}")
         except BaseException:  # the client went away before the first byte
             await upstream.aclose()
-            self.fleet.release(url, None)
-            self._outcome(call, url, "client_gone")
+            self._gone(call, url)
             raise
         if not stream:
             await upstream.aclose()
-            self.fleet.release(url, upstream.status_code < 500)
+            self._release(call, url, upstream.status_code < 500)
             self._outcome(call, url, str(upstream.status_code))
             call.used = usage_total(content) if upstream.status_code == 200 else None
             if upstream.status_code == 200:
@@ -319,8 +343,18 @@ class Forwarder:
                                         call.resumable and TOKEN_IDS in granted)
         else:  # not servekit (no token ids): a cut stream ends early
             relay = self._relay(url, upstream, first, chunks, call)
-        return StreamingResponse(relay, status_code=upstream.status_code,
-                                 headers=_response_headers(upstream))
+        call.handed = url, upstream
+        response = _RelayResponse(relay, upstream.status_code, _response_headers(upstream))
+        response.on_close.append(lambda: self._unrelayed(call))
+        return response
+
+    async def _unrelayed(self, call: _Call) -> None:
+        """The response is over and its relay never started: end the attempt it was handed."""
+        handed, call.handed = call.handed, None
+        if handed is not None:
+            url, upstream = handed
+            await upstream.aclose()
+            self._gone(call, url)
 
     async def _relay_tracked(self, url: str, upstream: UpstreamResponse, first: bytes,
                              chunks: AsyncIterator[bytes], call: _Call,
@@ -367,8 +401,9 @@ class Forwarder:
             except httpx.TransportError:
                 ok = False
             finally:
+                call.handed = None
                 await upstream.aclose()
-                self.fleet.release(url, ok)
+                self._release(call, url, ok)
                 self._outcome(call, url, "stream_ok" if ok else
                               ("stream_cut" if ok is False else
                                "stream_drained" if tracker.drained else "client_gone"))
@@ -407,19 +442,49 @@ class Forwarder:
             if url is None:
                 return None
         try:
-            upstream = await self.client.send(call.method, url + call.path,
-                                              _attempt_headers(call),
-                                              resume_body(call.parsed, tracker))
+            upstream = await self._open(url, call, resume_body(call.parsed, tracker))
         except httpx.TransportError:
-            self.fleet.release(url, False)
+            self._release(call, url, False)
             self._outcome(call, url, "connect_error")
             return None
         if upstream.status_code != 200:
-            await _read_quietly(upstream)
-            self.fleet.release(url, False if upstream.status_code >= 500 else None)
+            await self._drain(url, call, upstream)
+            self._release(call, url, False if upstream.status_code >= 500 else None)
             self._outcome(call, url, str(upstream.status_code))
             return None
         return url, upstream
+
+    async def _open(self, url: str, call: _Call, body: bytes) -> UpstreamResponse:
+        """Send ``call`` (with ``body``) to ``url``, which :meth:`_route` counted in flight;
+        the response once its head arrived. A transport error is the caller's to count; any
+        other way out (the client gone while the head is awaited) releases ``url`` here."""
+        try:
+            return await self.client.send(call.method, url + call.path,
+                                          _attempt_headers(call), body)
+        except httpx.TransportError:
+            raise
+        except BaseException:
+            self._gone(call, url)
+            raise
+
+    async def _drain(self, url: str, call: _Call, upstream: UpstreamResponse) -> bytes:
+        """The body of ``url``'s refusal, read and closed; the client gone meanwhile
+        releases ``url`` here (the caller releases it otherwise)."""
+        try:
+            return await _read_quietly(upstream)
+        except BaseException:
+            self._gone(call, url)
+            raise
+
+    def _release(self, call: _Call, url: str, success: bool | None) -> None:
+        """``call``'s attempt on ``url`` ended: released on the replica it was routed to, not
+        on its return (when it left the fleet and came back meanwhile)."""
+        self.fleet.release(url, success, call.joined)
+
+    def _gone(self, call: _Call, url: str) -> None:
+        """``call``'s attempt on ``url`` ended without an outcome: the client went away."""
+        self._release(call, url, None)
+        self._outcome(call, url, "client_gone")
 
     async def _relay(self, url: str, upstream: UpstreamResponse, first: bytes,
                      chunks: AsyncIterator[bytes], call: _Call) -> AsyncIterator[bytes]:
@@ -449,8 +514,9 @@ class Forwarder:
             call.used = usage_total(prev + last)
             if ledger is not None and ledger.body is None:
                 ledger.body = prev + last
+            call.handed = None
             await upstream.aclose()
-            self.fleet.release(url, ok)
+            self._release(call, url, ok)
             self._outcome(call, url, "stream_ok" if ok else
                           ("stream_cut" if ok is False else "client_gone"))
 

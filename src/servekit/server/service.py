@@ -360,11 +360,18 @@ class GenerationService:
             raise first if isinstance(first, Exception) else group from None
         finally:
             self._account(job, per_choice)
-            if job.admission is not None:
-                with anyio.CancelScope(shield=True):  # a cancelled job settles too
-                    await self.limits.asettle(job.admission, job.usage.total_tokens)
-                self._gauge(RATE_LIMIT_RESERVATIONS, self.limits.open_reservations)
+            await self.release(job)
             self._gauge(OPEN_STREAMS, streams.in_flight)
+
+    async def release(self, job: Job) -> None:
+        """Settle ``job``'s reservation with what it used, once (later calls do nothing).
+        :meth:`run` ends so; a front end that awaits anything between :meth:`admit` and
+        :meth:`run` calls it on the way out, for a job that ended before it ran."""
+        admission, job.admission = job.admission, None
+        if admission is not None:
+            with anyio.CancelScope(shield=True):  # a cancelled job settles too
+                await self.limits.asettle(admission, job.usage.total_tokens)
+            self._gauge(RATE_LIMIT_RESERVATIONS, self.limits.open_reservations)
 
     async def _drive(self, job: Job, i: int, callback: Callable[[int, Any], Awaitable[None]],
                      batches: bool, per_choice: list[tuple[int, int, int]]) -> None:

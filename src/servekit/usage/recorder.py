@@ -166,7 +166,15 @@ class _GroupCommit:
             waiter: asyncio.Future[int | None] = loop.create_future()
             self._rows.append(row)
             self._waiters.append(waiter)
-            return await waiter
+            try:
+                return await waiter
+            except BaseException:
+                # cancelled after the commit set its id (a plain task.cancel() lands before
+                # the caller runs again): the caller never learns the id, so mark it here (a
+                # waiter cancelled before the commit is marked by _commit)
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    self.outbox.mark_sent(waiter.result(), final_chunk_sent=False)
+                raise
         self._rows.append(row)
         try:
             await asyncio.sleep(0)  # one turn: the requests finishing in this one join

@@ -123,10 +123,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
         """Unary: the whole response."""
         try:
             job, plan, headers = await self._admit(request, context)
-            if headers:
-                await context.send_initial_metadata(_metadata(headers))
-            builder = ResponseBuilder(job, plan)
-            await self.service.run(job, builder.add)
+            try:
+                if headers:  # the call may end here (the client gone): settled below
+                    await context.send_initial_metadata(_metadata(headers))
+                builder = ResponseBuilder(job, plan)
+                await self.service.run(job, builder.add)
+            finally:
+                await self.service.release(job)  # run settled it, unless it never ran
             return builder.response()
         except Exception as exc:
             await _abort(context, as_api_error(exc))
@@ -137,7 +140,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):  # type: ignore[misc]
             job, plan, headers = await self._admit(request, context)
         except Exception as exc:
             await _abort(context, as_api_error(exc))
-        if headers:
+        try:
+            await self._stream(job, plan, headers, context)
+        finally:
+            await self.service.release(job)  # run settled it, unless it never ran
+
+    async def _stream(self, job: Job, plan: ToolPlan, headers: dict[str, str],
+                      context: Any) -> None:
+        if headers:  # the call may end here (the client gone)
             await context.send_initial_metadata(_metadata(headers))
         encoder = ChunkEncoder(job, plan)
         chunk, outbox = encoder.chunk, Outbox()
