@@ -540,7 +540,7 @@ def validate(duration: float, repeats: int, sweep_seconds: float, png: Path | No
                   "steps_only_coefficients": list(steps_only.coefficients),
                   "frontend": fe.to_dict() if fe else None, "frontend_latency": latency,
                   "capacity_rps": capacity, "steps_only_latency": steps_only_latency,
-                  "max_waiting": max_waiting, "pinned": pin,
+                  "duration": duration, "max_waiting": max_waiting, "pinned": pin,
                   "step_log": None if steps_out is None else steps_out.name, "phases": phases,
                   "errors": summary, "errors_at_sweep_speed": _validation_summary(rows, "sim"),
                   "errors_without_frontend_cost": _validation_summary(

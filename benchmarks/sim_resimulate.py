@@ -301,7 +301,7 @@ def resimulate(name: str, doc: dict[str, Any], duration: float = 40.0) -> dict[s
 RESCALINGS = ("two factors", "one factor", "sim")
 
 
-def rescaled(doc: dict[str, Any], path: Path, duration: float = 40.0) -> dict[str, Any]:
+def rescaled(doc: dict[str, Any], path: Path) -> dict[str, Any]:
     """A run of the current harness (a kept step log, ``phases``) checked three ways: the
     server profile rescaled to each load's measured speed by ``speed_factors`` (steps and front
     end apart, as ``bench_sim.py --validate`` does since 2026-12-07 02:15), by one factor for
@@ -311,6 +311,7 @@ def rescaled(doc: dict[str, Any], path: Path, duration: float = 40.0) -> dict[st
     from servekit.sim.profile import speed_factors, step_log_cycles
 
     log = path.parent / doc["step_log"]
+    duration = doc.get("duration", 40.0)  # recorded since 2026-12-07 03:40; 40 s before
     fe = FrontendCost(**doc["frontend"])
     profile = ProfiledModel(doc["server_coefficients"], frontend=fe)
     rows = [r for r in doc["rows"] if r["source"] in ("server", "sim")]
