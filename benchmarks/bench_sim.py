@@ -520,9 +520,10 @@ def validate(duration: float, repeats: int, sweep_seconds: float, png: Path | No
             with step_log.open("rb") as src, gzip.open(steps_out, "wb") as dst:
                 shutil.copyfileobj(src, dst)
             print(f"kept the server's step log in {steps_out}", flush=True)
+    logged = step_log_cycles(step_log)
+    assert logged is not None  # this servekit's step log has the cycle fields
     for phase in phases[1:]:  # each load and repeat, at the speed the machine ran it
-        cycles = step_log_cycles(step_log, window=(phase["start"], phase["end"]))
-        assert cycles is not None  # this servekit's step log has the cycle fields
+        cycles = logged.window(phase["start"], phase["end"])
         phase["speed_factors"] = factors = speed_factors(profile, cycles)
         at_speed = profile.scaled(*factors)
         sc = _scenario(at_speed, meta, phase["rate"], duration, 1 + phase["repeat"], latency,

@@ -310,19 +310,17 @@ def rescaled(doc: dict[str, Any], path: Path) -> dict[str, Any]:
     from bench_sim import _validation_summary
     from servekit.sim.profile import speed_factors, step_log_cycles
 
-    log = path.parent / doc["step_log"]
+    logged = step_log_cycles(path.parent / doc["step_log"])
+    assert logged is not None  # the current harness's logs have the cycle fields
     duration = doc.get("duration", 40.0)  # recorded since 2026-12-07 03:40; 40 s before
-    fe = FrontendCost(**doc["frontend"])
-    profile = ProfiledModel(doc["server_coefficients"], frontend=fe)
+    profile = ProfiledModel(doc["server_coefficients"],
+                            frontend=FrontendCost(**doc["frontend"]))
     rows = [r for r in doc["rows"] if r["source"] in ("server", "sim")]
     factors = []
     for phase in doc["phases"][1:]:
-        cycles = step_log_cycles(log, window=(phase["start"], phase["end"]))
-        assert cycles is not None
-        predicted = sum(profile.step_time(s) + fe.per_request * a + fe.per_token * k
-                        for s, a, k in zip(cycles.shapes, cycles.arrivals, cycles.streamed,
-                                           strict=True))
-        one = sum(cycles.seconds) / predicted
+        cycles = logged.window(phase["start"], phase["end"])
+        steps, frontend = cycles.predicted(profile)
+        one = sum(cycles.seconds) / float((steps + frontend).sum())
         two = speed_factors(profile, cycles)
         factors.append({"load": phase["phase"], "repeat": phase["repeat"], "one": one,
                         "two": list(two)})

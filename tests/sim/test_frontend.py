@@ -96,11 +96,13 @@ def test_a_slower_stretch_of_a_step_log_is_measured_and_the_profile_scaled_to_it
     log = tmp_path / "steps.jsonl"
     _write_log(log, truth, FrontendCost(1e-3, 1e-4), 3, n=400, slower_from=200, slower=slower)
     times = [json.loads(line)["time"] for line in log.read_text().splitlines()]
-    before = step_log_cycles(log, window=(times[0], times[199]))
-    after = step_log_cycles(log, window=(times[200], times[-1]))
     whole = step_log_cycles(log)
-    assert before is not None and after is not None and whole is not None
+    assert whole is not None and whole.ends == sorted(whole.ends)
+    before, after = whole.window(times[0], times[199]), whole.window(times[200], times[-1])
     assert len(before.seconds) + len(after.seconds) == len(whole.seconds)
+    assert all(times[200] <= at for at in after.ends) and before.ends[-1] <= times[199]
+    steps, frontend = before.predicted(truth)  # the log's cycles take exactly the truth's
+    assert list(steps + frontend) == pytest.approx(before.seconds)
     assert speed_factors(truth, before) == pytest.approx((1.0, 1.0))
     assert speed_factors(truth, after) == pytest.approx(slower)
     # the profile at those speeds predicts the slower cycles: steps and front end apart
@@ -118,15 +120,15 @@ def test_speed_factors_of_no_cycles_or_a_bad_factor_are_errors(tmp_path: Path) -
     log = tmp_path / "steps.jsonl"
     _write_log(log, truth, FrontendCost(1e-3, 1e-4), 3, n=50)
     last = json.loads(log.read_text().splitlines()[-1])["time"]
-    nothing = step_log_cycles(log, window=(last + 1, last + 2))
-    assert nothing is not None and not nothing.seconds
+    cycles = step_log_cycles(log)
+    assert cycles is not None
+    nothing = cycles.window(last + 1, last + 2)
+    assert not nothing.seconds
     with pytest.raises(SimConfigError, match="cycles"):
         speed_factors(truth, nothing)
     with pytest.raises(SimConfigError, match="factor"):
         truth.scaled(0.0)
     # no front-end cost to compare: the steps' factor stands for both
-    cycles = step_log_cycles(log)
-    assert cycles is not None
     bare = ProfiledModel(truth.coefficients)
     step, front = speed_factors(bare, cycles)
     assert step == front and step > 1.0  # the cycles' front-end work lands on the steps

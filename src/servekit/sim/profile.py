@@ -151,31 +151,51 @@ def read_step_log(path: str | Path) -> tuple[list[StepShape], list[float]]:
 class Cycles:
     """A step log as engine cycles, each from one step's end to the next one's: the step's
     ``shapes``, the ``arrivals`` (requests added in the cycle), the tokens ``streamed`` (the
-    previous step's output, written out during the cycle) and the cycle's wall ``seconds``."""
+    previous step's output, written out during the cycle), the cycle's wall ``seconds`` and
+    when it ended (``ends``, the log's ``time`` clock: ``time.monotonic``)."""
 
     def __init__(self) -> None:
         self.shapes: list[StepShape] = []
         self.arrivals: list[int] = []
         self.streamed: list[int] = []
         self.seconds: list[float] = []
+        self.ends: list[float] = []
+
+    def window(self, start: float, end: float) -> Cycles:
+        """The cycles that ended within ``[start, end]``, e.g. one load of a longer run."""
+        part = Cycles()
+        for i, at in enumerate(self.ends):
+            if start <= at <= end:
+                part.shapes.append(self.shapes[i])
+                part.arrivals.append(self.arrivals[i])
+                part.streamed.append(self.streamed[i])
+                part.seconds.append(self.seconds[i])
+                part.ends.append(at)
+        return part
+
+    def predicted(self, profile: ProfiledModel) -> tuple[np.ndarray, np.ndarray]:
+        """The seconds ``profile`` predicts for each cycle: its step's, and its front end's
+        work (admitting the cycle's arrivals, streaming the previous step's tokens; zeros for
+        a profile without a front-end cost)."""
+        fe = profile.frontend or FrontendCost()
+        steps = np.array([profile.step_time(s) for s in self.shapes], dtype=np.float64)
+        frontend = np.array([fe.per_request * a + fe.per_token * k
+                             for a, k in zip(self.arrivals, self.streamed, strict=True)],
+                            dtype=np.float64)
+        return steps, frontend
 
 
-def step_log_cycles(path: str | Path, *,
-                    window: tuple[float, float] | None = None) -> Cycles | None:
+def step_log_cycles(path: str | Path) -> Cycles | None:
     """The busy cycles of a ``step_log`` file; None for a log without the front end's fields
     (``arrivals``, ``output_tokens``: written by servekit since the front-end cost model).
 
     A cycle counts only when the engine had work left after the previous step (otherwise it
-    waited, idle, for an arrival) and its step did work. ``window``: only the cycles whose
-    step ended within ``(start, end)`` on the log's ``time`` clock (``time.monotonic``)."""
+    waited, idle, for an arrival) and its step did work."""
     records = _records(path)
     if not records or any(key not in s for s in records for key in _CYCLE_KEYS):
         return None
-    start, end = window if window is not None else (-np.inf, np.inf)
     cycles = Cycles()
     for prev, step in itertools.pairwise(records):
-        if not start <= float(step["time"]) <= end:
-            continue
         if not (prev["num_running"] or prev["num_waiting"]):
             continue
         if not (step["prefill_tokens"] or step["num_decodes"]):
@@ -184,6 +204,7 @@ def step_log_cycles(path: str | Path, *,
         cycles.arrivals.append(int(step["arrivals"]))
         cycles.streamed.append(int(prev["output_tokens"]))
         cycles.seconds.append(float(step["time"]) - float(prev["time"]))
+        cycles.ends.append(float(step["time"]))
     return cycles
 
 
@@ -193,10 +214,7 @@ def speed_factors(profile: ProfiledModel, cycles: Cycles) -> tuple[float, float]
     parts of each cycle's time (> 1: slower than when the profile was fitted). A profile
     without a front-end cost, or cycles with no front-end work, get the step's factor for
     both. ``profile.scaled(*factors)`` is the profile at those speeds."""
-    fe = profile.frontend or FrontendCost()
-    steps = np.array([profile.step_time(s) for s in cycles.shapes])
-    frontend = np.array([fe.per_request * a + fe.per_token * k
-                         for a, k in zip(cycles.arrivals, cycles.streamed, strict=True)])
+    steps, frontend = cycles.predicted(profile)
     if not cycles.seconds or steps.sum() <= 0:
         raise SimConfigError("cycles", "no busy cycles to compare the profile with")
     seconds = np.asarray(cycles.seconds, dtype=np.float64)
@@ -235,11 +253,8 @@ def _fit_with_quality(shapes: list[StepShape], seconds: list[float], meta: dict[
         pred = np.array([fitted.step_time(s) for s in shapes])
     else:
         fitted = fit_with_frontend(shapes, cycles.arrivals, cycles.streamed, seconds)
-        fe = fitted.frontend
-        assert fe is not None
-        pred = np.array([fitted.step_time(s) + fe.per_request * a + fe.per_token * k
-                         for s, a, k in zip(shapes, cycles.arrivals, cycles.streamed,
-                                            strict=True)])
+        steps, frontend = cycles.predicted(fitted)
+        pred = steps + frontend
     y = np.array(seconds)
     r2 = 1 - float(((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30))
     meta = {**meta, "steps": len(shapes), "fitted_on": "steps" if cycles is None else "cycles",
