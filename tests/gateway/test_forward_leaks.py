@@ -228,3 +228,30 @@ def test_a_release_after_the_replica_left_and_came_back_is_not_counted_on_its_re
         assert fleet.router.loads["http://r"] == 0
 
     asyncio.run(main())
+
+
+def test_a_stream_read_to_its_end_is_cleaned_up_before_its_last_message_goes_out() -> None:
+    # the client sees the end only after the reservation is settled: a request it sends next
+    # must not be refused for a reservation its finished stream still holds
+    from servekit.gateway.forward import _RelayResponse
+
+    events: list[str] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+        yield b"data: [DONE]\n\n"
+
+    async def cleanup() -> None:
+        events.append("cleaned up")
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            events.append("last message")
+
+    async def receive() -> Any:
+        await asyncio.Event().wait()  # the client stays
+
+    response = _RelayResponse(body(), 200, {})
+    response.on_close.append(cleanup)
+    asyncio.run(response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send))
+    assert events == ["cleaned up", "last message"]  # and once: not again as the response ends

@@ -92,30 +92,45 @@ class _Call:
 
 
 class _RelayResponse(StreamingResponse):
-    """A relayed stream that is over when its response is: however the response ends, its
-    body is closed and then ``on_close`` runs (shielded). Starlette leaves a body it stopped
-    reading (the client gone) to the garbage collector, and never starts one whose response
-    start failed (an ASGI 2.4 server's ``send`` raises once the client is gone): the relay's
-    cleanup (the upstream connection, whose close aborts the request on the replica; the
-    replica's in-flight count; the edge's reservation) waits for neither."""
+    """A relayed stream that is over when its response is: its body is closed and then
+    ``on_close`` runs (shielded), once. A body read to its end does this before the response's
+    last message, so the client sees the end only after the cleanup (a request the client
+    sends next finds the reservation settled). Otherwise it happens when the response ends:
+    Starlette leaves a body it stopped reading (the client gone) to the garbage collector, and
+    never starts one whose response start failed (an ASGI 2.4 server's ``send`` raises once
+    the client is gone); the relay's cleanup (the upstream connection, whose close aborts the
+    request on the replica; the replica's in-flight count; the edge's reservation) waits for
+    neither."""
 
     def __init__(self, body: AsyncIterator[bytes], status_code: int,
                  headers: Mapping[str, str]) -> None:
-        super().__init__(body, status_code=status_code, headers=headers)
+        super().__init__(self._then_close(body), status_code=status_code, headers=headers)
         self.on_close: list[Callable[[], Awaitable[None]]] = []
+        self._relay: AsyncIterator[bytes] | None = body
+
+    async def _then_close(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in body:
+            yield chunk
+        await self._close()
+
+    async def _close(self) -> None:
+        relay, self._relay = self._relay, None
+        if relay is None:
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                aclose = getattr(relay, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            finally:
+                for close in self.on_close:
+                    await close()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            with anyio.CancelScope(shield=True):
-                try:
-                    aclose = getattr(self.body_iterator, "aclose", None)
-                    if aclose is not None:
-                        await aclose()
-                finally:
-                    for close in self.on_close:
-                        await close()
+            await self._close()
 
 
 class Forwarder:
