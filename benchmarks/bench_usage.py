@@ -16,7 +16,9 @@ before / after comparison, paired. ``--together`` loads the servers at the same 
 round (each with its own 32 clients) instead of in turn: on a shared machine every server then
 sees the same interference, which pairs rounds far more tightly, at the cost of each serving a
 share of the client's rate (the sink worker's per-batch costs weigh more per request).
-Bars: recording adds < 2 % CPU per request; each sink drains >= 10x the request rate the
+By default the servers run on the first CPU and the load generator (httpx, ~2 ms of CPU per
+request) on the others, so its CPU time never lands between a server's instructions
+(``--no-pin`` to share). Bars: recording adds < 2 % CPU per request; each sink drains >= 10x the request rate the
 server served in this run.
 """
 
@@ -94,8 +96,8 @@ def _cpu_delta(before: dict[int, tuple[str, int]],
     return kinds
 
 
-def _start_server(port: int, data: Path, usage: bool,
-                  src: str | None = None) -> subprocess.Popen[bytes]:
+def _start_server(port: int, data: Path, usage: bool, src: str | None = None,
+                  cpus: list[int] | None = None) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "servekit.server.cli", "serve", "--fake", "--port",
             str(port), "--data-dir", str(data), "--log-level", "warning"]
     if not usage:
@@ -103,7 +105,8 @@ def _start_server(port: int, data: Path, usage: bool,
     env = {**os.environ, "SERVEKIT_API_KEYS": json.dumps(KEYS)}
     if src is not None:
         env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
-    proc = subprocess.Popen(argv, env=env)
+    proc = subprocess.Popen(argv, env=env, preexec_fn=(
+        (lambda: os.sched_setaffinity(0, cpus)) if cpus else None))
     for _ in range(600):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
@@ -135,12 +138,13 @@ async def _load(base: str, n: int) -> None:
 class _Server:
     """A ``servekit serve --fake`` process on a free port, with or without usage recording."""
 
-    def __init__(self, usage: bool, data: Path, src: str | None = None) -> None:
+    def __init__(self, usage: bool, data: Path, src: str | None = None,
+                 cpus: list[int] | None = None) -> None:
         from tests.usage.servers import free_port
 
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
-        self.proc = _start_server(port, data, usage, src)
+        self.proc = _start_server(port, data, usage, src, cpus)
         anyio.run(_load, self.base, 64)  # warm up
 
     def cpu_us_per_request(self, n: int) -> tuple[dict[str, float], float]:
@@ -186,6 +190,9 @@ def _extra(parser: Any) -> None:
     parser.add_argument("--baseline-src", default=None, metavar="DIR",
                         help="also run a usage-on server from this source tree (on "
                              "PYTHONPATH), in the same rounds")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="let servers and the load generator share every CPU (default: "
+                             "servers on the first CPU, the load generator on the others)")
     parser.add_argument("--together", action="store_true",
                         help="load the servers at the same time in each round, not in turn")
 
@@ -215,9 +222,16 @@ def main() -> None:
     cpu: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     rate: list[float] = []
     ratio: dict[str, list[float]] = {"on": [], "baseline": []}
-    servers = {"off": _Server(False, root / "data-off"), "on": _Server(True, root / "data-on")}
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = not args.no_pin and len(cpus) > 1
+    server_cpus = cpus[:1] if pin else None
+    servers = {"off": _Server(False, root / "data-off", cpus=server_cpus),
+               "on": _Server(True, root / "data-on", cpus=server_cpus)}
     if args.baseline_src:
-        servers["baseline"] = _Server(True, root / "data-baseline", args.baseline_src)
+        servers["baseline"] = _Server(True, root / "data-baseline", args.baseline_src,
+                                      server_cpus)
+    if pin:  # the load generator's CPU time never lands on a server's CPU
+        os.sched_setaffinity(0, cpus[1:])
     try:
         for r in range(rounds):
             if args.together:
@@ -281,7 +295,7 @@ def main() -> None:
     print_bars(bars)
     write_json(args.json, "usage", rows, bars, rounds=rounds, records=n_records,
                requests=n_requests, load_average=os.getloadavg(),
-               baseline_src=args.baseline_src, together=args.together)
+               baseline_src=args.baseline_src, together=args.together, pinned=pin)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The serving path's outbox writes under SIGKILL and with several processes on one outbox:
-the rows of one loop turn are one transaction and every one survives the kill; two processes
-appending to one outbox concurrently, one killed, lose nothing."""
+appends and marks survive the kill with no SQL on the serving path; two processes appending
+to one outbox concurrently, one killed, lose nothing."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 from servekit.usage import Outbox, SinkWorker
 from servekit.usage.sinks.sqlite import SQLiteSink
 
-_GROUP = r"""
-import asyncio, json, os, signal, sys
+_SERVING = r"""
+import json, os, signal, sys
 from servekit.usage.record_codec import make_row
 from servekit.usage.recorder import UsageRecorder
 
@@ -26,12 +26,11 @@ def row(i):
     return make_row(f"k{i}", f"r{i}", "2026-12-06T00:00:00+00:00", "kid", "t", "m", "r0", i,
                     0, 2 * i, "length", 200, None, 0.01, 0.02, False, True)
 
-async def main():
-    ids = await asyncio.gather(*(recorder.append_row(row(i)) for i in range(1, 6)))
-    print(json.dumps({"ids": ids, "statements": statements}), flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)  # no close, no flush: what a crash leaves
-
-asyncio.run(main())
+ids = [recorder.append_row(row(i)) for i in range(1, 6)]
+for i in ids[:3]:
+    recorder.mark_sent(i, final_chunk_sent=i != ids[2])
+print(json.dumps({"ids": ids, "statements": statements}), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # no close, no fold: what a crash leaves
 """
 
 _WRITER = r"""
@@ -65,23 +64,24 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
 
 
-def test_a_loop_turns_rows_are_one_transaction_and_survive_sigkill(tmp_path: Path) -> None:
+def test_appends_and_marks_survive_sigkill_without_a_sql_statement(tmp_path: Path) -> None:
+    """The serving path's appends and marks go to the append log only (no SQLite statement
+    per request); killed before any fold, the next process adopts every row with its mark."""
     data = tmp_path / "data"
-    done = subprocess.run([sys.executable, "-c", _GROUP, str(data)], env=_env(),
+    done = subprocess.run([sys.executable, "-c", _SERVING, str(data)], env=_env(),
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == -9, done.stderr
     out = json.loads(done.stdout)
     assert len(set(out["ids"])) == 5 and None not in out["ids"]
-    verbs = [s.split()[0].upper() for s in out["statements"]]
-    assert verbs[0] == "BEGIN" and verbs[-1] == "COMMIT" and verbs.count("BEGIN") == 1, verbs
-    assert verbs.count("INSERT") == 5  # one executemany, one transaction
+    assert out["statements"] == []
     box = Outbox(data / "usage-outbox.db", ["sqlite"])
     batch = box.take("sqlite")
-    assert sorted(r.idempotency_key for r in batch.records) == [f"k{i}" for i in range(1, 6)]
+    by_key = {r.idempotency_key: r for r in batch.records}
+    assert sorted(by_key) == [f"k{i}" for i in range(1, 6)]
     assert sorted(batch.ids) == sorted(out["ids"])
-    assert not any(r.final_chunk_sent for r in batch.records)  # killed before any mark
-    assert [r.prompt_tokens for r in sorted(batch.records, key=lambda r: r.prompt_tokens)] == [
-        1, 2, 3, 4, 5]
+    assert [by_key[f"k{i}"].final_chunk_sent for i in range(1, 6)] == [
+        True, True, False, False, False]  # two marked sent, one unsent, two never marked
+    assert [by_key[f"k{i}"].prompt_tokens for i in range(1, 6)] == [1, 2, 3, 4, 5]
 
 
 def test_two_processes_on_one_outbox_lose_nothing_when_one_is_killed(tmp_path: Path) -> None:

@@ -391,14 +391,14 @@ class Forwarder:
                 if data:
                     call.used = prompt + tracker.num_tokens
                     if tracker.done and ledger is not None:
-                        await ledger.before_final()
+                        ledger.before_final()
                     yield data
                 async for chunk in chunks:  # each: all that the socket held
                     data = tracker.feed(chunk)
                     if data:
                         call.used = prompt + tracker.num_tokens
                         if tracker.done and ledger is not None:
-                            await ledger.before_final()
+                            ledger.before_final()
                         yield data
                 if ledger is not None and tracker.done:
                     ledger.after_final()
@@ -435,7 +435,7 @@ class Forwarder:
             if resumed is None:
                 if ledger is not None:
                     ledger.failed = True
-                    await ledger.before_final()
+                    ledger.before_final()
                 yield error_event(json.dumps({"error": {
                     "message": "the replica serving this stream failed and no replica could "
                                "resume it", "type": "service_unavailable", "param": None,
@@ -510,13 +510,13 @@ class Forwarder:
             if first:
                 if ledger is not None and _DONE in first:
                     ledger.body = first
-                    await ledger.before_final()
+                    ledger.before_final()
                 yield first
             async for chunk in chunks:
                 prev, last = last, chunk
                 if ledger is not None and _DONE in chunk:
                     ledger.body = prev + last
-                    await ledger.before_final()
+                    ledger.before_final()
                 yield chunk
             if ledger is not None:
                 ledger.after_final()

@@ -80,10 +80,10 @@ class Ledger:
         self.attempts += 1
         return f"{self._key}#{self.attempts}"
 
-    async def before_final(self) -> None:
+    def before_final(self) -> None:
         """Append the record now: the final chunk goes to the client next."""
         if not self.recorded:
-            self.row = await self.recorder.append(self._record(True))
+            self.row = self.recorder.append(self._record(True))
 
     def after_final(self) -> None:
         """The final chunk went out."""
@@ -94,7 +94,7 @@ class Ledger:
     def close(self) -> None:
         """The response is over: record it if it ended before its final chunk."""
         if not self.recorded:
-            self.row = self.recorder.append_now(self._record(False))
+            self.row = self.recorder.append(self._record(False))
         if self.row is not None:
             self.recorder.mark_sent(self.row, final_chunk_sent=False)
             self.row = None
@@ -152,7 +152,7 @@ class LedgerResponse(WrappedResponse):
             elif self.whole and not message.get("more_body", False):
                 if ledger.first_at is None:
                     ledger.first_at = time.monotonic()
-                await ledger.before_final()
+                ledger.before_final()
                 await send(message)
                 ledger.after_final()
                 return

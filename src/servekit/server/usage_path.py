@@ -66,7 +66,7 @@ class UsageCall:
             await self._send(message)
             return
         recorder = self.recorder
-        row = await recorder.append_row(self._row())  # written whatever happens next
+        row = recorder.append_row(self._row())  # durable before the final message goes
         try:
             await self._send(message)
         except BaseException:
@@ -77,7 +77,7 @@ class UsageCall:
     def close(self) -> None:
         """Record a request that never sent its final message (failed or aborted)."""
         if not self.recorded:
-            row = self.recorder.append_row_now(self._row())
+            row = self.recorder.append_row(self._row())
             self.recorder.mark_sent(row, final_chunk_sent=False)
 
     def _row(self) -> tuple[Any, ...]:

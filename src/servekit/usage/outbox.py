@@ -1,16 +1,20 @@
 """The durable local outbox: usage records wait here until every sink has committed them.
 
-A SQLite database in WAL mode with ``synchronous=NORMAL``: a commit is a write to the WAL, not
-an fsync, so an append survives a killed process (not a power cut) for tens of microseconds.
-No connection checkpoints on its own (``wal_autocheckpoint=0``): the sink workers do, after
-each :meth:`ack`, so the serving path never stalls milliseconds copying the WAL back.
-The serving path calls :meth:`Outbox.append` before the final chunk is sent and
-:meth:`Outbox.mark_sent` after; marks are buffered in memory and committed by the sink
-worker's next :meth:`take`, so the serving path pays one INSERT per record. A row whose mark
-died with its process (never made, or made within a worker interval of the crash) stays
-*unconfirmed* (``final_chunk_sent`` False) and is delivered as such by the next process.
+Two parts. The serving path appends to this process's **append log**
+(:mod:`servekit.usage.append_log`: a store into a memory-mapped file, ~1 us, durable against a
+killed process once it returns, not a power cut) before the final chunk is sent, and appends
+the record's mark (final chunk sent or not) after. The sink workers **fold** the log into a
+SQLite table (WAL, ``synchronous=NORMAL``) in batches, one transaction per fold that also
+stores how far the log was read, so a row is folded once; a row folded with its mark is ready
+to deliver, a mark that comes later updates it. A log whose process died is adopted by the
+next :class:`Outbox` opened on the same file (its rows, with the marks it holds; a row that
+never got its mark stays *unconfirmed*, ``final_chunk_sent`` False).
 
-Sinks drain it through :meth:`take` (a batch of rows this sink has not acknowledged) and
+Row ids are the log's number (handed out by the table, so processes sharing an outbox never
+collide) times 2**40 plus the row's sequence in its log. No connection checkpoints on its own
+(``wal_autocheckpoint=0``): the sink workers do, after each :meth:`ack`.
+
+Sinks drain the table through :meth:`take` (a batch of rows this sink has not acknowledged) and
 :meth:`ack` (after the sink committed): a row is deleted once every sink acknowledged it, so a
 crash between a sink's commit and the ack redelivers the batch, which sinks absorb
 (idempotent on ``idempotency_key``).
@@ -22,6 +26,7 @@ and drops new records, counting them (fail-open).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sqlite3
@@ -35,6 +40,14 @@ from typing import Any
 
 from attrs import frozen
 
+from servekit.usage.append_log import (
+    AppendLog,
+    LogPosition,
+    adoptable,
+    read_entries,
+    release_segments,
+    remove_log,
+)
 from servekit.usage.record_codec import COLUMNS, from_row, stored_row
 from servekit.usage.sink import UsageRecord
 
@@ -42,19 +55,27 @@ log = logging.getLogger("servekit.usage")
 
 # Records are stored as columns in COLUMNS order (no JSON to encode per request); ``state``
 # says what the serving path knows: appended (the final chunk not yet sent), sent, or ended
-# without the final chunk. ``user_version`` marks this layout.
-_LAYOUT = 2
+# without the final chunk. ``append_logs``: each process's log, its epoch and how far it was
+# folded (AUTOINCREMENT: a number is never handed out twice, so row ids never repeat).
+# ``user_version`` marks this layout (3: rows arrive through append logs; a layout-2
+# file is upgraded in place, an older servekit refuses a layout-3 one instead of missing the
+# rows still in its logs).
+_LAYOUT = 3
 _TABLES = f"""
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY, epoch TEXT NOT NULL, created REAL NOT NULL,
     state INTEGER NOT NULL DEFAULT 0, {", ".join(COLUMNS)});
 CREATE TABLE IF NOT EXISTS delivered (
     id INTEGER NOT NULL, sink TEXT NOT NULL, PRIMARY KEY (id, sink)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS append_logs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, epoch TEXT NOT NULL,
+    segment INTEGER NOT NULL DEFAULT 0, offset INTEGER NOT NULL DEFAULT 0);
 """
 _SCHEMA = f"{_TABLES}PRAGMA user_version = {_LAYOUT};\n"
 _APPENDED, _SENT, _UNSENT = 0, 1, 2
-_INSERT = (f"INSERT INTO outbox (epoch, created, {', '.join(COLUMNS)}) "
-           f"VALUES ({', '.join('?' * (len(COLUMNS) + 2))})")
+_INSERT = (f"INSERT OR IGNORE INTO outbox (id, epoch, created, state, {', '.join(COLUMNS)}) "
+           f"VALUES ({', '.join('?' * (len(COLUMNS) + 4))})")
+_ID_BITS = 40  # a row id is its log's number << _ID_BITS | its sequence in that log
 _FINAL = COLUMNS.index("final_chunk_sent")
 _REQUEST_ID = COLUMNS.index("request_id")
 # what take() reads: the stored columns, final_chunk_sent from what the serving path knew
@@ -94,16 +115,18 @@ class Batch:
 
 
 class Outbox:
-    """A SQLite-backed outbox at ``path`` shared by the sinks named in ``sinks``.
+    """A SQLite-backed outbox at ``path`` shared by the sinks named in ``sinks``, with this
+    process's append log in the directory ``<path>.appends``.
 
-    ``max_rows`` / ``max_age_s`` bound it; ``fail_open`` picks what happens past the bound.
-    Thread-safe: each thread gets its own connection (the serving loop appends, sink workers
-    take and ack).
+    ``max_rows`` / ``max_age_s`` bound it; ``fail_open`` picks what happens past the bound;
+    ``log_segment_bytes`` sizes the log's segment files (allocated up front). Thread-safe: each thread gets its own connection (the serving loop appends, sink workers
+    fold, take and ack). One per process: open a new one after ``fork``.
     """
 
     def __init__(self, path: str | Path, sinks: Sequence[str], *, max_rows: int = 1_000_000,
                  max_age_s: float = 7 * 86400.0, fail_open: bool = False,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 log_segment_bytes: int = 4 << 20) -> None:
         if not sinks:
             raise ValueError("sinks must name at least one sink")
         if max_rows < 1 or max_age_s <= 0:
@@ -117,17 +140,25 @@ class Outbox:
         self._epoch = uuid.uuid4().hex
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._marks: list[int] = []
+        self._fold_lock = threading.Lock()
         self._dropped = 0
         self._over = False
         self._oldest: float | None = None
+        self._logs = Path(f"{self.path}.appends")
         db = self._db()
         layout = db.execute("PRAGMA user_version").fetchone()[0]
-        if layout not in (0, _LAYOUT):
+        if layout not in (0, 2, _LAYOUT):
             raise RuntimeError(f"{self.path} is a usage outbox of another layout ({layout}, this "
                                f"servekit writes {_LAYOUT}): drain it with that version first")
         _migrate_json_payloads(db)  # by its columns: a file's user_version may be wrong
         db.executescript(_SCHEMA)
+        self._adopt_dead_logs(db)
+        self._number: int = db.execute("INSERT INTO append_logs (epoch) VALUES (?)",
+                                       (self._epoch,)).lastrowid or 0
+        self._base = self._number << _ID_BITS
+        self._seq = itertools.count(1)
+        self._folded: LogPosition = (0, 0)
+        self._log = AppendLog(self._logs, self._number, segment_bytes=log_segment_bytes)
         self._backlog = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
         self._refresh_oldest(db)
 
@@ -139,13 +170,13 @@ class Outbox:
         return self.append_rows([stored_row(record)])[0]
 
     def append_many(self, records: Sequence[UsageRecord]) -> list[int | None]:
-        """:meth:`append` for several records in one transaction (a group commit)."""
+        """:meth:`append` for several records."""
         return self.append_rows([stored_row(r) for r in records])
 
     def append_rows(self, rows: Sequence[tuple[Any, ...]]) -> list[int | None]:
         """:meth:`append_many` for rows already in the stored layout
         (:func:`~servekit.usage.record_codec.stored_row`; the server's serving path builds
-        them directly): one transaction; their row ids (all None: dropped, fail-open)."""
+        them directly); their row ids (all None: dropped, fail-open)."""
         if not rows:
             return []
         if self._check_bound() and self.fail_open:
@@ -155,35 +186,27 @@ class Outbox:
             log.error("usage outbox over its bound: dropped the record of %s (fail-open; %d "
                       "dropped so far)", ", ".join(str(r[_REQUEST_ID]) for r in rows), dropped)
             return [None] * len(rows)
-        head = (self._epoch, self._clock())
-        db = self._db()
-        if len(rows) == 1:  # one statement is its own transaction: no BEGIN / COMMIT calls
-            ids: list[int | None] = [db.execute(_INSERT, head + tuple(rows[0])).lastrowid]
-        else:
-            with _transaction(db):
-                db.executemany(_INSERT, [head + tuple(row) for row in rows])
-                last = db.execute("SELECT last_insert_rowid()").fetchone()[0]
-            # the only writer inside its transaction: SQLite numbered the rows max(id) + 1, ...
-            ids = list(range(last - len(rows) + 1, last + 1))
+        created = self._clock()
+        base, seq = self._base, self._seq
+        ids: list[int | None] = [base | next(seq) for _ in rows]
+        self._log.append([(i, created, *row) for i, row in zip(ids, rows, strict=True)])
         with self._lock:
             self._backlog += len(rows)
             if self._oldest is None:
-                self._oldest = head[1]
+                self._oldest = created
         return ids
 
     def mark_sent(self, row_id: int | None, final_chunk_sent: bool = True) -> None:
         """The request finished: its row is ready to deliver (``final_chunk_sent`` says whether
-        the client got the end). Committed by the next take (or :meth:`flush`)."""
+        the client got the end). Durable once this returns, like the row."""
         if row_id is None:
             return
-        with self._lock:
-            self._marks.append(row_id if final_chunk_sent else -row_id)
+        self._log.append([(row_id, _SENT if final_chunk_sent else _UNSENT)])
 
     def flush(self) -> None:
-        """Commit buffered marks now."""
-        db = self._db()
-        with _transaction(db):
-            self._flush_marks(db)
+        """Fold this process's append log into the table now (the sink workers' :meth:`take`
+        does before each batch)."""
+        self._fold(self._db())
 
     def admitting(self) -> bool:
         """False when fail-closed and over the bound: the server should refuse new requests."""
@@ -199,16 +222,16 @@ class Outbox:
     # -- the sink workers ---------------------------------------------------------------------
 
     def take(self, sink: str, limit: int = 1000) -> Batch:
-        """Up to ``limit`` ready rows ``sink`` has not acknowledged, oldest first: confirmed
-        rows, and every row a previous process left behind."""
+        """Up to ``limit`` ready rows ``sink`` has not acknowledged, oldest first: marked rows,
+        and every row of a process whose log was adopted (it died, or closed, before marking
+        them). A live process's unmarked rows wait for their marks."""
         self._check_sink(sink)
         db = self._db()
-        with _transaction(db):
-            self._flush_marks(db)
+        self._fold(db)
         rows = db.execute(
-            f"SELECT id, {_DELIVERED} FROM outbox o WHERE (state != {_APPENDED} OR epoch != ?) "
-            "AND NOT EXISTS (SELECT 1 FROM delivered d WHERE d.id = o.id AND d.sink = ?) "
-            "ORDER BY id LIMIT ?", (self._epoch, sink, limit)).fetchall()
+            f"SELECT id, {_DELIVERED} FROM outbox o WHERE (state != {_APPENDED} OR epoch NOT "
+            "IN (SELECT epoch FROM append_logs)) AND NOT EXISTS (SELECT 1 FROM delivered d "
+            "WHERE d.id = o.id AND d.sink = ?) ORDER BY id LIMIT ?", (sink, limit)).fetchall()
         return Batch(tuple(r[0] for r in rows), [r[1:] for r in rows])
 
     def ack(self, sink: str, ids: Sequence[int]) -> None:
@@ -252,7 +275,8 @@ class Outbox:
         return deleted
 
     def close(self) -> None:
-        """Commit buffered marks and close this thread's connection."""
+        """Fold the append log and close this thread's connection (the log stays open: rows
+        and marks appended later are folded by the next :meth:`take` or the next process)."""
         self.flush()
         db = getattr(self._local, "db", None)
         if db is not None:
@@ -266,7 +290,7 @@ class Outbox:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # autocommit: a lone INSERT commits itself; longer work runs in _transaction
+            # autocommit: one statement commits itself; longer work runs in _transaction
             db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0,
                                  check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
@@ -275,17 +299,44 @@ class Outbox:
             self._local.db = db
         return db
 
-    def _flush_marks(self, db: sqlite3.Connection) -> None:
-        with self._lock:
-            marks, self._marks = self._marks, []
-        if marks:
-            db.executemany("UPDATE outbox SET state = ? WHERE id = ?",
-                           [(_SENT if m > 0 else _UNSENT, abs(m)) for m in marks])
+    def _fold(self, db: sqlite3.Connection) -> None:
+        """Store what this process's log holds past the last fold, in one transaction that
+        also records how far it was read."""
+        with self._fold_lock:
+            entries, position = read_entries(self._logs, self._number, self._folded)
+            if not entries:
+                return
+            with _transaction(db):
+                _store(db, self._epoch, entries)
+                db.execute("UPDATE append_logs SET segment = ?, offset = ? WHERE id = ?",
+                           (*position, self._number))
+            if position[0] != self._folded[0]:
+                release_segments(self._logs, self._number, position)
+            self._folded = position
+
+    def _adopt_dead_logs(self, db: sqlite3.Connection) -> None:
+        """Fold the logs of processes that died (or closed) since, then remove them."""
+        for number, held in adoptable(self._logs):
+            known = db.execute("SELECT epoch, segment, offset FROM append_logs WHERE id = ?",
+                               (number,)).fetchone()
+            epoch, position = (known[0], (known[1], known[2])) if known else (f"log-{number}",
+                                                                                 (0, 0))
+            entries, position = read_entries(self._logs, number, position)
+            with _transaction(db):  # a crash before remove_log re-reads it all: sinks
+                _store(db, epoch, entries)  # absorb what is delivered twice
+                db.execute("DELETE FROM append_logs WHERE id = ?", (number,))
+            remove_log(self._logs, number, held)
+            if entries:
+                log.info("usage outbox: adopted %d entries of a previous process's append log "
+                         "%d", len(entries), number)
 
     def _refresh_oldest(self, db: sqlite3.Connection) -> None:
         row = db.execute("SELECT created FROM outbox ORDER BY id LIMIT 1").fetchone()
         with self._lock:
-            self._oldest = None if row is None else float(row[0])
+            if row is not None:
+                self._oldest = float(row[0])
+            else:  # what is left is in the log, appended since the last fold
+                self._oldest = self._clock() if self._backlog > 0 else None
 
     def _check_bound(self) -> bool:
         now = self._clock()
@@ -318,6 +369,20 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+def _store(db: sqlite3.Connection, epoch: str, entries: list[tuple[Any, ...]]) -> None:
+    """Insert an append log's rows (``(id, created, *row)``) with the marks among
+    ``entries`` (``(id, state)``, a later one wins); update the rows marked after an earlier
+    fold stored them."""
+    marks = {e[0]: e[1] for e in entries if len(e) == 2}
+    rows = [(e[0], epoch, e[1], marks.pop(e[0], _APPENDED), *e[2:])
+            for e in entries if len(e) > 2]
+    if rows:
+        db.executemany(_INSERT, rows)
+    if marks:
+        db.executemany("UPDATE outbox SET state = ? WHERE id = ?",
+                       [(state, row_id) for row_id, state in marks.items()])
 
 
 def _migrate_json_payloads(db: sqlite3.Connection) -> None:
