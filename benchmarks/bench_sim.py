@@ -135,6 +135,9 @@ def _extra(parser: Any) -> None:
     parser.add_argument("--no-pin", action="store_true",
                         help="let the server and the load generator share every CPU (by "
                         "default the server runs on CPU 0 and the load generator on the others)")
+    parser.add_argument("--fixed-rates", action="store_true",
+                        help="each load at its fraction of the sweep's capacity (by default, "
+                        "of the capacity at the speed the machine ran the load before it)")
     parser.add_argument("--sweep-seconds", type=float, default=8.0,
                         help="seconds per concurrency level of the profiling sweep")
     parser.add_argument("--plot", type=Path, default=None)
@@ -155,7 +158,8 @@ def main() -> None:
                      else args.json.with_name(args.json.stem + "-steps.jsonl.gz"))
         rows, extra = validate(args.validate_duration, args.validate_repeats,
                                args.sweep_seconds, args.plot, args.torch_threads, steps_out,
-                               max_waiting=args.max_waiting, pin=not args.no_pin)
+                               max_waiting=args.max_waiting, pin=not args.no_pin,
+                               adapt=not args.fixed_rates)
         print_table(rows, ["load", "repeat", "source", "rate", "ttft_p50", "ttft_p90", "itl_p50",
                            "out_tok_per_s", "sent_tok_per_s", "goodput_rps", "requests"],
                     "server vs simulator")
@@ -380,7 +384,7 @@ def sim_row(r: SimResult, duration: float) -> dict[str, Any]:
 
 def validate(duration: float, repeats: int, sweep_seconds: float, png: Path | None,
              torch_threads: int = 1, steps_out: Path | None = None, *, max_waiting: int = 32,
-             pin: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+             pin: bool = True, adapt: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Profile the demo engine through a running ``servekit serve`` (its ``step_log`` hook:
     the step profile and the front end's cost), then drive the same Poisson arrival trace
     (drawn once per load and repeat, sent to the server at its times and replayed into the
@@ -400,6 +404,12 @@ def validate(duration: float, repeats: int, sweep_seconds: float, png: Path | No
     slower minute doubles the queueing, which no model fitted a minute earlier can know; the
     front end's cost per request differs between the closed-loop sweep and an open-loop load.
     ``errors_at_sweep_speed`` is the comparison without them.
+
+    ``adapt``: each load's rate is its fraction of the simulated capacity at the speed the
+    machine ran the previous load (``speed_factors`` of its cycles; the sweep's speed for the
+    first load), so "near saturation" stays near it when the machine slows down between the
+    sweep and the loads; without it, fractions of the sweep's capacity (a run that slowed by
+    11-25 % put its "near saturation" loads past saturation).
 
     ``max_waiting``: the waiting-queue bound of the server and of the simulated replica.
     ``pin``: the server runs on CPU 0 and this process (the load generator, which parses every
@@ -482,20 +492,32 @@ def validate(duration: float, repeats: int, sweep_seconds: float, png: Path | No
         # at a steady rate far past saturation would measure the front end admitting arrivals)
         from servekit.sim.workload import Arrival
 
-        backlog = simulate(_scenario(profile, meta, 1.0, 1.0, 0, latency, fe, max_waiting=None),
-                           arrivals=[Arrival(0.0, 0)] * 2000)
-        capacity = 2000 / max(r.end for r in backlog.records)
+        def capacity_of(model: Any) -> float:
+            backlog = simulate(_scenario(model, meta, 1.0, 1.0, 0, latency, model.frontend,
+                                         max_waiting=None), arrivals=[Arrival(0.0, 0)] * 2000)
+            return 2000 / max(r.end for r in backlog.records)
+
+        capacity = capacity_of(profile)
         print(f"simulated capacity {capacity:.1f} req/s", flush=True)
         for name, frac in LOADS:
-            rate = capacity * frac
             for rep in range(repeats):
+                # each load's rate is a fraction of the capacity at the speed the machine ran
+                # the load before it (the sweep's for the first): the nearest measure of its
+                # own, which is only known afterwards
+                rate, before = capacity * frac, (1.0, 1.0)
+                if adapt and len(phases) > 1:
+                    logged_so_far = step_log_cycles(step_log)
+                    assert logged_so_far is not None
+                    before = speed_factors(profile, logged_so_far.window(
+                        phases[-1]["start"], phases[-1]["end"]))
+                    rate = capacity_of(profile.scaled(*before)) * frac
                 sc = _scenario(profile, meta, rate, duration, 1 + rep, latency, fe, max_waiting)
                 trace = arrival_trace(sc)
                 began = time.monotonic()
                 real = asyncio.run(_load(port, [a.time for a in trace], duration, vocab,
                                          1 + rep))
                 phases.append({"phase": name, "repeat": rep, "rate": rate, "start": began,
-                               "end": time.monotonic()})
+                               "end": time.monotonic(), "speed_factors_before": before})
                 sims = {"sim": _sim_row(sc, trace),
                         "sim (no front-end cost)": _sim_row(_scenario(
                             steps_only, meta, rate, duration, 1 + rep, steps_only_latency,
@@ -542,6 +564,7 @@ def validate(duration: float, repeats: int, sweep_seconds: float, png: Path | No
                   "frontend": fe.to_dict() if fe else None, "frontend_latency": latency,
                   "capacity_rps": capacity, "steps_only_latency": steps_only_latency,
                   "duration": duration, "max_waiting": max_waiting, "pinned": pin,
+                  "adaptive_rates": adapt,
                   "step_log": None if steps_out is None else steps_out.name, "phases": phases,
                   "errors": summary, "errors_at_sweep_speed": _validation_summary(rows, "sim"),
                   "errors_without_frontend_cost": _validation_summary(
