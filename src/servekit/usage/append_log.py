@@ -119,7 +119,10 @@ class AppendLog:
         path = _segment(self.directory, self.number, segment)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.posix_fallocate(fd, 0, self.segment_bytes)
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, self.segment_bytes)
+            else:  # macOS: a sparse file (a full disk then faults on a store)
+                os.ftruncate(fd, self.segment_bytes)
             new = mmap.mmap(fd, self.segment_bytes)
         except BaseException:
             os.close(fd)
