@@ -18,8 +18,8 @@ sees the same interference, which pairs rounds far more tightly, at the cost of 
 share of the client's rate (the sink worker's per-batch costs weigh more per request).
 By default the servers run on the first CPU and the load generator (httpx, ~2 ms of CPU per
 request) on the others, so its CPU time never lands between a server's instructions
-(``--no-pin`` to share). Bars: recording adds < 2 % CPU per request; each sink drains >= 10x the request rate the
-server served in this run.
+(``--no-pin`` to share). Bars: recording adds < 2 % CPU per request; each sink drains >= 10x
+the request rate the server served in this run.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def test_entries_come_back_once_in_order_however_reads_are_cut(
 
 def test_one_writer_per_log_and_a_closed_log_is_adoptable(tmp_path: Path) -> None:
     log = AppendLog(tmp_path, 1)
-    with pytest.raises(RuntimeError, match="open elsewhere"):
+    with pytest.raises(RuntimeError, match="exists already"):
         AppendLog(tmp_path, 1)
     assert list(adoptable(tmp_path)) == []  # its writer is alive
     log.append([(1, "a")])
@@ -78,7 +78,7 @@ def test_bad_sizes_are_clear_errors(tmp_path: Path) -> None:
         AppendLog(tmp_path, 1, segment_bytes=1000)
     log = AppendLog(tmp_path, 2, segment_bytes=4096)
     with pytest.raises(ValueError, match="exceeds"):
-        log.append([("x" * 5000,)])
+        log.append([("first",), ("x" * 5000,)])  # nothing of a batch that cannot fit
     log.append([("fits",)])
     assert read_entries(tmp_path, 2, (0, 0))[0] == [("fits",)]
     log.close()

@@ -76,6 +76,23 @@ def test_a_live_processs_unmarked_rows_wait_for_their_marks(tmp_path: Path) -> N
     assert batch.ids == (row,) and batch.records[0].final_chunk_sent
 
 
+def test_a_sibling_that_dies_is_adopted_by_a_live_outboxs_takes(tmp_path: Path) -> None:
+    """A process sharing the outbox is killed and not restarted: another live process's
+    sink worker adopts its log (rows and marks) within ``adopt_every_s``."""
+    live, sibling = Outbox(tmp_path / "o.db", ["a"]), Outbox(tmp_path / "o.db", ["a"])
+    sibling.mark_sent(sibling.append(record(1)))
+    sibling.append(record(2))
+    del sibling  # killed: its log's lock goes with it
+    assert live.take("a").ids == ()  # not yet looked for
+    live.adopt_every_s = 0.0
+    batch = live.take("a")
+    assert [(r.idempotency_key, r.final_chunk_sent) for r in batch.records] == [
+        ("k1", True), ("k2", False)]
+    assert live.stats().backlog == 2
+    live.ack("a", batch.ids)
+    assert live.stats().backlog == 0
+
+
 def test_the_log_goes_on_across_segments_and_drops_read_ones(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.db", ["a"], log_segment_bytes=4096)  # ~20 rows a segment
     rows = [box.append(record(i)) for i in range(100)]

@@ -119,9 +119,15 @@ class Outbox:
     process's append log in the directory ``<path>.appends``.
 
     ``max_rows`` / ``max_age_s`` bound it; ``fail_open`` picks what happens past the bound;
-    ``log_segment_bytes`` sizes the log's segment files (allocated up front). Thread-safe: each thread gets its own connection (the serving loop appends, sink workers
-    fold, take and ack). One per process: open a new one after ``fork``.
+    ``log_segment_bytes`` sizes the log's segment files (allocated up front). Thread-safe:
+    each thread gets its own connection (the serving loop appends, sink workers fold, take
+    and ack). One per process: open a new one after ``fork``. The logs of processes that
+    died are adopted when an outbox opens and every ``adopt_every_s`` seconds of takes after.
     """
+
+    #: How often :meth:`take` looks for the logs of processes that died (a sibling front end
+    #: sharing this outbox, killed and not restarted).
+    adopt_every_s = 10.0
 
     def __init__(self, path: str | Path, sinks: Sequence[str], *, max_rows: int = 1_000_000,
                  max_age_s: float = 7 * 86400.0, fail_open: bool = False,
@@ -153,6 +159,7 @@ class Outbox:
         _migrate_json_payloads(db)  # by its columns: a file's user_version may be wrong
         db.executescript(_SCHEMA)
         self._adopt_dead_logs(db)
+        self._adopted_at = time.monotonic()
         self._number: int = db.execute("INSERT INTO append_logs (epoch) VALUES (?)",
                                        (self._epoch,)).lastrowid or 0
         self._base = self._number << _ID_BITS
@@ -227,6 +234,12 @@ class Outbox:
         them). A live process's unmarked rows wait for their marks."""
         self._check_sink(sink)
         db = self._db()
+        if time.monotonic() - self._adopted_at >= self.adopt_every_s:
+            self._adopted_at = time.monotonic()
+            adopted = self._adopt_dead_logs(db)
+            if adopted:
+                with self._lock:
+                    self._backlog += adopted
         self._fold(db)
         rows = db.execute(
             f"SELECT id, {_DELIVERED} FROM outbox o WHERE (state != {_APPENDED} OR epoch NOT "
@@ -314,21 +327,26 @@ class Outbox:
                 release_segments(self._logs, self._number, position)
             self._folded = position
 
-    def _adopt_dead_logs(self, db: sqlite3.Connection) -> None:
-        """Fold the logs of processes that died (or closed) since, then remove them."""
+    def _adopt_dead_logs(self, db: sqlite3.Connection) -> int:
+        """Fold the logs of processes that died (or closed) since, then remove them; how
+        many rows they added to the table."""
+        added = 0
         for number, held in adoptable(self._logs):
             known = db.execute("SELECT epoch, segment, offset FROM append_logs WHERE id = ?",
                                (number,)).fetchone()
             epoch, position = (known[0], (known[1], known[2])) if known else (f"log-{number}",
                                                                                  (0, 0))
             entries, position = read_entries(self._logs, number, position)
-            with _transaction(db):  # a crash before remove_log re-reads it all: sinks
-                _store(db, epoch, entries)  # absorb what is delivered twice
+            # one transaction; a crash before remove_log reads the log again from its start,
+            # which INSERT OR IGNORE absorbs (and sinks absorb a row delivered twice)
+            with _transaction(db):
+                added += _store(db, epoch, entries)
                 db.execute("DELETE FROM append_logs WHERE id = ?", (number,))
             remove_log(self._logs, number, held)
             if entries:
                 log.info("usage outbox: adopted %d entries of a previous process's append log "
                          "%d", len(entries), number)
+        return added
 
     def _refresh_oldest(self, db: sqlite3.Connection) -> None:
         row = db.execute("SELECT created FROM outbox ORDER BY id LIMIT 1").fetchone()
@@ -371,18 +389,18 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("COMMIT")
 
 
-def _store(db: sqlite3.Connection, epoch: str, entries: list[tuple[Any, ...]]) -> None:
+def _store(db: sqlite3.Connection, epoch: str, entries: list[tuple[Any, ...]]) -> int:
     """Insert an append log's rows (``(id, created, *row)``) with the marks among
     ``entries`` (``(id, state)``, a later one wins); update the rows marked after an earlier
-    fold stored them."""
+    fold stored them. How many rows were inserted."""
     marks = {e[0]: e[1] for e in entries if len(e) == 2}
     rows = [(e[0], epoch, e[1], marks.pop(e[0], _APPENDED), *e[2:])
             for e in entries if len(e) > 2]
-    if rows:
-        db.executemany(_INSERT, rows)
+    inserted = db.executemany(_INSERT, rows).rowcount if rows else 0
     if marks:
         db.executemany("UPDATE outbox SET state = ? WHERE id = ?",
                        [(state, row_id) for row_id, state in marks.items()])
+    return inserted
 
 
 def _migrate_json_payloads(db: sqlite3.Connection) -> None:
