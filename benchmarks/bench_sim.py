@@ -165,8 +165,9 @@ def main() -> None:
                     "server vs simulator")
         print_table([{"check": k, **v} for k, v in extra["errors"].items()],
                     ["check", "server", "sim", "error", "tolerance", "holds"],
-                    "simulator vs server (medians over repeats), the profile at the speed the "
-                    "machine ran each load")
+                    "simulator vs server (TTFT percentiles over all of a load's requests, the "
+                    "rest medians over repeats), the profile at the speed the machine ran each "
+                    "load")
         print_table([{"check": k, **v} for k, v in extra["errors_median_of_repeats"].items()],
                     ["check", "server", "sim", "error", "tolerance", "holds"],
                     "the same, TTFT percentiles as medians over repeats (before 2026-12-07 "
