@@ -25,7 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itertools
 
-from _common import bar, parse_args, print_bars, print_table, write_json
+from _common import bar, parse_args, pin_cpus, print_bars, print_table, write_json
 from servekit.sim import ReplicaConfig, Scenario, SimResult, simulate
 from servekit.sim.planner import plan_capacity
 from servekit.sim.results import tokens_in_window
@@ -464,17 +464,17 @@ def validate(duration: float, repeats: int, sweep_seconds: float, png: Path | No
         port = s.getsockname()[1]
     step_log = Path(tempfile.mkdtemp(prefix="servekit-steps-")) / "steps.jsonl"
     cpus = sorted(os.sched_getaffinity(0))
-    pin = pin and len(cpus) > 1
+    on_server_cpu, load_cpus = pin_cpus(pin)
+    pin = bool(load_cpus)
     server = subprocess.Popen(
         [sys.executable, "-m", "servekit.server.cli", "serve", "--port", str(port),
          "--max-num-seqs", str(VALIDATE_SEQS), "--max-num-batched-tokens", str(VALIDATE_BUDGET),
          "--max-waiting-requests", str(max_waiting),
          "--hook", "step_log:" + json.dumps({"path": str(step_log)}), "--log-level", "warning"],
         env={**os.environ, "OMP_NUM_THREADS": str(torch_threads)},
-        preexec_fn=(lambda: os.sched_setaffinity(0, cpus[:1])) if pin else None)
+        preexec_fn=on_server_cpu)
     if pin:
-        os.sched_setaffinity(0, cpus[1:])
-        print(f"server pinned to CPU {cpus[0]}, load generator to {cpus[1:]}", flush=True)
+        print(f"server pinned to CPU {cpus[0]}, load generator to {load_cpus}", flush=True)
     rows: list[dict[str, Any]] = []
     phases: list[dict[str, Any]] = []
     try:

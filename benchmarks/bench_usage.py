@@ -39,7 +39,7 @@ from typing import Any
 import anyio
 import httpx
 
-from _common import bar, parse_args, print_bars, print_table, summary, write_json
+from _common import bar, parse_args, pin_cpus, print_bars, print_table, summary, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -97,7 +97,7 @@ def _cpu_delta(before: dict[int, tuple[str, int]],
 
 
 def _start_server(port: int, data: Path, usage: bool, src: str | None = None,
-                  cpus: list[int] | None = None) -> subprocess.Popen[bytes]:
+                  preexec: Any = None) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "servekit.server.cli", "serve", "--fake", "--port",
             str(port), "--data-dir", str(data), "--log-level", "warning"]
     if not usage:
@@ -105,8 +105,7 @@ def _start_server(port: int, data: Path, usage: bool, src: str | None = None,
     env = {**os.environ, "SERVEKIT_API_KEYS": json.dumps(KEYS)}
     if src is not None:
         env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
-    proc = subprocess.Popen(argv, env=env, preexec_fn=(
-        (lambda: os.sched_setaffinity(0, cpus)) if cpus else None))
+    proc = subprocess.Popen(argv, env=env, preexec_fn=preexec)
     for _ in range(600):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
@@ -139,12 +138,12 @@ class _Server:
     """A ``servekit serve --fake`` process on a free port, with or without usage recording."""
 
     def __init__(self, usage: bool, data: Path, src: str | None = None,
-                 cpus: list[int] | None = None) -> None:
+                 preexec: Any = None) -> None:
         from tests.usage.servers import free_port
 
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
-        self.proc = _start_server(port, data, usage, src, cpus)
+        self.proc = _start_server(port, data, usage, src, preexec)
         anyio.run(_load, self.base, 64)  # warm up
 
     def cpu_us_per_request(self, n: int) -> tuple[dict[str, float], float]:
@@ -222,16 +221,13 @@ def main() -> None:
     cpu: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     rate: list[float] = []
     ratio: dict[str, list[float]] = {"on": [], "baseline": []}
-    cpus = sorted(os.sched_getaffinity(0))
-    pin = not args.no_pin and len(cpus) > 1
-    server_cpus = cpus[:1] if pin else None
-    servers = {"off": _Server(False, root / "data-off", cpus=server_cpus),
-               "on": _Server(True, root / "data-on", cpus=server_cpus)}
+    on_server_cpu, load_cpus = pin_cpus(not args.no_pin)
+    pin = bool(load_cpus)
+    servers = {"off": _Server(False, root / "data-off", preexec=on_server_cpu),
+               "on": _Server(True, root / "data-on", preexec=on_server_cpu)}
     if args.baseline_src:
         servers["baseline"] = _Server(True, root / "data-baseline", args.baseline_src,
-                                      server_cpus)
-    if pin:  # the load generator's CPU time never lands on a server's CPU
-        os.sched_setaffinity(0, cpus[1:])
+                                      on_server_cpu)
     try:
         for r in range(rounds):
             if args.together:
