@@ -23,7 +23,9 @@ script rebuilds each scenario as ``validate`` built it and simulates it again:
 
 ``--speeds`` checks runs of the current harness (their step logs kept) at each load's measured
 speed instead: ``speed_factors`` as ``bench_sim.py --validate`` applies it, one factor for steps
-and front end together, and the sweep's profile as fitted (:func:`rescaled`).
+and front end together, the speed measured on the load before (``speed_factors_before``, which
+set the load's rate in runs since l: a forecast made before the load ran), and
+the sweep's profile as fitted (:func:`rescaled`).
 
 It prints, per run and load, the server's medians over its repeats, its own spread (half the
 range between its repeats, relative to their median) and each model's relative error. Output
@@ -298,14 +300,15 @@ def resimulate(name: str, doc: dict[str, Any], duration: float = 40.0) -> dict[s
             "models": list(models)}
 
 
-RESCALINGS = ("two factors", "one factor", "sim")
+RESCALINGS = ("two factors", "one factor", "previous load's speed", "sim")
 
 
 def rescaled(doc: dict[str, Any], path: Path) -> dict[str, Any]:
-    """A run of the current harness (a kept step log, ``phases``) checked three ways: the
+    """A run of the current harness (a kept step log, ``phases``) checked up to four ways: the
     server profile rescaled to each load's measured speed by ``speed_factors`` (steps and front
     end apart, as ``bench_sim.py --validate`` does since 2026-12-07 02:15), by one factor for
-    both (the cycles' measured time over the predicted, the first version), and as fitted on
+    both (the cycles' measured time over the predicted, the first version), to the speed
+    measured on the load before (runs that recorded ``speed_factors_before``), and as fitted on
     the sweep (the run's own ``sim`` rows)."""
     from bench_sim import _validation_summary
     from servekit.sim.profile import speed_factors, step_log_cycles
@@ -326,14 +329,18 @@ def rescaled(doc: dict[str, Any], path: Path) -> dict[str, Any]:
                         "two": list(two)})
         rate = next(r["rate"] for r in rows if r["load"] == phase["phase"]
                     and r["repeat"] == phase["repeat"])
-        for source, scaled in (("two factors", profile.scaled(*two)),
-                               ("one factor", profile.scaled(one))):
+        scalings = [("two factors", profile.scaled(*two)), ("one factor", profile.scaled(one))]
+        if "speed_factors_before" in phase:  # adaptive-rate runs: a prediction, not a fit
+            scalings.append(("previous load's speed",
+                             profile.scaled(*phase["speed_factors_before"])))
+        for source, scaled in scalings:
             sc = _scenario(scaled, _meta(doc), rate, duration, 1 + phase["repeat"],
                            doc["frontend_latency"], scaled.frontend, doc.get("max_waiting"))
             rows.append({"load": phase["phase"], "repeat": phase["repeat"], "rate": rate,
                          "source": source, **_row(Simulator(sc, arrivals=arrival_trace(sc)))})
     return {"run": path.name, "factors": factors,
-            "checks": {source: _validation_summary(rows, source) for source in RESCALINGS}}
+            "checks": {source: _validation_summary(rows, source) for source in RESCALINGS
+                       if any(r["source"] == source for r in rows)}}
 
 
 def table(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -382,7 +389,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--speeds", action="store_true",
                         help="check runs of the current harness (paths of --validate JSONs "
-                        "with their step logs) at each load's measured speed, two ways")
+                        "with their step logs) at each load's measured speed, the speed "
+                        "before it and the sweep's")
     args = parser.parse_args()
     load = os.getloadavg()
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
