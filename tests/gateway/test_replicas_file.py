@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from servekit.gateway import create_gateway
-from servekit.gateway.fleet import parse_replicas
+from servekit.gateway.fleet import Fleet, SettledText, parse_replicas
 from servekit.limit.keys import ApiKey, KeyStore
 from tests.asgi_server import serve_asgi
 from tests.server.cli_server import cli_servers
@@ -90,6 +90,49 @@ def test_edits_to_the_replicas_file_add_and_remove_replicas(tmp_path: Path) -> N
                "replica one not probed")
         _send(gw, 4)
         assert _routed(gw) == {one.url: 7, two.url: 6}
+
+
+def test_an_edit_is_taken_once_two_reads_agree() -> None:
+    edits = SettledText()
+    assert [edits.settled(t) for t in ("a", "a", "a")] == [False, True, False]
+    # "a" rewritten in place as "b": read torn (empty, cut short) in between, never taken
+    assert [edits.settled(t) for t in ("", "b", "", "b", "b", "b")] == [
+        False, False, False, False, True, False]
+    assert edits.applied == "b"
+    assert [edits.settled(t) for t in ("b\nc", "b", "b")] == [False, False, False]  # back: no edit
+
+
+def test_a_file_rewritten_in_place_never_empties_the_fleet(tmp_path: Path) -> None:
+    # the race the full suite hit: the watcher read the file between its truncation and its
+    # write, and the fleet briefly had no replicas at all
+    import anyio
+
+    interval = 0.2
+    path = tmp_path / "replicas.txt"
+    text = "http://127.0.0.1:9\nhttp://127.0.0.1:19\n"
+    path.write_text(text)
+    fleet = Fleet([], policy="round_robin", probe_interval=interval, replicas_file=path)
+    seen: set[tuple[str, ...]] = set()
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient() as client, anyio.create_task_group() as tg:
+            tg.start_soon(fleet.run, client)
+
+            async def sample() -> None:
+                while True:
+                    seen.add(fleet.urls)
+                    await anyio.sleep(0.005)
+
+            tg.start_soon(sample)
+            for _ in range(12):  # each torn for a quarter of an interval: read in it ~1 in 4
+                with path.open("w") as f:  # truncated
+                    await anyio.sleep(interval / 4)
+                    f.write(text)
+                await anyio.sleep(interval)
+            tg.cancel_scope.cancel()
+
+    anyio.run(scenario)
+    assert seen == {("http://127.0.0.1:9", "http://127.0.0.1:19")}
 
 
 def test_parse_replicas_names_the_bad_line() -> None:

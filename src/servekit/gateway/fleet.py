@@ -10,7 +10,8 @@ servekit, or not configured to trust us) routing falls back to in-flight counts.
 The replica list can change at run time: :meth:`Fleet.set_replicas` adds and removes replicas
 (a removed one's requests in flight finish; it gets no new ones, and its index entry and watch
 task go), and with ``replicas_file`` the fleet re-reads that file (one base URL per line, ``#``
-comments) every ``probe_interval`` seconds and applies its edits.
+comments) every ``probe_interval`` seconds and applies each edit once two reads in a row
+agree (:class:`SettledText`).
 """
 
 from __future__ import annotations
@@ -136,8 +137,9 @@ class Fleet:
         self._tg.start_soon(watch)
 
     async def _watch_file(self, path: Path) -> None:
-        """Re-read ``path`` every ``probe_interval`` seconds; apply it when it changed."""
-        last: str | None = None
+        """Re-read ``path`` every ``probe_interval`` seconds; apply an edit once it has read
+        the same twice in a row."""
+        edits = SettledText()
         failing = False
         while True:
             try:
@@ -148,8 +150,7 @@ class Fleet:
                 failing = True
             else:
                 failing = False
-                if text != last:
-                    last = text
+                if edits.settled(text):
                     try:
                         self.set_replicas(parse_replicas(text, str(path)))
                     except ValueError as exc:
@@ -231,6 +232,25 @@ class Fleet:
         self.models[url] = list(info["models"])
         self.max_model_lens[url] = int(info["max_model_len"])
         self.encoders[url] = await anyio.to_thread.run_sync(PromptEncoder, info)
+
+
+class SettledText:
+    """A watched file's edits, each taken once two reads in a row agree: a file rewritten in
+    place (truncated, then written) reads empty or cut short in between, and applying that
+    would drop replicas for a moment, or add one at a cut-off address."""
+
+    def __init__(self) -> None:
+        self.applied: str | None = None
+        self._last_read: str | None = None
+
+    def settled(self, text: str) -> bool:
+        """``text`` was read now: whether it is a new edit to apply (it differs from the one
+        applied last and the read before saw the same)."""
+        new = text == self._last_read and text != self.applied
+        self._last_read = text
+        if new:
+            self.applied = text
+        return new
 
 
 def parse_replicas(text: str, source: str = "replicas file") -> list[str]:
