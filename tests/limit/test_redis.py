@@ -150,3 +150,52 @@ def test_redis_stopped_mid_test(own_redis: RedisServer, fail_open: bool) -> None
     with pytest.raises(StoreUnavailableError):
         store.take("k", limiter.limits, (1.0,), 0.0)
     store.close()
+
+
+@pytest.mark.parametrize("cancel_at", ["in flight", "as the reply lands"])
+def test_a_natively_cancelled_acquire_charges_nothing(redis_store: RedisStore,
+                                                       cancel_at: str) -> None:
+    # asyncio's own task.cancel() (grpc.aio's on a cancelled RPC, asyncio.timeout) is not
+    # anyio's cancellation: it goes through the store's shield while the command runs on in
+    # its worker thread, so the caller never learns of a charge Redis made
+    import asyncio
+    import threading
+
+    limiter = Limiter([RPD, TPD], store=redis_store)
+    cost = {"requests": 1, "tokens": 600}
+
+    def remaining() -> list[int]:
+        return [round(s.remaining) for s in limiter.peek("c").statuses]
+
+    full = remaining()
+    tasks: list[asyncio.Task[None]] = []
+    store_trip = redis_store._trip
+    returned = threading.Event()
+
+    def reply_then_cancel(*args: Any) -> Any:  # cancelled after the reply, before it is read
+        result = store_trip(*args)
+        tasks[0].get_loop().call_soon_threadsafe(tasks[0].cancel)
+        returned.set()
+        return result
+
+    async def acquire() -> None:
+        await limiter.atry_acquire("c", cost, reserve=True)
+        pytest.fail("the cancelled acquire returned")
+
+    async def scenario() -> None:
+        tasks.append(asyncio.create_task(acquire()))
+        if cancel_at == "in flight":
+            await asyncio.sleep(0.2)  # the EVALSHA waits behind CLIENT PAUSE
+            tasks[0].cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await tasks[0]
+        await asyncio.sleep(0.8)  # the paused command runs, and what it charged comes back
+
+    if cancel_at == "in flight":
+        redis_store.client.execute_command("CLIENT", "PAUSE", 400, "ALL")
+    else:
+        redis_store._trip = reply_then_cancel  # type: ignore[method-assign]
+    asyncio.run(scenario())
+    assert cancel_at == "in flight" or returned.is_set()
+    assert remaining() == full == [5, 1000]
+    assert limiter.try_acquire("c", cost).allowed  # a charge that stood would deny it

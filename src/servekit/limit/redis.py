@@ -17,7 +17,9 @@ Clients without a plain connection pool (cluster, or anything else) go through
 
 from __future__ import annotations
 
+import contextlib
 import struct
+import threading
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -118,6 +120,28 @@ def _parse(buf: bytes, pos: int) -> tuple[Any, int] | None:
     raise ConnectionError(f"unexpected reply from redis: {buf[pos:pos + 40]!r}")
 
 
+class _RoundTrip:
+    """One take in a worker thread, which its caller may stop waiting for: whichever of
+    :meth:`finish` (the thread, with the reply) and :meth:`abandon` (the caller, cancelled)
+    comes second learns that a charge nobody will settle must be refunded."""
+
+    __slots__ = ("abandoned", "charged", "finished", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.abandoned = self.finished = self.charged = False
+
+    def finish(self, result: TakeResult) -> bool:
+        with self.lock:
+            self.finished, self.charged = True, result[0]
+            return self.abandoned and self.charged
+
+    def abandon(self) -> bool:
+        with self.lock:
+            self.abandoned = True
+            return self.finished and self.charged
+
+
 class RedisStore:
     """Bucket state in Redis (``pip install 'servekit[redis]'``).
 
@@ -126,7 +150,9 @@ class RedisStore:
     before the fail-open/closed policy answers. The store checks connections out of the
     client's pool and keeps them (one per concurrent caller, so threads never share one).
     ``atake`` and friends run the sync call in a worker thread, so the store works under
-    asyncio and trio alike.
+    asyncio and trio alike. A task cancelled while its take is in flight gets no decision and
+    is charged nothing: anyio's cancellation waits for the reply, asyncio's own
+    (``task.cancel()``) refunds whatever the command charged.
     """
 
     def __init__(
@@ -262,9 +288,31 @@ class RedisStore:
     ) -> TakeResult:
         # shielded: a cancelled caller still gets the result of a command Redis has run, so a
         # charge is never made and lost (the Store contract)
-        with anyio.CancelScope(shield=True):
-            result = await anyio.to_thread.run_sync(self._call, mode, key, limits, amounts)
+        trip = _RoundTrip()
+        try:
+            with anyio.CancelScope(shield=True):
+                return await anyio.to_thread.run_sync(self._trip, trip, mode, key, limits,
+                                                      amounts)
+        except anyio.get_cancelled_exc_class():
+            # asyncio's own task.cancel() (grpc.aio's for a cancelled RPC, asyncio.timeout's)
+            # is not anyio's cancellation and goes through the shield, while the command runs
+            # on in its thread: whichever of the two ends second takes back what it charged
+            if mode == _lua.TAKE and trip.abandon():
+                threading.Thread(target=self._untake, args=(key, limits, amounts),
+                                 daemon=True).start()
+            raise
+
+    def _trip(self, trip: _RoundTrip, mode: int, key: str, limits: LimitSet,
+              amounts: Sequence[float]) -> TakeResult:
+        result = self._call(mode, key, limits, amounts)
+        if mode == _lua.TAKE and trip.finish(result):
+            self._untake(key, limits, amounts)
         return result
+
+    def _untake(self, key: str, limits: LimitSet, amounts: Sequence[float]) -> None:
+        """Refund a take nobody received (best-effort: with Redis down, the charge stands)."""
+        with contextlib.suppress(StoreUnavailableError):
+            self._call(_lua.ADJUST, key, limits, [-a for a in amounts])
 
     def close(self) -> None:
         """Give our connections back to the pool and close the client's connections."""
