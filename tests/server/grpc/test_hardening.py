@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import grpc
@@ -85,6 +86,35 @@ def test_a_limiter_store_outage_is_unavailable_with_its_own_reason() -> None:
             assert trailing.get("retry-after") == "12"
             assert limits.store_errors == 1
             served.wait_idle()
+    finally:
+        redis.stop()
+
+
+def test_an_rpc_cancelled_during_admission_leaves_its_rate_limit_uncharged() -> None:
+    # grpc.aio cancels the handler's task with asyncio's own task.cancel() when the client's
+    # deadline passes: the Redis round trip it was waiting on must not leave a charge behind
+    import redis as redis_py
+
+    redis = RedisServer()
+    try:
+        limits = KeyLimits(store=RedisStore(redis.url, timeout=2.0))
+        with serve(keys=[ApiKey("sk-a", tenant="a", rpm=2)], limits=limits) as served:
+            auth = (("authorization", "Bearer sk-a"),)
+            request = pb.GenerateRequest(model="fake", prompt="x", max_tokens=2)
+            pauser = redis_py.Redis.from_url(redis.url)
+            pauser.execute_command("CLIENT", "PAUSE", 600, "ALL")  # holds the take's EVALSHA
+            with (grpc.insecure_channel(served.address) as channel,
+                  pytest.raises(grpc.RpcError) as info):
+                pb_grpc.GenerationStub(channel).Generate(request, metadata=auth, timeout=0.2)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            time.sleep(1.0)  # the paused take runs; the cancelled call's charge comes back
+            codes = [r.code() if isinstance(r, grpc.RpcError) else grpc.StatusCode.OK
+                     for r in (_call(served, request, auth) for _ in range(3))]
+            # the key's two requests a minute, both still there
+            assert codes == [grpc.StatusCode.OK, grpc.StatusCode.OK,
+                             grpc.StatusCode.RESOURCE_EXHAUSTED]
+            served.wait_idle()
+            pauser.close()
     finally:
         redis.stop()
 
