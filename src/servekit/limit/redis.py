@@ -291,8 +291,8 @@ class RedisStore:
         trip = _RoundTrip()
         try:
             with anyio.CancelScope(shield=True):
-                return await anyio.to_thread.run_sync(self._trip, trip, mode, key, limits,
-                                                      amounts)
+                result = await anyio.to_thread.run_sync(self._trip, trip, mode, key, limits,
+                                                        amounts)
         except anyio.get_cancelled_exc_class():
             # asyncio's own task.cancel() (grpc.aio's for a cancelled RPC, asyncio.timeout's)
             # is not anyio's cancellation and goes through the shield, while the command runs
@@ -301,6 +301,7 @@ class RedisStore:
                 threading.Thread(target=self._untake, args=(key, limits, amounts),
                                  daemon=True).start()
             raise
+        return result
 
     def _trip(self, trip: _RoundTrip, mode: int, key: str, limits: LimitSet,
               amounts: Sequence[float]) -> TakeResult:
