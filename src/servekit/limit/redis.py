@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import anyio
@@ -269,45 +269,42 @@ class RedisStore:
         self, key: str, limits: LimitSet, costs: Sequence[float], now: float
     ) -> TakeResult:
         """Async ``take`` (the sync call in a worker thread, shielded from cancellation)."""
-        return await self._run(_lua.TAKE, key, limits, costs)
+        trip = _RoundTrip()
+        try:
+            return await self._in_thread(self._trip, trip, key, limits, costs)
+        except anyio.get_cancelled_exc_class():
+            # asyncio's own task.cancel() (grpc.aio's for a cancelled RPC, asyncio.timeout's)
+            # is not anyio's cancellation and goes through the shield, while the command runs
+            # on in its thread: whichever of the two ends second takes back what it charged
+            if trip.abandon():
+                threading.Thread(target=self._untake, args=(key, limits, costs),
+                                 daemon=True).start()
+            raise
 
     async def apeek(
         self, key: str, limits: LimitSet, costs: Sequence[float], now: float
     ) -> TakeResult:
         """Async ``peek``."""
-        return await self._run(_lua.PEEK, key, limits, costs)
+        return await self._in_thread(self._call, _lua.PEEK, key, limits, costs)
 
     async def aadjust(
         self, key: str, limits: LimitSet, deltas: Sequence[float], now: float
     ) -> TakeResult:
         """Async ``adjust``."""
-        return await self._run(_lua.ADJUST, key, limits, deltas)
+        return await self._in_thread(self._call, _lua.ADJUST, key, limits, deltas)
 
-    async def _run(
-        self, mode: int, key: str, limits: LimitSet, amounts: Sequence[float]
-    ) -> TakeResult:
+    async def _in_thread(self, call: Callable[..., TakeResult], *args: Any) -> TakeResult:
         # shielded: a cancelled caller still gets the result of a command Redis has run, so a
         # charge is never made and lost (the Store contract)
-        trip = _RoundTrip()
-        try:
-            with anyio.CancelScope(shield=True):
-                result = await anyio.to_thread.run_sync(self._trip, trip, mode, key, limits,
-                                                        amounts)
-        except anyio.get_cancelled_exc_class():
-            # asyncio's own task.cancel() (grpc.aio's for a cancelled RPC, asyncio.timeout's)
-            # is not anyio's cancellation and goes through the shield, while the command runs
-            # on in its thread: whichever of the two ends second takes back what it charged
-            if mode == _lua.TAKE and trip.abandon():
-                threading.Thread(target=self._untake, args=(key, limits, amounts),
-                                 daemon=True).start()
-            raise
+        with anyio.CancelScope(shield=True):
+            result = await anyio.to_thread.run_sync(call, *args)
         return result
 
-    def _trip(self, trip: _RoundTrip, mode: int, key: str, limits: LimitSet,
-              amounts: Sequence[float]) -> TakeResult:
-        result = self._call(mode, key, limits, amounts)
-        if mode == _lua.TAKE and trip.finish(result):
-            self._untake(key, limits, amounts)
+    def _trip(self, trip: _RoundTrip, key: str, limits: LimitSet,
+              costs: Sequence[float]) -> TakeResult:
+        result = self._call(_lua.TAKE, key, limits, costs)
+        if trip.finish(result):
+            self._untake(key, limits, costs)
         return result
 
     def _untake(self, key: str, limits: LimitSet, amounts: Sequence[float]) -> None:
