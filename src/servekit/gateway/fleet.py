@@ -237,7 +237,8 @@ class Fleet:
 class SettledText:
     """A watched file's edits, each taken once two reads in a row agree: a file rewritten in
     place (truncated, then written) reads empty or cut short in between, and applying that
-    would drop replicas for a moment, or add one at a cut-off address."""
+    would drop replicas for a moment, or add one at a cut-off address. ``applied``: the text
+    taken last (None before any)."""
 
     def __init__(self) -> None:
         self.applied: str | None = None

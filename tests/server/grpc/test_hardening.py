@@ -101,8 +101,8 @@ def test_an_rpc_cancelled_during_admission_leaves_its_rate_limit_uncharged() -> 
         with serve(keys=[ApiKey("sk-a", tenant="a", rpm=2)], limits=limits) as served:
             auth = (("authorization", "Bearer sk-a"),)
             request = pb.GenerateRequest(model="fake", prompt="x", max_tokens=2)
-            pauser = redis_py.Redis.from_url(redis.url)
-            pauser.execute_command("CLIENT", "PAUSE", 600, "ALL")  # holds the take's EVALSHA
+            with redis_py.Redis.from_url(redis.url) as pauser:  # holds the take's EVALSHA
+                pauser.execute_command("CLIENT", "PAUSE", 600, "ALL")
             with (grpc.insecure_channel(served.address) as channel,
                   pytest.raises(grpc.RpcError) as info):
                 pb_grpc.GenerationStub(channel).Generate(request, metadata=auth, timeout=0.2)
@@ -114,7 +114,6 @@ def test_an_rpc_cancelled_during_admission_leaves_its_rate_limit_uncharged() -> 
             assert codes == [grpc.StatusCode.OK, grpc.StatusCode.OK,
                              grpc.StatusCode.RESOURCE_EXHAUSTED]
             served.wait_idle()
-            pauser.close()
     finally:
         redis.stop()
 
