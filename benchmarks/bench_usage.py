@@ -18,8 +18,11 @@ sees the same interference, which pairs rounds far more tightly, at the cost of 
 share of the client's rate (the sink worker's per-batch costs weigh more per request).
 By default the servers run on the first CPU and the load generator (httpx, ~2 ms of CPU per
 request) on the others, so its CPU time never lands between a server's instructions
-(``--no-pin`` to share). Bars: recording adds < 2 % CPU per request; each sink drains >= 10x
-the request rate the server served in this run.
+(``--no-pin`` to share). ``--model demo`` serves the trained demo model instead of the fake
+one (real inference on the CPU, the reference server's main job; same requests): no bar is
+set on it, its on / off ratio says what recording weighs in a real request. Bars (fake model):
+recording adds < 2 % CPU per request; each sink drains >= 10x the request rate the server
+served in this run.
 """
 
 from __future__ import annotations
@@ -97,8 +100,10 @@ def _cpu_delta(before: dict[int, tuple[str, int]],
 
 
 def _start_server(port: int, data: Path, usage: bool, src: str | None = None,
-                  preexec: Any = None) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "servekit.server.cli", "serve", "--fake", "--port",
+                  preexec: Any = None, model: str = "fake") -> subprocess.Popen[bytes]:
+    # the demo model is served under the fake model's name, so the load is the same requests
+    engine = ["--fake"] if model == "fake" else ["--served-model-name", "fake"]
+    argv = [sys.executable, "-m", "servekit.server.cli", "serve", *engine, "--port",
             str(port), "--data-dir", str(data), "--log-level", "warning"]
     if not usage:
         argv += ["--usage", "none"]
@@ -108,7 +113,7 @@ def _start_server(port: int, data: Path, usage: bool, src: str | None = None,
     proc = subprocess.Popen(argv, env=env, preexec_fn=preexec)
     for _ in range(600):
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
                 return proc
         except httpx.TransportError:
             time.sleep(0.1)
@@ -135,15 +140,16 @@ async def _load(base: str, n: int) -> None:
 
 
 class _Server:
-    """A ``servekit serve --fake`` process on a free port, with or without usage recording."""
+    """A ``servekit serve`` process (``model``: ``fake`` or ``demo``) on a free port, with or
+    without usage recording."""
 
     def __init__(self, usage: bool, data: Path, src: str | None = None,
-                 preexec: Any = None) -> None:
+                 preexec: Any = None, model: str = "fake") -> None:
         from tests.usage.servers import free_port
 
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
-        self.proc = _start_server(port, data, usage, src, preexec)
+        self.proc = _start_server(port, data, usage, src, preexec, model)
         anyio.run(_load, self.base, 64)  # warm up
 
     def cpu_us_per_request(self, n: int) -> tuple[dict[str, float], float]:
@@ -192,6 +198,9 @@ def _extra(parser: Any) -> None:
     parser.add_argument("--no-pin", action="store_true",
                         help="let servers and the load generator share every CPU (default: "
                              "servers on the first CPU, the load generator on the others)")
+    parser.add_argument("--model", choices=("fake", "demo"), default="fake",
+                        help="the servers' model: the fake one the bar is set on (default), or "
+                             "the trained demo model (real inference on the CPU)")
     parser.add_argument("--together", action="store_true",
                         help="load the servers at the same time in each round, not in turn")
 
@@ -223,11 +232,12 @@ def main() -> None:
     ratio: dict[str, list[float]] = {"on": [], "baseline": []}
     on_server_cpu, load_cpus = pin_cpus(not args.no_pin)
     pin = bool(load_cpus)
-    servers = {"off": _Server(False, root / "data-off", preexec=on_server_cpu),
-               "on": _Server(True, root / "data-on", preexec=on_server_cpu)}
+    servers = {"off": _Server(False, root / "data-off", preexec=on_server_cpu,
+                              model=args.model),
+               "on": _Server(True, root / "data-on", preexec=on_server_cpu, model=args.model)}
     if args.baseline_src:
         servers["baseline"] = _Server(True, root / "data-baseline", args.baseline_src,
-                                      on_server_cpu)
+                                      on_server_cpu, args.model)
     try:
         for r in range(rounds):
             if args.together:
@@ -282,16 +292,19 @@ def main() -> None:
     rows.append({"what": "server requests/s (32 clients)", **summary(rate)})
     print_table(rows, ["what", "median", "min", "max"],
                 title=f"usage: {n_records} records per sink round, {n_requests} requests per "
-                      f"server round, {rounds} rounds")
+                      f"server round ({args.model} model), {rounds} rounds")
     added = statistics.median(ratio["on"]) - 1.0
-    bars = {"usage_added_cpu_fraction": bar(added, 0.02, higher_is_better=False)}
+    bars: dict[str, Any] = {}  # set on the fake model; the demo model's ratio is in the rows
+    if args.model == "fake":
+        bars["usage_added_cpu_fraction"] = bar(added, 0.02, higher_is_better=False)
     if not args.server_only:
         bars["postgres_over_request_rate"] = bar(statistics.median(pg_rates) / req_rate, 10.0)
         bars["clickhouse_over_request_rate"] = bar(statistics.median(ch_rates) / req_rate, 10.0)
     print_bars(bars)
     write_json(args.json, "usage", rows, bars, rounds=rounds, records=n_records,
                requests=n_requests, load_average=os.getloadavg(),
-               baseline_src=args.baseline_src, together=args.together, pinned=pin)
+               baseline_src=args.baseline_src, together=args.together, pinned=pin,
+               model=args.model)
 
 
 if __name__ == "__main__":
